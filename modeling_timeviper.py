@@ -1,0 +1,1083 @@
+"""TimeViper: a hybrid Mamba-Transformer video-language model for hour-long videos.
+
+Data flow: frames -> SigLIP (second-to-last block, no post-norm) -> ToMe merging per frame -> MLP projector ->
+the embeddings of the placeholder tokens -> the LLM blocks, where compression stages drop vision tokens (and TransV
+folds the dropped ones into the text after the vision span) -> final norm -> lm_head.
+
+The LLM is either Nemotron-H (Mamba-2, attention and MLP blocks) or Qwen2 (attention + MLP decoder layers). All
+per-sequence state of a generation (Mamba conv/SSM states, per-block KV of different lengths, the token layout of
+every compression segment) lives in `TimeViperHybridCache`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types
+
+try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except ImportError:
+    mamba_chunk_scan_combined = selective_state_update = None
+
+# softplus(dt) of a padded position must be 0 so that the SSM state passes it unchanged: exp(0 * A) = 1, 0 * x = 0.
+PADDING_DT = -1.0e4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TimeViperModelOutputWithPast(ModelOutput):
+    """
+    last_hidden_state: (batch, kept_length, hidden) after all compression stages.
+    kept_positions: (batch, kept_length) index of each output position in the input sequence, -1 for padding.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    kept_positions: torch.LongTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    video_hidden_states: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class TimeViperCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    kept_positions: torch.LongTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    video_hidden_states: torch.FloatTensor | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperHybridCache(Cache):
+    """Generation state of the hybrid LLM.
+
+    - Mamba blocks: `conv_states[i]` (batch, conv_dim, kernel-1) and `ssm_states[i]` (batch, heads, head_dim, state),
+      constant in the sequence length.
+    - Attention blocks: `keys[i]` / `values[i]` (batch, kv_heads, length_i, head_dim); length_i is the sequence
+      length of the compression segment the block sits in, so it differs between blocks.
+    - `segment_valid[s]`: (batch, length_s) token validity of segment s (segment 0 is the input, segment s > 0 what
+      stage s-1 kept, left-padded). Decode steps extend every segment, and read masks and positions from them.
+    - `seen_tokens`: input tokens consumed so far (uncompressed), which `generate()` uses to slice new inputs.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config=None):
+        super().__init__(layers=[])
+        self.conv_states: dict[int, torch.Tensor] = {}
+        self.ssm_states: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.segment_valid: list[torch.Tensor] = []
+        self.seen_tokens = 0
+
+    def __len__(self):
+        return len(self.segment_valid)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+    @property
+    def is_prefilled(self) -> bool:
+        return self.seen_tokens > 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def start_segment(self, valid: torch.Tensor) -> None:
+        self.segment_valid.append(valid)
+
+    def extend_segments(self, new_valid: torch.Tensor) -> None:
+        self.segment_valid = [torch.cat([valid, new_valid], dim=1) for valid in self.segment_valid]
+
+    # -- per-block state -----------------------------------------------------------------------------------------
+    def mamba_state(self, layer_idx: int):
+        if layer_idx not in self.ssm_states:
+            return None
+        return self.conv_states[layer_idx], self.ssm_states[layer_idx]
+
+    def set_mamba_state(self, layer_idx: int, state) -> None:
+        self.conv_states[layer_idx], self.ssm_states[layer_idx] = state
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.keys:
+            key_states = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            value_states = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def memory_bytes(self) -> int:
+        tensors = [*self.conv_states.values(), *self.ssm_states.values(), *self.keys.values(), *self.values.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- batch surgery for generate() ------------------------------------------------------------------------------
+    def _map_tensors(self, fn) -> None:
+        for store in (self.conv_states, self.ssm_states, self.keys, self.values):
+            for key, tensor in store.items():
+                store[key] = fn(tensor)
+        self.segment_valid = [fn(valid) for valid in self.segment_valid]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_tensors(lambda t: t[indices])
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("TimeViperHybridCache cannot be cropped: Mamba states cannot be rewound to an earlier token")
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token layout: masks and positions shared by every block of one compression segment
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLayout:
+    """What the blocks of one segment need to know about the tokens: validity (for Mamba), the SDPA mask and the
+    RoPE positions of the queries."""
+
+    valid: torch.Tensor | None  # (batch, query_len) bool, None when every token is valid
+    attention_mask: torch.Tensor | None  # (batch, 1, query_len, key_len) bool, or None
+    is_causal: bool
+    position_ids: torch.Tensor  # (batch, query_len)
+
+    @classmethod
+    def from_key_validity(cls, key_valid: torch.Tensor, query_len: int) -> "TokenLayout":
+        """key_valid: (batch, key_len) validity of every key, the last `query_len` of which are the queries."""
+        key_len = key_valid.shape[1]
+        position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
+        query_valid = key_valid[:, -query_len:]
+        if bool(key_valid.all()):
+            return cls(None, None, query_len > 1 and query_len == key_len, position_ids)
+        if query_len == 1:
+            return cls(query_valid, key_valid[:, None, None, :], False, position_ids)
+        query_index = torch.arange(key_len - query_len, key_len, device=key_valid.device)[:, None]
+        key_index = torch.arange(key_len, device=key_valid.device)[None, :]
+        mask = (key_index <= query_index)[None, None] & key_valid[:, None, None, :]
+        # A padding query has no valid key; letting it see itself keeps softmax finite (its output is never used).
+        mask = mask | (key_index == query_index)[None, None]
+        return cls(query_valid, mask, False, position_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision side: ToMe merging and the projector
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tome_schedule(num_tokens: int, target: int) -> list[int]:
+    """Tokens removed in each ToMe round to go from `num_tokens` to `target` (at most half per round).
+    729 -> 16 gives [364, 182, 91, 46, 23, 7]."""
+    removed = []
+    while num_tokens > target:
+        r = min(num_tokens - target, num_tokens // 2)
+        removed.append(r)
+        num_tokens -= r
+    return removed
+
+
+def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int, metric_heads: int = 16):
+    """One size-weighted ToMe round on (frames, p, c) features: removes `r` tokens.
+
+    Similarity is the cosine of the features averaged over `metric_heads` channel groups. Even positions (set A)
+    are matched to their most similar odd position (set B); the `r` best-matched A tokens are averaged into their
+    partners, weighted by how many patches each token already stands for. Output order: the unmerged A tokens by
+    descending match score, then all B tokens in order.
+    """
+    frames, p, channels = features.shape
+    with torch.no_grad():
+        metric = features.view(frames, p, metric_heads, channels // metric_heads).mean(dim=2)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        best_score, best_partner = scores.max(dim=-1)
+        order = best_score.argsort(dim=-1, descending=True)[..., None]
+        unmerged, merged = order[:, r:], order[:, :r]
+        partner = best_partner[..., None].gather(1, merged)
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        width = x.shape[-1]
+        kept = src.gather(1, unmerged.expand(-1, -1, width))
+        moved = src.gather(1, merged.expand(-1, -1, width))
+        dst = dst.scatter_reduce(1, partner.expand(-1, -1, width), moved, reduce="sum")
+        return torch.cat([kept, dst], dim=1)
+
+    weighted = merge(features * sizes)
+    sizes = merge(sizes)
+    return weighted / sizes, sizes
+
+
+def merge_tokens(features: torch.Tensor, target: int) -> torch.Tensor:
+    """ToMe each frame independently: (frames, patches, c) -> (frames, target, c)."""
+    sizes = torch.ones_like(features[..., :1])
+    for r in tome_schedule(features.shape[1], target):
+        features, sizes = bipartite_soft_matching(features, sizes, r)
+    return features
+
+
+class TimeViperMultiModalProjector(nn.Module):
+    def __init__(self, config: TimeViperConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class TimeViperRMSNormGated(nn.Module):
+    """RMSNorm over groups of channels of `y * silu(gate)` (Mamba-2's output norm, norm_before_gate=False)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float() * F.silu(gate.float())
+        grouped = hidden_states.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.flatten(-2).to(dtype)
+
+
+def ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state=None):
+    """Mamba-2 SSD in PyTorch, chunk by chunk so memory stays O(chunk^2) per head whatever the length.
+
+    x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A, D: (h,); B, C: (b, l, g, n).
+    Computes h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t + D x_t, in float32.
+    Returns y (b, l, h, p) float32 and the final state (b, h, p, n) float32.
+    """
+    batch, length, heads, head_dim = x.shape
+    heads_per_group = heads // B.shape[2]
+    x, dt, A = x.float(), dt.float(), A.float()
+    B = B.float().repeat_interleave(heads_per_group, dim=2)
+    C = C.float().repeat_interleave(heads_per_group, dim=2)
+    state = (
+        initial_state.float()
+        if initial_state is not None
+        else x.new_zeros(batch, heads, head_dim, B.shape[-1])
+    )
+    outputs = []
+    for start in range(0, length, chunk_size):
+        xc, dtc = x[:, start : start + chunk_size], dt[:, start : start + chunk_size]
+        Bc, Cc = B[:, start : start + chunk_size], C[:, start : start + chunk_size]
+        log_decay = torch.cumsum(dtc * A, dim=1)  # (b, q, h): log of the decay from the chunk start
+        q = xc.shape[1]
+        causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+        pair_decay = (log_decay[:, :, None, :] - log_decay[:, None, :, :]).masked_fill(~causal[None, :, :, None], -math.inf)
+        weights = torch.einsum("bihn,bjhn->bijh", Cc, Bc) * pair_decay.exp()
+        y = torch.einsum("bijh,bjhp->bihp", weights, xc * dtc[..., None])
+        y = y + torch.einsum("bihn,bhpn->bihp", Cc, state) * log_decay.exp()[..., None]
+        decay_to_end = (log_decay[:, -1:] - log_decay).exp() * dtc  # (b, q, h)
+        state = state * log_decay[:, -1].exp()[..., None, None] + torch.einsum(
+            "bjh,bjhp,bjhn->bhpn", decay_to_end, xc, Bc
+        )
+        outputs.append(y + xc * D.float()[:, None])
+    return torch.cat(outputs, dim=1), state
+
+
+class TimeViperMamba2Mixer(nn.Module):
+    """Mamba-2 mixer with the Nemotron-H parameter names. `forward` is functional in the recurrent state: it takes
+    `(conv_state, ssm_state)` (or None) and returns the new one, so callers can split a sequence into chunks."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.ssm_state_size = config.ssm_state_size
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        self.intermediate_size = self.num_heads * self.head_dim
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+        self.kernel_size = config.conv_kernel
+
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = TimeViperRMSNormGated(
+            self.intermediate_size, self.intermediate_size // self.n_groups, config.layer_norm_epsilon
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def convolve(self, xbc: torch.Tensor, conv_state: torch.Tensor | None):
+        """Causal depthwise conv over (b, l, conv_dim), continuing from `conv_state` (b, conv_dim, kernel-1)."""
+        xbc = xbc.transpose(1, 2)
+        if conv_state is None:
+            conv_state = xbc.new_zeros(xbc.shape[0], self.conv_dim, self.kernel_size - 1)
+        padded = torch.cat([conv_state.to(xbc.dtype), xbc], dim=-1)
+        out = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2), padded[..., -(self.kernel_size - 1) :]
+
+    def scan(self, x, dt, B, C, ssm_state):
+        A = -torch.exp(self.A_log.float())
+        batch, length = x.shape[:2]
+        x = x.view(batch, length, self.num_heads, self.head_dim)
+        B = B.view(batch, length, self.n_groups, self.ssm_state_size)
+        C = C.view(batch, length, self.n_groups, self.ssm_state_size)
+        if x.is_cuda and mamba_chunk_scan_combined is not None:
+            if length == 1 and ssm_state is not None:
+                return self._kernel_step(x, dt, A, B, C, ssm_state)
+            y, state = mamba_chunk_scan_combined(
+                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                initial_states=ssm_state, dt_limit=self.time_step_limit, return_final_states=True,
+            )
+            return y, state.float()
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        return ssd_scan(x, dt, A, B, C, self.D, self.chunk_size, ssm_state)
+
+    def _kernel_step(self, x, dt, A, B, C, ssm_state):
+        """One decode token through mamba-ssm's fused state update (updates `ssm_state` in place)."""
+        heads, head_dim, state_size = self.num_heads, self.head_dim, self.ssm_state_size
+        y = selective_state_update(
+            ssm_state,
+            x[:, 0],
+            dt[:, 0, :, None].expand(-1, -1, head_dim),
+            A[:, None, None].expand(heads, head_dim, state_size),
+            B[:, 0],
+            C[:, 0],
+            D=self.D[:, None].expand(-1, head_dim),
+            dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
+            dt_softplus=True,
+        )
+        return y[:, None], ssm_state
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None = None, state=None):
+        conv_state, ssm_state = state if state is not None else (None, None)
+        gate, xbc, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+        if valid is not None:
+            # Padding must not reach the recurrence: zero its conv inputs/outputs and give it dt = 0.
+            xbc = xbc * valid[..., None]
+            dt = dt.masked_fill(~valid[..., None], PADDING_DT)
+        xbc, conv_state = self.convolve(xbc, conv_state)
+        if valid is not None:
+            xbc = xbc * valid[..., None]
+        group_width = self.n_groups * self.ssm_state_size
+        x, B, C = xbc.split([self.intermediate_size, group_width, group_width], dim=-1)
+        y, ssm_state = self.scan(x, dt, B, C, ssm_state)
+        y = self.norm(y.reshape(*hidden_states.shape[:2], -1).to(hidden_states.dtype), gate)
+        return self.out_proj(y), (conv_state, ssm_state)
+
+
+class TimeViperAttention(nn.Module):
+    """Causal GQA self-attention. Nemotron-H: no positions (NoPE), no biases. Qwen2: RoPE, q/k/v biases."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+
+    def _heads(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
+        return states.view(*states.shape[:2], num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states, layout: TokenLayout, position_embeddings=None, cache=None):
+        query = self._heads(self.q_proj(hidden_states), self.num_heads)
+        key = self._heads(self.k_proj(hidden_states), self.num_kv_heads)
+        value = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out = scaled_dot_product_attention(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    @torch.no_grad()
+    def last_query_scores(self, hidden_states: torch.Tensor, query_index: int, key_valid: torch.Tensor):
+        """Softmax attention of the single query at `query_index` over keys [0, query_index], averaged over heads,
+        from this block's q/k projections applied to the raw residual stream (no norm, no positions). O(L)."""
+        query = self.q_proj(hidden_states[query_index]).view(self.num_heads, 1, self.head_dim)
+        keys = self.k_proj(hidden_states[: query_index + 1]).view(-1, self.num_kv_heads, self.head_dim)
+        keys = keys.transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
+        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(1) * self.scaling
+        logits = logits.masked_fill(~key_valid[: query_index + 1], -math.inf)
+        return logits.softmax(dim=-1).mean(dim=0)
+
+
+def scaled_dot_product_attention(query, key, value, mask, is_causal, scale):
+    if query.is_cuda:
+        # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+            )
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+
+
+class TimeViperTransV(nn.Module):
+    """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens, with no mask and no
+    positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+
+    def forward(self, text: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """text: (t, d) queries; dropped: (m, d) vision tokens. Returns (t, d)."""
+        query = self.q_proj(text).view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        key = self.k_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        value = self.v_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        out = scaled_dot_product_attention(query, key, value, None, False, self.head_dim**-0.5)
+        return self.o_proj(out.transpose(0, 1).flatten(1))
+
+
+class TimeViperMLP(nn.Module):
+    """Nemotron-H: down(act(up(x))) with squared ReLU. Qwen2: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gated = config.model_type == "qwen2"
+        bias = getattr(config, "mlp_bias", False)
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act if self.gated else config.mlp_hidden_act]
+
+    def forward(self, hidden_states):
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Apply a per-token function along the sequence in chunks (bounds the activation memory of wide MLPs)."""
+    if hidden_states.shape[1] <= chunk_size:
+        return fn(hidden_states)
+    return torch.cat([fn(part) for part in hidden_states.split(chunk_size, dim=1)], dim=1)
+
+
+class TimeViperHybridBlock(GradientCheckpointingLayer):
+    """Nemotron-H block: x + mixer(RMSNorm(x)), with one mixer: Mamba-2, attention or MLP."""
+
+    def __init__(self, config, layer_idx: int, sequence_chunk_size: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block_type = config.layer_types[layer_idx]
+        self.sequence_chunk_size = sequence_chunk_size
+        self.norm = TimeViperRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        if self.block_type == "linear_attention":
+            self.mixer = TimeViperMamba2Mixer(config, layer_idx)
+        elif self.block_type == "full_attention":
+            self.mixer = TimeViperAttention(config, layer_idx)
+        elif self.block_type == "mlp":
+            self.mixer = TimeViperMLP(config)
+        else:
+            raise ValueError(f"TimeViper supports Mamba, attention and MLP blocks, not {self.block_type!r}")
+
+    @property
+    def attention(self) -> TimeViperAttention | None:
+        return self.mixer if self.block_type == "full_attention" else None
+
+    def forward(self, hidden_states, layout: TokenLayout, position_embeddings=None, past_key_values=None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
+        if self.block_type == "linear_attention":
+            hidden_states = self._mamba(hidden_states, layout.valid, past_key_values)
+        elif self.block_type == "full_attention":
+            hidden_states = self.mixer(hidden_states, layout, cache=past_key_values)
+        else:
+            hidden_states = run_in_chunks(self.mixer, hidden_states, self.sequence_chunk_size)
+        return residual + hidden_states
+
+    def _mamba(self, hidden_states, valid, cache):
+        """Runs the mixer over sequence chunks, carrying the recurrent state exactly from one chunk to the next."""
+        state = cache.mamba_state(self.layer_idx) if cache is not None else None
+        outputs = []
+        for start in range(0, hidden_states.shape[1], self.sequence_chunk_size):
+            part = slice(start, start + self.sequence_chunk_size)
+            out, state = self.mixer(hidden_states[:, part], None if valid is None else valid[:, part], state)
+            outputs.append(out)
+        if cache is not None:
+            cache.set_mamba_state(self.layer_idx, state)
+        return torch.cat(outputs, dim=1)
+
+
+class TimeViperQwen2Layer(GradientCheckpointingLayer):
+    """Qwen2 decoder layer: attention and SwiGLU MLP, each pre-normed with a residual."""
+
+    block_type = "full_attention"
+
+    def __init__(self, config, layer_idx: int, sequence_chunk_size: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.sequence_chunk_size = sequence_chunk_size
+        self.input_layernorm = TimeViperRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = TimeViperAttention(config, layer_idx)
+        self.post_attention_layernorm = TimeViperRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = TimeViperMLP(config)
+
+    @property
+    def attention(self) -> TimeViperAttention:
+        return self.self_attn
+
+    def forward(self, hidden_states, layout: TokenLayout, position_embeddings=None, past_key_values=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), layout, position_embeddings, past_key_values
+        )
+        return hidden_states + run_in_chunks(
+            lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states, self.sequence_chunk_size
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token compression (dropping + TransV)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def select_uniform(num_tokens: int, num_keep: int, device=None) -> torch.Tensor:
+    """Evenly spaced keep indices, exactly the reference's integer linspace (global over all frames)."""
+    return torch.linspace(0, num_tokens - 1, num_keep, dtype=torch.long, device=device)
+
+
+def select_by_attention(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """The `num_keep` highest-scoring indices, in their original order."""
+    return scores.topk(num_keep).indices.sort().values
+
+
+@dataclass
+class SequenceState:
+    """The token sequence as it flows through the compression stages of one forward pass."""
+
+    hidden_states: torch.Tensor  # (b, l, d)
+    valid: torch.Tensor  # (b, l) bool
+    vision: torch.Tensor  # (b, l) bool: holds a vision embedding
+    positions: torch.Tensor  # (b, l) index in the input sequence, -1 for padding
+    num_vision: torch.Tensor  # (b,) vision tokens in the input (ratios are relative to this)
+    query_positions: torch.Tensor  # (b,) input index of the token that queries attention-guided selection
+
+
+class TimeViperTextModel(nn.Module):
+    """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
+    checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
+    `norm`), plus `merge_modules.{stage}` and `alpha` for TransV."""
+
+    # Mamba / MLP work is split along the sequence beyond this many tokens (bounds activation memory).
+    sequence_chunk_size = 16384
+
+    def __init__(self, config: TimeViperConfig):
+        super().__init__()
+        text_config = config.text_config
+        self.is_qwen = text_config.model_type == "qwen2"
+        self.layer_types = text_layer_types(text_config)
+        self.stages = config.compression_stages
+        self.stage_at_layer = {stage.layer_idx: index for index, stage in enumerate(self.stages)}
+        embeddings = nn.Embedding(text_config.vocab_size, text_config.hidden_size, text_config.pad_token_id)
+        if self.is_qwen:
+            self.embed_tokens = embeddings
+            self.layers = nn.ModuleList(
+                TimeViperQwen2Layer(text_config, i, self.sequence_chunk_size) for i in range(len(self.layer_types))
+            )
+            self.norm = TimeViperRMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
+            self.rotary_emb = Qwen2RotaryEmbedding(text_config)
+        else:
+            self.embeddings = embeddings
+            self.layers = nn.ModuleList(
+                TimeViperHybridBlock(text_config, i, self.sequence_chunk_size) for i in range(len(self.layer_types))
+            )
+            self.norm_f = TimeViperRMSNorm(text_config.hidden_size, text_config.layer_norm_epsilon)
+            self.rotary_emb = None
+        transfer_stages = [index for index, stage in enumerate(self.stages) if stage.transfer]
+        self.transfer_slot = {stage_index: slot for slot, stage_index in enumerate(transfer_stages)}
+        if transfer_stages:
+            self.merge_modules = nn.ModuleDict({str(i): TimeViperTransV(text_config) for i in transfer_stages})
+            self.alpha = nn.Parameter(torch.zeros(len(transfer_stages)))
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.embed_tokens if self.is_qwen else self.embeddings
+
+    @property
+    def final_norm(self) -> TimeViperRMSNorm:
+        return self.norm if self.is_qwen else self.norm_f
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        past_key_values: TimeViperHybridCache | None = None,
+        compression_query_positions: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ):
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        valid = (
+            attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        decoding = past_key_values is not None and past_key_values.is_prefilled
+        if decoding:
+            past_key_values.extend_segments(valid)
+            layouts = [TokenLayout.from_key_validity(seg, length) for seg in past_key_values.segment_valid]
+            if len(layouts) != len(self.stages) + 1:
+                raise ValueError("the cache was filled by a model with a different compression schedule")
+        else:
+            if past_key_values is not None:
+                past_key_values.start_segment(valid)
+            layouts = [TokenLayout.from_key_validity(valid, length)]
+        if past_key_values is not None:
+            past_key_values.seen_tokens += length
+
+        positions = torch.arange(length, device=device).expand(batch, -1).masked_fill(~valid, -1)
+        vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
+        if compression_query_positions is None:
+            compression_query_positions = positions.max(dim=-1).values
+        state = SequenceState(
+            inputs_embeds, valid, vision, positions, vision.sum(-1), compression_query_positions.to(device)
+        )
+
+        all_hidden_states = () if output_hidden_states else None
+        segment = 0
+        for layer_idx, layer in enumerate(self.layers):
+            if layer_idx in self.stage_at_layer:
+                segment += 1
+                if not decoding:
+                    state = self.compress(state, self.stage_at_layer[layer_idx])
+                    layouts.append(TokenLayout.from_key_validity(state.valid, state.valid.shape[1]))
+                    if past_key_values is not None:
+                        past_key_values.start_segment(state.valid)
+            if output_hidden_states:
+                all_hidden_states += (state.hidden_states,)
+            layout = layouts[segment]
+            position_embeddings = (
+                self.rotary_emb(state.hidden_states, layout.position_ids) if self.rotary_emb is not None else None
+            )
+            state.hidden_states = layer(
+                state.hidden_states, layout, position_embeddings=position_embeddings, past_key_values=past_key_values
+            )
+        hidden_states = self.final_norm(state.hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        kept_positions = state.positions if not decoding else None
+        return hidden_states, kept_positions, all_hidden_states
+
+    # -- compression -----------------------------------------------------------------------------------------------
+    def compress(self, state: SequenceState, stage_index: int) -> SequenceState:
+        """Drop vision tokens per sample (and transfer them with TransV), then re-pad rows on the left."""
+        stage = self.stages[stage_index]
+        rows = [self._compress_row(state, b, stage_index, stage) for b in range(state.valid.shape[0])]
+        new_length = max(len(keep) for _, keep in rows)
+
+        def left_pad(tensor, value):
+            pad = new_length - tensor.shape[0]
+            return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (pad, 0), value=value)
+
+        hidden = torch.stack([left_pad(row, 0.0) for row, _ in rows])
+        keeps = [keep for _, keep in rows]
+        gather = lambda tensor, value: torch.stack([left_pad(tensor[b, keep], value) for b, keep in enumerate(keeps)])
+        return SequenceState(
+            hidden_states=hidden,
+            valid=gather(state.valid, False),
+            vision=gather(state.vision, False),
+            positions=gather(state.positions, -1),
+            num_vision=state.num_vision,
+            query_positions=state.query_positions,
+        )
+
+    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
+        valid, vision, hidden = state.valid[b], state.vision[b], state.hidden_states[b]
+        vision_index = vision.nonzero().squeeze(1)
+        num_present = vision_index.numel()
+        num_keep = min(num_present, int(int(state.num_vision[b]) * stage.keep_ratio))
+        if num_keep == num_present:
+            keep = valid.nonzero().squeeze(1)
+            return hidden[keep], keep
+        if stage.method == "uniform":
+            selected = select_uniform(num_present, num_keep, hidden.device)
+        else:
+            query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
+            attention = self.layers[stage.layer_idx].attention
+            scores = attention.last_query_scores(hidden, query_index, valid)
+            selected = select_by_attention(scores[vision_index], num_keep)
+        dropped_mask = vision.clone()
+        dropped_mask[vision_index[selected]] = False
+        keep = (valid & ~dropped_mask).nonzero().squeeze(1)
+        row = hidden[keep]
+        if stage.transfer:
+            num_text = int((keep > vision_index[-1]).sum())
+            if num_text > 0:
+                dropped = hidden[dropped_mask.nonzero().squeeze(1)]
+                gate = torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(row.dtype)
+                text = row[-num_text:]
+                text = text + gate * self.merge_modules[str(stage_index)](text, dropped)
+                row = torch.cat([row[:-num_text], text])
+        return row, keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained wrappers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperPreTrainedModel(PreTrainedModel):
+    config_class = TimeViperConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TimeViperHybridBlock", "TimeViperQwen2Layer", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, TimeViperMamba2Mixer):
+            # Mamba-2 recipe: A = -[1..heads], D = 1, dt log-uniform in [dt_min, dt_max] through inverse softplus.
+            text_config = self.config.text_config
+            init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            log_dt = torch.rand(module.num_heads) * (
+                math.log(text_config.time_step_max) - math.log(text_config.time_step_min)
+            ) + math.log(text_config.time_step_min)
+            dt = log_dt.exp().clamp(min=text_config.time_step_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        elif isinstance(module, TimeViperTextModel) and hasattr(module, "alpha"):
+            init.zeros_(module.alpha)  # TransV starts as plain dropping
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (TimeViperRMSNorm, TimeViperRMSNormGated)):
+            init.ones_(module.weight)
+        elif isinstance(module, Qwen2RotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+
+
+class TimeViperModel(TimeViperPreTrainedModel):
+    def __init__(self, config: TimeViperConfig):
+        super().__init__(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = TimeViperMultiModalProjector(config)
+        self.language_model = TimeViperTextModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed
+
+    def set_input_embeddings(self, value):
+        if self.language_model.is_qwen:
+            self.language_model.embed_tokens = value
+        else:
+            self.language_model.embeddings = value
+
+    def _vision_layers_to_run(self) -> int:
+        layer = self.config.vision_feature_layer
+        return layer if layer >= 0 else self.config.vision_config.num_hidden_layers + 1 + layer
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden). Runs only the vision blocks whose output is used."""
+        vision = self.vision_tower
+        features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
+        for layer in vision.encoder.layers[: self._vision_layers_to_run()]:
+            features = layer(features, None)
+        if self.config.projector_type == "tome_mlp":
+            features = merge_tokens(features, self.config.tokens_per_frame)
+        return self.multi_modal_projector(features)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Frames of all videos, (frames, 3, h, w) or (videos, frames, 3, h, w), encoded `vision_chunk_size` at a
+        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden)."""
+        frames = pixel_values_videos.flatten(0, -4)
+        chunks = frames.split(self.config.vision_chunk_size)
+        return torch.cat([self.encode_frames(chunk) for chunk in chunks])
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images are encoded as single frames."""
+        return self.get_video_features(pixel_values)
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str):
+        mask = input_ids == token_id
+        num_tokens, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
+        if num_tokens != num_features:
+            raise ValueError(
+                f"{name}: the text has {num_tokens} placeholder tokens (id {token_id}) but the {name} give "
+                f"{features.shape[0]} frames x {features.shape[1]} tokens = {num_features} embeddings. Build the "
+                f"inputs with the TimeViper processor, which expands each frame into {self.config.vision_tokens_per_frame} "
+                "placeholders."
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: TimeViperHybridCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        compression_query_positions: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TimeViperModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, TimeViperHybridCache):
+            raise TypeError(
+                f"past_key_values must be a TimeViperHybridCache, got {type(past_key_values).__name__}; "
+                "generate() creates one, or pass TimeViperHybridCache() yourself"
+            )
+        has_vision = pixel_values is not None or pixel_values_videos is not None
+        if has_vision and past_key_values is not None and past_key_values.is_prefilled:
+            raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
+        if has_vision and input_ids is None:
+            raise ValueError("pixel values need input_ids to locate the placeholder tokens")
+
+        vision_mask = None
+        video_features = image_features = None
+        if input_ids is not None:
+            placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
+            # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+            if placeholders.any():
+                if not has_vision:
+                    raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
+                vision_mask = placeholders
+            if pixel_values_videos is not None:
+                video_features = self.get_video_features(pixel_values_videos)
+                mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, video_features, "videos")
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], video_features.to(inputs_embeds.dtype))
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values)
+                mask = self.get_placeholder_mask(input_ids, self.config.image_token_id, image_features, "images")
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
+
+        hidden_states, kept_positions, all_hidden_states = self.language_model(
+            inputs_embeds,
+            attention_mask=attention_mask,
+            vision_mask=vision_mask,
+            past_key_values=past_key_values,
+            compression_query_positions=compression_query_positions,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        return TimeViperModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            kept_positions=kept_positions,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden_states,
+            video_hidden_states=video_features,
+            image_hidden_states=image_features,
+        )
+
+
+def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the input index just before the first supervised label (the attention-guided selection query at
+    training time); rows without supervision fall back to their last valid token."""
+    batch, length = labels.shape
+    index = torch.arange(length, device=labels.device).expand(batch, -1)
+    supervised = labels != -100
+    first = torch.where(supervised, index, length).min(dim=-1).values - 1
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(supervised)
+    last_valid = index.masked_fill(~valid, -1).max(dim=-1).values
+    return torch.where(supervised.any(-1) & (first >= 0), first, last_valid)
+
+
+class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
+    def __init__(self, config: TimeViperConfig):
+        super().__init__(config)
+        self.model = TimeViperModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_video_features(self, pixel_values_videos):
+        return self.model.get_video_features(pixel_values_videos)
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values)
+
+    @torch.no_grad()
+    def init_transfer_from_nearest_attention(self) -> None:
+        """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
+        `init_cross_attn_weights_from_nearest_self_attn`) and zero the gates, so TransV starts as plain dropping."""
+        text_model = self.model.language_model
+        for stage_index in text_model.transfer_slot:
+            stage = text_model.stages[stage_index]
+            source = next(
+                (layer.attention for layer in text_model.layers[stage.layer_idx :] if layer.attention is not None), None
+            )
+            if source is None:
+                raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
+            text_model.merge_modules[str(stage_index)].load_state_dict(source.state_dict())
+        if text_model.transfer_slot:
+            text_model.alpha.zero_()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: TimeViperHybridCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compression_query_positions: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TimeViperCausalLMOutputWithPast:
+        r"""
+        position_ids: ignored; positions follow from `attention_mask` and are renumbered after each compression.
+        labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised. They are shifted
+            at the input positions and then follow the tokens that compression keeps.
+        logits_to_keep: compute logits only for the last N positions (1 at inference: full-vocabulary logits of a
+            long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
+        compression_query_positions: (batch,) input index of the query token of attention-guided selection.
+            Default: the token before the first supervised label when `labels` are given, else the last token.
+        """
+        if compression_query_positions is None and labels is not None:
+            compression_query_positions = first_supervised_query(labels, attention_mask)
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = TimeViperHybridCache()
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            compression_query_positions=compression_query_positions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            kept = outputs.kept_positions
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+            shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
+            loss = ForCausalLMLoss(
+                logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        return TimeViperCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            kept_positions=outputs.kept_positions,
+            past_key_values=past_key_values,
+            hidden_states=outputs.hidden_states,
+            video_hidden_states=outputs.video_hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
+            raise TypeError(f"TimeViper generates with a TimeViperHybridCache, got {type(user_cache).__name__}")
+        if user_cache is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = TimeViperHybridCache()
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        model_inputs.pop("position_ids", None)
+        return model_inputs
+
+
+__all__ = [
+    "TimeViperForConditionalGeneration",
+    "TimeViperHybridCache",
+    "TimeViperModel",
+    "TimeViperPreTrainedModel",
+]
