@@ -82,17 +82,20 @@ class TimeViperHybridCache(Cache):
       length of the compression segment the block sits in, so it differs between blocks.
     - `segment_valid[s]`: (batch, length_s) token validity of segment s (segment 0 is the input, segment s > 0 what
       stage s-1 kept, left-padded). Decode steps extend every segment, and read masks and positions from them.
+    - `transfer_memory[stage]`: keys, values and mask of the vision tokens a TransV stage dropped, so that decoded
+      tokens absorb them as the prompt's text did.
     - `seen_tokens`: input tokens consumed so far (uncompressed), which `generate()` uses to slice new inputs.
     """
 
     is_compileable = False
 
-    def __init__(self, config=None):
+    def __init__(self):
         super().__init__(layers=[])
         self.conv_states: dict[int, torch.Tensor] = {}
         self.ssm_states: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.transfer_memory: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.segment_valid: list[torch.Tensor] = []
         self.seen_tokens = 0
 
@@ -134,6 +137,7 @@ class TimeViperHybridCache(Cache):
 
     def memory_bytes(self) -> int:
         tensors = [*self.conv_states.values(), *self.ssm_states.values(), *self.keys.values(), *self.values.values()]
+        tensors += [t for memory in self.transfer_memory.values() for t in memory[:2]]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- batch surgery for generate() ------------------------------------------------------------------------------
@@ -142,6 +146,7 @@ class TimeViperHybridCache(Cache):
             for key, tensor in store.items():
                 store[key] = fn(tensor)
         self.segment_valid = [fn(valid) for valid in self.segment_valid]
+        self.transfer_memory = {k: tuple(fn(t) for t in memory) for k, memory in self.transfer_memory.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -477,8 +482,9 @@ def scaled_dot_product_attention(query, key, value, mask, is_causal, scale):
 
 
 class TimeViperTransV(nn.Module):
-    """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens, with no mask and no
-    positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping."""
+    """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
+    mask and no positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping.
+    The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
 
     def __init__(self, config):
         super().__init__()
@@ -492,13 +498,17 @@ class TimeViperTransV(nn.Module):
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
 
-    def forward(self, text: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-        """text: (t, d) queries; dropped: (m, d) vision tokens. Returns (t, d)."""
-        query = self.q_proj(text).view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+    def memory(self, dropped: torch.Tensor):
+        """dropped: (m, d) vision tokens -> key, value (kv_heads, m, head_dim)."""
         key = self.k_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
         value = self.v_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        out = scaled_dot_product_attention(query, key, value, None, False, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(0, 1).flatten(1))
+        return key, value
+
+    def forward(self, text: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None):
+        """text: (b, t, d); key/value: (b, kv_heads, m, head_dim); mask: (b, 1, 1, m) bool. Returns (b, t, d)."""
+        query = self.q_proj(text).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+        out = scaled_dot_product_attention(query, key, value, mask, False, self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class TimeViperMLP(nn.Module):
@@ -682,10 +692,15 @@ class TimeViperTextModel(nn.Module):
     ):
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        valid = (
-            attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-        )
         decoding = past_key_values is not None and past_key_values.is_prefilled
+        if attention_mask is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        elif decoding:  # generate() passes the mask of the whole sequence so far; only the new tokens' part is new
+            valid = attention_mask[:, -length:].bool()
+        elif attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
+        else:
+            valid = attention_mask.bool()
         if decoding:
             past_key_values.extend_segments(valid)
             layouts = [TokenLayout.from_key_validity(seg, length) for seg in past_key_values.segment_valid]
@@ -711,11 +726,14 @@ class TimeViperTextModel(nn.Module):
         for layer_idx, layer in enumerate(self.layers):
             if layer_idx in self.stage_at_layer:
                 segment += 1
+                stage_index = self.stage_at_layer[layer_idx]
                 if not decoding:
-                    state = self.compress(state, self.stage_at_layer[layer_idx])
+                    state = self.compress(state, stage_index, past_key_values)
                     layouts.append(TokenLayout.from_key_validity(state.valid, state.valid.shape[1]))
                     if past_key_values is not None:
                         past_key_values.start_segment(state.valid)
+                elif stage_index in past_key_values.transfer_memory:
+                    state.hidden_states = self.transfer_new_tokens(state.hidden_states, stage_index, past_key_values)
             if output_hidden_states:
                 all_hidden_states += (state.hidden_states,)
             layout = layouts[segment]
@@ -732,19 +750,20 @@ class TimeViperTextModel(nn.Module):
         return hidden_states, kept_positions, all_hidden_states
 
     # -- compression -----------------------------------------------------------------------------------------------
-    def compress(self, state: SequenceState, stage_index: int) -> SequenceState:
-        """Drop vision tokens per sample (and transfer them with TransV), then re-pad rows on the left."""
+    def compress(self, state: SequenceState, stage_index: int, cache: TimeViperHybridCache | None) -> SequenceState:
+        """Drop vision tokens per sample (transferring them with TransV), then re-pad the rows on the left."""
         stage = self.stages[stage_index]
         rows = [self._compress_row(state, b, stage_index, stage) for b in range(state.valid.shape[0])]
-        new_length = max(len(keep) for _, keep in rows)
+        keeps = [keep for _, keep, _ in rows]
+        new_length = max(len(keep) for keep in keeps)
+        hidden = torch.stack([left_pad(row, new_length, 0.0) for row, _, _ in rows])
+        memories = [memory for _, _, memory in rows]
+        if cache is not None and any(memory is not None for memory in memories):
+            cache.transfer_memory[stage_index] = stack_memories(memories)
 
-        def left_pad(tensor, value):
-            pad = new_length - tensor.shape[0]
-            return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (pad, 0), value=value)
+        def gather(tensor, value):
+            return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
 
-        hidden = torch.stack([left_pad(row, 0.0) for row, _ in rows])
-        keeps = [keep for _, keep in rows]
-        gather = lambda tensor, value: torch.stack([left_pad(tensor[b, keep], value) for b, keep in enumerate(keeps)])
         return SequenceState(
             hidden_states=hidden,
             valid=gather(state.valid, False),
@@ -755,33 +774,67 @@ class TimeViperTextModel(nn.Module):
         )
 
     def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
+        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
         valid, vision, hidden = state.valid[b], state.vision[b], state.hidden_states[b]
         vision_index = vision.nonzero().squeeze(1)
         num_present = vision_index.numel()
         num_keep = min(num_present, int(int(state.num_vision[b]) * stage.keep_ratio))
         if num_keep == num_present:
             keep = valid.nonzero().squeeze(1)
-            return hidden[keep], keep
+            return hidden[keep], keep, None
         if stage.method == "uniform":
             selected = select_uniform(num_present, num_keep, hidden.device)
         else:
             query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
-            attention = self.layers[stage.layer_idx].attention
-            scores = attention.last_query_scores(hidden, query_index, valid)
+            scores = self.layers[stage.layer_idx].attention.last_query_scores(hidden, query_index, valid)
             selected = select_by_attention(scores[vision_index], num_keep)
         dropped_mask = vision.clone()
         dropped_mask[vision_index[selected]] = False
         keep = (valid & ~dropped_mask).nonzero().squeeze(1)
         row = hidden[keep]
-        if stage.transfer:
-            num_text = int((keep > vision_index[-1]).sum())
-            if num_text > 0:
-                dropped = hidden[dropped_mask.nonzero().squeeze(1)]
-                gate = torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(row.dtype)
-                text = row[-num_text:]
-                text = text + gate * self.merge_modules[str(stage_index)](text, dropped)
-                row = torch.cat([row[:-num_text], text])
-        return row, keep
+        if not stage.transfer:
+            return row, keep, None
+        memory = self.merge_modules[str(stage_index)].memory(hidden[dropped_mask])
+        # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
+        num_text = int((keep > vision_index[-1]).sum())
+        if num_text > 0:
+            text = row[None, -num_text:]
+            transferred = self.merge_modules[str(stage_index)](text, memory[0][None], memory[1][None])
+            row = torch.cat([row[:-num_text], (text + self.transfer_gate(stage_index, text) * transferred)[0]])
+        return row, keep, memory
+
+    def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
+
+    def transfer_new_tokens(self, hidden_states, stage_index: int, cache: TimeViperHybridCache) -> torch.Tensor:
+        """Decode step: the new tokens also lie after the vision span, so they absorb the cached dropped tokens
+        exactly as they would in a full recomputation."""
+        key, value, mask = cache.transfer_memory[stage_index]
+        transferred = self.merge_modules[str(stage_index)](hidden_states, key, value, mask)
+        return hidden_states + self.transfer_gate(stage_index, hidden_states) * transferred
+
+
+def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
+    """Pad dim 0 of `tensor` on the left up to `length`."""
+    pad = length - tensor.shape[0]
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (pad, 0), value=value)
+
+
+def stack_memories(memories):
+    """Per-row TransV memories (key, value) of different lengths, or None -> padded key, value (b, kv_heads, m,
+    head_dim) and a (b, 1, 1, m) mask. A row without memory attends to one zero key/value, i.e. adds nothing."""
+    reference = next(memory[0] for memory in memories if memory is not None)
+    kv_heads, _, head_dim = reference.shape
+    length = max(1, max(memory[0].shape[1] for memory in memories if memory is not None))
+    keys, values, masks = [], [], []
+    for memory in memories:
+        key, value = memory if memory is not None else (reference.new_zeros(kv_heads, 0, head_dim),) * 2
+        pad = length - key.shape[1]
+        keys.append(F.pad(key, (0, 0, 0, pad)))
+        values.append(F.pad(value, (0, 0, 0, pad)))
+        mask = torch.arange(length, device=key.device) < key.shape[1]
+        masks.append(mask if key.shape[1] > 0 else torch.ones_like(mask))
+    return torch.stack(keys), torch.stack(values), torch.stack(masks)[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -904,14 +957,17 @@ class TimeViperModel(TimeViperPreTrainedModel):
                 "generate() creates one, or pass TimeViperHybridCache() yourself"
             )
         has_vision = pixel_values is not None or pixel_values_videos is not None
-        if has_vision and past_key_values is not None and past_key_values.is_prefilled:
+        decoding = past_key_values is not None and past_key_values.is_prefilled
+        if has_vision and decoding:
             raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
         if has_vision and input_ids is None:
             raise ValueError("pixel values need input_ids to locate the placeholder tokens")
 
         vision_mask = None
         video_features = image_features = None
-        if input_ids is not None:
+        if input_ids is not None and decoding:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        elif input_ids is not None:
             placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
             # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))

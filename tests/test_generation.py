@@ -1,0 +1,167 @@
+"""generate() on the hybrid cache: cached decoding equals full recomputation, batching equals single samples."""
+
+import pytest
+import torch
+from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from transformers import TextStreamer
+
+from timeviper.modeling_timeviper import TimeViperHybridCache
+
+TOKENS_PER_FRAME = 4
+SCHEDULES = [None, "uni_1_0.5-unidrop_3_0.34", "uni_1_0.5-attn_2_0.25"]
+
+
+def make_model(backbone, schedule, seed=0):
+    model = tiny_model(backbone, seed=seed, token_compression=schedule)
+    with torch.no_grad():  # non-trivial TransV: random cross-attention weights and open gates
+        text_model = model.model.language_model
+        if text_model.transfer_slot:
+            text_model.alpha.fill_(0.8)
+    return model
+
+
+def video_prompt(num_frames, prefix=(5, 6), question=(7, 8, 9, 10), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = list(prefix) + [VIDEO_TOKEN_ID] * (num_frames * TOKENS_PER_FRAME) + list(question)
+    return torch.tensor([ids]), torch.randn(num_frames, 3, 28, 28, generator=generator)
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model, input_ids, pixels, steps):
+    """The oracle: rerun the whole sequence without a cache for every new token; the attention-guided query stays
+    on the last prompt token, as at prefill."""
+    query = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    tokens, all_logits = input_ids, []
+    for _ in range(steps):
+        logits = model(input_ids=tokens, pixel_values_videos=pixels, compression_query_positions=query).logits[:, -1]
+        all_logits.append(logits)
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, input_ids.shape[1] :], torch.stack(all_logits, 1)
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cached_greedy_equals_recomputation(backbone, schedule):
+    model = make_model(backbone, schedule)
+    input_ids, pixels = video_prompt(num_frames=3)
+    out = model.generate(
+        input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=8, do_sample=False,
+        return_dict_in_generate=True, output_logits=True, eos_token_id=None, pad_token_id=0,
+    )
+    expected_tokens, expected_logits = greedy_by_recomputation(model, input_ids, pixels, steps=8)
+    assert torch.equal(out.sequences[:, input_ids.shape[1] :], expected_tokens)
+    torch.testing.assert_close(torch.stack(out.logits, 1), expected_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_left_padded_batch_equals_single_samples(backbone, schedule):
+    model = make_model(backbone, schedule)
+    short_ids, short_pixels = video_prompt(num_frames=2, question=(7, 8), seed=1)
+    long_ids, long_pixels = video_prompt(num_frames=4, question=(9, 10, 11, 12, 13), seed=2)
+    singles = [
+        model.generate(input_ids=ids, pixel_values_videos=px, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        [:, ids.shape[1] :]
+        for ids, px in [(short_ids, short_pixels), (long_ids, long_pixels)]
+    ]
+    pad = long_ids.shape[1] - short_ids.shape[1]
+    batch_ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short_ids], 1), long_ids])
+    attention_mask = (torch.arange(long_ids.shape[1]) >= torch.tensor([[pad], [0]])).long()
+    batched = model.generate(
+        input_ids=batch_ids, attention_mask=attention_mask, pixel_values_videos=torch.cat([short_pixels, long_pixels]),
+        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[:, batch_ids.shape[1] :]
+    assert torch.equal(batched, torch.cat(singles))
+
+
+def test_sampling_with_seed_is_reproducible():
+    model = make_model("nemotron_h", "uni_1_0.5")
+    input_ids, pixels = video_prompt(num_frames=2)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=10, do_sample=True, top_k=20, eos_token_id=None))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_eos_ids_stop_generation_and_streamer_receives_tokens():
+    model = make_model("nemotron_h", None)
+    input_ids, pixels = video_prompt(num_frames=2)
+    free = model.generate(input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    new = free[0, input_ids.shape[1] :].tolist()
+    stop = new[2]
+    received = []
+
+    class RecordingStreamer(TextStreamer):
+        def __init__(self):
+            pass
+
+        def put(self, value):
+            received.append(value.flatten().tolist())
+
+        def end(self):
+            received.append("end")
+
+    stopped = model.generate(
+        input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False,
+        eos_token_id=[90, stop], pad_token_id=0, streamer=RecordingStreamer(),
+    )
+    assert stopped[0, input_ids.shape[1] :].tolist() == new[: new.index(stop) + 1]
+    assert received[-1] == "end"
+    assert [token for chunk in received[1:-1] for token in chunk] == new[: new.index(stop) + 1]
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+def test_text_only_generation(backbone):
+    model = make_model(backbone, "uni_1_0.5")
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])
+    out = model.generate(input_ids=input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    expected, _ = greedy_by_recomputation(model, input_ids, None, steps=5)
+    assert torch.equal(out[:, 5:], expected)
+
+
+def cache_bytes_formula(model, batch, lengths_per_segment, dropped_per_stage, dtype_bytes=4):
+    """Mamba: conv (conv_dim x (kernel-1)) + SSM (heads x head_dim x state, float32) per block; attention: K and V
+    of the segment the block sits in; TransV: K and V of the dropped tokens."""
+    config = model.config.text_config
+    total, segment = 0, 0
+    stage_layers = [stage.layer_idx for stage in model.config.compression_stages]
+    conv_dim = config.mamba_num_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
+    for layer_idx, kind in enumerate(model.config.layer_types):
+        segment += layer_idx in stage_layers
+        if kind == "linear_attention":
+            total += batch * conv_dim * (config.conv_kernel - 1) * dtype_bytes
+            total += batch * config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
+        elif kind == "full_attention":
+            total += 2 * batch * config.num_key_value_heads * lengths_per_segment[segment] * config.head_dim * dtype_bytes
+    for stage_index, dropped in dropped_per_stage.items():
+        total += 2 * batch * config.num_key_value_heads * dropped * config.head_dim * dtype_bytes
+    return total
+
+
+def test_cache_memory_matches_formula():
+    model = make_model("nemotron_h", "uni_1_0.5-unidrop_3_0.25")
+    input_ids, pixels = video_prompt(num_frames=4)  # 16 vision + 6 text tokens
+    cache = TimeViperHybridCache()
+    with torch.no_grad():
+        model(input_ids=input_ids, pixel_values_videos=pixels, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # segment 0: 22 tokens; after stage 0 (keep 8 of 16): 14; after stage 1 (keep 4): 10. Stage 0 transfers 8.
+    assert cache.memory_bytes() == cache_bytes_formula(model, 1, [22, 14, 10], {0: 8})
+    assert [valid.shape[1] for valid in cache.segment_valid] == [22, 14, 10]
+
+
+def test_beam_search_reorders_the_cache():
+    model = make_model("nemotron_h", "uni_1_0.5")
+    input_ids, pixels = video_prompt(num_frames=2)
+    out = model.generate(input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=4, num_beams=2, do_sample=False, eos_token_id=None)
+    assert out.shape == (1, input_ids.shape[1] + 4)
+
+
+def test_pixels_after_prefill_are_rejected():
+    model = make_model("nemotron_h", None)
+    input_ids, pixels = video_prompt(num_frames=1)
+    cache = TimeViperHybridCache()
+    with torch.no_grad():
+        model(input_ids=input_ids, pixel_values_videos=pixels, past_key_values=cache)
+        with pytest.raises(ValueError, match="prefill"):
+            model(input_ids=input_ids[:, -1:], pixel_values_videos=pixels, past_key_values=cache)
