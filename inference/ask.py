@@ -1,0 +1,164 @@
+"""Ask a question about a video and stream the answer.
+
+    python -m inference.ask --model CHECKPOINT --video clip.mp4 --question "What happens after the dog jumps?"
+
+Without --model, an embedded tiny random-weight model is built on the fly (its answers are noise; it shows the
+pipeline end to end on any CPU); without --video, a sample clip is generated.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TextStreamer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="converted TimeViper checkpoint folder or Hub id (default: tiny random model)")
+    parser.add_argument("--revision", help="Hub revision to pin the remote code to")
+    parser.add_argument("--video", help="video file (default: a generated sample clip)")
+    parser.add_argument("--question", default="Describe what happens in this video.")
+    parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+    parser.add_argument("--max-frames", type=int, default=256, help="uniformly subsample to at most this many")
+    parser.add_argument("--start", type=float, help="clip start in seconds")
+    parser.add_argument("--end", type=float, help="clip end in seconds")
+    parser.add_argument(
+        "--token-compression",
+        help="in-LLM compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep ratios); overrides the checkpoint's. "
+        "Stages the checkpoint has no TransV weights for start with a closed gate, i.e. they drop tokens.",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    return parser.parse_args(argv)
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def load(args, dtype):
+    if args.model is None:
+        from inference.tiny_default import build_tiny_default
+
+        print("[model] no --model given: using the embedded TINY RANDOM-WEIGHT model; its answers are noise.")
+        return build_tiny_default(token_compression=args.token_compression)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    overrides = {} if args.token_compression is None else {"token_compression": args.token_compression}
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model, trust_remote_code=True, revision=args.revision, dtype=dtype, **overrides
+    )
+    return model.eval(), processor
+
+
+def report_token_budget(model, num_vision: int, num_text: int) -> None:
+    print(f"[tokens] {num_vision} vision + {num_text} text tokens enter the LLM")
+    for stage in model.config.compression_stages:
+        kept = int(num_vision * stage.keep_ratio)
+        how = "TransV" if stage.transfer else "drop"
+        print(f"[tokens]   before block {stage.layer_idx}: {stage.method} keeps {kept} vision tokens ({how})")
+
+
+class TimingStreamer(TextStreamer):
+    """Streams the answer and records when the first new token arrived (the end of prefill)."""
+
+    def __init__(self, tokenizer, on_first_token):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_first_token = on_first_token
+        self.first_token_time = None
+        self.num_tokens = 0
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            if self.first_token_time is None:
+                self.first_token_time = time.perf_counter()
+                self.on_first_token()
+            self.num_tokens += value.numel()
+        super().put(value)
+
+
+def vision_progress(model, num_frames: int):
+    """A progress bar over the frames the vision tower has encoded (it runs in chunks)."""
+    bar = tqdm(total=num_frames, desc="[vision] encoding frames", unit="frame", leave=False, file=sys.stderr)
+
+    def count(module, inputs, output):
+        bar.update(output.shape[0])
+
+    return bar, model.model.multi_modal_projector.register_forward_hook(count)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        video = args.video
+        if video is None:
+            from inference.tiny_default import write_sample_video
+
+            video = str(write_sample_video(Path(scratch) / "sample.mp4"))
+            print(f"[video] no --video given: generated a 12 s sample clip at {video}")
+        elif not Path(video).is_file():
+            raise SystemExit(f"error: video file not found: {video}")
+
+        t0 = time.perf_counter()
+        model, processor = load(args, dtype)
+        model.to(device=device, dtype=dtype)
+        t_load = time.perf_counter() - t0
+
+        sampling = {"fps": args.fps, "max_frames": args.max_frames, "return_metadata": True}
+        sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
+        messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.question}]}]
+        t0 = time.perf_counter()
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs=sampling,
+        )
+        t_video = time.perf_counter() - t0
+        metadata = inputs.pop("video_metadata", None)
+        inputs.pop("video_num_frames", None)
+        num_frames = int(inputs["pixel_values_videos"].shape[0])
+        if metadata:
+            stamps = ", ".join(f"{t:.1f}" for t in metadata[0].timestamps[:12])
+            more = " ..." if num_frames > 12 else ""
+            print(f"[video] {num_frames} frames sampled from {metadata[0].duration:.1f} s at t = {stamps}{more} s")
+        else:
+            print(f"[video] {num_frames} frames sampled")
+        num_vision = int((inputs["input_ids"] == model.config.video_token_id).sum())
+        report_token_budget(model, num_vision, inputs["input_ids"].shape[1] - num_vision)
+
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
+        bar, handle = vision_progress(model, num_frames)
+
+        def start_answer():
+            handle.remove()
+            bar.close()
+            print("[answer] ", end="", flush=True)
+
+        streamer = TimingStreamer(processor.tokenizer, start_answer)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        t_end = time.perf_counter()
+        prefill = (streamer.first_token_time or t_end) - t0
+        decode = t_end - (streamer.first_token_time or t_end)
+        rate = (streamer.num_tokens - 1) / decode if decode > 0 and streamer.num_tokens > 1 else float("nan")
+        print(
+            f"[time] load {t_load:.2f} s | video decode + preprocess {t_video:.2f} s | vision + prefill {prefill:.2f} s"
+            f" | decode {decode:.2f} s ({streamer.num_tokens} tokens, {rate:.1f} tokens/s) on {device} {str(dtype).removeprefix('torch.')}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The embedded tiny default: a random-weight TimeViper small enough for any CPU, its byte-level tokenizer and
+processor, and a generated sample video. It exercises the whole pipeline; its answers are noise."""
+
+from pathlib import Path
+
+import numpy as np
+
+from timeviper.configuration_timeviper import TimeViperConfig
+
+TINY_IMAGE_SIZE = 28
+_SPECIALS = {
+    # special tokens in id order, and which of them are unk / pad / eos
+    "nemotron_h": (["<unk>", "<pad>", "</s>", "<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"], "<unk>", "<pad>", "</s>"),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|endoftext|>"),
+}
+PLACEHOLDER_TOKENS = ["<video>", "<image>"]
+
+
+def make_tiny_tokenizer(backbone: str = "nemotron_h"):
+    """A deterministic byte-level tokenizer (one token per byte, no merges) built offline: the backbone's special
+    tokens, `<video>`, `<image>`, then the 256 byte symbols. Any text round-trips through encode/decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if backbone not in _SPECIALS:
+        raise ValueError(f"Unknown backbone {backbone!r}; expected one of {sorted(_SPECIALS)}.")
+    specials, unk, pad, eos = _SPECIALS[backbone]
+    all_specials = specials + PLACEHOLDER_TOKENS
+    vocab = {token: i for i, token in enumerate(all_specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(all_specials)
+    kwargs = {"pad_token": pad, "eos_token": eos}
+    if unk is not None:
+        kwargs["unk_token"] = unk
+    extra = [t for t in all_specials if t not in (unk, pad, eos)]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra, padding_side="right", **kwargs)
+
+
+def tiny_default_config(tokenizer, backbone: str = "nemotron_h", token_compression=None) -> TimeViperConfig:
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
+        patch_size=4, hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=False,
+    )
+    vocab_size = len(tokenizer)
+    if backbone == "qwen2":
+        text = dict(
+            model_type="qwen2", vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
+            tie_word_embeddings=False,
+        )
+    else:
+        text = dict(
+            model_type="nemotron_h", vocab_size=vocab_size, hidden_size=48, hybrid_override_pattern="M-*M-M*M",
+            num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=64, mamba_num_heads=4,
+            mamba_head_dim=8, ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=8,
+            time_step_limit=(0.0, float("inf")), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    return TimeViperConfig(
+        vision_config=vision,
+        text_config=text,
+        tokens_per_frame=4,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        token_compression=token_compression,
+    )
+
+
+def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, seed: int = 0):
+    """(model, processor) with random weights: the pipeline end to end, nothing downloaded."""
+    import torch
+
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+    from timeviper.processing_timeviper import TimeViperProcessor, TimeViperVideoProcessor, get_chat_template
+
+    tokenizer = make_tiny_tokenizer(backbone)
+    config = tiny_default_config(tokenizer, backbone, token_compression)
+    torch.manual_seed(seed)
+    model = TimeViperForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(
+        "<SPECIAL_12>" if backbone == "nemotron_h" else "<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    video_processor = TimeViperVideoProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    processor = TimeViperProcessor(
+        video_processor=video_processor, tokenizer=tokenizer, chat_template=get_chat_template(backbone),
+        tokens_per_frame=config.vision_tokens_per_frame,
+    )
+    return model, processor
+
+
+def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:
+    """A short synthetic clip (a square moving across a colour gradient), written with PyAV as H.264 / MPEG-4."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        ramp = np.linspace(0, 255, size, dtype=np.uint8)
+        for i in range(seconds * fps):
+            frame = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
+            x = int((size - 16) * i / max(1, seconds * fps - 1))
+            frame[40:56, x : x + 16] = (255, 32, 32)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

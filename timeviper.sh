@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up ./.venv on first use, then runs a job.
+#   ./timeviper.sh ask [options]   answer a question about a video (no options: tiny random model, sample video)
+#   ./timeviper.sh test [pytest args]   run the test suite
+#   ./timeviper.sh python ...      run Python inside the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${TIMEVIPER_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.timeviper-installed"
+want=$(cat setup.cfg pyproject.toml | sha1sum | cut -d' ' -f1)
+
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[timeviper] setting up $VENV (first run only) ..." >&2
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+    # The CPU build of torch first: otherwise pip would pull a multi-GB CUDA build as a dependency.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2 || "$VENV/bin/python" -m pip install -q "torch>=2.5" >&2
+    "$VENV/bin/python" -m pip install -q -e ".[test,video,train]" >&2
+    echo "$want" > "$stamp"
+fi
+
+job=${1:-ask}
+shift || true
+case "$job" in
+    ask) exec "$VENV/bin/python" -m inference.ask "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    python) exec "$VENV/bin/python" "$@" ;;
+    *) echo "usage: $0 {ask|test|python} [args...]" >&2; exit 2 ;;
+esac
