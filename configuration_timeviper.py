@@ -267,7 +267,10 @@ class TimeViperConfig(PretrainedConfig):
 
     @property
     def compression_stages(self) -> list[TimeViperCompressionStage]:
-        return [TimeViperCompressionStage(**stage) for stage in self.token_compression]
+        # Parsed and checked on every read: `from_pretrained(..., token_compression=...)` sets the raw value.
+        stages = normalize_compression(self.token_compression)
+        validate_compression(stages, self.layer_types)
+        return stages
 
     @property
     def vision_tokens_per_frame(self) -> int:
