@@ -19,6 +19,7 @@ TransV) and `lm_head.weight`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib
@@ -1259,3 +1260,23 @@ def report_verification(results: dict[str, float], tolerance: float) -> None:
     failed = [f"{what}: max abs diff {diff:.3e} > {tolerance:.0e}" for what, diff in results.items() if not diff <= tolerance]
     if failed:
         raise ConversionError("the converted model does not reproduce the source", failed)
+
+
+def add_shared_arguments(parser) -> None:
+    """The options both conversion CLIs share: the output, the model layout and how the result is written."""
+    parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--projector-type", default="tome_mlp", help="tome_mlp, mlp, or the reference's tome_mlp-N / gelu_mlp (default: %(default)s)")
+    parser.add_argument("--tokens-per-frame", type=int, default=16, help="ToMe output tokens per frame for tome_mlp (default: %(default)s)")
+    parser.add_argument("--vision-feature-layer", type=int, default=-2, help="vision hidden state fed to the projector (default: %(default)s)")
+    parser.add_argument("--vision-num-heads", type=int, default=None, help="heads of a SigLIP whose width is not a known one")
+    parser.add_argument("--image-size", type=int, default=None, help="vision input size (default: 384 if it fits the patch grid)")
+    parser.add_argument("--dtype", default="bf16", help="dtype of the written weights: bf16, fp16 or fp32 (default: %(default)s)")
+    parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    parser.add_argument("--base-model", action="append", dest="base_models", help="Hub id for the model card (repeatable)")
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None,
+        help="load the result and compare it with the sources (default: on up to 2B parameters)",
+    )
+    parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

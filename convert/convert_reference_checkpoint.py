@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .common import (
+    add_shared_arguments,
     ConversionError,
     ConversionPlan,
     TensorSource,
@@ -217,26 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="the reference's state dict (.bin/.pth or .safetensors)")
     parser.add_argument("--llm-config", required=True, type=Path, help="base LLM folder the checkpoint was trained from (config.json, tokenizer)")
-    parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--token-compression", default=None,
         help="the checkpoint's pdrop_type, e.g. uni_7_0.5-attn_39_0.05 (or a JSON list of stage dicts); none if unused",
     )
-    parser.add_argument("--projector-type", default="tome_mlp", help="tome_mlp, mlp, or the reference's tome_mlp-N / gelu_mlp (default: %(default)s)")
-    parser.add_argument("--tokens-per-frame", type=int, default=16, help="ToMe output tokens per frame for tome_mlp (default: %(default)s)")
-    parser.add_argument("--vision-feature-layer", type=int, default=-2, help="vision hidden state fed to the projector (default: %(default)s)")
-    parser.add_argument("--vision-num-heads", type=int, default=None, help="heads of a SigLIP whose width is not a known one")
-    parser.add_argument("--image-size", type=int, default=None, help="vision input size (default: 384 if it fits the patch grid)")
-    parser.add_argument("--dtype", default="bf16", help="dtype of the written weights: bf16, fp16 or fp32 (default: %(default)s)")
-    parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
-    parser.add_argument("--base-model", action="append", dest="base_models", help="Hub id for the model card (repeatable)")
-    parser.add_argument(
-        "--verify", action=argparse.BooleanOptionalAction, default=None,
-        help="load the result and compare it with the checkpoint (default: on up to 2B parameters)",
-    )
-    parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_shared_arguments(parser)
     return parser
 
 
