@@ -171,13 +171,16 @@ class TimeViperHybridCache(Cache):
 
 @dataclass
 class TokenLayout:
-    """What the blocks of one segment need to know about the tokens: validity (for Mamba), the SDPA mask and the
-    RoPE positions of the queries."""
+    """What the blocks of one segment need to know about the tokens: validity (for Mamba), how attention is masked,
+    and the RoPE positions of the queries."""
 
     valid: torch.Tensor | None  # (batch, query_len) bool, None when every token is valid
     attention_mask: torch.Tensor | None  # (batch, 1, query_len, key_len) bool, or None
     is_causal: bool
     position_ids: torch.Tensor  # (batch, query_len)
+    # Prefill of a padded batch whose rows each hold one run of valid tokens: (start, end) per row. Attention then
+    # runs causally per row on its run, with no (L x L) mask.
+    row_spans: list[tuple[int, int]] | None = None
 
     @classmethod
     def from_key_validity(cls, key_valid: torch.Tensor, query_len: int) -> "TokenLayout":
@@ -189,12 +192,27 @@ class TokenLayout:
             return cls(None, None, query_len > 1 and query_len == key_len, position_ids)
         if query_len == 1:
             return cls(query_valid, key_valid[:, None, None, :], False, position_ids)
+        if query_len == key_len:
+            spans = contiguous_spans(key_valid)
+            if spans is not None:
+                return cls(query_valid, None, True, position_ids, spans)
         query_index = torch.arange(key_len - query_len, key_len, device=key_valid.device)[:, None]
         key_index = torch.arange(key_len, device=key_valid.device)[None, :]
         mask = (key_index <= query_index)[None, None] & key_valid[:, None, None, :]
         # A padding query has no valid key; letting it see itself keeps softmax finite (its output is never used).
         mask = mask | (key_index == query_index)[None, None]
         return cls(query_valid, mask, False, position_ids)
+
+
+def contiguous_spans(valid: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(start, end) of each row's valid tokens if every row holds exactly one run (left or right padding)."""
+    index = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    count = valid.sum(-1)
+    start = torch.where(valid, index, valid.shape[1]).min(-1).values
+    end = torch.where(valid, index, -1).max(-1).values + 1
+    if bool(((end - start) != count).any()):
+        return None
+    return list(zip(start.tolist(), end.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,7 +477,10 @@ class TimeViperAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        out = scaled_dot_product_attention(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
+        if layout.row_spans is not None:
+            out = attend_per_row(query, key, value, layout.row_spans, self.scaling)
+        else:
+            out = scaled_dot_product_attention(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     @torch.no_grad()
@@ -484,6 +505,18 @@ def scaled_dot_product_attention(query, key, value, mask, is_causal, scale):
                 query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
             )
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+
+
+def attend_per_row(query, key, value, row_spans, scale):
+    """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
+    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2)."""
+    length = query.shape[2]
+    rows = []
+    for b, (start, end) in enumerate(row_spans):
+        run = slice(start, end)
+        out = scaled_dot_product_attention(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
+        rows.append(F.pad(out, (0, 0, start, length - end)))
+    return torch.cat(rows)
 
 
 class TimeViperTransV(nn.Module):

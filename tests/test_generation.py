@@ -165,3 +165,24 @@ def test_pixels_after_prefill_are_rejected():
         model(input_ids=input_ids, pixel_values_videos=pixels, past_key_values=cache)
         with pytest.raises(ValueError, match="prefill"):
             model(input_ids=input_ids[:, -1:], pixel_values_videos=pixels, past_key_values=cache)
+
+
+def test_prefill_computes_only_the_last_logits():
+    model = make_model("nemotron_h", "uni_1_0.5")
+    input_ids, pixels = video_prompt(num_frames=2)
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    model.generate(input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    assert shapes == [(1, 1, model.config.text_config.vocab_size)] * 3
+
+
+def test_padded_prefill_needs_no_quadratic_mask():
+    from timeviper.modeling_timeviper import TokenLayout
+
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert TokenLayout.from_key_validity(left, 5).row_spans == [(2, 5), (0, 5)]
+    assert TokenLayout.from_key_validity(right, 5).row_spans == [(0, 3), (0, 5)]
+    assert TokenLayout.from_key_validity(left, 5).attention_mask is None
+    assert TokenLayout.from_key_validity(holes, 5).attention_mask.shape == (2, 1, 5, 5)  # the general fallback
