@@ -454,6 +454,7 @@ class TimeViperAttention(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -477,10 +478,11 @@ class TimeViperAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        attend = attention_function(self.config)
         if layout.row_spans is not None:
-            out = attend_per_row(query, key, value, layout.row_spans, self.scaling)
+            out = attend_per_row(attend, query, key, value, layout.row_spans, self.scaling)
         else:
-            out = scaled_dot_product_attention(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
+            out = attend(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     @torch.no_grad()
@@ -495,7 +497,8 @@ class TimeViperAttention(nn.Module):
         return logits.softmax(dim=-1).mean(dim=0)
 
 
-def scaled_dot_product_attention(query, key, value, mask, is_causal, scale):
+def sdpa_attention(query, key, value, mask, is_causal, scale):
+    """query (b, heads, q, d); key/value (b, kv_heads, k, d); mask (b, 1, q, k) bool or None."""
     if query.is_cuda:
         # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -507,14 +510,39 @@ def scaled_dot_product_attention(query, key, value, mask, is_causal, scale):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
 
 
-def attend_per_row(query, key, value, row_spans, scale):
+def eager_attention(query, key, value, mask, is_causal, scale):
+    """The same contract as `sdpa_attention`, written out (float32 softmax)."""
+    repeats = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    scores = (query @ key.transpose(-1, -2)).float() * scale
+    if is_causal:
+        query_len, key_len = scores.shape[-2:]
+        causal = torch.ones(query_len, key_len, dtype=torch.bool, device=scores.device).tril(key_len - query_len)
+        scores = scores.masked_fill(~causal, -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return scores.softmax(dim=-1).to(value.dtype) @ value
+
+
+ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def attention_function(config):
+    """The attention implementation the config asks for (`attn_implementation=` of from_pretrained)."""
+    implementation = config._attn_implementation or "sdpa"
+    if implementation not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"TimeViper supports attn_implementation in {sorted(ATTENTION_FUNCTIONS)}, got {implementation!r}")
+    return ATTENTION_FUNCTIONS[implementation]
+
+
+def attend_per_row(attend, query, key, value, row_spans, scale):
     """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
     O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2)."""
     length = query.shape[2]
     rows = []
     for b, (start, end) in enumerate(row_spans):
         run = slice(start, end)
-        out = scaled_dot_product_attention(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
+        out = attend(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
         rows.append(F.pad(out, (0, 0, start, length - end)))
     return torch.cat(rows)
 
@@ -526,6 +554,7 @@ class TimeViperTransV(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -545,7 +574,7 @@ class TimeViperTransV(nn.Module):
     def forward(self, text: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None):
         """text: (b, t, d); key/value: (b, kv_heads, m, head_dim); mask: (b, 1, 1, m) bool. Returns (b, t, d)."""
         query = self.q_proj(text).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-        out = scaled_dot_product_attention(query, key, value, mask, False, self.head_dim**-0.5)
+        out = attention_function(self.config)(query, key, value, mask, False, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -955,6 +984,12 @@ class TimeViperModel(TimeViperPreTrainedModel):
     def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """Frames of all videos, (frames, 3, h, w) or (videos, frames, 3, h, w), encoded `vision_chunk_size` at a
         time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden)."""
+        size = self.config.vision_config.image_size
+        if pixel_values_videos.dim() not in (4, 5) or pixel_values_videos.shape[-3:] != (3, size, size):
+            raise ValueError(
+                f"pixel values must have shape (frames, 3, {size}, {size}) or (videos, frames, 3, {size}, {size}), "
+                f"got {tuple(pixel_values_videos.shape)}; the TimeViper processor produces them"
+            )
         frames = pixel_values_videos.flatten(0, -4)
         chunks = frames.split(self.config.vision_chunk_size)
         return torch.cat([self.encode_frames(chunk) for chunk in chunks])

@@ -46,6 +46,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_timeviper.TimeViperConfig",
     "AutoModel": "modeling_timeviper.TimeViperForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_timeviper.TimeViperForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
 }
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the

@@ -1,0 +1,138 @@
+"""The model wrapper: training signals, checkpointing, attention implementations, saving/loading, bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_models import VIDEO_TOKEN_ID, tiny_config, tiny_model
+
+from timeviper.configuration_timeviper import TimeViperConfig
+from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+
+def batch(frame_counts=(2, 3)):
+    rows = [[5, 6] + [VIDEO_TOKEN_ID] * (4 * f) + [7, 8, 9, 10] for f in frame_counts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # right padding, as in training
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[ids == VIDEO_TOKEN_ID] = -100
+    labels[:, :2] = -100
+    pixels = torch.randn(sum(frame_counts), 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values_videos=pixels)
+
+
+def gradients(model, inputs):
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+def test_loss_and_gradients_reach_projector_and_llm_not_a_frozen_vision_tower(backbone):
+    model = tiny_model(backbone, token_compression="uni_1_0.5").train()
+    model.model.vision_tower.requires_grad_(False)
+    grads = gradients(model, batch())
+    assert all(not name.startswith("model.vision_tower.") for name in grads)
+    assert grads["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
+    assert any(name.startswith("model.language_model.layers.") and g.abs().sum() > 0 for name, g in grads.items())
+    assert grads["lm_head.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+def test_gradient_checkpointing_gives_the_same_gradients(backbone):
+    model = tiny_model(backbone, token_compression="uni_1_0.5-attn_2_0.25").train()
+    with torch.no_grad():
+        model.model.language_model.alpha.fill_(0.3)
+    inputs = batch()
+    plain = gradients(model, inputs)
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients(model, inputs)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+def test_eager_attention_equals_sdpa(backbone):
+    sdpa = tiny_model(backbone, token_compression="uni_1_0.5-attn_2_0.25")
+    eager = TimeViperForConditionalGeneration(tiny_config(backbone, token_compression="uni_1_0.5-attn_2_0.25", attn_implementation="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.config.text_config._attn_implementation == "eager"
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
+    model = tiny_model(token_compression="uni_1_0.5-attn_2_0.25")
+    with torch.no_grad():
+        model.model.language_model.alpha.fill_(0.4)
+    TimeViperConfig.register_for_auto_class()
+    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    model.save_pretrained(tmp_path / "ckpt")
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        config = AutoConfig.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        assert "timeviper" not in sys.modules, "the installed package must not be needed"
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        print(config.model_type, float((logits - expected).abs().max()))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model_type, diff = result.stdout.split()
+    assert model_type == "timeviper" and float(diff) == 0.0
+    assert "AutoModelForImageTextToText" in json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+
+
+def test_bad_pixel_shapes_are_clear_errors():
+    model = tiny_model()
+    inputs = batch((2,))
+    with pytest.raises(ValueError, match=r"pixel values must have shape \(frames, 3, 28, 28\).*got \(2, 3, 32, 32\)"):
+        model(input_ids=inputs["input_ids"], pixel_values_videos=torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="got \\(2, 28, 28\\)"):
+        model(input_ids=inputs["input_ids"], pixel_values_videos=torch.randn(2, 28, 28))
+
+
+def test_attention_scoring_memory_is_linear_in_the_sequence_length():
+    """20k tokens: an L x L float32 score matrix would be 1.6 GB. Scoring + compression must stay far below."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from tiny_models import tiny_model
+        from timeviper.modeling_timeviper import SequenceState
+        model = tiny_model(token_compression="attn_2_0.1")
+        text_model = model.model.language_model
+        length = 20_000
+        hidden = torch.randn(1, length, 48)
+        valid = torch.ones(1, length, dtype=torch.bool)
+        vision = valid.clone(); vision[0, :2] = False; vision[0, -4:] = False
+        positions = torch.arange(length)[None]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            state = text_model.compress(SequenceState(hidden, valid, vision, positions, vision.sum(-1), positions[:, -1]), 0, None)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(state.hidden_states.shape[1], grown)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=__import__("pathlib").Path(__file__).parent, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    kept, grown_kib = map(int, result.stdout.split())
+    assert kept == 2 + int(19_994 * 0.1) + 4
+    assert grown_kib < 300 * 1024  # far below the 1.6 GB an L x L matrix would take
