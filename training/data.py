@@ -1,0 +1,490 @@
+"""Training data for TimeViper: the JSONL sample format, its validation, a `Dataset` and a padding collator.
+
+One JSON object per line (blank lines are skipped; `#` never starts a comment):
+
+    {"id": "vid-0001", "video": "clips/0001.mp4", "start": 3.0, "end": 40.0,
+     "conversations": [{"role": "user", "content": "<video>What happens?"},
+                       {"role": "assistant", "content": "A man opens a door."}]}
+
+- Media: `"video"` (a file PyAV can read) or `"image"`, or neither (a text-only sample). Relative paths are
+  resolved against `video_root`. A video given under `"image"` (reference-style data) is recognised by its
+  extension. `"start"`/`"end"` (seconds) restrict a video to a window.
+- Turns: `{"role": "user"|"assistant"|"system", "content": str}` or the reference's
+  `{"from": "human"|"gpt"|"system", "value": str}`. An optional system turn comes first, then user and assistant
+  turns alternate, starting with a user turn and ending with an assistant answer. Only assistant turns are
+  supervised (the processor's label builder, REFERENCE.md section 4.5).
+- The media goes where the first user turn writes `<video>` (or `<image>`; the reference wrote `<image>` for videos
+  too), or in front of the first user turn's text when no placeholder is written.
+- Grounding samples replace `conversations` with `"query": str` and `"timestamps": [start_s, end_s]` (seconds from
+  the start of the clip, i.e. from `start` when given). They are rendered with the evaluation's grounding prompt
+  (`evaluation.tasks.build_grounding_prompt`: the time sentence with the clip's duration and the number of sampled
+  frames, then the grounding instruction), and answered with `"{start} to {end} seconds"`. `"duration"` overrides
+  the duration read from the video.
+- Optional per-sample frame sampling: `"fps"`, `"num_frames"`, `"max_frames"`, `"min_frames"`.
+
+`load_samples` checks every line when the dataset is built and raises one `DataFormatError` that lists each bad
+line as `file:line (id ...): problem`. `TimeViperSFTDataset.__getitem__` decodes and samples frames with the
+processor's PyAV decoder and sampling rule, renders the chat template and tokenizes with `return_labels=True`.
+`TimeViperDataCollator` right-pads and concatenates the frames of all samples in batch order, which is the order
+in which the model fills the placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from evaluation.tasks import build_grounding_prompt, format_seconds
+
+IGNORE_INDEX = -100
+VIDEO_PLACEHOLDER = "<video>"
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv"}
+)
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+SAMPLING_KEYS = ("fps", "num_frames", "max_frames", "min_frames")
+KNOWN_KEYS = frozenset(
+    {"id", "video", "image", "start", "end", "duration", "conversations", "messages", "query", "timestamps"}
+    | set(SAMPLING_KEYS)
+)
+MAX_LISTED_PROBLEMS = 50
+
+
+class DataFormatError(ValueError):
+    """Training data that cannot be used; the message names each bad sample as ``file:line (id ...)``."""
+
+
+class SampleLoadError(RuntimeError):
+    """A sample that passed validation failed while loading (unreadable video, too long, ...)."""
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """One validated JSONL line. `messages` are normalised chat turns (`role`, `content`), with the media
+    placeholder written exactly once in the first user turn when the sample has media."""
+
+    source: str  # "file:line"
+    sample_id: str | None
+    messages: tuple[dict, ...] = ()
+    media_type: str | None = None  # "video", "image" or None
+    media_path: str | None = None
+    start: float | None = None
+    end: float | None = None
+    duration: float | None = None
+    query: str | None = None
+    timestamps: tuple[float, float] | None = None
+    sampling: dict = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} (id {self.sample_id!r})" if self.sample_id is not None else self.source
+
+    @property
+    def is_grounding(self) -> bool:
+        return self.timestamps is not None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _resolve(path: str, root: str | os.PathLike | None) -> str:
+    path = os.path.expanduser(path)
+    if root is not None and not os.path.isabs(path):
+        path = os.path.join(os.fspath(root), path)
+    return path
+
+
+def _normalise_turns(turns, problems: list[str]) -> list[dict]:
+    """Turns in either schema -> [{"role", "content"}]; appends a message to `problems` for each defect."""
+    if not isinstance(turns, list):
+        problems.append(f"'conversations' must be a list of turns, got {type(turns).__name__}")
+        return []
+    if not turns:
+        problems.append("the conversation is empty (it needs a user turn and an assistant answer)")
+        return []
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            problems.append(f"turn {index} must be an object, got {type(turn).__name__}")
+            continue
+        if "role" in turn or "content" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = turn.get("from"), turn.get("value")
+        if role not in ROLE_NAMES:
+            problems.append(
+                f"turn {index} has role {role!r}; use 'user'/'assistant'/'system' (or 'human'/'gpt' under 'from')"
+            )
+            continue
+        if not isinstance(content, str):
+            problems.append(f"turn {index} ({ROLE_NAMES[role]}) needs string content, got {type(content).__name__}")
+            continue
+        messages.append({"role": ROLE_NAMES[role], "content": content})
+    return messages
+
+
+def _check_turn_order(messages: list[dict], problems: list[str]) -> None:
+    """[system], user, assistant, user, assistant, ...: the label builder supervises every second turn span, so
+    any other order would supervise the wrong text."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
+        problems.append("a system turn may only come first")
+        return
+    if not body:
+        problems.append("the conversation has no user or assistant turn")
+        return
+    if not any(m["role"] == "assistant" for m in body):
+        problems.append("the conversation has no assistant turn, so nothing would be supervised")
+        return
+    for index, message in enumerate(body):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            problems.append(
+                f"turns must alternate user/assistant starting with user; turn {index} is {message['role']!r}"
+            )
+            return
+    if body[-1]["role"] != "assistant":
+        problems.append("the conversation must end with an assistant answer (the last turn is a user turn)")
+    for index, message in enumerate(body):
+        if message["role"] == "assistant" and not message["content"].strip():
+            problems.append(f"assistant turn {index} is empty")
+
+
+def _place_media(messages: list[dict], media_type: str | None, problems: list[str]) -> list[dict]:
+    """Ensure exactly one placeholder for the media, in the first user turn (and none anywhere without media)."""
+    counts = [m["content"].count(VIDEO_PLACEHOLDER) + m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
+    if media_type is None:
+        if sum(counts):
+            problems.append(f"the text contains {VIDEO_PLACEHOLDER}/{IMAGE_PLACEHOLDER} but the sample has no media")
+        return messages
+    if sum(counts) > 1:
+        problems.append(f"the text has {sum(counts)} media placeholders; one video or image takes exactly one")
+        return messages
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    if sum(counts) == 1 and counts[first_user] != 1:
+        problems.append("the media placeholder must be in the first user turn")
+        return messages
+    placeholder = VIDEO_PLACEHOLDER if media_type == "video" else IMAGE_PLACEHOLDER
+    messages = [dict(m) for m in messages]
+    content = messages[first_user]["content"]
+    if counts[first_user] == 0:
+        content = placeholder + content  # the reference: placeholders directly followed by the question
+    else:
+        content = content.replace(VIDEO_PLACEHOLDER, placeholder).replace(IMAGE_PLACEHOLDER, placeholder)
+    messages[first_user]["content"] = content
+    return messages
+
+
+def parse_sample(
+    raw: Any, source: str, root: str | os.PathLike | None = None, check_files: bool = True
+) -> tuple[TrainingSample | None, str | None, list[str]]:
+    """Validate one decoded JSON line. Returns ``(sample or None, id, problems)``."""
+    if not isinstance(raw, dict):
+        return None, None, [f"a sample must be a JSON object, got {type(raw).__name__}"]
+    sample_id = raw.get("id")
+    sample_id = None if sample_id is None else str(sample_id)
+    problems: list[str] = []
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
+
+    # Media
+    media_type = media_path = None
+    if raw.get("video") is not None and raw.get("image") is not None:
+        problems.append("give either 'video' or 'image', not both")
+    elif raw.get("video") is not None or raw.get("image") is not None:
+        key = "video" if raw.get("video") is not None else "image"
+        value = raw[key]
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"'{key}' must be a non-empty path string, got {value!r}")
+        else:
+            media_path = _resolve(value, root)
+            is_video_file = Path(value).suffix.lower() in VIDEO_EXTENSIONS
+            media_type = "video" if key == "video" or is_video_file else "image"
+            if check_files and not os.path.isfile(media_path):
+                problems.append(f"{media_type} file not found: {media_path}")
+
+    # Window and sampling
+    start, end, duration = raw.get("start"), raw.get("end"), raw.get("duration")
+    for name, value in (("start", start), ("end", end), ("duration", duration)):
+        if value is not None and (not _is_number(value) or value < 0):
+            problems.append(f"'{name}' must be a non-negative number of seconds, got {value!r}")
+    if _is_number(start) and _is_number(end) and end <= start:
+        problems.append(f"'start' ({start}) must be before 'end' ({end})")
+    if (start is not None or end is not None) and media_type != "video":
+        problems.append("'start'/'end' need a video")
+    if duration is not None and _is_number(duration) and duration <= 0:
+        problems.append(f"'duration' must be positive, got {duration!r}")
+    sampling = {key: raw[key] for key in SAMPLING_KEYS if raw.get(key) is not None}
+    for key in ("num_frames", "max_frames", "min_frames"):
+        value = sampling.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"'{key}' must be an integer >= 1, got {sampling[key]!r}")
+    if "fps" in sampling and (not _is_number(sampling["fps"]) or sampling["fps"] <= 0):
+        problems.append(f"'fps' must be a positive number, got {sampling['fps']!r}")
+    if "fps" in sampling and "num_frames" in sampling:
+        problems.append("'fps' and 'num_frames' are mutually exclusive")
+    if sampling and media_type != "video":
+        problems.append(f"frame sampling keys {sorted(sampling)} need a video")
+
+    # Text
+    turns = raw.get("conversations", raw.get("messages"))
+    if "conversations" in raw and "messages" in raw:
+        problems.append("give either 'conversations' or 'messages', not both")
+    query, timestamps = raw.get("query"), raw.get("timestamps")
+    messages: list[dict] = []
+    if query is not None or timestamps is not None:
+        if turns is not None:
+            problems.append("a grounding sample ('query' + 'timestamps') has no 'conversations'")
+        if media_type != "video":
+            problems.append("a grounding sample needs a 'video'")
+        if not isinstance(query, str) or not query.strip():
+            problems.append(f"'query' must be a non-empty string, got {query!r}")
+        if (
+            not isinstance(timestamps, (list, tuple))
+            or len(timestamps) != 2
+            or not all(_is_number(t) and t >= 0 for t in timestamps)
+            or timestamps[0] > timestamps[1]
+        ):
+            problems.append(f"'timestamps' must be [start, end] in seconds with 0 <= start <= end, got {timestamps!r}")
+        else:
+            timestamps = (float(timestamps[0]), float(timestamps[1]))
+    elif turns is None:
+        problems.append("the sample has no 'conversations' (nor 'query' + 'timestamps' for grounding)")
+    else:
+        turn_problems: list[str] = []
+        messages = _normalise_turns(turns, turn_problems)
+        if not turn_problems:
+            _check_turn_order(messages, turn_problems)
+        if not turn_problems:
+            messages = _place_media(messages, media_type, turn_problems)
+        problems += turn_problems
+
+    if problems:
+        return None, sample_id, problems
+    return (
+        TrainingSample(
+            source=source,
+            sample_id=sample_id,
+            messages=tuple(messages),
+            media_type=media_type,
+            media_path=media_path,
+            start=None if start is None else float(start),
+            end=None if end is None else float(end),
+            duration=None if duration is None else float(duration),
+            query=query.strip() if isinstance(query, str) else None,
+            timestamps=timestamps if query is not None or timestamps is not None else None,
+            sampling=sampling,
+        ),
+        sample_id,
+        [],
+    )
+
+
+def load_samples(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    video_root: str | os.PathLike | None = None,
+    check_files: bool = True,
+) -> list[TrainingSample]:
+    """Read and validate JSONL files. Raises `DataFormatError` listing every bad line (up to 50 of them)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise DataFormatError("no training data files were given")
+    samples: list[TrainingSample] = []
+    problems: list[str] = []
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise DataFormatError(f"training data file not found: {path}")
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                source = f"{path}:{line_number}"
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as err:
+                    problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
+                    continue
+                sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
+                where = f"{source} (id {sample_id!r})" if sample_id is not None else source
+                problems += [f"{where}: {problem}" for problem in sample_problems]
+                if sample is not None:
+                    samples.append(sample)
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        raise DataFormatError(f"{len(problems)} problem(s) in the training data:\n  {listed}{more}")
+    if not samples:
+        raise DataFormatError(f"the training data {[os.fspath(p) for p in paths]} holds no samples")
+    return samples
+
+
+def grounding_messages(query: str, timestamps: tuple[float, float], duration: float, num_frames: int) -> list[dict]:
+    """The user prompt of the evaluation harness and a ``"{start} to {end} seconds"`` answer."""
+    prompt = build_grounding_prompt(query, duration, num_frames)
+    answer = f"{format_seconds(timestamps[0])} to {format_seconds(timestamps[1])} seconds"
+    return [{"role": "user", "content": VIDEO_PLACEHOLDER + prompt}, {"role": "assistant", "content": answer}]
+
+
+class TimeViperSFTDataset(torch.utils.data.Dataset):
+    """Supervised fine-tuning samples processed by a `TimeViperProcessor`.
+
+    Args:
+        data_files: One or more JSONL files (see the module docstring).
+        processor: A `TimeViperProcessor` with a TimeViper chat template (it supplies the decoder, the sampling rule,
+            the frame transform, the placeholder expansion and the labels).
+        video_root: Folder that relative media paths are resolved against.
+        fps, num_frames, max_frames, min_frames: Frame sampling (the video processor's rule; per-sample keys
+            override them). Default: 1 fps, at most 256 frames (uniformly subsampled), as in the paper.
+        max_length: Reject (raise on) a sample longer than this many tokens, vision placeholders included.
+        check_files: Check that every media file exists while validating.
+
+    Each item is a dict with `input_ids`, `labels` (1-D int64), and `pixel_values_videos` (frames, 3, H, W) or
+    `pixel_values` (1, 3, H, W) when the sample has media.
+    """
+
+    def __init__(
+        self,
+        data_files,
+        processor,
+        video_root: str | os.PathLike | None = None,
+        fps: float | None = 1.0,
+        num_frames: int | None = None,
+        max_frames: int | None = 256,
+        min_frames: int | None = None,
+        max_length: int | None = None,
+        check_files: bool = True,
+    ):
+        if getattr(processor, "turn_separator", None) is None:
+            raise ValueError("the processor needs a TimeViper chat template (its turn separator builds the labels)")
+        self.processor = processor
+        self.samples = load_samples(data_files, video_root, check_files)
+        self.sampling = {"fps": None if num_frames is not None else fps, "num_frames": num_frames,
+                         "max_frames": max_frames, "min_frames": min_frames}
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _sampling_for(self, sample: TrainingSample) -> dict:
+        options = dict(self.sampling)
+        if "num_frames" in sample.sampling:
+            options["fps"] = None
+        if "fps" in sample.sampling:
+            options["num_frames"] = None
+        options.update(sample.sampling)
+        options.update(start=sample.start, end=sample.end)
+        return {key: value for key, value in options.items() if value is not None}
+
+    def load_video(self, sample: TrainingSample):
+        """Decode the sampled frames of a sample's video: uint8 (frames, H, W, 3) and `VideoMetadata`."""
+        from timeviper.processing_timeviper import decode_video_pyav
+
+        options = self._sampling_for(sample)
+        video_processor = self.processor.video_processor
+        return decode_video_pyav(
+            sample.media_path, sample_indices_fn=lambda metadata: video_processor.sample_frames(metadata, **options)
+        )
+
+    def render(self, sample: TrainingSample, num_frames: int = 0, video_duration: float | None = None) -> str:
+        """The chat-template text of a sample, with one placeholder for its media."""
+        messages = list(sample.messages)
+        if sample.is_grounding:
+            duration = sample.duration
+            if duration is None:
+                ends = [t for t in (sample.end, video_duration) if t is not None]
+                if not ends:
+                    raise SampleLoadError(f"{sample.where}: the video's duration is unknown; add 'duration'")
+                duration = min(ends) - (sample.start or 0.0)
+            messages = grounding_messages(sample.query, sample.timestamps, duration, num_frames)
+        return self.processor.apply_chat_template(messages, tokenize=False)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            videos = images = None
+            num_frames, video_duration = 0, None
+            if sample.media_type == "video":
+                frames, metadata = self.load_video(sample)
+                videos, num_frames, video_duration = [frames], len(frames), metadata.duration
+            elif sample.media_type == "image":
+                images = [sample.media_path]
+            text = self.render(sample, num_frames, video_duration)
+            kwargs = {"do_sample_frames": False} if videos is not None else {}
+            encoded = self.processor(
+                text=[text], videos=videos, images=images, return_labels=True, return_tensors="pt", **kwargs
+            )
+        except SampleLoadError:
+            raise
+        except Exception as err:
+            raise SampleLoadError(f"{sample.where}: {type(err).__name__}: {err}") from err
+        length = encoded["input_ids"].shape[1]
+        if self.max_length is not None and length > self.max_length:
+            raise SampleLoadError(
+                f"{sample.where}: {length} tokens ({num_frames} frames) exceed max_length={self.max_length}; "
+                "sample fewer frames (fps / max_frames) or raise max_length"
+            )
+        item = {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0]}
+        if videos is not None:
+            item["pixel_values_videos"] = encoded["pixel_values_videos"]
+        if images is not None:
+            item["pixel_values"] = encoded["pixel_values"]
+        return item
+
+
+@dataclass
+class TimeViperDataCollator:
+    """Right-pads `input_ids` (pad id) and `labels` (-100), builds `attention_mask`, and concatenates the frames of
+    all samples in batch order (`pixel_values_videos`, `pixel_values`), matching the placeholders' row-major order."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def from_processor(cls, processor, pad_to_multiple_of: int | None = None) -> "TimeViperDataCollator":
+        pad_token_id = processor.tokenizer.pad_token_id
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` (never to the eos token)")
+        return cls(pad_token_id, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+            labels[row, :n] = torch.as_tensor(feature["labels"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in ("pixel_values_videos", "pixel_values"):
+            tensors = [f[key] for f in features if f.get(key) is not None]
+            if tensors:
+                batch[key] = torch.cat(tensors)
+        return batch
+
+
+__all__ = [
+    "DataFormatError",
+    "SampleLoadError",
+    "TimeViperDataCollator",
+    "TimeViperSFTDataset",
+    "TrainingSample",
+    "grounding_messages",
+    "load_samples",
+    "parse_sample",
+]

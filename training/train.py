@@ -1,0 +1,567 @@
+r"""Fine-tune TimeViper with the Hugging Face `Trainer` (full fine-tuning or LoRA), on one or many GPUs.
+
+    python -m training.train --model ckpts/TimeViper-9B --data train.jsonl --video-root /data/videos \
+        --stage 2 --output_dir runs/sft --bf16 --gradient_checkpointing --per_device_train_batch_size 1 \
+        --num_train_epochs 1 --save_steps 500
+
+    accelerate launch --config_file training/accelerate_configs/deepspeed_zero3.yaml -m training.train ...
+
+Stages (PAPER.md section 2, REFERENCE.md section 5):
+
+- `--stage 1` trains the projector only (vision tower and LLM frozen); token compression is off unless
+  `--token-compression` says otherwise, and `--projector-type mlp` trains the per-patch projector of the paper's
+  alignment stage.
+- `--stage 2` trains the projector, the LLM (embeddings, blocks, final norm, lm_head) and the TransV modules of the
+  compression schedule (`merge_modules`, `alpha`); the vision tower stays frozen. TransV gets `--transfer-lr`
+  (default 5x the LLM's learning rate, as in the paper). TransV modules missing from the checkpoint are initialised
+  from the nearest attention block with a zero gate.
+
+Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, `--save_steps`,
+`--resume_from_checkpoint`, `--push_to_hub`, `--deepspeed`, ...). The defaults follow the paper: learning rate 1e-5,
+AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
+the weights, `config.json` with `auto_map`, the processor and the three remote-code files, so they load with
+`AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
+instead (plus `non_adapter_trainables.safetensors` for the TransV gate); `--merge-lora-and-save` writes the merged
+model to `<output_dir>/merged`. See training/README.md.
+"""
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+import timeviper
+from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
+from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+from timeviper.processing_timeviper import (
+    TimeViperImageProcessor,
+    TimeViperProcessor,
+    TimeViperVideoProcessor,
+    get_chat_template,
+)
+
+from .data import TimeViperDataCollator, TimeViperSFTDataset
+
+logger = logging.getLogger("timeviper.training")
+
+REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
+EXTRA_TRAINABLES_FILE = "non_adapter_trainables.safetensors"
+# Mamba-2's A_log, D and dt_bias and TransV's gate are never weight-decayed (besides biases and norms).
+NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", "language_model.alpha")
+# The language model's Mamba in_proj, attention q/k/v/o and MLP projections (Nemotron-H blocks `layers.i.mixer.*`,
+# Qwen2 layers `layers.i.self_attn.*` / `layers.i.mlp.*`). Never the vision tower (SigLIP has q/k/v_proj too), never
+# Mamba's out_proj/conv1d (ECOSYSTEM.md section 5), never the TransV modules (they are trained fully).
+DEFAULT_LORA_TARGETS = (
+    r"model\.language_model\.layers\.\d+\."
+    r"(mixer\.(in_proj|q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)"
+    r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    r"|mlp\.(gate_proj|up_proj|down_proj))"
+)
+# TrainingArguments defaults of the paper's recipe (PAPER.md section 2), and what this model's inputs need.
+TRAINING_DEFAULTS = dict(
+    learning_rate=1e-5,
+    weight_decay=0.01,
+    warmup_steps=0.03,
+    lr_scheduler_type="cosine",
+    logging_steps=10,
+    remove_unused_columns=False,
+    label_names=["labels"],
+)
+
+
+@dataclass
+class TimeViperArguments:
+    """Model, stage, data and LoRA options (the Trainer's own options come from `TrainingArguments`)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "A converted TimeViper checkpoint folder (or Hub id) to fine-tune."}
+    )
+    tiny: bool = field(
+        default=False,
+        metadata={"help": "Build a tiny random model and tokenizer instead of --model (smoke runs; needs tests/)."},
+    )
+    tiny_backbone: Literal["nemotron_h", "qwen2"] = field(default="nemotron_h", metadata={"help": "LLM of --tiny."})
+    data: list[str] = field(default_factory=list, metadata={"help": "Training JSONL file(s) (training/README.md)."})
+    video_root: str | None = field(default=None, metadata={"help": "Folder that relative media paths start from."})
+    stage: Literal[1, 2] = field(
+        default=2, metadata={"help": "1: projector only. 2: projector + LLM + TransV (vision always frozen)."}
+    )
+    projector_type: Literal["tome_mlp", "mlp"] | None = field(
+        default=None,
+        metadata={"help": "Override the checkpoint's projector: tome_mlp (ToMe merging) or mlp (every patch)."},
+    )
+    token_compression: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep ratios), or 'none'. "
+            "Default: none for stage 1, the checkpoint's for stage 2."
+        },
+    )
+    projector_lr: float | None = field(default=None, metadata={"help": "Projector LR (default: --learning_rate)."})
+    llm_lr: float | None = field(default=None, metadata={"help": "LLM LR (default: --learning_rate)."})
+    transfer_lr: float | None = field(
+        default=None, metadata={"help": "TransV (merge_modules, alpha) LR (default: 5x the LLM LR, as in the paper)."}
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its full weights."})
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank (the reference's default)."})
+    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS,
+        metadata={"help": "Regex (full match on module names) of the Linear layers that get adapters."},
+    )
+    merge_lora_and_save: bool = field(
+        default=False, metadata={"help": "After LoRA training, merge the adapters and save the full model."}
+    )
+    merged_output_dir: str | None = field(
+        default=None, metadata={"help": "Where --merge-lora-and-save writes (default: <output_dir>/merged)."}
+    )
+    fps: float = field(default=1.0, metadata={"help": "Frames per second to sample."})
+    num_frames: int | None = field(default=None, metadata={"help": "Sample this many frames instead of --fps."})
+    max_frames: int = field(default=256, metadata={"help": "At most this many frames (uniform subsampling)."})
+    min_frames: int | None = field(default=None, metadata={"help": "At least this many frames."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Raise on samples longer than this many tokens (vision placeholders included)."}
+    )
+    check_media_files: bool = field(
+        default=True, metadata={"help": "Check that every media file exists while validating the data."}
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and processor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load_test_helper(name: str):
+    """Import tests/<name>.py of this checkout (the tiny tokenizer and configs live with the tests)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"--tiny needs {path} (run from a checkout of the repository)")
+    spec = importlib.util.spec_from_file_location(f"timeviper_training_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compression_override(args: TimeViperArguments):
+    """The schedule to build the model with, or None to keep the checkpoint's."""
+    if args.token_compression is not None:
+        return [] if args.token_compression.strip().lower() in ("", "none") else args.token_compression
+    if args.stage == 1:
+        logger.info("stage 1 trains without token compression, as the paper does (--token-compression overrides)")
+        return []
+    return None
+
+
+def build_tiny(args: TimeViperArguments):
+    """A tiny random TimeViper whose vocabulary and placeholder ids match the tiny byte-level tokenizer."""
+    assets, models = _load_test_helper("tiny_assets"), _load_test_helper("tiny_models")
+    tokenizer = assets.make_tiny_tokenizer(args.tiny_backbone)
+    text_config = models.tiny_text_config(
+        args.tiny_backbone, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = TimeViperConfig(
+        vision_config=models.tiny_vision_config(),
+        text_config=text_config,
+        projector_type=args.projector_type or "tome_mlp",
+        tokens_per_frame=4,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        token_compression=compression_override(args) or None,
+    )
+    model = TimeViperForConditionalGeneration(config)
+    size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+    processor = TimeViperProcessor(
+        image_processor=TimeViperImageProcessor(size=size),
+        video_processor=TimeViperVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        chat_template=get_chat_template(args.tiny_backbone),
+        tokens_per_frame=config.vision_tokens_per_frame,
+    )
+    separator = tokenizer.convert_tokens_to_ids(processor.turn_separator)
+    for target in (model.config, model.generation_config):
+        target.bos_token_id, target.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
+    missing_transfer = bool(config.compression_stages)
+    return model, processor, missing_transfer
+
+
+def build_from_checkpoint(args: TimeViperArguments):
+    config_dict, _ = TimeViperConfig.get_config_dict(args.model)
+    if args.projector_type is not None:
+        config_dict["projector_type"] = args.projector_type
+    schedule = compression_override(args)
+    if schedule is not None:
+        config_dict["token_compression"] = schedule
+    config = TimeViperConfig.from_dict(config_dict)
+    model, loading_info = TimeViperForConditionalGeneration.from_pretrained(
+        args.model, config=config, dtype=torch.float32, output_loading_info=True
+    )
+    # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
+    processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
+    processor.tokens_per_frame = config.vision_tokens_per_frame
+    missing = loading_info["missing_keys"]
+    missing_transfer = any(".merge_modules." in key or key.endswith("language_model.alpha") for key in missing)
+    return model, processor, missing_transfer
+
+
+def init_transfer_modules(model) -> None:
+    """`init_transfer_from_nearest_attention`, gathering the partitioned weights it reads and writes under ZeRO-3."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        model.init_transfer_from_nearest_attention()
+        return
+    import deepspeed
+
+    text_model = model.model.language_model
+    parameters = [*text_model.merge_modules.parameters(), text_model.alpha]
+    for layer in text_model.layers:
+        if layer.attention is not None:
+            parameters += list(layer.attention.parameters())
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
+        model.init_transfer_from_nearest_attention()
+
+
+def build_model_and_processor(args: TimeViperArguments):
+    """(model in fp32, processor). TransV modules that the weights lack are initialised from the nearest attention."""
+    model, processor, missing_transfer = build_tiny(args) if args.tiny else build_from_checkpoint(args)
+    if missing_transfer:
+        logger.info("initialising the TransV modules from the nearest attention blocks (gate alpha = 0)")
+        init_transfer_modules(model)
+    config = model.config
+    if processor.video_token_id != config.video_token_id or processor.image_token_id != config.image_token_id:
+        raise ValueError(
+            f"the processor's placeholder ids (video {processor.video_token_id}, image {processor.image_token_id}) "
+            f"differ from the model's (video {config.video_token_id}, image {config.image_token_id})"
+        )
+    return model, processor
+
+
+def configure_trainable(model, stage: int) -> None:
+    """Stage 1: projector. Stage 2: projector + language model (with TransV) + lm_head. Vision: never."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if stage == 2:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+
+
+def transfer_module_names(model) -> list[str]:
+    """Module names of the TransV cross-attentions, e.g. `model.language_model.merge_modules.0`."""
+    parent = "language_model.merge_modules"
+    return [name for name, _ in model.named_modules() if name.rpartition(".")[0].endswith(parent)]
+
+
+def apply_lora(model, args: TimeViperArguments):
+    """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules are trained fully
+    (`modules_to_save`), the TransV gate `alpha` directly (saved beside the adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    transfer = [name.split("language_model.")[-1] for name in transfer_module_names(model)]  # merge_modules.<i>
+    lora_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=["multi_modal_projector", *transfer],
+        bias="none",
+    )
+    model = get_peft_model(model, lora_config)
+    for name, parameter in model.named_parameters():
+        if name.endswith("language_model.alpha"):
+            parameter.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer: per-module learning rates, remote code in every saved folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parameter_group(name: str) -> str:
+    """`vision`, `projector`, `llm` or `transfer` for a parameter name (PEFT/FSDP prefixes allowed)."""
+    if ".merge_modules." in name or name.endswith("language_model.alpha"):
+        return "transfer"
+    if "multi_modal_projector." in name:
+        return "projector"
+    if "vision_tower." in name:
+        return "vision"
+    if "language_model." in name or "lm_head." in name:
+        return "llm"
+    raise ValueError(f"parameter {name!r} belongs to no known TimeViper module")
+
+
+def module_learning_rates(args: TimeViperArguments, learning_rate: float) -> dict[str, float]:
+    llm_lr = args.llm_lr if args.llm_lr is not None else learning_rate
+    return {
+        "vision": learning_rate,
+        "projector": args.projector_lr if args.projector_lr is not None else learning_rate,
+        "llm": llm_lr,
+        "transfer": args.transfer_lr if args.transfer_lr is not None else 5.0 * llm_lr,
+    }
+
+
+class TimeViperTrainer(Trainer):
+    """`Trainer` whose optimizer has one parameter group per module (and weight-decay class), each with its own
+    learning rate. The optimizer class and its other settings still come from `--optim` and friends."""
+
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.learning_rates = dict(learning_rates or {})
+        # With LoRA, trainable parameters that the adapter file does not hold (TransV's gate `alpha`).
+        self.extra_trainable_names = extra_trainable_names(self.model) if is_peft_model(self.model) else []
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as the Trainer does, plus, with LoRA, `non_adapter_trainables.safetensors`. `state_dict` is the
+        consolidated one under FSDP / ZeRO-3, so the values are complete whatever the engine."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.extra_trainable_names:
+            from safetensors.torch import save_file
+
+            if state_dict is None:
+                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+            names = [n for n in self.extra_trainable_names if n in state_dict]
+            extras = {n: state_dict[n].detach().cpu().contiguous() for n in names}
+            save_file(extras, os.path.join(output_dir or self.args.output_dir, EXTRA_TRAINABLES_FILE))
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        grouped: dict[tuple[str, bool], list] = {}
+        for name, parameter in opt_model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            decay = name in decay_names and not name.endswith(NO_DECAY_SUFFIXES)
+            grouped.setdefault((parameter_group(name), decay), []).append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "lr": self.learning_rates.get(module, self.args.learning_rate),
+                "weight_decay": self.args.weight_decay if decay else 0.0,
+                "name": module if decay else f"{module}_no_decay",
+            }
+            for (module, decay), params in sorted(grouped.items())
+        ]
+        if not param_groups:
+            raise ValueError("no parameter requires a gradient: nothing to train")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise ValueError(f"--optim {self.args.optim} builds its own parameter groups; per-module LRs need another")
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def copy_remote_code(folder: str | os.PathLike) -> None:
+    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
+    source = Path(timeviper.__file__).resolve().parent
+    os.makedirs(folder, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(source / name, Path(folder) / name)
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def extra_trainable_names(model) -> list[str]:
+    """Trainable parameters a PEFT adapter file does not hold (the TransV gate `alpha`)."""
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and "lora_" not in name and "modules_to_save" not in name
+    ]
+
+
+def load_extra_trainables(model, folder: str | os.PathLike) -> None:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, EXTRA_TRAINABLES_FILE)
+    if not os.path.isfile(path):
+        return
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(path).items():
+            if name not in parameters:
+                raise ValueError(f"{path} holds {name!r}, which the model does not have")
+            parameters[name].copy_(value)
+
+
+class SaveRemoteCodeCallback(TrainerCallback):
+    """Puts the remote-code files into the output folder and every checkpoint folder, so each is self-contained."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            copy_remote_code(args.output_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
+            copy_remote_code(checkpoint)
+
+
+AUTO_CLASSES = (TimeViperConfig, TimeViperForConditionalGeneration, TimeViperProcessor, TimeViperVideoProcessor,
+                TimeViperImageProcessor)
+
+
+def register_auto_classes() -> None:
+    """Make save_pretrained write `auto_map` (config.json, processor_config.json) and copy the code files."""
+    TimeViperConfig.register_for_auto_class()
+    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    TimeViperProcessor.register_for_auto_class()  # and the video and image processors
+
+
+@contextlib.contextmanager
+def auto_classes_registered():
+    """`register_auto_classes()` for the duration of the block; the class-level registration is undone afterwards,
+    so programmatic callers (and tests) are left as they were."""
+    before = {cls: cls.__dict__["_auto_class"] for cls in AUTO_CLASSES if "_auto_class" in cls.__dict__}
+    register_auto_classes()
+    try:
+        yield
+    finally:
+        for cls in AUTO_CLASSES:
+            if cls in before:
+                cls._auto_class = before[cls]
+            elif "_auto_class" in cls.__dict__:
+                delattr(cls, "_auto_class")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
+    parser = HfArgumentParser(
+        (TimeViperArguments, TrainingArguments),
+        prog="python -m training.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if (args.model is None) == (not args.tiny):
+        parser.error("give exactly one of --model FOLDER and --tiny")
+    if not args.data:
+        parser.error("--data needs at least one JSONL file")
+    if training_args.output_dir is None:
+        parser.error("--output_dir is required")
+    if training_args.remove_unused_columns:
+        parser.error("--remove_unused_columns must stay False: the Trainer would drop pixel_values_videos")
+    if args.lora and args.stage == 1:
+        parser.error("--lora adapts the LLM, which stage 1 keeps frozen; use --stage 2")
+    if args.merge_lora_and_save and not args.lora:
+        parser.error("--merge-lora-and-save needs --lora")
+    if args.token_compression not in (None, "", "none"):
+        normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
+    return args, training_args
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` as given, or the newest checkpoint of the output folder for `latest`/`true`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("", "false", "no"):
+        return None
+    if value.lower() in ("latest", "last", "true", "yes"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"no checkpoint-* folder in {training_args.output_dir} to resume from")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    return value
+
+
+def main(argv=None, callbacks=()) -> Trainer:
+    """Run the command line `argv` (default: sys.argv); extra `TrainerCallback`s may be given. Returns the Trainer."""
+    args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logger.setLevel(logging.WARNING)
+    with auto_classes_registered():
+        return run_training(args, training_args, callbacks)
+
+
+def run_training(args: TimeViperArguments, training_args: TrainingArguments, callbacks=()) -> Trainer:
+    """Build the model, processor, dataset and Trainer, train, save (and push / merge) as the arguments say."""
+    set_seed(training_args.seed)  # the tiny model and new TransV modules are random: same seed, same start
+    model, processor = build_model_and_processor(args)
+    configure_trainable(model, args.stage)
+    if args.lora:
+        model = apply_lora(model, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    mode = " (LoRA)" if args.lora else ""
+    logger.info("stage %d%s: %d of %d parameters trainable", args.stage, mode, trainable, total)
+
+    dataset = TimeViperSFTDataset(
+        args.data,
+        processor,
+        video_root=args.video_root,
+        fps=args.fps,
+        num_frames=args.num_frames,
+        max_frames=args.max_frames,
+        min_frames=args.min_frames,
+        max_length=args.max_length,
+        check_files=args.check_media_files,
+    )
+    logger.info("%d training samples", len(dataset))
+    learning_rates = module_learning_rates(args, training_args.learning_rate)
+    trainer = TimeViperTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=TimeViperDataCollator.from_processor(processor, args.pad_to_multiple_of),
+        processing_class=processor,
+        callbacks=[SaveRemoteCodeCallback(), *callbacks],
+        learning_rates=learning_rates,
+    )
+    if args.merge_lora_and_save and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError(
+            "--merge-lora-and-save merges unsharded weights in one process; with FSDP or DeepSpeed, train without it "
+            "and merge the saved adapter afterwards (training/README.md, 'Merging LoRA adapters')"
+        )
+    resume = resolve_resume(training_args)
+    if resume is not None and args.lora:
+        load_extra_trainables(model, resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        copy_remote_code(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"TimeViper stage {args.stage} fine-tuning")
+    if args.merge_lora_and_save and trainer.is_world_process_zero():
+        merged_dir = args.merged_output_dir or os.path.join(training_args.output_dir, "merged")
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+        copy_remote_code(merged_dir)
+        logger.info("merged model saved to %s", merged_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
