@@ -123,3 +123,17 @@ def test_placeholder_count_mismatch_is_a_clear_error():
         model(input_ids=ids, pixel_values_videos=pixels[:2])
     with pytest.raises(ValueError, match="no pixel values"):
         model(input_ids=ids)
+
+
+def test_attention_scoring_goes_through_the_blocks_own_call():
+    """FSDP gathers a block's sharded weights in hooks around the block's call, so scoring must use that call."""
+    model = tiny_model(token_compression="attn_2_0.25")
+    calls = []
+    model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append("score_query" in kwargs and kwargs["score_query"] is not None),
+        with_kwargs=True,
+    )
+    ids, _, pixels = video_batch([2])
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values_videos=pixels)
+    assert calls == [True, False]  # scoring first, then the block itself
