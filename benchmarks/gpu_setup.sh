@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Prepare the GPU machine of the `device` tool for benchmarks/long_video.py. Source it from the repo root:
+#     source benchmarks/gpu_setup.sh
+# Idempotent. Needs the carried folder wheels/ (git-ignored) holding mamba_ssm-2.3.2.post1.tar.gz (and optionally an
+# av cp312 manylinux wheel). Nothing is downloaded: that machine reaches no registry.
+#  1. `timeviper` importable: /tmp/timeviper_site/timeviper -> the repo root (the repo root is the package).
+#  2. mamba-ssm installed from its sdist as pure Python (MAMBA_FORCE_BUILD=TRUE skips the prebuilt-wheel download,
+#     MAMBA_SKIP_CUDA_BUILD=TRUE skips nvcc): its Mamba-2 ops (mamba_chunk_scan_combined, selective_state_update)
+#     are Triton kernels and need no compilation.
+#  3. a stub `selective_scan_cuda` module, because mamba_ssm/__init__ imports the Mamba-1 CUDA extension
+#     unconditionally; the stub raises on any use (Nemotron-H never uses the Mamba-1 scan).
+#  4. `av` from a carried cp312 wheel, only if one is carried and av is missing (the benchmark does not need it).
+# causal-conv1d is NOT installed (a 7-8 minute nvcc build): the model's causal depthwise conv runs through
+# torch.nn.functional.conv1d.
+_TV_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_TV_SITE=/tmp/timeviper_site
+mkdir -p "$_TV_SITE"
+[ -e "$_TV_SITE/timeviper" ] || ln -s "$_TV_REPO" "$_TV_SITE/timeviper"
+cat > "$_TV_SITE/selective_scan_cuda.py" <<'PY'
+"""Stub: the Mamba-1 CUDA scan of mamba-ssm was not built (only its Triton Mamba-2 kernels are used)."""
+
+
+def __getattr__(name):
+    raise ImportError("Mamba-1 CUDA scan not built (selective_scan_cuda stub from benchmarks/gpu_setup.sh)")
+PY
+case ":$PYTHONPATH:" in *":$_TV_SITE:"*) ;; *) export PYTHONPATH="$_TV_SITE${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+if ! python3 -c "import mamba_ssm" >/dev/null 2>&1; then
+    _TV_SDIST="$(ls "$_TV_REPO"/wheels/mamba_ssm-*.tar.gz 2>/dev/null | head -1)"
+    if [ -n "$_TV_SDIST" ]; then
+        tar xzf "$_TV_SDIST" -C /tmp
+        _TV_SRC="$(ls -d /tmp/mamba_ssm-*/ | head -1)"
+        MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip install -q --no-index --no-deps \
+            --no-build-isolation "$_TV_SRC" >/tmp/mamba_ssm_install.log 2>&1 \
+            || { echo "gpu_setup: pip install of mamba_ssm failed (see /tmp/mamba_ssm_install.log); using the source tree"; \
+                 export PYTHONPATH="${_TV_SRC%/}:$PYTHONPATH"; }
+    else
+        echo "gpu_setup: no wheels/mamba_ssm-*.tar.gz carried: the model will use its PyTorch Mamba-2 path"
+    fi
+fi
+if ls "$_TV_REPO"/wheels/av-*cp312*.whl >/dev/null 2>&1 && ! python3 -c "import av" >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps "$_TV_REPO"/wheels/av-*cp312*.whl
+fi
+python3 - <<'PY'
+import importlib
+for name in ("torch", "triton", "transformers", "mamba_ssm"):
+    try:
+        print(f"gpu_setup: {name} {importlib.import_module(name).__version__}")
+    except Exception as err:  # noqa: BLE001
+        print(f"gpu_setup: {name} NOT importable: {type(err).__name__}: {err}")
+import timeviper.modeling_timeviper as tm
+print("gpu_setup: kernels: mamba_chunk_scan_combined", tm.mamba_chunk_scan_combined is not None,
+      "selective_state_update", tm.selective_state_update is not None)
+PY
