@@ -15,8 +15,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[timeviper] setting up $VENV (first run only) ..." >&2
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    # The CPU build of torch first: otherwise pip would pull a multi-GB CUDA build as a dependency.
-    "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2 || "$VENV/bin/python" -m pip install -q "torch>=2.5" >&2
+    # torch + torchvision first, pinned to the builds this machine image carries (timm, the vision oracle of the
+    # tests, needs torchvision); unpinned, pip would resolve a multi-GB download as a dependency.
+    "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" >&2 \
+        || "$VENV/bin/python" -m pip install -q "torch>=2.5" torchvision >&2
     "$VENV/bin/python" -m pip install -q -e ".[test,video,train]" >&2
     echo "$want" > "$stamp"
 fi

@@ -308,6 +308,24 @@ def test_timm_mapping_reproduces_timm_forward():
     torch.testing.assert_close(hidden[-2], timm_features(state, pixels, VISION["depth"] - 1, VISION["heads"]), rtol=0, atol=ATOL)
 
 
+def test_real_timm_siglip_loads_the_synthetic_checkpoint_and_matches_the_oracle():
+    """timm itself: the synthetic state dict is exactly `vit_so400m_patch14_siglip_384`'s format (strict load), and
+    the reference's feature call (`get_intermediate_layers(n={depth - 2})`, no final norm) equals the oracle that
+    the conversion tests compare against."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_so400m_patch14_siglip_384", pretrained=False, num_classes=0, img_size=VISION["patch"] * VISION["grid"],
+        patch_size=VISION["patch"], embed_dim=VISION["width"], depth=VISION["depth"], num_heads=VISION["heads"],
+        mlp_ratio=VISION["mlp"] / VISION["width"],
+    ).eval()
+    state = timm_siglip_state_dict()
+    model.load_state_dict(state, strict=True)
+    pixels = torch.randn(2, 3, VISION["patch"] * VISION["grid"], VISION["patch"] * VISION["grid"])
+    with torch.no_grad():
+        (features,) = model.get_intermediate_layers(pixels, n={VISION["depth"] - 2})
+    torch.testing.assert_close(features, timm_features(state, pixels, VISION["depth"] - 1, VISION["heads"]), rtol=0, atol=ATOL)
+
+
 def test_timm_unknown_keys_are_rejected_by_name():
     state = timm_siglip_state_dict()
     state["cls_token"] = torch.zeros(1, 1, VISION["width"])
