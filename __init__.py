@@ -1,8 +1,6 @@
 """TimeViper: a hybrid Mamba-Transformer video-language model (Hugging Face remote-code package).
 
-Installed, the three Hub files form the package `timeviper`; in a checkpoint folder transformers loads them as
-remote code.
+Installed, the three Hub files form the package `timeviper`: import from `timeviper.configuration_timeviper`,
+`timeviper.modeling_timeviper` and `timeviper.processing_timeviper`. In a checkpoint folder transformers loads the
+same files as remote code. This file imports nothing, so that it is harmless wherever a tool imports it on its own.
 """
-
-from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, parse_compression_string
-from .modeling_timeviper import TimeViperForConditionalGeneration, TimeViperHybridCache, TimeViperModel
