@@ -40,7 +40,9 @@ def make_tiny_tokenizer(backbone: str = "nemotron_h"):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra, padding_side="right", **kwargs)
 
 
-def tiny_default_config(tokenizer, backbone: str = "nemotron_h", token_compression=None) -> TimeViperConfig:
+def tiny_default_config(
+    tokenizer, backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp"
+) -> TimeViperConfig:
     vision = dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
         patch_size=4, hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=False,
@@ -50,7 +52,7 @@ def tiny_default_config(tokenizer, backbone: str = "nemotron_h", token_compressi
         text = dict(
             model_type="qwen2", vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
-            tie_word_embeddings=False,
+            tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
     else:
         text = dict(
@@ -62,6 +64,7 @@ def tiny_default_config(tokenizer, backbone: str = "nemotron_h", token_compressi
     return TimeViperConfig(
         vision_config=vision,
         text_config=text,
+        projector_type=projector_type,
         tokens_per_frame=4,
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -69,25 +72,29 @@ def tiny_default_config(tokenizer, backbone: str = "nemotron_h", token_compressi
     )
 
 
-def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, seed: int = 0):
-    """(model, processor) with random weights: the pipeline end to end, nothing downloaded."""
+def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp", seed: int | None = 0):
+    """(model, processor) with random weights: the pipeline end to end, nothing downloaded. `seed=None` leaves the
+    global RNG as the caller set it."""
     import torch
 
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
     from timeviper.processing_timeviper import TimeViperProcessor, TimeViperVideoProcessor, get_chat_template
 
     tokenizer = make_tiny_tokenizer(backbone)
-    config = tiny_default_config(tokenizer, backbone, token_compression)
-    torch.manual_seed(seed)
+    config = tiny_default_config(tokenizer, backbone, token_compression, projector_type)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = TimeViperForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(
-        "<SPECIAL_12>" if backbone == "nemotron_h" else "<|im_end|>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     video_processor = TimeViperVideoProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     processor = TimeViperProcessor(
         video_processor=video_processor, tokenizer=tokenizer, chat_template=get_chat_template(backbone),
         tokens_per_frame=config.vision_tokens_per_frame,
     )
+    separator = tokenizer.convert_tokens_to_ids(processor.turn_separator)
+    for target in (model.config, model.generation_config):
+        target.bos_token_id, target.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
     return model, processor
 
 

@@ -87,7 +87,7 @@ class TimeViperArguments:
     )
     tiny: bool = field(
         default=False,
-        metadata={"help": "Build a tiny random model and tokenizer instead of --model (smoke runs; needs tests/)."},
+        metadata={"help": "Build the embedded tiny random model and tokenizer instead of --model (smoke runs)."},
     )
     tiny_backbone: Literal["nemotron_h", "qwen2"] = field(default="nemotron_h", metadata={"help": "LLM of --tiny."})
     data: list[str] = field(default_factory=list, metadata={"help": "Training JSONL file(s) (training/README.md)."})
@@ -143,19 +143,6 @@ class TimeViperArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _load_test_helper(name: str):
-    """Import tests/<name>.py of this checkout (the tiny tokenizer and configs live with the tests)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"--tiny needs {path} (run from a checkout of the repository)")
-    spec = importlib.util.spec_from_file_location(f"timeviper_training_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compression_override(args: TimeViperArguments):
     """The schedule to build the model with, or None to keep the checkpoint's."""
     if args.token_compression is not None:
@@ -167,38 +154,13 @@ def compression_override(args: TimeViperArguments):
 
 
 def build_tiny(args: TimeViperArguments):
-    """A tiny random TimeViper whose vocabulary and placeholder ids match the tiny byte-level tokenizer."""
-    assets, models = _load_test_helper("tiny_assets"), _load_test_helper("tiny_models")
-    tokenizer = assets.make_tiny_tokenizer(args.tiny_backbone)
-    text_config = models.tiny_text_config(
-        args.tiny_backbone, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    """The embedded tiny random TimeViper of the ask CLI (byte-level tokenizer), for smoke runs."""
+    from inference.tiny_default import build_tiny_default
+
+    model, processor = build_tiny_default(
+        args.tiny_backbone, compression_override(args) or None, args.projector_type or "tome_mlp", seed=None
     )
-    config = TimeViperConfig(
-        vision_config=models.tiny_vision_config(),
-        text_config=text_config,
-        projector_type=args.projector_type or "tome_mlp",
-        tokens_per_frame=4,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        token_compression=compression_override(args) or None,
-    )
-    model = TimeViperForConditionalGeneration(config)
-    size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
-    processor = TimeViperProcessor(
-        image_processor=TimeViperImageProcessor(size=size),
-        video_processor=TimeViperVideoProcessor(size=size),
-        tokenizer=tokenizer,
-        chat_template=get_chat_template(args.tiny_backbone),
-        tokens_per_frame=config.vision_tokens_per_frame,
-    )
-    separator = tokenizer.convert_tokens_to_ids(processor.turn_separator)
-    for target in (model.config, model.generation_config):
-        target.bos_token_id, target.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
-    missing_transfer = bool(config.compression_stages)
-    return model, processor, missing_transfer
+    return model.train(), processor, bool(model.config.compression_stages)
 
 
 def build_from_checkpoint(args: TimeViperArguments):
