@@ -24,12 +24,22 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
 * ``sampling="reference_eval"``: the reference evaluation rule (REFERENCE.md section 4.3) exactly: indices
   ``round(arange(0, total, video_fps / fps))``, the first ``max_frames`` (256) kept, padded to a multiple of 4 by
   repeating the last index, replaced by 32 (``min_frames``) uniform segment midpoints if fewer remain.
+* Variable frame rate (`decode_video_pyav` finds the real timestamps of every frame, ``metadata.frame_times``):
+  ``fps``, ``start`` and ``end`` work on those times. The sample at time ``t = start + k / fps`` is the frame on
+  screen at ``t`` (the last one with a presentation time ``<= t``), so a frame can repeat where the video is slower
+  than ``fps``; the window holds the frames on screen during ``[start, end)``. ``num_frames`` (uniform over frame
+  indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
+
+Decoding (`decode_video_pyav`) seeks to the keyframe before each wanted frame instead of decoding the whole file;
+``metadata.timestamps`` are the presentation times of the decoded frames.
 """
 
+import bisect
 import io
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +63,7 @@ __all__ = [
     "MCQ_ANSWER_PROMPT",
     "TimeViperImageProcessor",
     "TimeViperProcessor",
+    "TimeViperVideoMetadata",
     "TimeViperVideoProcessor",
     "build_labels",
     "decode_video_pyav",
@@ -231,6 +242,8 @@ def sample_frame_indices(
     start: float | None = None,
     end: float | None = None,
     sampling: str | None = None,
+    frame_times=None,
+    video_duration: float | None = None,
 ) -> list[int]:
     """Choose the frame indices to decode for one video (see the module docstring for the rules).
 
@@ -243,6 +256,14 @@ def sample_frame_indices(
         min_frames: Floor for the fps rule (falls back to uniform midpoints).
         start, end: Window in seconds (``end`` defaults to the video's duration). Not used by reference_eval.
         sampling: ``None``/``"auto"`` or ``"reference_eval"``.
+        frame_times: For a variable frame rate: the presentation time in seconds of every frame (ascending,
+            ``total_frames`` of them; `TimeViperVideoMetadata.frame_times`). ``fps``, ``start`` and ``end`` then
+            work on these times: the sample at time ``t`` is the frame on screen at ``t`` (the last one with time
+            ``<= t``), and the window holds the frames on screen during ``[start, end)``. ``video_fps`` is not
+            needed. ``num_frames`` stays uniform over frame indices, and ``reference_eval`` (by index, as the
+            reference) ignores the times.
+        video_duration: With ``frame_times``: the video's duration in seconds (default: the last frame's time plus
+            the mean frame interval).
 
     With neither ``fps`` nor ``num_frames``, every frame of the window is returned (then capped by ``max_frames``).
     """
@@ -283,6 +304,12 @@ def sample_frame_indices(
             min_frames=32 if min_frames is None else min_frames,
         )
 
+    if frame_times is not None:
+        return _sample_by_times(
+            total_frames, frame_times, video_duration, video_fps, fps=fps, num_frames=num_frames,
+            max_frames=max_frames, min_frames=min_frames, start=start, end=end,
+        )
+
     has_rate = video_fps is not None and video_fps > 0
     if (start is not None or end is not None or fps is not None) and not has_rate:
         raise ValueError(
@@ -291,15 +318,7 @@ def sample_frame_indices(
         )
     first, stop = 0, total_frames  # window of frame indices [first, stop)
     if start is not None or end is not None:
-        duration = total_frames / video_fps
-        start_s = 0.0 if start is None else float(start)
-        end_s = duration if end is None else float(end)
-        if start_s < 0:
-            raise ValueError(f"`start` must be >= 0 seconds, got {start_s}.")
-        if start_s >= duration:
-            raise ValueError(f"`start` ({start_s}s) is beyond the video's duration ({duration:.3f}s).")
-        if end_s <= start_s:
-            raise ValueError(f"`start` ({start_s}s) must be before `end` ({end_s}s).")
+        start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
         # Frame i shows [i / video_fps, (i + 1) / video_fps); keep frames whose start time lies in [start, end).
         first = min(total_frames - 1, math.ceil(start_s * video_fps - 1e-6))
         stop = min(total_frames, max(first + 1, math.ceil(end_s * video_fps - 1e-6)))
@@ -317,6 +336,59 @@ def sample_frame_indices(
         indices = [int(p) for p in positions if first <= p < stop]
         if not indices:  # a window shorter than one frame
             indices = [first]
+    if max_frames is not None and len(indices) > max_frames:
+        indices = [indices[i] for i in uniform_indices(max_frames, len(indices))]
+    if min_frames is not None and len(indices) < min_frames:
+        indices = [first + i for i in uniform_indices(min_frames, window)]
+    return indices
+
+
+def _window_seconds(start, end, duration: float) -> tuple[float, float]:
+    start_s = 0.0 if start is None else float(start)
+    end_s = duration if end is None else float(end)
+    if start_s < 0:
+        raise ValueError(f"`start` must be >= 0 seconds, got {start_s}.")
+    if start_s >= duration:
+        raise ValueError(f"`start` ({start_s}s) is beyond the video's duration ({duration:.3f}s).")
+    if end_s <= start_s:
+        raise ValueError(f"`start` ({start_s}s) must be before `end` ({end_s}s).")
+    return start_s, end_s
+
+
+def _sample_by_times(
+    total_frames, frame_times, video_duration, video_fps, *, fps, num_frames, max_frames, min_frames, start, end
+) -> list[int]:
+    """`sample_frame_indices` for a variable frame rate: the rules on the frames' real presentation times."""
+    times = np.asarray(frame_times, dtype=np.float64)
+    if times.ndim != 1 or len(times) != total_frames:
+        raise ValueError(f"`frame_times` must hold one time per frame ({total_frames}), got {times.shape}.")
+    if np.any(np.diff(times) < 0):
+        raise ValueError("`frame_times` must be in presentation order (ascending).")
+    if total_frames > 1:
+        mean_gap = (times[-1] - times[0]) / (total_frames - 1)
+    else:
+        mean_gap = 1.0 / video_fps if video_fps else 1.0
+    duration = float(times[-1] + mean_gap)
+    if video_duration is not None and video_duration > times[-1]:
+        duration = float(video_duration)
+    eps = 1e-6  # seconds: timestamps are rationals printed as floats
+
+    start_s, end_s = _window_seconds(start, end, duration) if (start is not None or end is not None) \
+        else (0.0, duration)
+    first = max(0, int(np.searchsorted(times, start_s + eps, side="right")) - 1)  # the frame on screen at `start`
+    stop = min(total_frames, max(first + 1, int(np.searchsorted(times, end_s - eps, side="left"))))
+    window = stop - first
+
+    if num_frames is not None:
+        return [first + i for i in uniform_indices(int(num_frames), window)]
+    if fps is None:
+        indices = list(range(first, stop))
+    else:
+        count = max(1, math.ceil((end_s - start_s) * fps - 1e-9))
+        sample_times = start_s + np.arange(count, dtype=np.float64) / fps
+        sample_times = sample_times[sample_times < end_s - eps] if count > 1 else sample_times
+        positions = np.searchsorted(times, sample_times + eps, side="right") - 1
+        indices = np.clip(positions, first, stop - 1).astype(int).tolist()
     if max_frames is not None and len(indices) > max_frames:
         indices = [indices[i] for i in uniform_indices(max_frames, len(indices))]
     if min_frames is not None and len(indices) < min_frames:
@@ -356,17 +428,54 @@ def _open_container(source):
         source = io.BytesIO(bytes(source))
     elif not hasattr(source, "read"):
         raise TypeError(f"Cannot open a video from {type(source).__name__}; pass a path, bytes or a file object.")
+    elif hasattr(source, "seekable") and not source.seekable():
+        source = io.BytesIO(source.read())  # seeking needs a seekable input: read a pipe/stream into memory
+    offset = source.tell() if hasattr(source, "tell") else None
     try:
         container = av.open(source, mode="r")
     except Exception as err:  # PyAV raises several FFmpeg error classes; report them uniformly
         raise ValueError(f"Could not open video {name}: unreadable or corrupt ({err}).") from err
     if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
         container.close()
-        raise ValueError(f"Video {name} has no video stream (not a video file, or corrupt).")
-    return container, name
+        found = f"it has only {' and '.join(kinds)} stream(s)" if kinds else "it has no streams"
+        raise ValueError(f"Video {name} has no video stream ({found}): not a video file, or corrupt.")
+
+    def reopen():
+        """The same input opened again from its start (for streams that cannot seek back by timestamp)."""
+        if offset is not None:
+            source.seek(offset)
+        return av.open(source, mode="r")
+
+    return container, name, reopen
 
 
-def _stream_metadata(container, stream) -> VideoMetadata:
+@dataclass
+class TimeViperVideoMetadata(VideoMetadata):
+    """`VideoMetadata` with the real presentation times of the frames.
+
+    Extra fields:
+        frames_timestamps: Presentation time in seconds (from the start of the video stream) of each sampled frame,
+            as decoded; ``timestamps`` returns it. Set by `decode_video_pyav`.
+        frame_times: Presentation time in seconds of every frame of the video (presentation order) for a video with
+            a variable frame rate; ``None`` for a constant one (frame ``i`` is at ``i / fps``). ``fps`` is then the
+            mean frame rate. Sampling by ``fps`` / ``start`` / ``end`` uses these times.
+    """
+
+    frames_timestamps: list[float] | None = None
+    frame_times: list[float] | None = field(default=None, repr=False)
+
+    @property
+    def timestamps(self) -> list[float]:
+        "Presentation times of the sampled frames in seconds."
+        if self.frames_timestamps is not None:
+            return list(self.frames_timestamps)
+        if self.frame_times is not None and self.frames_indices is not None:
+            return [self.frame_times[i] for i in self.frames_indices]
+        return super().timestamps
+
+
+def _stream_metadata(container, stream) -> TimeViperVideoMetadata:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     video_fps = float(rate) if rate else None
     if stream.duration is not None and stream.time_base is not None:
@@ -380,7 +489,7 @@ def _stream_metadata(container, stream) -> VideoMetadata:
         total = int(round(duration * video_fps))
     if duration is None and total and video_fps:
         duration = total / video_fps
-    return VideoMetadata(
+    return TimeViperVideoMetadata(
         total_num_frames=total,
         fps=video_fps,
         width=stream.codec_context.width,
@@ -390,60 +499,197 @@ def _stream_metadata(container, stream) -> VideoMetadata:
     )
 
 
+def _needs_frame_table(stream, metadata) -> bool:
+    """Whether the container header does not vouch for a constant frame rate with a known frame count.
+
+    True when the frame count is not stored (Matroska/WebM, MPEG-TS, ...), when the mean frame rate differs from the
+    stream's base rate (FFmpeg's ``r_frame_rate``, the rate that represents its first timestamps), or when the frame
+    count and the duration disagree by more than one frame at that rate (dropped or irregular frames).
+    """
+    if stream.time_base is None or not metadata.fps or not stream.frames or stream.frames <= 0:
+        return True
+    base = stream.base_rate or stream.guessed_rate
+    if not base:
+        return True
+    base = float(base)
+    if abs(base - metadata.fps) > 1e-3 * base:
+        return True
+    if metadata.duration is not None and abs(stream.frames - metadata.duration * base) > 1.0:
+        return True
+    return False
+
+
+class _NotConstantRate(Exception):
+    """Raised while decoding on the constant-frame-rate assumption when a frame's timestamp is off that grid."""
+
+
+class _ConstantRate:
+    """Frame index <-> pts for a constant frame rate: ``index = round((pts - origin) * time_base * fps)``.
+
+    ``origin`` is the pts of frame 0 (default: the stream's start time). ``start_pts`` is time zero of the reported
+    timestamps. Unless ``verified`` (the rate was checked on every frame's timestamp), `check` raises
+    `_NotConstantRate` for a decoded frame off the rate's grid.
+    """
+
+    def __init__(self, stream, video_fps: float, origin: int | None = None, verified: bool = False):
+        self.time_base = float(stream.time_base)
+        self.start_pts = stream.start_time or 0
+        self.origin = self.start_pts if origin is None else origin
+        self.video_fps = video_fps
+        self.verified = verified
+        self._half_frame = 0.5 / video_fps / self.time_base
+
+    def index_of(self, pts: int) -> int:
+        return int(round((pts - self.origin) * self.time_base * self.video_fps))
+
+    def target_of(self, index: int) -> float:  # lowest pts that still maps to `index`
+        return self.origin + index / self.video_fps / self.time_base - self._half_frame
+
+    def check(self, pts: int) -> None:
+        if self.verified:
+            return
+        position = (pts - self.origin) * self.time_base * self.video_fps
+        if abs(position - round(position)) > 0.25:
+            raise _NotConstantRate(pts)
+
+
+class _FrameTable:
+    """Frame index <-> pts from the sorted presentation timestamps of all the stream's packets (demuxed, not
+    decoded): frame ``i`` is the one with the ``i``-th smallest pts."""
+
+    def __init__(self, stream, pts: list[int]):
+        self.time_base = float(stream.time_base)
+        self.pts = pts
+        self.start_pts = stream.start_time if stream.start_time is not None else pts[0]
+
+    def index_of(self, pts: int) -> int:  # the last frame at or before `pts` (-1 before the first frame)
+        return bisect.bisect_right(self.pts, pts) - 1
+
+    def target_of(self, index: int) -> float:
+        return self.pts[index]
+
+    def check(self, pts: int) -> None:
+        pass
+
+    def times(self) -> list[float]:
+        return [(p - self.start_pts) * self.time_base for p in self.pts]
+
+
+def _scan_frame_table(container, stream, stats: dict, rewind: bool = False) -> tuple[list[int] | None, int]:
+    """``(sorted pts of every frame, number of frames)`` from one demux pass over the file (no decoding; the decoder
+    drops the packets flagged discard, so they are skipped). The pts list is ``None`` when a packet has none."""
+    if rewind:
+        container.seek(0)
+    pts, count = [], 0
+    for packet in container.demux(stream):
+        if packet.size == 0 or packet.is_discard:
+            continue
+        stats["scanned_packets"] += 1
+        count += 1
+        if pts is not None:
+            if packet.pts is None:
+                pts = None  # keep counting
+            else:
+                pts.append(int(packet.pts))
+    if pts is not None:
+        pts.sort()
+    return pts, count
+
+
+def _apply_frame_table(stream, metadata, pts: list[int]) -> _FrameTable | _ConstantRate:
+    """Update `metadata` from the frame table; return the table, or a `_ConstantRate` when the timestamps turn out
+    to lie on a constant-rate grid (then the reference sampling rule, by index, applies)."""
+    table = _FrameTable(stream, pts)
+    count = len(pts)
+    seconds = np.asarray(table.times(), dtype=np.float64)
+    metadata.total_num_frames = count
+    span = float(seconds[-1] - seconds[0]) if count > 1 else 0.0
+    candidates = [float(r) for r in (stream.base_rate, stream.average_rate, stream.guessed_rate) if r and r > 0]
+    if span > 0:
+        candidates.append((count - 1) / span)
+    if count == 1 and not candidates:
+        candidates = [metadata.fps or 1.0]
+    for rate in candidates:
+        positions = (seconds - seconds[0]) * rate
+        if count == 1 or np.all(np.abs(positions - np.arange(count)) < 0.25):
+            constant = _ConstantRate(stream, rate, origin=pts[0], verified=True)
+            constant.start_pts = table.start_pts
+            metadata.fps = rate
+            metadata.frame_times = None
+            if metadata.duration is None:
+                metadata.duration = float(seconds[-1]) + 1.0 / rate
+            return constant
+    # Variable frame rate. Keep the stream's duration if the last frame can last that long (a container duration
+    # may include a longer audio stream); else end one mean frame interval after the last frame.
+    gaps = np.diff(seconds)
+    last = float(seconds[-1])
+    if metadata.duration is None or not last < metadata.duration <= last + float(gaps.max()):
+        metadata.duration = last + span / (count - 1)
+    metadata.fps = count / metadata.duration
+    metadata.frame_times = seconds.tolist()
+    return table
+
+
 def _frame_to_rgb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
-def _decode_sequential(container, stream, wanted: list[int]) -> dict[int, np.ndarray]:
-    """Decode from the start, numbering frames in presentation order (for streams without timestamps)."""
-    try:
-        container.seek(0)
-    except Exception:  # a non-seekable input that has not been read yet
-        pass
+def _decode_sequential(
+    container, stream, wanted: list[int], rewind: bool = True
+) -> dict[int, tuple[np.ndarray, float | None]]:
+    """Decode from the start, numbering frames in presentation order (for streams without timestamps).
+
+    Returns ``{index: (rgb frame, time in seconds or None)}``. ``rewind=False`` for a container just opened.
+    """
+    if rewind:
+        try:
+            container.seek(0)
+        except Exception:  # a non-seekable input that has not been read yet
+            pass
     stream.codec_context.flush_buffers()
     stream.codec_context.skip_frame = "DEFAULT"
     out, wanted_set, last = {}, set(wanted), None
+    start_pts = stream.start_time or 0
+    time_base = float(stream.time_base) if stream.time_base is not None else None
+
+    def when(frame):
+        return None if frame.pts is None or time_base is None else (frame.pts - start_pts) * time_base
+
     for idx, frame in enumerate(container.decode(stream)):
         if idx in wanted_set:
-            out[idx] = _frame_to_rgb(frame)
+            out[idx] = (_frame_to_rgb(frame), when(frame))
         last = frame
         if len(out) == len(wanted_set):
             break
     if last is not None:
-        fallback = _frame_to_rgb(last)
+        fallback = (_frame_to_rgb(last), when(last))
         for idx in wanted_set - set(out):
             out[idx] = fallback
     return out
 
 
 def _decode_seeking(
-    container, stream, wanted: list[int], video_fps: float, stats: dict, skip_nonref: bool = True
-) -> dict[int, np.ndarray]:
+    container, stream, wanted: list[int], timeline, stats: dict, skip_nonref: bool = True
+) -> dict[int, tuple[np.ndarray, int]]:
     """Decode the frames `wanted` (sorted, unique indices), decoding as few frames as possible.
 
-    Packets are demuxed forward. Decoding starts at the keyframe that precedes a wanted frame and pauses once that
-    frame is out; packets read while paused are kept, and sent to the decoder (in order, so its state stays valid)
-    only if a later packet shows that the next wanted frame lies in the same GOP. At the next keyframe before the
-    next wanted frame they are dropped and the decoder is flushed, so GOPs without a wanted frame are read but never
-    decoded. Within a decoded stretch, non-reference frames that are not wanted are skipped by the decoder
-    (``skip_frame="NONREF"``). When the next wanted frame lies further ahead than ``max(4 s, 2 * longest GOP
-    seen)``, the demuxer seeks (backward, to the keyframe at or before it) instead of reading everything between.
-    Frame indices come from presentation timestamps, index = round((pts - start) * time_base * fps): a constant
-    frame rate is assumed.
+    Returns ``{index: (rgb frame, pts)}``. Packets are demuxed forward. Decoding starts at the keyframe that
+    precedes a wanted frame and pauses once that frame is out; packets read while paused are kept, and sent to the
+    decoder (in order, so its state stays valid) only if a later packet shows that the next wanted frame lies in the
+    same GOP. At the next keyframe before the next wanted frame they are dropped and the decoder is flushed, so GOPs
+    without a wanted frame are read but never decoded. Within a decoded stretch, non-reference frames that are not
+    wanted are skipped by the decoder (``skip_frame="NONREF"``). When the next wanted frame lies further ahead than
+    ``max(4 s, 2 * longest GOP seen)``, the demuxer seeks (backward, to the keyframe at or before it) instead of
+    reading everything between. Frame index <-> pts comes from `timeline`: a constant frame rate (`_ConstantRate`,
+    which raises `_NotConstantRate` on a frame off its grid) or the stream's frame table (`_FrameTable`).
     """
     time_base = float(stream.time_base)
-    start_pts = stream.start_time or 0
+    start_pts = timeline.start_pts
     codec = stream.codec_context
-    half_frame = 0.5 / video_fps / time_base
     seek_gap = 4.0 / time_base
+    index_of, target_of = timeline.index_of, timeline.target_of
 
-    def target_of(index: int) -> float:  # lowest pts that still rounds to `index`
-        return start_pts + index / video_fps / time_base - half_frame
-
-    def index_of(pts: int) -> int:
-        return int(round((pts - start_pts) * time_base * video_fps))
-
-    out: dict[int, np.ndarray] = {}
+    out: dict[int, tuple[np.ndarray, int]] = {}
     cursor = 0  # position in `wanted` of the next frame to produce
     state = {"last_frame": None, "progress": False}
 
@@ -457,8 +703,8 @@ def _decode_seeking(
             # decoder drop non-reference frames except the wanted ones (the setting is read per packet, also with
             # frame threading).
             index = None if packet.pts is None else index_of(packet.pts)
-            # At or after the next wanted index, decode everything: with a variable frame rate the frame that stands
-            # for a wanted index can be a later one.
+            # At or after the next wanted index, decode everything (the frame that stands for a wanted index may be
+            # a later one when the container over-reports its frames).
             wanted_here = index is None or index in wanted_set or (cursor < len(wanted) and index >= wanted[cursor])
             mode = "DEFAULT" if wanted_here or not skip_nonref else "NONREF"
             if mode != skip_mode["value"]:
@@ -471,10 +717,13 @@ def _decode_seeking(
         for frame in frames:
             if frame.pts is None:
                 continue
+            timeline.check(frame.pts)
             state["last_frame"] = frame
             idx = index_of(frame.pts)
+            rgb = None
             while cursor < len(wanted) and idx >= wanted[cursor]:
-                out[wanted[cursor]] = _frame_to_rgb(frame)
+                rgb = _frame_to_rgb(frame) if rgb is None else rgb
+                out[wanted[cursor]] = (rgb, frame.pts)
                 cursor += 1
                 state["progress"] = True
 
@@ -495,17 +744,18 @@ def _decode_seeking(
                 continue  # the demuxer's final empty packet; the decoder is drained after the loop
             stats["demuxed_packets"] += 1
             pts = packet.pts if packet.pts is not None else packet.dts
-            target = target_of(wanted[cursor])
+            index = index_of(pts)
+            want = wanted[cursor]
             if packet.is_keyframe:
-                if last_key_pts is None and pts > target + 2 * half_frame and overshoot_retries < 6:
+                if last_key_pts is None and index > want and overshoot_retries < 6:
                     # The seek landed after the wanted frame (inexact index): seek further back.
                     overshoot_retries += 1
-                    seek_pts = target - (4**overshoot_retries) / time_base
+                    seek_pts = target_of(want) - (4**overshoot_retries) / time_base
                     break
                 if last_key_pts is not None:
                     max_gop = max(max_gop, pts - last_key_pts)
                 last_key_pts = pts
-                if pts <= target + 2 * half_frame:  # the wanted frame is at/after this keyframe: drop the rest
+                if index <= want:  # the wanted frame is at/after this keyframe: drop the rest
                     if decoding or buffer:
                         codec.flush_buffers()
                     decoding, buffer = False, []
@@ -515,7 +765,7 @@ def _decode_seeking(
                 consume(decode(packet))
             else:
                 buffer.append(packet)
-                if pts >= target:
+                if index >= want:
                     decoding = True
                     for buffered in buffer:
                         consume(decode(buffered))
@@ -537,7 +787,8 @@ def _decode_seeking(
         consume(decode(None))
         if state["last_frame"] is None:
             break
-        fallback = _frame_to_rgb(state["last_frame"])
+        last = state["last_frame"]
+        fallback = (_frame_to_rgb(last), last.pts)
         while cursor < len(wanted):
             out[wanted[cursor]] = fallback
             cursor += 1
@@ -546,57 +797,109 @@ def _decode_seeking(
 
 def decode_video_pyav(
     source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None
-) -> tuple[np.ndarray, VideoMetadata]:
+) -> tuple[np.ndarray, TimeViperVideoMetadata]:
     """Decode selected frames of a video with PyAV, seeking instead of decoding the whole file.
+
+    Frame ``i`` is the ``i``-th frame in presentation order. When the container header vouches for a constant frame
+    rate (stored frame count = duration x rate, mean rate = base rate; e.g. MP4/MOV, AVI), indices map to
+    timestamps by that rate, with no pass over the file. Otherwise (variable frame rate, or containers that do not
+    store a frame count: Matroska/WebM, MPEG-TS, ...) the packets are demuxed once (no decoding) to build the table
+    of frame timestamps; a variable-rate video then gets ``metadata.frame_times`` and a mean ``fps``, and sampling by
+    time uses the real timestamps. A constant-rate decode that meets a frame off the rate's grid switches to the
+    table. Streams without timestamps are decoded sequentially. Non-seekable file objects are read into memory.
 
     Args:
         source: A path (str or `os.PathLike`), raw bytes, or a binary file object.
         indices: Frame indices to return (any order, repeats allowed).
-        sample_indices_fn: Alternatively, a function ``VideoMetadata -> list[int]`` called once the container's
-            frame count and frame rate are known.
+        sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
+            frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
         stats: Optional dict that receives counts: ``decoded_packets`` (packets sent to the decoder; it drops the
-            unwanted non-reference ones among them), ``demuxed_packets`` and ``seeks``.
+            unwanted non-reference ones among them), ``demuxed_packets``, ``seeks`` and ``scanned_packets``
+            (packets read to build the frame table; 0 when it was not needed).
 
     Returns:
-        ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a `VideoMetadata`
-        with ``frames_indices`` set.
+        ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a
+        `TimeViperVideoMetadata` with ``frames_indices`` and ``frames_timestamps`` (the decoded frames' presentation
+        times in seconds from the stream start) set.
+
+    Raises:
+        ValueError: the file is missing (`VideoFileNotFoundError`), unreadable, has no video stream or no frames, or
+            an index is out of range.
     """
-    container, name = _open_container(source)
+    if indices is None and sample_indices_fn is None:
+        raise ValueError("Pass `indices` or `sample_indices_fn`.")
+    container, name, reopen = _open_container(source)
+    counts = {"decoded_packets": 0, "demuxed_packets": 0, "seeks": 0, "scanned_packets": 0}
+
+    def choose(metadata) -> list[int]:
+        chosen = [int(i) for i in (indices if indices is not None else sample_indices_fn(metadata))]
+        if not chosen:
+            raise ValueError(f"No frames were selected from video {name}.")
+        if metadata.total_num_frames and max(chosen) >= metadata.total_num_frames:
+            raise ValueError(f"Frame index {max(chosen)} is out of range for video {name} "
+                             f"({metadata.total_num_frames} frames).")
+        if min(chosen) < 0:
+            raise ValueError(f"Frame indices must be >= 0, got {min(chosen)}.")
+        return chosen
+
+    def frame_table(metadata, rewind=False):
+        pts, count = _scan_frame_table(container, stream, counts, rewind=rewind)
+        if count == 0:
+            raise ValueError(f"Video {name} has no frames: its video stream holds no packets (empty or truncated).")
+        if pts is None:  # no timestamps: the frames will be counted while decoding from the start
+            metadata.total_num_frames = count
+            if metadata.fps and not metadata.duration:
+                metadata.duration = count / metadata.fps
+            return None
+        return _apply_frame_table(stream, metadata, pts)
+
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         metadata = _stream_metadata(container, stream)
-        if indices is None:
-            if sample_indices_fn is None:
-                raise ValueError("Pass `indices` or `sample_indices_fn`.")
-            indices = sample_indices_fn(metadata)
-        indices = [int(i) for i in indices]
-        if not indices:
-            raise ValueError(f"No frames were selected from video {name}.")
-        if metadata.total_num_frames and max(indices) >= metadata.total_num_frames:
-            raise ValueError(f"Frame index {max(indices)} is out of range for video {name} "
-                             f"({metadata.total_num_frames} frames).")
-        if min(indices) < 0:
-            raise ValueError(f"Frame indices must be >= 0, got {min(indices)}.")
-        wanted = sorted(set(indices))
-        seekable = not (hasattr(source, "seekable") and not source.seekable())
         try:
+            timeline = None
+            if _needs_frame_table(stream, metadata):
+                timeline = frame_table(metadata)
+            elif metadata.fps and stream.time_base is not None:
+                timeline = _ConstantRate(stream, metadata.fps)
+            if timeline is None and not metadata.total_num_frames:
+                raise ValueError(f"Video {name} has no frames (or its frame count is unknown and it has no "
+                                 "timestamps).")
+            chosen = choose(metadata)
             decoded = {}
-            counts = {"decoded_packets": 0, "demuxed_packets": 0, "seeks": 0}
-            if seekable and metadata.fps and stream.time_base is not None:
-                decoded = _decode_seeking(container, stream, wanted, metadata.fps, counts)
-            if len(decoded) < len(wanted):  # no timestamps or not seekable: count frames from the start
-                decoded = _decode_sequential(container, stream, wanted)
+            if timeline is not None:
+                try:
+                    decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts)
+                except _NotConstantRate:  # the header's constant rate was wrong: use the real timestamps
+                    timeline = frame_table(metadata, rewind=True)
+                    chosen = choose(metadata)
+                    if timeline is not None:
+                        decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts)
+            if len(decoded) < len(set(chosen)):  # no timestamps: count frames from the start
+                rewind = True
+                if counts["scanned_packets"]:  # the scan read the input to its end; seeking back needs timestamps
+                    fresh = reopen()
+                    container.close()
+                    container, stream, rewind = fresh, fresh.streams.video[0], False
+                    stream.thread_type = "AUTO"
+                decoded = _decode_sequential(container, stream, sorted(set(chosen)), rewind=rewind)
+                timeline = None  # `decoded` now holds times in seconds (or None), not pts
         except av.error.FFmpegError as err:
             raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
         if not decoded:
             raise ValueError(f"Could not decode any frame from video {name}: corrupt or empty.")
-        frames = np.stack([decoded[i] for i in indices])
+        frames = np.stack([decoded[i][0] for i in chosen])
+        if timeline is not None and stream.time_base is not None:
+            time_base = float(stream.time_base)
+            metadata.frames_timestamps = [float((decoded[i][1] - timeline.start_pts) * time_base) for i in chosen]
+        elif all(decoded[i][1] is not None for i in chosen):
+            metadata.frames_timestamps = [float(decoded[i][1]) for i in chosen]
         if stats is not None:
             stats.update(counts)
     finally:
         container.close()
-    metadata.frames_indices = indices
+    metadata.frames_indices = chosen
     if metadata.width is None or metadata.width == 0:
         metadata.height, metadata.width = frames.shape[1:3]
     return frames, metadata
@@ -758,6 +1061,20 @@ def _flatten_images(images) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _indices_for(metadata, options: dict) -> list[int]:
+    """`sample_frame_indices` for a video's metadata (with its frame times when the frame rate is variable)."""
+    def get(key):
+        if isinstance(metadata, dict):
+            return metadata.get(key)
+        return getattr(metadata, key, None)
+
+    frame_times = get("frame_times")
+    return sample_frame_indices(
+        get("total_num_frames"), get("fps"), frame_times=frame_times,
+        video_duration=get("duration") if frame_times is not None else None, **options,
+    )
+
+
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     """Video kwargs of `TimeViperVideoProcessor` (on top of transformers' `VideosKwargs`).
 
@@ -789,7 +1106,8 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
 
     Returns a `BatchFeature` with ``pixel_values_videos`` (float32 ``(total frames of all videos, 3, H, W)``, videos
     concatenated in order), ``video_num_frames`` (int64 ``(num_videos,)``) and ``video_metadata`` (a list of
-    `VideoMetadata` with the sampled ``frames_indices``; ``timestamps`` gives their times in seconds).
+    `VideoMetadata` with the sampled ``frames_indices``; ``timestamps`` gives their times in seconds: for decoded
+    files, `TimeViperVideoMetadata` with the frames' real presentation times, also for a variable frame rate).
     """
 
     resample = PIL.Image.Resampling.BICUBIC
@@ -858,10 +1176,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
 
         if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read"):
             if do_sample_frames:
-                def choose(meta):
-                    return sample_frame_indices(meta.total_num_frames, meta.fps, **options)
-
-                return decode_video_pyav(video, sample_indices_fn=choose)
+                return decode_video_pyav(video, sample_indices_fn=lambda meta: _indices_for(meta, options))
             return decode_video_pyav(video, sample_indices_fn=lambda meta: list(range(meta.total_num_frames)))
 
         # Decoded frames.
@@ -959,7 +1274,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
                       **kwargs) -> list[int]:
         """`BaseVideoProcessor` hook: frame indices for `metadata` under this processor's sampling rules."""
         options, _ = self._sampling_options({"fps": fps, "num_frames": num_frames, **kwargs}, {})
-        return sample_frame_indices(metadata.total_num_frames, metadata.fps, **options)
+        return _indices_for(metadata, options)
 
 
 class TimeViperImageProcessor(BaseImageProcessor):

@@ -1,22 +1,30 @@
 """Benchmark: seek-based sampled decoding (processing_timeviper.decode_video_pyav) vs decoding every frame.
 
-Generates a long synthetic H.264 video (default: 1 hour, 320x240, 25 fps, a keyframe every 5 s, B-frames; each
-frame's index is colour-coded and the bottom quarter holds a moving noisy pattern), then measures, on CPU:
+Generates a long synthetic H.264 MP4 (default: 1 hour, 640x360, 25 fps, x264 ``veryfast`` CRF 18, a keyframe every
+5 s, 2 B-frames; each frame's index is colour-coded and the bottom quarter holds a moving noisy pattern), then
+measures, on CPU:
 
 * ``seek_1fps``: every 1 fps frame (3600 for an hour) with the seek-based decoder;
-* ``seek_uniform_256``: the processor default for an hour-long video (1 fps, uniformly capped to 256 frames);
+* ``seek_uniform_256``: the processor default for an hour-long video (1 fps, uniformly capped to 256 frames),
+  decoding only;
+* ``processor_default``: the whole ``TimeViperVideoProcessor()(path)`` call (the same 256 frames, plus the
+  384x384 resize and normalisation);
+* ``frame_table_scan``: one demux pass over the file, which variable-frame-rate and Matroska/WebM videos add;
 * ``full_decode``: the baseline, decoding every frame in order (``thread_type="AUTO"``, as the seek decoder) and
   converting only the 1 fps frames to RGB. It is timed on a prefix (``--baseline-seconds``, default 600 s) and
   extrapolated linearly to the whole video (decoding cost per frame is uniform in this synthetic video); pass
   ``--baseline-seconds 0`` to decode the whole file.
 
-Sampled frames are checked against the requested indices through their colour code. Results go to
-``benchmarks/results/video_decoding.json``.
+Sampled frames are checked against the requested indices through their colour code, and their timestamps. Results
+go to ``benchmarks/results/video_decoding.json``. The generated video is kept in the temp dir (with a
+``.generation.json`` recording how long it took) and reused by later runs.
 
 Usage::
 
-    python benchmarks/video_decoding.py                     # 1 hour (generation takes a few minutes)
+    python benchmarks/video_decoding.py --generate-only     # write the 1-hour video (~10-15 min on 2 cores)
+    python benchmarks/video_decoding.py --repeats 3         # measure (reuses the video)
     python benchmarks/video_decoding.py --duration 120      # quick run
+    python benchmarks/video_decoding.py --size 320x240 --preset ultrafast   # other size / faster generation
 """
 
 import argparse
@@ -35,7 +43,12 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from processing_timeviper import decode_video_pyav, sample_frame_indices  # noqa: E402
+from processing_timeviper import (  # noqa: E402
+    TimeViperVideoProcessor,
+    _scan_frame_table,
+    decode_video_pyav,
+    sample_frame_indices,
+)
 from tiny_assets import frame_index_from_pixels, write_test_video  # noqa: E402
 
 
@@ -43,8 +56,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3600, help="video length in seconds (default 3600)")
     parser.add_argument("--fps", type=int, default=25)
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--size", default="640x360", help="WIDTHxHEIGHT (default 640x360)")
+    parser.add_argument("--preset", default="veryfast", help="libx264 preset for generation (default veryfast)")
+    parser.add_argument("--generate-only", action="store_true", help="write the video (if needed) and stop")
     parser.add_argument("--keyint-seconds", type=float, default=5.0, help="keyframe interval in seconds")
     parser.add_argument("--baseline-seconds", type=float, default=600,
                         help="prefix timed for the full-decode baseline (0: whole video)")
@@ -52,7 +66,12 @@ def parse_args():
     parser.add_argument("--regenerate", action="store_true", help="rewrite the video even if it exists")
     parser.add_argument("--repeats", type=int, default=1, help="take the best of this many timings")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "video_decoding.json"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    try:
+        args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size must be WIDTHxHEIGHT, got {args.size!r}")
+    return args
 
 
 def video_matches(path, num_frames, fps, width, height) -> bool:
@@ -68,6 +87,7 @@ def video_matches(path, num_frames, fps, width, height) -> bool:
 def best_of(repeats, fn):
     best, result = None, None
     for _ in range(repeats):
+        result = None  # free the previous result before the next run (3600 RGB frames at 640x360 are 2.5 GB)
         start = time.perf_counter()
         result = fn()
         elapsed = time.perf_counter() - start
@@ -97,17 +117,28 @@ def main():
     keyint = max(1, int(round(args.keyint_seconds * args.fps)))
     path = args.video or os.path.join(
         os.environ.get("TMPDIR", "/tmp"),
-        f"timeviper_bench_{int(args.duration)}s_{args.width}x{args.height}_{args.fps}fps_k{keyint}.mp4",
+        f"timeviper_bench_{int(args.duration)}s_{args.width}x{args.height}_{args.fps}fps_k{keyint}_{args.preset}.mp4",
     )
+    # How the video was made (and in how long) is kept next to it, so that a later run reusing it can report it.
+    generation_record = path + ".generation.json"
 
-    generation_seconds = None
     if args.regenerate or not video_matches(path, num_frames, args.fps, args.width, args.height):
-        print(f"Generating {args.duration:.0f} s video ({num_frames} frames) at {path} ...", flush=True)
+        print(f"Generating {args.duration:.0f} s video ({num_frames} frames, {args.width}x{args.height}, "
+              f"x264 {args.preset}) at {path} ...", flush=True)
         start = time.perf_counter()
         write_test_video(path, num_frames=num_frames, fps=args.fps, size=(args.width, args.height), keyint=keyint,
-                         texture=True)
-        generation_seconds = time.perf_counter() - start
-        print(f"  generated in {generation_seconds:.1f} s", flush=True)
+                         texture=True, preset=args.preset)
+        generation = {"seconds": round(time.perf_counter() - start, 1), "preset": args.preset,
+                      "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+        with open(generation_record, "w") as handle:
+            json.dump(generation, handle)
+        print(f"  generated in {generation['seconds']:.1f} s", flush=True)
+    generation = {}
+    if os.path.exists(generation_record):
+        with open(generation_record) as handle:
+            generation = json.load(handle)
+    if args.generate_only:
+        return
 
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -116,34 +147,52 @@ def main():
     results = {}
     load_at_start = os.getloadavg()
 
+    def timed_seek(name, indices):
+        stats = {}
+        seconds, (frames, metadata) = best_of(args.repeats, lambda: decode_video_pyav(path, indices, stats=stats))
+        assert [frame_index_from_pixels(f) for f in frames] == indices, "seek decoding returned wrong frames"
+        assert metadata.timestamps == [i / args.fps for i in indices], "wrong timestamps"
+        results[name] = {
+            "sampled_frames": len(indices),
+            "seconds": round(seconds, 3),
+            "sampled_frames_per_second": round(len(indices) / seconds, 1),
+            **stats,
+        }
+        print(name, results[name], flush=True)
+
     # Seek-based 1 fps (every 1 fps frame, no cap).
     one_fps = sample_frame_indices(num_frames, float(args.fps), fps=1.0)
-    stats = {}
-    seconds, (frames, _) = best_of(args.repeats, lambda: decode_video_pyav(path, one_fps, stats=stats))
-    recovered = [frame_index_from_pixels(f) for f in frames]
-    assert recovered == one_fps, "seek decoding returned wrong frames"
-    results["seek_1fps"] = {
-        "sampled_frames": len(one_fps),
-        "seconds": round(seconds, 3),
-        "sampled_frames_per_second": round(len(one_fps) / seconds, 1),
-        **stats,
-    }
-    print("seek_1fps", results["seek_1fps"], flush=True)
-    del frames
+    timed_seek("seek_1fps", one_fps)
 
-    # Processor default: 1 fps capped to 256 frames by uniform subsampling.
+    # Processor default: 1 fps capped to 256 frames by uniform subsampling; decoding only ...
     capped = sample_frame_indices(num_frames, float(args.fps), fps=1.0, max_frames=256)
-    stats = {}
-    seconds, (frames, _) = best_of(args.repeats, lambda: decode_video_pyav(path, capped, stats=stats))
-    assert [frame_index_from_pixels(f) for f in frames] == capped, "seek decoding returned wrong frames"
-    results["seek_uniform_256"] = {
+    timed_seek("seek_uniform_256", capped)
+
+    # ... and the whole video processor call (decode + 384x384 bicubic resize + normalisation).
+    processor = TimeViperVideoProcessor()
+    seconds, out = best_of(args.repeats, lambda: processor(path))
+    assert out["video_metadata"][0].frames_indices == capped
+    results["processor_default"] = {
         "sampled_frames": len(capped),
         "seconds": round(seconds, 3),
         "sampled_frames_per_second": round(len(capped) / seconds, 1),
-        **stats,
+        "pixel_values_videos_shape": list(out["pixel_values_videos"].shape),
     }
-    print("seek_uniform_256", results["seek_uniform_256"], flush=True)
-    del frames
+    print("processor_default", results["processor_default"], flush=True)
+    del out
+
+    # What a video without a trustworthy constant rate (variable frame rate, Matroska/WebM) adds: one demux pass
+    # over the whole file to build the frame table.
+    def scan():
+        counts = {"scanned_packets": 0}
+        with av.open(path) as container:
+            table, _ = _scan_frame_table(container, container.streams.video[0], counts)
+        return len(table)
+
+    seconds, packets = best_of(args.repeats, scan)
+    assert packets == num_frames
+    results["frame_table_scan"] = {"packets": packets, "seconds": round(seconds, 3)}
+    print("frame_table_scan", results["frame_table_scan"], flush=True)
 
     # Baseline: decode every frame (prefix, extrapolated).
     prefix_frames = num_frames
@@ -166,6 +215,7 @@ def main():
     baseline = results["full_decode"]["seconds_for_whole_video"]
     results["speedup_1fps"] = round(baseline / results["seek_1fps"]["seconds"], 2)
     results["speedup_uniform_256"] = round(baseline / results["seek_uniform_256"]["seconds"], 2)
+    results["speedup_processor_default"] = round(baseline / results["processor_default"]["seconds"], 2)
     report = {
         "video": {
             "duration_seconds": args.duration,
@@ -176,7 +226,9 @@ def main():
             "codec": codec_name,
             "b_frames": has_b_frames,
             "file_megabytes": round(os.path.getsize(path) / 1e6, 2),
-            "generation_seconds": None if generation_seconds is None else round(generation_seconds, 1),
+            "x264_preset": generation.get("preset", args.preset),
+            "generation_seconds": generation.get("seconds"),
+            "load_average_at_generation_end": generation.get("load_average_at_end"),
         },
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -188,10 +240,14 @@ def main():
         },
         "method": (
             "seek_*: decode_video_pyav (demux forward, decode only from the keyframe before each wanted frame up to "
-            "it, the decoder skipping unwanted non-reference frames; seek for long gaps; thread_type AUTO). "
-            "full_decode: sequential decode of every frame "
+            "it, the decoder skipping unwanted non-reference frames; seek for long gaps; thread_type AUTO), RGB "
+            "frames stacked into one array. The MP4 header vouches for a constant rate, so no frame-table scan. "
+            "processor_default: TimeViperVideoProcessor()(path) with its defaults (1 fps capped to 256 frames, "
+            "decode + 384x384 PIL bicubic resize + normalisation). frame_table_scan: one demux pass over the file "
+            "(what a variable-frame-rate or Matroska/WebM file adds). full_decode: sequential decode of every frame "
             "(thread_type AUTO), RGB conversion of the 1 fps frames only; timed on the first timed_frames frames and "
-            "extrapolated linearly when 'extrapolated' is true. Times are best of `repeats`."
+            "extrapolated linearly when 'extrapolated' is true. speedup_* = full_decode seconds_for_whole_video / "
+            "seconds. Times are best of `repeats`, wall clock on a shared machine."
         ),
         "repeats": args.repeats,
         "results": results,

@@ -22,7 +22,15 @@ from timeviper.processing_timeviper import (
     transform_frames,
     uniform_indices,
 )
-from tiny_assets import decode_all_frames, frame_index_from_pixels, make_frame, write_test_video
+from tiny_assets import (
+    decode_all_frames,
+    frame_index_from_pixels,
+    make_frame,
+    vfr_timestamps,
+    write_audio_only,
+    write_empty_video,
+    write_test_video,
+)
 
 
 av = pytest.importorskip("av")
@@ -230,6 +238,248 @@ def test_decode_errors(tmp_path):
         decode_video_pyav(corrupt, [0])
     with pytest.raises(ValueError, match="empty"):
         decode_video_pyav(b"", [0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variable frame rate, odd sizes, short videos, other containers, bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+# Presentation times (ms, time base 1/1000) of a 40-frame variable-frame-rate video, gaps of 20-120 ms:
+# 0 100 120 160 200 240 340 460 540 560 580 620 680 760 820 860 880 980 1080 1100 1120 1180 1240 1360 1440 1500 ...
+VFR_MS = vfr_timestamps(40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def vfr_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vfr")
+    return {
+        container: Path(write_test_video(root / f"vfr.{container}", pts=VFR_MS, keyint=8, size=(32, 32)))
+        for container in ("mp4", "mkv")
+    }
+
+
+def shown_at(times_ms, t_seconds) -> int:
+    """Oracle: the frame on screen at time t, the last one with pts <= t."""
+    return max(i for i, pts in enumerate(times_ms) if pts <= round(t_seconds * 1000))
+
+
+def test_sampling_by_frame_times():
+    """Hand-computed: the sample at time t is the frame on screen at t; windows hold the frames shown in them."""
+    times = [0.0, 0.1, 0.15, 0.5, 0.62, 1.3, 1.32, 2.0]
+    sample = lambda **kw: sample_frame_indices(8, 3.8, frame_times=times, video_duration=2.1, **kw)  # noqa: E731
+    assert sample(fps=1.0) == [0, 4, 7]  # t = 0, 1, 2 s
+    assert sample(fps=2.0) == [0, 3, 4, 6, 7]  # t = 0, 0.5, 1, 1.5, 2 s
+    assert sample(fps=2.0, start=0.55, end=1.5) == [3, 4]  # t = 0.55 (frame 3 since 0.5 s), 1.05 s
+    assert sample(start=0.55, end=1.31) == [3, 4, 5]  # every frame on screen during [0.55, 1.31)
+    assert sample(num_frames=2) == [2, 6]  # uniform over frame indices, as for a constant rate
+    assert sample(fps=2.0, max_frames=2) == [3, 6]  # positions 1 and 3 of the five
+    assert sample(fps=30.0)[:8] == [0, 0, 0, 1, 1, 2, 2, 2]  # t = k / 30, faster than the video: frames repeat
+    assert sample(sampling="reference_eval", min_frames=1) == [0, 4, 4, 4]  # by index at 3.8 fps, as the reference
+    with pytest.raises(ValueError, match="beyond"):
+        sample(start=2.2)
+    with pytest.raises(ValueError, match="before"):
+        sample(start=1.0, end=1.0)
+    with pytest.raises(ValueError, match="one time per frame"):
+        sample_frame_indices(7, None, frame_times=times, fps=1.0)
+    with pytest.raises(ValueError, match="ascending"):
+        sample_frame_indices(8, None, frame_times=times[::-1], fps=1.0)
+    # Default duration: last time + mean interval (2.0 + 2/7), so t = 0, 1, 2 s at fps=1 as well.
+    assert sample_frame_indices(8, None, frame_times=times, fps=1.0) == [0, 4, 7]
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_vfr_decode_content_and_timestamps(vfr_videos, container):
+    path = vfr_videos[container]
+    stats = {}
+    indices = [39, 0, 5, 17, 17, 30]
+    frames, metadata = decode_video_pyav(path, indices, stats=stats)
+    assert [frame_index_from_pixels(f) for f in frames] == indices
+    assert metadata.timestamps == pytest.approx([VFR_MS[i] / 1000 for i in indices], abs=1e-6)
+    assert metadata.total_num_frames == 40
+    assert metadata.frame_times == pytest.approx([t / 1000 for t in VFR_MS], abs=1e-6)
+    assert VFR_MS[-1] / 1000 < metadata.duration < VFR_MS[-1] / 1000 + 0.13
+    assert metadata.fps == pytest.approx(40 / metadata.duration)
+    assert stats["scanned_packets"] == 40  # the frame table came from one demux pass
+    # Bit-identical to a sequential decode.
+    full = decode_all_frames(path)
+    for frame, index in zip(frames, indices):
+        np.testing.assert_array_equal(frame, full[index])
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_vfr_processor_samples_by_real_time(vfr_videos, container):
+    processor = TimeViperVideoProcessor(size=SIZE)
+    path = vfr_videos[container]
+    for kwargs, times in [
+        ({}, [0.0, 1.0, 2.0]),  # default 1 fps over the ~2.7 s video
+        ({"fps": 4.0, "start": 0.5, "end": 1.5}, [0.5, 0.75, 1.0, 1.25]),
+    ]:
+        out = processor(path, **kwargs)
+        expected = [shown_at(VFR_MS, t) for t in times]
+        metadata = out["video_metadata"][0]
+        assert metadata.frames_indices == expected, kwargs
+        assert indices_from_pixel_values(out["pixel_values_videos"]) == expected, kwargs
+        assert metadata.timestamps == pytest.approx([VFR_MS[i] / 1000 for i in expected], abs=1e-6)
+    assert processor(path)["video_metadata"][0].frames_indices == [0, 17, 31]  # not round(k * mean fps) = 15, 31
+    with pytest.raises(ValueError, match="before"):
+        processor(path, start=1.0, end=1.0)
+
+
+def test_constant_rate_decode_falls_back_to_frame_table(vfr_videos, monkeypatch):
+    """A header that wrongly vouches for a constant rate: the first frame off the rate's grid switches to the table."""
+    import timeviper.processing_timeviper as ptv
+
+    monkeypatch.setattr(ptv, "_needs_frame_table", lambda stream, metadata: False)
+    off_grid = []
+    check = ptv._ConstantRate.check
+
+    def spy(self, pts):
+        try:
+            check(self, pts)
+        except ptv._NotConstantRate:
+            off_grid.append(pts)
+            raise
+
+    monkeypatch.setattr(ptv._ConstantRate, "check", spy)
+    stats = {}
+    frames, metadata = decode_video_pyav(
+        vfr_videos["mp4"], sample_indices_fn=lambda m: ptv._indices_for(m, {"fps": 1.0}), stats=stats
+    )
+    assert len(off_grid) == 1 and stats["scanned_packets"] == 40  # started on the header's rate, then switched
+    assert metadata.frames_indices == [0, 17, 31]
+    assert [frame_index_from_pixels(f) for f in frames] == [0, 17, 31]
+    assert metadata.timestamps == pytest.approx([0.0, 0.98, 1.96], abs=1e-6)
+
+
+def test_constant_rate_mp4_needs_no_frame_table(videos):
+    stats = {}
+    _, metadata = decode_video_pyav(videos["gop20"], [0, 250], stats=stats)
+    assert stats["scanned_packets"] == 0 and metadata.frame_times is None
+    assert metadata.timestamps == pytest.approx([0.0, 10.0])
+
+
+@pytest.mark.parametrize(
+    "suffix, codec, pix_fmt",
+    [("mp4", "libx264", "yuv444p"), ("webm", "libvpx-vp9", "yuv420p")],
+)
+def test_odd_frame_size(tmp_path, suffix, codec, pix_fmt):
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} not in this FFmpeg")
+    path = write_test_video(tmp_path / f"odd.{suffix}", num_frames=30, fps=25, size=(63, 37), keyint=10,
+                            codec=codec, pix_fmt=pix_fmt)
+    indices = [0, 11, 25, 29]
+    frames, metadata = decode_video_pyav(path, indices)
+    assert frames.shape == (4, 37, 63, 3)
+    assert (metadata.width, metadata.height) == (63, 37)
+    assert [frame_index_from_pixels(f) for f in frames] == indices
+    full = decode_all_frames(path)
+    for frame, index in zip(frames, indices):
+        np.testing.assert_array_equal(frame, full[index])
+    out = TimeViperVideoProcessor(size=SIZE)(path)
+    assert out["pixel_values_videos"].shape == (2, 3, 28, 28)  # 1.2 s at 1 fps
+    assert indices_from_pixel_values(out["pixel_values_videos"]) == [0, 25]
+
+
+def test_video_shorter_than_one_second(tmp_path):
+    path = write_test_video(tmp_path / "short.mp4", num_frames=10, fps=25, size=(32, 32), keyint=10)  # 0.4 s
+    processor = TimeViperVideoProcessor(size=SIZE)
+    for kwargs in ({}, {"fps": 1.0}, {"fps": 0.1}):
+        out = processor(path, **kwargs)
+        assert out["video_num_frames"].tolist() == [1], kwargs
+        assert indices_from_pixel_values(out["pixel_values_videos"]) == [0]
+        assert out["video_metadata"][0].timestamps == [0.0]
+    out = processor(path, fps=1.0, start=0.2)
+    assert indices_from_pixel_values(out["pixel_values_videos"]) == [5]
+    assert out["video_metadata"][0].duration == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(
+    "suffix, codec",
+    [("mkv", "libx264"), ("webm", "libvpx-vp9"), ("webm", "libvpx"), ("avi", "mpeg4")],
+)
+def test_other_containers(tmp_path, suffix, codec):
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} not in this FFmpeg")
+    path = write_test_video(tmp_path / f"clip_{codec}.{suffix}", num_frames=75, fps=25, size=(32, 32), keyint=20,
+                            codec=codec)
+    indices = [74, 0, 19, 20, 21, 50]
+    frames, metadata = decode_video_pyav(path, indices)
+    assert metadata.total_num_frames == 75 and metadata.fps == pytest.approx(25.0)
+    assert metadata.frame_times is None  # constant rate: the reference's index rule applies
+    assert [frame_index_from_pixels(f) for f in frames] == indices
+    full = decode_all_frames(path)
+    for frame, index in zip(frames, indices):
+        np.testing.assert_array_equal(frame, full[index])
+    out = TimeViperVideoProcessor(size=SIZE)(path, fps=2.0)
+    assert indices_from_pixel_values(out["pixel_values_videos"]) == [0, 12, 25, 38, 50, 62]
+
+
+def test_stream_without_timestamps(tmp_path):
+    """A raw H.264 elementary stream: no frame count, no timestamps; frames are counted while decoding."""
+    if "libx264" not in av.codecs_available:
+        pytest.skip("libx264 not in this FFmpeg")
+    path = write_test_video(tmp_path / "raw.h264", num_frames=60, fps=25, size=(32, 32), keyint=10)
+    stats = {}
+    frames, metadata = decode_video_pyav(path, [59, 3, 30], stats=stats)
+    assert [frame_index_from_pixels(f) for f in frames] == [59, 3, 30]
+    assert metadata.total_num_frames == 60 and stats["scanned_packets"] == 60
+    assert metadata.timestamps == pytest.approx([59 / 25, 3 / 25, 30 / 25])
+    out = TimeViperVideoProcessor(size=SIZE)(path.read_bytes())
+    assert indices_from_pixel_values(out["pixel_values_videos"]) == [0, 25, 50]
+
+
+def test_bad_video_inputs(tmp_path):
+    processor = TimeViperVideoProcessor(size=SIZE)
+    audio_codecs = [("wav", "pcm_s16le"), ("m4a", "aac")]
+    for suffix, codec in audio_codecs:
+        if codec not in av.codecs_available:
+            continue
+        path = write_audio_only(tmp_path / f"only_sound.{suffix}", codec=codec)
+        for call in (lambda: decode_video_pyav(path, [0]), lambda: processor(str(path))):
+            with pytest.raises(ValueError, match=rf"only_sound\.{suffix}.*no video stream"):
+                call()
+    # A video stream without a single packet.
+    empty = write_empty_video(tmp_path / "no_frames.avi", codec="mpeg4")
+    with pytest.raises(ValueError, match=r"no_frames\.avi.*no frames"):
+        decode_video_pyav(empty, sample_indices_fn=lambda m: [0])
+    with pytest.raises(ValueError, match=r"no_frames\.avi.*no frames"):
+        processor(empty)
+    # mp4 drops a track without samples: the file then has no video stream.
+    with pytest.raises(ValueError, match=r"no_frames\.mp4.*no video stream"):
+        processor(write_empty_video(tmp_path / "no_frames.mp4"))
+
+
+def test_fps_must_be_positive(videos, vfr_videos):
+    processor = TimeViperVideoProcessor(size=SIZE)
+    for path in (videos["gop20"], vfr_videos["mkv"]):
+        for fps in (0, 0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="fps"):
+                processor(path, fps=fps)
+    with pytest.raises(ValueError, match="fps"):
+        sample_frame_indices(8, None, frame_times=[0.1 * i for i in range(8)], fps=-2.0)
+
+
+def test_non_seekable_file_object(videos, vfr_videos):
+    class Pipe(io.RawIOBase):
+        def __init__(self, data):
+            self._data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return False
+
+        def readinto(self, buffer):
+            chunk = self._data.read(len(buffer))
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    frames, _ = decode_video_pyav(Pipe(videos["gop20"].read_bytes()), [5, 100])
+    assert [frame_index_from_pixels(f) for f in frames] == [5, 100]
+    frames, metadata = decode_video_pyav(Pipe(vfr_videos["mkv"].read_bytes()), [17])
+    assert [frame_index_from_pixels(f) for f in frames] == [17]
+    assert metadata.timestamps == pytest.approx([0.98])
 
 
 # ----------------------------------------------------------------------------------------------------------------
