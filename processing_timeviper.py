@@ -635,7 +635,7 @@ def _frame_to_rgb(frame) -> np.ndarray:
 
 
 def _decode_sequential(
-    container, stream, wanted: list[int], rewind: bool = True
+    container, stream, wanted: list[int], rewind: bool = True, out: dict | None = None
 ) -> dict[int, tuple[np.ndarray, float | None]]:
     """Decode from the start, numbering frames in presentation order (for streams without timestamps).
 
@@ -648,7 +648,7 @@ def _decode_sequential(
             pass
     stream.codec_context.flush_buffers()
     stream.codec_context.skip_frame = "DEFAULT"
-    out, wanted_set, last = {}, set(wanted), None
+    out, wanted_set, last = ({} if out is None else out), set(wanted), None
     start_pts = stream.start_time or 0
     time_base = float(stream.time_base) if stream.time_base is not None else None
 
@@ -669,7 +669,7 @@ def _decode_sequential(
 
 
 def _decode_seeking(
-    container, stream, wanted: list[int], timeline, stats: dict, skip_nonref: bool = True
+    container, stream, wanted: list[int], timeline, stats: dict, skip_nonref: bool = True, out: dict | None = None
 ) -> dict[int, tuple[np.ndarray, int]]:
     """Decode the frames `wanted` (sorted, unique indices), decoding as few frames as possible.
 
@@ -689,7 +689,7 @@ def _decode_seeking(
     seek_gap = 4.0 / time_base
     index_of, target_of = timeline.index_of, timeline.target_of
 
-    out: dict[int, tuple[np.ndarray, int]] = {}
+    out: dict[int, tuple[np.ndarray, int]] = {} if out is None else out
     cursor = 0  # position in `wanted` of the next frame to produce
     state = {"last_frame": None, "progress": False}
 
@@ -795,8 +795,36 @@ def _decode_seeking(
     return out
 
 
+class _FrameStore(dict):
+    """The decoded frames by index; with a `label`, a progress bar counts them as they arrive."""
+
+    def __init__(self, total: int, label: str | None = None):
+        super().__init__()
+        self.bar = None
+        if label is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"decoding {label}", unit="frame", leave=False)
+
+    def __setitem__(self, index, frame):
+        if self.bar is not None and index not in self:
+            self.bar.update(1)
+        super().__setitem__(index, frame)
+
+    def restart(self) -> "_FrameStore":
+        """Forget what was decoded (a second decoding pass starts over)."""
+        self.clear()
+        if self.bar is not None:
+            self.bar.reset()
+        return self
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def decode_video_pyav(
-    source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None
+    source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None, progress: bool = False
 ) -> tuple[np.ndarray, TimeViperVideoMetadata]:
     """Decode selected frames of a video with PyAV, seeking instead of decoding the whole file.
 
@@ -813,6 +841,7 @@ def decode_video_pyav(
         indices: Frame indices to return (any order, repeats allowed).
         sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
             frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
+        progress: Show a progress bar over the frames to decode (for long videos).
         stats: Optional dict that receives counts: ``decoded_packets`` (packets sent to the decoder; it drops the
             unwanted non-reference ones among them), ``demuxed_packets``, ``seeks`` and ``scanned_packets``
             (packets read to build the frame table; 0 when it was not needed).
@@ -853,6 +882,7 @@ def decode_video_pyav(
             return None
         return _apply_frame_table(stream, metadata, pts)
 
+    decoded = None
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -867,15 +897,17 @@ def decode_video_pyav(
                 raise ValueError(f"Video {name} has no frames (or its frame count is unknown and it has no "
                                  "timestamps).")
             chosen = choose(metadata)
-            decoded = {}
+            decoded = _FrameStore(len(set(chosen)), name if progress else None)
             if timeline is not None:
                 try:
-                    decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts)
+                    decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts, out=decoded)
                 except _NotConstantRate:  # the header's constant rate was wrong: use the real timestamps
                     timeline = frame_table(metadata, rewind=True)
                     chosen = choose(metadata)
                     if timeline is not None:
-                        decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts)
+                        decoded = _decode_seeking(
+                            container, stream, sorted(set(chosen)), timeline, counts, out=decoded.restart()
+                        )
             if len(decoded) < len(set(chosen)):  # no timestamps: count frames from the start
                 rewind = True
                 if counts["scanned_packets"]:  # the scan read the input to its end; seeking back needs timestamps
@@ -883,7 +915,7 @@ def decode_video_pyav(
                     container.close()
                     container, stream, rewind = fresh, fresh.streams.video[0], False
                     stream.thread_type = "AUTO"
-                decoded = _decode_sequential(container, stream, sorted(set(chosen)), rewind=rewind)
+                decoded = _decode_sequential(container, stream, sorted(set(chosen)), rewind=rewind, out=decoded.restart())
                 timeline = None  # `decoded` now holds times in seconds (or None), not pts
         except av.error.FFmpegError as err:
             raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
@@ -898,6 +930,8 @@ def decode_video_pyav(
         if stats is not None:
             stats.update(counts)
     finally:
+        if decoded is not None:
+            decoded.close()
         container.close()
     metadata.frames_indices = chosen
     if metadata.width is None or metadata.width == 0:
@@ -1084,6 +1118,7 @@ class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).
     start, end (`float`): window in seconds.
     sampling (`str`): "auto" (default) or "reference_eval" (REFERENCE.md section 4.3).
+    progress (`bool`): show a progress bar while decoding each video (default False).
     """
 
     max_frames: int | None
@@ -1091,6 +1126,7 @@ class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     start: float | None
     end: float | None
     sampling: str | None
+    progress: bool
 
 
 class TimeViperVideoProcessor(BaseVideoProcessor):
@@ -1128,6 +1164,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
     start = None
     end = None
     sampling = "auto"
+    progress = False  # a progress bar while decoding each video
     valid_kwargs = TimeViperVideoProcessorKwargs
     model_input_names = ["pixel_values_videos"]
 
@@ -1175,9 +1212,12 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
             raise ValueError(f"`num_frames` must be an integer >= 1, got {options['num_frames']!r}.")
 
         if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read"):
+            progress = bool(call_kwargs.get("progress", self.progress))
             if do_sample_frames:
-                return decode_video_pyav(video, sample_indices_fn=lambda meta: _indices_for(meta, options))
-            return decode_video_pyav(video, sample_indices_fn=lambda meta: list(range(meta.total_num_frames)))
+                return decode_video_pyav(video, sample_indices_fn=lambda meta: _indices_for(meta, options), progress=progress)
+            return decode_video_pyav(
+                video, sample_indices_fn=lambda meta: list(range(meta.total_num_frames)), progress=progress
+            )
 
         # Decoded frames.
         if isinstance(video, (list, tuple)):
@@ -1229,7 +1269,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
         option = {key: (kwargs[key] if kwargs.get(key) is not None else getattr(self, key, None))
                   for key in ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
                               "image_mean", "image_std", "do_sample_frames")}
-        call_sampling = {key: kwargs[key] for key in _SAMPLING_KEYS if kwargs.get(key) is not None}
+        call_sampling = {key: kwargs[key] for key in (*_SAMPLING_KEYS, "progress") if kwargs.get(key) is not None}
         if call_sampling.get("fps") is not None and call_sampling.get("num_frames") is not None:
             raise ValueError(
                 f"`fps` ({call_sampling['fps']}) and `num_frames` ({call_sampling['num_frames']}) are mutually "

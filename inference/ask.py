@@ -116,7 +116,7 @@ def main(argv=None):
         model.to(device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
 
-        sampling = {"fps": args.fps, "max_frames": args.max_frames, "return_metadata": True}
+        sampling = {"fps": args.fps, "max_frames": args.max_frames, "return_metadata": True, "progress": True}
         sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
         messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.question}]}]
         t0 = time.perf_counter()

@@ -625,3 +625,14 @@ def test_image_processor_paths(tmp_path):
     assert indices_from_pixel_values(processor([path, str(path)])["pixel_values"]) == [7, 7]
     with pytest.raises(ValueError, match="no_such_image.png"):
         processor(str(tmp_path / "no_such_image.png"))
+
+
+def test_progress_bar_while_decoding(videos, capsys):
+    indices = list(range(0, 300, 25))
+    plain, _ = decode_video_pyav(videos["gop20"], indices)
+    shown, _ = decode_video_pyav(videos["gop20"], indices, progress=True)
+    np.testing.assert_array_equal(shown, plain)
+    assert "decoding" in capsys.readouterr().err
+    processor = TimeViperVideoProcessor(size=SIZE)
+    processor(videos["gop20"], num_frames=4, progress=True)
+    assert "decoding" in capsys.readouterr().err
