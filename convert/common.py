@@ -19,6 +19,7 @@ TransV) and `lm_head.weight`.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import hashlib
@@ -159,19 +160,19 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand."""
 
     name: str = "source"
 
-    def keys(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def keys(self) -> list[str]: ...
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def _load(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _load(self, key: str) -> torch.Tensor: ...
 
     def get(self, key: str) -> torch.Tensor:
         # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.

@@ -32,15 +32,6 @@ VIDEO_FPS = 12
 VIDEOS = [("v0.mp4", 24, 0), ("v1.mp4", 36, 1000), ("v2.mp4", 48, 2000), ("v3.mp4", 60, 3000)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs fastest single-threaded, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")

@@ -46,7 +46,6 @@ from timeviper.processing_timeviper import (
     TimeViperImageProcessor,
     TimeViperProcessor,
     TimeViperVideoProcessor,
-    get_chat_template,
 )
 
 from .data import TimeViperDataCollator, TimeViperSFTDataset
