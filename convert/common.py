@@ -234,11 +234,10 @@ class SafetensorsSource(TensorSource):
         return self._handles[self._file_of[key]].get_tensor(key)
 
 
-class TorchFileSource(TensorSource):
+class TorchFileSource(DictSource):
     """A `torch.save`d state dict, loaded with `weights_only=True` and memory-mapped so tensors page in lazily."""
 
     def __init__(self, path: Path):
-        self.name = path.name
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as error:
@@ -247,16 +246,7 @@ class TorchFileSource(TensorSource):
             # Files written with the legacy (non-zip) format cannot be memory-mapped.
             logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        self.tensors = _unwrap_state_dict(loaded, path)
-
-    def keys(self):
-        return list(self.tensors)
-
-    def shape(self, key):
-        return tuple(self.tensors[key].shape)
-
-    def _load(self, key):
-        return self.tensors[key]
+        super().__init__(_unwrap_state_dict(loaded, path), path.name)
 
 
 def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
@@ -1282,3 +1272,15 @@ def add_shared_arguments(parser) -> None:
     )
     parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_and_report_plan(plan: "ConversionPlan", config, modeling) -> tuple["ConversionPlan", dict]:
+    """Align the plan's vision prefix with the model's, stop on any missing / unexpected / mis-shaped tensor, and
+    log what will be written and skipped. Returns the plan and the model's expected shapes (in state-dict order)."""
+    expected = expected_state_dict_shapes(config, modeling)
+    plan = align_vision_prefix(plan, expected)
+    check_plan(plan, expected)
+    logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
+    for line in summarize_skipped(plan.skipped):
+        logger.info(line)
+    return plan, expected

@@ -33,18 +33,16 @@ from pathlib import Path
 import torch
 
 from .common import (
+    check_and_report_plan,
     add_shared_arguments,
     ConversionError,
     ConversionPlan,
     TensorSource,
-    align_vision_prefix,
     atomic_output_dir,
     build_timeviper_config,
     check_output_available,
-    check_plan,
     compare_text_logits,
     compare_vision_features,
-    expected_state_dict_shapes,
     guess_base_model,
     load_converted_model,
     load_remote_code,
@@ -67,7 +65,6 @@ from .common import (
     round_trip_dtype,
     save_hub_folder,
     should_verify,
-    summarize_skipped,
     vision_config_from_timm,
     write_safetensors_shards,
 )
@@ -193,12 +190,7 @@ def convert_raw_to_hub(
     plan.merge(plan_transfer_init(plan, config))
     plan.account_for(*sources)
 
-    expected = expected_state_dict_shapes(config, remote.modeling)
-    plan = align_vision_prefix(plan, expected)
-    check_plan(plan, expected)
-    logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
-    for line in summarize_skipped(plan.skipped):
-        logger.info(line)
+    plan, expected = check_and_report_plan(plan, config, remote.modeling)
 
     base_models = base_models if base_models is not None else [m for m in (guess_base_model(llm), guess_base_model(vision)) if m]
     note = conversion_note(family, llm, vision, projector, seed, config)

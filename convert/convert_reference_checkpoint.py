@@ -30,19 +30,17 @@ from pathlib import Path
 import torch
 
 from .common import (
+    check_and_report_plan,
     add_shared_arguments,
     ConversionError,
     ConversionPlan,
     TensorSource,
-    align_vision_prefix,
     atomic_output_dir,
     build_timeviper_config,
     check_output_available,
-    check_plan,
     check_transfer_tensors,
     compare_text_logits,
     compare_vision_features,
-    expected_state_dict_shapes,
     guess_base_model,
     load_converted_model,
     load_remote_code,
@@ -62,7 +60,6 @@ from .common import (
     round_trip_dtype,
     save_hub_folder,
     should_verify,
-    summarize_skipped,
     vision_config_from_timm,
     write_safetensors_shards,
 )
@@ -145,12 +142,7 @@ def convert_reference_checkpoint(
         # The reference reads alpha[stage index] from a tensor sized by the number of transfer stages (REFERENCE.md
         # section 2.3), so it fails on such schedules; alpha[j] is mapped to the j-th transfer stage here.
         logger.warning("a drop-only stage precedes a transfer stage: the reference code could not have run this schedule")
-    expected = expected_state_dict_shapes(config, remote.modeling)
-    plan = align_vision_prefix(plan, expected)
-    check_plan(plan, expected)
-    logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
-    for line in summarize_skipped(plan.skipped):
-        logger.info(line)
+    plan, expected = check_and_report_plan(plan, config, remote.modeling)
 
     if base_models is None:
         base_models = [model for model in (guess_base_model(llm_config),) if model]
