@@ -93,8 +93,13 @@ class TimeViperHybridCache(Cache):
 
     is_compileable = False
 
-    def __init__(self):
+    def __init__(self, max_length: int | None = None):
+        """max_length: None grows the cache as tokens come. An int makes it static (`generate(...,
+        cache_implementation="static")`): at the first decode step every growing tensor moves into a buffer of room
+        for `max_length` tokens in all, written in place from then on, so that no tensor changes shape or address
+        and a decode step on CUDA can be captured once as a CUDA graph and replayed (see `DecodeStepGraph`)."""
         super().__init__(layers=[])
+        self.max_length = max_length
         self.conv_states: dict[int, torch.Tensor] = {}
         self.ssm_states: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
@@ -103,6 +108,12 @@ class TimeViperHybridCache(Cache):
         self.segment_valid: list[torch.Tensor] = []
         self.seen_tokens = 0
         self._kv_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see update()
+        # Static decoding, once the buffers exist: prompt length of every segment and attention block (where decode
+        # step t writes, at base + t), t itself as a device tensor (a CUDA graph reads it), and the captured step.
+        self.segment_base: list[int] | None = None
+        self.kv_base: dict[int, int] = {}
+        self.decode_step: torch.Tensor | None = None
+        self.decode_graph: DecodeStepGraph | None = None
 
     def __len__(self):
         return len(self.segment_valid)
@@ -131,13 +142,83 @@ class TimeViperHybridCache(Cache):
         return self.conv_states[layer_idx], self.ssm_states[layer_idx]
 
     def set_mamba_state(self, layer_idx: int, state) -> None:
-        self.conv_states[layer_idx], self.ssm_states[layer_idx] = state
+        if not self.has_static_buffers:
+            self.conv_states[layer_idx], self.ssm_states[layer_idx] = state
+            return
+        for store, new in zip((self.conv_states, self.ssm_states), state):
+            if new is not store[layer_idx]:  # the fused kernel already updated the SSM state in place
+                store[layer_idx].copy_(new)
+
+    # -- static decoding -------------------------------------------------------------------------------------------
+    @property
+    def is_static(self) -> bool:
+        return self.max_length is not None
+
+    @property
+    def has_static_buffers(self) -> bool:
+        return self.decode_step is not None
+
+    def begin_static_step(self) -> None:
+        """Host-side checks of a static decode step; allocates the buffers at the first one."""
+        if not self.has_static_buffers:
+            self._allocate_static_buffers()
+        if self.seen_tokens >= self.max_length:
+            raise ValueError(
+                f"the static cache is full: it was made for {self.max_length} tokens (prompt + generated); "
+                "generate() sizes it from max_new_tokens / max_length"
+            )
+
+    def _allocate_static_buffers(self) -> None:
+        room = self.max_length - self.seen_tokens
+        if room < 1:
+            raise ValueError(
+                f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
+            )
+        self.segment_base = [valid.shape[1] for valid in self.segment_valid]
+        self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
+        # Zero-filled: unwritten slots are masked, but a NaN there would still poison `probabilities @ values`.
+        for store in (self.keys, self.values):
+            for layer_idx, tensor in store.items():
+                self.kv_base[layer_idx] = tensor.shape[-2]
+                store[layer_idx] = F.pad(tensor, (0, 0, 0, room))
+        self._kv_buffers = {}
+        self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
+
+    def static_step_layouts(self) -> list["TokenLayout"]:
+        """Marks the new token valid in every segment's buffer and returns the layouts of this step: attention over
+        the whole buffer with the unwritten slots masked, RoPE position = number of valid tokens before it."""
+        layouts = []
+        for base, valid in zip(self.segment_base, self.segment_valid):
+            valid.index_fill_(1, self.decode_step + base, True)
+            layouts.append(TokenLayout(None, valid[:, None, None, :], False, valid.sum(-1, keepdim=True) - 1))
+        return layouts
+
+    def recurrent_snapshot(self) -> dict:
+        """What a decode step changes in place beyond the slot it writes (restored after a warm-up step)."""
+        return {
+            "conv": {i: t.clone() for i, t in self.conv_states.items()},
+            "ssm": {i: t.clone() for i, t in self.ssm_states.items()},
+            "step": self.decode_step.clone(),
+            "seen_tokens": self.seen_tokens,
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        for store, saved in ((self.conv_states, snapshot["conv"]), (self.ssm_states, snapshot["ssm"])):
+            for layer_idx, tensor in saved.items():
+                store[layer_idx].copy_(tensor)
+        self.decode_step.copy_(snapshot["step"])
+        self.seen_tokens = snapshot["seen_tokens"]
 
     # Decode steps append into buffers with this many spare tokens, so `keys[i]` / `values[i]` become views of
     # them: re-concatenating the whole cache at every step moved 2x its size (34 GB per step at batch 32 x 32k).
     KV_SPARE_TOKENS = 256
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.has_static_buffers:
+            index = self.decode_step + self.kv_base[layer_idx]
+            self.keys[layer_idx].index_copy_(2, index, key_states)
+            self.values[layer_idx].index_copy_(2, index, value_states)
+            return self.keys[layer_idx], self.values[layer_idx]
         if layer_idx not in self.keys:
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
             return key_states, value_states
@@ -165,12 +246,28 @@ class TimeViperHybridCache(Cache):
 
     # -- batch surgery for generate() ------------------------------------------------------------------------------
     def _map_tensors(self, fn) -> None:
+        if self.has_static_buffers:
+            self._map_tensors_in_place(fn)
+            return
         for store in (self.conv_states, self.ssm_states, self.keys, self.values):
             for key, tensor in store.items():
                 store[key] = fn(tensor)
         self.segment_valid = [fn(valid) for valid in self.segment_valid]
         self.transfer_memory = {k: tuple(fn(t) for t in memory) for k, memory in self.transfer_memory.items()}
         self._kv_buffers = {}
+
+    def _map_tensors_in_place(self, fn) -> None:
+        """Beam reordering of a static cache: same shapes, same addresses (a captured decode step keeps working)."""
+        tensors = [*self.conv_states.values(), *self.ssm_states.values(), *self.keys.values(), *self.values.values()]
+        tensors += [*self.segment_valid, *(t for memory in self.transfer_memory.values() for t in memory)]
+        for tensor in tensors:
+            mapped = fn(tensor)
+            if mapped.shape != tensor.shape:
+                raise ValueError(
+                    "a static cache keeps its batch size once decoding has started; use the default dynamic cache "
+                    "to change the batch in the middle of generation"
+                )
+            tensor.copy_(mapped)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -185,7 +282,7 @@ class TimeViperHybridCache(Cache):
         raise ValueError("TimeViperHybridCache cannot be cropped: Mamba states cannot be rewound to an earlier token")
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.max_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,6 +621,8 @@ class TimeViperAttention(nn.Module):
         attend = attention_function(self.config)
         if layout.row_spans is not None:
             out = attend_per_row(attend, query, key, value, layout.row_spans, self.scaling)
+        elif query.shape[2] == 1 and layout.attention_mask is not None:
+            out = grouped_decode_attention(query, key, value, layout.attention_mask, self.scaling)
         else:
             out = attend(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
@@ -568,6 +667,17 @@ def eager_attention(query, key, value, mask, is_causal, scale):
 
 
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def grouped_decode_attention(query, key, value, mask, scale):
+    """One query per row against a masked KV cache: query (b, heads, 1, d), key/value (b, kv_heads, k, d), mask
+    (b, 1, 1, k) bool. The query heads of a group share one matmul over their K/V, which are read once. (SDPA's
+    fused kernels do not take a mask together with grouped heads; its fallback copies K/V once per query head.)"""
+    batch, heads, _, head_dim = query.shape
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], head_dim)
+    scores = (grouped @ key.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), -math.inf)
+    return (scores.softmax(dim=-1).to(value.dtype) @ value).view(batch, heads, 1, head_dim)
 
 
 def attention_function(config):
@@ -617,7 +727,10 @@ class TimeViperTransV(nn.Module):
     def forward(self, text: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None):
         """text: (b, t, d); key/value: (b, kv_heads, m, head_dim); mask: (b, 1, 1, m) bool. Returns (b, t, d)."""
         query = self.q_proj(text).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-        out = attention_function(self.config)(query, key, value, mask, False, self.head_dim**-0.5)
+        if query.shape[2] == 1 and mask is not None:
+            out = grouped_decode_attention(query, key, value, mask, self.head_dim**-0.5)
+        else:
+            out = attention_function(self.config)(query, key, value, mask, False, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -850,9 +963,13 @@ class TimeViperTextModel(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
         else:
             valid = attention_mask.bool()
-        if decoding:
+        static_step = decoding and past_key_values.is_static
+        if static_step:
+            layouts = past_key_values.static_step_layouts()
+        elif decoding:
             past_key_values.extend_segments(valid)
             layouts = [TokenLayout.from_key_validity(seg, length) for seg in past_key_values.segment_valid]
+        if decoding:
             if len(layouts) != len(self.stages) + 1:
                 raise ValueError("the cache was filled by a model with a different compression schedule")
         else:
@@ -895,6 +1012,8 @@ class TimeViperTextModel(nn.Module):
         hidden_states = self.final_norm(state.hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if static_step:
+            past_key_values.decode_step.add_(length)
         kept_positions = state.positions if not decoding else None
         return hidden_states, kept_positions, all_hidden_states
 
@@ -1181,6 +1300,44 @@ def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | 
     return torch.where(supervised.any(-1) & (first >= 0), first, last_valid)
 
 
+class DecodeStepGraph:
+    """One decode step of a static cache, captured as a CUDA graph and replayed for every later token.
+
+    Eager decoding issues ~2,000 small kernels per token from Python; at batch 32 and a 32k context on an H100 that
+    took 34 ms per step around 19 ms of GPU work. A replay launches them all at once. The graph reads and writes only
+    the static cache's fixed buffers, the input-id buffer below and the step counter on the device."""
+
+    def __init__(self, model: "TimeViperForConditionalGeneration", cache: TimeViperHybridCache, input_ids):
+        self.cache = cache
+        self.input_ids = input_ids.clone()
+        # Warm up on a side stream first (Triton compilation, cuBLAS workspaces), then undo what the step changed
+        # in place: the recurrent states and the step counter. The KV and validity slot it wrote is rewritten by
+        # the first replay with the same index.
+        snapshot = cache.recurrent_snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model.eager_decode_step(self.input_ids, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        cache.restore(snapshot)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = model.eager_decode_step(self.input_ids, cache)
+        finally:
+            cache.restore(snapshot)  # capturing ran the Python side of the step (seen_tokens) but no kernel
+
+    def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        if input_ids.shape != self.input_ids.shape:
+            raise ValueError(
+                f"this static cache decodes a batch of shape {tuple(self.input_ids.shape)}, got {tuple(input_ids.shape)}"
+            )
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.seen_tokens += input_ids.shape[1]
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+
+
 class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
@@ -1247,6 +1404,17 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         """
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
+        if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
+            extra = [name for name, value in (("pixel values", pixel_values), ("pixel_values_videos",
+                     pixel_values_videos), ("inputs_embeds", inputs_embeds), ("labels", labels)) if value is not None]
+            if extra or input_ids is None or input_ids.shape[1] != 1 or output_hidden_states:
+                raise ValueError(
+                    "a static cache decodes one new token id per row and step (no " + ", ".join(
+                        extra or ["hidden states"]) + ", no multi-token steps); use the default dynamic cache for that"
+                )
+            return TimeViperCausalLMOutputWithPast(
+                logits=self.static_decode_step(input_ids, past_key_values), past_key_values=past_key_values
+            )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
         outputs = self.model(
@@ -1285,12 +1453,36 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def static_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
+        """Logits (b, 1, vocab) of one decode step on a static cache: a CUDA-graph replay on CUDA (captured at the
+        first step of this cache), the same computation run eagerly elsewhere. Every new token counts as valid, as
+        in generate(), which extends the attention mask with ones."""
+        cache.begin_static_step()
+        if not input_ids.is_cuda:
+            return self.eager_decode_step(input_ids, cache)
+        if cache.decode_graph is None:
+            cache.decode_graph = DecodeStepGraph(self, cache, input_ids)
+        return cache.decode_graph(input_ids)
+
+    def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        """generate()'s cache: dynamic by default; `cache_implementation="static"` preallocates it for the whole
+        generation, which lets CUDA decode steps run as one CUDA graph."""
         user_cache = model_kwargs.get("past_key_values")
+        implementation = generation_config.cache_implementation
         if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
             raise TypeError(f"TimeViper generates with a TimeViperHybridCache, got {type(user_cache).__name__}")
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by TimeViper: use 'dynamic' (default) or "
+                "'static' (preallocated, CUDA-graph decoding)"
+            )
         if user_cache is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = TimeViperHybridCache()
+            max_length = max_cache_length if implementation == "static" else None
+            model_kwargs["past_key_values"] = TimeViperHybridCache(max_length)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)

@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--decode-batches", default="1,32")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--decode-configs", default="a,c")
+    p.add_argument("--decode-variants", default="as_is,static_graph",
+                   help="as_is: the default dynamic cache, op by op; static_graph: static cache, CUDA-graph steps")
+    p.add_argument("--graph-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA-graph decoding vs eager decoding of the same steps, per config (CUDA only)")
     p.add_argument("--extras", default="b,compile,a",
                    help="after the sweeps, in order and budget permitting: a config name verifies its predicted max "
                         "frame count with one run; 'compile' times a torch.compile'd vision tower chunk")
@@ -694,8 +698,13 @@ def profile_region(label, fn, device, results, args, repeats=1):
 
 def decode_bench(model, name, device, args, results, patch_names, label):
     """Text prompt of `decode_context` tokens: prefill at batch 1, then decode steps at batch 1 and, from the
-    replicated cache, at larger batches. Greedy, one token per row per step."""
+    replicated cache, at larger batches. Greedy, one token per row per step. Label "static_graph" decodes on a
+    static cache (CUDA-graph replays; the first step, which captures the graph, is reported apart)."""
     from timeviper.modeling_timeviper import TimeViperHybridCache
+
+    static = label == "static_graph"
+    # Room for every step below: warm-up + timed steps + the profiled ones.
+    max_length = args.decode_context + args.decode_steps + 8 if static else None
 
     cfg = model.config
     gen = torch.Generator().manual_seed(3)
@@ -707,7 +716,7 @@ def decode_bench(model, name, device, args, results, patch_names, label):
             rec = {"config": name, "variant": label, "context": args.decode_context, "batch": batch}
             try:
                 free(device)
-                cache = TimeViperHybridCache()
+                cache = TimeViperHybridCache(max_length)
                 sync(device)
                 t = time.perf_counter()
                 logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -726,6 +735,7 @@ def decode_bench(model, name, device, args, results, patch_names, label):
                     sync(device)
                     steps.append(time.perf_counter() - t)
                     tokens.append(int(token[-1, 0]))
+                rec["first_step_s"] = steps[0]  # includes the graph capture of a static cache
                 steps = steps[2:]
                 step_s = sorted(steps)[len(steps) // 2]
                 bytes_ = decode_bytes(model, cache)
@@ -752,6 +762,50 @@ def decode_bench(model, name, device, args, results, patch_names, label):
             results["decode"].append(rec)
             out_recs.append(rec)
     return out_recs
+
+
+def graph_check(model, name, device, results, tiny, steps=8):
+    """CUDA-graph decoding vs the same static-cache steps run eagerly, and vs the dynamic cache: a batch of two video
+    prompts (random projector outputs; the second row left-padded by 5 tokens), 8 greedy steps."""
+    from timeviper.modeling_timeviper import TimeViperHybridCache
+
+    cfg = model.config
+    install_frame_source(model, "llm_only", device)
+    frames = 4 if tiny else 64
+    ids, _ = video_prompt(cfg, frames, device)
+    ids = ids.repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    placeholder = torch.empty(2 * frames, 1, device=device)
+    logits = {}
+    for mode in ("dynamic", "static_eager", "static_graph"):
+        cache = TimeViperHybridCache(None if mode == "dynamic" else ids.shape[1] + steps)
+        step_mask = mask
+        token = model(input_ids=ids, attention_mask=mask, pixel_values_videos=placeholder, past_key_values=cache,
+                      logits_to_keep=1).logits[:, -1:].argmax(-1)
+        out = []
+        for _ in range(steps):
+            if mode == "static_eager":  # the computation the graph captured, launched op by op
+                cache.begin_static_step()
+                step_logits = model.eager_decode_step(token, cache)
+            else:
+                step_mask = torch.cat([step_mask, torch.ones_like(token)], 1)
+                step_logits = model(input_ids=token, attention_mask=step_mask, past_key_values=cache).logits
+            out.append(step_logits[:, -1].float())
+            token = step_logits[:, -1:].argmax(-1)
+        logits[mode] = torch.stack(out, 1)
+        if mode == "static_graph" and str(device).startswith("cuda") and cache.decode_graph is None:
+            raise RuntimeError("the static cache did not capture a CUDA graph")
+        del cache
+
+    def compare(a, b):
+        return {"max_abs": float((logits[a] - logits[b]).abs().max()),
+                "argmax_agreement": float((logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean())}
+
+    out = {"graph_vs_static_eager": compare("static_graph", "static_eager"),
+           "graph_vs_dynamic": compare("static_graph", "dynamic"), "ref_max_abs": float(logits["dynamic"].abs().max())}
+    results.setdefault("graph_check", {})[name] = out
+    log(f"graph check {name}:", json.dumps(out))
 
 
 def kernel_check(device, results, small=False):
@@ -1009,7 +1063,10 @@ def main(argv=None):
                 if budget.allows(cost, f"{name} e2e F={frames}"):
                     run_point(model, name, frames, "e2e", device, args, timer, results, vision_rate)
                     save(results, args)
-            if args.profile and (args.tiny or str(device).startswith("cuda")):
+            if args.graph_check and (args.tiny or str(device).startswith("cuda")):
+                graph_check(model, name, device, results, args.tiny)
+                save(results, args)
+            if args.profile and (args.tiny or str(device).startswith("cuda")) and ints(args.e2e_frames):
                 frames = max(ints(args.e2e_frames))
                 if budget.allows(llm_cost_estimate(model, frames) * 1.5, f"profile {name}"):
                     install_frame_source(model, "llm_only", device)
@@ -1035,9 +1092,12 @@ def main(argv=None):
                     results["ab"]["prefill"] = {"config": name, "frames": frames, "runs": recs}
                     save(results, args)
             if name in args.decode_configs.split(","):
-                if budget.allows(30, f"decode {name}"):
-                    decode_bench(model, name, device, args, results, patch_names, "as_is")
-                    save(results, args)
+                for variant in args.decode_variants.split(","):
+                    if variant == "static_graph" and not str(device).startswith("cuda"):
+                        continue
+                    if budget.allows(30, f"decode {name} {variant}"):
+                        decode_bench(model, name, device, args, results, patch_names, variant)
+                        save(results, args)
                 for variant in ("kv_prealloc", "fused_rmsnorm"):
                     if variant in ab and variant not in patch_names and budget.allows(30, f"decode A/B {variant}"):
                         decode_bench(model, name, device, args, results, patch_names + [variant], variant)

@@ -186,3 +186,77 @@ def test_padded_prefill_needs_no_quadratic_mask():
     assert TokenLayout.from_key_validity(right, 5).row_spans == [(0, 3), (0, 5)]
     assert TokenLayout.from_key_validity(left, 5).attention_mask is None
     assert TokenLayout.from_key_validity(holes, 5).attention_mask.shape == (2, 1, 5, 5)  # the general fallback
+
+
+def padded_video_batch():
+    """Two prompts of different lengths, the shorter left-padded."""
+    short_ids, short_pixels = video_prompt(num_frames=2, question=(7, 8), seed=1)
+    long_ids, long_pixels = video_prompt(num_frames=3, seed=2)
+    pad = long_ids.shape[1] - short_ids.shape[1]
+    input_ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short_ids], 1), long_ids])
+    attention_mask = (torch.arange(long_ids.shape[1]) >= torch.tensor([[pad], [0]])).long()
+    return input_ids, attention_mask, torch.cat([short_pixels, long_pixels])
+
+
+@pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_static_cache_decodes_like_the_dynamic_one(backbone, schedule):
+    model = make_model(backbone, schedule)
+    input_ids, attention_mask, pixels = padded_video_batch()
+    outputs = {
+        implementation: model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixels, max_new_tokens=7,
+            do_sample=False, return_dict_in_generate=True, output_logits=True, eos_token_id=None, pad_token_id=0,
+            cache_implementation=implementation,
+        )
+        for implementation in ("dynamic", "static")
+    }
+    cache = outputs["static"].past_key_values
+    assert cache.has_static_buffers and cache.max_length == input_ids.shape[1] + 6
+    assert cache.seen_tokens == cache.max_length  # every preallocated slot was used, none more
+    assert torch.equal(outputs["static"].sequences, outputs["dynamic"].sequences)
+    torch.testing.assert_close(
+        torch.stack(outputs["static"].logits), torch.stack(outputs["dynamic"].logits), atol=1e-5, rtol=0
+    )
+
+
+def test_static_cache_beam_search_reorders_in_place():
+    model = make_model("nemotron_h", "uni_1_0.5-attn_2_0.25")
+    input_ids, attention_mask, pixels = padded_video_batch()
+    beams = [
+        model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values_videos=pixels, max_new_tokens=5,
+            num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=implementation,
+        )
+        for implementation in ("dynamic", "static")
+    ]
+    assert torch.equal(*beams)
+
+
+def test_static_cache_refuses_what_it_cannot_do():
+    model = make_model("nemotron_h", "uni_1_0.5")
+    input_ids, pixels = video_prompt(num_frames=1)
+    cache = TimeViperHybridCache(max_length=input_ids.shape[1] + 1)
+    with torch.no_grad():
+        token = model(input_ids=input_ids, pixel_values_videos=pixels, past_key_values=cache).logits[:, -1:].argmax(-1)
+        with pytest.raises(ValueError, match="one new token"):
+            model(input_ids=torch.cat([token, token], 1), past_key_values=cache)
+        token = model(input_ids=token, past_key_values=cache).logits.argmax(-1)
+        with pytest.raises(ValueError, match="static cache is full"):
+            model(input_ids=token, past_key_values=cache)
+        with pytest.raises(ValueError, match="keeps its batch size"):
+            cache.batch_repeat_interleave(2)
+    with pytest.raises(ValueError, match="cache_implementation='quantized' is not supported"):
+        model.generate(input_ids=input_ids, pixel_values_videos=pixels, max_new_tokens=2, cache_implementation="quantized")
+
+
+def test_grouped_decode_attention_matches_eager_attention():
+    from timeviper.modeling_timeviper import eager_attention, grouped_decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, 1, 16, generator=generator)
+    key, value = torch.randn(2, 3, 2, 11, 16, generator=generator)
+    mask = torch.rand(3, 1, 1, 11, generator=generator) > 0.4
+    mask[..., -1] = True
+    expected = eager_attention(query, key, value, mask, False, 0.25)
+    torch.testing.assert_close(grouped_decode_attention(query, key, value, mask, 0.25), expected)
