@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.utils import logging
 
 from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types
 
@@ -36,6 +37,8 @@ try:  # mamba-ssm's one-pass Triton kernel for Mamba-2's gated RMSNorm (GPU)
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
 except ImportError:
     gated_rmsnorm_kernel = None
+
+logger = logging.get_logger(__name__)
 
 # softplus(dt) of a padded position must be 0 so that the SSM state passes it unchanged: exp(0 * A) = 1, 0 * x = 0.
 PADDING_DT = -1.0e4
@@ -113,7 +116,7 @@ class TimeViperHybridCache(Cache):
         self.segment_base: list[int] | None = None
         self.kv_base: dict[int, int] = {}
         self.decode_step: torch.Tensor | None = None
-        self.decode_graph: DecodeStepGraph | None = None
+        self.decode_graph: DecodeStepGraph | None | bool = None  # False: capture failed, decode eagerly
 
     def __len__(self):
         return len(self.segment_valid)
@@ -174,6 +177,7 @@ class TimeViperHybridCache(Cache):
             raise ValueError(
                 f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
             )
+        self._kv_buffers = {}  # (empty after a prefill; never keep a second copy of the cache alive)
         self.segment_base = [valid.shape[1] for valid in self.segment_valid]
         self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
         # Zero-filled: unwritten slots are masked, but a NaN there would still poison `probabilities @ values`.
@@ -181,7 +185,6 @@ class TimeViperHybridCache(Cache):
             for layer_idx, tensor in store.items():
                 self.kv_base[layer_idx] = tensor.shape[-2]
                 store[layer_idx] = F.pad(tensor, (0, 0, 0, room))
-        self._kv_buffers = {}
         self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
 
     def static_step_layouts(self) -> list["TokenLayout"]:
@@ -192,22 +195,6 @@ class TimeViperHybridCache(Cache):
             valid.index_fill_(1, self.decode_step + base, True)
             layouts.append(TokenLayout(None, valid[:, None, None, :], False, valid.sum(-1, keepdim=True) - 1))
         return layouts
-
-    def recurrent_snapshot(self) -> dict:
-        """What a decode step changes in place beyond the slot it writes (restored after a warm-up step)."""
-        return {
-            "conv": {i: t.clone() for i, t in self.conv_states.items()},
-            "ssm": {i: t.clone() for i, t in self.ssm_states.items()},
-            "step": self.decode_step.clone(),
-            "seen_tokens": self.seen_tokens,
-        }
-
-    def restore(self, snapshot: dict) -> None:
-        for store, saved in ((self.conv_states, snapshot["conv"]), (self.ssm_states, snapshot["ssm"])):
-            for layer_idx, tensor in saved.items():
-                store[layer_idx].copy_(tensor)
-        self.decode_step.copy_(snapshot["step"])
-        self.seen_tokens = snapshot["seen_tokens"]
 
     # Decode steps append into buffers with this many spare tokens, so `keys[i]` / `values[i]` become views of
     # them: re-concatenating the whole cache at every step moved 2x its size (34 GB per step at batch 32 x 32k).
@@ -264,8 +251,8 @@ class TimeViperHybridCache(Cache):
             mapped = fn(tensor)
             if mapped.shape != tensor.shape:
                 raise ValueError(
-                    "a static cache keeps its batch size once decoding has started; use the default dynamic cache "
-                    "to change the batch in the middle of generation"
+                    "a static cache keeps its batch size once decoding has started; to change the batch in the "
+                    "middle of generation, use a dynamic cache (generate(..., cache_implementation='dynamic'))"
                 )
             tensor.copy_(mapped)
 
@@ -674,10 +661,11 @@ def grouped_decode_attention(query, key, value, mask, scale):
     (b, 1, 1, k) bool. The query heads of a group share one matmul over their K/V, which are read once. (SDPA's
     fused kernels do not take a mask together with grouped heads; its fallback copies K/V once per query head.)"""
     batch, heads, _, head_dim = query.shape
-    grouped = query.view(batch, key.shape[1], heads // key.shape[1], head_dim)
-    scores = (grouped @ key.transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), -math.inf)
-    return (scores.softmax(dim=-1).to(value.dtype) @ value).view(batch, heads, 1, head_dim)
+    grouped = (query * scale).view(batch, key.shape[1], heads // key.shape[1], head_dim)
+    # The scores (b, heads, k) are the only large intermediate: each step on them is one in-place pass in the
+    # inputs' dtype (softmax accumulates in float32 for half-precision inputs), as in SDPA's math backend.
+    scores = (grouped @ key.transpose(-1, -2)).masked_fill_(~mask.view(batch, 1, 1, -1), -math.inf)
+    return (scores.softmax(dim=-1) @ value).view(batch, heads, 1, head_dim)
 
 
 def attention_function(config):
@@ -1300,32 +1288,46 @@ def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | 
     return torch.where(supervised.any(-1) & (first >= 0), first, last_valid)
 
 
+def check_static_step_inputs(input_ids, **others) -> None:
+    """A static cache takes one new token id per row and step; anything else needs a dynamic cache."""
+    given = [name for name, value in others.items() if value is not None]
+    if input_ids is not None and input_ids.shape[1] == 1 and not given:
+        return
+    got = ", ".join(given) if given else f"input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
+    raise ValueError(
+        f"a static cache decodes one new token id per row and step, got {got}; for more, use a dynamic cache: "
+        "TimeViperHybridCache() or generate(..., cache_implementation='dynamic')"
+    )
+
+
 class DecodeStepGraph:
     """One decode step of a static cache, captured as a CUDA graph and replayed for every later token.
 
     Eager decoding issues ~2,000 small kernels per token from Python; at batch 32 and a 32k context on an H100 that
-    took 34 ms per step around 19 ms of GPU work. A replay launches them all at once. The graph reads and writes only
-    the static cache's fixed buffers, the input-id buffer below and the step counter on the device."""
+    took 34-60 ms per step around 19 ms of GPU work. A replay launches them all at once. The graph reads and writes
+    only the static cache's fixed buffers, the input-id buffer below and the step counter on the device. Capture
+    needs one eager step of the same shapes before it (Triton compilation, cuBLAS workspaces): `first_step`."""
 
     def __init__(self, model: "TimeViperForConditionalGeneration", cache: TimeViperHybridCache, input_ids):
         self.cache = cache
         self.input_ids = input_ids.clone()
-        # Warm up on a side stream first (Triton compilation, cuBLAS workspaces), then undo what the step changed
-        # in place: the recurrent states and the step counter. The KV and validity slot it wrote is rewritten by
-        # the first replay with the same index.
-        snapshot = cache.recurrent_snapshot()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model.eager_decode_step(self.input_ids, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        cache.restore(snapshot)
         self.graph = torch.cuda.CUDAGraph()
+        seen_tokens = cache.seen_tokens
         try:
             with torch.cuda.graph(self.graph):
                 self.logits = model.eager_decode_step(self.input_ids, cache)
         finally:
-            cache.restore(snapshot)  # capturing ran the Python side of the step (seen_tokens) but no kernel
+            cache.seen_tokens = seen_tokens  # capture ran the step's Python (the count) but none of its kernels
+
+    @staticmethod
+    def first_step(model: "TimeViperForConditionalGeneration", cache: TimeViperHybridCache, input_ids):
+        """The first decode step, run eagerly on a side stream (where warm-up before a capture belongs)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = model.eager_decode_step(input_ids, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        return logits
 
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         if input_ids.shape != self.input_ids.shape:
@@ -1405,13 +1407,10 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
-            extra = [name for name, value in (("pixel values", pixel_values), ("pixel_values_videos",
-                     pixel_values_videos), ("inputs_embeds", inputs_embeds), ("labels", labels)) if value is not None]
-            if extra or input_ids is None or input_ids.shape[1] != 1 or output_hidden_states:
-                raise ValueError(
-                    "a static cache decodes one new token id per row and step (no " + ", ".join(
-                        extra or ["hidden states"]) + ", no multi-token steps); use the default dynamic cache for that"
-                )
+            check_static_step_inputs(
+                input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+                inputs_embeds=inputs_embeds, labels=labels, output_hidden_states=output_hidden_states or None,
+            )
             return TimeViperCausalLMOutputWithPast(
                 logits=self.static_decode_step(input_ids, past_key_values), past_key_values=past_key_values
             )
@@ -1458,19 +1457,27 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         first step of this cache), the same computation run eagerly elsewhere. Every new token counts as valid, as
         in generate(), which extends the attention mask with ones."""
         cache.begin_static_step()
-        if not input_ids.is_cuda:
+        if not input_ids.is_cuda or cache.decode_graph is False:
             return self.eager_decode_step(input_ids, cache)
-        if cache.decode_graph is None:
+        if cache.decode_graph is not None:
+            return cache.decode_graph(input_ids)
+        logits = DecodeStepGraph.first_step(self, cache, input_ids)
+        try:
             cache.decode_graph = DecodeStepGraph(self, cache, input_ids)
-        return cache.decode_graph(input_ids)
+        except RuntimeError as err:  # the output stays right, only slower: say so once, decode eagerly
+            logger.warning("CUDA-graph capture of the decode step failed (%s); decoding eagerly instead", err)
+            cache.decode_graph = False
+        return logits
 
     def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs):
-        """generate()'s cache: dynamic by default; `cache_implementation="static"` preallocates it for the whole
-        generation, which lets CUDA decode steps run as one CUDA graph."""
+        """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
+        default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
+        elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
+        continuation."""
         user_cache = model_kwargs.get("past_key_values")
         implementation = generation_config.cache_implementation
         if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
@@ -1481,7 +1488,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
                 "'static' (preallocated, CUDA-graph decoding)"
             )
         if user_cache is None and generation_config.use_cache is not False:
-            max_length = max_cache_length if implementation == "static" else None
+            static = implementation == "static" or (implementation is None and self.device.type == "cuda")
+            max_length = max_cache_length if static else None
             model_kwargs["past_key_values"] = TimeViperHybridCache(max_length)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):

@@ -239,7 +239,7 @@ def test_static_cache_refuses_what_it_cannot_do():
     cache = TimeViperHybridCache(max_length=input_ids.shape[1] + 1)
     with torch.no_grad():
         token = model(input_ids=input_ids, pixel_values_videos=pixels, past_key_values=cache).logits[:, -1:].argmax(-1)
-        with pytest.raises(ValueError, match="one new token"):
+        with pytest.raises(ValueError, match="one new token id per row and step, got input_ids of shape \\(1, 2\\)"):
             model(input_ids=torch.cat([token, token], 1), past_key_values=cache)
         token = model(input_ids=token, past_key_values=cache).logits.argmax(-1)
         with pytest.raises(ValueError, match="static cache is full"):
@@ -260,3 +260,18 @@ def test_grouped_decode_attention_matches_eager_attention():
     mask[..., -1] = True
     expected = eager_attention(query, key, value, mask, False, 0.25)
     torch.testing.assert_close(grouped_decode_attention(query, key, value, mask, 0.25), expected)
+
+
+@pytest.mark.parametrize(
+    ("device", "implementation", "expected_max_length"),
+    [("cpu", None, None), ("cuda", None, 30), ("cuda", "dynamic", None), ("cpu", "static", 30)],
+)
+def test_generate_picks_a_static_cache_on_cuda_by_default(monkeypatch, device, implementation, expected_max_length):
+    from transformers import GenerationConfig
+
+    model = make_model("nemotron_h", None)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device(device)))
+    model_kwargs = {}
+    config = GenerationConfig(cache_implementation=implementation)
+    model._prepare_cache_for_generation(config, model_kwargs, None, 1, 30)
+    assert model_kwargs["past_key_values"].max_length == expected_max_length
