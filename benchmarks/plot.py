@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"a": "tab:blue", "b": "tab:green", "c": "tab:red"}
 LABELS = {"a": "Nano-9B hybrid", "b": "Nano-9B + TransV", "c": "Qwen2.5-7B arch"}
+VARIANTS = {"as_is": "eager (dynamic cache)", "static_graph": "CUDA graph (static cache)"}
 
 
 def main():
@@ -94,23 +95,16 @@ def main():
 
     # 4. Decode throughput vs bandwidth floor.
     ax = axes[1, 1]
-    dec = [dict(d, variant=f"final {d['variant']}") for d in res.get("decode", []) if not d.get("oom")]
-    history = res.get("history", {})
-    if "run1" in history:  # before the fixes: torch.cat KV cache
-        dec += [dict(d, variant="run1 before fixes") for d in history["run1"]["decode"]
-                if d["variant"] == "as_is" and d["batch"] > 1 and not d.get("oom")]
-    if "run2" in history:
-        dec += [dict(d, variant=f"run2 {d['variant']}") for d in history["run2"]["decode"]
-                if d["batch"] > 1 and not d.get("oom")]
+    dec = [d for d in res.get("decode", []) if not d.get("oom")]
     x = 0
     ticks, labels = [], []
     for d in dec:
-        ax.bar(x, d["tokens_per_s"], color=COLORS[d["config"]], alpha=1.0 if d["variant"].startswith("final") else 0.5)
+        ax.bar(x, d["tokens_per_s"], color=COLORS[d["config"]], alpha=1.0 if d["variant"] == "static_graph" else 0.5)
         ax.plot([x - 0.4, x + 0.4], [d["floor_tokens_per_s"]] * 2, "k-")
         ax.text(x, d["tokens_per_s"], f"{d['tokens_per_s']:.0f}\n{d['fraction_of_floor']:.0%}", ha="center",
                 va="bottom", fontsize=7)
         ticks.append(x)
-        labels.append(f"{LABELS[d['config']]}\n{d['variant']} b={d['batch']}")
+        labels.append(f"{LABELS[d['config']]}\n{VARIANTS.get(d['variant'], d['variant'])} b={d['batch']}")
         x += 1
     ax.set_xticks(ticks, labels, fontsize=6, rotation=30, ha="right")
     ax.set(yscale="log", ylabel="decode tokens/s", title=f"Decode at {dec[0]['context'] if dec else '?'} context "
