@@ -1098,6 +1098,18 @@ def stack_memories(memories):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def forget_unused_weight_conversions(model) -> None:
+    """Keep only the checkpoint key renamings that loading applied, so that `save_pretrained` writes the keys it read.
+
+    transformers records the renamings on the model (`_weight_conversions`) and reverses them when saving. Its usual
+    loader records those that matched a key; its DeepSpeed ZeRO-3 loader (5.x) records all of them, among which
+    SigLIP's `PrefixChange(prefix_to_remove="vision_model")`, scoped to our `vision_tower`. Reversed at save, it
+    renamed every `model.vision_tower.X` of a ZeRO-3 fine-tuned checkpoint to `model.vision_tower.vision_model.X`."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
 class TimeViperPreTrainedModel(PreTrainedModel):
     config_class = TimeViperConfig
     base_model_prefix = "model"
@@ -1108,6 +1120,10 @@ class TimeViperPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     @torch.no_grad()
+    def save_pretrained(self, *args, **kwargs):
+        forget_unused_weight_conversions(self)
+        return super().save_pretrained(*args, **kwargs)
+
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, TimeViperMamba2Mixer):

@@ -465,6 +465,11 @@ def main(argv=None, callbacks=()) -> Trainer:
         return run_training(args, training_args, callbacks)
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (its local tensor is then empty)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def run_training(args: TimeViperArguments, training_args: TrainingArguments, callbacks=()) -> Trainer:
     """Build the model, processor, dataset and Trainer, train, save (and push / merge) as the arguments say."""
     set_seed(training_args.seed)  # the tiny model and new TransV modules are random: same seed, same start
@@ -472,8 +477,8 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
     configure_trainable(model, args.stage)
     if args.lora:
         model = apply_lora(model, args)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     mode = " (LoRA)" if args.lora else ""
     logger.info("stage %d%s: %d of %d parameters trainable", args.stage, mode, trainable, total)
 
