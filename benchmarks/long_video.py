@@ -21,7 +21,6 @@ import contextlib
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import sys

@@ -78,24 +78,37 @@ def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, pro
     import torch
 
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
-    from timeviper.processing_timeviper import TimeViperProcessor, TimeViperVideoProcessor, get_chat_template
 
     tokenizer = make_tiny_tokenizer(backbone)
     config = tiny_default_config(tokenizer, backbone, token_compression, projector_type)
     if seed is not None:
         torch.manual_seed(seed)
     model = TimeViperForConditionalGeneration(config).eval()
-    video_processor = TimeViperVideoProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-    processor = TimeViperProcessor(
+    processor = make_processor(tokenizer, backbone, config.vision_tokens_per_frame, TINY_IMAGE_SIZE)
+    use_tokenizer_ids(model, processor)
+    return model, processor
+
+
+def make_processor(tokenizer, backbone: str, tokens_per_frame: int, image_size: int):
+    """A TimeViper processor around `tokenizer`, with the backbone's chat template and square frames of `image_size`."""
+    from timeviper.processing_timeviper import TimeViperProcessor, TimeViperVideoProcessor, get_chat_template
+
+    video_processor = TimeViperVideoProcessor(size={"height": image_size, "width": image_size})
+    return TimeViperProcessor(
         video_processor=video_processor, tokenizer=tokenizer, chat_template=get_chat_template(backbone),
-        tokens_per_frame=config.vision_tokens_per_frame,
+        tokens_per_frame=tokens_per_frame,
     )
+
+
+def use_tokenizer_ids(model, processor) -> None:
+    """Point the model's bos/pad/eos ids (config and generation config) at the processor's tokenizer; generation also
+    stops at the chat template's turn separator."""
+    tokenizer = processor.tokenizer
     separator = tokenizer.convert_tokens_to_ids(processor.turn_separator)
     for target in (model.config, model.generation_config):
         target.bos_token_id, target.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
-    return model, processor
 
 
 def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:

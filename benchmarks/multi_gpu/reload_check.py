@@ -1,0 +1,196 @@
+"""Reload a training output folder on one device and compare its probe logits with those of the trained model.
+
+    PYTHONPATH=. python benchmarks/multi_gpu/reload_check.py /tmp/tv/fsdp/output --initial /tmp/tv/model \
+        --probe /tmp/tv/data/probe_batch.pt --reference /tmp/tv/fsdp/probe_logits.pt --out /tmp/tv/fsdp/reload.json
+
+Loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` (the folder's own code, as
+a user would), in the parameter dtype and under the autocast state that train_bench.py recorded from the engine's
+forward (FSDP mixed precision: bf16 parameters + bf16 autocast; DeepSpeed bf16: bf16 parameters, no autocast), so the
+arithmetic is the same as in training. Writes the loading report (missing / unexpected / mismatched keys, the
+folder's weight dtype and size) and the comparison (bitwise equality, max / mean |diff|, argmax agreement per
+position, loss) to --out. Because near-equal logits alone would also accept a folder holding the untrained weights
+(20 steps at lr 1e-5 move logits little), a sample of tensors per module group is compared with the input checkpoint
+(--initial): the trained groups must have moved, the frozen vision tower must be bit for bit the input's; and the
+folder's tensor names must be the input's. Exits 1 when keys are missing or unexpected (on loading or against the
+input's names), the logits disagree beyond bf16 noise, or the weight sample says otherwise.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
+
+from prepare import module_group, probe_paths
+
+# Beyond these the reload is wrong, not merely rounded differently (bf16 keeps 8 bits of mantissa).
+MIN_ARGMAX_AGREEMENT = 0.99
+MAX_RELATIVE_DIFF = 1e-2
+MAX_RELATIVE_LOSS_DIFF = 1e-2
+TENSORS_PER_GROUP = 4  # compared with the input checkpoint (the first ones by name, plus lm_head.weight)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="training output folder (model.safetensors, config.json, remote code)")
+    p.add_argument("--initial", required=True, help="the input checkpoint folder that training started from")
+    p.add_argument("--probe", required=True, help="probe batch written by prepare.py")
+    p.add_argument("--reference", required=True, help="probe_logits.pt written by train_bench.py")
+    p.add_argument("--out", required=True, help="JSON report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def saved_weights(folder: Path) -> dict:
+    """Size on disk and tensor dtypes of the folder's safetensors files (FSDP saves fp32, ZeRO-3 its 16-bit copy)."""
+    files = sorted(folder.glob("*.safetensors"))
+    dtypes = set()
+    for path in files:
+        with safe_open(path, "pt") as f:
+            dtypes.update(f.get_slice(name).get_dtype() for name in f.keys())
+    return {"files": len(files), "gib": sum(p.stat().st_size for p in files) / 2**30, "dtypes": sorted(dtypes)}
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    names = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            names.update(dict.fromkeys(f.keys(), path))
+    return names
+
+
+def read(path: Path, name: str) -> torch.Tensor:
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name).float()
+
+
+def key_differences(saved: Path, initial: Path) -> dict:
+    """Tensor names of the input checkpoint that the folder lacks, and the folder's that the input lacks (both empty
+    when training saved under the names it loaded; transformers may still load a renamed folder through its key
+    conversions, so the loading report alone would not show it)."""
+    saved_names, initial_names = set(tensor_files(saved)), set(tensor_files(initial))
+    return {"not_saved": sorted(initial_names - saved_names), "not_in_initial": sorted(saved_names - initial_names)}
+
+
+def weight_changes(saved: Path, initial: Path) -> dict:
+    """Per module group: of a sample of tensors, how many differ from the input checkpoint, and by how much (only
+    tensors that the folder holds under the input's name)."""
+    saved_files, initial_files = tensor_files(saved), tensor_files(initial)
+    sample = {}
+    for name in sorted(set(initial_files) & set(saved_files)):
+        group = module_group(name)
+        if len(sample.setdefault(group, [])) < TENSORS_PER_GROUP or name == "lm_head.weight":
+            sample[group].append(name)
+    report = {}
+    for group, names in sorted(sample.items()):
+        changed, max_change = [], 0.0
+        for name in names:
+            after, before = read(saved_files[name], name), read(initial_files[name], name)
+            if not torch.equal(after, before):
+                changed.append(name)
+                max_change = max(max_change, (after - before).abs().max().item())
+        report[group] = {"compared": names, "changed": changed, "max_abs_change": max_change}
+    return report
+
+
+def load(folder: Path, dtype: torch.dtype, device: str):
+    start = time.perf_counter()
+    # device_map puts the weights straight on the GPU (no full-size copy in host memory first).
+    device_map = {"": device} if device != "cpu" else None
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, dtype=dtype, device_map=device_map, output_loading_info=True
+    )
+    loading = {key: sorted(map(str, value)) for key, value in info.items()}
+    loading.update(seconds=time.perf_counter() - start, model_class=f"{type(model).__module__}.{type(model).__name__}")
+    return model.eval(), loading
+
+
+def compare(reference: dict, output) -> dict:
+    expected, actual = reference["logits"], output.logits.detach().float().cpu()
+    if expected.shape != actual.shape:
+        return {"shape_equal": False, "reference_shape": list(expected.shape), "reloaded_shape": list(actual.shape)}
+    diff = (actual - expected).abs()
+    scale = expected.abs().max().item()
+    return {
+        "shape_equal": True,
+        "shape": list(expected.shape),
+        "kept_positions_equal": torch.equal(reference["kept_positions"], output.kept_positions.cpu()),
+        "bitwise_identical": torch.equal(expected, actual),
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "max_abs_reference": scale,
+        "relative_max_diff": diff.max().item() / scale if scale else float("inf"),
+        "argmax_agreement": (expected.argmax(-1) == actual.argmax(-1)).float().mean().item(),
+        "loss_reference": reference["loss"],
+        "loss_reloaded": float(output.loss),
+    }
+
+
+def verdict(report: dict) -> list[str]:
+    """Reasons the check failed (empty: passed)."""
+    problems = [f"{key}: {report['loading'][key]}" for key in ("missing_keys", "unexpected_keys", "mismatched_keys",
+                                                              "error_msgs") if report["loading"].get(key)]
+    for key, names in report["key_names_vs_initial"].items():
+        if names:
+            problems.append(f"{key} ({len(names)}): {names[:5]}{' ...' if len(names) > 5 else ''}")
+    changes = report["weights_vs_initial"]
+    if changes.get("vision", {}).get("changed"):
+        problems.append(f"the frozen vision tower changed: {changes['vision']['changed']}")
+    if not any(group["changed"] for name, group in changes.items() if name != "vision"):
+        problems.append("no trained tensor differs from the input checkpoint: the folder holds untrained weights")
+    for name, logits in report["logits"].items():
+        if not logits["shape_equal"]:
+            problems.append(f"{name} probe: logits shape {logits['reloaded_shape']} != {logits['reference_shape']}")
+        elif name == "text" and not logits["bitwise_identical"]:
+            # No compression selects anything here: the logits must agree up to bf16 rounding, position by position.
+            if logits["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
+                problems.append(f"text probe: argmax agreement {logits['argmax_agreement']:.4f} < {MIN_ARGMAX_AGREEMENT}")
+            if logits["relative_max_diff"] > MAX_RELATIVE_DIFF:
+                problems.append(f"text probe: max |diff| {logits['relative_max_diff']:.2e} of max |logit| > {MAX_RELATIVE_DIFF}")
+        elif name == "video" and abs(logits["loss_reloaded"] - logits["loss_reference"]) > MAX_RELATIVE_LOSS_DIFF * abs(
+            logits["loss_reference"]
+        ):
+            # The attention-guided top-k may flip at a near-tie (different bf16 rounding), moving later positions;
+            # the loss over the answer must still agree.
+            problems.append(f"video probe: loss {logits['loss_reloaded']:.5f} vs {logits['loss_reference']:.5f}")
+    return problems
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    folder = Path(args.folder)
+    reference = torch.load(args.reference)
+    dtype = getattr(torch, reference["param_dtype"])
+    model, loading = load(folder, dtype, args.device)
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=getattr(torch, reference["autocast_dtype"]),
+                              enabled=reference["autocast"])
+    start = time.perf_counter()
+    comparisons = {}
+    for name, path in probe_paths(args.probe).items():
+        batch = {key: value.to(args.device) for key, value in torch.load(path).items()}
+        with torch.no_grad(), autocast:
+            comparisons[name] = compare(reference[name], model(**batch))
+    report = {
+        "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
+        "compute": {key: reference[key] for key in ("param_dtype", "autocast", "autocast_dtype")},
+        "saved_weights": saved_weights(folder),
+        "key_names_vs_initial": key_differences(folder, Path(args.initial)),
+        "weights_vs_initial": weight_changes(folder, Path(args.initial)),
+        "loading": loading,
+        "forward_s": time.perf_counter() - start,
+        "logits": comparisons,
+    }
+    report["problems"] = verdict(report)
+    report["passed"] = not report["problems"]
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1), flush=True)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

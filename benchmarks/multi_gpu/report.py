@@ -1,0 +1,198 @@
+"""Results of the multi-GPU training benchmark: record stages, collect one JSON, print markdown tables.
+
+    python benchmarks/multi_gpu/report.py stage --work W --name train_fsdp --status 0 --seconds 250 -- CMD...
+    python benchmarks/multi_gpu/report.py collect --work W --engines fsdp zero3 --out $OUT/results.json  # GPU machine
+    python benchmarks/multi_gpu/report.py markdown results.json [more.json ...]         # anywhere, for README.md
+
+`stage` appends one line to <work>/stages.jsonl (run.sh calls it after every stage, with the exact command).
+`collect` merges prepared.json, stages.jsonl, the given engines' rank<r>.json (train_bench.py) and reload.json
+(reload_check.py) with the software and GPU versions, and adds per-engine summaries: step 1 (Triton compilation
+and first-touch allocations), then the median and mean of the later steps. `markdown` prints the tables; several
+JSON files (say, one per engine from separate calls) are merged in the order given.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ENGINE_LABELS = {"fsdp": "FSDP (FULL_SHARD)", "zero3": "DeepSpeed ZeRO-3"}
+PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "triton", "mamba_ssm", "av")
+
+
+def record_stage(args) -> None:
+    line = {"stage": args.name, "status": args.status, "seconds": args.seconds, "command": shlex.join(args.command)}
+    with open(Path(args.work) / "stages.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def environment() -> dict:
+    """Package versions, GPUs and the kernels the model found (imports torch: run on the machine that trained)."""
+    import importlib
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except Exception as err:  # noqa: BLE001 -- a missing package is a result here, not an error
+            versions[name] = f"not importable ({type(err).__name__})"
+    import torch
+
+    from timeviper import modeling_timeviper
+
+    gpus = []
+    if torch.cuda.is_available():
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True).stdout.strip().splitlines()
+    return {"versions": versions, "cuda": torch.version.cuda, "gpus": gpus,
+            "mamba_triton_kernels": modeling_timeviper.mamba_chunk_scan_combined is not None}
+
+
+def summarize_engine(ranks: list[dict], prepared: dict | None) -> dict:
+    steps = ranks[0]["steps"]
+    later = [s["step_s"] for s in steps[1:]] or [steps[0]["step_s"]]
+    median = statistics.median(later)
+    world = ranks[0]["world_size"]
+    summary = {
+        "world_size": world,
+        "device": ranks[0]["device"],
+        "steps": len(steps),
+        "first_step_s": steps[0]["step_s"],
+        "median_step_s": median,
+        "mean_step_s": statistics.fmean(later),
+        "max_step_s": max(later),
+        "median_interval_s": statistics.median([s["interval_s"] for s in steps[1:]] or [steps[0]["interval_s"]]),
+        "loss_first": steps[0].get("loss"),
+        "loss_last": steps[-1].get("loss"),
+        "load_s": ranks[0]["load_s"],
+        "save_s": ranks[0]["save_s"],
+        "peak_train": {r["rank"]: r["memory"].get("train", {}) for r in ranks},
+        "peak_load": {r["rank"]: r["memory"].get("load", {}) for r in ranks},
+    }
+    if prepared:
+        summary["tokens_per_gpu_step"] = prepared["train_tokens"]
+        summary["tokens_per_s"] = prepared["train_tokens"] * world / median
+        summary["frames_per_s"] = prepared["frames"] * world / median
+    return summary
+
+
+def collect(args) -> None:
+    work = Path(args.work)
+    prepared = read_json(work / "prepared.json")
+    stages_file = work / "stages.jsonl"
+    stages = [json.loads(line) for line in stages_file.read_text().splitlines()] if stages_file.is_file() else []
+    engines = {}
+    for engine in args.engines:
+        ranks = sorted((json.loads(p.read_text()) for p in (work / engine).glob("rank*.json")), key=lambda r: r["rank"])
+        reload = read_json(work / engine / "reload.json")
+        if ranks or reload:
+            summary = summarize_engine(ranks, prepared) if ranks else None
+            engines[engine] = {"summary": summary, "ranks": ranks, "reload": reload}
+    results = {"prepared": prepared, "stages": stages, "engines": engines, "environment": environment()}
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def gib(memory: dict, key: str) -> str:
+    return " / ".join(f"{m[key]:.1f}" if key in m else "—" for _, m in sorted(memory.items()))
+
+
+def number(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def training_table(engines: dict) -> list[str]:
+    rows = ["| engine | GPUs | steps | step 1 (s) | median step 2–N (s) | mean (s) | tokens/s, all GPUs | frames/s "
+            "| peak allocated GiB (per GPU) | peak reserved GiB | load (s) | save (s) | loss step 1 → N |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for engine, result in engines.items():
+        s = result["summary"]
+        if s is None:
+            continue
+        rows.append(
+            f"| {ENGINE_LABELS[engine]} | {s['world_size']}× {s['device']} | {s['steps']} | {s['first_step_s']:.1f} "
+            f"| **{s['median_step_s']:.2f}** | {s['mean_step_s']:.2f} | {number(s.get('tokens_per_s'), ',.0f')} "
+            f"| {number(s.get('frames_per_s'), '.0f')} | {gib(s['peak_train'], 'max_allocated_gib')} "
+            f"| {gib(s['peak_train'], 'max_reserved_gib')} | {s['load_s']:.0f} | {s['save_s']:.0f} "
+            f"| {number(s['loss_first'], '.3f')} → {number(s['loss_last'], '.3f')} |")
+    return rows
+
+
+def reload_table(engines: dict) -> list[str]:
+    rows = ["| engine | probe | saved weights | missing / unexpected keys | kept positions equal | logits bitwise "
+            "identical | max abs diff | argmax agreement | loss trained / reloaded | trained groups moved "
+            "| vision unchanged | passed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for engine, result in engines.items():
+        r = result["reload"]
+        if r is None:
+            continue
+        w, keys = r["saved_weights"], r["loading"]
+        moved = ", ".join(g for g, c in r["weights_vs_initial"].items() if g != "vision" and c["changed"]) or "none"
+        # Runs before the text-only probe existed hold the video probe's comparison alone.
+        probes = {"video": r["logits"]} if "bitwise_identical" in r["logits"] else r["logits"]
+        for probe, logits in probes.items():
+            compared = logits.get("shape_equal")
+            rows.append(
+                f"| {ENGINE_LABELS[engine]} | {probe} | {'/'.join(w['dtypes'])}, {w['gib']:.1f} GiB "
+                f"| {len(keys['missing_keys'])} / {len(keys['unexpected_keys'])} "
+                f"| {logits.get('kept_positions_equal')} "
+                f"| {logits['bitwise_identical'] if compared else 'shape differs'} "
+                f"| {number(logits.get('max_abs_diff'), '.2e')} | {number(logits.get('argmax_agreement'), '.4f')} "
+                f"| {number(logits.get('loss_reference'), '.4f')} / {number(logits.get('loss_reloaded'), '.4f')} "
+                f"| {moved} | {not r['weights_vs_initial'].get('vision', {}).get('changed')} | {r['passed']} |")
+    return rows
+
+
+def markdown(args) -> None:
+    merged = {"engines": {}, "stages": []}
+    for path in args.results:
+        results = json.loads(Path(path).read_text())
+        merged["engines"].update(results["engines"])
+        merged["stages"] += results["stages"]
+        merged.update({key: results[key] for key in ("prepared", "environment") if results.get(key)})
+    lines = training_table(merged["engines"]) + [""] + reload_table(merged["engines"]) + ["", "Stages:", ""]
+    lines += [f"- `{s['stage']}` ({s['seconds']} s, exit {s['status']}): `{s['command']}`" for s in merged["stages"]]
+    environment = merged.get("environment")
+    if environment:
+        lines += ["", f"GPUs: {'; '.join(environment['gpus'])}. CUDA {environment['cuda']}. Mamba-2 Triton kernels: "
+                  f"{environment['mamba_triton_kernels']}.",
+                  ", ".join(f"{name} {version}" for name, version in environment["versions"].items())]
+    print("\n".join(lines))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command_name", required=True)
+    stage = commands.add_parser("stage", help="append a stage record to <work>/stages.jsonl")
+    stage.add_argument("--work", required=True)
+    stage.add_argument("--name", required=True)
+    stage.add_argument("--status", type=int, required=True)
+    stage.add_argument("--seconds", type=float, required=True)
+    stage.add_argument("command", nargs=argparse.REMAINDER, help="the stage's command, after --")
+    gather = commands.add_parser("collect", help="merge the benchmark's files into one JSON")
+    gather.add_argument("--work", required=True)
+    gather.add_argument("--engines", nargs="+", choices=list(ENGINE_LABELS), required=True,
+                        help="engines of this run (older results in --work are left out)")
+    gather.add_argument("--out", required=True)
+    tables = commands.add_parser("markdown", help="print the tables of one or more results JSON files")
+    tables.add_argument("results", nargs="+")
+    args = p.parse_args(argv)
+    if args.command_name == "stage" and args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    {"stage": record_stage, "collect": collect, "markdown": markdown}[args.command_name](args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
