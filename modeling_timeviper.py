@@ -249,6 +249,7 @@ class TimeViperHybridCache(Cache):
         tensors += [*self.segment_valid, *(t for memory in self.transfer_memory.values() for t in memory)]
         for tensor in tensors:
             mapped = fn(tensor)
+            # Batch surgery changes every tensor's batch alike, so a refusal comes at the first one, before any copy.
             if mapped.shape != tensor.shape:
                 raise ValueError(
                     "a static cache keeps its batch size once decoding has started; to change the batch in the "
