@@ -107,10 +107,14 @@ def number(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def table_header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def training_table(engines: dict) -> list[str]:
-    rows = ["| engine | GPUs | steps | step 1 (s) | median step 2–N (s) | mean (s) | tokens/s, all GPUs | frames/s "
-            "| peak allocated GiB (per GPU) | peak reserved GiB | load (s) | save (s) | loss step 1 → N |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = table_header("engine", "GPUs", "steps", "step 1 (s)", "median step 2–N (s)", "mean (s)", "tokens/s, all GPUs",
+                        "frames/s", "peak allocated GiB (per GPU)", "peak reserved GiB", "load (s)", "save (s)",
+                        "loss step 1 → N")
     for engine, result in engines.items():
         s = result["summary"]
         if s is None:
@@ -125,10 +129,9 @@ def training_table(engines: dict) -> list[str]:
 
 
 def reload_table(engines: dict) -> list[str]:
-    rows = ["| engine | probe | saved weights | missing / unexpected keys | kept positions equal | logits bitwise "
-            "identical | max abs diff | argmax agreement | loss trained / reloaded | trained groups moved "
-            "| vision unchanged | passed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = table_header("engine", "probe", "saved weights", "missing / unexpected keys", "kept positions equal",
+                        "logits bitwise identical", "max abs diff", "argmax agreement", "loss trained / reloaded",
+                        "trained groups moved", "vision unchanged", "passed")
     for engine, result in engines.items():
         r = result["reload"]
         if r is None:
