@@ -610,13 +610,13 @@ def vision_microbench(model, device, args, results, repeats=3, label="vision_mic
     log(f"vision chunk {n}: tower {vis_med * 1e3:.1f} ms ({rec['vision_ratio_to_floor']:.2f}x floor), "
         f"ToMe+proj {tp_med * 1e3:.1f} ms, working set {(peak - base) / 2**30:.2f} GiB")
     if args.profile and (args.tiny or str(device).startswith("cuda")) and label == "vision_microbench":
-        profile_region("vision_chunk", lambda: inner.encode_frames(pixels), device, results, args)
+        profile_region("vision_chunk", lambda frames=pixels: inner.encode_frames(frames), device, results, args)
     if str(device).startswith("cuda") and label == "vision_microbench_compiled":
         try:
             compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner._vision_layers_to_run()]]
 
-            def run_compiled():
-                f = inner.vision_tower.embeddings(pixels).contiguous()
+            def run_compiled(frames=pixels):  # bound now: `pixels` is deleted at the end of this function
+                f = inner.vision_tower.embeddings(frames).contiguous()
                 for layer in compiled:
                     f = layer(f, None)
                 return f
@@ -746,7 +746,7 @@ def decode_bench(model, name, device, args, results, patch_names, label):
                 if args.profile and (args.tiny or str(device).startswith("cuda")) and batch == max(ints(args.decode_batches)):
                     state = {"token": token}
 
-                    def step():
+                    def step(cache=cache):  # bound now: `cache` is deleted after each batch
                         lg = model(input_ids=state["token"], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
                         state["token"] = lg[:, -1:].argmax(-1)
 
@@ -1082,7 +1082,7 @@ def main(argv=None):
                     ids, _ = video_prompt(cfg, frames, device)
                     ph = torch.empty(frames, 1, device=device)
                     profile_region(f"prefill_llm_only_{name}_F{frames}",
-                                   lambda: model(input_ids=ids, pixel_values_videos=ph, logits_to_keep=1),
+                                   lambda model=model: model(input_ids=ids, pixel_values_videos=ph, logits_to_keep=1),
                                    device, results, args)
                     del ids, ph
                     free(device)
