@@ -606,13 +606,10 @@ class TimeViperAttention(nn.Module):
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attend = attention_function(self.config)
         if layout.row_spans is not None:
-            out = attend_per_row(attend, query, key, value, layout.row_spans, self.scaling)
-        elif query.shape[2] == 1 and layout.attention_mask is not None:
-            out = grouped_decode_attention(query, key, value, layout.attention_mask, self.scaling)
+            out = attend_per_row(attention_function(self.config), query, key, value, layout.row_spans, self.scaling)
         else:
-            out = attend(query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
+            out = attend(self.config, query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     @torch.no_grad()
@@ -677,14 +674,22 @@ def attention_function(config):
     return ATTENTION_FUNCTIONS[implementation]
 
 
-def attend_per_row(attend, query, key, value, row_spans, scale):
+def attend(config, query, key, value, mask, is_causal, scale):
+    """The configured attention; a single query per row against a mask (a decode step) takes
+    `grouped_decode_attention`, which no implementation's fused kernel covers."""
+    if query.shape[2] == 1 and mask is not None:
+        return grouped_decode_attention(query, key, value, mask, scale)
+    return attention_function(config)(query, key, value, mask, is_causal, scale)
+
+
+def attend_per_row(attention, query, key, value, row_spans, scale):
     """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
     O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2)."""
     length = query.shape[2]
     rows = []
     for b, (start, end) in enumerate(row_spans):
         run = slice(start, end)
-        out = attend(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
+        out = attention(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
         rows.append(F.pad(out, (0, 0, start, length - end)))
     return torch.cat(rows)
 
@@ -716,10 +721,7 @@ class TimeViperTransV(nn.Module):
     def forward(self, text: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None):
         """text: (b, t, d); key/value: (b, kv_heads, m, head_dim); mask: (b, 1, 1, m) bool. Returns (b, t, d)."""
         query = self.q_proj(text).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-        if query.shape[2] == 1 and mask is not None:
-            out = grouped_decode_attention(query, key, value, mask, self.head_dim**-0.5)
-        else:
-            out = attention_function(self.config)(query, key, value, mask, False, self.head_dim**-0.5)
+        out = attend(self.config, query, key, value, mask, False, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
