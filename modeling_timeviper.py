@@ -357,14 +357,17 @@ def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int,
         order = best_score.argsort(dim=-1, descending=True)[..., None]
         unmerged, merged = order[:, r:], order[:, :r]
         partner = best_partner[..., None].gather(1, merged)
+        # (frames, |B|, r) 0/1 matrix: merged A token j goes to B token partner[j]. Summing through a matmul, not
+        # scatter_reduce: on CUDA that adds with atomics in whatever order threads arrive, so the same frames could
+        # merge to different roundings from run to run (and the attention-guided top-k then keep other tokens).
+        assignment = features.new_zeros(frames, p // 2, r).scatter_(1, partner.transpose(1, 2), 1.0)
 
     def merge(x: torch.Tensor) -> torch.Tensor:
         src, dst = x[:, ::2], x[:, 1::2]
         width = x.shape[-1]
         kept = src.gather(1, unmerged.expand(-1, -1, width))
         moved = src.gather(1, merged.expand(-1, -1, width))
-        dst = dst.scatter_reduce(1, partner.expand(-1, -1, width), moved, reduce="sum")
-        return torch.cat([kept, dst], dim=1)
+        return torch.cat([kept, dst + assignment @ moved], dim=1)
 
     weighted = merge(features * sizes)
     sizes = merge(sizes)
