@@ -58,11 +58,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_config(tokenizer, tiny: bool, schedule: str) -> TimeViperConfig:
+def make_config(tokenizer, tiny: bool, schedule: str | None, **text_overrides) -> TimeViperConfig:
     """Full-size (or --tiny) TimeViper whose placeholder and special ids are the byte-level tokenizer's."""
     special_ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=tokenizer.bos_token_id)
-    text = nano_9b_v2_text_config(**special_ids, **(TINY_TEXT if tiny else {}))
+    text = nano_9b_v2_text_config(**special_ids, **(TINY_TEXT if tiny else {}), **text_overrides)
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"the tokenizer's {len(tokenizer)} ids do not fit the vocabulary of {text.vocab_size}")
     return TimeViperConfig(
@@ -122,9 +122,9 @@ def write_data(folder: Path, frames: int, samples: int) -> None:
 
 
 def without_video(batch: dict, video_token_id: int) -> dict:
-    """The probe with its placeholders and frames removed. No compression stage then selects anything, so its logits
-    compare position by position even where the video probe's attention-guided top-k flips at a near-tie (two
-    engines round bf16 differently)."""
+    """The probe with its placeholders and frames removed: the language model alone (no vision tower, no compression
+    stage), so a difference in its logits is not amplified by a different choice of kept vision tokens, and its
+    intermediate outputs are small enough to keep (block_outputs.py)."""
     keep = batch["input_ids"][0] != video_token_id
     return {key: batch[key][:, keep] for key in ("input_ids", "attention_mask", "labels")}
 

@@ -131,13 +131,15 @@ def training_table(engines: dict) -> list[str]:
 def reload_table(engines: dict) -> list[str]:
     rows = table_header("engine", "probe", "saved weights", "missing / unexpected keys", "kept positions equal",
                         "logits bitwise identical", "max abs diff", "argmax agreement", "loss trained / reloaded",
-                        "trained groups moved", "vision unchanged", "passed")
+                        "trained groups moved", "vision unchanged", "Triton configs pinned", "reload repeatable",
+                        "passed")
     for engine, result in engines.items():
         r = result["reload"]
         if r is None:
             continue
         w, keys = r["saved_weights"], r["loading"]
         moved = ", ".join(g for g, c in r["weights_vs_initial"].items() if g != "vision" and c["changed"]) or "none"
+        pinned = r.get("triton_autotune", {}).get("pinned")  # absent in runs before the configs were carried over
         # Runs before the text-only probe existed hold the video probe's comparison alone.
         probes = {"video": r["logits"]} if "bitwise_identical" in r["logits"] else r["logits"]
         for probe, logits in probes.items():
@@ -149,7 +151,8 @@ def reload_table(engines: dict) -> list[str]:
                 f"| {logits['bitwise_identical'] if compared else 'shape differs'} "
                 f"| {number(logits.get('max_abs_diff'), '.2e')} | {number(logits.get('argmax_agreement'), '.4f')} "
                 f"| {number(logits.get('loss_reference'), '.4f')} / {number(logits.get('loss_reloaded'), '.4f')} "
-                f"| {moved} | {not r['weights_vs_initial'].get('vision', {}).get('changed')} | {r['passed']} |")
+                f"| {moved} | {not r['weights_vs_initial'].get('vision', {}).get('changed')} "
+                f"| {number(pinned, 'd')} | {logits.get('repeat_identical', '—')} | {r['passed']} |")
     return rows
 
 

@@ -9,11 +9,13 @@ per optimizer step the wall time from step begin to step end and from the previo
 `torch.cuda.synchronize()`; the second includes waiting for the data loader), the loss, the peak memory
 (`torch.cuda.max_memory_allocated` / `max_memory_reserved`) while loading and while training, and the phase times
 (load, train, save). After training and saving, every rank runs the probe batch through the trained model as the
-engine holds it (FSDP-sharded or ZeRO-3-partitioned; the collectives need all ranks), and rank 0 saves logits, loss
-and the compute precision it saw to `<bench-dir>/probe_logits.pt` for reload_check.py.
+engine holds it (FSDP-sharded or ZeRO-3-partitioned; the collectives need all ranks), and rank 0 saves logits, loss,
+the compute precision it saw and its Triton autotuning choices (triton_choices.py) to `<bench-dir>/probe_logits.pt`
+for reload_check.py.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +25,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+import block_outputs
 from prepare import probe_paths
+from triton_choices import autotune_choices
 from training.train import main as train_main
 
 GIB = 2**30
@@ -89,7 +93,8 @@ def run_probe(trainer, batch_path: str) -> dict:
     """Logits of the probe batches (`batch_path`, and the same sample without its video beside it) from the model as
     the engine holds it, with the parameter dtype and autocast state seen by lm_head (FSDP's mixed precision casts
     every parameter to bf16 and accelerate adds bf16 autocast; DeepSpeed's bf16 keeps bf16 parameters without
-    autocast), so the reload check can compute the same way."""
+    autocast), so the reload check can compute the same way; for the text probe also the language model's
+    intermediate outputs (block_outputs.py)."""
     device = trainer.args.device
     seen = {}
 
@@ -106,13 +111,15 @@ def run_probe(trainer, batch_path: str) -> dict:
     try:
         for name, path in probe_paths(batch_path).items():
             batch = {key: value.to(device) for key, value in torch.load(path).items()}
-            with torch.no_grad():
+            # The text probe also keeps every block's output, so a reload that differs names where it starts.
+            recording = block_outputs.recording(inner) if name == "text" else contextlib.nullcontext({})
+            with torch.no_grad(), recording as outputs:
                 output = model(**batch)
             results[name] = {"logits": output.logits.detach().float().cpu(), "loss": float(output.loss),
-                             "kept_positions": output.kept_positions.cpu()}
+                             "kept_positions": output.kept_positions.cpu(), "outputs": outputs}
     finally:
         handle.remove()
-    return {**results, **seen}
+    return {**results, **seen, "triton_autotune": autotune_choices()}
 
 
 def parse_args(argv):
