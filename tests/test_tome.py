@@ -62,3 +62,18 @@ def test_merge_preserves_the_size_weighted_mean():
         features, sizes = bipartite_soft_matching(features, sizes, r)
     assert features.shape == (2, 16, 64) and torch.all(sizes.sum(1) == 729)
     torch.testing.assert_close((features * sizes).sum(1) / 729, frames.mean(1), atol=1e-10, rtol=0)
+
+
+def test_gpu_benchmark_baseline_is_the_same_merge():
+    """benchmarks/tome_determinism.py times the scatter_reduce form of ToMe against the model's; on the CPU (no
+    atomics) both must give the same tokens, so the benchmark compares two orders of one sum."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tome_determinism.py"
+    spec = importlib.util.spec_from_file_location("tome_determinism", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    torch.manual_seed(2)
+    frames = torch.randn(3, 729, 64, dtype=torch.float64)
+    torch.testing.assert_close(benchmark.merge_tokens_scatter(frames, 16), merge_tokens(frames, 16), atol=1e-12, rtol=0)
