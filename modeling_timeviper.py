@@ -340,14 +340,11 @@ def tome_schedule(num_tokens: int, target: int) -> list[int]:
     return removed
 
 
-def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int, metric_heads: int = 16):
-    """One size-weighted ToMe round on (frames, p, c) features: removes `r` tokens.
-
-    Similarity is the cosine of the features averaged over `metric_heads` channel groups. Even positions (set A)
-    are matched to their most similar odd position (set B); the `r` best-matched A tokens are averaged into their
-    partners, weighted by how many patches each token already stands for. Output order: the unmerged A tokens by
-    descending match score, then all B tokens in order.
-    """
+def match_tokens(features: torch.Tensor, r: int, metric_heads: int = 16):
+    """ToMe's matching on (frames, p, c) features: each even position (set A) is paired with its most similar odd
+    position (set B), by the cosine of the features averaged over `metric_heads` channel groups. Returns the A
+    indices kept and merged (each (frames, n, 1): the unmerged by descending match score, and the `r` best matched)
+    and the B partner of each merged one."""
     frames, p, channels = features.shape
     with torch.no_grad():
         metric = features.view(frames, p, metric_heads, channels // metric_heads).mean(dim=2)
@@ -356,11 +353,22 @@ def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int,
         best_score, best_partner = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True)[..., None]
         unmerged, merged = order[:, r:], order[:, :r]
-        partner = best_partner[..., None].gather(1, merged)
-        # (frames, |B|, r) 0/1 matrix: merged A token j goes to B token partner[j]. Summing through a matmul, not
-        # scatter_reduce: on CUDA that adds with atomics in whatever order threads arrive, so the same frames could
-        # merge to different roundings from run to run (and the attention-guided top-k then keep other tokens).
-        assignment = features.new_zeros(frames, p // 2, r).scatter_(1, partner.transpose(1, 2), 1.0)
+        return unmerged, merged, best_partner[..., None].gather(1, merged)
+
+
+def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int, metric_heads: int = 16):
+    """One size-weighted ToMe round on (frames, p, c) features: removes `r` tokens.
+
+    The `r` best-matched A tokens (`match_tokens`) are averaged into their B partners, weighted by how many patches
+    each token already stands for. Output order: the unmerged A tokens by descending match score, then all B tokens
+    in order.
+    """
+    frames, p, _ = features.shape
+    unmerged, merged, partner = match_tokens(features, r, metric_heads)
+    # (frames, |B|, r) 0/1 matrix: merged A token j goes to B token partner[j]. Summing through a matmul, not
+    # scatter_reduce: on CUDA that adds with atomics in whatever order threads arrive, so the same frames could
+    # merge to different roundings from run to run (and the attention-guided top-k then keep other tokens).
+    assignment = features.new_zeros(frames, p // 2, r).scatter_(1, partner.transpose(1, 2), 1.0)
 
     def merge(x: torch.Tensor) -> torch.Tensor:
         src, dst = x[:, ::2], x[:, 1::2]

@@ -14,20 +14,15 @@ from pathlib import Path
 
 import torch
 
-from timeviper.modeling_timeviper import merge_tokens, tome_schedule
+from timeviper.modeling_timeviper import match_tokens, merge_tokens, tome_schedule
 
 
-def merge_tokens_scatter(features: torch.Tensor, target: int, metric_heads: int = 16) -> torch.Tensor:
-    """The baseline: the model's ToMe rounds with the destination sums done by scatter_reduce (atomics on CUDA)."""
+def merge_tokens_scatter(features: torch.Tensor, target: int) -> torch.Tensor:
+    """The baseline: the model's ToMe rounds (its `match_tokens`) with the destination sums done by scatter_reduce
+    (atomics on CUDA)."""
     sizes = torch.ones_like(features[..., :1])
     for r in tome_schedule(features.shape[1], target):
-        frames, p, channels = features.shape
-        metric = features.view(frames, p, metric_heads, channels // metric_heads).mean(dim=2)
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        best_score, best_partner = (metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)).max(dim=-1)
-        order = best_score.argsort(dim=-1, descending=True)[..., None]
-        unmerged, merged = order[:, r:], order[:, :r]
-        partner = best_partner[..., None].gather(1, merged)
+        unmerged, merged, partner = match_tokens(features, r)
 
         def merge(x):
             src, dst = x[:, ::2], x[:, 1::2]
