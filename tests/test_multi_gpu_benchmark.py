@@ -8,7 +8,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "multi_gpu"))
+
+import block_outputs  # noqa: E402
+
+
+def test_weight_digest_sees_every_bit_and_only_the_bits():
+    weight = torch.randn(3, 1000, dtype=torch.bfloat16)
+    digest = block_outputs.weight_digest(weight)
+    assert torch.equal(digest, block_outputs.weight_digest(weight.clone()))
+    assert torch.equal(digest, block_outputs.weight_digest(weight.t().contiguous().t()))  # layout does not count
+    one_ulp = weight.clone()
+    one_ulp.view(torch.int16)[1, 7] += 1
+    assert not torch.equal(digest, block_outputs.weight_digest(one_ulp))
+    swapped = weight.clone()
+    swapped[0, [3, 4]] = weight[0, [4, 3]]  # same multiset of values, other places
+    assert weight[0, 3] == weight[0, 4] or not torch.equal(digest, block_outputs.weight_digest(swapped))
+    assert not torch.equal(digest, block_outputs.weight_digest(weight.float()))  # another dtype, other bits
 
 
 def test_benchmark_scripts_run_end_to_end_on_cpu(tmp_path):
@@ -24,8 +44,13 @@ def test_benchmark_scripts_run_end_to_end_on_cpu(tmp_path):
     reload = fsdp["reload"]
     assert reload["passed"], reload["problems"]
     assert all(probe["bitwise_identical"] and probe["repeat_identical"] for probe in reload["logits"].values())
-    outputs = reload["logits"]["text"]["outputs"]  # embeddings, the 56 blocks, the final norm
-    assert outputs["compared"] == 58 and outputs["first_differing"] is None and not outputs["missing"]
+    outputs = reload["logits"]["text"]["outputs"]  # embeddings, the 56 blocks, the final norm: outputs and weights
+    assert outputs["compared"] - outputs["weights_compared"] == 58 and not outputs["missing"]
+    with safe_open(next((tmp_path / "work" / "model").glob("*.safetensors")), "pt") as saved:
+        block_parameters = [key for key in saved.keys() if key.startswith("model.language_model.")
+                            and key.split(".")[2] in ("embeddings", "layers", "norm_f")]
+    assert outputs["weights_compared"] == len(block_parameters)  # every one, digested as the forward saw it
+    assert outputs["first_differing"] is None and outputs["first_differing_weights"] is None
     assert reload["weights_vs_initial"]["llm"]["changed"] and not reload["weights_vs_initial"]["vision"]["changed"]
     assert "all stages passed" in run.stdout
     assert "| FSDP (FULL_SHARD) | 1× cpu | 2 |" in run.stdout
@@ -44,6 +69,10 @@ def test_fsdp_forward_check_runs_on_cpu(tmp_path):
     assert report["block_types"] == ["linear_attention", "mlp", "linear_attention", "full_attention", "mlp",
                                      "linear_attention", "mlp"]
     assert report["fsdp_vs_fp32"]["logits_bitwise_identical"] and report["fsdp_vs_fp32"]["first_differing"] is None
-    assert report["fsdp_vs_fp32"]["compared"] == 9
+    fsdp, bf16 = report["fsdp_vs_fp32"], report["bf16_vs_fp32"]
+    assert fsdp["compared"] - fsdp["weights_compared"] == 9 and fsdp["first_differing_weights"] is None
+    # Every parameter is digested, and in bf16 every one differs from its fp32 original.
+    assert fsdp["weights_compared"] == bf16["weights_compared"] == len(bf16["differing_weights"]) > 9
     assert not report["bf16_vs_fp32"]["logits_bitwise_identical"]  # the comparison can see a rounding step
     assert report["bf16_vs_fp32"]["first_differing"] == "embeddings"
+    assert report["bf16_vs_fp32"]["first_differing_weights"] == "weights.embeddings.weight"

@@ -3,19 +3,72 @@
 When a reloaded checkpoint's logits differ from the trained model's by a rounding step, the first module whose
 output differs names the cause (a block kind, the embedding lookup, the final norm) instead of leaving "rounding"
 as a guess. Outputs are kept on the CPU in their own dtype (a text probe of 81 tokens x 4480 x 58 outputs is ~40 MB
-in bf16).
+in bf16). Each module's parameters, as its forward sees them (unsharded and cast by the engine), are recorded too, as
+exact digests: a differing output whose weights agree is a difference of computation, not of the checkpoint.
 """
 
 import contextlib
+import operator
 
 import torch
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Elements per step: the int64 temporaries stay at ~0.1 GB (lm_head has 587 M elements), and a chunk's weighted sum
+# (|bits| < 2^31, weights <= 128) stays below 2^62, so nothing overflows.
+_DIGEST_CHUNK = 1 << 24
+
+
+def weight_digest(tensor: torch.Tensor) -> torch.Tensor:
+    """[element size, sum of the bit patterns, position-weighted sum] as int64. Integer sums are exact, so the digest
+    depends only on the bits (not on kernel order or memory alignment); a change of any element changes the sum."""
+    bits = tensor.detach().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()])
+    total = weighted = 0
+    for start in range(0, bits.numel(), _DIGEST_CHUNK):
+        chunk = bits[start:start + _DIGEST_CHUNK].long()
+        positions = torch.arange(start, start + chunk.numel(), device=chunk.device) % 128 + 1
+        total += chunk.sum().item()
+        weighted += (chunk * positions).sum().item()
+    return torch.tensor([tensor.element_size(), total % (1 << 62), weighted % (1 << 62)], dtype=torch.int64)
+
+
+def _compute_module(module):
+    """The module whose forward sees full parameters: FSDP1 units unshard inside their wrapper's forward."""
+    return getattr(module, "_fsdp_wrapped_module", module)
+
+
+def _is_whole(parameter) -> bool:
+    """False for a DeepSpeed ZeRO-3 partition not gathered at this moment (its module's forward has not begun)."""
+    status = getattr(parameter, "ds_status", None)
+    return status is None or status.name == "AVAILABLE"
+
+
+def _weight_hook(name: str, module, record: dict):
+    """A pre-hook on the module that computes, putting a digest of each parameter it holds whole into `record` as
+    `weights.<name>.<parameter>`. FSDP has unsharded a unit's parameters by then; DeepSpeed ZeRO-3 has gathered the
+    module's own and keeps small ones (under its persistence threshold: norms, convolutions, Mamba's A, D, dt bias)
+    whole throughout; the rest of a ZeRO-3 block is gathered later, module by module, and not digested. Names are
+    taken now and tensors at forward time: FSDP swaps in unsharded views as plain tensors while a unit runs, which
+    named_parameters() then misses."""
+    compute_module = _compute_module(module)
+    parameter_names = [parameter_name for parameter_name, _ in compute_module.named_parameters()]
+
+    def keep_weights(compute_module, args, kwargs):
+        if kwargs.get("score_query") is not None:  # an attention-guided scoring call: the same weights again
+            return
+        for parameter_name in parameter_names:
+            parameter = operator.attrgetter(parameter_name)(compute_module)
+            if _is_whole(parameter):
+                record[f"weights.{name}.{parameter_name}"] = weight_digest(parameter)
+    return compute_module.register_forward_pre_hook(keep_weights, with_kwargs=True)
 
 
 @contextlib.contextmanager
 def recording(model):
     """Within the block, every forward of `model` (the unwrapped TimeViperForConditionalGeneration) fills the yielded
-    dict: `embeddings`, `block.<i>` for each hybrid/decoder block, `final_norm`. Works through FSDP and DeepSpeed
-    wrappers of the blocks (the hooks see the full outputs)."""
+    dict, in forward order: the output of `embeddings`, of `block.<i>` for each hybrid/decoder block and of
+    `final_norm`, and before each the digests of its parameters as its forward saw them
+    (`weights.<name>.<parameter>`). Works through FSDP and DeepSpeed wrappers of the blocks (the hooks see the full
+    outputs)."""
     language_model = model.model.language_model
     modules = {"embeddings": language_model.embed}
     modules.update({f"block.{i}": block for i, block in enumerate(language_model.layers)})
@@ -26,6 +79,7 @@ def recording(model):
         def keep(module, args, kwargs, output, name=name):
             if kwargs.get("score_query") is None:  # not an attention-guided scoring call of the block
                 outputs[name] = output.detach().cpu()
+        handles.append(_weight_hook(name, module, outputs))
         handles.append(module.register_forward_hook(keep, with_kwargs=True))
     try:
         yield outputs
@@ -35,11 +89,19 @@ def recording(model):
 
 
 def compare(expected: dict, actual: dict) -> dict:
-    """Which recorded outputs differ in any bit (in forward order), the first of them, and each one's max |diff|."""
-    differing = [name for name in expected if name in actual and not torch.equal(expected[name], actual[name])]
+    """Which recorded outputs and weight digests differ in any bit (in forward order), the first of each, and each
+    differing output's max |diff|."""
+    compared = [name for name in expected if name in actual]
+    differing = [name for name in compared if not torch.equal(expected[name], actual[name])]
+    differing_outputs = [name for name in differing if not name.startswith("weights.")]
+    differing_weights = [name for name in differing if name.startswith("weights.")]
     return {
-        "compared": sum(name in actual for name in expected),
+        "compared": len(compared),
+        "weights_compared": sum(name.startswith("weights.") for name in compared),
         "missing": [name for name in expected if name not in actual],
-        "first_differing": differing[0] if differing else None,
-        "max_abs_diff": {name: (expected[name].float() - actual[name].float()).abs().max().item() for name in differing},
+        "first_differing": differing_outputs[0] if differing_outputs else None,
+        "max_abs_diff": {name: (expected[name].float() - actual[name].float()).abs().max().item()
+                         for name in differing_outputs},
+        "first_differing_weights": differing_weights[0] if differing_weights else None,
+        "differing_weights": differing_weights,
     }
