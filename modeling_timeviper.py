@@ -512,7 +512,11 @@ class TimeViperMamba2Mixer(nn.Module):
             self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim, bias=config.use_conv_bias
         )
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        # In the default (loading) dtype like every other parameter, as in NemotronH: a float32 A_log would stay float32
+        # under from_pretrained(dtype=bfloat16) while .to(), FSDP mixed precision and DeepSpeed bf16 cast it, so a
+        # reloaded checkpoint would compute differently from the model that was trained and saved.
+        log_a = torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32))
+        self.A_log = nn.Parameter(log_a.to(torch.get_default_dtype()))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = TimeViperRMSNormGated(
             self.intermediate_size, self.intermediate_size // self.n_groups, config.layer_norm_epsilon

@@ -99,6 +99,25 @@ def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
     assert "AutoModelForImageTextToText" in json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
 
 
+def test_loading_in_bfloat16_gives_the_saved_model_cast_to_bfloat16(tmp_path):
+    """from_pretrained(dtype=bf16) must hold every parameter as .to(bf16) would (Mamba's A_log included): training
+    engines cast that way, so otherwise a reloaded checkpoint computes differently from the model that was saved."""
+    model = tiny_model(token_compression="uni_1_0.5-attn_2_0.25")
+    with torch.no_grad():
+        for parameter in model.parameters():  # values with mantissa bits bf16 lacks, so rounding shows
+            parameter.add_(torch.randn_like(parameter) * 1e-3)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = TimeViperForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).eval()
+    cast = model.to(torch.bfloat16)
+    expected = dict(cast.named_parameters())
+    assert {name: p.dtype for name, p in loaded.named_parameters()} == {name: p.dtype for name, p in expected.items()}
+    assert all(torch.equal(p, expected[name]) for name, p in loaded.named_parameters())
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, cast(**inputs).logits)
+
+
 def test_bad_pixel_shapes_are_clear_errors():
     model = tiny_model()
     inputs = batch((2,))
