@@ -3,8 +3,8 @@
 When a reloaded checkpoint's logits differ from the trained model's by a rounding step, the first module whose
 output differs names the cause (a block kind, the embedding lookup, the final norm) instead of leaving "rounding"
 as a guess. Outputs are kept on the CPU in their own dtype (a text probe of 81 tokens x 4480 x 58 outputs is ~40 MB
-in bf16). Each module's parameters, as its forward sees them (unsharded and cast by the engine), are recorded too, as
-exact digests: a differing output whose weights agree is a difference of computation, not of the checkpoint.
+in bf16). Every parameter, as the forward saw it (unsharded and cast by the engine), is recorded too, as an exact
+digest: a differing output whose weights agree is a difference of computation, not of the checkpoint.
 """
 
 import contextlib
@@ -31,9 +31,18 @@ def weight_digest(tensor: torch.Tensor) -> torch.Tensor:
     return torch.tensor([tensor.element_size(), total % (1 << 62), weighted % (1 << 62)], dtype=torch.int64)
 
 
-def _compute_module(module):
-    """The module whose forward sees full parameters: FSDP1 units unshard inside their wrapper's forward."""
-    return getattr(module, "_fsdp_wrapped_module", module)
+def _is_fsdp_unit(module) -> bool:
+    return type(module).__name__ == "FullyShardedDataParallel"
+
+
+def _unit_parameter_names(module) -> list[str]:
+    """Names (relative to `module`) of its parameters and its descendants', not descending into FSDP units: the
+    parameters that are whole whenever `module` runs (FSDP unshards a unit's parameters together)."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    for child_name, child in module.named_children():
+        if not _is_fsdp_unit(child):
+            names += [f"{child_name}.{name}" for name in _unit_parameter_names(child)]
+    return names
 
 
 def _is_whole(parameter) -> bool:
@@ -42,44 +51,54 @@ def _is_whole(parameter) -> bool:
     return status is None or status.name == "AVAILABLE"
 
 
-def _weight_hook(name: str, module, record: dict):
-    """A pre-hook on the module that computes, putting a digest of each parameter it holds whole into `record` as
-    `weights.<name>.<parameter>`. FSDP has unsharded a unit's parameters by then; DeepSpeed ZeRO-3 has gathered the
-    module's own and keeps small ones (under its persistence threshold: norms, convolutions, Mamba's A, D, dt bias)
-    whole throughout; the rest of a ZeRO-3 block is gathered later, module by module, and not digested. Names are
+def _weight_hooks(model, record: dict) -> list:
+    """Pre-hooks on every module that put a digest of each parameter into `record` (`weights.<parameter name>`) the
+    first time a forward finds it whole: FSDP has unsharded a unit's parameters when any module of the unit runs;
+    DeepSpeed ZeRO-3 gathers a module's own parameters in that module's pre-hook (registered before these, so run
+    first) and keeps small ones (norms, convolutions, Mamba's A, D, dt bias) whole throughout. Parameters of modules
+    whose forward is never called (e.g. conv1d, read by the Mamba mixer) are digested through their caller. Names are
     taken now and tensors at forward time: FSDP swaps in unsharded views as plain tensors while a unit runs, which
     named_parameters() then misses."""
-    compute_module = _compute_module(module)
-    parameter_names = [parameter_name for parameter_name, _ in compute_module.named_parameters()]
+    handles = []
+    for path, module in model.named_modules():
+        if _is_fsdp_unit(module):
+            continue
+        prefix = path.replace("._fsdp_wrapped_module", "")
+        names = _unit_parameter_names(module)
+        if not names:
+            continue
 
-    def keep_weights(compute_module, args, kwargs):
-        if kwargs.get("score_query") is not None:  # an attention-guided scoring call: the same weights again
-            return
-        for parameter_name in parameter_names:
-            parameter = operator.attrgetter(parameter_name)(compute_module)
-            if _is_whole(parameter):
-                record[f"weights.{name}.{parameter_name}"] = weight_digest(parameter)
-    return compute_module.register_forward_pre_hook(keep_weights, with_kwargs=True)
+        def keep_weights(module, args, prefix=prefix, names=names):
+            for name in names:
+                key = f"weights.{prefix}.{name}" if prefix else f"weights.{name}"
+                if key not in record:
+                    parameter = operator.attrgetter(name)(module)
+                    if _is_whole(parameter):
+                        record[key] = weight_digest(parameter)
+        handles.append(module.register_forward_pre_hook(keep_weights))
+    return handles
 
 
 @contextlib.contextmanager
-def recording(model):
-    """Within the block, every forward of `model` (the unwrapped TimeViperForConditionalGeneration) fills the yielded
-    dict, in forward order: the output of `embeddings`, of `block.<i>` for each hybrid/decoder block and of
-    `final_norm`, and before each the digests of its parameters as its forward saw them
-    (`weights.<name>.<parameter>`). Works through FSDP and DeepSpeed wrappers of the blocks (the hooks see the full
-    outputs)."""
+def recording(model, block_outputs: bool = True):
+    """Within the block, the forward of `model` (the unwrapped TimeViperForConditionalGeneration) fills the yielded
+    dict, in forward order: `weights.<parameter name>` (a digest of each parameter as the forward saw it, unsharded
+    and cast by the engine), `video_features` (the projector's output, when the batch has a video) and, with
+    `block_outputs`, the outputs of `embeddings`, of `block.<i>` for each hybrid/decoder block and of `final_norm`.
+    Works through FSDP and DeepSpeed wrappers of the blocks (the hooks see the full outputs). One forward per block:
+    a parameter is digested the first time it is met."""
     language_model = model.model.language_model
-    modules = {"embeddings": language_model.embed}
-    modules.update({f"block.{i}": block for i, block in enumerate(language_model.layers)})
-    modules["final_norm"] = language_model.final_norm
+    modules = {"video_features": model.model.multi_modal_projector}
+    if block_outputs:
+        modules["embeddings"] = language_model.embed
+        modules.update({f"block.{i}": block for i, block in enumerate(language_model.layers)})
+        modules["final_norm"] = language_model.final_norm
     outputs = {}
-    handles = []
+    handles = _weight_hooks(model, outputs)
     for name, module in modules.items():
         def keep(module, args, kwargs, output, name=name):
             if kwargs.get("score_query") is None:  # not an attention-guided scoring call of the block
                 outputs[name] = output.detach().cpu()
-        handles.append(_weight_hook(name, module, outputs))
         handles.append(module.register_forward_hook(keep, with_kwargs=True))
     try:
         yield outputs

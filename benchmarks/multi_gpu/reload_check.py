@@ -18,7 +18,6 @@ says otherwise.
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -149,11 +148,17 @@ def verdict(report: dict) -> list[str]:
     for name, logits in report["logits"].items():
         if not logits["repeat_identical"]:
             problems.append(f"{name} probe: two forwards of the reloaded model differ (nondeterministic kernels)")
+        if not logits["reference_repeat_identical"]:
+            problems.append(f"{name} probe: two forwards of the trained model differ (nondeterministic under the engine)")
         if not logits["shape_equal"]:
             problems.append(f"{name} probe: logits shape {logits['reloaded_shape']} != {logits['reference_shape']}")
         elif not logits["bitwise_identical"]:
+            where = logits["outputs"]
             problems.append(f"{name} probe: logits differ (max |diff| {logits['max_abs_diff']:.3g}, argmax agreement "
-                            f"{logits['argmax_agreement']:.4f}, kept positions equal: {logits['kept_positions_equal']})")
+                            f"{logits['argmax_agreement']:.4f}, kept positions equal: {logits['kept_positions_equal']}; "
+                            f"first differing output: {where['first_differing']}, differing weights: "
+                            f"{len(where['differing_weights'])} of {where['weights_compared']}, first "
+                            f"{where['first_differing_weights']})")
     return problems
 
 
@@ -171,16 +176,14 @@ def main(argv=None) -> int:
     comparisons = {}
     for name, path in probe_paths(args.probe).items():
         batch = {key: value.to(args.device) for key, value in torch.load(path).items()}
-        expected_outputs = reference[name]["outputs"]  # kept for the text probe only (the video one's are GBs)
-        recording = block_outputs.recording(model) if expected_outputs else contextlib.nullcontext({})
         with torch.no_grad(), autocast:
-            with recording as outputs:
+            with block_outputs.recording(model, block_outputs=name == "text") as outputs:
                 output = model(**batch)
             # A second forward separates run-to-run nondeterminism (atomics) from a real difference.
             repeat = model(**batch).logits
-        comparisons[name] = {**compare(reference[name], output), "repeat_identical": torch.equal(output.logits, repeat)}
-        if expected_outputs:
-            comparisons[name]["outputs"] = block_outputs.compare(expected_outputs, outputs)
+        comparisons[name] = {**compare(reference[name], output), "repeat_identical": torch.equal(output.logits, repeat),
+                             "reference_repeat_identical": reference[name]["repeat_identical"],
+                             "outputs": block_outputs.compare(reference[name]["outputs"], outputs)}
     report = {
         "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
         "compute": {key: reference[key] for key in ("param_dtype", "autocast", "autocast_dtype")},

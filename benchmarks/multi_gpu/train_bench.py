@@ -15,7 +15,6 @@ for reload_check.py.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -111,12 +110,16 @@ def run_probe(trainer, batch_path: str) -> dict:
     try:
         for name, path in probe_paths(batch_path).items():
             batch = {key: value.to(device) for key, value in torch.load(path).items()}
-            # The text probe also keeps every block's output, so a reload that differs names where it starts.
-            recording = block_outputs.recording(inner) if name == "text" else contextlib.nullcontext({})
-            with torch.no_grad(), recording as outputs:
-                output = model(**batch)
+            # Weight digests and video features for both probes; the text probe also keeps every block's output
+            # (the video one's are GBs), so a reload that differs names where it starts.
+            with torch.no_grad():
+                with block_outputs.recording(inner, block_outputs=name == "text") as outputs:
+                    output = model(**batch)
+                # A second forward: a difference here is nondeterminism of the engine's forward, not the checkpoint.
+                repeat = model(**batch).logits
             results[name] = {"logits": output.logits.detach().float().cpu(), "loss": float(output.loss),
-                             "kept_positions": output.kept_positions.cpu(), "outputs": outputs}
+                             "kept_positions": output.kept_positions.cpu(), "outputs": outputs,
+                             "repeat_identical": torch.equal(output.logits, repeat)}
     finally:
         handle.remove()
     return {**results, **seen, "triton_autotune": autotune_choices()}
