@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 VENV=${TIMEVIPER_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.timeviper-installed"
-want=$(cat setup.cfg pyproject.toml | sha1sum | cut -d' ' -f1)
+want=$(cat setup.cfg pyproject.toml timeviper.sh | sha1sum | cut -d' ' -f1)
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[timeviper] setting up $VENV (first run only) ..." >&2
@@ -20,6 +20,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" >&2 \
         || "$VENV/bin/python" -m pip install -q "torch>=2.5" torchvision >&2
     "$VENV/bin/python" -m pip install -q -e ".[test,video,train]" >&2
+    # DeepSpeed for ZeRO-3 training (training/accelerate_configs; its tests run on DeepSpeed's CPU accelerator). It
+    # ships as an sdist whose setup imports torch: built against the torch above, not in an isolated build env that
+    # would download another one.
+    "$VENV/bin/python" -m pip install -q setuptools wheel >&2
+    "$VENV/bin/python" -m pip install -q --no-build-isolation "deepspeed==0.19.8" >&2
     echo "$want" > "$stamp"
 fi
 

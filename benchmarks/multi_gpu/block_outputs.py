@@ -8,7 +8,6 @@ digest: a differing output whose weights agree is a difference of computation, n
 """
 
 import contextlib
-import operator
 
 import torch
 
@@ -45,6 +44,17 @@ def _unit_parameter_names(module) -> list[str]:
     return names
 
 
+def _tensor_as_held(module, name: str):
+    """The parameter `name` (dotted, relative to `module`) as the module holds it at this moment, looked up without
+    DeepSpeed ZeRO-3's gather-on-access (its parameter dict gathers a partitioned parameter when indexed, which
+    would make the recording change what the engine fetches and break its prefetch trace)."""
+    *path, attribute = name.split(".")
+    for part in path:
+        module = module._modules[part]
+    held = module.__dict__.get(attribute)  # FSDP's unsharded views are plain attributes while a unit runs
+    return held if held is not None else dict.get(module._parameters, attribute)
+
+
 def _is_whole(parameter) -> bool:
     """False for a DeepSpeed ZeRO-3 partition not gathered at this moment (its module's forward has not begun)."""
     status = getattr(parameter, "ds_status", None)
@@ -57,8 +67,7 @@ def _weight_hooks(model, record: dict) -> list:
     DeepSpeed ZeRO-3 gathers a module's own parameters in that module's pre-hook (registered before these, so run
     first) and keeps small ones (norms, convolutions, Mamba's A, D, dt bias) whole throughout. Parameters of modules
     whose forward is never called (e.g. conv1d, read by the Mamba mixer) are digested through their caller. Names are
-    taken now and tensors at forward time: FSDP swaps in unsharded views as plain tensors while a unit runs, which
-    named_parameters() then misses."""
+    taken now and tensors at forward time (`_tensor_as_held`)."""
     handles = []
     for path, module in model.named_modules():
         if _is_fsdp_unit(module):
@@ -72,7 +81,7 @@ def _weight_hooks(model, record: dict) -> list:
             for name in names:
                 key = f"weights.{prefix}.{name}" if prefix else f"weights.{name}"
                 if key not in record:
-                    parameter = operator.attrgetter(name)(module)
+                    parameter = _tensor_as_held(module, name)
                     if _is_whole(parameter):
                         record[key] = weight_digest(parameter)
         handles.append(module.register_forward_pre_hook(keep_weights))
