@@ -38,6 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_cpu_process_env() -> dict:
+    """Environment for a one-process DeepSpeed run on its CPU accelerator (gloo), the repo importable."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -61,9 +68,7 @@ def test_zero3_saves_the_checkpoint_key_names_and_reloads(tmp_path):
     (data / "train.jsonl").write_text(json.dumps({"id": "0", "video": "v.mp4", "conversations": turns}) + "\n")
 
     output = tmp_path / "output"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = one_cpu_process_env()
     command = [sys.executable, "-m", "training.train", "--model", checkpoint, "--data", data / "train.jsonl",
                "--video-root", data, "--stage", "2", "--token-compression", "uni_1_0.5", "--fps", "2",
                "--max_frames", "4", "--output_dir", output, "--max_steps", "1", "--save_strategy", "no",
@@ -101,9 +106,7 @@ def test_zero3_trained_model_and_its_reload_compute_the_same_bits(tmp_path):
     Linear layers with a bias (SigLIP, projector) computed other bits than the same weights reloaded, and
     attention-guided dropping then kept other vision tokens. zero3.json turns it off."""
     work, bench = tmp_path / "work", tmp_path / "zero3"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = one_cpu_process_env()
 
     def run(*args):
         result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
