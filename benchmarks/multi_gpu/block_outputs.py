@@ -116,6 +116,18 @@ def recording(model, block_outputs: bool = True):
             handle.remove()
 
 
+def probe_forward(model, inner, batch: dict, probe: str):
+    """One probe through `model` (an engine's wrapper, or the model itself) without autograd, recorded on `inner` (its
+    unwrapped model; block outputs for the text probe only, the video probe's are GBs), then a second forward.
+    Returns the output, the recording, and whether the second forward repeated the logits bit for bit (if not, the
+    forward is nondeterministic, whatever the checkpoint)."""
+    with torch.no_grad():
+        with recording(inner, block_outputs=probe == "text") as outputs:
+            output = model(**batch)
+        repeat = model(**batch).logits
+    return output, outputs, torch.equal(output.logits, repeat)
+
+
 def compare(expected: dict, actual: dict) -> dict:
     """Which recorded outputs and weight digests differ in any bit (in forward order), the first of each, and each
     differing output's max |diff|."""

@@ -176,12 +176,9 @@ def main(argv=None) -> int:
     comparisons = {}
     for name, path in probe_paths(args.probe).items():
         batch = {key: value.to(args.device) for key, value in torch.load(path).items()}
-        with torch.no_grad(), autocast:
-            with block_outputs.recording(model, block_outputs=name == "text") as outputs:
-                output = model(**batch)
-            # A second forward separates run-to-run nondeterminism (atomics) from a real difference.
-            repeat = model(**batch).logits
-        comparisons[name] = {**compare(reference[name], output), "repeat_identical": torch.equal(output.logits, repeat),
+        with autocast:
+            output, outputs, repeated = block_outputs.probe_forward(model, model, batch, name)
+        comparisons[name] = {**compare(reference[name], output), "repeat_identical": repeated,
                              "reference_repeat_identical": reference[name]["repeat_identical"],
                              "outputs": block_outputs.compare(reference[name]["outputs"], outputs)}
     report = {

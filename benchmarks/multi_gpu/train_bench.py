@@ -92,8 +92,9 @@ def run_probe(trainer, batch_path: str) -> dict:
     """Logits of the probe batches (`batch_path`, and the same sample without its video beside it) from the model as
     the engine holds it, with the parameter dtype and autocast state seen by lm_head (FSDP's mixed precision casts
     every parameter to bf16 and accelerate adds bf16 autocast; DeepSpeed's bf16 keeps bf16 parameters without
-    autocast), so the reload check can compute the same way; for the text probe also the language model's
-    intermediate outputs (block_outputs.py)."""
+    autocast), so the reload check can compute the same way; also what `block_outputs.probe_forward` records (weight
+    digests, the projector's output, for the text probe every block's output) and whether a second forward repeats
+    the logits."""
     device = trainer.args.device
     seen = {}
 
@@ -110,16 +111,10 @@ def run_probe(trainer, batch_path: str) -> dict:
     try:
         for name, path in probe_paths(batch_path).items():
             batch = {key: value.to(device) for key, value in torch.load(path).items()}
-            # Weight digests and video features for both probes; the text probe also keeps every block's output
-            # (the video one's are GBs), so a reload that differs names where it starts.
-            with torch.no_grad():
-                with block_outputs.recording(inner, block_outputs=name == "text") as outputs:
-                    output = model(**batch)
-                # A second forward: a difference here is nondeterminism of the engine's forward, not the checkpoint.
-                repeat = model(**batch).logits
+            output, outputs, repeated = block_outputs.probe_forward(model, inner, batch, name)
             results[name] = {"logits": output.logits.detach().float().cpu(), "loss": float(output.loss),
                              "kept_positions": output.kept_positions.cpu(), "outputs": outputs,
-                             "repeat_identical": torch.equal(output.logits, repeat)}
+                             "repeat_identical": repeated}
     finally:
         handle.remove()
     return {**results, **seen, "triton_autotune": autotune_choices()}
