@@ -1,6 +1,6 @@
 """benchmarks/multi_gpu/run.sh in its CPU smoke mode (TV_BENCH_TINY=1: tiny widths, one process, no accelerate):
 prepare, the training wrapper, the reload check and the report run end to end, and the saved folder reloads with
-bit-identical probe logits."""
+bit-identical probe logits; the step floor and the profiled step's kernel accounting."""
 
 import json
 import os
@@ -13,8 +13,11 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "multi_gpu"))
+sys.path.insert(0, str(REPO))
 
 import block_outputs  # noqa: E402
+import floor  # noqa: E402
+import train_bench  # noqa: E402
 
 
 def test_weight_digest_sees_every_bit_and_only_the_bits():
@@ -33,7 +36,7 @@ def test_weight_digest_sees_every_bit_and_only_the_bits():
 
 def test_benchmark_scripts_run_end_to_end_on_cpu(tmp_path):
     env = dict(os.environ, TV_BENCH_TINY="1", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
-               TV_BENCH_WORK=str(tmp_path / "work"), STEPS="2")
+               TV_BENCH_WORK=str(tmp_path / "work"), STEPS="2", PROFILE_STEP="2")
     run = subprocess.run(["bash", "benchmarks/multi_gpu/run.sh", "fsdp"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -41,6 +44,9 @@ def test_benchmark_scripts_run_end_to_end_on_cpu(tmp_path):
     assert [s["stage"] for s in results["stages"]] == ["prepare", "train_fsdp", "reload_fsdp"]
     fsdp = results["engines"]["fsdp"]
     assert fsdp["summary"]["steps"] == 2 and fsdp["ranks"][0]["probe"]["autocast"]
+    steps = fsdp["ranks"][0]["steps"]
+    assert steps[1]["profiled"] and steps[1]["profile"]["step_s"] == steps[1]["step_s"] and "profiled" not in steps[0]
+    assert fsdp["summary"]["median_step_s"] == steps[0]["step_s"]  # the profiled step is not timed
     reload = fsdp["reload"]
     assert reload["passed"], reload["problems"]
     assert all(probe["bitwise_identical"] and probe["repeat_identical"] for probe in reload["logits"].values())
@@ -79,3 +85,52 @@ def test_fsdp_forward_check_runs_on_cpu(tmp_path):
     assert fsdp["weights_compared"] == bf16["weights_compared"] == len(bf16["differing_weights"]) > 9
     assert not report["bf16_vs_fp32"]["logits_bitwise_identical"]  # the comparison can see a rounding step
     assert report["bf16_vs_fp32"]["first_differing"] == "embeddings"
+
+
+def test_step_floor_of_the_full_size_benchmark():
+    """The floor of the benchmark's step (2 H200s, 256 frames, 4,211 tokens) against independent estimates."""
+    prepared = {"tiny": False, "schedule": "uni_7_0.5-attn_39_0.05", "frames": 256, "train_tokens": 4211,
+                "parameters": {"total": 9_436_555_378, "vision": 412_987_248}}
+    h200 = floor.step_floor(prepared, "NVIDIA H200", world_size=2)
+    # 4,096 vision tokens + 115 text; half the vision tokens kept from block 7, int(4096 x 0.05) = 204 from block 39.
+    assert h200["tokens_per_block"] == [4211] * 7 + [2163] * 32 + [319] * 17
+    flops = h200["flops"]
+    # Frozen tower, forward only: ~2 FLOPs per parameter and patch over 26 of its 27 blocks, plus attention.
+    assert 1.0 < flops["vision"] / (2 * 412_987_248 * 729 * 256 * 26 / 27) < 1.15
+    # LLM blocks: ~8 FLOPs per parameter and token (forward, recomputation, backward) over the blocks' ~7.7 B
+    # parameters at the mean block length.
+    mean_tokens = sum(h200["tokens_per_block"]) / 56
+    assert 0.9 < flops["llm_blocks"] / (8 * 7.7e9 * mean_tokens) < 1.2
+    assert flops["total"] - flops["without_recompute"] == flops["llm_blocks"] / 4
+    # AdamW: 32 bytes per trained parameter on each GPU's half.
+    assert h200["optimizer_bytes"] == 32 * (9_436_555_378 - 412_987_248) / 2
+    h100 = floor.step_floor(prepared, "NVIDIA H100 80GB HBM3", world_size=2)
+    assert h100["compute_s"] == h200["compute_s"] and h100["optimizer_s"] > h200["optimizer_s"]
+    assert floor.step_floor(prepared, "cpu", world_size=1) is None
+
+
+def test_kernel_profile_sums_kinds_and_overlaps():
+    class Kernel:
+        device_type = torch.autograd.DeviceType.CUDA
+        is_user_annotation = False
+
+        def __init__(self, name, start, end):
+            self.name = name
+            self.time_range = type("Range", (), {"start": start, "end": end})
+
+    cpu_op = Kernel("aten::mm", 0, 9e6)
+    cpu_op.device_type = torch.autograd.DeviceType.CPU
+    annotations = [Kernel("FullyShardedDataParallel.forward", 0, 1_000_000),
+                   Kernel("nccl:_all_gather_base", 300_000, 700_000)]  # GPU-side ranges, not kernels
+    for annotation in annotations:
+        annotation.is_user_annotation = True
+    events = [Kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 0, 400_000),
+              Kernel("ncclDevKernel_AllGather_RING_LL", 300_000, 700_000),
+              Kernel("_chunk_scan_bwd_dx_kernel", 500_000, 600_000),
+              Kernel("vectorized_elementwise_kernel", 800_000, 900_000), cpu_op, *annotations]
+    profile = train_bench.kernel_profile(events, step_s=1.0)
+    assert profile["kernels"] == 4
+    assert profile["kernel_s_by_kind"] == {"matmul": 0.4, "communication": 0.4, "mamba_scan": 0.1, "other": 0.1}
+    assert profile["busy_s"] == 0.8  # 0-0.7 s and 0.8-0.9 s
+    assert profile["compute_busy_s"] == 0.6 and profile["communication_busy_s"] == 0.4
+    assert profile["longest_kernels"][0]["kind"] in ("matmul", "communication")

@@ -2,13 +2,14 @@
 
     python benchmarks/multi_gpu/report.py stage --work W --name train_fsdp --status 0 --seconds 250 -- CMD...
     python benchmarks/multi_gpu/report.py collect --work W --engines fsdp zero3 --out $OUT/results.json  # GPU machine
-    python benchmarks/multi_gpu/report.py markdown results.json [more.json ...]         # anywhere, for README.md
+    PYTHONPATH=. python benchmarks/multi_gpu/report.py markdown results.json [more.json ...]   # for README.md
 
 `stage` appends one line to <work>/stages.jsonl (run.sh calls it after every stage, with the exact command).
 `collect` merges prepared.json, stages.jsonl, the given engines' rank<r>.json (train_bench.py) and reload.json
 (reload_check.py) with the software and GPU versions, and adds per-engine summaries: step 1 (Triton compilation
-and first-touch allocations), then the median and mean of the later steps. `markdown` prints the tables; several
-JSON files (say, one per engine from separate calls) are merged in the order given.
+and first-touch allocations), then the median and mean of the later steps (a profiled step left out). `markdown`
+prints the tables, with each step time against its floor (floor.py) and the profiled step's GPU time by kind of
+kernel; several JSON files (say, one per engine from separate calls) are merged in the order given.
 """
 
 import argparse
@@ -57,7 +58,8 @@ def environment() -> dict:
 
 def summarize_engine(ranks: list[dict], prepared: dict | None) -> dict:
     steps = ranks[0]["steps"]
-    later = [s["step_s"] for s in steps[1:]] or [steps[0]["step_s"]]
+    timed = [s for s in steps[1:] if not s.get("profiled")] or steps[:1]  # step 1 compiles; profiling slows a step
+    later = [s["step_s"] for s in timed]
     median = statistics.median(later)
     world = ranks[0]["world_size"]
     summary = {
@@ -68,7 +70,7 @@ def summarize_engine(ranks: list[dict], prepared: dict | None) -> dict:
         "median_step_s": median,
         "mean_step_s": statistics.fmean(later),
         "max_step_s": max(later),
-        "median_interval_s": statistics.median([s["interval_s"] for s in steps[1:]] or [steps[0]["interval_s"]]),
+        "median_interval_s": statistics.median([s["interval_s"] for s in timed]),
         "loss_first": steps[0].get("loss"),
         "loss_last": steps[-1].get("loss"),
         "load_s": ranks[0]["load_s"],
@@ -111,21 +113,66 @@ def table_header(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def training_table(engines: dict) -> list[str]:
-    rows = table_header("engine", "GPUs", "steps", "step 1 (s)", "median step 2–N (s)", "mean (s)", "tokens/s, all GPUs",
-                        "frames/s", "peak allocated GiB (per GPU)", "peak reserved GiB", "load (s)", "save (s)",
-                        "loss step 1 → N")
+def step_floors(engines: dict, prepared: dict | None) -> dict:
+    """floor.step_floor for each engine's device and GPU count (None where it has no measured ceilings)."""
+    if not prepared:
+        return {}
+    from floor import step_floor  # imports torch and the model: only where tables are printed
+
+    return {engine: step_floor(prepared, result["summary"]["device"], result["summary"]["world_size"])
+            for engine, result in engines.items() if result["summary"]}
+
+
+def floor_lines(floors: dict) -> list[str]:
+    """One line per distinct floor: what it is made of."""
+    lines = []
+    for floor in {id(f): f for f in floors.values() if f}.values():
+        flops = floor["flops"]
+        parts = ", ".join(f"{name} {flops[name] / 1e12:.1f}" for name in
+                          ("vision", "llm_blocks", "lm_head", "projector", "compression", "tome"))
+        text = (f"Floor per GPU and step (`floor.py`): {floor['floor_s']:.3f} s = {flops['total'] / 1e12:.1f} TFLOP "
+                f"({parts}) at {floor['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s + AdamW's "
+                f"{floor['optimizer_bytes'] / 1e9:.0f} GB at {floor['copy_bytes_per_s'] / 1e12:.1f} TB/s; "
+                f"{floor['floor_without_recompute_s']:.3f} s without the recomputation of gradient checkpointing.")
+        if text not in lines:
+            lines.append(text)
+    return lines
+
+
+def training_table(engines: dict, floors: dict) -> list[str]:
+    rows = table_header("engine", "GPUs", "steps", "step 1 (s)", "median step 2–N (s)", "× floor", "mean (s)",
+                        "tokens/s, all GPUs", "frames/s", "peak allocated GiB (per GPU)", "peak reserved GiB",
+                        "load (s)", "save (s)", "loss step 1 → N")
     for engine, result in engines.items():
         s = result["summary"]
         if s is None:
             continue
+        floor = floors.get(engine)
+        ratio = f"{s['median_step_s'] / floor['floor_s']:.1f}" if floor else "—"
         rows.append(
             f"| {ENGINE_LABELS[engine]} | {s['world_size']}× {s['device']} | {s['steps']} | {s['first_step_s']:.1f} "
-            f"| **{s['median_step_s']:.2f}** | {s['mean_step_s']:.2f} | {number(s.get('tokens_per_s'), ',.0f')} "
-            f"| {number(s.get('frames_per_s'), '.0f')} | {gib(s['peak_train'], 'max_allocated_gib')} "
+            f"| **{s['median_step_s']:.2f}** | {ratio} | {s['mean_step_s']:.2f} "
+            f"| {number(s.get('tokens_per_s'), ',.0f')} | {number(s.get('frames_per_s'), '.0f')} | {gib(s['peak_train'], 'max_allocated_gib')} "
             f"| {gib(s['peak_train'], 'max_reserved_gib')} | {s['load_s']:.0f} | {s['save_s']:.0f} "
             f"| {number(s['loss_first'], '.3f')} → {number(s['loss_last'], '.3f')} |")
     return rows
+
+
+def profile_table(engines: dict) -> list[str]:
+    """The profiled step of each rank (train_bench.py --bench-profile-step): where its GPU time went."""
+    kinds = ("matmul", "mamba_scan", "attention", "communication", "copy", "other")
+    rows = table_header("engine", "rank", "step", "step (s, profiled)", "GPU busy (s)", "compute busy (s)",
+                        "communication busy (s)", *(f"{kind} (s)" for kind in kinds))
+    for engine, result in engines.items():
+        for rank in result["ranks"]:
+            for step in rank["steps"]:
+                if step.get("profiled"):
+                    p = step["profile"]
+                    rows.append(
+                        f"| {ENGINE_LABELS[engine]} | {rank['rank']} | {step['step']} | {p['step_s']:.2f} "
+                        f"| {p['busy_s']:.2f} | {p['compute_busy_s']:.2f} | {p['communication_busy_s']:.2f} | "
+                        + " | ".join(f"{p['kernel_s_by_kind'].get(kind, 0.0):.2f}" for kind in kinds) + " |")
+    return rows if len(rows) > 2 else []
 
 
 def reload_table(engines: dict) -> list[str]:
@@ -163,7 +210,11 @@ def markdown(args) -> None:
         merged["engines"].update(results["engines"])
         merged["stages"] += results["stages"]
         merged.update({key: results[key] for key in ("prepared", "environment") if results.get(key)})
-    lines = training_table(merged["engines"]) + [""] + reload_table(merged["engines"]) + ["", "Stages:", ""]
+    floors = step_floors(merged["engines"], merged.get("prepared"))
+    lines = training_table(merged["engines"], floors)
+    for section in (floor_lines(floors), profile_table(merged["engines"]), reload_table(merged["engines"])):
+        lines += [""] + section if section else []
+    lines += ["", "Stages:", ""]
     lines += [f"- `{s['stage']}` ({s['seconds']} s, exit {s['status']}): `{s['command']}`" for s in merged["stages"]]
     environment = merged.get("environment")
     if environment:

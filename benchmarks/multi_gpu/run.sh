@@ -13,7 +13,8 @@
 # results.json. Scratch: TV_BENCH_WORK, default /dev/shm/tv_multi_gpu when /dev/shm has 100 GiB free, else
 # /tmp/tv_multi_gpu; it peaks at ~60 GB (bf16 input checkpoint 19 GB + the fp32 FSDP output 38 GB, deleted once
 # checked). A finished preparation there is reused. Other knobs: NPROC (2), STEPS (20), FRAMES (256), WORKERS
-# (data loader workers per GPU, 4; fewer when /dev/shm is small: each 256-frame sample is 0.45 GB of fp32 pixels).
+# (data loader workers per GPU, 4; fewer when /dev/shm is small: each 256-frame sample is 0.45 GB of fp32 pixels),
+# PROFILE_STEP (the step run under torch.profiler and left out of the step statistics, 10; 0 for none).
 # Each stage logs its start, end and exit status with the seconds since the start; a failed stage is reported, the
 # stages that need its output are skipped, and the script exits 1.
 # TV_BENCH_TINY=1: tiny widths, 8 frames, 3 steps, one CPU process without accelerate (FSDP and DeepSpeed need
@@ -37,13 +38,13 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 if [ -n "$TINY" ]; then
-    STEPS="${STEPS:-3}" FRAMES="${FRAMES:-8}" WORKERS="${WORKERS:-2}"
+    STEPS="${STEPS:-3}" FRAMES="${FRAMES:-8}" WORKERS="${WORKERS:-2}" PROFILE_STEP="${PROFILE_STEP:-2}"
     WORK="${TV_BENCH_WORK:-/tmp/tv_multi_gpu_tiny}"
     PREPARE_ARGS=(--tiny --samples 8)
     DEVICE_ARGS=(--use_cpu)  # the Trainer refuses --bf16 on a CPU without it
     export OMP_NUM_THREADS=1  # tiny models on a few busy cores: more threads slow them down many times
 else
-    STEPS="${STEPS:-20}" FRAMES="${FRAMES:-256}" NPROC="${NPROC:-2}"
+    STEPS="${STEPS:-20}" FRAMES="${FRAMES:-256}" NPROC="${NPROC:-2}" PROFILE_STEP="${PROFILE_STEP:-10}"
     shm_gib=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
     shm_gib=${shm_gib:-0}
     # Samples in flight: GPUs x workers x prefetch 2 x 0.45 GB; keep them under half of /dev/shm.
@@ -80,7 +81,8 @@ collect() {
         --out "$OUT/results.json" || { log "collecting the results failed"; FAILED+=(collect); }
 }
 
-log "engines: ${ENGINES[*]}; steps $STEPS, frames $FRAMES, data workers per GPU $WORKERS; work $WORK; out $OUT"
+log "engines: ${ENGINES[*]}; steps $STEPS (profiled: $PROFILE_STEP), frames $FRAMES," \
+    "data workers per GPU $WORKERS; work $WORK; out $OUT"
 df -h "$WORK" /dev/shm 2>/dev/null
 [ -n "$TINY" ] || nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
 rm -f "$WORK/stages.jsonl"
@@ -105,7 +107,8 @@ for engine in "${ENGINES[@]}"; do
         LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "${CONFIGS[$engine]}" --num_processes "$NPROC")
     fi
     if stage "train_$engine" "${LAUNCH[@]}" benchmarks/multi_gpu/train_bench.py --bench-dir "$WORK/$engine" \
-        --bench-probe "$WORK/data/probe_batch.pt" --output_dir "$WORK/$engine/output" "${TRAIN_ARGS[@]}"; then
+        --bench-probe "$WORK/data/probe_batch.pt" --bench-profile-step "$PROFILE_STEP" \
+        --output_dir "$WORK/$engine/output" "${TRAIN_ARGS[@]}"; then
         collect
         stage "reload_$engine" env CUDA_VISIBLE_DEVICES=0 "$PYTHON" benchmarks/multi_gpu/reload_check.py \
             "$WORK/$engine/output" --initial "$WORK/model" --probe "$WORK/data/probe_batch.pt" \

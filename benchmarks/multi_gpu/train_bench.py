@@ -8,10 +8,12 @@ Run from the repository root with it on PYTHONPATH (run.sh does both). Every ran
 per optimizer step the wall time from step begin to step end and from the previous step's end (both after
 `torch.cuda.synchronize()`; the second includes waiting for the data loader), the loss, the peak memory
 (`torch.cuda.max_memory_allocated` / `max_memory_reserved`) while loading and while training, and the phase times
-(load, train, save). After training and saving, every rank runs the probe batch through the trained model as the
-engine holds it (FSDP-sharded or ZeRO-3-partitioned; the collectives need all ranks), and rank 0 saves logits, loss,
-the compute precision it saw and its Triton autotuning choices (triton_choices.py) to `<bench-dir>/probe_logits.pt`
-for reload_check.py.
+(load, train, save). With `--bench-profile-step K`, step K runs under `torch.profiler` and its record gets `profile`:
+GPU kernel time by kind and how much of the step the GPU was busy (`kernel_profile`); the profiler's overhead makes
+that step's time unrepresentative, so it is marked `profiled` and left out of the step statistics. After training
+and saving, every rank runs the probe batch through the trained model as the engine holds it (FSDP-sharded or
+ZeRO-3-partitioned; the collectives need all ranks), and rank 0 saves logits, loss, the compute precision it saw and
+its Triton autotuning choices (triton_choices.py) to `<bench-dir>/probe_logits.pt` for reload_check.py.
 """
 
 import argparse
@@ -30,6 +32,15 @@ from triton_choices import autotune_choices
 from training.train import main as train_main
 
 GIB = 2**30
+# Kinds of GPU kernel, by substrings of their names (the first kind that matches wins): NCCL collectives, cuBLAS /
+# CUTLASS matmuls, attention kernels, mamba-ssm's Triton chunked-scan kernels (forward and backward), copies.
+KERNEL_KINDS = (
+    ("communication", ("nccl",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("mamba_scan", ("_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum")),
+    ("copy", ("memcpy", "memset")),
+)
 
 
 def sync() -> float:
@@ -48,15 +59,56 @@ def peak_memory() -> dict:
             "device_used_gib": (total - free) / GIB}  # CUDA context and NCCL buffers included
 
 
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, markers in KERNEL_KINDS if any(m in lowered for m in markers)), "other")
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals in microseconds, in seconds: time in which at least one of
+    them ran (kernels of several streams overlap)."""
+    busy, covered_until = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_until:
+            busy += end - max(start, covered_until)
+            covered_until = end
+    return busy / 1e6
+
+
+def kernel_profile(events, step_s: float) -> dict:
+    """GPU kernel time of one profiled step: summed per kind, the union of all kernels (`busy_s`), of the
+    non-communication kernels (`compute_busy_s`) and of the communication kernels, and the 15 longest kernels."""
+    # GPU-side annotations (record_function ranges such as `FullyShardedDataParallel.forward` or `nccl:_all_gather_base`)
+    # are CUDA events too, spanning kernels and gaps: only kernels and copies count.
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for kernel in kernels:
+        seconds = (kernel.time_range.end - kernel.time_range.start) / 1e6
+        by_kind[kernel_kind(kernel.name)] = by_kind.get(kernel_kind(kernel.name), 0.0) + seconds
+        by_name[kernel.name] = by_name.get(kernel.name, 0.0) + seconds
+    interval = [(k.time_range.start, k.time_range.end) for k in kernels]
+    communication = [(k.time_range.start, k.time_range.end) for k in kernels if kernel_kind(k.name) == "communication"]
+    compute = [(k.time_range.start, k.time_range.end) for k in kernels if kernel_kind(k.name) != "communication"]
+    longest = sorted(by_name.items(), key=lambda item: -item[1])[:15]
+    return {"step_s": step_s, "kernels": len(kernels), "kernel_s_by_kind": by_kind, "busy_s": busy_seconds(interval),
+            "compute_busy_s": busy_seconds(compute), "communication_busy_s": busy_seconds(communication),
+            "longest_kernels": [{"name": name[:120], "kind": kernel_kind(name), "seconds": seconds}
+                                for name, seconds in longest]}
+
+
 class StepMetrics(TrainerCallback):
     """Per-step wall times, losses and peak memory; the memory peak is reset when training begins, so the training
-    peak is separate from the loading (and, under FSDP, module-state broadcast) peak."""
+    peak is separate from the loading (and, under FSDP, module-state broadcast) peak. `profile_step` (1-based, 0 for
+    none) runs under `torch.profiler`."""
 
-    def __init__(self, started: float):
+    def __init__(self, started: float, profile_step: int = 0):
         self.times = {"started": started}
         self.steps: list[dict] = []
         self.memory: dict[str, dict] = {}
         self.step_begin = self.last_step_end = None
+        self.profile_step = profile_step
+        self.profiler = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.times["train_begin"] = self.last_step_end = sync()
@@ -65,17 +117,29 @@ class StepMetrics(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.profile_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
         self.step_begin = sync()
 
     def on_step_end(self, args, state, control, **kwargs):
         now = sync()
         step = {"step": state.global_step, "step_s": now - self.step_begin, "interval_s": now - self.last_step_end,
                 **peak_memory()}
+        if self.profiler is not None:
+            self.profiler.stop()
+            step.update(profiled=True, profile=kernel_profile(self.profiler.events(), step["step_s"]))
+            self.profiler = None
+            now = sync()  # the next step's interval starts after the profile's processing
         self.steps.append(step)
         self.last_step_end = now
         if state.is_world_process_zero:
             memory = f", peak {step['max_allocated_gib']:.1f} GiB" if "max_allocated_gib" in step else ""
-            print(f"[train_bench] step {state.global_step}/{state.max_steps}: {step['step_s']:.2f} s "
+            profiled = " (profiled)" if step.get("profiled") else ""
+            print(f"[train_bench] step {state.global_step}/{state.max_steps}: {step['step_s']:.2f} s{profiled} "
                   f"(since previous step {step['interval_s']:.2f} s){memory}", flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -125,6 +189,8 @@ def parse_args(argv):
                                 allow_abbrev=False)
     p.add_argument("--bench-dir", required=True, help="where rank<r>.json and probe_logits.pt go")
     p.add_argument("--bench-probe", required=True, help="probe batch written by prepare.py")
+    p.add_argument("--bench-profile-step", type=int, default=0,
+                   help="run this optimizer step (1-based) under torch.profiler; 0: none")
     return p.parse_known_args(argv)
 
 
@@ -133,7 +199,7 @@ def main(argv=None) -> None:
     args, train_argv = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.bench_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = StepMetrics(started)
+    metrics = StepMetrics(started, args.bench_profile_step)
     trainer = train_main(train_argv, callbacks=[metrics])
     metrics.times["saved"] = sync()
     probe = run_probe(trainer, args.bench_probe)
