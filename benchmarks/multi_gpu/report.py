@@ -152,8 +152,9 @@ def training_table(engines: dict, floors: dict) -> list[str]:
         rows.append(
             f"| {ENGINE_LABELS[engine]} | {s['world_size']}× {s['device']} | {s['steps']} | {s['first_step_s']:.1f} "
             f"| **{s['median_step_s']:.2f}** | {ratio} | {s['mean_step_s']:.2f} "
-            f"| {number(s.get('tokens_per_s'), ',.0f')} | {number(s.get('frames_per_s'), '.0f')} | {gib(s['peak_train'], 'max_allocated_gib')} "
-            f"| {gib(s['peak_train'], 'max_reserved_gib')} | {s['load_s']:.0f} | {s['save_s']:.0f} "
+            f"| {number(s.get('tokens_per_s'), ',.0f')} | {number(s.get('frames_per_s'), '.0f')} "
+            f"| {gib(s['peak_train'], 'max_allocated_gib')} | {gib(s['peak_train'], 'max_reserved_gib')} "
+            f"| {s['load_s']:.0f} | {s['save_s']:.0f} "
             f"| {number(s['loss_first'], '.3f')} → {number(s['loss_last'], '.3f')} |")
     return rows
 

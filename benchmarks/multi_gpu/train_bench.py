@@ -78,20 +78,20 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 def kernel_profile(events, step_s: float) -> dict:
     """GPU kernel time of one profiled step: summed per kind, the union of all kernels (`busy_s`), of the
     non-communication kernels (`compute_busy_s`) and of the communication kernels, and the 15 longest kernels."""
-    # GPU-side annotations (record_function ranges such as `FullyShardedDataParallel.forward` or `nccl:_all_gather_base`)
-    # are CUDA events too, spanning kernels and gaps: only kernels and copies count.
+    # GPU-side annotations (record_function ranges such as `FullyShardedDataParallel.forward` or
+    # `nccl:_all_gather_base`) are CUDA events too, spanning kernels and gaps: only kernels and copies count.
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    kinds = [kernel_kind(kernel.name) for kernel in kernels]
+    spans = [(kernel.time_range.start, kernel.time_range.end) for kernel in kernels]
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
-    for kernel in kernels:
-        seconds = (kernel.time_range.end - kernel.time_range.start) / 1e6
-        by_kind[kernel_kind(kernel.name)] = by_kind.get(kernel_kind(kernel.name), 0.0) + seconds
-        by_name[kernel.name] = by_name.get(kernel.name, 0.0) + seconds
-    interval = [(k.time_range.start, k.time_range.end) for k in kernels]
-    communication = [(k.time_range.start, k.time_range.end) for k in kernels if kernel_kind(k.name) == "communication"]
-    compute = [(k.time_range.start, k.time_range.end) for k in kernels if kernel_kind(k.name) != "communication"]
+    for kernel, kind, (start, end) in zip(kernels, kinds, spans):
+        by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e6
+        by_name[kernel.name] = by_name.get(kernel.name, 0.0) + (end - start) / 1e6
+    communication = [span for span, kind in zip(spans, kinds) if kind == "communication"]
+    compute = [span for span, kind in zip(spans, kinds) if kind != "communication"]
     longest = sorted(by_name.items(), key=lambda item: -item[1])[:15]
-    return {"step_s": step_s, "kernels": len(kernels), "kernel_s_by_kind": by_kind, "busy_s": busy_seconds(interval),
+    return {"step_s": step_s, "kernels": len(kernels), "kernel_s_by_kind": by_kind, "busy_s": busy_seconds(spans),
             "compute_busy_s": busy_seconds(compute), "communication_busy_s": busy_seconds(communication),
             "longest_kernels": [{"name": name[:120], "kind": kernel_kind(name), "seconds": seconds}
                                 for name, seconds in longest]}
