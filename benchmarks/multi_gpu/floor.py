@@ -12,6 +12,8 @@ The tokens each block processes follow the TransV schedule: vision tokens kept f
 `int(vision tokens of the input x keep ratio)`, as `TimeViperModel._compress_row` keeps them.
 """
 
+import functools
+
 import torch
 
 from benchmarks.long_video import (
@@ -32,8 +34,11 @@ CEILINGS = {"H200": (790e12, 4.3e12), "H100": (790e12, 3.0e12)}
 OPTIMIZER_BYTES_PER_PARAMETER = 32
 
 
-def meta_model(prepared: dict) -> TimeViperForConditionalGeneration:
-    config = make_config(make_tiny_tokenizer("nemotron_h"), prepared["tiny"], prepared["schedule"])
+@functools.cache
+def meta_model(tiny: bool, schedule: str | None) -> TimeViperForConditionalGeneration:
+    """The benchmark's model (prepare.py) on the meta device. Cached: building it takes seconds, and a report or plot
+    asks for the floor of every engine and results file, which share it."""
+    config = make_config(make_tiny_tokenizer("nemotron_h"), tiny, schedule)
     with torch.device("meta"):
         return TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
 
@@ -77,7 +82,7 @@ def step_floor(prepared: dict, device: str, world_size: int) -> dict | None:
     if ceilings is None:
         return None
     matmul_flops_per_s, copy_bytes_per_s = ceilings
-    model = meta_model(prepared)
+    model = meta_model(prepared["tiny"], prepared["schedule"])
     counted = training_step_flops(model, prepared["frames"], prepared["train_tokens"])
     trained = prepared["parameters"]["total"] - prepared["parameters"]["vision"]  # --stage 2 freezes the vision tower
     optimizer_bytes = OPTIMIZER_BYTES_PER_PARAMETER * trained / world_size

@@ -7,14 +7,14 @@ Loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_cod
 a user would), in the parameter dtype and under the autocast state that train_bench.py recorded from the engine's
 forward (FSDP mixed precision: bf16 parameters + bf16 autocast; DeepSpeed bf16: bf16 parameters, no autocast), and
 with the Mamba-2 kernels' Triton configs that the trained model's process chose (triton_choices.py), so the
-arithmetic is the same as in training and the logits must be bitwise identical. Writes the loading report (missing / unexpected / mismatched keys, the
-folder's weight dtype and size) and the comparison (bitwise equality, max / mean |diff|, argmax agreement per
-position, loss) to --out. Because near-equal logits alone would also accept a folder holding the untrained weights
-(20 steps at lr 1e-5 move logits little), a sample of tensors per module group is compared with the input checkpoint
-(--initial): the trained groups must have moved, the frozen vision tower must be bit for bit the input's; and the
-folder's tensor names must be the input's. Exits 1 when keys are missing or unexpected (on loading or against the
-input's names), a recorded Triton config cannot be installed, the logits differ in any bit, or the weight sample
-says otherwise.
+arithmetic is the same as in training and the logits must be bitwise identical. Writes the loading report (missing /
+unexpected / mismatched keys, the folder's weight dtype and size) and the comparison (bitwise equality, max / mean
+|diff|, argmax agreement per position, loss) to --out. Because near-equal logits alone would also accept a folder
+holding the untrained weights (20 steps at lr 1e-5 move logits little), a sample of tensors per module group is
+compared with the input checkpoint (--initial): the trained groups must have moved, the frozen vision tower must be
+bit for bit the input's; and the folder's tensor names must be the input's. Exits 1 when keys are missing or
+unexpected (on loading or against the input's names), a recorded Triton config cannot be installed, the logits
+differ in any bit, or the weight sample says otherwise.
 """
 
 import argparse
@@ -149,13 +149,15 @@ def verdict(report: dict) -> list[str]:
         if not logits["repeat_identical"]:
             problems.append(f"{name} probe: two forwards of the reloaded model differ (nondeterministic kernels)")
         if not logits["reference_repeat_identical"]:
-            problems.append(f"{name} probe: two forwards of the trained model differ (nondeterministic under the engine)")
+            problems.append(f"{name} probe: two forwards of the trained model differ "
+                            "(nondeterministic under the engine)")
         if not logits["shape_equal"]:
             problems.append(f"{name} probe: logits shape {logits['reloaded_shape']} != {logits['reference_shape']}")
         elif not logits["bitwise_identical"]:
             where = logits["outputs"]
-            problems.append(f"{name} probe: logits differ (max |diff| {logits['max_abs_diff']:.3g}, argmax agreement "
-                            f"{logits['argmax_agreement']:.4f}, kept positions equal: {logits['kept_positions_equal']}; "
+            problems.append(f"{name} probe: logits differ (max |diff| {logits['max_abs_diff']:.3g}, argmax "
+                            f"agreement {logits['argmax_agreement']:.4f}, kept positions equal: "
+                            f"{logits['kept_positions_equal']}; "
                             f"first differing output: {where['first_differing']}, differing weights: "
                             f"{len(where['differing_weights'])} of {where['weights_compared']}, first "
                             f"{where['first_differing_weights']})")

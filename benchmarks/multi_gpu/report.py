@@ -126,7 +126,7 @@ def step_floors(engines: dict, prepared: dict | None) -> dict:
 def floor_lines(floors: dict) -> list[str]:
     """One line per distinct floor: what it is made of."""
     lines = []
-    for floor in {id(f): f for f in floors.values() if f}.values():
+    for floor in filter(None, floors.values()):
         flops = floor["flops"]
         parts = ", ".join(f"{name} {flops[name] / 1e12:.1f}" for name in
                           ("vision", "llm_blocks", "lm_head", "projector", "compression", "tome"))
