@@ -325,36 +325,12 @@ def test_vfr_processor_samples_by_real_time(vfr_videos, container):
         processor(path, start=1.0, end=1.0)
 
 
-def test_constant_rate_decode_falls_back_to_frame_table(vfr_videos, monkeypatch):
-    """A header that wrongly vouches for a constant rate: the first frame off the rate's grid switches to the table."""
-    import timeviper.processing_timeviper as ptv
-
-    monkeypatch.setattr(ptv, "_needs_frame_table", lambda stream, metadata: False)
-    off_grid = []
-    check = ptv._ConstantRate.check
-
-    def spy(self, pts):
-        try:
-            check(self, pts)
-        except ptv._NotConstantRate:
-            off_grid.append(pts)
-            raise
-
-    monkeypatch.setattr(ptv._ConstantRate, "check", spy)
-    stats = {}
-    frames, metadata = decode_video_pyav(
-        vfr_videos["mp4"], sample_indices_fn=lambda m: ptv._indices_for(m, {"fps": 1.0}), stats=stats
-    )
-    assert len(off_grid) == 1 and stats["scanned_packets"] == 40  # started on the header's rate, then switched
-    assert metadata.frames_indices == [0, 17, 31]
-    assert [frame_index_from_pixels(f) for f in frames] == [0, 17, 31]
-    assert metadata.timestamps == pytest.approx([0.0, 0.98, 1.96], abs=1e-6)
-
-
-def test_constant_rate_mp4_needs_no_frame_table(videos):
+def test_constant_rate_is_recognised_from_the_frame_index(videos):
+    """Every frame on a 25 fps grid: a constant rate (the reference's index rule applies), from one demux pass."""
     stats = {}
     _, metadata = decode_video_pyav(videos["gop20"], [0, 250], stats=stats)
-    assert stats["scanned_packets"] == 0 and metadata.frame_times is None
+    assert stats["scanned_packets"] == 300 and metadata.frame_times is None
+    assert metadata.fps == pytest.approx(25.0) and metadata.duration == pytest.approx(12.0)
     assert metadata.timestamps == pytest.approx([0.0, 10.0])
 
 
