@@ -16,7 +16,9 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
 
 * ``fps`` (default 1.0): one frame at the start of every ``1/fps`` second segment, counted from ``start``
   (default 0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` while the time is before
-  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. If more than
+  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. An ``fps`` above
+  the video's frame rate (the mean rate for a variable one) is capped at that rate with a warning: every frame once,
+  not each frame repeated (``reference_eval`` keeps the reference's repeats, and warns). If more than
   ``max_frames`` (default 256) result, ``max_frames`` of them are kept by uniform subsampling; if fewer than
   ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
 * ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
@@ -30,8 +32,12 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
   than ``fps``; the window holds the frames on screen during ``[start, end)``. ``num_frames`` (uniform over frame
   indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
 
-Decoding (`decode_video_pyav`) seeks to the keyframe before each wanted frame instead of decoding the whole file;
-``metadata.timestamps`` are the presentation times of the decoded frames.
+Decoding (`decode_video_pyav`): one demux pass numbers the frames by presentation timestamp; then only the groups of
+pictures that hold wanted frames are decoded (seeking over long stretches without one). Every decoded frame is
+identified by its timestamp, so ``metadata.frames_indices`` and ``metadata.timestamps`` (seconds from the video
+stream's first frame) describe exactly the frames returned; a wanted frame that cannot be decoded is an error (or,
+with ``tolerant=True``, replaced by the nearest decoded one with a warning). Frames come out as displayed (sample
+aspect ratio and display-matrix rotation applied).
 """
 
 import bisect
@@ -289,6 +295,9 @@ def sample_frame_indices(
     if max_frames is not None and min_frames is not None and min_frames > max_frames:
         raise ValueError(f"`min_frames` ({min_frames}) must not exceed `max_frames` ({max_frames}).")
 
+    if fps is not None and video_fps and fps > video_fps:
+        fps = _capped_fps(fps, video_fps, sampling)
+
     if sampling == "reference_eval":
         if num_frames is not None:
             raise ValueError("sampling='reference_eval' samples at `fps`; it does not take `num_frames`.")
@@ -320,15 +329,16 @@ def sample_frame_indices(
     first, stop = 0, total_frames  # window of frame indices [first, stop)
     if start is not None or end is not None:
         start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
-        # Frame i shows [i / video_fps, (i + 1) / video_fps); keep frames whose start time lies in [start, end).
-        first = min(total_frames - 1, math.ceil(start_s * video_fps - 1e-6))
+        # Frame i shows [i / video_fps, (i + 1) / video_fps); keep the frames on screen during [start, end): from
+        # the one on screen at `start` (as for a variable rate) to the last that starts before `end`.
+        first = min(total_frames - 1, math.floor(start_s * video_fps + 1e-6))
         stop = min(total_frames, max(first + 1, math.ceil(end_s * video_fps - 1e-6)))
     window = stop - first
 
     if num_frames is not None:
         return [first + i for i in uniform_indices(int(num_frames), window)]
 
-    if fps is None:
+    if fps is None or fps >= video_fps:  # every frame (rounding a step of one frame could repeat one)
         indices = list(range(first, stop))
     else:
         begin = 0.0 if start is None else float(start) * video_fps
@@ -342,6 +352,18 @@ def sample_frame_indices(
     if min_frames is not None and len(indices) < min_frames:
         indices = [first + i for i in uniform_indices(min_frames, window)]
     return indices
+
+
+def _capped_fps(fps: float, video_fps: float, sampling: str) -> float:
+    """``fps`` above the video's frame rate would only repeat frames: sample every frame once instead (a warning
+    says so). ``reference_eval`` keeps the reference's rule, repeats included, and warns."""
+    if sampling == "reference_eval":
+        warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f}); sampling='reference_eval' "
+                      "reproduces the reference, which then repeats frames.", stacklevel=3)
+        return fps
+    warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f} frames per second): sampling every "
+                  f"frame once (fps={video_fps:.3f}) instead of repeating frames.", stacklevel=3)
+    return video_fps
 
 
 def _window_seconds(start, end, duration: float) -> tuple[float, float]:
@@ -1133,7 +1155,8 @@ def _indices_for(metadata, options: dict) -> list[int]:
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     """Video kwargs of `TimeViperVideoProcessor` (on top of transformers' `VideosKwargs`).
 
-    fps (`float`): frames per second to sample (default 1.0), one frame at the start of each segment.
+    fps (`float`): frames per second to sample (default 1.0), one frame at the start of each segment; capped at the
+        video's frame rate (with a warning).
     num_frames (`int`): sample this many uniformly spaced frames instead (segment midpoints).
     max_frames (`int`): cap for the fps rule (default 256, uniform subsampling; reference_eval truncates).
     min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).

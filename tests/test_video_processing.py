@@ -107,6 +107,22 @@ def test_fps_rule_segment_starts():
     assert sample_frame_indices(5, None) == [0, 1, 2, 3, 4]
 
 
+def test_fps_above_the_frame_rate_is_capped():
+    """Issue 18 item 8: fps above the video's rate samples every frame once (with a warning), never repeats."""
+    with pytest.warns(UserWarning, match=r"fps=60.0 is above the video's frame rate \(25.000"):
+        assert sample_frame_indices(50, 25.0, fps=60.0) == list(range(50))
+    with pytest.warns(UserWarning, match="above"):  # a window starting mid-frame: still each frame once
+        assert sample_frame_indices(50, 25.0, fps=60.0, start=0.3, end=0.5) == [7, 8, 9, 10, 11, 12]
+    with pytest.warns(UserWarning, match="repeats frames"):  # reference_eval reproduces the reference
+        assert sample_frame_indices(4, 2.0, fps=4.0, sampling="reference_eval", min_frames=1) == [0, 0, 1, 2, 2, 2, 3, 3]
+
+
+def test_window_keeps_the_frame_on_screen_at_start():
+    """Issue 19: start=7.3 s at 25 fps is frame 182.5 -> frame 182 is on screen then, and is sampled."""
+    assert sample_frame_indices(300, 25.0, fps=1.0, start=7.3, end=10.0) == [182, 208, 232]
+    assert sample_frame_indices(300, 25.0, start=7.3, end=7.4) == [182, 183, 184]  # on screen during [7.3, 7.4)
+
+
 def test_num_frames_rule():
     assert sample_frame_indices(10, None, num_frames=4) == [1, 3, 6, 8]
     assert sample_frame_indices(100, 10.0, num_frames=4, start=2.0, end=6.0) == [25, 35, 45, 55]
@@ -273,7 +289,10 @@ def test_sampling_by_frame_times():
     assert sample(start=0.55, end=1.31) == [3, 4, 5]  # every frame on screen during [0.55, 1.31)
     assert sample(num_frames=2) == [2, 6]  # uniform over frame indices, as for a constant rate
     assert sample(fps=2.0, max_frames=2) == [3, 6]  # positions 1 and 3 of the five
-    assert sample(fps=30.0)[:8] == [0, 0, 0, 1, 1, 2, 2, 2]  # t = k / 30, faster than the video: frames repeat
+    # Faster than the video's (mean) rate, 3.8 fps: capped at it with a warning, t = k / 3.8 -> 0, 0.26, 0.53, 0.79,
+    # 1.05, 1.32, 1.58, 1.84 s; a frame still repeats where the video is locally slower (frames 4 and 6).
+    with pytest.warns(UserWarning, match="above the video's frame rate"):
+        assert sample(fps=30.0) == [0, 2, 3, 4, 4, 5, 6, 6]
     assert sample(sampling="reference_eval", min_frames=1) == [0, 4, 4, 4]  # by index at 3.8 fps, as the reference
     with pytest.raises(ValueError, match="beyond"):
         sample(start=2.2)
