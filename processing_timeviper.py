@@ -531,8 +531,8 @@ class TimeViperVideoMetadata(VideoMetadata):
         frame_times: Presentation time in seconds of every frame of the video (presentation order) for a video with
             a variable frame rate; ``None`` for a constant one (frame ``i`` is at ``i / fps``). ``fps`` is then the
             mean frame rate. Sampling by ``fps`` / ``start`` / ``end`` uses these times.
-        rotation: Clockwise rotation in degrees applied to the decoded pictures (the stream's display matrix);
-            ``width``/``height`` are those of the returned frames.
+        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention, as
+            ``ffprobe`` prints it), already applied to the returned frames; ``width``/``height`` are theirs.
     """
 
     frames_timestamps: list[float] | None = None
@@ -668,7 +668,7 @@ class _Pictures:
         turns = int(round(frame.rotation / 90)) % 4
         rgb = np.rot90(rgb, k=turns) if turns else rgb
         if self.array is None:
-            self.rotation = (-90 * turns) % 360
+            self.rotation = 90 * turns
             self.array = np.empty((len(self.slot), *rgb.shape), dtype=np.uint8)
         if rgb.shape != self.array.shape[1:]:  # the display matrix changed mid-stream: keep the first orientation
             rgb = np.rot90(rgb)
