@@ -664,15 +664,13 @@ class _Pictures:
         if self.width is None or self.height is None:  # no size in the header: the first frame's
             self.width, self.height = frame.width, frame.height
         rgb = frame.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray()
-        # `frame.rotation` is counter-clockwise (FFmpeg's convention); np.rot90 turns counter-clockwise for k > 0.
-        turns = int(round(frame.rotation / 90)) % 4
-        rgb = np.rot90(rgb, k=turns) if turns else rgb
         if self.array is None:
-            self.rotation = 90 * turns
-            self.array = np.empty((len(self.slot), *rgb.shape), dtype=np.uint8)
-        if rgb.shape != self.array.shape[1:]:  # the display matrix changed mid-stream: keep the first orientation
-            rgb = np.rot90(rgb)
-        self.array[self.slot[index]] = rgb
+            # `frame.rotation` is counter-clockwise (FFmpeg's convention), as np.rot90 turns for k > 0. The first
+            # frame's rotation holds for all, so that every frame has one shape.
+            self.rotation = 90 * (int(round(frame.rotation / 90)) % 4)
+            shape = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
+            self.array = np.empty((len(self.slot), *shape, 3), dtype=np.uint8)
+        self.array[self.slot[index]] = np.rot90(rgb, k=self.rotation // 90) if self.rotation else rgb
         if self.bar is not None and index not in self.done:
             self.bar.update(1)
         self.done.add(index)

@@ -142,7 +142,7 @@ def as_displayed(rgb, rotation):
 
 RULES = [
     {"fps": 1.0},
-    {"fps": 3.0, "start": 0.3, "end": 2.5},
+    {"fps": 3.0, "start": 0.5, "end": 2.5},  # frame 12.5 at 25 fps: frame 12 is on screen at start
     {"num_frames": 5},
     {"fps": 10.0, "max_frames": 4},
     {"num_frames": 3, "start": 1.1},
