@@ -715,6 +715,7 @@ class _IndexedDecode:
         self.next = 0  # position in `wanted` of the next frame to come
         self.floor = 0  # frames before this index are leading pictures decoded without their references
         self.fed_key = -1  # position in `keyframes` of the last keyframe fed to the decoder
+        self.late = 0  # seeks in a row that landed after their keyframe
         self.missing: list[int] = []
 
     def run(self, seek: bool = True) -> list[int]:
@@ -751,7 +752,7 @@ class _IndexedDecode:
                 # The keyframe waited for (or, if its packet is lost, the next one): decode from here.
                 self.codec.flush_buffers()
                 self.floor = i if self.key_position.get(i, 0) > 0 else 0
-                waiting = None
+                waiting, self.late = None, 0
             if packet.is_keyframe and i in self.key_position:
                 self.fed_key = self.key_position[i]
             self._feed(packet)
@@ -768,10 +769,12 @@ class _IndexedDecode:
         return None
 
     def _landed_late(self, waiting: int) -> int:
+        """The keyframe to seek to instead: 2, 4, 8, ... keyframes further back."""
         self.counts["late_seeks"] = self.counts.get("late_seeks", 0) + 1
         if waiting == 0:
             raise _SeekLandedLate()
-        return max(0, waiting - 2 ** self.counts["late_seeks"])
+        self.late += 1
+        return max(0, waiting - 2**self.late)
 
     def _feed(self, packet) -> None:
         if packet is not None:
@@ -955,29 +958,32 @@ def _warn_if_cut(stream, count: int, counts: dict, name: str) -> None:
 def _decode_wanted(container, reopen, stream, index, wanted, pictures, counts):
     """Decode `wanted` into `pictures`; returns ``(container, missing)`` (the container may have been reopened)."""
     if index is not None:
-        missing = None
         try:
-            missing = _IndexedDecode(container, stream, index, wanted, pictures, counts, skip_nonref=True).run()
-            if missing:  # a decoder that dropped a wanted frame while skipping others: once more, decoding all
-                missing = _IndexedDecode(container, stream, index, missing, pictures, counts,
-                                         skip_nonref=False).run()
-            return container, missing
-        except _SeekLandedLate:  # decode from the start instead
-            container.close()
-            container = reopen()
-            stream = _video_stream(container, "")
             try:
+                return container, _decode_by_timestamp(container, stream, index, wanted, pictures, counts)
+            except _SeekLandedLate:  # a demuxer that cannot seek back to the start: read it from a fresh start
+                container.close()
+                container = reopen()
                 todo = [i for i in wanted if i not in pictures.done]
-                return container, _IndexedDecode(container, stream, index, todo, pictures, counts,
-                                                 skip_nonref=False).run(seek=False)
-            except _TimestampMismatch:
-                pass
+                decode = _IndexedDecode(container, _video_stream(container, ""), index, todo, pictures, counts,
+                                        skip_nonref=False)
+                return container, decode.run(seek=False)
         except _TimestampMismatch:  # the decoder's timestamps differ from the demuxer's: number by output order
             pass
     container.close()
     container = reopen()
     pictures.done.clear()  # frames numbered by timestamp before the mismatch are decoded again, by order
     return container, _decode_in_order(container, wanted, pictures, counts)
+
+
+def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> list[int]:
+    """`_IndexedDecode` skipping unwanted non-reference frames; the wanted frames lost that way (a decoder that
+    applies the skip to another packet) are decoded once more without skipping. Returns the frames still missing."""
+    first = _IndexedDecode(container, stream, index, wanted, pictures, counts, skip_nonref=True)
+    missing = first.run()
+    if missing and first.skip_nonref:
+        missing = _IndexedDecode(container, stream, index, missing, pictures, counts, skip_nonref=False).run()
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------------------------
