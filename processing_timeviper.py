@@ -72,6 +72,7 @@ __all__ = [
     "TimeViperProcessor",
     "TimeViperVideoMetadata",
     "TimeViperVideoProcessor",
+    "VideoDecodeError",
     "build_labels",
     "decode_video_pyav",
     "get_chat_template",
