@@ -16,7 +16,9 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
 
 * ``fps`` (default 1.0): one frame at the start of every ``1/fps`` second segment, counted from ``start``
   (default 0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` while the time is before
-  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. If more than
+  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. An ``fps`` above
+  the video's frame rate (the mean rate for a variable one) is capped at that rate with a warning: every frame once,
+  not each frame repeated (``reference_eval`` keeps the reference's repeats, and warns). If more than
   ``max_frames`` (default 256) result, ``max_frames`` of them are kept by uniform subsampling; if fewer than
   ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
 * ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
@@ -30,8 +32,12 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
   than ``fps``; the window holds the frames on screen during ``[start, end)``. ``num_frames`` (uniform over frame
   indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
 
-Decoding (`decode_video_pyav`) seeks to the keyframe before each wanted frame instead of decoding the whole file;
-``metadata.timestamps`` are the presentation times of the decoded frames.
+Decoding (`decode_video_pyav`): one demux pass numbers the frames by presentation timestamp; then only the groups of
+pictures that hold wanted frames are decoded (seeking over long stretches without one). Every decoded frame is
+identified by its timestamp, so ``metadata.frames_indices`` and ``metadata.timestamps`` (seconds from the video
+stream's first frame) describe exactly the frames returned; a wanted frame that cannot be decoded is an error (or,
+with ``tolerant=True``, replaced by the nearest decoded one with a warning). Frames come out as displayed (sample
+aspect ratio and display-matrix rotation applied).
 """
 
 import bisect
@@ -39,6 +45,7 @@ import io
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +72,7 @@ __all__ = [
     "TimeViperProcessor",
     "TimeViperVideoMetadata",
     "TimeViperVideoProcessor",
+    "VideoDecodeError",
     "build_labels",
     "decode_video_pyav",
     "get_chat_template",
@@ -288,6 +296,9 @@ def sample_frame_indices(
     if max_frames is not None and min_frames is not None and min_frames > max_frames:
         raise ValueError(f"`min_frames` ({min_frames}) must not exceed `max_frames` ({max_frames}).")
 
+    if fps is not None and video_fps and fps > video_fps:
+        fps = _capped_fps(fps, video_fps, sampling)
+
     if sampling == "reference_eval":
         if num_frames is not None:
             raise ValueError("sampling='reference_eval' samples at `fps`; it does not take `num_frames`.")
@@ -319,15 +330,16 @@ def sample_frame_indices(
     first, stop = 0, total_frames  # window of frame indices [first, stop)
     if start is not None or end is not None:
         start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
-        # Frame i shows [i / video_fps, (i + 1) / video_fps); keep frames whose start time lies in [start, end).
-        first = min(total_frames - 1, math.ceil(start_s * video_fps - 1e-6))
+        # Frame i shows [i / video_fps, (i + 1) / video_fps); keep the frames on screen during [start, end): from
+        # the one on screen at `start` (as for a variable rate) to the last that starts before `end`.
+        first = min(total_frames - 1, math.floor(start_s * video_fps + 1e-6))
         stop = min(total_frames, max(first + 1, math.ceil(end_s * video_fps - 1e-6)))
     window = stop - first
 
     if num_frames is not None:
         return [first + i for i in uniform_indices(int(num_frames), window)]
 
-    if fps is None:
+    if fps is None or fps >= video_fps:  # every frame (rounding a step of one frame could repeat one)
         indices = list(range(first, stop))
     else:
         begin = 0.0 if start is None else float(start) * video_fps
@@ -341,6 +353,18 @@ def sample_frame_indices(
     if min_frames is not None and len(indices) < min_frames:
         indices = [first + i for i in uniform_indices(min_frames, window)]
     return indices
+
+
+def _capped_fps(fps: float, video_fps: float, sampling: str) -> float:
+    """``fps`` above the video's frame rate would only repeat frames: sample every frame once instead (a warning
+    says so). ``reference_eval`` keeps the reference's rule, repeats included, and warns."""
+    if sampling == "reference_eval":
+        warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f}); sampling='reference_eval' "
+                      "reproduces the reference, which then repeats frames.", stacklevel=3)
+        return fps
+    warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f} frames per second): sampling every "
+                  f"frame once (fps={video_fps:.3f}) instead of repeating frames.", stacklevel=3)
+    return video_fps
 
 
 def _window_seconds(start, end, duration: float) -> tuple[float, float]:
@@ -397,12 +421,29 @@ def _sample_by_times(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seek-based decoding with PyAV
+# Decoding with PyAV: a frame index from one demux pass, then seek/skip/decode per group of pictures
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoFileNotFoundError(FileNotFoundError, ValueError):
     """A video path that does not exist (both a `FileNotFoundError` and a `ValueError`)."""
+
+
+class VideoIsADirectoryError(IsADirectoryError, ValueError):
+    """A video path that is a directory (both an `IsADirectoryError` and a `ValueError`)."""
+
+
+class VideoDecodeError(ValueError):
+    """Wanted frames of a video could not be decoded (a damaged or truncated file)."""
+
+
+# Demuxers FFmpeg picks for files that are not videos: text rendered as a terminal screen (tty and its text-art
+# siblings) and still images (image2 and the `*_pipe` image demuxers).
+_TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+_IMAGE_DEMUXERS = frozenset({"image2", "image2pipe"})
+# Decoders that read `skip_frame` per packet, so unwanted non-reference frames can be left undecoded. Others
+# (libdav1d reads it once when opened) decode everything.
+_SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
 
 
 def _describe_source(source) -> str:
@@ -413,13 +454,30 @@ def _describe_source(source) -> str:
     return f"<{type(source).__name__}>"
 
 
+def _check_demuxer(container, name: str) -> None:
+    """Reject inputs that FFmpeg opens with a demuxer meant for text or still images."""
+    demuxers = set(container.format.name.split(","))
+    if demuxers & _TEXT_DEMUXERS:
+        kind = "a text file (FFmpeg would render it as a terminal screen)"
+    elif demuxers & _IMAGE_DEMUXERS or any(d.endswith("_pipe") for d in demuxers):
+        kind = "a still image"
+    else:
+        return
+    raise ValueError(f"{name} is not a video file: it is {kind}, read by FFmpeg's '{container.format.name}' "
+                     "demuxer. Pass images through `images=`.")
+
+
 def _open_container(source):
+    """``(container, name, reopen)`` for a path, bytes or a file object; `reopen` opens the input again from its
+    start."""
     if av is None:
         raise ImportError("Decoding video files needs PyAV: `pip install av`. Decoded frames work without it.")
     name = _describe_source(source)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
+        if "://" not in source and os.path.isdir(source):
+            raise VideoIsADirectoryError(f"Video path {name} is a directory, not a video file.")
         if "://" not in source and not os.path.isfile(source):
             raise VideoFileNotFoundError(f"Video file not found: {name}.")
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -431,23 +489,37 @@ def _open_container(source):
     elif hasattr(source, "seekable") and not source.seekable():
         source = io.BytesIO(source.read())  # seeking needs a seekable input: read a pipe/stream into memory
     offset = source.tell() if hasattr(source, "tell") else None
-    try:
-        container = av.open(source, mode="r")
-    except Exception as err:  # PyAV raises several FFmpeg error classes; report them uniformly
-        raise ValueError(f"Could not open video {name}: unreadable or corrupt ({err}).") from err
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams})
-        container.close()
-        found = f"it has only {' and '.join(kinds)} stream(s)" if kinds else "it has no streams"
-        raise ValueError(f"Video {name} has no video stream ({found}): not a video file, or corrupt.")
 
     def reopen():
-        """The same input opened again from its start (for streams that cannot seek back by timestamp)."""
         if offset is not None:
             source.seek(offset)
-        return av.open(source, mode="r")
+        try:
+            return av.open(source, mode="r")
+        except Exception as err:  # PyAV raises several FFmpeg error classes; report them uniformly
+            raise ValueError(f"Could not open video {name}: unreadable or corrupt ({err}).") from err
 
+    container = reopen()
+    try:
+        _check_demuxer(container, name)
+        _video_stream(container, name)
+    except ValueError:
+        container.close()
+        raise
     return container, name, reopen
+
+
+def _video_stream(container, name: str):
+    """The first video stream that is not an attached picture (cover art)."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        kinds = sorted({s.type for s in container.streams})
+        found = f"it has only {' and '.join(kinds)} stream(s)" if kinds else "it has no streams"
+        if container.streams.video:
+            found = "its only picture is attached cover art"
+        raise ValueError(f"Video {name} has no video stream ({found}): not a video file, or corrupt.")
+    stream = streams[0]
+    stream.thread_type = "AUTO"  # frame and slice threads; the decoder's output order does not change
+    return stream
 
 
 @dataclass
@@ -455,15 +527,18 @@ class TimeViperVideoMetadata(VideoMetadata):
     """`VideoMetadata` with the real presentation times of the frames.
 
     Extra fields:
-        frames_timestamps: Presentation time in seconds (from the start of the video stream) of each sampled frame,
-            as decoded; ``timestamps`` returns it. Set by `decode_video_pyav`.
+        frames_timestamps: Presentation time in seconds (from the video stream's first frame) of each returned
+            frame; ``timestamps`` returns it. Set by `decode_video_pyav`.
         frame_times: Presentation time in seconds of every frame of the video (presentation order) for a video with
             a variable frame rate; ``None`` for a constant one (frame ``i`` is at ``i / fps``). ``fps`` is then the
             mean frame rate. Sampling by ``fps`` / ``start`` / ``end`` uses these times.
+        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention, as
+            ``ffprobe`` prints it), already applied to the returned frames; ``width``/``height`` are theirs.
     """
 
     frames_timestamps: list[float] | None = None
     frame_times: list[float] | None = field(default=None, repr=False)
+    rotation: int = 0
 
     @property
     def timestamps(self) -> list[float]:
@@ -475,468 +550,441 @@ class TimeViperVideoMetadata(VideoMetadata):
         return super().timestamps
 
 
-def _stream_metadata(container, stream) -> TimeViperVideoMetadata:
+@dataclass
+class _FrameIndex:
+    """Every frame of a video stream from one demux pass (no decoding).
+
+    Frame ``i`` is the one with the ``i``-th smallest presentation timestamp ``pts[i]`` (stream time base).
+    ``keyframes`` lists the frame indices of the keyframes (ascending) and ``seek_targets`` the timestamp to seek to
+    for each: its decoding timestamp, since demuxers index and seek by it (MPEG-TS, MP4), else its pts.
+    """
+
+    pts: list[int]
+    keyframes: list[int]
+    seek_targets: list[int]
+    last_duration: int = 0  # the last frame's duration in pts units (0: unknown)
+    position: dict = field(init=False, repr=False)  # pts -> frame index
+
+    def __post_init__(self):
+        self.position = {p: i for i, p in enumerate(self.pts)}
+
+    def keyframe_before(self, index: int) -> int:
+        """Position in ``keyframes`` of the last keyframe at or before frame ``index`` (0 before the first)."""
+        return max(0, bisect.bisect_right(self.keyframes, index) - 1)
+
+
+def _scan_frame_index(container, stream, counts: dict, name: str) -> tuple["_FrameIndex | None", int]:
+    """Demux the video stream once. Returns ``(index, number of frames)``; the index is ``None`` when the
+    timestamps cannot number the frames (a packet without pts, or two with the same one)."""
+    packets = []  # (pts, dts, keyframe, duration)
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # the final empty packet; pre-roll the decoder drops
+                continue
+            packets.append((packet.pts, packet.dts, packet.is_keyframe, packet.duration or 0))
+    except av.error.FFmpegError as err:  # the container itself is damaged further on: keep what came before
+        counts["demux_error"] = f"{name}: demuxing stopped after {len(packets)} frames ({err})"
+    counts["scanned_packets"] += len(packets)
+    if not packets or any(p[0] is None for p in packets) or len({p[0] for p in packets}) < len(packets):
+        return None, len(packets)
+    packets.sort(key=lambda p: p[0])
+    keyframes = [i for i, p in enumerate(packets) if p[2]]
+    if not keyframes or keyframes[0] != 0:
+        keyframes = [0] + keyframes  # decoding from the first packet is always possible
+    seek_targets = [packets[i][1] if packets[i][1] is not None else packets[i][0] for i in keyframes]
+    return _FrameIndex([p[0] for p in packets], keyframes, seek_targets, packets[-1][3]), len(packets)
+
+
+def _constant_rate(seconds: np.ndarray, candidates: list[float]) -> float | None:
+    """A rate from `candidates` on whose grid every frame time lies (within a quarter frame), if any."""
+    for rate in candidates:
+        if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25):
+            return rate
+    return None
+
+
+def _index_metadata(stream, index: _FrameIndex, metadata: TimeViperVideoMetadata) -> None:
+    """Frame count, rate, duration and (variable rate only) frame times from the frame index."""
+    time_base = float(stream.time_base)
+    seconds = (np.asarray(index.pts, dtype=np.float64) - index.pts[0]) * time_base
+    count = len(seconds)
+    candidates = [float(r) for r in (stream.average_rate, stream.base_rate, stream.guessed_rate) if r and r > 0]
+    if count > 1 and seconds[-1] > 0:
+        candidates.append((count - 1) / float(seconds[-1]))
+    metadata.total_num_frames = count
+    rate = _constant_rate(seconds, candidates) if count > 1 else (candidates[0] if candidates else None)
+    if rate is not None:
+        metadata.fps, metadata.frame_times = rate, None
+        metadata.duration = count / rate  # frame i is shown during [i / fps, (i + 1) / fps)
+        return
+    if count == 1:  # one frame and no rate: it lasts its packet's duration, else one second
+        metadata.fps = None
+        metadata.duration = index.last_duration * time_base or 1.0
+        metadata.frame_times = [0.0]
+        return
+    mean_gap = float(seconds[-1]) / (count - 1)
+    last = index.last_duration * time_base if 0 < index.last_duration * time_base <= 4 * mean_gap else mean_gap
+    metadata.duration = float(seconds[-1]) + last
+    metadata.fps = count / metadata.duration
+    metadata.frame_times = seconds.tolist()
+
+
+def _stream_metadata(stream, name: str) -> TimeViperVideoMetadata:
+    """The stream header's view: frame rate, display size (sample aspect ratio and rotation applied)."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    video_fps = float(rate) if rate else None
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        duration = container.duration / 1_000_000
-    else:
-        duration = None
-    total = int(stream.frames or 0)
-    if total <= 0 and duration and video_fps:
-        total = int(round(duration * video_fps))
-    if duration is None and total and video_fps:
-        duration = total / video_fps
+    width, height = stream.codec_context.width or None, stream.codec_context.height or None
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if width and sar and sar > 0 and sar != 1:  # non-square pixels: scale the width to the display aspect ratio
+        width = max(1, int(round(width * float(sar))))
     return TimeViperVideoMetadata(
-        total_num_frames=total,
-        fps=video_fps,
-        width=stream.codec_context.width,
-        height=stream.codec_context.height,
-        duration=duration,
+        total_num_frames=int(stream.frames or 0),
+        fps=float(rate) if rate else None,
+        width=width,
+        height=height,
         video_backend="pyav",
     )
 
 
-def _needs_frame_table(stream, metadata) -> bool:
-    """Whether the container header does not vouch for a constant frame rate with a known frame count.
+class _Pictures:
+    """Converts decoded frames to display RGB (sample aspect ratio, display-matrix rotation) into one preallocated
+    array of the wanted frames, so memory stays at the size of the result."""
 
-    True when the frame count is not stored (Matroska/WebM, MPEG-TS, ...), when the mean frame rate differs from the
-    stream's base rate (FFmpeg's ``r_frame_rate``, the rate that represents its first timestamps), or when the frame
-    count and the duration disagree by more than one frame at that rate (dropped or irregular frames).
-    """
-    if stream.time_base is None or not metadata.fps or not stream.frames or stream.frames <= 0:
-        return True
-    base = stream.base_rate or stream.guessed_rate
-    if not base:
-        return True
-    base = float(base)
-    if abs(base - metadata.fps) > 1e-3 * base:
-        return True
-    if metadata.duration is not None and abs(stream.frames - metadata.duration * base) > 1.0:
-        return True
-    return False
-
-
-class _NotConstantRate(Exception):
-    """Raised while decoding on the constant-frame-rate assumption when a frame's timestamp is off that grid."""
-
-
-class _ConstantRate:
-    """Frame index <-> pts for a constant frame rate: ``index = round((pts - origin) * time_base * fps)``.
-
-    ``origin`` is the pts of frame 0 (default: the stream's start time). ``start_pts`` is time zero of the reported
-    timestamps. Unless ``verified`` (the rate was checked on every frame's timestamp), `check` raises
-    `_NotConstantRate` for a decoded frame off the rate's grid.
-    """
-
-    def __init__(self, stream, video_fps: float, origin: int | None = None, verified: bool = False):
-        self.time_base = float(stream.time_base)
-        self.start_pts = stream.start_time or 0
-        self.origin = self.start_pts if origin is None else origin
-        self.video_fps = video_fps
-        self.verified = verified
-        self._half_frame = 0.5 / video_fps / self.time_base
-
-    def index_of(self, pts: int) -> int:
-        return int(round((pts - self.origin) * self.time_base * self.video_fps))
-
-    def target_of(self, index: int) -> float:  # lowest pts that still maps to `index`
-        return self.origin + index / self.video_fps / self.time_base - self._half_frame
-
-    def check(self, pts: int) -> None:
-        if self.verified:
-            return
-        position = (pts - self.origin) * self.time_base * self.video_fps
-        if abs(position - round(position)) > 0.25:
-            raise _NotConstantRate(pts)
-
-
-class _FrameTable:
-    """Frame index <-> pts from the sorted presentation timestamps of all the stream's packets (demuxed, not
-    decoded): frame ``i`` is the one with the ``i``-th smallest pts."""
-
-    def __init__(self, stream, pts: list[int]):
-        self.time_base = float(stream.time_base)
-        self.pts = pts
-        self.start_pts = stream.start_time if stream.start_time is not None else pts[0]
-
-    def index_of(self, pts: int) -> int:  # the last frame at or before `pts` (-1 before the first frame)
-        return bisect.bisect_right(self.pts, pts) - 1
-
-    def target_of(self, index: int) -> float:
-        return self.pts[index]
-
-    def check(self, pts: int) -> None:
-        pass
-
-    def times(self) -> list[float]:
-        return [(p - self.start_pts) * self.time_base for p in self.pts]
-
-
-def _scan_frame_table(container, stream, stats: dict, rewind: bool = False) -> tuple[list[int] | None, int]:
-    """``(sorted pts of every frame, number of frames)`` from one demux pass over the file (no decoding; the decoder
-    drops the packets flagged discard, so they are skipped). The pts list is ``None`` when a packet has none."""
-    if rewind:
-        container.seek(0)
-    pts, count = [], 0
-    for packet in container.demux(stream):
-        if packet.size == 0 or packet.is_discard:
-            continue
-        stats["scanned_packets"] += 1
-        count += 1
-        if pts is not None:
-            if packet.pts is None:
-                pts = None  # keep counting
-            else:
-                pts.append(int(packet.pts))
-    if pts is not None:
-        pts.sort()
-    return pts, count
-
-
-def _apply_frame_table(stream, metadata, pts: list[int]) -> _FrameTable | _ConstantRate:
-    """Update `metadata` from the frame table; return the table, or a `_ConstantRate` when the timestamps turn out
-    to lie on a constant-rate grid (then the reference sampling rule, by index, applies)."""
-    table = _FrameTable(stream, pts)
-    count = len(pts)
-    seconds = np.asarray(table.times(), dtype=np.float64)
-    metadata.total_num_frames = count
-    span = float(seconds[-1] - seconds[0]) if count > 1 else 0.0
-    candidates = [float(r) for r in (stream.base_rate, stream.average_rate, stream.guessed_rate) if r and r > 0]
-    if span > 0:
-        candidates.append((count - 1) / span)
-    if count == 1 and not candidates:
-        candidates = [metadata.fps or 1.0]
-    for rate in candidates:
-        positions = (seconds - seconds[0]) * rate
-        if count == 1 or np.all(np.abs(positions - np.arange(count)) < 0.25):
-            constant = _ConstantRate(stream, rate, origin=pts[0], verified=True)
-            constant.start_pts = table.start_pts
-            metadata.fps = rate
-            metadata.frame_times = None
-            if metadata.duration is None:
-                metadata.duration = float(seconds[-1]) + 1.0 / rate
-            return constant
-    # Variable frame rate. Keep the stream's duration if the last frame can last that long (a container duration
-    # may include a longer audio stream); else end one mean frame interval after the last frame.
-    gaps = np.diff(seconds)
-    last = float(seconds[-1])
-    if metadata.duration is None or not last < metadata.duration <= last + float(gaps.max()):
-        metadata.duration = last + span / (count - 1)
-    metadata.fps = count / metadata.duration
-    metadata.frame_times = seconds.tolist()
-    return table
-
-
-def _frame_to_rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
-
-
-def _decode_sequential(
-    container, stream, wanted: list[int], rewind: bool = True, out: dict | None = None
-) -> dict[int, tuple[np.ndarray, float | None]]:
-    """Decode from the start, numbering frames in presentation order (for streams without timestamps).
-
-    Returns ``{index: (rgb frame, time in seconds or None)}``. ``rewind=False`` for a container just opened.
-    """
-    if rewind:
-        try:
-            container.seek(0)
-        except Exception:  # a non-seekable input that has not been read yet
-            pass
-    stream.codec_context.flush_buffers()
-    stream.codec_context.skip_frame = "DEFAULT"
-    out, wanted_set, last = ({} if out is None else out), set(wanted), None
-    start_pts = stream.start_time or 0
-    time_base = float(stream.time_base) if stream.time_base is not None else None
-
-    def when(frame):
-        return None if frame.pts is None or time_base is None else (frame.pts - start_pts) * time_base
-
-    for idx, frame in enumerate(container.decode(stream)):
-        if idx in wanted_set:
-            out[idx] = (_frame_to_rgb(frame), when(frame))
-        last = frame
-        if len(out) == len(wanted_set):
-            break
-    if last is not None:
-        fallback = (_frame_to_rgb(last), when(last))
-        for idx in wanted_set - set(out):
-            out[idx] = fallback
-    return out
-
-
-def _decode_seeking(
-    container, stream, wanted: list[int], timeline, stats: dict, skip_nonref: bool = True, out: dict | None = None
-) -> dict[int, tuple[np.ndarray, int]]:
-    """Decode the frames `wanted` (sorted, unique indices), decoding as few frames as possible.
-
-    Returns ``{index: (rgb frame, pts)}``. Packets are demuxed forward. Decoding starts at the keyframe that
-    precedes a wanted frame and pauses once that frame is out; packets read while paused are kept, and sent to the
-    decoder (in order, so its state stays valid) only if a later packet shows that the next wanted frame lies in the
-    same GOP. At the next keyframe before the next wanted frame they are dropped and the decoder is flushed, so GOPs
-    without a wanted frame are read but never decoded. Within a decoded stretch, non-reference frames that are not
-    wanted are skipped by the decoder (``skip_frame="NONREF"``). When the next wanted frame lies further ahead than
-    ``max(4 s, 2 * longest GOP seen)``, the demuxer seeks (backward, to the keyframe at or before it) instead of
-    reading everything between. Frame index <-> pts comes from `timeline`: a constant frame rate (`_ConstantRate`,
-    which raises `_NotConstantRate` on a frame off its grid) or the stream's frame table (`_FrameTable`).
-    """
-    time_base = float(stream.time_base)
-    start_pts = timeline.start_pts
-    codec = stream.codec_context
-    seek_gap = 4.0 / time_base
-    index_of, target_of = timeline.index_of, timeline.target_of
-
-    out: dict[int, tuple[np.ndarray, int]] = {} if out is None else out
-    cursor = 0  # position in `wanted` of the next frame to produce
-    state = {"last_frame": None, "progress": False}
-
-    wanted_set = set(wanted)
-    skip_mode = {"value": None}
-
-    def decode(packet):
-        if packet is not None:
-            stats["decoded_packets"] += 1
-            # Frames that are neither wanted nor referenced by later frames need not be decoded at all: let the
-            # decoder drop non-reference frames except the wanted ones (the setting is read per packet, also with
-            # frame threading).
-            index = None if packet.pts is None else index_of(packet.pts)
-            # At or after the next wanted index, decode everything (the frame that stands for a wanted index may be
-            # a later one when the container over-reports its frames).
-            wanted_here = index is None or index in wanted_set or (cursor < len(wanted) and index >= wanted[cursor])
-            mode = "DEFAULT" if wanted_here or not skip_nonref else "NONREF"
-            if mode != skip_mode["value"]:
-                codec.skip_frame = mode
-                skip_mode["value"] = mode
-        return codec.decode(packet)
-
-    def consume(frames) -> None:
-        nonlocal cursor
-        for frame in frames:
-            if frame.pts is None:
-                continue
-            timeline.check(frame.pts)
-            state["last_frame"] = frame
-            idx = index_of(frame.pts)
-            rgb = None
-            while cursor < len(wanted) and idx >= wanted[cursor]:
-                rgb = _frame_to_rgb(frame) if rgb is None else rgb
-                out[wanted[cursor]] = (rgb, frame.pts)
-                cursor += 1
-                state["progress"] = True
-
-    max_gop = 0.0
-    overshoot_retries = 0
-    seek_pts = target_of(wanted[0])
-    seeked_for = 0  # the wanted frame the latest seek was for: never seek twice for one frame (its GOP may be long)
-    while cursor < len(wanted):
-        container.seek(max(int(seek_pts), start_pts), backward=True, any_frame=False, stream=stream)
-        codec.flush_buffers()
-        stats["seeks"] += 1
-        decoding = False  # every packet since the last keyframe has gone to the decoder
-        buffer: list = []  # packets read but not yet sent to the decoder
-        last_key_pts = None
-        seek_pts = None
-        for packet in container.demux(stream):
-            if packet.size == 0 or (packet.pts is None and packet.dts is None):
-                continue  # the demuxer's final empty packet; the decoder is drained after the loop
-            stats["demuxed_packets"] += 1
-            pts = packet.pts if packet.pts is not None else packet.dts
-            index = index_of(pts)
-            want = wanted[cursor]
-            if packet.is_keyframe:
-                if last_key_pts is None and index > want and overshoot_retries < 6:
-                    # The seek landed after the wanted frame (inexact index): seek further back.
-                    overshoot_retries += 1
-                    seek_pts = target_of(want) - (4**overshoot_retries) / time_base
-                    break
-                if last_key_pts is not None:
-                    max_gop = max(max_gop, pts - last_key_pts)
-                last_key_pts = pts
-                if index <= want:  # the wanted frame is at/after this keyframe: drop the rest
-                    if decoding or buffer:
-                        codec.flush_buffers()
-                    decoding, buffer = False, []
-            elif last_key_pts is None:
-                continue  # start decoding only at a keyframe
-            if decoding:
-                consume(decode(packet))
-            else:
-                buffer.append(packet)
-                if index >= want:
-                    decoding = True
-                    for buffered in buffer:
-                        consume(decode(buffered))
-                    buffer = []
-            if cursor >= len(wanted):
-                break
-            if state["progress"]:
-                decoding, state["progress"] = False, False  # pause until the next wanted frame is near
-            next_target = target_of(wanted[cursor])
-            if not decoding and cursor != seeked_for and next_target - pts > max(seek_gap, 2 * max_gop):
-                seek_pts, seeked_for = next_target, cursor
-                break
-        if cursor >= len(wanted) or seek_pts is not None:
-            continue
-        # End of stream: decode what is buffered, drain the decoder, and give wanted frames past the end the last
-        # frame (the container over-reported its frame count).
-        for buffered in buffer:
-            consume(decode(buffered))
-        consume(decode(None))
-        if state["last_frame"] is None:
-            break
-        last = state["last_frame"]
-        fallback = (_frame_to_rgb(last), last.pts)
-        while cursor < len(wanted):
-            out[wanted[cursor]] = fallback
-            cursor += 1
-    return out
-
-
-class _FrameStore(dict):
-    """The decoded frames by index; with a `label`, a progress bar counts them as they arrive."""
-
-    def __init__(self, total: int, label: str | None = None):
-        super().__init__()
+    def __init__(self, wanted: list[int], width: int | None, height: int | None, label: str | None):
+        self.width, self.height = width, height
+        self.slot = {index: k for k, index in enumerate(wanted)}
+        self.array = None
+        self.rotation = 0
+        self.done: set[int] = set()
         self.bar = None
         if label is not None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=f"decoding {label}", unit="frame", leave=False)
+            self.bar = tqdm(total=len(wanted), desc=f"decoding {label}", unit="frame", leave=False)
 
-    def __setitem__(self, index, frame):
-        if self.bar is not None and index not in self:
+    def put(self, index: int, frame) -> None:
+        if self.width is None or self.height is None:  # no size in the header: the first frame's
+            self.width, self.height = frame.width, frame.height
+        rgb = frame.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray()
+        if self.array is None:
+            # `frame.rotation` is counter-clockwise (FFmpeg's convention), as np.rot90 turns for k > 0. The first
+            # frame's rotation holds for all, so that every frame has one shape.
+            self.rotation = 90 * (int(round(frame.rotation / 90)) % 4)
+            shape = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
+            self.array = np.empty((len(self.slot), *shape, 3), dtype=np.uint8)
+        self.array[self.slot[index]] = np.rot90(rgb, k=self.rotation // 90) if self.rotation else rgb
+        if self.bar is not None and index not in self.done:
             self.bar.update(1)
-        super().__setitem__(index, frame)
-
-    def restart(self) -> "_FrameStore":
-        """Forget what was decoded (a second decoding pass starts over)."""
-        self.clear()
-        if self.bar is not None:
-            self.bar.reset()
-        return self
+        self.done.add(index)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def decode_video_pyav(
-    source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None, progress: bool = False
-) -> tuple[np.ndarray, TimeViperVideoMetadata]:
-    """Decode selected frames of a video with PyAV, seeking instead of decoding the whole file.
+class _TimestampMismatch(Exception):
+    """A decoded frame's pts is not one of the demuxed packets' (the frame cannot be numbered by timestamp)."""
 
-    Frame ``i`` is the ``i``-th frame in presentation order. When the container header vouches for a constant frame
-    rate (stored frame count = duration x rate, mean rate = base rate; e.g. MP4/MOV, AVI), indices map to
-    timestamps by that rate, with no pass over the file. Otherwise (variable frame rate, or containers that do not
-    store a frame count: Matroska/WebM, MPEG-TS, ...) the packets are demuxed once (no decoding) to build the table
-    of frame timestamps; a variable-rate video then gets ``metadata.frame_times`` and a mean ``fps``, and sampling by
-    time uses the real timestamps. A constant-rate decode that meets a frame off the rate's grid switches to the
-    table. Streams without timestamps are decoded sequentially. Non-seekable file objects are read into memory.
+
+class _SeekLandedLate(Exception):
+    """Seeking even to the first keyframe landed after it (a demuxer that cannot seek back to the start)."""
+
+
+class _IndexedDecode:
+    """Decode the `wanted` frames (sorted, unique) of a stream numbered by its `_FrameIndex`.
+
+    Packets are read forward. Decoding starts at the keyframe at or before the next wanted frame and continues while
+    a wanted frame is still to come from the packets fed so far; then the packets up to the keyframe of the next
+    wanted frame are skipped (demuxed, not decoded), or, when more than `_SEEK_GOPS` groups of pictures lie
+    between, the demuxer seeks there. Every decoded frame is numbered by its pts, so where a seek lands does not
+    matter: a seek that lands after its keyframe is retried further back (MPEG-TS seeks by decoding timestamps, which
+    the index only approximates), and frames before the keyframe decoding started from (the leading pictures of an
+    open GOP, which need the previous one) are dropped. A wanted frame that never comes out is reported in
+    `missing`. With `skip_nonref`, unwanted non-reference frames are not decoded.
+    """
+
+    _SEEK_GOPS = 2
+
+    def __init__(self, container, stream, index: _FrameIndex, wanted, pictures: _Pictures, counts: dict,
+                 skip_nonref: bool):
+        self.container, self.stream, self.index = container, stream, index
+        self.codec = stream.codec_context
+        self.wanted, self.wanted_set = wanted, set(wanted)
+        self.pictures, self.counts = pictures, counts
+        self.skip_nonref = skip_nonref and self.codec.name in _SKIPS_PER_PACKET
+        self.skip_mode = None
+        self.key_position = {key: k for k, key in enumerate(index.keyframes)}
+        self.next = 0  # position in `wanted` of the next frame to come
+        self.floor = 0  # frames before this index are leading pictures decoded without their references
+        self.fed_key = -1  # position in `keyframes` of the last keyframe fed to the decoder
+        self.late = 0  # seeks in a row that landed after their keyframe
+        self.missing: list[int] = []
+
+    def run(self, seek: bool = True) -> list[int]:
+        """Decode; returns the wanted frames that did not come out. ``seek=False``: read from the current
+        position (a container just opened), decoding from its first packet."""
+        target = None if not seek else self.index.keyframe_before(self.wanted[0])
+        while self.next < len(self.wanted):
+            if target is not None:
+                self._seek(target)
+            target = self._read(waiting=target)
+        return self.missing
+
+    def _seek(self, key: int) -> None:
+        self.container.seek(self.index.seek_targets[key], stream=self.stream, backward=True, any_frame=False)
+        self.codec.flush_buffers()
+        self.counts["seeks"] += 1
+        self.fed_key = -1
+
+    def _read(self, waiting: int | None) -> int | None:
+        """Read packets from the current position. ``waiting``: skip until that keyframe (position in `keyframes`).
+        Returns the keyframe to seek to next, or ``None`` when done."""
+        seen_key = False
+        for packet in self.container.demux(self.stream):
+            if packet.size == 0:
+                continue
+            self.counts["demuxed_packets"] += 1
+            i = self.index.position.get(packet.pts)
+            if waiting is not None:
+                if not packet.is_keyframe or i is None or i < self.index.keyframes[waiting]:
+                    seen_key = seen_key or (packet.is_keyframe and i is not None)
+                    continue
+                if i > self.index.keyframes[waiting] and not seen_key:
+                    return self._landed_late(waiting)
+                # The keyframe waited for (or, if its packet is lost, the next one): decode from here.
+                self.codec.flush_buffers()
+                self.floor = i if self.key_position.get(i, 0) > 0 else 0
+                waiting, self.late = None, 0
+            if packet.is_keyframe and i in self.key_position:
+                self.fed_key = self.key_position[i]
+            self._feed(packet)
+            if self.next >= len(self.wanted):
+                return None
+            upcoming = self.index.keyframe_before(self.wanted[self.next])
+            if upcoming > self.fed_key:  # every wanted frame before that keyframe is out: stop decoding
+                if upcoming - max(self.fed_key, 0) > self._SEEK_GOPS:
+                    return upcoming
+                waiting, seen_key = upcoming, True
+        self._feed(None)  # end of the stream: drain the decoder
+        self.missing.extend(self.wanted[self.next:])
+        self.next = len(self.wanted)
+        return None
+
+    def _landed_late(self, waiting: int) -> int:
+        """The keyframe to seek to instead: 2, 4, 8, ... keyframes further back."""
+        self.counts["late_seeks"] = self.counts.get("late_seeks", 0) + 1
+        if waiting == 0:
+            raise _SeekLandedLate()
+        self.late += 1
+        return max(0, waiting - 2**self.late)
+
+    def _feed(self, packet) -> None:
+        if packet is not None:
+            self.counts["decoded_packets"] += 1
+            if self.skip_nonref:
+                i = self.index.position.get(packet.pts)
+                mode = "DEFAULT" if i is None or i in self.wanted_set else "NONREF"
+                if mode != self.skip_mode:
+                    self.codec.skip_frame = mode
+                    self.skip_mode = mode
+        try:
+            frames = self.codec.decode(packet)
+        except av.error.EOFError:
+            return
+        except av.error.FFmpegError:  # a damaged packet: its frame is lost, the frames after it may decode
+            self.counts["decode_errors"] = self.counts.get("decode_errors", 0) + 1
+            return
+        for frame in frames:
+            self._take(frame)
+
+    def _take(self, frame) -> None:
+        i = self.index.position.get(frame.pts)
+        if i is None:
+            raise _TimestampMismatch(frame.pts)
+        if i < self.floor:
+            return
+        while self.next < len(self.wanted) and self.wanted[self.next] < i:
+            self.missing.append(self.wanted[self.next])  # dropped or undecodable: it will not come any more
+            self.next += 1
+        if self.next < len(self.wanted) and self.wanted[self.next] == i:
+            self.pictures.put(i, frame)
+            self.next += 1
+
+
+def _decode_in_order(container, wanted: list[int], pictures: _Pictures, counts: dict) -> list[int]:
+    """Decode from the start, numbering frames in output (presentation) order, for streams whose timestamps cannot
+    number them. Returns the wanted frames that did not come out."""
+    stream = _video_stream(container, "")
+    wanted_set = set(wanted)
+    try:
+        for ordinal, frame in enumerate(container.decode(stream)):
+            counts["decoded_packets"] += 1
+            if ordinal in wanted_set:
+                pictures.put(ordinal, frame)
+            if ordinal >= wanted[-1]:
+                break
+    except av.error.FFmpegError as err:  # damaged further on: the frames before are kept
+        counts["decode_errors"] = counts.get("decode_errors", 0) + 1
+        counts["decode_error"] = str(err)
+    return [i for i in wanted if i not in pictures.done]
+
+
+def _check_indices(chosen, metadata, name: str) -> list[int]:
+    chosen = [int(i) for i in chosen]
+    if not chosen:
+        raise ValueError(f"No frames were selected from video {name}.")
+    if min(chosen) < 0:
+        raise ValueError(f"Frame indices must be >= 0, got {min(chosen)}.")
+    if max(chosen) >= metadata.total_num_frames:
+        raise ValueError(f"Frame index {max(chosen)} is out of range for video {name} "
+                         f"({metadata.total_num_frames} frames).")
+    return chosen
+
+
+def _substitutes(missing: list[int], produced: set[int], name: str, tolerant: bool) -> dict[int, int]:
+    """Each missing frame -> the nearest frame that was produced (tolerant mode), else a `VideoDecodeError`."""
+    shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+    if not tolerant or not produced:
+        raise VideoDecodeError(
+            f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames wanted): the file is "
+            "damaged or truncated there. Pass `tolerant=True` to use the nearest decodable frames instead."
+        )
+    ordered = sorted(produced)
+    swap = {}
+    for i in missing:
+        k = bisect.bisect_left(ordered, i)
+        near = [ordered[j] for j in (k - 1, k) if 0 <= j < len(ordered)]
+        swap[i] = min(near, key=lambda j: (abs(j - i), j))
+    listed = ", ".join(f"{i}->{j}" for i, j in list(swap.items())[:20]) + (" ..." if len(swap) > 20 else "")
+    warnings.warn(f"Video {name}: frame(s) could not be decoded (damaged or truncated file); used the nearest "
+                  f"decodable frame instead (wanted->used): {listed}.", stacklevel=3)
+    return swap
+
+
+def decode_video_pyav(
+    source,
+    indices: list[int] | None = None,
+    sample_indices_fn=None,
+    stats: dict | None = None,
+    progress: bool = False,
+    tolerant: bool = False,
+) -> tuple[np.ndarray, TimeViperVideoMetadata]:
+    """Decode selected frames of a video with PyAV.
+
+    Frame ``i`` is the ``i``-th frame in presentation order. One demux pass (no decoding) lists every frame's
+    presentation timestamp and the keyframes; it gives the frame count, the frame rate (constant when every frame
+    lies on one rate's grid, else ``metadata.frame_times`` holds the real times and ``fps`` the mean rate) and the
+    duration, all of the video stream (not the container, whose duration may be an audio stream's). Then the wanted
+    frames are decoded group of pictures by group of pictures (`_IndexedDecode`): seeking where a long stretch holds
+    no wanted frame, skipping the rest, and numbering every decoded frame by its timestamp, so the metadata always
+    describes the frames returned. Streams whose timestamps cannot number the frames (raw elementary streams) are
+    decoded from the start, numbering frames as they come. Frames are returned as displayed: pixels scaled to the
+    sample aspect ratio and turned by the display matrix's rotation. Non-seekable file objects are read into memory.
 
     Args:
         source: A path (str or `os.PathLike`), raw bytes, or a binary file object.
         indices: Frame indices to return (any order, repeats allowed).
         sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
             frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
+        stats: Optional dict that receives counts: ``scanned_packets`` (the demux pass), ``demuxed_packets``,
+            ``decoded_packets`` (sent to the decoder, which drops unwanted non-reference ones), ``seeks``.
         progress: Show a progress bar over the frames to decode (for long videos).
-        stats: Optional dict that receives counts: ``decoded_packets`` (packets sent to the decoder; it drops the
-            unwanted non-reference ones among them), ``demuxed_packets``, ``seeks`` and ``scanned_packets``
-            (packets read to build the frame table; 0 when it was not needed).
+        tolerant: A wanted frame that cannot be decoded (damaged or truncated file) is replaced by the nearest
+            decoded one, with a warning naming the file and the frames (wanted -> used); the metadata then lists the
+            frames used. Default: a `VideoDecodeError`. Meant for training data, where one damaged second should not
+            drop a sample.
 
     Returns:
         ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a
-        `TimeViperVideoMetadata` with ``frames_indices`` and ``frames_timestamps`` (the decoded frames' presentation
-        times in seconds from the stream start) set.
+        `TimeViperVideoMetadata` with ``frames_indices`` and ``frames_timestamps`` (seconds from the first frame)
+        of the frames returned.
 
     Raises:
-        ValueError: the file is missing (`VideoFileNotFoundError`), unreadable, has no video stream or no frames, or
-            an index is out of range.
+        ValueError: the path is missing (`VideoFileNotFoundError`) or a directory (`VideoIsADirectoryError`); the
+            input is unreadable, not a video (text, still image, audio only), or has no frames; an index is out of
+            range; a wanted frame cannot be decoded (`VideoDecodeError`, unless ``tolerant``).
     """
     if indices is None and sample_indices_fn is None:
         raise ValueError("Pass `indices` or `sample_indices_fn`.")
     container, name, reopen = _open_container(source)
     counts = {"decoded_packets": 0, "demuxed_packets": 0, "seeks": 0, "scanned_packets": 0}
-
-    def choose(metadata) -> list[int]:
-        chosen = [int(i) for i in (indices if indices is not None else sample_indices_fn(metadata))]
-        if not chosen:
-            raise ValueError(f"No frames were selected from video {name}.")
-        if metadata.total_num_frames and max(chosen) >= metadata.total_num_frames:
-            raise ValueError(f"Frame index {max(chosen)} is out of range for video {name} "
-                             f"({metadata.total_num_frames} frames).")
-        if min(chosen) < 0:
-            raise ValueError(f"Frame indices must be >= 0, got {min(chosen)}.")
-        return chosen
-
-    def frame_table(metadata, rewind=False):
-        pts, count = _scan_frame_table(container, stream, counts, rewind=rewind)
+    pictures = None
+    try:
+        stream = _video_stream(container, name)
+        metadata = _stream_metadata(stream, name)
+        index, count = _scan_frame_index(container, stream, counts, name)
         if count == 0:
             raise ValueError(f"Video {name} has no frames: its video stream holds no packets (empty or truncated).")
-        if pts is None:  # no timestamps: the frames will be counted while decoding from the start
+        _warn_if_cut(stream, count, counts, name)
+        if index is not None:
+            _index_metadata(stream, index, metadata)
+        else:
             metadata.total_num_frames = count
-            if metadata.fps and not metadata.duration:
-                metadata.duration = count / metadata.fps
-            return None
-        return _apply_frame_table(stream, metadata, pts)
-
-    decoded = None
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        metadata = _stream_metadata(container, stream)
-        try:
-            timeline = None
-            if _needs_frame_table(stream, metadata):
-                timeline = frame_table(metadata)
-            elif metadata.fps and stream.time_base is not None:
-                timeline = _ConstantRate(stream, metadata.fps)
-            if timeline is None and not metadata.total_num_frames:
-                raise ValueError(f"Video {name} has no frames (or its frame count is unknown and it has no "
-                                 "timestamps).")
-            chosen = choose(metadata)
-            decoded = _FrameStore(len(set(chosen)), name if progress else None)
-            if timeline is not None:
-                try:
-                    decoded = _decode_seeking(container, stream, sorted(set(chosen)), timeline, counts, out=decoded)
-                except _NotConstantRate:  # the header's constant rate was wrong: use the real timestamps
-                    timeline = frame_table(metadata, rewind=True)
-                    chosen = choose(metadata)
-                    if timeline is not None:
-                        decoded = _decode_seeking(
-                            container, stream, sorted(set(chosen)), timeline, counts, out=decoded.restart()
-                        )
-            if len(decoded) < len(set(chosen)):  # no timestamps: count frames from the start
-                rewind = True
-                if counts["scanned_packets"]:  # the scan read the input to its end; seeking back needs timestamps
-                    fresh = reopen()
-                    container.close()
-                    container, stream, rewind = fresh, fresh.streams.video[0], False
-                    stream.thread_type = "AUTO"
-                decoded = _decode_sequential(container, stream, sorted(set(chosen)), rewind=rewind, out=decoded.restart())
-                timeline = None  # `decoded` now holds times in seconds (or None), not pts
-        except av.error.FFmpegError as err:
-            raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
-        if not decoded:
-            raise ValueError(f"Could not decode any frame from video {name}: corrupt or empty.")
-        frames = np.stack([decoded[i][0] for i in chosen])
-        if timeline is not None and stream.time_base is not None:
-            time_base = float(stream.time_base)
-            metadata.frames_timestamps = [float((decoded[i][1] - timeline.start_pts) * time_base) for i in chosen]
-        elif all(decoded[i][1] is not None for i in chosen):
-            metadata.frames_timestamps = [float(decoded[i][1]) for i in chosen]
-        if stats is not None:
-            stats.update(counts)
+            metadata.duration = count / metadata.fps if metadata.fps else None
+        chosen = _check_indices(indices if indices is not None else sample_indices_fn(metadata), metadata, name)
+        wanted = sorted(set(chosen))
+        pictures = _Pictures(wanted, metadata.width, metadata.height, name if progress else None)
+        container, missing = _decode_wanted(container, reopen, stream, index, wanted, pictures, counts)
+        swap = _substitutes(missing, pictures.done, name, tolerant) if missing else {}
+        used = [swap.get(i, i) for i in chosen]
+        frames = pictures.array[[pictures.slot[i] for i in used]] if used != wanted else pictures.array
+    except av.error.FFmpegError as err:
+        raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
     finally:
-        if decoded is not None:
-            decoded.close()
+        if pictures is not None:
+            pictures.close()
         container.close()
-    metadata.frames_indices = chosen
-    if metadata.width is None or metadata.width == 0:
-        metadata.height, metadata.width = frames.shape[1:3]
+    if stats is not None:
+        stats.update(counts)
+    metadata.frames_indices = used
+    if index is not None:
+        time_base, origin = float(stream.time_base), index.pts[0]
+        metadata.frames_timestamps = [(index.pts[i] - origin) * time_base for i in used]
+    elif metadata.fps:
+        metadata.frames_timestamps = [i / metadata.fps for i in used]
+    metadata.height, metadata.width = frames.shape[1:3]
+    metadata.rotation = pictures.rotation
     return frames, metadata
+
+
+def _warn_if_cut(stream, count: int, counts: dict, name: str) -> None:
+    """A container header that lists more frames than the file holds (a cut download), or a damaged container."""
+    if "demux_error" in counts:
+        warnings.warn(f"Video {name} is damaged: {counts['demux_error']}; using the {count} frames before it.",
+                      stacklevel=3)
+    elif stream.frames and stream.frames > count:
+        warnings.warn(f"Video {name} is truncated: its header lists {stream.frames} frames, the file holds {count}; "
+                      "using those.", stacklevel=3)
+
+
+def _decode_wanted(container, reopen, stream, index, wanted, pictures, counts):
+    """Decode `wanted` into `pictures`; returns ``(container, missing)`` (the container may have been reopened)."""
+    if index is not None:
+        try:
+            try:
+                return container, _decode_by_timestamp(container, stream, index, wanted, pictures, counts)
+            except _SeekLandedLate:  # a demuxer that cannot seek back to the start: read it from a fresh start
+                container.close()
+                container = reopen()
+                todo = [i for i in wanted if i not in pictures.done]
+                decode = _IndexedDecode(container, _video_stream(container, ""), index, todo, pictures, counts,
+                                        skip_nonref=False)
+                return container, decode.run(seek=False)
+        except _TimestampMismatch:  # the decoder's timestamps differ from the demuxer's: number by output order
+            pass
+    container.close()
+    container = reopen()
+    pictures.done.clear()  # frames numbered by timestamp before the mismatch are decoded again, by order
+    return container, _decode_in_order(container, wanted, pictures, counts)
+
+
+def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> list[int]:
+    """`_IndexedDecode` skipping unwanted non-reference frames; the wanted frames lost that way (a decoder that
+    applies the skip to another packet) are decoded once more without skipping. Returns the frames still missing."""
+    first = _IndexedDecode(container, stream, index, wanted, pictures, counts, skip_nonref=True)
+    missing = first.run()
+    if missing and first.skip_nonref:
+        missing = _IndexedDecode(container, stream, index, missing, pictures, counts, skip_nonref=False).run()
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1112,7 +1160,8 @@ def _indices_for(metadata, options: dict) -> list[int]:
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     """Video kwargs of `TimeViperVideoProcessor` (on top of transformers' `VideosKwargs`).
 
-    fps (`float`): frames per second to sample (default 1.0), one frame at the start of each segment.
+    fps (`float`): frames per second to sample (default 1.0), one frame at the start of each segment; capped at the
+        video's frame rate (with a warning).
     num_frames (`int`): sample this many uniformly spaced frames instead (segment midpoints).
     max_frames (`int`): cap for the fps rule (default 256, uniform subsampling; reference_eval truncates).
     min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).

@@ -107,6 +107,23 @@ def test_fps_rule_segment_starts():
     assert sample_frame_indices(5, None) == [0, 1, 2, 3, 4]
 
 
+def test_fps_above_the_frame_rate_is_capped():
+    """fps above the video's rate samples every frame once (with a warning) instead of repeating each frame."""
+    with pytest.warns(UserWarning, match=r"fps=60.0 is above the video's frame rate \(25.000"):
+        assert sample_frame_indices(50, 25.0, fps=60.0) == list(range(50))
+    with pytest.warns(UserWarning, match="above"):  # a window starting mid-frame: still each frame once
+        assert sample_frame_indices(50, 25.0, fps=60.0, start=0.3, end=0.5) == [7, 8, 9, 10, 11, 12]
+    with pytest.warns(UserWarning, match="repeats frames"):  # reference_eval reproduces the reference
+        indices = sample_frame_indices(4, 2.0, fps=4.0, sampling="reference_eval", min_frames=1)
+    assert indices == [0, 0, 1, 2, 2, 2, 3, 3]  # round(arange(0, 4, 0.5)) without the 4, padded to 8
+
+
+def test_window_keeps_the_frame_on_screen_at_start():
+    """start=7.3 s at 25 fps is frame 182.5: frame 182 is on screen then, and is sampled."""
+    assert sample_frame_indices(300, 25.0, fps=1.0, start=7.3, end=10.0) == [182, 208, 232]
+    assert sample_frame_indices(300, 25.0, start=7.3, end=7.4) == [182, 183, 184]  # on screen during [7.3, 7.4)
+
+
 def test_num_frames_rule():
     assert sample_frame_indices(10, None, num_frames=4) == [1, 3, 6, 8]
     assert sample_frame_indices(100, 10.0, num_frames=4, start=2.0, end=6.0) == [25, 35, 45, 55]
@@ -273,7 +290,10 @@ def test_sampling_by_frame_times():
     assert sample(start=0.55, end=1.31) == [3, 4, 5]  # every frame on screen during [0.55, 1.31)
     assert sample(num_frames=2) == [2, 6]  # uniform over frame indices, as for a constant rate
     assert sample(fps=2.0, max_frames=2) == [3, 6]  # positions 1 and 3 of the five
-    assert sample(fps=30.0)[:8] == [0, 0, 0, 1, 1, 2, 2, 2]  # t = k / 30, faster than the video: frames repeat
+    # Faster than the video's (mean) rate, 3.8 fps: capped at it with a warning, t = k / 3.8 -> 0, 0.26, 0.53, 0.79,
+    # 1.05, 1.32, 1.58, 1.84 s; a frame still repeats where the video is locally slower (frames 4 and 6).
+    with pytest.warns(UserWarning, match="above the video's frame rate"):
+        assert sample(fps=30.0) == [0, 2, 3, 4, 4, 5, 6, 6]
     assert sample(sampling="reference_eval", min_frames=1) == [0, 4, 4, 4]  # by index at 3.8 fps, as the reference
     with pytest.raises(ValueError, match="beyond"):
         sample(start=2.2)
@@ -325,36 +345,12 @@ def test_vfr_processor_samples_by_real_time(vfr_videos, container):
         processor(path, start=1.0, end=1.0)
 
 
-def test_constant_rate_decode_falls_back_to_frame_table(vfr_videos, monkeypatch):
-    """A header that wrongly vouches for a constant rate: the first frame off the rate's grid switches to the table."""
-    import timeviper.processing_timeviper as ptv
-
-    monkeypatch.setattr(ptv, "_needs_frame_table", lambda stream, metadata: False)
-    off_grid = []
-    check = ptv._ConstantRate.check
-
-    def spy(self, pts):
-        try:
-            check(self, pts)
-        except ptv._NotConstantRate:
-            off_grid.append(pts)
-            raise
-
-    monkeypatch.setattr(ptv._ConstantRate, "check", spy)
-    stats = {}
-    frames, metadata = decode_video_pyav(
-        vfr_videos["mp4"], sample_indices_fn=lambda m: ptv._indices_for(m, {"fps": 1.0}), stats=stats
-    )
-    assert len(off_grid) == 1 and stats["scanned_packets"] == 40  # started on the header's rate, then switched
-    assert metadata.frames_indices == [0, 17, 31]
-    assert [frame_index_from_pixels(f) for f in frames] == [0, 17, 31]
-    assert metadata.timestamps == pytest.approx([0.0, 0.98, 1.96], abs=1e-6)
-
-
-def test_constant_rate_mp4_needs_no_frame_table(videos):
+def test_constant_rate_is_recognised_from_the_frame_index(videos):
+    """Every frame on a 25 fps grid: a constant rate (the reference's index rule applies), from one demux pass."""
     stats = {}
     _, metadata = decode_video_pyav(videos["gop20"], [0, 250], stats=stats)
-    assert stats["scanned_packets"] == 0 and metadata.frame_times is None
+    assert stats["scanned_packets"] == 300 and metadata.frame_times is None
+    assert metadata.fps == pytest.approx(25.0) and metadata.duration == pytest.approx(12.0)
     assert metadata.timestamps == pytest.approx([0.0, 10.0])
 
 
