@@ -65,7 +65,7 @@ def evaluate(args) -> dict:
                     output = scratch / "predictions" / f"{method}_{num_frames}_{s}.jsonl"
                     run_items(records, answer_fn, output, "mcq", sampling)
                     lines = [json.loads(line) for line in output.read_text().splitlines()]
-                    accuracies.append(compute_metrics("mcq", lines)["overall"]["accuracy"])
+                    accuracies.append(compute_metrics("mcq", lines)["accuracy"])
                 seconds = (time.perf_counter() - seconds) / (len(sets) * args.clips_per_set)
                 run = {
                     "method": method, "num_frames": num_frames, "vision_tokens": 4 * num_frames,

@@ -10,7 +10,7 @@ a model that ignores it gets 25 %.
 A clip is fully determined by `(seed, num_frames)`, so training, held-out evaluation and the `ask` default use
 disjoint seed ranges of the same family.
 
-    python -m training.synthetic --out data/needle --num-samples 600 --min-frames 16 --max-frames 48 --seed 0
+    python -m training.synthetic --out data/needle --num-samples 1600 --min-frames 8 --max-frames 32 --seed 0
 
 writes `videos/*.mp4`, `train.jsonl` (the training format of training/README.md) and `eval.jsonl` (the MCQ
 annotation format of evaluation/README.md) for the same clips.
@@ -79,7 +79,7 @@ class NeedleClip:
             bounce = (position < 0) | (position > size - side)
             velocity[bounce] *= -1
             position = position.clip(0, size - side)
-        needle = size // 2
+        needle = size * 3 // 4  # most of the frame: a strong signal for a tiny model and 4 tokens per frame
         y, x = rng.integers(0, size - needle + 1, 2)
         video[self.needle_start : self.needle_start + NEEDLE_SECONDS, y : y + needle, x : x + needle] = COLORS[self.color]
         return video
@@ -153,8 +153,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for videos/, train.jsonl and eval.jsonl")
     parser.add_argument("--num-samples", type=int, required=True)
-    parser.add_argument("--min-frames", type=int, default=16, help="shortest clip, in frames (= seconds)")
-    parser.add_argument("--max-frames", type=int, default=48, help="longest clip, in frames (= seconds)")
+    parser.add_argument("--min-frames", type=int, default=8, help="shortest clip, in frames (= seconds)")
+    parser.add_argument("--max-frames", type=int, default=32, help="longest clip, in frames (= seconds)")
     parser.add_argument("--seed", type=int, default=0, help="first clip seed; clip i has seed + i")
     args = parser.parse_args(argv)
     if not NEEDLE_SECONDS <= args.min_frames <= args.max_frames:

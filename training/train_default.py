@@ -44,11 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"where the trained model goes (default {DEFAULT_OUT})")
     parser.add_argument("--work-dir", help="keep the generated clips and both stages' folders here (default: a temp dir)")
     parser.add_argument("--num-samples", type=int, default=1600, help="training clips")
-    parser.add_argument("--min-frames", type=int, default=16)
-    parser.add_argument("--max-frames", type=int, default=64)
+    parser.add_argument("--min-frames", type=int, default=8)
+    parser.add_argument("--max-frames", type=int, default=32)
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=800)
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="a model trained from scratch needs more than the paper's 1e-5")
+    parser.add_argument("--projector-lr", type=float, default=5e-3, help="the projector must lift the needle's colour out of frozen random vision features")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more than the free cores slows it down)")
     return parser.parse_args(argv)
@@ -59,7 +60,7 @@ def train_stages(args, work: Path) -> Path:
     synthetic.main(["--out", str(data), "--num-samples", str(args.num_samples), "--min-frames", str(args.min_frames),
                     "--max-frames", str(args.max_frames), "--seed", str(args.seed)])
     common = ["--data", str(data / "train.jsonl"), "--video-root", str(data), "--seed", str(args.seed),
-              "--learning_rate", str(args.learning_rate), "--max_frames", str(args.max_frames), *COMMON_ARGS]
+              "--learning_rate", str(args.learning_rate), "--projector_lr", str(args.projector_lr), "--max_frames", str(args.max_frames), *COMMON_ARGS]
     stage1, stage2 = work / "stage1", work / "stage2"
     train_cli.main(["--tiny", "--stage", "1", "--output_dir", str(stage1), "--max_steps", str(args.stage1_steps),
                     "--warmup_steps", "0.05", *common])
