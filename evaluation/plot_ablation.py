@@ -12,13 +12,35 @@ import json
 import math
 from pathlib import Path
 
-WIDTH, HEIGHT = 640, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 150, 40, 60
-STYLE = {"none": ("#1f77b4", "no compression"), "drop": ("#d62728", "dropping only"), "transv": ("#2ca02c", "TransV")}
+WIDTH, HEIGHT = 720, 400
+LEFT, RIGHT, TOP, BOTTOM = 70, 210, 40, 60
+STYLE = {"none": ("#1f77b4", "no compression"), "drop": ("#d62728", "drop"), "transv": ("#2ca02c", "TransV")}
+DASHES = ("none", "6 3", "2 3")  # one per keep-ratio pair
 
 
 def scale(value: float, low: float, high: float, start: float, end: float) -> float:
     return start + (value - low) / (high - low) * (end - start) if high > low else (start + end) / 2
+
+
+def series(results: dict) -> dict:
+    """(method, keep ratios) -> its runs by length; no compression first, then each ratio pair's drop and TransV."""
+    grouped = {}
+    for run in results["runs"]:
+        key = (run["method"], tuple(run["keep_ratios"]) if run.get("keep_ratios") else None)
+        grouped.setdefault(key, []).append(run)
+    order = {method: i for i, method in enumerate(STYLE)}
+    keys = sorted(grouped, key=lambda k: (k[1] is not None, tuple(-r for r in k[1] or ()), order[k[0]]))
+    return {key: sorted(grouped[key], key=lambda r: r["num_frames"]) for key in keys}
+
+
+def ratio_index(all_series: dict, keep_ratios) -> int:
+    pairs = list(dict.fromkeys(k[1] for k in all_series if k[1] is not None))
+    return 0 if keep_ratios is None else pairs.index(keep_ratios) % len(DASHES)
+
+
+def series_label(key) -> str:
+    method, keep_ratios = key
+    return STYLE[method][1] if keep_ratios is None else f"{STYLE[method][1]} {'/'.join(map(str, keep_ratios))}"
 
 
 def render(results: dict) -> str:
@@ -51,34 +73,40 @@ def render(results: dict) -> str:
         parts.append(f'<text x="{x:.1f}" y="{plot_bottom + 18}" text-anchor="middle">{frames}</text>')
     parts.append(f'<text x="{(LEFT + plot_right) / 2}" y="{HEIGHT - 15}" text-anchor="middle">clip length (frames, 1 fps; 4 vision tokens each)</text>')
     parts.append(f'<text x="18" y="{(TOP + plot_bottom) / 2}" text-anchor="middle" transform="rotate(-90 18 {(TOP + plot_bottom) / 2})">accuracy (%)</text>')
-    for row, (method, (color, label)) in enumerate(STYLE.items()):
-        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["num_frames"])
-        if not runs:
-            continue
-        offset = (row - 1) * 4  # spread the methods' markers apart where they coincide
+    all_series = series(results)
+    for row, (key, runs) in enumerate(all_series.items()):
+        method, keep_ratios = key
+        color = STYLE[method][0]
+        dash = DASHES[ratio_index(all_series, keep_ratios)]
+        offset = (row - (len(all_series) - 1) / 2) * 3  # spread the series' markers apart where they coincide
         points = [(x_of(r["num_frames"]) + offset, y_of(r["mean"])) for r in runs]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>')
+        parts.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}" '
+            f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>'
+        )
         for (x, y), run in zip(points, runs):
             top, bottom = y_of(min(100, run["mean"] + run["std"])), y_of(max(0, run["mean"] - run["std"]))
             parts.append(f'<line x1="{x:.1f}" y1="{top:.1f}" x2="{x:.1f}" y2="{bottom:.1f}" stroke="{color}"/>')
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"/>')
         legend_y = TOP + 20 * row + 10
-        parts.append(f'<line x1="{plot_right + 10}" y1="{legend_y}" x2="{plot_right + 30}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>')
-        parts.append(f'<text x="{plot_right + 36}" y="{legend_y + 4}">{label}</text>')
+        parts.append(
+            f'<line x1="{plot_right + 10}" y1="{legend_y}" x2="{plot_right + 30}" y2="{legend_y}" stroke="{color}" '
+            f'stroke-width="2" stroke-dasharray="{dash}"/>'
+        )
+        parts.append(f'<text x="{plot_right + 36}" y="{legend_y + 4}">{series_label(key)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
 
 def markdown_table(results: dict) -> str:
-    """The README table: one row per length, mean +- std per method."""
+    """The README table: one row per length, mean +- std per series."""
+    all_series = series(results)
     lengths = sorted({run["num_frames"] for run in results["runs"]})
-    by_key = {(r["method"], r["num_frames"]): r for r in results["runs"]}
-    methods = [m for m in STYLE if any(r["method"] == m for r in results["runs"])]
-    lines = ["| frames | vision tokens | " + " | ".join(STYLE[m][1] for m in methods) + " |",
-             "|---:|---:|" + "---:|" * len(methods)]
+    cells = {key: {r["num_frames"]: f"{r['mean']:.1f} ± {r['std']:.1f}" for r in runs} for key, runs in all_series.items()}
+    lines = ["| frames | vision tokens | " + " | ".join(series_label(k) for k in all_series) + " |",
+             "|---:|---:|" + "---:|" * len(all_series)]
     for frames in lengths:
-        cells = [f"{by_key[m, frames]['mean']:.1f} ± {by_key[m, frames]['std']:.1f}" if (m, frames) in by_key else "-" for m in methods]
-        lines.append(f"| {frames} | {4 * frames} | " + " | ".join(cells) + " |")
+        lines.append(f"| {frames} | {4 * frames} | " + " | ".join(cells[k].get(frames, "-") for k in all_series) + " |")
     return "\n".join(lines) + "\n"
 
 

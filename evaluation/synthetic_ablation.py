@@ -1,5 +1,5 @@
 """Accuracy versus video length on held-out needle clips (training/synthetic.py): no compression, dropping only, and
-TransV at the same keep ratios, with the evaluation harness (`evaluation.run_eval.build_model_answer_fn`,
+TransV at the same keep ratios (`--keep-ratios`), with the evaluation harness (`evaluation.run_eval.build_model_answer_fn`,
 `evaluation.tasks.run_items`, `compute_metrics`).
 
     ./timeviper.sh python -m evaluation.synthetic_ablation --out evaluation/results/needle_ablation.json
@@ -24,12 +24,20 @@ from evaluation.tasks import FrameSampling, compute_metrics, run_items
 from inference.trained_default import MODEL_DIR, materialize_checkpoint
 from training.synthetic import HELD_OUT_SEED_START, NeedleClip
 
-# The same keep ratios at the same blocks; "drop" leaves the TransV weights unused (no transfer, tokens discarded).
-METHODS = {
-    "none": "none",
-    "drop": "unidrop_3_0.5-attndrop_6_0.1",
-    "transv": "uni_3_0.5-attn_6_0.1",
-}
+# The TransV stages of the trained schedule (training/train_default.py): uniform before block 3, attention-guided
+# before block 6. "drop" keeps the same tokens and leaves the TransV weights unused (dropped tokens are discarded).
+TRAINED_KEEP_RATIOS = (0.5, 0.1)
+
+
+def schedules(keep_ratios: list[tuple[float, float]]) -> list[tuple[str, tuple | None, str]]:
+    """(method, keep ratios, token_compression) for no compression, then dropping and TransV at each ratio pair."""
+    rows = [("none", None, "none")]
+    for first, second in keep_ratios:
+        rows.append(("drop", (first, second), f"unidrop_3_{first}-attndrop_6_{second}"))
+        rows.append(("transv", (first, second), f"uni_3_{first}-attn_6_{second}"))
+    return rows
+
+
 # Evaluation seeds: disjoint from training (below HELD_OUT_SEED_START) and from the tests' and ask's held-out clips.
 ABLATION_SEED_START = HELD_OUT_SEED_START + 100_000
 SEEDS_PER_SET = 10_000
@@ -47,7 +55,7 @@ def held_out_records(video_dir: Path, num_frames: int, set_index: int, clips_per
 
 def evaluate(args) -> dict:
     results = {
-        "model": str(args.model), "methods": METHODS, "lengths": args.lengths, "num_sets": args.num_sets,
+        "model": str(args.model), "lengths": args.lengths, "num_sets": args.num_sets,
         "clips_per_set": args.clips_per_set, "chance": 25.0, "runs": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
@@ -55,25 +63,26 @@ def evaluate(args) -> dict:
         for num_frames in args.lengths:
             sampling = FrameSampling(fps=1.0, max_frames=num_frames, min_frames=min(num_frames, 32), rule="auto")
             sets = [held_out_records(scratch / "videos", num_frames, s, args.clips_per_set) for s in range(args.num_sets)]
-            for method, schedule in METHODS.items():
-                folder = materialize_checkpoint(scratch / "models" / method, args.model, schedule)
+            for method, keep_ratios, schedule in schedules(args.keep_ratios):
+                folder = materialize_checkpoint(scratch / "models" / schedule, args.model, schedule)
                 answer_fn = build_model_answer_fn(
                     str(folder), "mcq", sampling, max_new_tokens=3, device="cpu", dtype="float32"
                 )
                 accuracies, seconds = [], time.perf_counter()
                 for s, records in enumerate(sets):
-                    output = scratch / "predictions" / f"{method}_{num_frames}_{s}.jsonl"
+                    output = scratch / "predictions" / f"{schedule}_{num_frames}_{s}.jsonl"
                     run_items(records, answer_fn, output, "mcq", sampling)
                     lines = [json.loads(line) for line in output.read_text().splitlines()]
                     accuracies.append(compute_metrics("mcq", lines)["accuracy"])
                 seconds = (time.perf_counter() - seconds) / (len(sets) * args.clips_per_set)
                 run = {
-                    "method": method, "num_frames": num_frames, "vision_tokens": 4 * num_frames,
+                    "method": method, "keep_ratios": keep_ratios, "token_compression": schedule,
+                    "num_frames": num_frames, "vision_tokens": 4 * num_frames,
                     "set_accuracies": accuracies, "mean": statistics.mean(accuracies),
                     "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, "seconds_per_clip": seconds,
                 }
                 results["runs"].append(run)
-                print(f"{method:>6} {num_frames:>5} frames: {run['mean']:5.1f} % +- {run['std']:4.1f} ({seconds:.2f} s/clip)", flush=True)
+                print(f"{schedule:>30} {num_frames:>5} frames: {run['mean']:5.1f} % +- {run['std']:4.1f} ({seconds:.2f} s/clip)", flush=True)
     return results
 
 
@@ -83,8 +92,18 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512, 2048], help="clip lengths in frames")
     parser.add_argument("--num-sets", type=int, default=3, help="independent held-out sets per length (the spread)")
     parser.add_argument("--clips-per-set", type=int, default=20)
+    parser.add_argument(
+        "--keep-ratios", nargs="+", default=[",".join(map(str, TRAINED_KEEP_RATIOS))],
+        help="keep-ratio pairs 'FIRST,SECOND' (before blocks 3 and 6) for dropping and TransV (default: the trained 0.5,0.1)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     args = parser.parse_args(argv)
+    try:
+        args.keep_ratios = [tuple(float(r) for r in pair.split(",")) for pair in args.keep_ratios]
+    except ValueError:
+        parser.error(f"--keep-ratios takes pairs like 0.5,0.1, got {args.keep_ratios}")
+    if any(len(pair) != 2 or not 1 > pair[0] > pair[1] > 0 for pair in args.keep_ratios):
+        parser.error(f"--keep-ratios: each pair needs 1 > first > second > 0, got {args.keep_ratios}")
     if min(args.lengths) < 2 or args.num_sets < 1 or args.clips_per_set < 1:
         parser.error("--lengths must be at least 2 frames, --num-sets and --clips-per-set at least 1")
     return args

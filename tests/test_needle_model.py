@@ -70,3 +70,23 @@ def test_ask_without_options_answers_the_generated_needle_question():
     assert f"(right answer: {clip.answer_letter}. {clip.color})" in result.stdout
     answer = result.stdout.split("[answer] ", 1)[1].splitlines()[0]
     assert answer.startswith(f"Best Option: ({clip.answer_letter}) {clip.color}"), result.stdout
+
+
+def test_ablation_plot_and_table_show_every_series():
+    import xml.etree.ElementTree as ElementTree
+
+    from evaluation.plot_ablation import markdown_table, render
+    from evaluation.synthetic_ablation import schedules
+
+    runs = [
+        {"method": method, "keep_ratios": ratios, "num_frames": frames, "mean": 100.0 - i, "std": 1.5}
+        for i, (method, ratios, _) in enumerate(schedules([(0.5, 0.1), (0.1, 0.02)]))
+        for frames in (32, 128)
+    ]
+    table = markdown_table({"runs": runs}).splitlines()
+    assert table[0] == (
+        "| frames | vision tokens | no compression | drop 0.5/0.1 | TransV 0.5/0.1 | drop 0.1/0.02 | TransV 0.1/0.02 |"
+    )
+    assert table[2] == "| 32 | 128 | 100.0 ± 1.5 | 99.0 ± 1.5 | 98.0 ± 1.5 | 97.0 ± 1.5 | 96.0 ± 1.5 |"
+    svg = ElementTree.fromstring(render({"runs": runs, "chance": 25.0}))
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 5
