@@ -89,7 +89,7 @@ def default_video_and_question(args, scratch):
         video = str(clip.write_video(Path(scratch) / "needle.mp4"))
         print(
             f"[video] no --video given: generated a {clip.num_frames} s held-out needle clip at {video}; the "
-            f"{clip.color} square shows at t = {clip.needle_start}-{clip.needle_start + 1} s "
+            f"{clip.color} square shows at t = {clip.needle_frames[0]}-{clip.needle_frames[-1]} s "
             f"(right answer: {clip.answer_letter}. {clip.color})"
         )
         return video, args.question or demo_question()

@@ -55,6 +55,11 @@ class NeedleClip:
         return cls(seed, num_frames, start, list(COLORS)[int(rng.integers(len(COLORS)))])
 
     @property
+    def needle_frames(self) -> range:
+        """Indices (= seconds) of the frames that show the needle."""
+        return range(self.needle_start, self.needle_start + NEEDLE_SECONDS)
+
+    @property
     def answer_letter(self) -> str:
         return option_letters(len(COLORS))[list(COLORS).index(self.color)]
 
@@ -81,7 +86,7 @@ class NeedleClip:
             position = position.clip(0, size - side)
         needle = size * 3 // 4  # most of the frame: a strong signal for a tiny model and 4 tokens per frame
         y, x = rng.integers(0, size - needle + 1, 2)
-        video[self.needle_start : self.needle_start + NEEDLE_SECONDS, y : y + needle, x : x + needle] = COLORS[self.color]
+        video[self.needle_frames.start : self.needle_frames.stop, y : y + needle, x : x + needle] = COLORS[self.color]
         return video
 
     def write_video(self, path) -> Path:
