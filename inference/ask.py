@@ -30,7 +30,7 @@ def parse_args(argv=None):
         "(default: the embedded tiny model trained on the needle task)",
     )
     parser.add_argument("--revision", help="Hub revision to pin the remote code to")
-    parser.add_argument("--video", help="video file (default: a generated sample clip)")
+    parser.add_argument("--video", help="video file (default: a generated clip; a held-out needle clip for the default model)")
     parser.add_argument(
         "--question",
         help="default: the needle question for the embedded trained model, else 'Describe what happens in this video.'",
