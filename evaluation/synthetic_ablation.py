@@ -29,12 +29,18 @@ from training.synthetic import HELD_OUT_SEED_START, NeedleClip
 TRAINED_KEEP_RATIOS = (0.5, 0.1)
 
 
-def schedules(keep_ratios: list[tuple[float, float]]) -> list[tuple[str, tuple | None, str]]:
-    """(method, keep ratios, token_compression) for no compression, then dropping and TransV at each ratio pair."""
+TRAINED_BLOCKS = (3, 6)
+
+
+def schedules(keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = TRAINED_BLOCKS) -> list[tuple[str, tuple | None, str]]:
+    """(method, keep ratios, token_compression) for no compression, then dropping and TransV at each ratio pair.
+
+    TransV stage i always runs the weights trained for stage i (before block 3 or 6); other `blocks` move them."""
+    uniform, attention = blocks
     rows = [("none", None, "none")]
     for first, second in keep_ratios:
-        rows.append(("drop", (first, second), f"unidrop_3_{first}-attndrop_6_{second}"))
-        rows.append(("transv", (first, second), f"uni_3_{first}-attn_6_{second}"))
+        rows.append(("drop", (first, second), f"unidrop_{uniform}_{first}-attndrop_{attention}_{second}"))
+        rows.append(("transv", (first, second), f"uni_{uniform}_{first}-attn_{attention}_{second}"))
     return rows
 
 
@@ -55,7 +61,7 @@ def held_out_records(video_dir: Path, num_frames: int, set_index: int, clips_per
 
 def evaluate(args) -> dict:
     results = {
-        "model": str(args.model), "lengths": args.lengths, "num_sets": args.num_sets,
+        "model": str(args.model), "blocks": args.blocks, "lengths": args.lengths, "num_sets": args.num_sets,
         "clips_per_set": args.clips_per_set, "chance": 25.0, "runs": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
@@ -63,7 +69,7 @@ def evaluate(args) -> dict:
         for num_frames in args.lengths:
             sampling = FrameSampling(fps=1.0, max_frames=num_frames, min_frames=min(num_frames, 32), rule="auto")
             sets = [held_out_records(scratch / "videos", num_frames, s, args.clips_per_set) for s in range(args.num_sets)]
-            for method, keep_ratios, schedule in schedules(args.keep_ratios):
+            for method, keep_ratios, schedule in schedules(args.keep_ratios, args.blocks):
                 folder = materialize_checkpoint(scratch / "models" / schedule, args.model, schedule)
                 answer_fn = build_model_answer_fn(
                     str(folder), "mcq", sampling, max_new_tokens=3, device="cpu", dtype="float32"
@@ -96,12 +102,22 @@ def parse_args(argv=None):
         "--keep-ratios", nargs="+", default=[",".join(map(str, TRAINED_KEEP_RATIOS))],
         help="keep-ratio pairs 'FIRST,SECOND' (before blocks 3 and 6) for dropping and TransV (default: the trained 0.5,0.1)",
     )
+    parser.add_argument(
+        "--blocks", default=",".join(map(str, TRAINED_BLOCKS)),
+        help="blocks of the uniform and the attention-guided stage (default: the trained 3,6; the second must be attention)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     args = parser.parse_args(argv)
     try:
         args.keep_ratios = [tuple(float(r) for r in pair.split(",")) for pair in args.keep_ratios]
     except ValueError:
         parser.error(f"--keep-ratios takes pairs like 0.5,0.1, got {args.keep_ratios}")
+    try:
+        args.blocks = tuple(int(b) for b in args.blocks.split(","))
+    except ValueError:
+        parser.error(f"--blocks takes two block indices like 3,6, got {args.blocks!r}")
+    if len(args.blocks) != 2:
+        parser.error(f"--blocks takes two block indices like 3,6, got {args.blocks}")
     if any(len(pair) != 2 or not 1 > pair[0] > pair[1] > 0 for pair in args.keep_ratios):
         parser.error(f"--keep-ratios: each pair needs 1 > first > second > 0, got {args.keep_ratios}")
     if min(args.lengths) < 2 or args.num_sets < 1 or args.clips_per_set < 1:
