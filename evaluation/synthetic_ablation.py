@@ -44,6 +44,7 @@ def schedules(keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = 
     return rows
 
 
+REPO = Path(__file__).resolve().parents[1]
 # Evaluation seeds: disjoint from training (below HELD_OUT_SEED_START) and from the tests' and ask's held-out clips.
 ABLATION_SEED_START = HELD_OUT_SEED_START + 100_000
 SEEDS_PER_SET = 10_000
@@ -61,7 +62,7 @@ def held_out_records(video_dir: Path, num_frames: int, set_index: int, clips_per
 
 def evaluate(args) -> dict:
     results = {
-        "model": str(args.model), "blocks": args.blocks, "lengths": args.lengths, "num_sets": args.num_sets,
+        "model": str(args.model.resolve().relative_to(REPO)) if args.model.resolve().is_relative_to(REPO) else str(args.model), "blocks": args.blocks, "lengths": args.lengths, "num_sets": args.num_sets,
         "clips_per_set": args.clips_per_set, "chance": 25.0, "runs": [],
     }
     with tempfile.TemporaryDirectory() as scratch:

@@ -6,9 +6,8 @@ one CPU core.
 It generates the training clips, then runs this package's training command (`training.train`, the Hugging Face
 Trainer) twice, as the paper does: stage 1 trains the projector of a fresh tiny model (vision tower and LLM frozen,
 no compression), stage 2 trains projector, LLM and the TransV modules of `SCHEDULE` (vision frozen). The result
-is copied without optimizer state or code files into `--out`. A fixed `--seed` gives the same data order and
-initial weights; the weights agree across runs to floating-point rounding (multithreaded CPU kernels sum in varying
-order), not bit for bit.
+is copied without optimizer state or code files into `--out`. A fixed `--seed` fixes the clips, their order and the
+initial weights.
 """
 
 from __future__ import annotations
