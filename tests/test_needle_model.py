@@ -44,6 +44,18 @@ def test_clip_records_match_the_harness_formats():
         NeedleClip.draw(seed=0, num_frames=1)
 
 
+def test_generated_split_passes_the_training_and_evaluation_validation(tmp_path):
+    from evaluation.tasks import load_annotations
+    from training.data import load_samples
+    from training.synthetic import main
+
+    main(["--out", str(tmp_path), "--num-samples", "3", "--min-frames", "4", "--max-frames", "6", "--seed", "5"])
+    samples = load_samples(tmp_path / "train.jsonl", video_root=tmp_path)
+    records = load_annotations(tmp_path / "eval.jsonl", "mcq", video_root=tmp_path)
+    assert len(samples) == len(records) == 3
+    assert [r["answer"] for r in records] == [NeedleClip.draw(seed, int(r["duration"])).answer_letter for seed, r in zip((5, 6, 7), records)]
+
+
 def test_shipped_model_finds_the_needle_on_held_out_clips(tmp_path):
     folder = materialize_checkpoint(tmp_path / "model")
     sampling = FrameSampling(fps=1.0, max_frames=TEST_FRAMES, min_frames=TEST_FRAMES, rule="auto")

@@ -138,8 +138,8 @@ def seed_stream(seed: int) -> int:
     return seed + 0x5EED
 
 
-def write_split(out: Path, seeds, frame_counts, write_training: bool = True) -> list[NeedleClip]:
-    """Videos under `out/videos`, `out/eval.jsonl` (MCQ annotations) and, optionally, `out/train.jsonl`."""
+def write_split(out: Path, seeds, frame_counts) -> list[NeedleClip]:
+    """Videos under `out/videos`, and the same clips as `out/train.jsonl` and `out/eval.jsonl` (MCQ annotations)."""
     clips = [NeedleClip.draw(seed, n) for seed, n in zip(seeds, frame_counts)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.jsonl", "w") as eval_file, open(out / "train.jsonl", "w") as train_file:
@@ -147,10 +147,7 @@ def write_split(out: Path, seeds, frame_counts, write_training: bool = True) -> 
             name = f"videos/{clip.num_frames:05d}f_{clip.seed}.mp4"
             clip.write_video(out / name)
             eval_file.write(json.dumps(clip.mcq_record(name)) + "\n")
-            if write_training:
-                train_file.write(json.dumps(clip.training_record(name)) + "\n")
-    if not write_training:
-        (out / "train.jsonl").unlink()
+            train_file.write(json.dumps(clip.training_record(name)) + "\n")
     return clips
 
 
