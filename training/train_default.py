@@ -7,7 +7,9 @@ It generates the training clips, then runs this package's training command (`tra
 Trainer) twice, as the paper does: stage 1 trains the projector of a fresh tiny model (vision tower and LLM frozen,
 no compression), stage 2 trains projector, LLM and the TransV modules of `SCHEDULE` (vision frozen). The result
 is copied without optimizer state or code files into `--out`. A fixed `--seed` fixes the clips, their order and the
-initial weights.
+initial weights; the trained weights still differ between runs (floating-point differences grow during stage 2), and
+so can the accuracy: check a new model with tests/test_needle_model.py before shipping it (README, "The embedded
+trained model").
 """
 
 from __future__ import annotations
