@@ -725,7 +725,8 @@ def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=
             rows.append(query.new_zeros(1, query.shape[1], length, value.shape[-1]))
             continue
         queries = query[b : b + 1, :, first - query_offset : stop - query_offset]
-        out = attention(queries, key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop], None, stop - first > 1, scale)
+        keys, values = key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop]
+        out = attention(queries, keys, values, None, stop - first > 1, scale)
         rows.append(F.pad(out, (0, 0, first - query_offset, query_offset + length - stop)))
     return torch.cat(rows)
 
@@ -1052,7 +1053,9 @@ class TimeViperTextModel(nn.Module):
         gives the input embeddings of positions [start, end); valid: (batch, length) bool. Returns the final hidden
         states of the last `keep_last` kept positions (all if None) and the kept positions."""
         if torch.is_grad_enabled():
-            raise ValueError("prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)")
+            raise ValueError(
+                "prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)"
+            )
         if past_key_values is None or past_key_values.is_prefilled:
             raise ValueError("chunked prefill fills a new cache: pass an empty TimeViperHybridCache")
         if chunk_size < 1:
@@ -1279,7 +1282,9 @@ class ChunkedPrefill:
         rotary = self.model.rotary_emb
         for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
             position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
-            hidden_states = layer(hidden_states, layout, position_embeddings=position_embeddings, past_key_values=self.cache)
+            hidden_states = layer(
+                hidden_states, layout, position_embeddings=position_embeddings, past_key_values=self.cache
+            )
         return hidden_states
 
 
@@ -1525,6 +1530,32 @@ class TimeViperModel(TimeViperPreTrainedModel):
         """Images are encoded as single frames."""
         return self.get_video_features(pixel_values)
 
+    @torch.no_grad()
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None) -> torch.Tensor:
+        """Streaming `get_video_features`: encodes an iterable of normalised pixel chunks (f, 3, h, w) as they come
+        (e.g. `VideoStream.pixel_chunks(model.device, model.dtype)`, whose decoding runs ahead in a thread) and
+        keeps only their features, (frames, tokens_per_frame, hidden), on `features_device` (default: the model's
+        device), preallocated when `num_frames` is given. Pass them as `generate(video_features=...)`."""
+        device = torch.device(features_device) if features_device is not None else self.device
+        features = ChunkedOutput(num_frames, dim=0) if num_frames is not None else None
+        parts, seen = [], 0
+        for pixels in pixel_chunks:
+            part = self.get_video_features(pixels.to(self.device)).to(device)
+            seen += part.shape[0]
+            if features is not None:
+                if seen > num_frames:
+                    raise ValueError(f"encode_video: the chunks hold more than num_frames={num_frames} frames")
+                features.add(part)
+            else:
+                parts.append(part)
+        if features is None:
+            if not parts:
+                raise ValueError("encode_video got no frames")
+            return torch.cat(parts)
+        if seen != num_frames:
+            raise ValueError(f"encode_video: the chunks held {seen} frames, num_frames={num_frames}")
+        return features.result()
+
     def get_placeholder_mask(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str):
         mask = input_ids == token_id
         num_tokens, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
@@ -1547,16 +1578,16 @@ class TimeViperModel(TimeViperPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        video_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> TimeViperModelOutputWithPast:
         r"""
-        video_features (keyword): (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in
-            place of `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
+        video_features: (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in place of
+            `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
         prefill_chunk_size (keyword): run the prefill this many tokens at a time (`TimeViperTextModel.
             prefill_in_chunks`): the same result, with activation memory for one chunk instead of the whole prompt.
         keep_last (keyword): with `prefill_chunk_size`, return the hidden states of only the last N positions.
         """
-        video_features = kwargs.get("video_features")
         prefill_chunk_size = kwargs.get("prefill_chunk_size")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -1757,6 +1788,9 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def get_image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values)
 
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None):
+        return self.model.encode_video(pixel_chunks, num_frames, features_device)
+
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
         """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
@@ -1788,6 +1822,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        video_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
@@ -1798,7 +1833,9 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
-        video_features, prefill_chunk_size (keywords): see `TimeViperModel.forward`; `generate()` passes them on.
+        video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
+        prefill_chunk_size (keyword): chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)`
+            sets it for the prefill call.
         """
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
@@ -1812,8 +1849,9 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
-        chunking = {key: kwargs[key] for key in ("video_features", "prefill_chunk_size") if kwargs.get(key) is not None}
-        if chunking.get("prefill_chunk_size") is not None:
+        chunk_size = kwargs.get("prefill_chunk_size")
+        chunking = {} if chunk_size is None else {"prefill_chunk_size": chunk_size}
+        if chunking:
             if labels is not None:
                 raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
             if past_key_values is None:
@@ -1829,6 +1867,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             compression_query_positions=compression_query_positions,
             output_hidden_states=output_hidden_states,
+            video_features=video_features,
             **chunking,
         )
         hidden_states = outputs.last_hidden_state

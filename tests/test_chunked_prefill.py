@@ -27,7 +27,8 @@ def make_model(backbone, schedule):
 
 def padded_batch(frame_counts, seed=0):
     """Left-padded rows: a 3-token prefix, the video, then a question of a length that differs per row."""
-    rows = [[5, 6, 7] + [VIDEO_TOKEN_ID] * (TOKENS_PER_FRAME * f) + list(range(8, 11 + i)) for i, f in enumerate(frame_counts)]
+    rows = [[5, 6, 7] + [VIDEO_TOKEN_ID] * (TOKENS_PER_FRAME * f) + list(range(8, 11 + i))
+            for i, f in enumerate(frame_counts)]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
@@ -55,7 +56,7 @@ def test_chunked_prefill_equals_one_shot(backbone, schedule):
         out, cache = prefill(model, ids, mask, pixels, chunk_size)
         assert torch.equal(out.kept_positions, expected.kept_positions), chunk_size
         valid = (out.kept_positions >= 0)[..., None]
-        torch.testing.assert_close(out.logits * valid, expected.logits * valid, atol=ATOL, rtol=0, msg=str(chunk_size))
+        torch.testing.assert_close(out.logits * valid, expected.logits * valid, atol=ATOL, rtol=0)
         assert_same_cache(cache, expected_cache)
 
 
