@@ -181,15 +181,27 @@ class TimeViperHybridCache(Cache):
             raise ValueError(
                 f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
             )
-        self._kv_buffers = {}  # (empty after a prefill; never keep a second copy of the cache alive)
         self.segment_base = [valid.shape[1] for valid in self.segment_valid]
         self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
-        # Zero-filled: unwritten slots are masked, but a NaN there would still poison `probabilities @ values`.
-        for store in (self.keys, self.values):
+        for which, store in enumerate((self.keys, self.values)):
             for layer_idx, tensor in store.items():
                 self.kv_base[layer_idx] = tensor.shape[-2]
-                store[layer_idx] = F.pad(tensor, (0, 0, 0, room))
+                store[layer_idx] = self._with_room(layer_idx, which, tensor, room)
+        self._kv_buffers = {}  # never keep a second copy of the cache alive
         self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
+
+    def _with_room(self, layer_idx: int, which: int, tensor: torch.Tensor, room: int) -> torch.Tensor:
+        """`tensor` followed by `room` zeros: in place when it is the start of a buffer that has the room (a chunked
+        prefill reserves it), else a padded copy (twice the block's keys/values at that moment). Zero-filled:
+        unwritten slots are masked, but a NaN there would still poison `probabilities @ values`."""
+        buffers = self._kv_buffers.get(layer_idx)
+        length = tensor.shape[-2]
+        if buffers is not None and buffers[which].data_ptr() == tensor.data_ptr():
+            if buffers[which].shape[-2] >= length + room:
+                grown = buffers[which][..., : length + room, :]
+                grown[..., length:, :].zero_()
+                return grown
+        return F.pad(tensor, (0, 0, 0, room))
 
     def static_step_layouts(self) -> list["TokenLayout"]:
         """Marks the new token valid in every segment's buffer and returns the layouts of this step: attention over
@@ -1233,9 +1245,11 @@ class ChunkedPrefill:
         segment = SegmentLayout(state)
         self.segments.append(segment)
         self.cache.start_segment(state.valid)
+        # A static cache later needs room for the generated tokens after the prompt: reserved now, it is not a copy.
+        room = self.cache.max_length - self.cache.seen_tokens if self.cache.is_static else 0
         for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
             if layer.attention is not None:
-                self.cache.reserved_lengths[layer.layer_idx] = segment.length
+                self.cache.reserved_lengths[layer.layer_idx] = segment.length + max(room, 0)
         if index == self.last_segment:
             keep = segment.length if self.keep_last is None else min(self.keep_last, segment.length)
             self.output_start = segment.length - keep

@@ -132,3 +132,24 @@ def test_chunked_prefill_refuses_what_it_cannot_do():
         model(input_ids=ids, attention_mask=holes, pixel_values_videos=pixels, prefill_chunk_size=4, use_cache=True)
     with torch.no_grad(), pytest.raises(ValueError, match="either pixel_values_videos or video_features"):
         model(input_ids=ids, pixel_values_videos=pixels, video_features=model.get_video_features(pixels))
+
+
+def test_static_cache_decodes_in_the_room_the_chunked_prefill_reserved():
+    """The static cache's decode buffers are the prefill's own keys/values (no second copy of the cache)."""
+    model = make_model("nemotron_h", "uni_1_0.5-attn_2_0.25")
+    ids, mask, pixels = padded_batch([3, 2])
+    cache = TimeViperHybridCache(max_length=ids.shape[1] + 4)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, past_key_values=cache,
+              prefill_chunk_size=5)
+    addresses = {layer: keys.data_ptr() for layer, keys in cache.keys.items()}
+    runs = [
+        model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels, max_new_tokens=4,
+                       do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation=implementation,
+                       prefill_chunk_size=5)
+        for implementation in ("static", "dynamic")
+    ]
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():
+        model(input_ids=runs[0][:, ids.shape[1] : ids.shape[1] + 1], past_key_values=cache)
+    assert {layer: keys.data_ptr() for layer, keys in cache.keys.items()} == addresses
