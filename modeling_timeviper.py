@@ -650,14 +650,22 @@ class TimeViperAttention(nn.Module):
             out = attend(self.config, query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
+    # Keys are projected this many tokens at a time: all of them at once, in float32 and repeated for every query
+    # head of their group, were 40 GB at 1.6M tokens (Nano-9B-v2 dims); the logits are heads x L float32.
+    score_chunk_size = 65536
+
     @torch.no_grad()
     def last_query_scores(self, hidden_states: torch.Tensor, query_index: int, key_valid: torch.Tensor):
         """Softmax attention of the single query at `query_index` over keys [0, query_index], averaged over heads,
         from this block's q/k projections applied to the raw residual stream (no norm, no positions). O(L)."""
-        query = self.q_proj(hidden_states[query_index]).view(self.num_heads, 1, self.head_dim)
-        keys = self.k_proj(hidden_states[: query_index + 1]).view(-1, self.num_kv_heads, self.head_dim)
-        keys = keys.transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
-        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(1) * self.scaling
+        groups = self.num_heads // self.num_kv_heads
+        query = self.q_proj(hidden_states[query_index]).view(self.num_kv_heads, groups, self.head_dim).float()
+        logits = []
+        for start in range(0, query_index + 1, self.score_chunk_size):
+            end = min(start + self.score_chunk_size, query_index + 1)
+            keys = self.k_proj(hidden_states[start:end]).view(-1, self.num_kv_heads, self.head_dim)
+            logits.append(torch.einsum("kgd,lkd->kgl", query, keys.float()))
+        logits = torch.cat(logits, dim=-1).flatten(0, 1) * self.scaling
         logits = logits.masked_fill(~key_valid[: query_index + 1], -math.inf)
         return logits.softmax(dim=-1).mean(dim=0)
 
@@ -1115,7 +1123,7 @@ class TimeViperTextModel(nn.Module):
         row = hidden[keep]
         if dropped_mask is None or not stage.transfer:
             return row, keep, None
-        memory = self.merge_modules[str(stage_index)].memory(hidden[dropped_mask])
+        memory = self.transfer_memory(stage_index, hidden, dropped_mask.nonzero().squeeze(1))
         # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
         num_text = int((keep > last_vision_index(state, b)).sum())
         if num_text > 0:
@@ -1123,6 +1131,15 @@ class TimeViperTextModel(nn.Module):
             transferred = self.merge_modules[str(stage_index)](text, memory[0][None], memory[1][None])
             row = torch.cat([row[:-num_text], (text + self.transfer_gate(stage_index, text) * transferred)[0]])
         return row, keep, memory
+
+    def transfer_memory(self, stage_index: int, hidden: torch.Tensor, index: torch.Tensor):
+        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
+        of all dropped tokens: 13 GB at 1.4M of them)."""
+        merge = self.merge_modules[str(stage_index)]
+        parts = [merge.memory(hidden[part]) for part in index.split(self.sequence_chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1)
 
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
@@ -1356,8 +1373,8 @@ class StreamedStage:
         end = start + hidden_states.shape[1]
         for b, dropped in enumerate(self.dropped):
             if dropped is not None and bool(dropped[start:end].any()):
-                memory = self.model.merge_modules[str(self.stage_index)].memory(hidden_states[b, dropped[start:end]])
-                self.memory_parts[b].append(memory)
+                index = dropped[start:end].nonzero().squeeze(1)
+                self.memory_parts[b].append(self.model.transfer_memory(self.stage_index, hidden_states[b], index))
         if self.pending is None:
             self.pending, self.pending_start = hidden_states, start
         else:

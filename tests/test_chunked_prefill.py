@@ -153,3 +153,16 @@ def test_static_cache_decodes_in_the_room_the_chunked_prefill_reserved():
     with torch.no_grad():
         model(input_ids=runs[0][:, ids.shape[1] : ids.shape[1] + 1], past_key_values=cache)
     assert {layer: keys.data_ptr() for layer, keys in cache.keys.items()} == addresses
+
+
+def test_stage_work_split_into_pieces_gives_the_same_result(monkeypatch):
+    """Attention-guided scores project their keys, and TransV its memory, a piece at a time at long lengths."""
+    model = make_model("nemotron_h", "uni_1_0.5-attn_2_0.25")
+    ids, mask, pixels = padded_batch([5, 3])
+    expected, expected_cache = prefill(model, ids, mask, pixels, None)
+    monkeypatch.setattr(TimeViperTextModel, "sequence_chunk_size", 3)
+    monkeypatch.setattr(type(model.model.language_model.layers[2].attention), "score_chunk_size", 5)
+    out, cache = prefill(model, ids, mask, pixels, None)
+    assert torch.equal(out.kept_positions, expected.kept_positions)
+    torch.testing.assert_close(out.logits, expected.logits, atol=ATOL, rtol=0)
+    assert_same_cache(cache, expected_cache)
