@@ -1561,6 +1561,15 @@ class TimeViperModel(TimeViperPreTrainedModel):
         """Images are encoded as single frames."""
         return self.get_video_features(pixel_values)
 
+    def streamed_video_features(self, streams) -> "StreamedVideoFeatures":
+        """`video_features` for `generate()` that encode each video while the prefill consumes it: decode, vision
+        and LLM then overlap and only one chunk of frames and features exists at a time. `streams`: objects with
+        `pixel_chunks(device, dtype)` and `num_frames` (`VideoStream`), in the order of the videos' placeholders."""
+        videos = [(stream.pixel_chunks(self.device, self.dtype), stream.num_frames) for stream in streams]
+        return StreamedVideoFeatures(
+            self.get_video_features, videos, self.config.vision_tokens_per_frame, self.config.text_config.hidden_size
+        )
+
     @torch.no_grad()
     def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None) -> torch.Tensor:
         """Streaming `get_video_features`: encodes an iterable of normalised pixel chunks (f, 3, h, w) as they come
@@ -1715,7 +1724,9 @@ class PlaceholderEmbedder:
             counts = mask.sum(-1)
             row_offset = counts.cumsum(0) - counts  # features before each row's first placeholder
             index = mask.long().cumsum(-1) - 1 + row_offset[:, None]
-            self.sources.append((mask, index, features.reshape(-1, features.shape[-1])))
+            if not isinstance(features, StreamedVideoFeatures):
+                features = features.reshape(-1, features.shape[-1])
+            self.sources.append((mask, index, features))
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         ids = self.input_ids[:, start:end]
@@ -1726,11 +1737,70 @@ class PlaceholderEmbedder:
         embeds = embeds.clone()
         for mask, index, features in self.sources:
             mask = mask[:, start:end]
+            if not bool(mask.any()):
+                continue
             rows = index[:, start:end][mask]
-            if rows.numel() < features.shape[0]:  # (the whole range takes every row in order: no gathered copy)
+            if isinstance(features, StreamedVideoFeatures):
+                features = features.take(rows)
+            elif rows.numel() < features.shape[0]:  # (the whole range takes every row in order: no gathered copy)
                 features = features[rows.to(features.device)]
             embeds[mask] = features.to(embeds.device, embeds.dtype)
         return embeds
+
+
+class StreamedVideoFeatures:
+    """Video features computed while the prefill consumes them (`TimeViperModel.streamed_video_features`): each
+    video's frames are encoded a chunk at a time when the prefill reaches their placeholders and dropped once it
+    has passed them, so neither the pixels nor the features of a whole video exist at once. The prefill visits each
+    video's placeholders in order (chunked or not); the features can be consumed once.
+
+    Args:
+        encode: pixels (f, 3, h, w) -> features (f, tokens_per_frame, hidden).
+        videos: per video, (an iterable of pixel chunks, its number of frames), in the order of the placeholders.
+    """
+
+    def __init__(self, encode, videos, tokens_per_frame: int, hidden_size: int):
+        self.encode = encode
+        self.chunks = [iter(chunks) for chunks, _ in videos]
+        frames = [int(num_frames) for _, num_frames in videos]
+        self.shape = (sum(frames), tokens_per_frame, hidden_size)
+        self.bounds = torch.tensor([0, *frames]).cumsum(0) * tokens_per_frame  # each video's rows
+        self.buffers: list[tuple[int, torch.Tensor | None]] = [(0, None) for _ in videos]  # (first row, rows)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The feature rows `rows` (ascending, flattened over videos and their frames' tokens)."""
+        rows = rows.cpu()
+        video_of = torch.searchsorted(self.bounds, rows, right=True) - 1
+        parts = []
+        for video in video_of.unique().tolist():
+            local = rows[video_of == video] - self.bounds[video]
+            if int(local.min()) < self.buffers[video][0]:
+                raise ValueError(
+                    f"video {video} of the streamed features is asked for rows it has already passed on: streamed "
+                    "features can be consumed once, in order"
+                )
+            start, buffer = self.fill(video, int(local.max()) + 1)
+            parts.append(buffer[(local - start).to(buffer.device)])
+            # Later calls ask for later rows only: drop the ones handed out.
+            keep_from = int(local.max()) + 1
+            self.buffers[video] = (keep_from, buffer[keep_from - start :])
+        return torch.cat(parts)
+
+    def fill(self, video: int, needed: int) -> tuple[int, torch.Tensor]:
+        start, buffer = self.buffers[video]
+        have = start + (0 if buffer is None else buffer.shape[0])
+        while have < needed:
+            pixels = next(self.chunks[video], None)
+            if pixels is None:
+                raise ValueError(
+                    f"video {video} of the streamed features ended after {have // self.shape[1]} frames, before its "
+                    "placeholders did"
+                )
+            features = self.encode(pixels).flatten(0, 1)
+            buffer = features if buffer is None else torch.cat([buffer, features])
+            have += features.shape[0]
+        self.buffers[video] = (start, buffer)
+        return start, buffer
 
 
 def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -1821,6 +1891,9 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
 
     def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None):
         return self.model.encode_video(pixel_chunks, num_frames, features_device)
+
+    def streamed_video_features(self, streams):
+        return self.model.streamed_video_features(streams)
 
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:

@@ -89,3 +89,25 @@ def test_streamed_answer_equals_the_processor_path(video, schedule):
     assert torch.equal(streamed.sequences, expected.sequences)
     # fp32: vision batches and prefill chunks only reorder sums (~1e-6 here); a wrong frame or token moves far more.
     torch.testing.assert_close(torch.stack(streamed.logits), torch.stack(expected.logits), atol=1e-4, rtol=0)
+
+
+def test_features_streamed_into_the_prefill_equal_encoded_features(video):
+    """streamed_video_features: frames encoded while the chunked prefill reaches them give the same answer."""
+    model, processor = build_tiny_default(token_compression="uni_1_0.5-attn_2_0.25")
+    model.config.vision_chunk_size = 3
+    conversations = [
+        [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "what happens?"}]}],
+        [{"role": "user", "content": [{"type": "video", "path": video, "num_frames": 5}, {"type": "text", "text": "a"}]}],
+    ]
+    options = {"fps": 2.0, "padding": True, "padding_side": "left"}
+    greedy = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
+    inputs, streams = streaming_chat_inputs(processor, conversations, chunk_frames=3, **options)
+    features = torch.cat([model.encode_video(s.pixel_chunks(), num_frames=s.num_frames) for s in streams])
+    expected = model.generate(**inputs, video_features=features, prefill_chunk_size=5, **greedy)
+    streamed = model.streamed_video_features(streams)
+    out = model.generate(**inputs, video_features=streamed, prefill_chunk_size=5, **greedy)
+    assert torch.equal(out.sequences, expected.sequences)
+    # The vision tower sees the same 3-frame batches: the same features, so the same logits up to nothing.
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="consumed once"):
+        model.generate(**inputs, video_features=streamed, prefill_chunk_size=5, **greedy)
