@@ -1240,7 +1240,8 @@ class ChunkedPrefill:
         self.bounds = [0, *stage_layers, len(text_model.layers)]  # segment s runs blocks [bounds[s], bounds[s+1])
         self.segments: list[SegmentLayout] = []
         self.stages: list[StreamedStage | HeldStage] = []
-        self.output: ChunkedOutput | None = None
+        self.output: ChunkedOutput | None = None  # the last segment's final hidden states from `output_start` on
+        self.output_start = 0
 
     @property
     def last_segment(self) -> int:
