@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -111,6 +112,9 @@ class TimeViperHybridCache(Cache):
         self.segment_valid: list[torch.Tensor] = []
         self.seen_tokens = 0
         self._kv_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see update()
+        # Chunked prefill knows each attention block's final prompt length up front: its first update allocates
+        # that much at once instead of regrowing (copying) the keys/values at every chunk.
+        self.reserved_lengths: dict[int, int] = {}
         # Static decoding, once the buffers exist: prompt length of every segment and attention block (where decode
         # step t writes, at base + t), t itself as a device tensor (a CUDA graph reads it), and the captured step.
         self.segment_base: list[int] | None = None
@@ -177,15 +181,27 @@ class TimeViperHybridCache(Cache):
             raise ValueError(
                 f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
             )
-        self._kv_buffers = {}  # (empty after a prefill; never keep a second copy of the cache alive)
         self.segment_base = [valid.shape[1] for valid in self.segment_valid]
         self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
-        # Zero-filled: unwritten slots are masked, but a NaN there would still poison `probabilities @ values`.
-        for store in (self.keys, self.values):
+        for which, store in enumerate((self.keys, self.values)):
             for layer_idx, tensor in store.items():
                 self.kv_base[layer_idx] = tensor.shape[-2]
-                store[layer_idx] = F.pad(tensor, (0, 0, 0, room))
+                store[layer_idx] = self._with_room(layer_idx, which, tensor, room)
+        self._kv_buffers = {}  # never keep a second copy of the cache alive
         self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
+
+    def _with_room(self, layer_idx: int, which: int, tensor: torch.Tensor, room: int) -> torch.Tensor:
+        """`tensor` followed by `room` zeros: in place when it is the start of a buffer that has the room (a chunked
+        prefill reserves it), else a padded copy (twice the block's keys/values at that moment). Zero-filled:
+        unwritten slots are masked, but a NaN there would still poison `probabilities @ values`."""
+        buffers = self._kv_buffers.get(layer_idx)
+        length = tensor.shape[-2]
+        if buffers is not None and buffers[which].data_ptr() == tensor.data_ptr():
+            if buffers[which].shape[-2] >= length + room:
+                grown = buffers[which][..., : length + room, :]
+                grown[..., length:, :].zero_()
+                return grown
+        return F.pad(tensor, (0, 0, 0, room))
 
     def static_step_layouts(self) -> list["TokenLayout"]:
         """Marks the new token valid in every segment's buffer and returns the layouts of this step: attention over
@@ -207,13 +223,15 @@ class TimeViperHybridCache(Cache):
             self.values[layer_idx].index_copy_(2, index, value_states)
             return self.keys[layer_idx], self.values[layer_idx]
         if layer_idx not in self.keys:
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-            return key_states, value_states
+            if layer_idx not in self.reserved_lengths:
+                self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+                return key_states, value_states
+            self.keys[layer_idx], self.values[layer_idx] = key_states[..., :0, :], value_states[..., :0, :]
         old_keys, old_values = self.keys[layer_idx], self.values[layer_idx]
         length, new = old_keys.shape[-2], key_states.shape[-2]
         buffers = self._kv_buffers.get(layer_idx)
         if buffers is None or buffers[0].data_ptr() != old_keys.data_ptr() or buffers[0].shape[-2] < length + new:
-            capacity = length + new + self.KV_SPARE_TOKENS
+            capacity = max(length + new + self.KV_SPARE_TOKENS, self.reserved_lengths.pop(layer_idx, 0))
             buffers = tuple(
                 old.new_empty(*old.shape[:-2], capacity, old.shape[-1]) for old in (old_keys, old_values)
             )
@@ -290,6 +308,9 @@ class TokenLayout:
     # Prefill of a padded batch whose rows each hold one run of valid tokens: (start, end) per row. Attention then
     # runs causally per row on its run, with no (L x L) mask.
     row_spans: list[tuple[int, int]] | None = None
+    # Chunked prefill: the queries are the sequence's tokens [query_offset, query_offset + query_len), the keys its
+    # tokens [0, query_offset + query_len); `row_spans` are then in key coordinates.
+    query_offset: int = 0
 
     @classmethod
     def from_key_validity(cls, key_valid: torch.Tensor, query_len: int) -> "TokenLayout":
@@ -622,25 +643,38 @@ class TimeViperAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if layout.row_spans is not None:
-            out = attend_per_row(attention_function(self.config), query, key, value, layout.row_spans, self.scaling)
+            out = attend_per_row(
+                attention_function(self.config), query, key, value, layout.row_spans, self.scaling, layout.query_offset
+            )
         else:
             out = attend(self.config, query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    # Keys are projected this many tokens at a time: all of them at once, in float32 and repeated for every query
+    # head of their group, were 40 GB at 1.6M tokens (Nano-9B-v2 dims); the logits are heads x L float32.
+    score_chunk_size = 65536
 
     @torch.no_grad()
     def last_query_scores(self, hidden_states: torch.Tensor, query_index: int, key_valid: torch.Tensor):
         """Softmax attention of the single query at `query_index` over keys [0, query_index], averaged over heads,
         from this block's q/k projections applied to the raw residual stream (no norm, no positions). O(L)."""
-        query = self.q_proj(hidden_states[query_index]).view(self.num_heads, 1, self.head_dim)
-        keys = self.k_proj(hidden_states[: query_index + 1]).view(-1, self.num_kv_heads, self.head_dim)
-        keys = keys.transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
-        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(1) * self.scaling
+        groups = self.num_heads // self.num_kv_heads
+        query = self.q_proj(hidden_states[query_index]).view(self.num_kv_heads, groups, self.head_dim).float()
+        logits = []
+        for start in range(0, query_index + 1, self.score_chunk_size):
+            end = min(start + self.score_chunk_size, query_index + 1)
+            keys = self.k_proj(hidden_states[start:end]).view(-1, self.num_kv_heads, self.head_dim)
+            logits.append(torch.einsum("kgd,lkd->kgl", query, keys.float()))
+        logits = torch.cat(logits, dim=-1).flatten(0, 1) * self.scaling
         logits = logits.masked_fill(~key_valid[: query_index + 1], -math.inf)
         return logits.softmax(dim=-1).mean(dim=0)
 
 
 def sdpa_attention(query, key, value, mask, is_causal, scale):
-    """query (b, heads, q, d); key/value (b, kv_heads, k, d); mask (b, 1, q, k) bool or None."""
+    """query (b, heads, q, d); key/value (b, kv_heads, k, d); mask (b, 1, q, k) bool or None. Causal attention with
+    fewer queries than keys aligns the queries with the last keys (a chunk after the cached tokens)."""
+    if is_causal and query.shape[2] != key.shape[2]:
+        mask, is_causal = causal_lower_right(query.shape[2], key.shape[2]), False
     if query.is_cuda:
         # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -697,15 +731,23 @@ def attend(config, query, key, value, mask, is_causal, scale):
     return attention_function(config)(query, key, value, mask, is_causal, scale)
 
 
-def attend_per_row(attention, query, key, value, row_spans, scale):
+def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=0):
     """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
-    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2)."""
+    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2).
+
+    The queries are the tokens [query_offset, query_offset + q) of the sequence whose keys are [0, key_len) (a chunk
+    of a chunked prefill; 0 and q = key_len otherwise); `row_spans` index the keys."""
     length = query.shape[2]
     rows = []
     for b, (start, end) in enumerate(row_spans):
-        run = slice(start, end)
-        out = attention(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
-        rows.append(F.pad(out, (0, 0, start, length - end)))
+        first, stop = max(start, query_offset), min(end, query_offset + length)
+        if first >= stop:  # no valid query of this row in the chunk
+            rows.append(query.new_zeros(1, query.shape[1], length, value.shape[-1]))
+            continue
+        queries = query[b : b + 1, :, first - query_offset : stop - query_offset]
+        keys, values = key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop]
+        out = attention(queries, keys, values, None, stop - first > 1, scale)
+        rows.append(F.pad(out, (0, 0, first - query_offset, query_offset + length - stop)))
     return torch.cat(rows)
 
 
@@ -897,7 +939,7 @@ def select_by_attention(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
 class SequenceState:
     """The token sequence as it flows through the compression stages of one forward pass."""
 
-    hidden_states: torch.Tensor  # (b, l, d)
+    hidden_states: torch.Tensor | None  # (b, l, d); None for the layout alone (chunked prefill)
     valid: torch.Tensor  # (b, l) bool
     vision: torch.Tensor  # (b, l) bool: holds a vision embedding
     positions: torch.Tensor  # (b, l) index in the input sequence, -1 for padding
@@ -985,13 +1027,7 @@ class TimeViperTextModel(nn.Module):
         if past_key_values is not None:
             past_key_values.seen_tokens += length
 
-        positions = torch.arange(length, device=device).expand(batch, -1).masked_fill(~valid, -1)
-        vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
-        if compression_query_positions is None:
-            compression_query_positions = positions.max(dim=-1).values
-        state = SequenceState(
-            inputs_embeds, valid, vision, positions, vision.sum(-1), compression_query_positions.to(device)
-        )
+        state = input_state(inputs_embeds, valid, vision_mask, compression_query_positions)
 
         all_hidden_states = () if output_hidden_states else None
         segment = 0
@@ -1023,6 +1059,31 @@ class TimeViperTextModel(nn.Module):
         kept_positions = state.positions if not decoding else None
         return hidden_states, kept_positions, all_hidden_states
 
+    def prefill_in_chunks(
+        self,
+        embed_columns,
+        valid: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        past_key_values: TimeViperHybridCache,
+        chunk_size: int,
+        compression_query_positions: torch.Tensor | None = None,
+        keep_last: int | None = None,
+    ):
+        """The prefill of `forward`, `chunk_size` tokens at a time (see `ChunkedPrefill`). embed_columns(start, end)
+        gives the input embeddings of positions [start, end); valid: (batch, length) bool. Returns the final hidden
+        states of the last `keep_last` kept positions (all if None) and the kept positions."""
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)"
+            )
+        if past_key_values is None or past_key_values.is_prefilled:
+            raise ValueError("chunked prefill fills a new cache: pass an empty TimeViperHybridCache")
+        if chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
+        state = input_state(None, valid, vision_mask, compression_query_positions)
+        past_key_values.seen_tokens += valid.shape[1]
+        return ChunkedPrefill(self, past_key_values, chunk_size, keep_last).run(embed_columns, state)
+
     # -- compression -----------------------------------------------------------------------------------------------
     def compress(self, state: SequenceState, stage_index: int, cache: TimeViperHybridCache | None) -> SequenceState:
         """Drop vision tokens per sample (transferring them with TransV), then re-pad the rows on the left."""
@@ -1034,48 +1095,51 @@ class TimeViperTextModel(nn.Module):
         memories = [memory for _, _, memory in rows]
         if cache is not None and any(memory is not None for memory in memories):
             cache.transfer_memory[stage_index] = stack_memories(memories)
+        return kept_layout(state, keeps, hidden)
 
-        def gather(tensor, value):
-            return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
-
-        return SequenceState(
-            hidden_states=hidden,
-            valid=gather(state.valid, False),
-            vision=gather(state.vision, False),
-            positions=gather(state.positions, -1),
-            num_vision=state.num_vision,
-            query_positions=state.query_positions,
-        )
-
-    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
-        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
-        valid, vision, hidden = state.valid[b], state.vision[b], state.hidden_states[b]
+    def select_row(self, state: SequenceState, b: int, stage: TimeViperCompressionStage):
+        """Row b's kept token indices and its dropped-token mask (None when the stage keeps every vision token).
+        Uniform selection reads only the token layout; attention-guided selection reads the hidden states."""
+        valid, vision = state.valid[b], state.vision[b]
         vision_index = vision.nonzero().squeeze(1)
         num_present = vision_index.numel()
         num_keep = min(num_present, int(int(state.num_vision[b]) * stage.keep_ratio))
         if num_keep == num_present:
-            keep = valid.nonzero().squeeze(1)
-            return hidden[keep], keep, None
+            return valid.nonzero().squeeze(1), None
         if stage.method == "uniform":
-            selected = select_uniform(num_present, num_keep, hidden.device)
+            selected = select_uniform(num_present, num_keep, vision.device)
         else:
             query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
-            scores = self.layers[stage.layer_idx](hidden, score_query=(query_index, valid))
+            scores = self.layers[stage.layer_idx](state.hidden_states[b], score_query=(query_index, valid))
             selected = select_by_attention(scores[vision_index], num_keep)
         dropped_mask = vision.clone()
         dropped_mask[vision_index[selected]] = False
-        keep = (valid & ~dropped_mask).nonzero().squeeze(1)
+        return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
+
+    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
+        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
+        hidden = state.hidden_states[b]
+        keep, dropped_mask = self.select_row(state, b, stage)
         row = hidden[keep]
-        if not stage.transfer:
+        if dropped_mask is None or not stage.transfer:
             return row, keep, None
-        memory = self.merge_modules[str(stage_index)].memory(hidden[dropped_mask])
+        memory = self.transfer_memory(stage_index, hidden, dropped_mask.nonzero().squeeze(1))
         # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
-        num_text = int((keep > vision_index[-1]).sum())
+        num_text = int((keep > last_vision_index(state, b)).sum())
         if num_text > 0:
             text = row[None, -num_text:]
             transferred = self.merge_modules[str(stage_index)](text, memory[0][None], memory[1][None])
             row = torch.cat([row[:-num_text], (text + self.transfer_gate(stage_index, text) * transferred)[0]])
         return row, keep, memory
+
+    def transfer_memory(self, stage_index: int, hidden: torch.Tensor, index: torch.Tensor):
+        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
+        of all dropped tokens: 13 GB at 1.4M of them)."""
+        merge = self.merge_modules[str(stage_index)]
+        parts = [merge.memory(hidden[part]) for part in index.split(self.sequence_chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1)
 
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
@@ -1086,6 +1150,38 @@ class TimeViperTextModel(nn.Module):
         key, value, mask = cache.transfer_memory[stage_index]
         transferred = self.merge_modules[str(stage_index)](hidden_states, key, value, mask)
         return hidden_states + self.transfer_gate(stage_index, hidden_states) * transferred
+
+
+def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) -> SequenceState:
+    """The sequence after a stage: each row's kept token indices `keeps`, left-padded to the longest row."""
+    new_length = max(len(keep) for keep in keeps)
+
+    def gather(tensor, value):
+        return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
+
+    return SequenceState(
+        hidden_states=hidden_states,
+        valid=gather(state.valid, False),
+        vision=gather(state.vision, False),
+        positions=gather(state.positions, -1),
+        num_vision=state.num_vision,
+        query_positions=state.query_positions,
+    )
+
+
+def input_state(hidden_states, valid, vision_mask, query_positions) -> SequenceState:
+    """The input sequence before any stage: positions, vision tokens and the attention-guided query of each row."""
+    batch, length = valid.shape
+    positions = torch.arange(length, device=valid.device).expand(batch, -1).masked_fill(~valid, -1)
+    vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
+    if query_positions is None:
+        query_positions = positions.max(dim=-1).values
+    return SequenceState(hidden_states, valid, vision, positions, vision.sum(-1), query_positions.to(valid.device))
+
+
+def last_vision_index(state: SequenceState, b: int) -> int:
+    """Row b's last vision token: the tokens after it are the text that TransV enriches."""
+    return int(state.vision[b].nonzero().max())
 
 
 def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -1109,6 +1205,248 @@ def stack_memories(memories):
         mask = torch.arange(length, device=key.device) < key.shape[1]
         masks.append(mask if key.shape[1] > 0 else torch.ones_like(mask))
     return torch.stack(keys), torch.stack(values), torch.stack(masks)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked prefill: the prompt consumed a chunk of tokens at a time
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ChunkedPrefill:
+    """Prefill of a long prompt in chunks of `chunk_size` tokens, giving what the one-shot forward gives.
+
+    The blocks between two compression stages form a segment. A segment runs chunk by chunk: the Mamba blocks carry
+    their conv/SSM state from one chunk to the next and the attention blocks append to their cached keys/values,
+    so only one chunk's activations exist at a time. Between segments, a stage selects among ALL vision tokens of a
+    row, so what it holds depends on what the selection reads:
+
+    - uniform (`StreamedStage`): the kept tokens follow from the token layout alone, so the next segment's layout is
+      known before any hidden state and kept tokens flow on chunk by chunk. Held: the stage inputs that arrived
+      but are not yet complete for a next-segment chunk (about one chunk; in a padded batch whose rows differ in
+      length, up to the difference of their kept lengths). With TransV also the dropped tokens' keys/values, which
+      the cache keeps anyway for decoding.
+    - attention-guided (`HeldStage`): the scores need the query token, which comes after the video, so the stage
+      holds its whole input, (batch, segment length, hidden), until the last chunk has arrived, then runs the
+      one-shot `compress` on it; the next segment runs chunk by chunk over the kept tokens (kept length x hidden).
+
+    Peak memory: weights + cached keys/values (reserved at their final length) + Mamba states + one chunk's
+    activations + what the stages hold (above) + the final hidden states of the last `keep_last` positions.
+    """
+
+    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
+                 keep_last: int | None):
+        self.model, self.cache, self.chunk_size, self.keep_last = text_model, cache, chunk_size, keep_last
+        stage_layers = [stage.layer_idx for stage in text_model.stages]
+        self.bounds = [0, *stage_layers, len(text_model.layers)]  # segment s runs blocks [bounds[s], bounds[s+1])
+        self.segments: list[SegmentLayout] = []
+        self.stages: list[StreamedStage | HeldStage] = []
+        self.output: ChunkedOutput | None = None  # the last segment's final hidden states from `output_start` on
+        self.output_start = 0
+
+    @property
+    def last_segment(self) -> int:
+        return len(self.bounds) - 2
+
+    def run(self, embed_columns, state: SequenceState):
+        """embed_columns(start, end) -> (batch, end - start, hidden): the input embeddings of those positions.
+        Returns the final-normed hidden states of the last `keep_last` positions (all if None) and the input index
+        of every kept position."""
+        self.open_segment(state)
+        length = state.valid.shape[1]
+        for start in range(0, length, self.chunk_size):
+            self.push(0, embed_columns(start, min(start + self.chunk_size, length)), start)
+        self.close(0)
+        return self.output.result(), self.segments[-1].state.positions
+
+    def open_segment(self, state: SequenceState) -> None:
+        index = len(self.segments)
+        segment = SegmentLayout(state)
+        self.segments.append(segment)
+        self.cache.start_segment(state.valid)
+        # A static cache later needs room for the generated tokens after the prompt: reserved now, it is not a copy.
+        room = self.cache.max_length - self.cache.seen_tokens if self.cache.is_static else 0
+        for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
+            if layer.attention is not None:
+                self.cache.reserved_lengths[layer.layer_idx] = segment.length + max(room, 0)
+        if index == self.last_segment:
+            keep = segment.length if self.keep_last is None else min(self.keep_last, segment.length)
+            self.output_start = segment.length - keep
+            self.output = ChunkedOutput(keep)
+            return
+        stage = self.model.stages[index]
+        if stage.method == "uniform":
+            streamed = StreamedStage(self.model, index, state, self.chunk_size)
+            self.stages.append(streamed)
+            self.open_segment(streamed.next_state)
+        else:
+            self.stages.append(HeldStage(state))
+
+    def push(self, index: int, hidden_states: torch.Tensor, start: int) -> None:
+        """Runs segment `index` on its positions [start, start + chunk) and passes the result on."""
+        hidden_states = self.run_blocks(index, hidden_states, start)
+        if index < self.last_segment:
+            for chunk, chunk_start in self.stages[index].feed(hidden_states, start):
+                self.push(index + 1, chunk, chunk_start)
+            return
+        first = max(self.output_start - start, 0)
+        if first < hidden_states.shape[1]:
+            self.output.add(self.model.final_norm(hidden_states[:, first:]))
+
+    def close(self, index: int) -> None:
+        """Segment `index` has received all its positions: finish the stage after it, then the next segment."""
+        if index == self.last_segment:
+            return
+        stage = self.stages[index]
+        if isinstance(stage, HeldStage):
+            state = self.model.compress(stage.take(), index, self.cache)
+            hidden_states, state.hidden_states = state.hidden_states, None
+            self.open_segment(state)
+            for start in range(0, hidden_states.shape[1], self.chunk_size):
+                self.push(index + 1, hidden_states[:, start : start + self.chunk_size], start)
+            del hidden_states
+        else:
+            for chunk, chunk_start in stage.finish(self.cache):
+                self.push(index + 1, chunk, chunk_start)
+        self.close(index + 1)
+
+    def run_blocks(self, index: int, hidden_states: torch.Tensor, start: int) -> torch.Tensor:
+        layout = self.segments[index].chunk(start, hidden_states.shape[1])
+        rotary = self.model.rotary_emb
+        for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
+            position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
+            hidden_states = layer(
+                hidden_states, layout, position_embeddings=position_embeddings, past_key_values=self.cache
+            )
+        return hidden_states
+
+
+class SegmentLayout:
+    """The token layout of one compression segment, cut into chunk layouts."""
+
+    def __init__(self, state: SequenceState):
+        self.state = state
+        self.length = state.valid.shape[1]
+        self.all_valid = bool(state.valid.all())
+        self.position_ids = (state.valid.long().cumsum(-1) - 1).clamp(min=0)
+        self.row_spans = contiguous_spans(state.valid)
+        if self.row_spans is None:
+            raise ValueError(
+                "chunked prefill needs each row's tokens in one run (left or right padding); the attention_mask has "
+                "padding between tokens"
+            )
+
+    def chunk(self, start: int, length: int) -> TokenLayout:
+        end = start + length
+        valid = None if self.all_valid else self.state.valid[:, start:end]
+        return TokenLayout(valid, None, True, self.position_ids[:, start:end], self.row_spans, start)
+
+
+class StreamedStage:
+    """A uniform stage in a chunked prefill: the kept tokens are known from the layout, so each chunk of the next
+    segment is gathered as soon as the stage inputs it needs have arrived (see `ChunkedPrefill`)."""
+
+    def __init__(self, text_model: "TimeViperTextModel", stage_index: int, state: SequenceState, chunk_size: int):
+        self.model, self.stage_index, self.chunk_size = text_model, stage_index, chunk_size
+        stage = text_model.stages[stage_index]
+        rows = [text_model.select_row(state, b, stage) for b in range(state.valid.shape[0])]
+        keeps = [keep for keep, _ in rows]
+        self.next_state = kept_layout(state, keeps, None)
+        self.length = self.next_state.valid.shape[1]
+        # source[b, c]: the stage-input position of the next segment's position c (-1 for padding).
+        self.source = torch.stack([left_pad(keep, self.length, -1) for keep in keeps])
+        kept = self.source >= 0
+        # Next-segment positions [0, c] need stage inputs up to needed[c]; from position c on, none before first[c].
+        self.needed = self.source.max(dim=0).values.cummax(dim=0).values.tolist()
+        first = torch.where(kept, self.source, state.valid.shape[1]).min(dim=0).values
+        self.first_needed = first.flip(0).cummin(dim=0).values.flip(0).tolist()
+        # TransV: the dropped tokens' memory, and the kept positions after each row's vision span that absorb it.
+        self.transfer = stage.transfer
+        self.dropped = [dropped if stage.transfer else None for _, dropped in rows]
+        self.memory_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in rows]
+        self.absorbs = torch.zeros_like(kept)
+        for b, dropped in enumerate(self.dropped):
+            if dropped is not None:
+                self.absorbs[b] = kept[b] & (self.source[b] > last_vision_index(state, b))
+        self.pending, self.pending_start, self.received, self.emitted = None, 0, 0, 0
+
+    def feed(self, hidden_states: torch.Tensor, start: int) -> list[tuple[torch.Tensor, int]]:
+        """Stage inputs [start, start + n) arrive (in order); returns the next-segment chunks now complete."""
+        end = start + hidden_states.shape[1]
+        for b, dropped in enumerate(self.dropped):
+            if dropped is not None and bool(dropped[start:end].any()):
+                index = dropped[start:end].nonzero().squeeze(1)
+                self.memory_parts[b].append(self.model.transfer_memory(self.stage_index, hidden_states[b], index))
+        if self.pending is None:
+            self.pending, self.pending_start = hidden_states, start
+        else:
+            self.pending = torch.cat([self.pending, hidden_states], dim=1)
+        self.received = end
+        return self.emit()
+
+    def emit(self) -> list[tuple[torch.Tensor, int]]:
+        chunks = []
+        while self.emitted < self.length:
+            end = min(self.emitted + self.chunk_size, self.length)
+            if self.needed[end - 1] >= self.received:
+                break
+            chunks.append((self.gather(self.emitted, end), self.emitted))
+            self.emitted = end
+            if end < self.length:
+                # (the next needed input may not have arrived yet: keep the buffer aligned with what has)
+                drop = min(self.first_needed[end], self.received) - self.pending_start
+                if drop > 0:
+                    self.pending, self.pending_start = self.pending[:, drop:], self.pending_start + drop
+            else:
+                self.pending = None
+        return chunks
+
+    def gather(self, start: int, end: int) -> torch.Tensor:
+        source = self.source[:, start:end]
+        index = (source - self.pending_start).clamp(min=0)
+        out = self.pending.gather(1, index[..., None].expand(-1, -1, self.pending.shape[-1]))
+        out = out.masked_fill(~(source >= 0)[..., None], 0.0)
+        absorbs = self.absorbs[:, start:end]
+        for b in range(out.shape[0]):
+            if bool(absorbs[b].any()):  # all of row b's dropped tokens precede its text: its memory is complete
+                key, value = self.row_memory(b)
+                text = out[b, absorbs[b]][None]
+                transferred = self.model.merge_modules[str(self.stage_index)](text, key[None], value[None])
+                out[b, absorbs[b]] = (text + self.model.transfer_gate(self.stage_index, text) * transferred)[0]
+        return out
+
+    def row_memory(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.memory_parts[b]
+        if len(parts) > 1:
+            parts[:] = [(torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1))]
+        return parts[0]
+
+    def finish(self, cache: TimeViperHybridCache) -> list[tuple[torch.Tensor, int]]:
+        """All stage inputs have arrived: the remaining chunks; the TransV memory goes into the cache."""
+        chunks = self.emit()
+        memories = [self.row_memory(b) if dropped is not None else None for b, dropped in enumerate(self.dropped)]
+        if any(memory is not None for memory in memories):
+            cache.transfer_memory[self.stage_index] = stack_memories(memories)
+        return chunks
+
+
+class HeldStage:
+    """An attention-guided stage in a chunked prefill: holds its whole input until the query token has arrived."""
+
+    def __init__(self, state: SequenceState):
+        self.state = state
+        self.hidden_states: torch.Tensor | None = None
+
+    def feed(self, hidden_states: torch.Tensor, start: int) -> list:
+        if self.hidden_states is None:
+            batch, _, width = hidden_states.shape
+            self.hidden_states = hidden_states.new_empty(batch, self.state.valid.shape[1], width)
+        self.hidden_states[:, start : start + hidden_states.shape[1]] = hidden_states
+        return []
+
+    def take(self) -> SequenceState:
+        state, self.state = self.state, None
+        state.hidden_states, self.hidden_states = self.hidden_states, None
+        return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1224,6 +1562,41 @@ class TimeViperModel(TimeViperPreTrainedModel):
         """Images are encoded as single frames."""
         return self.get_video_features(pixel_values)
 
+    def streamed_video_features(self, streams) -> "StreamedVideoFeatures":
+        """`video_features` for `generate()` that encode each video while the prefill consumes it: decode, vision
+        and LLM then overlap and only one chunk of frames and features exists at a time. `streams`: objects with
+        `pixel_chunks(device, dtype)` and `num_frames` (`VideoStream`), in the order of the videos' placeholders."""
+        videos = [(stream.pixel_chunks(self.device, self.dtype), stream.num_frames) for stream in streams]
+        return StreamedVideoFeatures(
+            self.get_video_features, videos, self.config.vision_tokens_per_frame, self.config.text_config.hidden_size
+        )
+
+    @torch.no_grad()
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None) -> torch.Tensor:
+        """Streaming `get_video_features`: encodes an iterable of normalised pixel chunks (f, 3, h, w) as they come
+        (e.g. `VideoStream.pixel_chunks(model.device, model.dtype)`, whose decoding runs ahead in a thread) and
+        keeps only their features, (frames, tokens_per_frame, hidden), on `features_device` (default: the model's
+        device), preallocated when `num_frames` is given. Pass them as `generate(video_features=...)`."""
+        device = torch.device(features_device) if features_device is not None else self.device
+        features = ChunkedOutput(num_frames, dim=0) if num_frames is not None else None
+        parts, seen = [], 0
+        for pixels in pixel_chunks:
+            part = self.get_video_features(pixels.to(self.device)).to(device)
+            seen += part.shape[0]
+            if features is not None:
+                if seen > num_frames:
+                    raise ValueError(f"encode_video: the chunks hold more than num_frames={num_frames} frames")
+                features.add(part)
+            else:
+                parts.append(part)
+        if features is None:
+            if not parts:
+                raise ValueError("encode_video got no frames")
+            return torch.cat(parts)
+        if seen != num_frames:
+            raise ValueError(f"encode_video: the chunks held {seen} frames, num_frames={num_frames}")
+        return features.result()
+
     def get_placeholder_mask(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str):
         mask = input_ids == token_id
         num_tokens, num_features = int(mask.sum()), features.shape[0] * features.shape[1]
@@ -1246,8 +1619,17 @@ class TimeViperModel(TimeViperPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        video_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> TimeViperModelOutputWithPast:
+        r"""
+        video_features: (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in place of
+            `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
+        prefill_chunk_size (keyword): run the prefill this many tokens at a time (`TimeViperTextModel.
+            prefill_in_chunks`): the same result, with activation memory for one chunk instead of the whole prompt.
+        keep_last (keyword): with `prefill_chunk_size`, return the hidden states of only the last N positions.
+        """
+        prefill_chunk_size = kwargs.get("prefill_chunk_size")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, TimeViperHybridCache):
@@ -1255,33 +1637,62 @@ class TimeViperModel(TimeViperPreTrainedModel):
                 f"past_key_values must be a TimeViperHybridCache, got {type(past_key_values).__name__}; "
                 "generate() creates one, or pass TimeViperHybridCache() yourself"
             )
-        has_vision = pixel_values is not None or pixel_values_videos is not None
+        if video_features is not None and pixel_values_videos is not None:
+            raise ValueError("pass either pixel_values_videos or video_features, not both")
+        has_vision = pixel_values is not None or pixel_values_videos is not None or video_features is not None
         decoding = past_key_values is not None and past_key_values.is_prefilled
+        chunked = prefill_chunk_size is not None and not decoding
         if has_vision and decoding:
             raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
         if has_vision and input_ids is None:
             raise ValueError("pixel values need input_ids to locate the placeholder tokens")
 
         vision_mask = None
-        video_features = image_features = None
+        image_features = None
+        embed_columns = None
         if input_ids is not None and decoding:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         elif input_ids is not None:
             placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
             if placeholders.any():
                 if not has_vision:
                     raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
                 vision_mask = placeholders
+            vision_inputs = []  # (placeholder mask, features)
             if pixel_values_videos is not None:
                 video_features = self.get_video_features(pixel_values_videos)
+            if video_features is not None:
                 mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, video_features, "videos")
-                inputs_embeds = scatter_rows(inputs_embeds, mask, video_features)
+                vision_inputs.append((mask, video_features))
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values)
                 mask = self.get_placeholder_mask(input_ids, self.config.image_token_id, image_features, "images")
-                inputs_embeds = scatter_rows(inputs_embeds, mask, image_features)
+                vision_inputs.append((mask, image_features))
+            embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
+            if not chunked:
+                inputs_embeds = embed_columns(0, input_ids.shape[1])
+        elif chunked:
+            embed_columns = lambda start, end: inputs_embeds[:, start:end]  # noqa: E731
+
+        if chunked:
+            if output_hidden_states:
+                raise ValueError("output_hidden_states is not available with prefill_chunk_size")
+            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            valid = (
+                torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
+                if attention_mask is None else attention_mask.bool()
+            )
+            hidden_states, kept_positions = self.language_model.prefill_in_chunks(
+                embed_columns, valid, vision_mask, past_key_values, prefill_chunk_size,
+                compression_query_positions=compression_query_positions, keep_last=kwargs.get("keep_last"),
+            )
+            return TimeViperModelOutputWithPast(
+                last_hidden_state=hidden_states,
+                kept_positions=kept_positions,
+                past_key_values=past_key_values,
+                video_hidden_states=video_features,
+                image_hidden_states=image_features,
+            )
 
         hidden_states, kept_positions, all_hidden_states = self.language_model(
             inputs_embeds,
@@ -1301,13 +1712,96 @@ class TimeViperModel(TimeViperPreTrainedModel):
         )
 
 
-def scatter_rows(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """`embeds` with its rows where `mask` (b, l) is set replaced, in order, by the rows of `features`: what
-    `masked_scatter(mask[..., None], features)` gives, without the int64 index per element that masked_scatter
-    builds on CUDA (35 GiB at 1M tokens x 4480)."""
-    out = embeds.clone()
-    out[mask] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-    return out
+class PlaceholderEmbedder:
+    """Input embeddings of any range of positions: token embeddings, with each placeholder replaced by its feature
+    row (the rows of a features tensor fill its placeholders in row-major order). The features may live on another
+    device; only the rows of the asked range move. Rows are written through a boolean mask, not `masked_scatter`,
+    which builds an int64 index per element on CUDA (35 GiB at 1M tokens x 4480)."""
+
+    def __init__(self, embeddings: nn.Embedding, input_ids, placeholders, vision_inputs):
+        self.embeddings, self.input_ids, self.placeholders = embeddings, input_ids, placeholders
+        self.sources = []
+        for mask, features in vision_inputs:
+            counts = mask.sum(-1)
+            row_offset = counts.cumsum(0) - counts  # features before each row's first placeholder
+            index = mask.long().cumsum(-1) - 1 + row_offset[:, None]
+            if not isinstance(features, StreamedVideoFeatures):
+                features = features.reshape(-1, features.shape[-1])
+            self.sources.append((mask, index, features))
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        ids = self.input_ids[:, start:end]
+        # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
+        embeds = self.embeddings(ids.masked_fill(self.placeholders[:, start:end], 0))
+        if not self.sources:
+            return embeds
+        embeds = embeds.clone()
+        for mask, index, features in self.sources:
+            mask = mask[:, start:end]
+            if not bool(mask.any()):
+                continue
+            rows = index[:, start:end][mask]
+            if isinstance(features, StreamedVideoFeatures):
+                features = features.take(rows)
+            elif rows.numel() < features.shape[0]:  # (the whole range takes every row in order: no gathered copy)
+                features = features[rows.to(features.device)]
+            embeds[mask] = features.to(embeds.device, embeds.dtype)
+        return embeds
+
+
+class StreamedVideoFeatures:
+    """Video features computed while the prefill consumes them (`TimeViperModel.streamed_video_features`): each
+    video's frames are encoded a chunk at a time when the prefill reaches their placeholders and dropped once it
+    has passed them, so neither the pixels nor the features of a whole video exist at once. The prefill visits each
+    video's placeholders in order (chunked or not); the features can be consumed once.
+
+    Args:
+        encode: pixels (f, 3, h, w) -> features (f, tokens_per_frame, hidden).
+        videos: per video, (an iterable of pixel chunks, its number of frames), in the order of the placeholders.
+    """
+
+    def __init__(self, encode, videos, tokens_per_frame: int, hidden_size: int):
+        self.encode = encode
+        self.chunks = [iter(chunks) for chunks, _ in videos]
+        frames = [int(num_frames) for _, num_frames in videos]
+        self.shape = (sum(frames), tokens_per_frame, hidden_size)
+        self.bounds = torch.tensor([0, *frames]).cumsum(0) * tokens_per_frame  # each video's rows
+        self.buffers: list[tuple[int, torch.Tensor | None]] = [(0, None) for _ in videos]  # (first row, rows)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The feature rows `rows` (ascending, flattened over videos and their frames' tokens)."""
+        rows = rows.cpu()
+        video_of = torch.searchsorted(self.bounds, rows, right=True) - 1
+        parts = []
+        for video in video_of.unique().tolist():
+            local = rows[video_of == video] - self.bounds[video]
+            if int(local.min()) < self.buffers[video][0]:
+                raise ValueError(
+                    f"video {video} of the streamed features is asked for rows it has already passed on: streamed "
+                    "features can be consumed once, in order"
+                )
+            start, buffer = self.fill(video, int(local.max()) + 1)
+            parts.append(buffer[(local - start).to(buffer.device)])
+            # Later calls ask for later rows only: drop the ones handed out.
+            keep_from = int(local.max()) + 1
+            self.buffers[video] = (keep_from, buffer[keep_from - start :])
+        return torch.cat(parts)
+
+    def fill(self, video: int, needed: int) -> tuple[int, torch.Tensor]:
+        start, buffer = self.buffers[video]
+        have = start + (0 if buffer is None else buffer.shape[0])
+        while have < needed:
+            pixels = next(self.chunks[video], None)
+            if pixels is None:
+                raise ValueError(
+                    f"video {video} of the streamed features ended after {have // self.shape[1]} frames, before its "
+                    "placeholders did"
+                )
+            features = self.encode(pixels).flatten(0, 1)
+            buffer = features if buffer is None else torch.cat([buffer, features])
+            have += features.shape[0]
+        self.buffers[video] = (start, buffer)
+        return start, buffer
 
 
 def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -1396,6 +1890,12 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def get_image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values)
 
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None):
+        return self.model.encode_video(pixel_chunks, num_frames, features_device)
+
+    def streamed_video_features(self, streams):
+        return self.model.streamed_video_features(streams)
+
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
         """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
@@ -1427,6 +1927,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        video_features: torch.FloatTensor | None = None,
         **kwargs,
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
@@ -1437,6 +1938,9 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
+        video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
+        prefill_chunk_size (keyword): chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)`
+            sets it for the prefill call.
         """
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
@@ -1450,6 +1954,15 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
+        chunk_size = kwargs.get("prefill_chunk_size")
+        chunking = {} if chunk_size is None else {"prefill_chunk_size": chunk_size}
+        if chunking:
+            if labels is not None:
+                raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
+            if past_key_values is None:
+                past_key_values = TimeViperHybridCache()
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                chunking["keep_last"] = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1459,6 +1972,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             compression_query_positions=compression_query_positions,
             output_hidden_states=output_hidden_states,
+            video_features=video_features,
+            **chunking,
         )
         hidden_states = outputs.last_hidden_state
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -1529,7 +2044,23 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
         model_inputs.pop("position_ids", None)
+        if past_key_values is not None and past_key_values.is_prefilled:
+            model_inputs.pop("video_features", None)  # consumed by the prefill, like pixel values
         return model_inputs
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """generate(..., prefill_chunk_size=N): transformers would call forward on slices of the prompt, but a
+        compression stage selects among all of a row's vision tokens, so one forward call chunks the prefill inside
+        (`ChunkedPrefill`), with the same result as an unchunked prefill."""
+        chunk_size = generation_config.prefill_chunk_size
+        if chunk_size is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        generation_config.prefill_chunk_size = None
+        try:
+            model_kwargs = {**model_kwargs, "prefill_chunk_size": chunk_size}
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            generation_config.prefill_chunk_size = chunk_size
 
 
 __all__ = [

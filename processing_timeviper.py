@@ -44,8 +44,12 @@ import bisect
 import io
 import math
 import os
+import queue
 import re
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1066,13 +1070,19 @@ def transform_frames(
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise ValueError(f"Frames have different sizes {sorted(shapes)}; set do_resize=True to batch them.")
-    pixels = torch.stack(tensors).to(torch.float32)
+    return rescale_and_normalize(torch.stack(tensors), do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+
+
+def rescale_and_normalize(pixels, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """uint8 (frames, 3, h, w) on any device -> float32 pixels, as `transform_frames` gives them."""
+    pixels = pixels.to(torch.float32)
     if do_rescale:
         # Divide rather than multiply for the default factor, as ToTensor does (bit-exact).
         pixels = pixels / 255.0 if math.isclose(rescale_factor, 1 / 255) else pixels * rescale_factor
     if do_normalize:
-        mean = torch.tensor(image_mean, dtype=torch.float32).reshape(-1, 1, 1)
-        std = torch.tensor(image_std, dtype=torch.float32).reshape(-1, 1, 1)
+        mean = torch.tensor(image_mean, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
         pixels = (pixels - mean) / std
     return pixels
 
@@ -1876,3 +1886,187 @@ class TimeViperProcessor(ProcessorMixin):
 
 
 __all__ += ["NEMOTRON_H_CHAT_TEMPLATE", "QWEN2_CHAT_TEMPLATE", "TimeViperVideoProcessorKwargs", "transform_frames"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming video input: long videos read chunk by chunk, with host memory bounded whatever their length
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VideoStream:
+    """One video file read lazily, `chunk_frames` sampled frames at a time (for `TimeViperModel.encode_video`).
+
+    Opening it decodes the first chunk, which fixes the sampled frames (`num_frames`, `metadata`: the same indices
+    the video processor samples with the same options). Iterating yields the frames as uint8 tensors (chunk, 3,
+    height, width), already resized to the processor's size, produced by a background thread that decodes at most
+    `prefetch_chunks` chunks ahead while the caller encodes; `pixel_chunks` moves them to the model's device and
+    normalises them there. Host memory is a few chunks, whatever the video's length. Each chunk is one
+    `decode_video_pyav` call, seeking to the keyframe before its first frame (containers without a frame count,
+    e.g. Matroska, are demuxed once per chunk to find the frames; prefer larger chunks for those).
+
+    Args:
+        video: a path or raw bytes, or a dict ``{"video"|"path"|"url": source, <sampling overrides>}`` as in a
+            conversation's video item.
+        video_processor: the `TimeViperVideoProcessor` whose sampling defaults, size and normalisation apply.
+        chunk_frames: sampled frames per decoded chunk.
+        prefetch_chunks: chunks decoded ahead of the consumer.
+        resize_threads: threads that resize a chunk's frames (PIL releases the GIL while resizing; at 720p and up,
+            one thread resizing is slower than the decoder).
+        **sampling: ``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``, ``sampling``.
+    """
+
+    def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
+                 resize_threads: int = 4, **sampling):
+        unknown = set(sampling) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(
+                f"Unexpected sampling kwargs {sorted(unknown)} for VideoStream; valid: {list(_SAMPLING_KEYS)}."
+            )
+        if chunk_frames < 1 or prefetch_chunks < 1:
+            raise ValueError(
+                f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
+            )
+        item = video if isinstance(video, dict) else {}
+        source = video
+        if item:
+            source = next((item[key] for key in ("video", "path", "url") if item.get(key) is not None), None)
+        if not isinstance(source, (str, os.PathLike, bytes)):
+            raise TypeError(
+                f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
+            )
+        self.source, self.video_processor = source, video_processor
+        self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
+        self.resize_threads = max(1, resize_threads)
+        self.decode_seconds = 0.0  # time spent decoding and resizing (in the background thread after the first chunk)
+        options, _ = video_processor._sampling_options(sampling, item)
+        sampled = []
+
+        def first_chunk(metadata) -> list[int]:
+            sampled.extend(_indices_for(metadata, options))
+            return sampled[:chunk_frames]
+
+        started = time.perf_counter()
+        frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
+        self.first_chunk = self.resize(frames)
+        self.decode_seconds += time.perf_counter() - started
+        self.indices = sampled
+        # Only the first chunk has been decoded: its times would not cover the video, the frame rate does.
+        self.metadata.frames_indices, self.metadata.frames_timestamps = sampled, None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    def resize(self, frames: np.ndarray) -> torch.Tensor:
+        """Decoded RGB frames -> uint8 (frames, 3, height, width) at the processor's size (the processor's resize,
+        on `resize_threads` groups of frames at once)."""
+        processor = self.video_processor
+
+        def resize_group(group):
+            pixels = transform_frames(
+                group, size=processor.size, resample=processor.resample, do_resize=processor.do_resize,
+                do_rescale=False, do_normalize=False,
+            )
+            return pixels.to(torch.uint8)  # (whole numbers in [0, 255]: exact)
+
+        groups = [group for group in np.array_split(frames, self.resize_threads) if len(group)]
+        if len(groups) == 1:
+            return resize_group(groups[0])
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="timeviper-resize") as pool:
+            return torch.cat(list(pool.map(resize_group, groups)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        processor = self.video_processor
+        return rescale_and_normalize(
+            pixels, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+            processor.image_std,
+        )
+
+    def __iter__(self):
+        chunks = queue.Queue(maxsize=self.prefetch_chunks)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for start in range(self.chunk_frames, self.num_frames, self.chunk_frames):
+                    started = time.perf_counter()
+                    frames, _ = decode_video_pyav(self.source, indices=self.indices[start : start + self.chunk_frames])
+                    resized = self.resize(frames)
+                    del frames
+                    self.decode_seconds += time.perf_counter() - started
+                    if not put(resized):
+                        return
+                put(None)
+            except Exception as err:  # handed to the consumer, which raises it
+                put(err)
+
+        producer = threading.Thread(target=produce, name="timeviper-video-decode", daemon=True)
+        producer.start()
+        try:
+            yield self.first_chunk
+            while (item := chunks.get()) is not None:
+                if isinstance(item, Exception):
+                    raise ValueError(f"Decoding video {self.source!r} failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def pixel_chunks(self, device=None, dtype=None):
+        """Normalised pixels, chunk by chunk, on `device` in `dtype`: uint8 crosses to the device (a quarter of
+        the float32 bytes) and is normalised there."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for chunk in self:
+            if device.type == "cuda":
+                chunk = chunk.pin_memory().to(device, non_blocking=True)
+            else:
+                chunk = chunk.to(device)
+            pixels = self.normalize(chunk)
+            yield pixels if dtype is None else pixels.to(dtype)
+
+
+def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefetch_chunks: int = 2,
+                          add_generation_prompt: bool = True, **kwargs):
+    """`processor.apply_chat_template(..., tokenize=True)` for long videos: the prompt's ``input_ids`` and
+    ``attention_mask`` (``return_tensors="pt"``), with the videos opened as `VideoStream`s instead of decoded.
+
+    Feed each stream to `model.encode_video` and the features to ``generate(video_features=...)``. Keyword
+    arguments: the sampling options (``fps``, ``max_frames``, ...) and the tokenizer options (``padding``,
+    ``padding_side``) of the processor; a conversation's video item may override the sampling as usual.
+    Returns ``(inputs, streams)``, the streams in the order of the videos in the batch.
+    """
+    sampling = {key: kwargs.pop(key) for key in list(kwargs) if key in _SAMPLING_KEYS}
+    text_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _TEXT_KWARGS}
+    if kwargs:
+        raise TypeError(f"Unexpected keyword argument(s) {sorted(kwargs)} for streaming_chat_inputs.")
+    is_batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
+        conversation[0], (list, tuple)
+    )
+    conversations = conversation if is_batched else [conversation]
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+    streams = []
+    for conv in conversations:
+        for message in conv:
+            content = message.get("content")
+            for item in content if isinstance(content, (list, tuple)) else ():
+                if isinstance(item, dict) and item.get("type") == "image":
+                    raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
+                if isinstance(item, dict) and item.get("type") == "video":
+                    stream = VideoStream(item, processor.video_processor, chunk_frames, prefetch_chunks, **sampling)
+                    streams.append(stream)
+    video_inputs = {"video_num_frames": torch.tensor([stream.num_frames for stream in streams], dtype=torch.int64)}
+    texts = processor._expand_placeholders(prompts, video_inputs if streams else None, None)
+    data = processor._tokenize(texts, text_kwargs, False, video_inputs if streams else None, None)
+    return BatchFeature(data=data, tensor_type="pt"), streams
+
+
+__all__ += ["VideoStream", "rescale_and_normalize", "streaming_chat_inputs"]

@@ -50,17 +50,19 @@ def build_model_answer_fn(
 
     This is the only code that touches the model. Greedy decoding at batch size 1, as in the reference (§6.3).
     The answer prompt (``Best Option: (`` for MCQ) is tokenised without special tokens and appended after the
-    assistant header; only the new tokens are decoded. Sampling options reach the video processor through
-    ``processor_kwargs`` (``apply_chat_template`` keeps only the path of a video content block).
+    assistant header; only the new tokens are decoded. The video streams from its file through the vision tower
+    and the prefill runs in chunks (`inference.streaming`: bounded memory at any length, the same answer as the
+    processor's one-shot path); the sampling options apply per video item.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from inference.streaming import PREFILL_CHUNK_TOKENS, stream_conversation
 
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
     model.to(device).eval()
-    model_dtype = next(model.parameters()).dtype
     answer_prompt_ids: dict[str, torch.Tensor] = {}
 
     def answer_fn(record: dict, prompt_text: str, answer_prompt: str | None) -> str:
@@ -71,21 +73,14 @@ def build_model_answer_fn(
                 if record.get(key) is not None:
                     video[key] = video_kwargs[key] = record[key]
         conversation = [{"role": "user", "content": [video, {"type": "text", "text": prompt_text}]}]
-        inputs = processor.apply_chat_template(
-            conversation,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs=video_kwargs,
-        )
-        inputs.pop("video_metadata", None)  # per-video frame indices; not a model input
-        counts = inputs.get("video_num_frames")
-        if task == "grounding" and torch.is_tensor(counts) and counts.numel() == 1:
+        with torch.inference_mode():
+            inputs, video_features, streams = stream_conversation(model, processor, conversation, **video_kwargs)
+        counts = [stream.num_frames for stream in streams]
+        if task == "grounding" and len(counts) == 1:
             stated = sampling.num_frames(record["duration"])
-            if int(counts) != stated:
+            if counts[0] != stated:
                 print(
-                    f"warning: item {record['id']!r}: the prompt states {stated} frames but {int(counts)} were sampled "
+                    f"warning: item {record['id']!r}: the prompt states {stated} frames but {counts[0]} were sampled "
                     "(does the annotated duration match the video?)",
                     file=sys.stderr,
                 )
@@ -96,11 +91,11 @@ def build_model_answer_fn(
                 )["input_ids"]
             inputs = append_tokens(inputs, answer_prompt_ids[answer_prompt])
         inputs = inputs.to(device)
-        for key, value in inputs.items():
-            if torch.is_tensor(value) and torch.is_floating_point(value):
-                inputs[key] = value.to(model_dtype)
         with torch.inference_mode():
-            output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            output_ids = model.generate(
+                **inputs, video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS,
+                max_new_tokens=max_new_tokens, do_sample=False,
+            )
         new_tokens = output_ids[0, inputs["input_ids"].shape[1] :]
         return processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
 

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextStreamer
 
+from inference.streaming import PREFILL_CHUNK_TOKENS, STREAM_CHUNK_FRAMES, processing_module
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,46 +118,44 @@ def main(argv=None):
         model.to(device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
 
-        sampling = {"fps": args.fps, "max_frames": args.max_frames, "return_metadata": True, "progress": True}
+        sampling = {"fps": args.fps, "max_frames": args.max_frames}
         sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
         messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.question}]}]
+        # The video streams from the file: decoding (a background thread) overlaps the vision tower, only the
+        # frame features are kept, and the prefill runs in chunks (inference.streaming).
         t0 = time.perf_counter()
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs=sampling,
-        )
-        t_video = time.perf_counter() - t0
-        metadata = inputs.pop("video_metadata", None)
-        inputs.pop("video_num_frames", None)
-        num_frames = int(inputs["pixel_values_videos"].shape[0])
-        if metadata:
-            stamps = ", ".join(f"{t:.1f}" for t in metadata[0].timestamps[:12])
-            more = " ..." if num_frames > 12 else ""
-            print(f"[video] {num_frames} frames sampled from {metadata[0].duration:.1f} s at t = {stamps}{more} s")
-        else:
-            print(f"[video] {num_frames} frames sampled")
+        streaming_chat_inputs = processing_module(processor).streaming_chat_inputs
+        inputs, (stream,) = streaming_chat_inputs(processor, messages, chunk_frames=STREAM_CHUNK_FRAMES, **sampling)
+        t_open = time.perf_counter() - t0
+        metadata, num_frames = stream.metadata, stream.num_frames
+        stamps = ", ".join(f"{t:.1f}" for t in metadata.timestamps[:12])
+        more = " ..." if num_frames > 12 else ""
+        print(f"[video] {num_frames} frames sampled from {metadata.duration:.1f} s at t = {stamps}{more} s")
         num_vision = int((inputs["input_ids"] == model.config.video_token_id).sum())
         report_token_budget(model, num_vision, inputs["input_ids"].shape[1] - num_vision)
 
-        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
         bar, handle = vision_progress(model, num_frames)
-
-        def start_answer():
-            handle.remove()
-            bar.close()
-            print("[answer] ", end="", flush=True)
-
-        streamer = TimingStreamer(processor.tokenizer, start_answer)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+            video_features = model.encode_video(stream.pixel_chunks(device, dtype), num_frames=num_frames)
+        t_vision = time.perf_counter() - t0
+        handle.remove()
+        bar.close()
+
+        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                **inputs.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS,
+                max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+            )
         t_end = time.perf_counter()
         prefill = (streamer.first_token_time or t_end) - t0
         decode = t_end - (streamer.first_token_time or t_end)
         rate = (streamer.num_tokens - 1) / decode if decode > 0 and streamer.num_tokens > 1 else float("nan")
         print(
-            f"[time] load {t_load:.2f} s | video decode + preprocess {t_video:.2f} s | vision + prefill {prefill:.2f} s"
+            f"[time] load {t_load:.2f} s | video open {t_open:.2f} s | frames decoded + resized in "
+            f"{stream.decode_seconds:.2f} s, overlapped with vision {t_vision:.2f} s | prefill {prefill:.2f} s"
             f" | decode {decode:.2f} s ({streamer.num_tokens} tokens, {rate:.1f} tokens/s) on {device} {str(dtype).removeprefix('torch.')}"
         )
 
