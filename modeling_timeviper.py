@@ -15,18 +15,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# First: importing the configuration runs its transformers version guard, before the imports an unsupported release
+# may lack.
+from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
+
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.utils import logging
-
-from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types
 
 try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -49,27 +52,45 @@ PADDING_DT = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: its generate() passes `cache=` to forward()
+# and reads `outputs["cache"]`, and its ModelOutput turns a `past_key_values=` keyword into `cache=`. Older releases
+# use `past_key_values` throughout. forward() takes either spelling; the outputs declare the installed release's.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def with_cache_field(cls):
+    """`cls` as a ModelOutput dataclass whose `cache` field carries the installed release's name (CACHE_NAME)."""
+    if CACHE_NAME != "cache":
+        cls.__annotations__ = {(CACHE_NAME if name == "cache" else name): kind for name, kind in cls.__annotations__.items()}
+        delattr(cls, "cache")
+        setattr(cls, CACHE_NAME, None)
+    return dataclass(cls)
+
+
+@with_cache_field
 class TimeViperModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: (batch, kept_length, hidden) after all compression stages.
     kept_positions: (batch, kept_length) index of each output position in the input sequence, -1 for padding.
+    cache: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
+@with_cache_field
 class TimeViperCausalLMOutputWithPast(ModelOutput):
+    """`cache`: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24)."""
+
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -1128,6 +1149,19 @@ def forget_unused_weight_conversions(model) -> None:
         model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
+def resolve_cache_argument(past_key_values, cache):
+    """The cache a forward() call was given, under either name (see CACHE_NAME)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, TimeViperHybridCache):
+        raise TypeError(
+            f"the cache must be a TimeViperHybridCache, got {type(cache).__name__}; generate() creates one, or pass "
+            "TimeViperHybridCache() yourself"
+        )
+    return cache
+
+
 class TimeViperPreTrainedModel(PreTrainedModel):
     config_class = TimeViperConfig
     base_model_prefix = "model"
@@ -1246,15 +1280,14 @@ class TimeViperModel(TimeViperPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperModelOutputWithPast:
+        r"""
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
+        """
+        past_key_values = resolve_cache_argument(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, TimeViperHybridCache):
-            raise TypeError(
-                f"past_key_values must be a TimeViperHybridCache, got {type(past_key_values).__name__}; "
-                "generate() creates one, or pass TimeViperHybridCache() yourself"
-            )
         has_vision = pixel_values is not None or pixel_values_videos is not None
         decoding = past_key_values is not None and past_key_values.is_prefilled
         if has_vision and decoding:
@@ -1294,7 +1327,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return TimeViperModelOutputWithPast(
             last_hidden_state=hidden_states,
             kept_positions=kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=all_hidden_states,
             video_hidden_states=video_features,
             image_hidden_states=image_features,
@@ -1375,6 +1408,10 @@ class DecodeStepGraph:
 
 
 class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
+    # The Trainer passes `num_items_in_batch` (the supervised-token count over all accumulation steps) to models that
+    # say they take it; forward() names it explicitly rather than behind a **kwargs.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.model = TimeViperModel(config)
@@ -1426,18 +1463,29 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         logits_to_keep: int | torch.Tensor = 0,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
         position_ids: ignored; positions follow from `attention_mask` and are renumbered after each compression.
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised. They are shifted
             at the input positions and then follow the tokens that compression keeps.
         logits_to_keep: compute logits only for the last N positions (1 at inference: full-vocabulary logits of a
             long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
+        output_attentions: attention weights are never materialised (O(L^2) for hour-long videos); only a false
+            value is accepted.
+        return_dict: False returns the output's non-None fields as a tuple.
+        num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
+            accumulation steps) instead of averaged over this batch's supervised tokens.
         """
+        past_key_values = resolve_cache_argument(past_key_values, cache)
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
@@ -1446,7 +1494,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
                 inputs_embeds=inputs_embeds, labels=labels, output_hidden_states=output_hidden_states or None,
             )
             return TimeViperCausalLMOutputWithPast(
-                logits=self.static_decode_step(input_ids, past_key_values), past_key_values=past_key_values
+                logits=self.static_decode_step(input_ids, past_key_values), **{CACHE_NAME: past_key_values}
             )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
@@ -1474,17 +1522,18 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
             loss = ForCausalLMLoss(
                 logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                num_items_in_batch=num_items_in_batch,
             )
-        return TimeViperCausalLMOutputWithPast(
+        output = TimeViperCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             kept_positions=outputs.kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=outputs.hidden_states,
             video_hidden_states=outputs.video_hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     def static_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         """Logits (b, 1, vocab) of one decode step on a static cache: a CUDA-graph replay on CUDA (captured at the
@@ -1506,16 +1555,13 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
         default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
         elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
-        continuation."""
-        user_cache = model_kwargs.get("past_key_values")
+        continuation. It goes into `model_kwargs` under the installed release's name (CACHE_NAME)."""
+        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
         implementation = generation_config.cache_implementation
-        if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
-            raise TypeError(f"TimeViper generates with a TimeViperHybridCache, got {type(user_cache).__name__}")
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by TimeViper: use 'dynamic' (default) or "
@@ -1523,14 +1569,27 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
         if user_cache is None and generation_config.use_cache is not False:
             static = implementation == "static" or (implementation is None and self.device.type == "cuda")
-            max_length = max_cache_length if static else None
-            model_kwargs["past_key_values"] = TimeViperHybridCache(max_length)
+            user_cache = TimeViperHybridCache(max_cache_length if static else None)
+        if user_cache is not None:
+            model_kwargs[CACHE_NAME] = user_cache
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, **model_kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **model_kwargs)
+        # Positions follow from the attention mask and are renumbered after each compression stage.
         model_inputs.pop("position_ids", None)
+        cache = model_inputs.get(CACHE_NAME)
+        if cache is not None and cache.is_prefilled:
+            # The frames were encoded at prefill; decode steps feed only the new tokens (transformers < 5.15 passes
+            # every generate() keyword to every step).
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("pixel_values_videos", None)
         return model_inputs
 
+
+# save_pretrained copies the code files next to the weights (transformers does so for registered classes only); the
+# config then writes the whole AUTO_MAP.
+TimeViperModel.register_for_auto_class("AutoModel")
+TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
     "TimeViperForConditionalGeneration",

@@ -1,10 +1,9 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """Processors for TimeViper: video/image preprocessing, seek-based PyAV decoding, prompts and labels.
 
-This is a flat Hub remote-code file. It imports only numpy, torch, PIL and transformers at module level; PyAV is
-optional and imported inside ``try``. Importing it registers nothing: the conversion script calls
-``TimeViperProcessor.register_for_auto_class()`` (which also registers the image and video processors) before
-``save_pretrained``.
+This is a Hub remote-code file. It imports numpy, torch, PIL, transformers and (for its transformers version guard)
+configuration_timeviper at module level; PyAV is optional and imported inside ``try``. Importing it registers the
+processors for their Auto classes, so that every ``save_pretrained`` writes their ``auto_map`` and this file.
 
 Data flow::
 
@@ -45,6 +44,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+
+# First: the configuration's transformers version guard, before the imports an unsupported release may lack.
+from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
+
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin, VideosKwargs
@@ -1825,5 +1828,7 @@ class TimeViperProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values_videos", "pixel_values"]
 
+
+TimeViperProcessor.register_for_auto_class()  # and the image and video processors
 
 __all__ += ["NEMOTRON_H_CHAT_TEMPLATE", "QWEN2_CHAT_TEMPLATE", "TimeViperVideoProcessorKwargs", "transform_frames"]
