@@ -40,6 +40,15 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
 }
 
+# pipeline("image-text-to-text") runs TimeViper's own pipeline class, which batches the flat frame tensor correctly.
+CUSTOM_PIPELINES = {
+    "image-text-to-text": {
+        "impl": "modeling_timeviper.TimeViperImageTextToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
+
 COMPRESSION_METHODS = ("uniform", "attention")
 PROJECTOR_TYPES = ("tome_mlp", "mlp")
 TEXT_CONFIG_CLASSES = {"nemotron_h": NemotronHConfig, "qwen2": Qwen2Config}
@@ -294,6 +303,8 @@ class TimeViperConfig(PretrainedConfig):
         # A Hub load prefixes each entry with the repo id and a load through one Auto class adds only that class;
         # the code files are saved next to config.json, so the plain names of all Auto classes are the right ones.
         self.auto_map = dict(AUTO_MAP)
+        self.custom_pipelines = dict(CUSTOM_PIPELINES)
+        type(self).register_for_auto_class()  # transformers copies this file next to config.json for registered classes
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @staticmethod
@@ -318,8 +329,5 @@ class TimeViperConfig(PretrainedConfig):
     def layer_types(self) -> list[str]:
         return text_layer_types(self.text_config)
 
-
-# save_pretrained copies this file next to config.json (transformers does so for registered classes only).
-TimeViperConfig.register_for_auto_class()
 
 __all__ = ["AUTO_MAP", "SUPPORTED_TRANSFORMERS", "TimeViperConfig", "TimeViperCompressionStage", "parse_compression_string"]

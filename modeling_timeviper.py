@@ -9,6 +9,7 @@ per-sequence state of a generation (Mamba conv/SSM states, per-block KV of diffe
 every compression segment) lives in `TimeViperHybridCache`.
 """
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
 
 try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
@@ -732,7 +734,9 @@ def attend_per_row(attention, query, key, value, row_spans, scale):
 
 class TimeViperTransV(nn.Module):
     """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
-    mask and no positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping.
+    mask and no positions. The text model adds the output gated by this module's `tanh(alpha)`, so at alpha = 0
+    this is plain dropping. The gate is a parameter of this module so that the module is the whole trainable unit
+    (PEFT's `modules_to_save`, per-module learning rates).
     The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
 
     def __init__(self, config):
@@ -747,6 +751,10 @@ class TimeViperTransV(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def gate(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha).to(like.dtype)
 
     def memory(self, dropped: torch.Tensor):
         """dropped: (m, d) vision tokens -> key, value (kv_heads, m, head_dim)."""
@@ -929,7 +937,7 @@ class SequenceState:
 class TimeViperTextModel(nn.Module):
     """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
     checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
-    `norm`), plus `merge_modules.{stage}` and `alpha` for TransV."""
+    `norm`), plus `merge_modules.{stage}` (with its gate `alpha`) for TransV."""
 
     # Mamba / MLP work is split along the sequence beyond this many tokens (bounds activation memory).
     sequence_chunk_size = 16384
@@ -960,7 +968,6 @@ class TimeViperTextModel(nn.Module):
         self.transfer_slot = {stage_index: slot for slot, stage_index in enumerate(transfer_stages)}
         if transfer_stages:
             self.merge_modules = nn.ModuleDict({str(i): TimeViperTransV(text_config) for i in transfer_stages})
-            self.alpha = nn.Parameter(torch.zeros(len(transfer_stages)))
 
     @property
     def embed(self) -> nn.Embedding:
@@ -1099,7 +1106,7 @@ class TimeViperTextModel(nn.Module):
         return row, keep, memory
 
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
+        return self.merge_modules[str(stage_index)].gate(like)
 
     def transfer_new_tokens(self, hidden_states, stage_index: int, cache: TimeViperHybridCache) -> torch.Tensor:
         """Decode step: the new tokens also lie after the vision span, so they absorb the cached dropped tokens
@@ -1162,6 +1169,49 @@ def resolve_cache_argument(past_key_values, cache):
     return cache
 
 
+def is_legacy_gate_key(key: str) -> bool:
+    return key == "language_model.alpha" or key.endswith(".language_model.alpha")
+
+
+def read_legacy_gates(path, hub_kwargs: dict) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the legacy gate vector in the safetensors weights of a local folder or Hub repo."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {name: hub_kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                                 "subfolder") if name in hub_kwargs}
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    files = ["model.safetensors"]
+    if index is not None:
+        with open(index) as file:
+            files = sorted(set(json.load(file)["weight_map"].values()))
+    for name in files:
+        with safe_open(cached_file(path, name, **hub), framework="pt") as weights:
+            for key in weights.keys():
+                if is_legacy_gate_key(key):
+                    return key, weights.get_tensor(key)
+    raise ValueError(f"{path}: the legacy TransV gate key was reported but is in none of {files}")
+
+
+@torch.no_grad()
+def load_legacy_gates(model, gates: torch.Tensor, key: str) -> list[str]:
+    """Copy entry j of the legacy vector into the gate of the j-th transfer stage; returns the parameter names."""
+    text_model = next(module for module in model.modules() if isinstance(module, TimeViperTextModel))
+    if gates.shape != (len(text_model.transfer_slot),):
+        raise ValueError(
+            f"{key} has shape {tuple(gates.shape)}, but token_compression has {len(text_model.transfer_slot)} "
+            "transfer stages"
+        )
+    filled = []
+    for stage_index, slot in text_model.transfer_slot.items():
+        gate = text_model.merge_modules[str(stage_index)].alpha
+        if hasattr(gate, "ds_numel"):  # a DeepSpeed ZeRO-3 partition holds none of the gate's values here
+            raise ValueError(f"{key}: re-save this folder once without DeepSpeed ZeRO-3 to load it under ZeRO-3")
+        gate.copy_(gates[slot : slot + 1])
+        filled.append(f"merge_modules.{stage_index}.alpha")
+    return filled
+
+
 class TimeViperPreTrainedModel(PreTrainedModel):
     config_class = TimeViperConfig
     base_model_prefix = "model"
@@ -1174,7 +1224,30 @@ class TimeViperPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def save_pretrained(self, *args, **kwargs):
         forget_unused_weight_conversions(self)
+        if self._auto_class is None:  # transformers copies the code files only for a registered class
+            type(self).register_for_auto_class(self.default_auto_class)
         return super().save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus the TransV gates of folders written before each TransV module held
+        its own: one vector `model.language_model.alpha` (entry j: the j-th transfer stage)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if any(is_legacy_gate_key(key) for key in info["unexpected_keys"]):
+            key, gates = read_legacy_gates(pretrained_model_name_or_path, kwargs)
+            filled = load_legacy_gates(model, gates, key)
+            info["unexpected_keys"] = type(info["unexpected_keys"])(
+                k for k in info["unexpected_keys"] if not is_legacy_gate_key(k)
+            )
+            info["missing_keys"] = type(info["missing_keys"])(
+                k for k in info["missing_keys"] if not any(k.endswith(name) for name in filled)
+            )
+            logger.warning(
+                "read the TransV gates from the legacy key %r; save_pretrained stores them as merge_modules.<stage>.alpha",
+                key,
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -1188,8 +1261,8 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             ) + math.log(text_config.time_step_min)
             dt = log_dt.exp().clamp(min=text_config.time_step_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-        elif isinstance(module, TimeViperTextModel) and hasattr(module, "alpha"):
-            init.zeros_(module.alpha)  # TransV starts as plain dropping
+        elif isinstance(module, TimeViperTransV):
+            init.zeros_(module.alpha)  # TransV starts as plain dropping; its projections are Linear (below)
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -1208,6 +1281,8 @@ class TimeViperPreTrainedModel(PreTrainedModel):
 
 
 class TimeViperModel(TimeViperPreTrainedModel):
+    default_auto_class = "AutoModel"
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.vision_tower = SiglipVisionModel(config.vision_config)
@@ -1411,6 +1486,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     # The Trainer passes `num_items_in_batch` (the supervised-token count over all accumulation steps) to models that
     # say they take it; forward() names it explicitly rather than behind a **kwargs.
     accepts_loss_kwargs = True
+    default_auto_class = "AutoModelForImageTextToText"
 
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
@@ -1445,9 +1521,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
             if source is None:
                 raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
-            text_model.merge_modules[str(stage_index)].load_state_dict(source.state_dict())
-        if text_model.transfer_slot:
-            text_model.alpha.zero_()
+            transfer = text_model.merge_modules[str(stage_index)]
+            transfer.load_state_dict({**source.state_dict(), "alpha": torch.zeros_like(transfer.alpha)})
 
     def forward(
         self,
@@ -1586,10 +1661,50 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         return model_inputs
 
 
-# save_pretrained copies the code files next to the weights (transformers does so for registered classes only); the
-# config then writes the whole AUTO_MAP.
-TimeViperModel.register_for_auto_class("AutoModel")
-TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperImageTextToTextPipeline(ImageTextToTextPipeline):
+    """`pipeline("image-text-to-text")` for TimeViper (the config's `custom_pipelines` names this class).
+
+    The processor gives the frames of all videos as one flat (frames, 3, H, W) tensor. The stock batching pads
+    dim 1 of every tensor as if it were the sequence, which cuts each sample to its first frame. Here each sample's
+    frames travel as (1, frames, 3, H, W), so batching pads them along the frames on the text's padding side, and
+    each row's own frames (its placeholders / tokens per frame) are taken back out before generate()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Batched generation appends after the prompt: rows are padded on the left (transformers >= 5.25 does this
+        # for every decoder-only model, older releases leave the tokenizer's side).
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
+
+    def preprocess(self, *args, **kwargs):
+        model_inputs = super().preprocess(*args, **kwargs)
+        if model_inputs.get("pixel_values_videos") is not None:
+            model_inputs["pixel_values_videos"] = model_inputs["pixel_values_videos"][None]
+        return model_inputs
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        frames = model_inputs.get("pixel_values_videos")
+        if frames is not None:
+            model_inputs["pixel_values_videos"] = self.unpad_frames(model_inputs["input_ids"], frames)
+        return super()._forward(model_inputs, generate_kwargs)
+
+    def unpad_frames(self, input_ids: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(rows, max frames, 3, H, W) padded per row on the tokenizer's padding side -> the flat (frames, 3, H, W)."""
+        config = self.model.config
+        counts = ((input_ids == config.video_token_id).sum(dim=1) // config.vision_tokens_per_frame).tolist()
+        if frames.shape[0] != len(counts) or max(counts) > frames.shape[1]:
+            raise ValueError(
+                f"pixel_values_videos of shape {tuple(frames.shape)} do not hold {counts} frames for the batch rows"
+            )
+        left = self.tokenizer.padding_side == "left"
+        rows = [row[row.shape[0] - count :] if left else row[:count] for row, count in zip(frames, counts)]
+        return torch.cat(rows)
+
 
 __all__ = [
     "TimeViperForConditionalGeneration",

@@ -2,8 +2,9 @@
 """Processors for TimeViper: video/image preprocessing, seek-based PyAV decoding, prompts and labels.
 
 This is a Hub remote-code file. It imports numpy, torch, PIL, transformers and (for its transformers version guard)
-configuration_timeviper at module level; PyAV is optional and imported inside ``try``. Importing it registers the
-processors for their Auto classes, so that every ``save_pretrained`` writes their ``auto_map`` and this file.
+configuration_timeviper at module level; PyAV is optional and imported inside ``try``. Importing it registers
+nothing; ``TimeViperProcessor.save_pretrained`` registers the processors for their Auto classes, so that every saved
+folder has their ``auto_map`` and this file.
 
 Data flow::
 
@@ -1489,6 +1490,12 @@ class TimeViperProcessor(ProcessorMixin):
             )
         return token_id
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Every saved processor names its Auto classes and carries this file (transformers writes both only for
+        # registered classes), as every saved TimeViper model does.
+        type(self).register_for_auto_class()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoProcessor"):
         """Register for `AutoProcessor`, and the image/video processors for their auto classes (save_pretrained)."""
@@ -1828,7 +1835,5 @@ class TimeViperProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values_videos", "pixel_values"]
 
-
-TimeViperProcessor.register_for_auto_class()  # and the image and video processors
 
 __all__ += ["NEMOTRON_H_CHAT_TEMPLATE", "QWEN2_CHAT_TEMPLATE", "TimeViperVideoProcessorKwargs", "transform_frames"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 from transformers import TextStreamer
 
 from timeviper.modeling_timeviper import TimeViperHybridCache
@@ -13,10 +13,7 @@ SCHEDULES = [None, "uni_1_0.5-unidrop_3_0.34", "uni_1_0.5-attn_2_0.25"]
 
 def make_model(backbone, schedule, seed=0):
     model = tiny_model(backbone, seed=seed, token_compression=schedule)
-    with torch.no_grad():  # non-trivial TransV: random cross-attention weights and open gates
-        text_model = model.model.language_model
-        if text_model.transfer_slot:
-            text_model.alpha.fill_(0.8)
+    open_transfer_gates(model, 0.8)  # non-trivial TransV: random cross-attention weights and open gates
     return model
 
 
