@@ -1275,7 +1275,7 @@ class TimeViperPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (TimeViperRMSNorm, TimeViperRMSNormGated)):
             init.ones_(module.weight)
         elif isinstance(module, Qwen2RotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)  # later releases than 5.17 take no device
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
 

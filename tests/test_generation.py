@@ -5,7 +5,7 @@ import torch
 from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 from transformers import TextStreamer
 
-from timeviper.modeling_timeviper import TimeViperHybridCache
+from timeviper.modeling_timeviper import CACHE_NAME, TimeViperHybridCache
 
 TOKENS_PER_FRAME = 4
 SCHEDULES = [None, "uni_1_0.5-unidrop_3_0.34", "uni_1_0.5-attn_2_0.25"]
@@ -271,4 +271,4 @@ def test_generate_picks_a_static_cache_on_cuda_by_default(monkeypatch, device, i
     model_kwargs = {}
     config = GenerationConfig(cache_implementation=implementation)
     model._prepare_cache_for_generation(config, model_kwargs, None, 1, 30)
-    assert model_kwargs["past_key_values"].max_length == expected_max_length
+    assert model_kwargs[CACHE_NAME].max_length == expected_max_length  # generate() reads the release's name

@@ -8,6 +8,7 @@ It loads a folder written by the package (tests/compat/write_folder.py) the way 
 3. save_pretrained -> Auto reload gives the same logits and keeps the Auto classes;
 4. pipeline("image-text-to-text") with video messages, alone and with batch_size=2, gives the same answers as
    generate() on each sample.
+All four on FOLDER (Nemotron-H backbone); 1 and 2 also on FOLDER-qwen2 (the Qwen2 backbone).
 
 Usage: python check_remote_code.py FOLDER   (prints one line per check; any failure raises)
 """
@@ -107,7 +108,7 @@ def frames_of_row(model, inputs, row: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_save_reload(model, inputs, folder: Path) -> None:
+def check_save_reload(model, inputs) -> None:
     reference = model(**inputs).logits
     with tempfile.TemporaryDirectory() as resaved:
         model.save_pretrained(resaved)
@@ -133,24 +134,34 @@ def check_pipeline(folder: Path, conversations, expected_answers: list[str]) -> 
     print(f"  ok  pipeline('image-text-to-text'), one input and batch_size=2: {answers}")
 
 
-def main(folder: Path) -> None:
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, folder {folder}")
-    check_not_installed()
+def check_generation(folder: Path, label: str):
+    """Checks 1 and 2 on one folder. Returns the model, the single sample's inputs, the conversations and the batch's
+    answers."""
     processor, model = check_auto_classes(folder)
-    print("  ok  AutoConfig, AutoProcessor, AutoModel -> TimeViperModel, AutoModelForImageTextToText")
+    print(f"  ok  {label}: AutoConfig, AutoProcessor, AutoModel -> TimeViperModel, AutoModelForImageTextToText")
     conversations = [
         messages(folder, "clip_long.mp4", "What moves across the frame?"),
         messages(folder, "clip_short.mp4", "Colour?"),
     ]
     single = encode(processor, conversations[0])
-    check_greedy_equals_recompute(model, single, "one sample")
+    check_greedy_equals_recompute(model, single, f"{label}, one sample")
     batch = encode(processor, conversations)
     frame_counts = (batch["input_ids"] == model.config.video_token_id).sum(1) // model.config.vision_tokens_per_frame
     assert frame_counts[0] != frame_counts[1], f"the two samples should have different frame counts, got {frame_counts}"
-    batch_tokens = check_greedy_equals_recompute(model, batch, f"left-padded batch with {frame_counts.tolist()} frames")
-    check_save_reload(model, single, folder)
+    batch_tokens = check_greedy_equals_recompute(
+        model, batch, f"{label}, left-padded batch with {frame_counts.tolist()} frames"
+    )
     answers = [processor.decode(tokens, skip_special_tokens=True) for tokens in batch_tokens]
+    return model, single, conversations, answers
+
+
+def main(folder: Path) -> None:
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, folder {folder}")
+    check_not_installed()
+    model, single, conversations, answers = check_generation(folder, "nemotron_h")
+    check_save_reload(model, single)
     check_pipeline(folder, conversations, answers)
+    check_generation(folder.with_name(folder.name + "-qwen2"), "qwen2")
 
 
 if __name__ == "__main__":
