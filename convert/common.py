@@ -1115,9 +1115,10 @@ def card_license(family: str, source_folder: Path | None) -> dict:
 
 
 def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
-               library_name: str = "transformers"):
+               library_name: str = "transformers", **metadata):
     """A `huggingface_hub.ModelCard` for a TimeViper folder: metadata (license, base_model, pipeline_tag,
-    library_name, tags) plus the architecture table, the usage snippet and `notes`."""
+    library_name, tags, and any other `ModelCardData` field in `metadata`) plus the architecture table, the usage
+    snippet and `notes`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     text = config.text_config
@@ -1129,7 +1130,7 @@ def model_card(config, base_models: list[str], license_fields: dict, extra_tags:
             *extra_tags]
     data = ModelCardData(
         **license_fields, base_model=list(base_models) or None, pipeline_tag="image-text-to-text", library_name=library_name,
-        tags=list(dict.fromkeys(tags)),
+        tags=list(dict.fromkeys(tags)), **metadata,
     )
     language_model = "a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer"
     # The range of the code that built `config` (the converters run the remote-code files they write).

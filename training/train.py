@@ -284,7 +284,10 @@ class TimeViperTrainer(Trainer):
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
         """The output folder's README.md as a `huggingface_hub.ModelCard` (push_to_hub calls this, so the card it
-        uploads is this one). `license`, `tags` and `finetuned_from` override or add to what the base model gives."""
+        uploads is this one). `license`, `tags` and `finetuned_from` override or add to what the base model gives;
+        `language` and `dataset` become card metadata. The title stays TimeViper's (`model_name` is the repo name
+        push_to_hub passes) and the pipeline tag `image-text-to-text` (`tasks`, `dataset_tags` and `dataset_args`
+        describe the Trainer's own evaluation table, which this card does not have)."""
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -293,8 +296,9 @@ class TimeViperTrainer(Trainer):
         config = model.config
         license_fields = {"license": license} if license else base_license(config, self.base_model_path)
         extra_tags = ["fine-tuned", *(["lora"] if lora else []), *([tags] if isinstance(tags, str) else tags or [])]
+        metadata = {key: value for key, value in (("language", language), ("datasets", dataset)) if value}
         card = model_card(config, base_models, license_fields, extra_tags, self.card_notes,
-                          library_name="peft" if lora else "transformers")
+                          library_name="peft" if lora else "transformers", **metadata)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def create_optimizer(self, model=None):
