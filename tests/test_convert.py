@@ -445,6 +445,8 @@ prompt = processor.apply_chat_template(
     add_generation_prompt=True,
 )
 inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+# Two samples with 3 and 2 frames: padding needs the pad token the converter gave the tokenizer.
+batch = processor(text=[prompt, prompt], videos=[frames, frames[:2]], padding=True, padding_side="left", return_tensors="pt")
 with torch.no_grad():
     logits = model(input_ids=ids).logits
     features = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
@@ -453,7 +455,8 @@ torch.save({"logits": logits, "features": features, "model_class": type(model)._
             "prompt": prompt, "num_video_tokens": int((inputs["input_ids"] == model.config.video_token_id).sum()),
             "generated": generated[0, inputs["input_ids"].shape[1]:],
             "processor_class": type(processor).__name__, "video_processor_class": type(processor.video_processor).__name__,
-            "video_token_id": processor.video_token_id, "config_video_token_id": model.config.video_token_id}, out)
+            "video_token_id": processor.video_token_id, "config_video_token_id": model.config.video_token_id,
+            "padded_positions": int((batch["attention_mask"] == 0).sum())}, out)
 """
 
 
@@ -519,6 +522,7 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     assert result["model_class"] == "TimeViperForConditionalGeneration"
     assert (result["processor_class"], result["video_processor_class"]) == ("TimeViperProcessor", "TimeViperVideoProcessor")
     assert result["video_token_id"] == result["config_video_token_id"] == vocab_size + 1
+    assert result["padded_positions"] == VISION["grid"] ** 2  # the 2-frame sample: one frame's placeholders
     # A video prompt through the chat template, the processor, the compression stages (TransV) and generate().
     assert result["prompt"] == "<SPECIAL_10>System\n<SPECIAL_12>\n<SPECIAL_11>User\n<video>what happens in the video\n<SPECIAL_12><SPECIAL_11>Assistant\n"
     assert result["num_video_tokens"] == 3 * VISION["grid"] ** 2 and 1 <= len(result["generated"]) <= 3
