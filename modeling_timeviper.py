@@ -9,6 +9,7 @@ per-sequence state of a generation (Mamba conv/SSM states, per-block KV of diffe
 every compression segment) lives in `TimeViperHybridCache`.
 """
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -16,18 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+# First: importing the configuration runs its transformers version guard, before the imports an unsupported release
+# may lack.
+from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
+
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
-
-from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types
 
 try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -50,27 +55,45 @@ PADDING_DT = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: its generate() passes `cache=` to forward()
+# and reads `outputs["cache"]`, and its ModelOutput turns a `past_key_values=` keyword into `cache=`. Older releases
+# use `past_key_values` throughout. forward() takes either spelling; the outputs declare the installed release's.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def with_cache_field(cls):
+    """`cls` as a ModelOutput dataclass whose `cache` field carries the installed release's name (CACHE_NAME)."""
+    if CACHE_NAME != "cache":
+        cls.__annotations__ = {(CACHE_NAME if name == "cache" else name): kind for name, kind in cls.__annotations__.items()}
+        delattr(cls, "cache")
+        setattr(cls, CACHE_NAME, None)
+    return dataclass(cls)
+
+
+@with_cache_field
 class TimeViperModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: (batch, kept_length, hidden) after all compression stages.
     kept_positions: (batch, kept_length) index of each output position in the input sequence, -1 for padding.
+    cache: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
+@with_cache_field
 class TimeViperCausalLMOutputWithPast(ModelOutput):
+    """`cache`: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24)."""
+
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -753,7 +776,9 @@ def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=
 
 class TimeViperTransV(nn.Module):
     """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
-    mask and no positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping.
+    mask and no positions. The text model adds the output gated by this module's `tanh(alpha)`, so at alpha = 0
+    this is plain dropping. The gate is a parameter of this module so that the module is the whole trainable unit
+    (PEFT's `modules_to_save`, per-module learning rates).
     The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
 
     def __init__(self, config):
@@ -768,6 +793,10 @@ class TimeViperTransV(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def gate(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha).to(like.dtype)
 
     def memory(self, dropped: torch.Tensor):
         """dropped: (m, d) vision tokens -> key, value (kv_heads, m, head_dim)."""
@@ -950,7 +979,7 @@ class SequenceState:
 class TimeViperTextModel(nn.Module):
     """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
     checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
-    `norm`), plus `merge_modules.{stage}` and `alpha` for TransV."""
+    `norm`), plus `merge_modules.{stage}` (with its gate `alpha`) for TransV."""
 
     # Mamba / MLP work is split along the sequence beyond this many tokens (bounds activation memory).
     sequence_chunk_size = 16384
@@ -981,7 +1010,6 @@ class TimeViperTextModel(nn.Module):
         self.transfer_slot = {stage_index: slot for slot, stage_index in enumerate(transfer_stages)}
         if transfer_stages:
             self.merge_modules = nn.ModuleDict({str(i): TimeViperTransV(text_config) for i in transfer_stages})
-            self.alpha = nn.Parameter(torch.zeros(len(transfer_stages)))
 
     @property
     def embed(self) -> nn.Embedding:
@@ -1142,7 +1170,7 @@ class TimeViperTextModel(nn.Module):
         return torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1)
 
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
+        return self.merge_modules[str(stage_index)].gate(like)
 
     def transfer_new_tokens(self, hidden_states, stage_index: int, cache: TimeViperHybridCache) -> torch.Tensor:
         """Decode step: the new tokens also lie after the vision span, so they absorb the cached dropped tokens
@@ -1466,6 +1494,62 @@ def forget_unused_weight_conversions(model) -> None:
         model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
+def resolve_cache_argument(past_key_values, cache):
+    """The cache a forward() call was given, under either name (see CACHE_NAME)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, TimeViperHybridCache):
+        raise TypeError(
+            f"the cache must be a TimeViperHybridCache, got {type(cache).__name__}; generate() creates one, or pass "
+            "TimeViperHybridCache() yourself"
+        )
+    return cache
+
+
+def is_legacy_gate_key(key: str) -> bool:
+    return key == "language_model.alpha" or key.endswith(".language_model.alpha")
+
+
+def read_legacy_gates(path, hub_kwargs: dict) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the legacy gate vector in the safetensors weights of a local folder or Hub repo."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {name: hub_kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                                 "subfolder") if name in hub_kwargs}
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    files = ["model.safetensors"]
+    if index is not None:
+        with open(index) as file:
+            files = sorted(set(json.load(file)["weight_map"].values()))
+    for name in files:
+        with safe_open(cached_file(path, name, **hub), framework="pt") as weights:
+            for key in weights.keys():
+                if is_legacy_gate_key(key):
+                    return key, weights.get_tensor(key)
+    raise ValueError(f"{path}: the legacy TransV gate key was reported but is in none of {files}")
+
+
+@torch.no_grad()
+def load_legacy_gates(model, gates: torch.Tensor, key: str) -> list[str]:
+    """Copy entry j of the legacy vector into the gate of the j-th transfer stage; returns the parameter names."""
+    text_model = next(module for module in model.modules() if isinstance(module, TimeViperTextModel))
+    if gates.shape != (len(text_model.transfer_slot),):
+        raise ValueError(
+            f"{key} has shape {tuple(gates.shape)}, but token_compression has {len(text_model.transfer_slot)} "
+            "transfer stages"
+        )
+    filled = []
+    for stage_index, slot in text_model.transfer_slot.items():
+        gate = text_model.merge_modules[str(stage_index)].alpha
+        if hasattr(gate, "ds_numel"):  # a DeepSpeed ZeRO-3 partition holds none of the gate's values here
+            raise ValueError(f"{key}: re-save this folder once without DeepSpeed ZeRO-3 to load it under ZeRO-3")
+        gate.copy_(gates[slot : slot + 1])
+        filled.append(f"merge_modules.{stage_index}.alpha")
+    return filled
+
+
 class TimeViperPreTrainedModel(PreTrainedModel):
     config_class = TimeViperConfig
     base_model_prefix = "model"
@@ -1478,7 +1562,30 @@ class TimeViperPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def save_pretrained(self, *args, **kwargs):
         forget_unused_weight_conversions(self)
+        if self._auto_class is None:  # transformers copies the code files only for a registered class
+            type(self).register_for_auto_class(self.default_auto_class)
         return super().save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus the TransV gates of folders written before each TransV module held
+        its own: one vector `model.language_model.alpha` (entry j: the j-th transfer stage)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if any(is_legacy_gate_key(key) for key in info["unexpected_keys"]):
+            key, gates = read_legacy_gates(pretrained_model_name_or_path, kwargs)
+            filled = load_legacy_gates(model, gates, key)
+            info["unexpected_keys"] = type(info["unexpected_keys"])(
+                k for k in info["unexpected_keys"] if not is_legacy_gate_key(k)
+            )
+            info["missing_keys"] = type(info["missing_keys"])(
+                k for k in info["missing_keys"] if not any(k.endswith(name) for name in filled)
+            )
+            logger.warning(
+                "read the TransV gates from the legacy key %r; save_pretrained stores them as merge_modules.<stage>.alpha",
+                key,
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -1492,8 +1599,8 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             ) + math.log(text_config.time_step_min)
             dt = log_dt.exp().clamp(min=text_config.time_step_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-        elif isinstance(module, TimeViperTextModel) and hasattr(module, "alpha"):
-            init.zeros_(module.alpha)  # TransV starts as plain dropping
+        elif isinstance(module, TimeViperTransV):
+            init.zeros_(module.alpha)  # TransV starts as plain dropping; its projections are Linear (below)
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -1506,12 +1613,14 @@ class TimeViperPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (TimeViperRMSNorm, TimeViperRMSNormGated)):
             init.ones_(module.weight)
         elif isinstance(module, Qwen2RotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)  # later releases than 5.17 take no device
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
 
 
 class TimeViperModel(TimeViperPreTrainedModel):
+    default_auto_class = "AutoModel"
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.vision_tower = SiglipVisionModel(config.vision_config)
@@ -1620,23 +1729,21 @@ class TimeViperModel(TimeViperPreTrainedModel):
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         video_features: torch.FloatTensor | None = None,
-        **kwargs,
+        prefill_chunk_size: int | None = None,
+        keep_last: int | None = None,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperModelOutputWithPast:
         r"""
         video_features: (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in place of
             `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
-        prefill_chunk_size (keyword): run the prefill this many tokens at a time (`TimeViperTextModel.
-            prefill_in_chunks`): the same result, with activation memory for one chunk instead of the whole prompt.
-        keep_last (keyword): with `prefill_chunk_size`, return the hidden states of only the last N positions.
+        prefill_chunk_size: run the prefill this many tokens at a time (`TimeViperTextModel.prefill_in_chunks`):
+            the same result, with activation memory for one chunk instead of the whole prompt.
+        keep_last: with `prefill_chunk_size`, return the hidden states of only the last N positions.
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         """
-        prefill_chunk_size = kwargs.get("prefill_chunk_size")
+        past_key_values = resolve_cache_argument(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, TimeViperHybridCache):
-            raise TypeError(
-                f"past_key_values must be a TimeViperHybridCache, got {type(past_key_values).__name__}; "
-                "generate() creates one, or pass TimeViperHybridCache() yourself"
-            )
         if video_features is not None and pixel_values_videos is not None:
             raise ValueError("pass either pixel_values_videos or video_features, not both")
         has_vision = pixel_values is not None or pixel_values_videos is not None or video_features is not None
@@ -1684,12 +1791,12 @@ class TimeViperModel(TimeViperPreTrainedModel):
             )
             hidden_states, kept_positions = self.language_model.prefill_in_chunks(
                 embed_columns, valid, vision_mask, past_key_values, prefill_chunk_size,
-                compression_query_positions=compression_query_positions, keep_last=kwargs.get("keep_last"),
+                compression_query_positions=compression_query_positions, keep_last=keep_last,
             )
             return TimeViperModelOutputWithPast(
                 last_hidden_state=hidden_states,
                 kept_positions=kept_positions,
-                past_key_values=past_key_values,
+                **{CACHE_NAME: past_key_values},
                 video_hidden_states=video_features,
                 image_hidden_states=image_features,
             )
@@ -1705,7 +1812,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return TimeViperModelOutputWithPast(
             last_hidden_state=hidden_states,
             kept_positions=kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=all_hidden_states,
             video_hidden_states=video_features,
             image_hidden_states=image_features,
@@ -1869,6 +1976,11 @@ class DecodeStepGraph:
 
 
 class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
+    # The Trainer passes `num_items_in_batch` (the supervised-token count over all accumulation steps) to models that
+    # say they take it; forward() names it explicitly rather than behind a **kwargs.
+    accepts_loss_kwargs = True
+    default_auto_class = "AutoModelForImageTextToText"
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.model = TimeViperModel(config)
@@ -1908,9 +2020,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
             if source is None:
                 raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
-            text_model.merge_modules[str(stage_index)].load_state_dict(source.state_dict())
-        if text_model.transfer_slot:
-            text_model.alpha.zero_()
+            transfer = text_model.merge_modules[str(stage_index)]
+            transfer.load_state_dict({**source.state_dict(), "alpha": torch.zeros_like(transfer.alpha)})
 
     def forward(
         self,
@@ -1926,12 +2037,16 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         logits_to_keep: int | torch.Tensor = 0,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         video_features: torch.FloatTensor | None = None,
-        **kwargs,
+        prefill_chunk_size: int | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
         position_ids: ignored; positions follow from `attention_mask` and are renumbered after each compression.
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised. They are shifted
             at the input positions and then follow the tokens that compression keeps.
         logits_to_keep: compute logits only for the last N positions (1 at inference: full-vocabulary logits of a
@@ -1939,9 +2054,17 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
         video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
-        prefill_chunk_size (keyword): chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)`
-            sets it for the prefill call.
+        prefill_chunk_size: chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)` sets it
+            for the prefill call.
+        output_attentions: attention weights are never materialised (O(L^2) for hour-long videos); only a false
+            value is accepted.
+        return_dict: False returns the output's non-None fields as a tuple.
+        num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
+            accumulation steps) instead of averaged over this batch's supervised tokens.
         """
+        past_key_values = resolve_cache_argument(past_key_values, cache)
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
@@ -1950,12 +2073,11 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
                 inputs_embeds=inputs_embeds, labels=labels, output_hidden_states=output_hidden_states or None,
             )
             return TimeViperCausalLMOutputWithPast(
-                logits=self.static_decode_step(input_ids, past_key_values), past_key_values=past_key_values
+                logits=self.static_decode_step(input_ids, past_key_values), **{CACHE_NAME: past_key_values}
             )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
-        chunk_size = kwargs.get("prefill_chunk_size")
-        chunking = {} if chunk_size is None else {"prefill_chunk_size": chunk_size}
+        chunking = {} if prefill_chunk_size is None else {"prefill_chunk_size": prefill_chunk_size}
         if chunking:
             if labels is not None:
                 raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
@@ -1989,17 +2111,18 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
             loss = ForCausalLMLoss(
                 logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                num_items_in_batch=num_items_in_batch,
             )
-        return TimeViperCausalLMOutputWithPast(
+        output = TimeViperCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             kept_positions=outputs.kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=outputs.hidden_states,
             video_hidden_states=outputs.video_hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     def static_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         """Logits (b, 1, vocab) of one decode step on a static cache: a CUDA-graph replay on CUDA (captured at the
@@ -2021,16 +2144,13 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
         default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
         elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
-        continuation."""
-        user_cache = model_kwargs.get("past_key_values")
+        continuation. It goes into `model_kwargs` under the installed release's name (CACHE_NAME)."""
+        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
         implementation = generation_config.cache_implementation
-        if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
-            raise TypeError(f"TimeViper generates with a TimeViperHybridCache, got {type(user_cache).__name__}")
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by TimeViper: use 'dynamic' (default) or "
@@ -2038,14 +2158,21 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
         if user_cache is None and generation_config.use_cache is not False:
             static = implementation == "static" or (implementation is None and self.device.type == "cuda")
-            max_length = max_cache_length if static else None
-            model_kwargs["past_key_values"] = TimeViperHybridCache(max_length)
+            user_cache = TimeViperHybridCache(max_cache_length if static else None)
+        if user_cache is not None:
+            model_kwargs[CACHE_NAME] = user_cache
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, **model_kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **model_kwargs)
+        # Positions follow from the attention mask and are renumbered after each compression stage.
         model_inputs.pop("position_ids", None)
-        if past_key_values is not None and past_key_values.is_prefilled:
-            model_inputs.pop("video_features", None)  # consumed by the prefill, like pixel values
+        cache = model_inputs.get(CACHE_NAME)
+        if cache is not None and cache.is_prefilled:
+            # The frames were encoded at prefill; decode steps feed only the new tokens (transformers < 5.15 passes
+            # every generate() keyword to every step).
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("pixel_values_videos", None)
+            model_inputs.pop("video_features", None)
         return model_inputs
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
@@ -2061,6 +2188,51 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
         finally:
             generation_config.prefill_chunk_size = chunk_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperImageTextToTextPipeline(ImageTextToTextPipeline):
+    """`pipeline("image-text-to-text")` for TimeViper (the config's `custom_pipelines` names this class).
+
+    The processor gives the frames of all videos as one flat (frames, 3, H, W) tensor. The stock batching pads
+    dim 1 of every tensor as if it were the sequence, which cuts each sample to its first frame. Here each sample's
+    frames travel as (1, frames, 3, H, W), so batching pads them along the frames on the text's padding side, and
+    each row's own frames (its placeholders / tokens per frame) are taken back out before generate()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Batched generation appends after the prompt: rows are padded on the left (transformers >= 5.25 does this
+        # for every decoder-only model, older releases leave the tokenizer's side).
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
+
+    def preprocess(self, *args, **kwargs):
+        model_inputs = super().preprocess(*args, **kwargs)
+        if model_inputs.get("pixel_values_videos") is not None:
+            model_inputs["pixel_values_videos"] = model_inputs["pixel_values_videos"][None]
+        return model_inputs
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        frames = model_inputs.get("pixel_values_videos")
+        if frames is not None:
+            model_inputs["pixel_values_videos"] = self.unpad_frames(model_inputs["input_ids"], frames)
+        return super()._forward(model_inputs, generate_kwargs)
+
+    def unpad_frames(self, input_ids: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(rows, max frames, 3, H, W) padded per row on the tokenizer's padding side -> the flat (frames, 3, H, W)."""
+        config = self.model.config
+        counts = ((input_ids == config.video_token_id).sum(dim=1) // config.vision_tokens_per_frame).tolist()
+        if frames.shape[0] != len(counts) or max(counts) > frames.shape[1]:
+            raise ValueError(
+                f"pixel_values_videos of shape {tuple(frames.shape)} do not hold {counts} frames for the batch rows"
+            )
+        left = self.tokenizer.padding_side == "left"
+        rows = [row[row.shape[0] - count :] if left else row[:count] for row, count in zip(frames, counts)]
+        return torch.cat(rows)
 
 
 __all__ = [

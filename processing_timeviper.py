@@ -1,10 +1,10 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """Processors for TimeViper: video/image preprocessing, seek-based PyAV decoding, prompts and labels.
 
-This is a flat Hub remote-code file. It imports only numpy, torch, PIL and transformers at module level; PyAV is
-optional and imported inside ``try``. Importing it registers nothing: the conversion script calls
-``TimeViperProcessor.register_for_auto_class()`` (which also registers the image and video processors) before
-``save_pretrained``.
+This is a Hub remote-code file. It imports numpy, torch, PIL, transformers and (for its transformers version guard)
+configuration_timeviper at module level; PyAV is optional and imported inside ``try``. Importing it registers
+nothing; ``TimeViperProcessor.save_pretrained`` registers the processors for their Auto classes, so that every saved
+folder has their ``auto_map`` and this file.
 
 Data flow::
 
@@ -56,6 +56,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+
+# First: the configuration's transformers version guard, before the imports an unsupported release may lack.
+from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
+
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin, VideosKwargs
@@ -1544,6 +1548,12 @@ class TimeViperProcessor(ProcessorMixin):
                 "processor (and size the model's embeddings accordingly)."
             )
         return token_id
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Every saved processor names its Auto classes and carries this file (transformers writes both only for
+        # registered classes), as every saved TimeViper model does.
+        type(self).register_for_auto_class()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoProcessor"):

@@ -376,7 +376,7 @@ def decode_bytes(model, cache):
     whole KV cache read, the Mamba states read and written."""
     lm = model.model.language_model
     weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters()
-                  if not n.startswith(("embed", "merge_modules")) and n != "alpha")
+                  if not n.startswith(("embed", "merge_modules")))
     weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     kv = sum(t.numel() * t.element_size() for t in [*cache.keys.values(), *cache.values.values()])
     states = 2 * sum(t.numel() * t.element_size() for t in [*cache.ssm_states.values(), *cache.conv_states.values()])

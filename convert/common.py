@@ -13,8 +13,8 @@ A conversion is planned before any byte is written:
 
 Target names are the state-dict keys of `TimeViperForConditionalGeneration`:
 `model.vision_tower.*` (transformers' SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`,
-`model.language_model.*` (the LLM body under its native sub-names, plus `merge_modules.{stage}.*` and `alpha` for
-TransV) and `lm_head.weight`.
+`model.language_model.*` (the LLM body under its native sub-names, plus `merge_modules.{stage}.*`, gate `alpha`
+included, for TransV) and `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ logger = logging.getLogger("timeviper.convert")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_timeviper.TimeViperConfig",
-    "AutoModel": "modeling_timeviper.TimeViperForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_timeviper.TimeViperForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
-}
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
 # 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.
@@ -606,10 +600,32 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
                 raise ConversionError(f"cannot initialise TransV stage {stage_index}: {source_name} is not in the source")
             tensor = plan.tensors[source_name]
             new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.{name}", tensor.shape, tensor.load, tensor.sources)
-    if transfer_stages:
-        count = len(transfer_stages)
-        new.add(f"{TEXT_PREFIX}alpha", (count,), lambda: torch.zeros(count), ["<new: zeros>"])
+        new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,), lambda: torch.zeros(1), ["<new: zeros>"])
     return new
+
+
+def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
+    """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) as each TransV module's own gate
+    `merge_modules.{stage}.alpha`. Run after `check_transfer_tensors`, which checks that the vector is there."""
+    vector = plan.tensors.get(f"{TEXT_PREFIX}alpha")
+    if vector is None:
+        return plan
+    transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
+    if tuple(vector.shape) != (len(transfer_stages),):
+        raise ConversionError(
+            f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression has "
+            f"{len(transfer_stages)} transfer stages"
+        )
+    split = ConversionPlan(skipped=plan.skipped, unexpected=plan.unexpected, conflicts=plan.conflicts, used=plan.used)
+    for name, tensor in plan.tensors.items():
+        if name != vector.name:
+            split.tensors[name] = tensor
+    for slot, stage_index in enumerate(transfer_stages):
+        split.add(
+            f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
+            lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources],
+        )
+    return split
 
 
 def check_transfer_tensors(plan: ConversionPlan, config) -> None:
@@ -745,8 +761,7 @@ def spec_state_dict_shapes(config, vision_prefix: str = VISION_PREFIX) -> dict[s
     for index in transfer_stages:
         for name, shape in attention.items():
             shapes[f"{TEXT_PREFIX}merge_modules.{index}.{name}"] = shape
-    if transfer_stages:
-        shapes[TEXT_PREFIX + "alpha"] = (len(transfer_stages),)
+        shapes[f"{TEXT_PREFIX}merge_modules.{index}.alpha"] = (1,)
     shapes[LM_HEAD] = (text.vocab_size, hidden)
     return shapes
 
@@ -989,6 +1004,20 @@ def load_tokenizer(llm_folder: Path):
     return tokenizer
 
 
+def set_pad_token(tokenizer, text_config) -> None:
+    """Give a tokenizer without a pad token the LLM's own pad id (Nemotron-H: 0), so that `padding=True` batches work.
+    The pad id must lie inside the embedding table: padded positions are embedded, then masked."""
+    if tokenizer.pad_token is not None:
+        return
+    pad_id = text_config.pad_token_id
+    if pad_id is None or not 0 <= pad_id < text_config.vocab_size:
+        raise ConversionError(
+            f"the tokenizer has no pad token and the LLM config's pad_token_id {pad_id!r} is not an id of its "
+            f"{text_config.vocab_size}-entry vocabulary; add a pad token to the source tokenizer"
+        )
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+
+
 # Tokens that end an assistant turn in each template, besides the tokenizer's eos.
 STOP_TOKENS = {"nemotron_h": ("</s>", "<SPECIAL_12>"), "qwen2": ("<|im_end|>",)}
 
@@ -1051,7 +1080,6 @@ def write_processor(folder: Path, tokenizer, config, processing) -> None:
         chat_template=processing.get_chat_template(config.text_config.model_type),
         tokens_per_frame=config.vision_tokens_per_frame,
     )
-    processing.TimeViperProcessor.register_for_auto_class()
     processor.save_pretrained(str(folder))
     # `from_pretrained` keyword arguments that transformers writes back into tokenizer_config.json.
     tokenizer_config = folder / "tokenizer_config.json"
@@ -1062,17 +1090,51 @@ def write_processor(folder: Path, tokenizer, config, processing) -> None:
         tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_model_card(folder: Path, config, base_models: list[str], conversion_note: str) -> None:
+# Licenses of the backbones' weights, for cards of folders whose source LLM folder has no card saying so.
+BACKBONE_LICENSES = {
+    "nemotron_h": {
+        "license": "other",
+        "license_name": "nvidia-open-model-license",
+        "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/",
+    },
+    "qwen2": {"license": "apache-2.0"},  # Qwen2.5 0.5B-32B; the source folder's own card wins (3B and 72B differ)
+}
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def card_license(family: str, source_folder: Path | None) -> dict:
+    """The license metadata of the source LLM's model card (README.md) if it has one, else the backbone's."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(source_folder) / "README.md" if source_folder is not None else None
+    if readme is not None and readme.is_file():
+        data = ModelCard.load(readme).data.to_dict()
+        if data.get("license"):
+            return {field: data[field] for field in LICENSE_FIELDS if data.get(field)}
+    return dict(BACKBONE_LICENSES[family])
+
+
+def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
+               library_name: str = "transformers", **metadata):
+    """A `huggingface_hub.ModelCard` for a TimeViper folder: metadata (license, base_model, pipeline_tag,
+    library_name, tags, and any other `ModelCardData` field in `metadata`) plus the architecture table, the usage
+    snippet and `notes`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     text = config.text_config
     counts = {kind: list(config.layer_types).count(kind) for kind in dict.fromkeys(config.layer_types)}
     blocks = ", ".join(f"{count} {kind}" for kind, count in counts.items())
     stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
-    front = ["---", "library_name: transformers", "pipeline_tag: video-text-to-text"]
-    if base_models:
-        front += ["base_model:"] + [f"- {model}" for model in base_models]
     hybrid = text.model_type == "nemotron_h"
-    front += ["tags:", "- timeviper", "- video"] + (["- mamba", "- hybrid"] if hybrid else []) + ["- custom_code", "---", ""]
+    tags = ["timeviper", "video", "video-text-to-text", *(["mamba", "hybrid"] if hybrid else []), "custom_code",
+            *extra_tags]
+    data = ModelCardData(
+        **license_fields, base_model=list(base_models) or None, pipeline_tag="image-text-to-text", library_name=library_name,
+        tags=list(dict.fromkeys(tags)), **metadata,
+    )
     language_model = "a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer"
+    # The range of the code that built `config` (the converters run the remote-code files they write).
+    supported = sys.modules[type(config).__module__].SUPPORTED_TRANSFORMERS
     body = f"""# TimeViper
 
 TimeViper is a video-language model for long videos: SigLIP encodes the frames, each frame is reduced to
@@ -1088,7 +1150,8 @@ them, optionally dropping vision tokens inside the LLM and transferring their co
 
 ## Usage
 
-The model code ships with the checkpoint, so loading needs `trust_remote_code=True`.
+The model code ships with the checkpoint, so loading needs `trust_remote_code=True`; it runs on transformers
+`{supported}` (`pip install "transformers{supported}"`).
 
 ```python
 import torch
@@ -1110,11 +1173,17 @@ output = model.generate(**inputs, max_new_tokens=128)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-## Conversion
+Or `pipeline("image-text-to-text", model=repo, trust_remote_code=True)` with the same messages.
 
-{conversion_note}
+{notes}
 """
-    (folder / "README.md").write_text("\n".join(front) + body)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: Path, config, family: str, llm_folder: Path | None, base_models: list[str],
+                     conversion_note: str) -> None:
+    card = model_card(config, base_models, card_license(family, llm_folder), (), f"## Conversion\n\n{conversion_note}")
+    card.save(folder / "README.md")
 
 
 def guess_base_model(path: Path | None) -> str | None:
@@ -1144,7 +1213,6 @@ def save_hub_folder(
     conversion_note: str,
 ) -> None:
     """Everything but the weights: config.json (with auto_map), remote code, processor/tokenizer, generation config, card."""
-    config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
     for file in REMOTE_CODE_FILES:
@@ -1152,9 +1220,10 @@ def save_hub_folder(
             shutil.copyfile(remote.folder / file, folder / file)
         else:
             raise ConversionError(f"{remote.folder / file} is missing: the output would not load with trust_remote_code")
+    set_pad_token(tokenizer, config.text_config)
     write_processor(folder, tokenizer, config, remote.processing)
     build_generation_config(family, tokenizer, config.text_config, llm_folder).save_pretrained(str(folder))
-    write_model_card(folder, config, base_models, conversion_note)
+    write_model_card(folder, config, family, llm_folder, base_models, conversion_note)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_config, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_config, tiny_model
 
-from timeviper.configuration_timeviper import TimeViperConfig
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
 
@@ -45,8 +44,7 @@ def test_loss_and_gradients_reach_projector_and_llm_not_a_frozen_vision_tower(ba
 @pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
 def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     model = tiny_model(backbone, token_compression="uni_1_0.5-attn_2_0.25").train()
-    with torch.no_grad():
-        model.model.language_model.alpha.fill_(0.3)
+    open_transfer_gates(model, 0.3)
     inputs = batch()
     plain = gradients(model, inputs)
     model.gradient_checkpointing_enable()
@@ -69,10 +67,7 @@ def test_eager_attention_equals_sdpa(backbone):
 
 def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
     model = tiny_model(token_compression="uni_1_0.5-attn_2_0.25")
-    with torch.no_grad():
-        model.model.language_model.alpha.fill_(0.4)
-    TimeViperConfig.register_for_auto_class()
-    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    open_transfer_gates(model, 0.4)
     model.save_pretrained(tmp_path / "ckpt")
     inputs = {k: v for k, v in batch().items() if k != "labels"}
     torch.save(inputs, tmp_path / "inputs.pt")

@@ -21,12 +21,11 @@ Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient
 AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
 the weights, `config.json` with `auto_map`, the processor and the three remote-code files, so they load with
 `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
-instead (plus `non_adapter_trainables.safetensors` for the TransV gate); `--merge-lora-and-save` writes the merged
+instead (each TransV module, gate included, as a PEFT `modules_to_save`); `--merge-lora-and-save` writes the merged
 model to `<output_dir>/merged`. See training/README.md.
 """
 
 import argparse
-import contextlib
 import logging
 import os
 import shutil
@@ -42,20 +41,18 @@ from transformers.trainer_utils import get_last_checkpoint
 import timeviper
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
-from timeviper.processing_timeviper import (
-    TimeViperImageProcessor,
-    TimeViperProcessor,
-    TimeViperVideoProcessor,
-)
+from timeviper.processing_timeviper import TimeViperProcessor
+
+from convert.common import card_license, model_card
 
 from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
 
 REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
-EXTRA_TRAINABLES_FILE = "non_adapter_trainables.safetensors"
-# Mamba-2's A_log, D and dt_bias and TransV's gate are never weight-decayed (besides biases and norms).
-NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", "language_model.alpha")
+# Mamba-2's A_log, D and dt_bias and TransV's gates (`merge_modules.<stage>.alpha`) are never weight-decayed (besides
+# biases and norms).
+NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
 # The language model's Mamba in_proj, attention q/k/v/o and MLP projections (Nemotron-H blocks `layers.i.mixer.*`,
 # Qwen2 layers `layers.i.self_attn.*` / `layers.i.mlp.*`). Never the vision tower (SigLIP has q/k/v_proj too), never
 # Mamba's out_proj/conv1d (ECOSYSTEM.md section 5), never the TransV modules (they are trained fully).
@@ -177,7 +174,7 @@ def build_from_checkpoint(args: TimeViperArguments):
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     processor.tokens_per_frame = config.vision_tokens_per_frame
     missing = loading_info["missing_keys"]
-    missing_transfer = any(".merge_modules." in key or key.endswith("language_model.alpha") for key in missing)
+    missing_transfer = any(".merge_modules." in key for key in missing)
     return model, processor, missing_transfer
 
 
@@ -191,7 +188,7 @@ def init_transfer_modules(model) -> None:
     import deepspeed
 
     text_model = model.model.language_model
-    parameters = [*text_model.merge_modules.parameters(), text_model.alpha]
+    parameters = list(text_model.merge_modules.parameters())
     for layer in text_model.layers:
         if layer.attention is not None:
             parameters += list(layer.attention.parameters())
@@ -230,8 +227,8 @@ def transfer_module_names(model) -> list[str]:
 
 
 def apply_lora(model, args: TimeViperArguments):
-    """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules are trained fully
-    (`modules_to_save`), the TransV gate `alpha` directly (saved beside the adapter)."""
+    """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules (each with its gate
+    `alpha`) are trained fully (`modules_to_save`), so the adapter folder holds every trained tensor."""
     from peft import LoraConfig, get_peft_model
 
     transfer = [name.split("language_model.")[-1] for name in transfer_module_names(model)]  # merge_modules.<i>
@@ -243,11 +240,7 @@ def apply_lora(model, args: TimeViperArguments):
         modules_to_save=["multi_modal_projector", *transfer],
         bias="none",
     )
-    model = get_peft_model(model, lora_config)
-    for name, parameter in model.named_parameters():
-        if name.endswith("language_model.alpha"):
-            parameter.requires_grad_(True)
-    return model
+    return get_peft_model(model, lora_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +250,7 @@ def apply_lora(model, args: TimeViperArguments):
 
 def parameter_group(name: str) -> str:
     """`vision`, `projector`, `llm` or `transfer` for a parameter name (PEFT/FSDP prefixes allowed)."""
-    if ".merge_modules." in name or name.endswith("language_model.alpha"):
+    if ".merge_modules." in name:
         return "transfer"
     if "multi_modal_projector." in name:
         return "projector"
@@ -282,24 +275,31 @@ class TimeViperTrainer(Trainer):
     """`Trainer` whose optimizer has one parameter group per module (and weight-decay class), each with its own
     learning rate. The optimizer class and its other settings still come from `--optim` and friends."""
 
-    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, card_notes: str = "",
+                 base_model_path: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.learning_rates = dict(learning_rates or {})
-        # With LoRA, trainable parameters that the adapter file does not hold (TransV's gate `alpha`).
-        self.extra_trainable_names = extra_trainable_names(self.model) if is_peft_model(self.model) else []
+        self.card_notes, self.base_model_path = card_notes, base_model_path
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save as the Trainer does, plus, with LoRA, `non_adapter_trainables.safetensors`. `state_dict` is the
-        consolidated one under FSDP / ZeRO-3, so the values are complete whatever the engine."""
-        super()._save(output_dir, state_dict=state_dict)
-        if self.extra_trainable_names:
-            from safetensors.torch import save_file
-
-            if state_dict is None:
-                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-            names = [n for n in self.extra_trainable_names if n in state_dict]
-            extras = {n: state_dict[n].detach().cpu().contiguous() for n in names}
-            save_file(extras, os.path.join(output_dir or self.args.output_dir, EXTRA_TRAINABLES_FILE))
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """The output folder's README.md as a `huggingface_hub.ModelCard` (push_to_hub calls this, so the card it
+        uploads is this one). `license`, `tags` and `finetuned_from` override or add to what the base model gives;
+        `language` and `dataset` become card metadata. The title stays TimeViper's (`model_name` is the repo name
+        push_to_hub passes) and the pipeline tag `image-text-to-text` (`tasks`, `dataset_tags` and `dataset_args`
+        describe the Trainer's own evaluation table, which this card does not have)."""
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        lora = is_peft_model(model)
+        base_models = [finetuned_from] if finetuned_from else card_base_models(self.base_model_path)
+        config = model.config
+        license_fields = {"license": license} if license else base_license(config, self.base_model_path)
+        extra_tags = ["fine-tuned", *(["lora"] if lora else []), *([tags] if isinstance(tags, str) else tags or [])]
+        metadata = {key: value for key, value in (("language", language), ("datasets", dataset)) if value}
+        card = model_card(config, base_models, license_fields, extra_tags, self.card_notes,
+                          library_name="peft" if lora else "transformers", **metadata)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -330,14 +330,6 @@ class TimeViperTrainer(Trainer):
         return self.optimizer
 
 
-def copy_remote_code(folder: str | os.PathLike) -> None:
-    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
-    source = Path(timeviper.__file__).resolve().parent
-    os.makedirs(folder, exist_ok=True)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(source / name, Path(folder) / name)
-
-
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -346,27 +338,42 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def extra_trainable_names(model) -> list[str]:
-    """Trainable parameters a PEFT adapter file does not hold (the TransV gate `alpha`)."""
-    return [
-        name
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad and "lora_" not in name and "modules_to_save" not in name
-    ]
+def card_base_models(model_path: str | None) -> list[str]:
+    """Hub ids for the card's `base_model`: `--model` itself when it is a Hub id, the base models its own card lists
+    when it is a local folder (e.g. a converted checkpoint), none for `--tiny`."""
+    from huggingface_hub import ModelCard
+
+    if model_path is None:
+        return []
+    if not os.path.isdir(model_path):
+        return [model_path]
+    readme = Path(model_path) / "README.md"
+    base = ModelCard.load(readme).data.base_model if readme.is_file() else None
+    return [base] if isinstance(base, str) else list(base or [])
 
 
-def load_extra_trainables(model, folder: str | os.PathLike) -> None:
-    from safetensors.torch import load_file
+def base_license(config, model_path: str | None) -> dict:
+    """The license of the base model's card when `--model` is a local folder with one, else the backbone's."""
+    folder = model_path if model_path is not None and os.path.isdir(model_path) else None
+    return card_license(config.text_config.model_type, folder)
 
-    path = os.path.join(folder, EXTRA_TRAINABLES_FILE)
-    if not os.path.isfile(path):
-        return
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(path).items():
-            if name not in parameters:
-                raise ValueError(f"{path} holds {name!r}, which the model does not have")
-            parameters[name].copy_(value)
+
+def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -> str:
+    method = f"LoRA (r={args.lora_r}, alpha={args.lora_alpha}) on the language model" if args.lora else "full fine-tuning"
+    base = "the embedded tiny random-weight model" if args.tiny else f"`{args.model}`"
+    return (
+        f"## Fine-tuning\n\nStage {args.stage} ({method}) of {base} with `python -m training.train`, "
+        f"{training_args.num_train_epochs:g} epoch(s) / max {training_args.max_steps} steps, learning rate "
+        f"{training_args.learning_rate:g}."
+    )
+
+
+def copy_remote_code(folder: str | os.PathLike) -> None:
+    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
+    source = Path(timeviper.__file__).resolve().parent
+    os.makedirs(folder, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(source / name, Path(folder) / name)
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
@@ -380,33 +387,6 @@ class SaveRemoteCodeCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(checkpoint):
             copy_remote_code(checkpoint)
-
-
-AUTO_CLASSES = (TimeViperConfig, TimeViperForConditionalGeneration, TimeViperProcessor, TimeViperVideoProcessor,
-                TimeViperImageProcessor)
-
-
-def register_auto_classes() -> None:
-    """Make save_pretrained write `auto_map` (config.json, processor_config.json) and copy the code files."""
-    TimeViperConfig.register_for_auto_class()
-    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    TimeViperProcessor.register_for_auto_class()  # and the video and image processors
-
-
-@contextlib.contextmanager
-def auto_classes_registered():
-    """`register_auto_classes()` for the duration of the block; the class-level registration is undone afterwards,
-    so programmatic callers (and tests) are left as they were."""
-    before = {cls: cls.__dict__["_auto_class"] for cls in AUTO_CLASSES if "_auto_class" in cls.__dict__}
-    register_auto_classes()
-    try:
-        yield
-    finally:
-        for cls in AUTO_CLASSES:
-            if cls in before:
-                cls._auto_class = before[cls]
-            elif "_auto_class" in cls.__dict__:
-                delattr(cls, "_auto_class")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,8 +441,7 @@ def main(argv=None, callbacks=()) -> Trainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logger.setLevel(logging.WARNING)
-    with auto_classes_registered():
-        return run_training(args, training_args, callbacks)
+    return run_training(args, training_args, callbacks)
 
 
 def parameter_count(parameter: torch.nn.Parameter) -> int:
@@ -503,6 +482,8 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         processing_class=processor,
         callbacks=[SaveRemoteCodeCallback(), *callbacks],
         learning_rates=learning_rates,
+        card_notes=training_notes(args, training_args),
+        base_model_path=args.model,
     )
     if args.merge_lora_and_save and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ValueError(
@@ -510,11 +491,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
             "and merge the saved adapter afterwards (training/README.md, 'Merging LoRA adapters')"
         )
     resume = resolve_resume(training_args)
-    if resume is not None and args.lora:
-        load_extra_trainables(model, resume)
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model()
+    trainer.create_model_card()
     if trainer.is_world_process_zero():
         copy_remote_code(training_args.output_dir)
     if training_args.push_to_hub:
@@ -525,6 +505,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         merged.save_pretrained(merged_dir)
         processor.save_pretrained(merged_dir)
         copy_remote_code(merged_dir)
+        model_card(
+            merged.config, card_base_models(args.model), base_license(merged.config, args.model),
+            ["fine-tuned", "lora-merged"], trainer.card_notes,
+        ).save(os.path.join(merged_dir, "README.md"))
         logger.info("merged model saved to %s", merged_dir)
     return trainer
 
