@@ -3,7 +3,7 @@ backbones, chunk boundaries anywhere, left-padded batches."""
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 
 from timeviper.modeling_timeviper import TimeViperHybridCache, TimeViperTextModel
 
@@ -19,9 +19,7 @@ def make_model(backbone, schedule):
     if backbone == "qwen2" and schedule == "attn_2_0.3-uni_6_0.1":
         schedule = "attn_2_0.3-uni_3_0.1"  # the tiny Qwen2 has 4 layers
     model = tiny_model(backbone, seed=1, token_compression=schedule)
-    with torch.no_grad():
-        if model.model.language_model.transfer_slot:
-            model.model.language_model.alpha.fill_(0.8)  # TransV changes the text tokens
+    open_transfer_gates(model, 0.8)  # TransV changes the text tokens
     return model
 
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from tiny_assets import write_test_video
-from tiny_models import tiny_model
+from tiny_models import open_transfer_gates, tiny_model
 
 from inference.tiny_default import build_tiny_default
 from timeviper.processing_timeviper import TimeViperVideoProcessor, VideoStream, streaming_chat_inputs
@@ -66,9 +66,7 @@ def test_streamed_answer_equals_the_processor_path(video, schedule):
     """File -> streamed frames -> features -> chunked prefill -> greedy answer, against the processor's pixels and
     an unchunked prefill, for a left-padded batch of two questions about the video."""
     model, processor = build_tiny_default(token_compression=schedule)
-    if model.model.language_model.transfer_slot:
-        with torch.no_grad():
-            model.model.language_model.alpha.fill_(0.8)
+    open_transfer_gates(model, 0.8)
     conversations = [
         [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "what happens?"}]}],
         [{"role": "user", "content": [{"type": "video", "path": video, "num_frames": 5},
