@@ -7,8 +7,10 @@ It loads a folder written by the package (tests/compat/write_folder.py) the way 
    sequence before it (one sample, and a left-padded batch of two with different frame counts);
 3. save_pretrained -> Auto reload gives the same logits and keeps the Auto classes;
 4. pipeline("image-text-to-text") with video messages, alone and with batch_size=2, gives the same answers as
-   generate() on each sample.
-All four on FOLDER (Nemotron-H backbone); 1 and 2 also on FOLDER-qwen2 (the Qwen2 backbone).
+   generate() on each sample;
+5. the long-video path (the processor file's `streaming_chat_inputs`, `encode_video`, then
+   `generate(video_features=..., prefill_chunk_size=N)`, as `./timeviper.sh ask` runs it) gives the batch's tokens.
+All five on FOLDER (Nemotron-H backbone); 1, 2 and 5 also on FOLDER-qwen2 (the Qwen2 backbone).
 
 Usage: python check_remote_code.py FOLDER   (prints one line per check; any failure raises)
 """
@@ -134,6 +136,24 @@ def check_pipeline(folder: Path, conversations, expected_answers: list[str]) -> 
     print(f"  ok  pipeline('image-text-to-text'), one input and batch_size=2: {answers}")
 
 
+@torch.no_grad()
+def check_streaming(processor, model, conversations, expected_tokens: torch.Tensor, label: str) -> None:
+    """Frames streamed from the files and encoded chunk by chunk, the prompt prefilled 5 tokens at a time (chunk
+    boundaries inside frames, the prompt and at compression stages): the same greedy tokens as generate() on the
+    processor's pixels."""
+    processing = sys.modules[type(processor).__module__]
+    inputs, streams = processing.streaming_chat_inputs(
+        processor, conversations, chunk_frames=3, fps=2.0, padding=True, padding_side="left"
+    )
+    features = torch.cat([model.encode_video(s.pixel_chunks(model.device, model.dtype), num_frames=s.num_frames)
+                          for s in streams])
+    output = model.generate(**inputs, video_features=features, prefill_chunk_size=5, max_new_tokens=NEW_TOKENS,
+                            do_sample=False)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(new_tokens, expected_tokens), f"{label}: streamed {new_tokens.tolist()}, expected {expected_tokens.tolist()}"
+    print(f"  ok  {label}: streamed frames + chunked prefill give the processor path's tokens")
+
+
 def check_generation(folder: Path, label: str):
     """Checks 1 and 2 on one folder. Returns the model, the single sample's inputs, the conversations and the batch's
     answers."""
@@ -151,6 +171,7 @@ def check_generation(folder: Path, label: str):
     batch_tokens = check_greedy_equals_recompute(
         model, batch, f"{label}, left-padded batch with {frame_counts.tolist()} frames"
     )
+    check_streaming(processor, model, conversations, batch_tokens, f"{label}, streaming")
     answers = [processor.decode(tokens, skip_special_tokens=True) for tokens in batch_tokens]
     return model, single, conversations, answers
 
