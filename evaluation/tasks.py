@@ -175,6 +175,7 @@ _ANSWER_PHRASE = re.compile(
 _BRACKETED_LETTER = re.compile(r"[(\[]([A-Z])[)\]]")
 # A lone capital letter anywhere; "A" and "I" followed by a lower-case word are English words, not answers.
 _LONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
+_LOWER_CASE_WORD = re.compile(r"\s+[a-z]")
 
 
 def _normalise_text(text: str) -> str:
@@ -239,7 +240,7 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
 
     for m in _LONE_CAPITAL.finditer(stripped):
         letter = m.group(1)
-        if letter in ("A", "I") and re.match(r"\s+[a-z]", stripped[m.end() :]):
+        if letter in ("A", "I") and _LOWER_CASE_WORD.match(stripped, m.end()):
             continue
         if letter in letters:
             return letter
@@ -247,10 +248,12 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
 
 
 _TIME = r"\d+(?::\d{1,2}){0,2}(?:\.\d+)?"
+# A pair starts only where a number starts (not after a digit, `.` or `:`): each run of digits is then tried from one
+# position, which keeps the search linear in the output length. Without it a 32k-digit output took 77 s.
 _SECONDS_PAIR = re.compile(
-    rf"({_TIME})(?:\s*(?:seconds?|secs?|s)\b)?\s*(?:to|and|-|–|—|~)\s*({_TIME})", flags=re.IGNORECASE
+    rf"(?<![\d.:])({_TIME})(?:\s*(?:seconds?|secs?|s)\b)?\s*(?:to|and|-|–|—|~)\s*({_TIME})", flags=re.IGNORECASE
 )
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", flags=re.IGNORECASE | re.DOTALL)
+_ANSWER_TAG = re.compile(r"<(/?)answer>", flags=re.IGNORECASE)
 
 
 def _to_seconds(token: str) -> float:
@@ -259,6 +262,19 @@ def _to_seconds(token: str) -> float:
     for part in token.split(":"):
         seconds = seconds * 60 + float(part)
     return seconds
+
+
+def _answer_blocks(text: str) -> list[str]:
+    """The contents of ``<answer>...</answer>`` blocks (each from an opening tag to the next closing tag), found in one
+    pass over the tags: a lazy ``<answer>(.*?)</answer>`` regex rescans the rest of the text from every unclosed tag."""
+    blocks, start = [], None
+    for tag in _ANSWER_TAG.finditer(text):
+        if start is None and not tag.group(1):
+            start = tag.end()
+        elif start is not None and tag.group(1):
+            blocks.append(text[start : tag.start()])
+            start = None
+    return blocks
 
 
 def parse_timestamps(text: str) -> tuple[float, float] | None:
@@ -270,7 +286,7 @@ def parse_timestamps(text: str) -> tuple[float, float] | None:
     """
     if not isinstance(text, str):
         return None
-    blocks = _ANSWER_BLOCK.findall(text)
+    blocks = _answer_blocks(text)
     for source in ([blocks[-1]] if blocks else []) + [text]:
         matches = _SECONDS_PAIR.findall(source)
         if matches:
