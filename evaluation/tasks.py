@@ -16,14 +16,16 @@ metrics; all metrics are percentages in [0, 100].
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 TASKS = ("mcq", "grounding")
 
@@ -313,6 +315,18 @@ def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
 # Annotations
 
 
+def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
+    """``(line number, text, problem)`` for each line of a UTF-8 text file. The file is read as bytes and decoded line
+    by line, so a line that is not valid UTF-8 comes back as a problem that its caller reports with the line number
+    (text None) instead of one `UnicodeDecodeError` for the whole file."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+
+
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
     """The ground-truth letter from ``"B"``, ``"(B)"``, ``"b"``, ``"B. text"``, an int index or an option's text."""
     letters = option_letters(len(options))
@@ -427,27 +441,29 @@ def load_annotations(
     records: list[dict] = []
     errors: list[str] = []
     first_line_of: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            record, problems = validate_record(task, raw, root)
-            if record is not None:
-                if record["id"] in first_line_of:
-                    problems.append(f"duplicate id {record['id']!r} (first seen on line {first_line_of[record['id']]})")
-                else:
-                    first_line_of[record["id"]] = line_no
-                if check_videos and not os.path.isfile(record["video"]):
-                    problems.append(f"video file {record['video']} does not exist")
-            errors.extend(f"{path}:{line_no}: {problem}" for problem in problems)
-            if not problems:
-                record["source_line"] = line_no
-                records.append(record)
+    for line_no, line, undecodable in read_text_lines(path):
+        if undecodable:
+            errors.append(f"{path}:{line_no}: {undecodable}")
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        record, problems = validate_record(task, raw, root)
+        if record is not None:
+            if record["id"] in first_line_of:
+                problems.append(f"duplicate id {record['id']!r} (first seen on line {first_line_of[record['id']]})")
+            else:
+                first_line_of[record["id"]] = line_no
+            if check_videos and not os.path.isfile(record["video"]):
+                problems.append(f"video file {record['video']} does not exist")
+        errors.extend(f"{path}:{line_no}: {problem}" for problem in problems)
+        if not problems:
+            record["source_line"] = line_no
+            records.append(record)
     if errors:
         shown = errors[:50]
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
@@ -760,17 +776,34 @@ def score_output_dir(
         }
     metrics = {"name": name, **compute_metrics(task, predictions), **coverage, **info}
 
-    merged_path = output_dir / f"{name}.merged.jsonl"
-    tmp = merged_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in predictions:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, merged_path)
-
-    metrics_path = output_dir / "metrics.json"
-    all_metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    all_metrics[name] = metrics
-    tmp = metrics_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(all_metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, metrics_path)
+    merged = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in predictions)
+    write_atomically(output_dir / f"{name}.merged.jsonl", merged)
+    update_metrics_file(output_dir, name, metrics)
     return metrics
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file of its own next to ``path`` and rename it into place: a reader (or a crash)
+    never sees half a file, and concurrent writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's owner-only ones
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def update_metrics_file(output_dir: Path, name: str, metrics: dict) -> None:
+    """Set ``metrics.json[name]``. The read-modify-write holds an exclusive lock on ``metrics.json.lock``, so
+    concurrent ``score`` runs of other names into the same folder each keep their entry."""
+    path = output_dir / "metrics.json"
+    with open(output_dir / "metrics.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        all_metrics = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        all_metrics[name] = metrics
+        write_atomically(path, json.dumps(all_metrics, indent=2, ensure_ascii=False) + "\n")

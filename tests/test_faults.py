@@ -36,3 +36,53 @@ def test_grounding_parser_is_linear_in_the_output_length():
         assert time.perf_counter() - started < 1.0, text[:20]
     assert parse_timestamps("<answer>x</answer> 1 to 2 <ANSWER>at 3.5 - 7 s</answer>") == (3.5, 7.0)
     assert parse_timestamps("from 0:05 to 1:02:03.5 seconds") == (5.0, 3723.5)
+
+
+def test_concurrent_score_runs_into_one_folder_keep_every_metrics_entry(tmp_path, monkeypatch):
+    """The first run is held between reading and writing metrics.json while a second run scores another name: with
+    the lock the second waits and adds its entry to the first's; without it one of the two entries was lost."""
+    import json
+    import threading
+    import types
+
+    from evaluation import tasks
+
+    for name in ("a", "b"):
+        line = {"id": "1", "task": "mcq", "options": ["x", "y"], "answer": "A", "prediction": "A"}
+        (tmp_path / f"{name}.shard0of1.jsonl").write_text(json.dumps(line) + "\n")
+    first_has_read, second_done = threading.Event(), threading.Event()
+
+    def dumps(value, **kwargs):
+        if threading.current_thread().name == "first" and isinstance(value, dict) and "a" in value:
+            first_has_read.set()
+            second_done.wait(timeout=1.0)
+        return json.dumps(value, **kwargs)
+
+    monkeypatch.setattr(tasks, "json", types.SimpleNamespace(loads=json.loads, dumps=dumps))
+    first = threading.Thread(target=tasks.score_output_dir, args=(tmp_path, "a", "mcq"), name="first")
+    first.start()
+    assert first_has_read.wait(timeout=30)
+    second = threading.Thread(target=lambda: (tasks.score_output_dir(tmp_path, "b", "mcq"), second_done.set()))
+    second.start()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert sorted(json.loads((tmp_path / "metrics.json").read_text())) == ["a", "b"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_invalid_utf8_is_reported_with_file_and_line(tmp_path):
+    import json
+
+    from evaluation.tasks import AnnotationError, load_annotations
+    from training.data import DataFormatError, load_samples
+
+    good = {"id": "1", "video": "v.mp4", "question": "q", "options": ["x", "y"], "answer": "A"}
+    path = tmp_path / "bench.jsonl"
+    path.write_bytes(json.dumps(good).encode() + b'\n{"id": "2", "question": "caf\xe9"}\n')
+    with pytest.raises(AnnotationError, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9"):
+        load_annotations(path, "mcq", check_videos=False)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps({"conversations": turns}).encode() + b"\n\n" + b'{"id": "\xff"}\n')
+    with pytest.raises(DataFormatError, match=rf"{path}:3: not valid UTF-8 \(byte 0xff"):
+        load_samples(path)

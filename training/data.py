@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluation.tasks import build_grounding_prompt, format_seconds
+from evaluation.tasks import build_grounding_prompt, format_seconds, read_text_lines
 
 IGNORE_INDEX = -100
 VIDEO_PLACEHOLDER = "<video>"
@@ -305,21 +305,23 @@ def load_samples(
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataFormatError(f"training data file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                source = f"{path}:{line_number}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
-                    continue
-                sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
-                where = f"{source} (id {sample_id!r})" if sample_id is not None else source
-                problems += [f"{where}: {problem}" for problem in sample_problems]
-                if sample is not None:
-                    samples.append(sample)
+        for line_number, line, undecodable in read_text_lines(path):
+            source = f"{path}:{line_number}"
+            if undecodable:
+                problems.append(f"{source}: {undecodable}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
+            where = f"{source} (id {sample_id!r})" if sample_id is not None else source
+            problems += [f"{where}: {problem}" for problem in sample_problems]
+            if sample is not None:
+                samples.append(sample)
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
