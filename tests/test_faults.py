@@ -86,3 +86,46 @@ def test_invalid_utf8_is_reported_with_file_and_line(tmp_path):
     path.write_bytes(json.dumps({"conversations": turns}).encode() + b"\n\n" + b'{"id": "\xff"}\n')
     with pytest.raises(DataFormatError, match=rf"{path}:3: not valid UTF-8 \(byte 0xff"):
         load_samples(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: the source model and checkpoints
+
+
+@pytest.mark.parametrize("inside", ["", "run"])
+def test_training_refuses_an_output_dir_that_is_or_is_inside_the_model(tmp_path, capsys, inside):
+    from training import train
+
+    model = tmp_path / "model"
+    model.mkdir()
+    output = model / inside if inside else model
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", str(model), "--data", "x.jsonl", "--output_dir", str(output)])
+    assert "the --model folder" in capsys.readouterr().err
+    args, _ = train.parse_args(["--model", str(model), "--data", "x.jsonl", "--output_dir", str(tmp_path / "out")])
+    assert args.model == str(model)
+
+
+def test_resume_skips_half_written_checkpoints_and_names_them(tmp_path, caplog):
+    """A kill during a checkpoint save leaves a folder without trainer_state.json (the Trainer writes it last) or with
+    a cut-short one; `latest` must resume from the newest complete checkpoint and say which it skipped."""
+    from transformers import TrainingArguments
+
+    from training import train
+
+    for step, state in ((2, '{"global_step": 2}'), (4, None), (6, '{"global_st'), (10, '{"global_step": 10}')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest", report_to="none")
+    with caplog.at_level("WARNING", logger="timeviper.training"):
+        assert train.resolve_resume(args) == str(tmp_path / "checkpoint-2")
+    warning = caplog.text
+    assert "checkpoint-10 (it has no trainer_state.json" in warning and "checkpoint-6 (its trainer_state.json is cut" in warning
+    assert "checkpoint-4" in warning
+    explicit = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    with pytest.raises(FileNotFoundError, match="checkpoint-6: its trainer_state.json is cut short"):
+        train.resolve_resume(explicit)

@@ -27,8 +27,10 @@ model to `<output_dir>/merged`. See training/README.md.
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import timeviper
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
@@ -437,21 +440,74 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--merge-lora-and-save needs --lora")
     if args.token_compression not in (None, "", "none"):
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
+    overlap = output_overlaps_model(args.model, training_args.output_dir)
+    if overlap:
+        parser.error(overlap)
     return args, training_args
 
 
+def output_overlaps_model(model: str | None, output_dir: str) -> str | None:
+    """Why `--output_dir` may not be used with the local `--model` folder, or None. Saving into the source folder (or a
+    folder inside it) rewrites the only copy of the weights in place, so a kill during that save leaves nothing
+    loadable."""
+    if model is None or not os.path.isdir(model):
+        return None
+    source, output = Path(model).resolve(), Path(output_dir).resolve()
+    if output == source or source in output.parents:
+        return (
+            f"--output_dir {output_dir} is {'' if output == source else 'inside '}the --model folder {model}: the saves "
+            "would overwrite the model being trained from; choose another output folder"
+        )
+    return None
+
+
+def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when its save finished. The Trainer writes
+    `trainer_state.json` last (after the weights, optimizer, scheduler and RNG states), so a save cut short by a kill
+    lacks it or holds it half-written."""
+    state = Path(folder) / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE_NAME} (its save was cut short)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"its {TRAINER_STATE_NAME} is cut short"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-N` of `output_dir` whose save finished; newer, half-written ones are skipped (and named
+    in a warning), not deleted."""
+    found = [name for name in os.listdir(output_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)]
+    found = [os.path.join(output_dir, name) for name in found if os.path.isdir(os.path.join(output_dir, name))]
+    skipped = []
+    for folder in sorted(found, key=lambda path: int(path.rpartition("-")[2]), reverse=True):
+        problem = incomplete_checkpoint(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s; skipped the incomplete newer %s", folder, "; ".join(skipped))
+            return folder
+        skipped.append(f"{folder} ({problem})")
+    if skipped:
+        raise FileNotFoundError(f"no complete checkpoint in {output_dir} to resume from: " + "; ".join(skipped))
+    raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {output_dir} to resume from")
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` as given, or the newest checkpoint of the output folder for `latest`/`true`."""
+    """`--resume_from_checkpoint` as given, or the newest complete checkpoint of the output folder for
+    `latest`/`true`."""
     value = training_args.resume_from_checkpoint
     if value is None or value.lower() in ("", "false", "no"):
         return None
     if value.lower() in ("latest", "last", "true", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"no checkpoint-* folder in {training_args.output_dir} to resume from")
-        return last
+        if not os.path.isdir(training_args.output_dir):
+            raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {training_args.output_dir} to resume from")
+        return newest_complete_checkpoint(training_args.output_dir)
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    problem = incomplete_checkpoint(value)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {problem}; resume from an earlier checkpoint")
     return value
 
 
