@@ -1,12 +1,16 @@
 """Faults and bad input (issue 18): nothing is lost, and nothing runs silently wrong. Each test fails without its fix."""
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import VIDEO_TOKEN_ID, tiny_model
 
 from evaluation.tasks import parse_timestamps
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Non-finite pixel values
@@ -129,3 +133,68 @@ def test_resume_skips_half_written_checkpoints_and_names_them(tmp_path, caplog):
     explicit = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     with pytest.raises(FileNotFoundError, match="checkpoint-6: its trainer_state.json is cut short"):
         train.resolve_resume(explicit)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timeviper.sh
+
+
+def environment_stamp() -> str:
+    """What timeviper.sh writes into the environment once it has installed this checkout."""
+    import hashlib
+
+    return hashlib.sha1(b"".join((REPO / name).read_bytes() for name in ("setup.cfg", "pyproject.toml", "timeviper.sh"))).hexdigest()
+
+
+def test_timeviper_sh_keeps_the_callers_directory_for_relative_paths(tmp_path):
+    """`./timeviper.sh ask --video clip.mp4` from the clip's folder found no clip: the script changed directory."""
+    import subprocess
+    import sys
+
+    from inference.tiny_default import write_sample_video
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".timeviper-installed").write_text(environment_stamp() + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_sample_video(work / "clip.mp4", seconds=2)
+    result = subprocess.run(
+        [str(REPO / "timeviper.sh"), "ask", "--video", "clip.mp4", "--max-new-tokens", "2"], cwd=work,
+        env={**os.environ, "TIMEVIPER_VENV": "../venv"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[video] 2 frames sampled" in result.stdout
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python3 and the environment's python: logs each call, takes a while, and makes a venv on `-m venv`.
+echo "start $*" >> "$FAKE_LOG"
+sleep 0.3
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+echo "end $*" >> "$FAKE_LOG"
+"""
+
+
+def test_two_first_runs_of_timeviper_sh_install_once(tmp_path):
+    """Two first runs at once both installed into the same .venv; with the lock the second waits and installs nothing."""
+    import subprocess
+
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "TIMEVIPER_VENV": str(tmp_path / "venv"), "PYTHON": str(fake), "FAKE_LOG": str(log)}
+    runs = [
+        subprocess.Popen([str(REPO / "timeviper.sh"), "python", "-c", f"run {i}"], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    assert all(run.wait(timeout=120) == 0 for run in runs), [run.stderr.read() for run in runs]
+    calls = log.read_text().splitlines()
+    assert sum(line == f"start -m venv {tmp_path / 'venv'}" for line in calls) == 1, calls
+    install = [line for line in calls if "run " not in line]
+    # the steps of one install, one after another: each start is followed by its own end
+    assert all(start == "start " + end.removeprefix("end ") for start, end in zip(install[::2], install[1::2])), calls
+    assert {line for line in calls if "run " in line} == {f"{edge} -c run {i}" for edge in ("start", "end") for i in range(2)}
