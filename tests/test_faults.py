@@ -198,3 +198,128 @@ def test_two_first_runs_of_timeviper_sh_install_once(tmp_path):
     # the steps of one install, one after another: each start is followed by its own end
     assert all(start == "start " + end.removeprefix("end ") for start, end in zip(install[::2], install[1::2])), calls
     assert {line for line in calls if "run " in line} == {f"{edge} -c run {i}" for edge in ("start", "end") for i in range(2)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversion: --force, kills, damaged sources
+
+
+def converted_folder(path: Path, text: str = "old") -> Path:
+    """A previous output of the converter (it carries the marker)."""
+    from convert import common
+
+    with common.atomic_output_dir(path) as folder:
+        (folder / "config.json").write_text(text)
+    return path
+
+
+def test_force_replaces_only_a_previous_output_of_the_converter(tmp_path, monkeypatch):
+    from convert import common
+    from convert.common import ConversionError
+
+    work = converted_folder(tmp_path / "work")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(converted_folder(tmp_path / "home")))
+    for output, reason in (
+        (Path("."), "it is the current directory"),
+        (tmp_path, "it holds the current directory"),
+        (Path.home(), "it is the home folder"),
+    ):
+        with pytest.raises(ConversionError, match=reason):
+            common.check_output_available(output, force=True)
+    checkout = converted_folder(tmp_path / "checkout")
+    (checkout / ".git").mkdir()
+    with pytest.raises(ConversionError, match="it is a git checkout"):
+        common.check_output_available(checkout, force=True)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ConversionError, match=f"it has no {common.OUTPUT_MARKER}"):
+        common.check_output_available(foreign, force=True)
+    converted = converted_folder(tmp_path / "converted")
+    (converted / "sub").mkdir()
+    (converted / "sub" / "added.txt").write_text("mine")
+    with pytest.raises(ConversionError, match=r"files the converter did not write: \['sub/added.txt'\]"):
+        common.check_output_available(converted, force=True)
+    (converted / "sub" / "added.txt").unlink()
+    common.check_output_available(converted, force=True)
+    assert (foreign / "notes.txt").read_text() == "keep me" and (checkout / ".git").is_dir()
+
+
+KILLED_SWAP = """
+import os, sys
+from pathlib import Path
+from convert import common
+
+renames = []
+def rename(source, target):
+    renames.append(source)
+    if len(renames) == 2:
+        os._exit(9)  # killed after the old copy moved aside, before the new one moved in
+    os.replace(source, target)
+
+common.os.rename = rename
+with common.atomic_output_dir(Path(sys.argv[1]), force=True) as folder:
+    (folder / "config.json").write_text("new")
+"""
+
+
+def test_a_kill_during_the_force_swap_loses_nothing_and_the_next_run_recovers(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from convert import common
+
+    output = converted_folder(tmp_path / "out")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SWAP, str(output)], cwd=REPO, capture_output=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    assert not output.exists()
+    assert [path.name.split("-")[0] for path in sorted(tmp_path.glob(".out.*-*"))] == [".out.partial", ".out.replaced"]
+    with caplog.at_level("WARNING", logger="timeviper.convert"):
+        with pytest.raises(common.ConversionError, match="already exists; pass --force"):
+            common.check_output_available(output, force=False)
+    assert (output / "config.json").read_text() == "old"
+    assert "restored" in caplog.text and "deleting" in caplog.text and ".out.partial-" in caplog.text
+    assert not list(tmp_path.glob(".out.*-*"))
+    with common.atomic_output_dir(output, force=True) as folder:
+        (folder / "config.json").write_text("new")
+    assert (output / "config.json").read_text() == "new" and not list(tmp_path.glob(".out.*-*"))
+
+
+@pytest.mark.parametrize("dtype, value, cause", [
+    (torch.float32, float("nan"), "in the source"),
+    (torch.bfloat16, float("-inf"), "in the source"),
+    (torch.float16, 1e6, "from the cast to float16"),
+])
+def test_non_finite_weights_stop_the_conversion_naming_the_tensor(tmp_path, dtype, value, cause):
+    from convert import common
+    from convert.common import ConversionError, ConversionPlan
+
+    bad = torch.ones(8, 8)
+    bad[2, 3] = value
+    plan = ConversionPlan()
+    plan.add("model.a.weight", (8, 8), lambda: torch.ones(8, 8), ["src:a"])
+    plan.add("model.b.weight", (8, 8), lambda: bad, ["src:b"])
+    with pytest.raises(ConversionError, match=rf"model.b.weight: 1 of 64 values are NaN or Inf {cause}.*src:b"):
+        common.write_safetensors_shards(plan, tmp_path, dtype, 10**9, progress=False)
+
+
+def test_truncated_or_corrupt_checkpoint_files_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from convert.common import ConversionError, open_tensor_source
+
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    save_file({"a": torch.ones(64, 64)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.ones(64, 64)}, folder / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match="model-00002-of-00002.safetensors is not a readable safetensors file"):
+        open_tensor_source(folder)
+    torch.save({"a": torch.ones(64, 64)}, tmp_path / "ckpt.bin")
+    (tmp_path / "ckpt.bin").write_bytes((tmp_path / "ckpt.bin").read_bytes()[:300])
+    with pytest.raises(ConversionError, match="ckpt.bin is not a readable checkpoint"):
+        open_tensor_source(tmp_path / "ckpt.bin")
