@@ -20,6 +20,8 @@ import json
 import sys
 import time
 
+from inference.checkpoint import CheckpointError, load_checkpoint
+
 from .tasks import (
     SAMPLING_RULES,
     TASKS,
@@ -54,11 +56,11 @@ def build_model_answer_fn(
     ``processor_kwargs`` (``apply_chat_template`` keeps only the path of a video content block).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+    model = load_checkpoint(model_path, torch_dtype)
     model.to(device).eval()
     model_dtype = next(model.parameters()).dtype
     answer_prompt_ids: dict[str, torch.Tensor] = {}
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> in
             score(args)
         else:
             run(args, answer_fn)
-    except (AnnotationError, PredictionFileError, FileNotFoundError) as e:
+    except (AnnotationError, PredictionFileError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -323,3 +323,108 @@ def test_truncated_or_corrupt_checkpoint_files_are_named(tmp_path):
     (tmp_path / "ckpt.bin").write_bytes((tmp_path / "ckpt.bin").read_bytes()[:300])
     with pytest.raises(ConversionError, match="ckpt.bin is not a readable checkpoint"):
         open_tensor_source(tmp_path / "ckpt.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inference and evaluation: checkpoints that do not hold the model's weights
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory):
+    """The tiny default model saved in six shards, with its processor and remote code."""
+    from inference.tiny_default import build_tiny_default
+    from timeviper.configuration_timeviper import TimeViperConfig
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+    from timeviper.processing_timeviper import TimeViperProcessor
+
+    folder = tmp_path_factory.mktemp("sharded")
+    model, processor = build_tiny_default(token_compression="uni_1_0.5-attn_2_0.25")
+    TimeViperConfig.register_for_auto_class()
+    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    TimeViperProcessor.register_for_auto_class()
+    model.save_pretrained(folder, max_shard_size="100KB")
+    processor.save_pretrained(folder)
+    return folder
+
+
+def edited_copy(source: Path, target: Path, edit) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    edit(index["weight_map"])
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    return target
+
+
+def drop_shard(weight_map):
+    for key in [key for key, shard in weight_map.items() if shard == "model-00003-of-00006.safetensors"]:
+        del weight_map[key]
+
+
+def redirect_shard(weight_map):
+    for key in [key for key, shard in weight_map.items() if shard == "model-00003-of-00006.safetensors"]:
+        weight_map[key] = "model-00004-of-00006.safetensors"
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (drop_shard, "model-00003-of-00006.safetensors is in the folder, but the index assigns no tensor to it"),
+    (redirect_shard, r"model-00004-of-00006.safetensors does not hold model\.language_model\.layers\."),
+])
+def test_ask_and_evaluation_refuse_an_index_that_drops_or_redirects_a_shard(sharded_checkpoint, tmp_path, edit, problem):
+    """transformers only warned and filled the shard's tensors with random values; the model generated noise."""
+    import json
+    import subprocess
+    import sys
+
+    from inference.checkpoint import CheckpointError, load_checkpoint
+
+    folder = edited_copy(sharded_checkpoint, tmp_path / "ckpt", edit)
+    with pytest.raises(CheckpointError, match=problem):
+        load_checkpoint(str(folder), torch.float32)
+    ask = subprocess.run(
+        [sys.executable, "-m", "inference.ask", "--model", str(folder), "--max-new-tokens", "1"], cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert ask.returncode != 0 and "does not match the shards" in ask.stderr and "model-00003" in ask.stderr
+    from evaluation import run_eval
+
+    (tmp_path / "a.mp4").write_bytes(b"")
+    item = {"id": "q", "video": "a.mp4", "question": "?", "options": ["x", "y"], "answer": "A"}
+    (tmp_path / "mcq.jsonl").write_text(json.dumps(item) + "\n")
+    code = run_eval.main(["--model", str(folder), "--task", "mcq", "--annotations", str(tmp_path / "mcq.jsonl"),
+                          "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"])
+    assert code == 2 and not (tmp_path / "out" / "mcq.shard0of1.jsonl").exists()
+
+
+def test_checkpoint_missing_tensors_are_named_after_loading(sharded_checkpoint, tmp_path):
+    """An index and shards that agree but lack tensors (here: a whole shard and its index entries removed)."""
+    from inference.checkpoint import CheckpointError, load_checkpoint
+
+    folder = edited_copy(sharded_checkpoint, tmp_path / "ckpt", drop_shard)
+    (folder / "model-00003-of-00006.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(they would be random\): model\.language_model"):
+        load_checkpoint(str(folder), torch.float32)
+
+
+
+def test_transv_stages_added_by_an_override_load_with_a_closed_gate(tmp_path):
+    """`ask --token-compression` on a checkpoint without TransV: its modules are missing but their gate is 0, so they
+    only drop tokens; that is no error. A missing module whose gate is open would be."""
+    from inference.checkpoint import CheckpointError, check_loading_info, load_checkpoint
+    from inference.tiny_default import build_tiny_default
+    from timeviper.configuration_timeviper import TimeViperConfig
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+    model, _ = build_tiny_default(token_compression=None)
+    TimeViperConfig.register_for_auto_class()
+    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    model.save_pretrained(tmp_path)
+    loaded = load_checkpoint(str(tmp_path), torch.float32, token_compression="uni_1_0.5")
+    assert float(loaded.model.language_model.alpha.abs().sum()) == 0.0
+    with torch.no_grad():
+        loaded.model.language_model.alpha.fill_(0.5)
+    info = {"missing_keys": {"model.language_model.merge_modules.0.q_proj.weight"}, "mismatched_keys": set(), "error_msgs": []}
+    with pytest.raises(CheckpointError, match="merge_modules.0.q_proj.weight"):
+        check_loading_info(loaded, info, str(tmp_path))
