@@ -428,3 +428,59 @@ def test_transv_stages_added_by_an_override_load_with_a_closed_gate(tmp_path):
     info = {"missing_keys": {"model.language_model.merge_modules.0.q_proj.weight"}, "mismatched_keys": set(), "error_msgs": []}
     with pytest.raises(CheckpointError, match="merge_modules.0.q_proj.weight"):
         check_loading_info(loaded, info, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data: bad samples are found before step 1
+
+
+@pytest.fixture
+def mixed_data(tmp_path):
+    """Five samples: lines 1 and 5 good, 2 a zero-frame video, 3 a text file named .mp4, 4 too long for max_length=200."""
+    import json
+
+    from tiny_assets import write_empty_video, write_test_video
+
+    write_test_video(tmp_path / "good.mp4", num_frames=24, fps=12, size=(32, 32))
+    write_empty_video(tmp_path / "empty.mp4")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    lines = []
+    for video, answer in (("good.mp4", "Red."), ("empty.mp4", "x"), ("notes.mp4", "x"), ("good.mp4", "long " * 200),
+                          ("good.mp4", "Blue.")):
+        turns = [{"role": "user", "content": "What is shown?"}, {"role": "assistant", "content": answer}]
+        lines.append(json.dumps({"video": video, "conversations": turns}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_preflight_reports_every_bad_sample_with_its_line_before_training(mixed_data):
+    """They crashed training at their step; now one error lists them before step 1 (or, tolerant, they are dropped)."""
+    from inference.tiny_default import build_tiny_default
+    from training import train
+    from training.data import DataFormatError, TimeViperSFTDataset
+
+    data = str(mixed_data / "train.jsonl")
+    steps = []
+
+    class CountSteps(__import__("transformers").TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            steps.append(1)
+
+    argv = ["--tiny", "--data", data, "--video-root", str(mixed_data), "--output_dir", str(mixed_data / "out"),
+            "--max_length", "200", "--fps", "2", "--max_frames", "4", "--max_steps", "1", "--report_to", "none",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+    with pytest.raises(DataFormatError) as error:
+        train.main(argv, callbacks=[CountSteps()])
+    message = str(error.value)
+    assert message.startswith("3 sample(s) cannot be trained on") and not steps
+    assert f"{data}:2: ValueError: Video '{mixed_data / 'empty.mp4'}'" in message  # the decoder's own words
+    assert f"{data}:3: ValueError: Could not open video" in message
+    assert f"{data}:4: " in message and "exceed max_length=200" in message
+    train.main([*argv, "--skip_bad_samples", "true"], callbacks=[CountSteps()])
+    assert steps == [1]
+
+    _, processor = build_tiny_default()
+    dataset = TimeViperSFTDataset(data, processor, video_root=mixed_data, fps=2, max_frames=4)
+    assert len(dataset.preflight(skip_bad_samples=True)) == 2 and len(dataset) == 3
+    for index, sample in enumerate(dataset.samples):  # the measured length is the length training sees
+        assert dataset.measure(sample, *dataset.probe_media(sample)) == len(dataset[index]["input_ids"])

@@ -137,6 +137,17 @@ class TimeViperArguments:
     check_media_files: bool = field(
         default=True, metadata={"help": "Check that every media file exists while validating the data."}
     )
+    preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "Before step 1, open every video (decoding one frame) and image and measure every sample against "
+            "--max_length, so that a bad sample stops the run before training instead of at its step."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop the samples the preflight rejects (each is logged) instead of stopping."},
+    )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
 
 
@@ -549,6 +560,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         max_length=args.max_length,
         check_files=args.check_media_files,
     )
+    if args.preflight:
+        skipped = dataset.preflight(skip_bad_samples=args.skip_bad_samples)
+        for problem in skipped:
+            logger.warning("skipping %s", problem)
     logger.info("%d training samples", len(dataset))
     learning_rates = module_learning_rates(args, training_args.learning_rate)
     trainer = TimeViperTrainer(
