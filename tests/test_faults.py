@@ -398,6 +398,22 @@ def test_ask_and_evaluation_refuse_an_index_that_drops_or_redirects_a_shard(shar
     assert code == 2 and not (tmp_path / "out" / "mcq.shard0of1.jsonl").exists()
 
 
+def test_a_truncated_shard_is_named_when_loading_for_inference_or_training(sharded_checkpoint, tmp_path):
+    import shutil
+
+    from inference.checkpoint import CheckpointError, load_checkpoint
+    from training import train
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(sharded_checkpoint, folder)
+    shard = folder / "model-00002-of-00006.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match="model-00002-of-00006.safetensors is not a readable safetensors file"):
+        load_checkpoint(str(folder), torch.float32)
+    with pytest.raises(CheckpointError, match="model-00002-of-00006.safetensors is not a readable safetensors file"):
+        train.build_from_checkpoint(train.TimeViperArguments(model=str(folder)))
+
+
 def test_checkpoint_missing_tensors_are_named_after_loading(sharded_checkpoint, tmp_path):
     """An index and shards that agree but lack tensors (here: a whole shard and its index entries removed)."""
     from inference.checkpoint import CheckpointError, load_checkpoint

@@ -95,7 +95,11 @@ def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     model_type, diff = result.stdout.split()
-    assert model_type == "timeviper" and float(diff) == 0.0
+    # The fresh process computes with its own thread count (and, on another machine, maybe other kernels), which
+    # reorders fp32 reductions: rounding moves these logits (|x| < 1) by ~1e-7 (8.9e-8 seen on an AMD EPYC). What the
+    # test guards against is 100x larger: the TransV gate left closed moves them by 1.8e-3, one norm weight that did
+    # not load by 0.2.
+    assert model_type == "timeviper" and float(diff) < 1e-5, diff
     assert "AutoModelForImageTextToText" in json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
 
 

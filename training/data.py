@@ -472,7 +472,8 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
             more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
             raise DataFormatError(f"{len(problems)} sample(s) cannot be trained on:\n  {listed}{more}")
         if not kept:
-            raise DataFormatError(f"no sample of the training data can be trained on:\n  " + "\n  ".join(problems[:MAX_LISTED_PROBLEMS]))
+            listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+            raise DataFormatError(f"no sample of the training data can be trained on:\n  {listed}")
         self.samples = kept
         return problems
 

@@ -51,6 +51,8 @@ from timeviper.processing_timeviper import (
     TimeViperVideoProcessor,
 )
 
+from inference.checkpoint import check_checkpoint_files, check_loading_info
+
 from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
@@ -177,6 +179,8 @@ def build_tiny(args: TimeViperArguments):
 
 
 def build_from_checkpoint(args: TimeViperArguments):
+    if os.path.isdir(args.model):
+        check_checkpoint_files(Path(args.model))  # names a missing, truncated or mis-indexed shard
     config_dict, _ = TimeViperConfig.get_config_dict(args.model)
     if args.projector_type is not None:
         config_dict["projector_type"] = args.projector_type
@@ -190,6 +194,7 @@ def build_from_checkpoint(args: TimeViperArguments):
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     processor.tokens_per_frame = config.vision_tokens_per_frame
+    check_loading_info(model, loading_info, args.model)  # only TransV modules may be missing (initialised below)
     missing = loading_info["missing_keys"]
     missing_transfer = any(".merge_modules." in key or key.endswith("language_model.alpha") for key in missing)
     return model, processor, missing_transfer
