@@ -180,6 +180,7 @@ def test_stage2_trains_llm_and_transv_with_transv_at_5x(stage2):
     assert groups["llm"]["weight_decay"] == 0.01 and groups["llm_no_decay"]["weight_decay"] == 0.0
 
 
+@pytest.mark.numerics
 def test_stage1_trains_only_the_projector(data, pretrained, tmp_path):
     """Stage 1 as in the paper: a pretrained LLM and a fresh projector. Only the projector may change."""
     root, files = data
