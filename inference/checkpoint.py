@@ -72,18 +72,20 @@ def closed_transfer_stages(model) -> set[str]:
     return {str(stage) for stage, slot in text_model.transfer_slot.items() if float(text_model.alpha.detach()[slot]) == 0.0}
 
 
-def check_loading_info(model, info: dict, source: str) -> None:
+def check_loading_info(model, info: dict, source: str, transfer_initialised: bool = False) -> None:
     """Raise on tensors the checkpoint lacked (or held in another shape), which transformers filled with random values.
 
     Tolerated: the TransV gate `alpha` (then zero: every gate closed) and the TransV modules whose gate is closed, i.e.
-    stages that a `token_compression` override adds without weights; they only drop tokens.
+    stages that a `token_compression` override adds without weights; they only drop tokens. With
+    `transfer_initialised` (training: the caller initialises missing TransV modules) every TransV tensor is tolerated.
     """
-    closed = closed_transfer_stages(model)
+    closed = set() if transfer_initialised else closed_transfer_stages(model)
 
     def tolerated(key: str) -> bool:
         if key == TRANSFER_GATE:
             return True
-        return key.startswith(TRANSFER_PREFIX) and key[len(TRANSFER_PREFIX) :].split(".")[0] in closed
+        stage = key[len(TRANSFER_PREFIX) :].split(".")[0]
+        return key.startswith(TRANSFER_PREFIX) and (transfer_initialised or stage in closed)
 
     missing = {key for key in info["missing_keys"] if not tolerated(key)}
     mismatched = {entry[0] for entry in info["mismatched_keys"] if not tolerated(entry[0])}

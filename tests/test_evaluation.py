@@ -547,7 +547,7 @@ def test_model_glue_appends_answer_prompt_and_decodes_new_tokens(monkeypatch):
 
     processor, model = FakeProcessor(), FakeGenerator()
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(run_eval, "load_checkpoint", lambda *a, **k: model)
     answer_fn = run_eval.build_model_answer_fn(
         "ckpt", "mcq", FrameSampling(rule="auto"), max_new_tokens=5, device="cpu", dtype="float32"
     )
@@ -581,7 +581,7 @@ def test_model_glue_reference_sampling_drops_clip_bounds_and_checks_frame_count(
 
     processor, model = FakeProcessor(), FakeGenerator()
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(run_eval, "load_checkpoint", lambda *a, **k: model)
     answer_fn = run_eval.build_model_answer_fn(
         "ckpt", "grounding", FrameSampling(), max_new_tokens=5, device="cpu", dtype="float32"
     )

@@ -194,7 +194,8 @@ def build_from_checkpoint(args: TimeViperArguments):
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     processor.tokens_per_frame = config.vision_tokens_per_frame
-    check_loading_info(model, loading_info, args.model)  # only TransV modules may be missing (initialised below)
+    # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
+    check_loading_info(model, loading_info, args.model, transfer_initialised=True)
     missing = loading_info["missing_keys"]
     missing_transfer = any(".merge_modules." in key or key.endswith("language_model.alpha") for key in missing)
     return model, processor, missing_transfer
