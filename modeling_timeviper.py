@@ -1654,14 +1654,21 @@ class TimeViperModel(TimeViperPreTrainedModel):
             features = merge_tokens(features, self.config.tokens_per_frame)
         return self.multi_modal_projector(features)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    def get_video_features(self, pixel_values_videos: torch.Tensor, name: str = "pixel_values_videos") -> torch.Tensor:
         """Frames of all videos, (frames, 3, h, w) or (videos, frames, 3, h, w), encoded `vision_chunk_size` at a
-        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden)."""
+        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden). `name` is
+        the input's name in error messages."""
         size = self.config.vision_config.image_size
         if pixel_values_videos.dim() not in (4, 5) or pixel_values_videos.shape[-3:] != (3, size, size):
             raise ValueError(
                 f"pixel values must have shape (frames, 3, {size}, {size}) or (videos, frames, 3, {size}, {size}), "
                 f"got {tuple(pixel_values_videos.shape)}; the TimeViper processor produces them"
+            )
+        if not torch.isfinite(pixel_values_videos).all():
+            # A NaN or Inf pixel turns every logit into NaN and greedy decoding into token 0, without a word.
+            raise ValueError(
+                f"{name} holds {int((~torch.isfinite(pixel_values_videos)).sum())} NaN/Inf values; check the frames "
+                "and their preprocessing"
             )
         frames = pixel_values_videos.flatten(0, -4)
         chunks = frames.split(self.config.vision_chunk_size)
@@ -1669,7 +1676,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images are encoded as single frames."""
-        return self.get_video_features(pixel_values)
+        return self.get_video_features(pixel_values, name="pixel_values")
 
     def streamed_video_features(self, streams) -> "StreamedVideoFeatures":
         """`video_features` for `generate()` that encode each video while the prefill consumes it: decode, vision

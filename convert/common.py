@@ -211,7 +211,10 @@ class SafetensorsSource(TensorSource):
         self._handles = {}
         self._file_of = {}
         for path in files:
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as error:  # safetensors raises its own SafetensorError, which never names the file
+                raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
             self._handles[path] = handle
             for key in handle.keys():
                 if key in self._file_of:
@@ -225,7 +228,10 @@ class SafetensorsSource(TensorSource):
         return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
 
     def _load(self, key):
-        return self._handles[self._file_of[key]].get_tensor(key)
+        try:
+            return self._handles[self._file_of[key]].get_tensor(key)
+        except Exception as error:
+            raise ConversionError(f"{self._file_of[key]}: cannot read tensor {key!r}: {error}") from error
 
 
 class TorchFileSource(DictSource):
@@ -233,13 +239,16 @@ class TorchFileSource(DictSource):
 
     def __init__(self, path: Path):
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # Files written with the legacy (non-zip) format cannot be memory-mapped.
-            logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                # Files written with the legacy (non-zip) format cannot be memory-mapped.
+                logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as error:  # torch's messages for a cut-short file never name it
+            raise ConversionError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
         super().__init__(_unwrap_state_dict(loaded, path), path.name)
 
 
@@ -895,47 +904,181 @@ def _tensor_bytes(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
         raise ConversionError(f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}")
     if not tensor.is_floating_point():
         raise ConversionError(f"{planned.name}: {tensor.dtype} is not a floating-point tensor ({planned.sources})")
-    tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    cast = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    check_finite(planned, tensor, cast)
+    return memoryview(cast.reshape(-1).view(torch.uint8).numpy())
 
 
-def check_output_available(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
-    """Refuse an existing output without `force`, and always refuse an output that is, or holds, a source."""
-    output = Path(output).absolute()
+# Elements checked per step by `check_finite`: its temporary mask stays at 16 MiB whatever the tensor's size.
+FINITE_CHECK_CHUNK = 1 << 24
+
+
+def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tensor) -> None:
+    """Stop on NaN/Inf in a written tensor. Always on (verification is off by default for large models): one pass over
+    each tensor, in chunks, while it is in memory anyway."""
+    flat = cast.reshape(-1)
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(FINITE_CHECK_CHUNK))
+    if bad:
+        in_source = int((~torch.isfinite(source.detach())).sum())
+        cause = "in the source" if in_source else f"from the cast to {str(cast.dtype).removeprefix('torch.')} (values beyond its range)"
+        raise ConversionError(
+            f"{planned.name}: {bad} of {flat.numel()} values are NaN or Inf {cause}; sources {planned.sources}"
+        )
+
+
+# Written by the converter into every folder it makes: what `--force` may replace. In a temporary folder it says
+# `"complete": false`; in a finished output it lists every file the converter wrote.
+OUTPUT_MARKER = ".timeviper-convert.json"
+
+
+def write_output_marker(folder: Path, complete: bool) -> None:
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
+    marker = {"written_by": "timeviper convert", "complete": complete, "files": [f for f in files if f != OUTPUT_MARKER]}
+    (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def read_output_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "timeviper convert" else None
+
+
+def protected_folder(output: Path) -> str | None:
+    """Why `--force` must never replace `output`, whatever it holds: the working directory, the home folder, a folder
+    above either, the file system root, or a git checkout."""
+    resolved = output.resolve()
+    for what, place in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
+        place = place.resolve()
+        if resolved == place or resolved in place.parents:
+            return f"it is {what}" if resolved == place else f"it holds {what}"
+    if (resolved / ".git").exists():
+        return "it is a git checkout"
+    return None
+
+
+def foreign_content(output: Path) -> str | None:
+    """Why an existing `output` is not a finished output of this converter (so `--force` may not delete it), or None.
+    An empty folder holds nothing to lose."""
+    if output.is_symlink() or not output.is_dir():
+        return "it is not a folder" if not output.is_symlink() else "it is a symbolic link"
+    if not any(output.iterdir()):
+        return None
+    marker = read_output_marker(output)
+    if marker is None or not marker.get("complete"):
+        return f"it has no {OUTPUT_MARKER}, so this converter did not write it"
+    present = {path.relative_to(output).as_posix() for path in output.rglob("*") if not path.is_dir()}
+    extra = sorted(present - set(marker["files"]) - {OUTPUT_MARKER})
+    if extra:
+        return f"it holds files the converter did not write: {extra[:10]}" + (" ..." if len(extra) > 10 else "")
+    return None
+
+
+def _siblings(output: Path, kind: str) -> list[Path]:
+    """The converter's hidden work folders next to `output`: `.{name}.partial-*` or `.{name}.replaced-*`."""
+    prefix = f".{output.name}.{kind}-"
+    return sorted(path for path in output.parent.iterdir() if path.name.startswith(prefix)) if output.parent.is_dir() else []
+
+
+def _size(folder: Path) -> str:
+    total = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+    return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+
+
+def recover_interrupted_conversion(output: Path) -> None:
+    """Finish what a killed conversion left next to `output` (call with the output's lock held).
+
+    A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
+    `.{name}.replaced-*/old`: it is put back. A replaced copy next to an existing `output` was superseded and is
+    deleted. `.{name}.partial-*` folders that carry the converter's marker are cut-short writes and are deleted; others
+    are only reported.
+    """
+    for backup in _siblings(output, "replaced"):
+        old = backup / "old"
+        if old.exists() and not (output.exists() or output.is_symlink()):
+            os.rename(old, output)
+            logger.warning("restored %s from %s: a conversion was killed while replacing it", output, backup)
+        elif old.exists():
+            logger.warning("deleting %s (%s): the copy of %s that a finished --force conversion replaced", backup, _size(backup), output)
+        shutil.rmtree(backup)
+    for partial in _siblings(output, "partial"):
+        if read_output_marker(partial) is None:
+            logger.warning("%s (%s) looks like an unfinished conversion by an older version; delete it if nothing uses it", partial, _size(partial))
+            continue
+        logger.warning("deleting %s (%s): what a killed conversion into %s had written", partial, _size(partial), output)
+        shutil.rmtree(partial)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """An exclusive lock on `.{name}.lock` next to `output`: one conversion at a time writes (or recovers) it."""
+    import fcntl
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f".{output.name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConversionError(f"another conversion is writing {output} (it holds {path}); wait for it to end") from None
+        yield  # the lock goes with the file handle, also when the process is killed
+
+
+def _check_output(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
     for source in sources:
         source = Path(source).resolve()
         if output.resolve() == source or output.resolve() in source.parents:
             raise ConversionError(f"the output {output} would replace the source {source}; choose another --output")
-    if (output.exists() or output.is_symlink()) and not force:
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not force:
         raise ConversionError(f"{output} already exists; pass --force to replace it")
+    reason = protected_folder(output) or foreign_content(output)
+    if reason:
+        raise ConversionError(f"--force only replaces a previous output of this converter; not {output}: {reason}")
+
+
+def check_output_available(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
+    """Before any work: finish what a killed conversion left next to `output`, then refuse an output that is, or holds,
+    a source, an existing output without `force`, and with `force` anything but a previous output of this converter."""
+    output = Path(output).absolute()
+    with output_lock(output):
+        recover_interrupted_conversion(output)
+        _check_output(output, force, sources)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it.
 
-    An existing `output` is replaced only with `force`, and only once the new folder is complete.
+    An existing `output` is replaced only with `force`, only when this converter wrote it (`OUTPUT_MARKER`), and only
+    once the new folder is complete. The whole write holds the output's lock; a kill at any point leaves state that the
+    next conversion into `output` recovers from (`recover_interrupted_conversion`).
     """
     output = Path(output).absolute()
-    check_output_available(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o777 & ~umask)
-    try:
-        yield temporary
-        check_output_available(output, force)
-        if output.exists() or output.is_symlink():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-            os.rename(output, backup / "old")
-            os.rename(temporary, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with output_lock(output):
+        recover_interrupted_conversion(output)
+        _check_output(output, force)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)
+        try:
+            write_output_marker(temporary, complete=False)
+            yield temporary
+            write_output_marker(temporary, complete=True)
+            _check_output(output, force)
+            if output.exists() or output.is_symlink():
+                backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+                os.rename(output, backup / "old")
+                os.rename(temporary, output)
+                shutil.rmtree(backup)
+            else:
+                os.rename(temporary, output)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

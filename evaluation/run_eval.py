@@ -20,6 +20,8 @@ import json
 import sys
 import time
 
+from inference.checkpoint import CheckpointError, load_checkpoint
+
 from .tasks import (
     SAMPLING_RULES,
     TASKS,
@@ -55,13 +57,13 @@ def build_model_answer_fn(
     processor's one-shot path); the sampling options apply per video item.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     from inference.streaming import PREFILL_CHUNK_TOKENS, stream_conversation
 
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+    model = load_checkpoint(model_path, torch_dtype)
     model.to(device).eval()
     answer_prompt_ids: dict[str, torch.Tensor] = {}
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> in
             score(args)
         else:
             run(args, answer_fn)
-    except (AnnotationError, PredictionFileError, FileNotFoundError) as e:
+    except (AnnotationError, PredictionFileError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -54,13 +54,16 @@ def load(args, dtype):
 
         print("[model] no --model given: using the embedded TINY RANDOM-WEIGHT model; its answers are noise.")
         return build_tiny_default(token_compression=args.token_compression)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from inference.checkpoint import CheckpointError, load_checkpoint
 
     overrides = {} if args.token_compression is None else {"token_compression": args.token_compression}
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model, trust_remote_code=True, revision=args.revision, dtype=dtype, **overrides
-    )
+    try:
+        model = load_checkpoint(args.model, dtype, revision=args.revision, **overrides)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     return model.eval(), processor
 
 

@@ -61,6 +61,7 @@ def test_ask_reports_a_missing_video(tmp_path):
     assert result.returncode != 0 and "video file not found" in result.stderr
 
 
+@pytest.mark.numerics
 def test_batched_chat_inputs_generate_like_single_samples(tmp_path):
     model, processor = build_tiny_default(token_compression="uni_1_0.5-attn_2_0.25")
     clips = [write_sample_video(tmp_path / f"{i}.mp4", seconds=s) for i, s in enumerate((4, 7))]

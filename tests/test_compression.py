@@ -54,6 +54,7 @@ def naive_attention_selection(attention, hidden, query_index, vision_index, num_
     return weights[query_index, vision_index].topk(num_keep).indices.sort().values
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
 def test_attention_selection_equals_the_full_matrix_computation(backbone):
     model = tiny_model(backbone, token_compression="attn_2_0.25")
@@ -68,6 +69,7 @@ def test_attention_selection_equals_the_full_matrix_computation(backbone):
     assert [p for p in kept.tolist() if ids[0, p] == VIDEO_TOKEN_ID] == vision_index[expected].tolist()
 
 
+@pytest.mark.numerics
 def test_transv_at_zero_gate_equals_plain_dropping():
     transfer = tiny_model(token_compression="uni_1_0.5-attn_2_0.25", seed=3)
     dropping = tiny_model(token_compression="unidrop_1_0.5-attndrop_2_0.25", seed=3)

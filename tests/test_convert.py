@@ -421,10 +421,10 @@ def test_atomic_output_dir(tmp_path):
         with common.atomic_output_dir(output, force=True) as folder:
             (folder / "b").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in output.iterdir()) == ["a"] and no_leftovers(tmp_path)
+    assert sorted(p.name for p in output.iterdir()) == [common.OUTPUT_MARKER, "a"] and no_leftovers(tmp_path)
     with common.atomic_output_dir(output, force=True) as folder:
         (folder / "b").write_text("2")
-    assert sorted(p.name for p in output.iterdir()) == ["b"] and no_leftovers(tmp_path)
+    assert sorted(p.name for p in output.iterdir()) == [common.OUTPUT_MARKER, "b"] and no_leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -682,17 +682,22 @@ def test_existing_output_needs_force(sources, tmp_path):
     (output / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="already exists; pass --force"):
         convert_raw_to_hub(**raw_kwargs(sources), output=output)
-    assert (output / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConversionError, match="only replaces a previous output of this converter"):
+        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+    assert sorted(path.name for path in output.iterdir()) == ["keep.txt"]
+    output = tmp_path / "converted"
+    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    (output / "config.json").write_text("{}")
     convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
-    assert not (output / "keep.txt").exists() and (output / "config.json").is_file() and no_leftovers(tmp_path)
+    assert json.loads((output / "config.json").read_text()) and no_leftovers(tmp_path)
 
 
 def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after some shards were written (here: in the tokenizer step) removes the partial folder and keeps
     the previous output untouched."""
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -700,7 +705,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "write_processor", fail)
     with pytest.raises(OSError, match="disk full"):
         convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
-    assert sorted(path.name for path in output.iterdir()) == ["keep.txt"] and no_leftovers(tmp_path)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before and no_leftovers(tmp_path)
 
 
 def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):

@@ -544,7 +544,7 @@ def use_fakes(monkeypatch):
 
     processor, model = FakeProcessor(), FakeGenerator()
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(run_eval, "load_checkpoint", lambda *a, **k: model)
     monkeypatch.setattr(inference.streaming, "stream_conversation", processor.stream_conversation)
     return processor, model
 

@@ -193,8 +193,13 @@ def test_stage1_trains_only_the_projector(data, pretrained, tmp_path):
 
     recorder = Recorder()
     trainer = run("--model", fresh, "--stage", "1", "--data", files["a"], "--video-root", root,
-                  "--output_dir", tmp_path / "out", "--max_steps", "30", "--learning_rate", "3e-3",
+                  "--output_dir", tmp_path / "out", "--max_steps", "60", "--learning_rate", "1e-2",
                   "--save_strategy", "no", callbacks=[recorder])
+    # The fresh projector starts on a plateau (~0.23: the LLM answers without telling the videos apart). 30 steps at
+    # 3e-3 left it on some CPU kernel sets (0.195 -> 0.134 on an AMD EPYC; 0.226 -> 0.195 under
+    # ATEN_CPU_CAPABILITY=default), because the 100-step pretrained model differs in rounding from one kernel set to
+    # the next. 60 steps at 1e-2 reached 0.007-0.036 (3-16 % of the start) under the AVX-512, AVX2 and default kernels,
+    # so halving leaves a margin of 3x.
     assert recorder.final_loss < 0.5 * recorder.initial_loss, (recorder.initial_loss, recorder.final_loss)
     projector = {n for n in recorder.initial if ".multi_modal_projector." in n}
     assert recorder.with_grad == projector
@@ -486,6 +491,7 @@ def test_argument_checks():
 def test_resume_latest_picks_the_newest_checkpoint(tmp_path):
     for step in (5, 10, 7):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     _, training_args = train.parse_args(["--tiny", "--data", "d.jsonl", "--output_dir", str(tmp_path),
                                          "--resume_from_checkpoint", "latest"])
     assert train.resolve_resume(training_args) == str(tmp_path / "checkpoint-10")

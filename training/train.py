@@ -26,8 +26,10 @@ model to `<output_dir>/merged`. See training/README.md.
 """
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import timeviper
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
@@ -44,6 +47,8 @@ from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from timeviper.processing_timeviper import TimeViperProcessor
 
 from convert.common import card_license, model_card
+
+from inference.checkpoint import check_checkpoint_files, check_loading_info
 
 from .data import TimeViperDataCollator, TimeViperSFTDataset
 
@@ -131,6 +136,17 @@ class TimeViperArguments:
     check_media_files: bool = field(
         default=True, metadata={"help": "Check that every media file exists while validating the data."}
     )
+    preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "Before step 1, open every video (decoding one frame) and image and measure every sample against "
+            "--max_length, so that a bad sample stops the run before training instead of at its step."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop the samples the preflight rejects (each is logged) instead of stopping."},
+    )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
 
 
@@ -160,6 +176,8 @@ def build_tiny(args: TimeViperArguments):
 
 
 def build_from_checkpoint(args: TimeViperArguments):
+    if os.path.isdir(args.model):
+        check_checkpoint_files(Path(args.model))  # names a missing, truncated or mis-indexed shard
     config_dict, _ = TimeViperConfig.get_config_dict(args.model)
     if args.projector_type is not None:
         config_dict["projector_type"] = args.projector_type
@@ -173,6 +191,8 @@ def build_from_checkpoint(args: TimeViperArguments):
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     processor.tokens_per_frame = config.vision_tokens_per_frame
+    # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
+    check_loading_info(model, loading_info, args.model, transfer_initialised=True)
     missing = loading_info["missing_keys"]
     missing_transfer = any(".merge_modules." in key for key in missing)
     return model, processor, missing_transfer
@@ -417,21 +437,74 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--merge-lora-and-save needs --lora")
     if args.token_compression not in (None, "", "none"):
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
+    overlap = output_overlaps_model(args.model, training_args.output_dir)
+    if overlap:
+        parser.error(overlap)
     return args, training_args
 
 
+def output_overlaps_model(model: str | None, output_dir: str) -> str | None:
+    """Why `--output_dir` may not be used with the local `--model` folder, or None. Saving into the source folder (or a
+    folder inside it) rewrites the only copy of the weights in place, so a kill during that save leaves nothing
+    loadable."""
+    if model is None or not os.path.isdir(model):
+        return None
+    source, output = Path(model).resolve(), Path(output_dir).resolve()
+    if output == source or source in output.parents:
+        return (
+            f"--output_dir {output_dir} is {'' if output == source else 'inside '}the --model folder {model}: the saves "
+            "would overwrite the model being trained from; choose another output folder"
+        )
+    return None
+
+
+def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when its save finished. The Trainer writes
+    `trainer_state.json` last (after the weights, optimizer, scheduler and RNG states), so a save cut short by a kill
+    lacks it or holds it half-written."""
+    state = Path(folder) / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE_NAME} (its save was cut short)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"its {TRAINER_STATE_NAME} is cut short"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-N` of `output_dir` whose save finished; newer, half-written ones are skipped (and named
+    in a warning), not deleted."""
+    found = [name for name in os.listdir(output_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)]
+    found = [os.path.join(output_dir, name) for name in found if os.path.isdir(os.path.join(output_dir, name))]
+    skipped = []
+    for folder in sorted(found, key=lambda path: int(path.rpartition("-")[2]), reverse=True):
+        problem = incomplete_checkpoint(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s; skipped the incomplete newer %s", folder, "; ".join(skipped))
+            return folder
+        skipped.append(f"{folder} ({problem})")
+    if skipped:
+        raise FileNotFoundError(f"no complete checkpoint in {output_dir} to resume from: " + "; ".join(skipped))
+    raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {output_dir} to resume from")
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` as given, or the newest checkpoint of the output folder for `latest`/`true`."""
+    """`--resume_from_checkpoint` as given, or the newest complete checkpoint of the output folder for
+    `latest`/`true`."""
     value = training_args.resume_from_checkpoint
     if value is None or value.lower() in ("", "false", "no"):
         return None
     if value.lower() in ("latest", "last", "true", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"no checkpoint-* folder in {training_args.output_dir} to resume from")
-        return last
+        if not os.path.isdir(training_args.output_dir):
+            raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {training_args.output_dir} to resume from")
+        return newest_complete_checkpoint(training_args.output_dir)
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    problem = incomplete_checkpoint(value)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {problem}; resume from an earlier checkpoint")
     return value
 
 
@@ -472,6 +545,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         max_length=args.max_length,
         check_files=args.check_media_files,
     )
+    if args.preflight:
+        skipped = dataset.preflight(skip_bad_samples=args.skip_bad_samples)
+        for problem in skipped:
+            logger.warning("skipping %s", problem)
     logger.info("%d training samples", len(dataset))
     learning_rates = module_learning_rates(args, training_args.learning_rate)
     trainer = TimeViperTrainer(
