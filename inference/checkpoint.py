@@ -10,7 +10,6 @@ from pathlib import Path
 
 INDEX_FILE = "model.safetensors.index.json"
 TRANSFER_PREFIX = "model.language_model.merge_modules."
-TRANSFER_GATE = "model.language_model.alpha"
 
 
 class CheckpointError(ValueError):
@@ -66,26 +65,38 @@ def check_checkpoint_files(folder: Path) -> None:
 
 def closed_transfer_stages(model) -> set[str]:
     """Stage indices (as in `merge_modules.{i}`) of the TransV modules whose gate `tanh(alpha)` is exactly 0."""
-    text_model = model.model.language_model
-    if not getattr(text_model, "transfer_slot", None):
-        return set()
-    return {str(stage) for stage, slot in text_model.transfer_slot.items() if float(text_model.alpha.detach()[slot]) == 0.0}
+    modules = getattr(model.model.language_model, "merge_modules", {})
+    return {stage for stage, module in modules.items() if float(module.alpha.detach()) == 0.0}
+
+
+def transfer_stage_of(key: str) -> str | None:
+    return key[len(TRANSFER_PREFIX) :].split(".")[0] if key.startswith(TRANSFER_PREFIX) else None
 
 
 def check_loading_info(model, info: dict, source: str, transfer_initialised: bool = False) -> None:
     """Raise on tensors the checkpoint lacked (or held in another shape), which transformers filled with random values.
 
-    Tolerated: the TransV gate `alpha` (then zero: every gate closed) and the TransV modules whose gate is closed, i.e.
-    stages that a `token_compression` override adds without weights; they only drop tokens. With
+    Tolerated: a TransV module missing whole (gate included, so the gate stays closed at 0), i.e. a stage that a
+    `token_compression` override adds without weights; it only drops tokens. A module that lost only some tensors
+    (its gate, say) is an error: its stage would run with other weights than were trained. With
     `transfer_initialised` (training: the caller initialises missing TransV modules) every TransV tensor is tolerated.
     """
+    # Training initialises every missing TransV module itself (and under DeepSpeed ZeRO-3 a gate's values are not on
+    # this rank to be read), so there nothing about the gates is looked at.
     closed = set() if transfer_initialised else closed_transfer_stages(model)
+    missing_keys = set(info["missing_keys"])
+    loaded_stages = {  # stages of which the checkpoint held at least one tensor
+        stage
+        for stage, module in getattr(model.model.language_model, "merge_modules", {}).items()
+        for name, _ in module.named_parameters()
+        if f"{TRANSFER_PREFIX}{stage}.{name}" not in missing_keys
+    }
 
     def tolerated(key: str) -> bool:
-        if key == TRANSFER_GATE:
-            return True
-        stage = key[len(TRANSFER_PREFIX) :].split(".")[0]
-        return key.startswith(TRANSFER_PREFIX) and (transfer_initialised or stage in closed)
+        stage = transfer_stage_of(key)
+        if stage is None:
+            return False
+        return transfer_initialised or (stage in closed and stage not in loaded_stages)
 
     missing = {key for key in info["missing_keys"] if not tolerated(key)}
     mismatched = {entry[0] for entry in info["mismatched_keys"] if not tolerated(entry[0])}

@@ -426,8 +426,11 @@ def test_checkpoint_missing_tensors_are_named_after_loading(sharded_checkpoint, 
 
 
 def test_transv_stages_added_by_an_override_load_with_a_closed_gate(tmp_path):
-    """`ask --token-compression` on a checkpoint without TransV: its modules are missing but their gate is 0, so they
-    only drop tokens; that is no error. A missing module whose gate is open would be."""
+    """`ask --token-compression` on a checkpoint without TransV: its modules are missing whole, gate included, so the
+    gate stays 0 and they only drop tokens; that is no error. A missing module whose gate is open would be, and so
+    would a module that lost only its gate (its trained projections would run behind a closed gate)."""
+    from tiny_models import open_transfer_gates, transfer_gates
+
     from inference.checkpoint import CheckpointError, check_loading_info, load_checkpoint
     from inference.tiny_default import build_tiny_default
     from timeviper.configuration_timeviper import TimeViperConfig
@@ -438,9 +441,11 @@ def test_transv_stages_added_by_an_override_load_with_a_closed_gate(tmp_path):
     TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     model.save_pretrained(tmp_path)
     loaded = load_checkpoint(str(tmp_path), torch.float32, token_compression="uni_1_0.5")
-    assert not loaded.model.language_model.alpha.detach().any()
-    with torch.no_grad():
-        loaded.model.language_model.alpha.fill_(0.5)
+    assert not any(gate.detach().any() for gate in transfer_gates(loaded))
+    only_gate = {"missing_keys": {"model.language_model.merge_modules.0.alpha"}, "mismatched_keys": set(), "error_msgs": []}
+    with pytest.raises(CheckpointError, match=r"merge_modules\.0\.alpha"):
+        check_loading_info(loaded, only_gate, str(tmp_path))
+    open_transfer_gates(loaded, 0.5)
     info = {"missing_keys": {"model.language_model.merge_modules.0.q_proj.weight"}, "mismatched_keys": set(), "error_msgs": []}
     with pytest.raises(CheckpointError, match="merge_modules.0.q_proj.weight"):
         check_loading_info(loaded, info, str(tmp_path))
