@@ -23,7 +23,7 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
   ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
 * ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
   frames of the window when it holds fewer frames than that.
-* ``sampling="reference_eval"``: the reference evaluation rule (REFERENCE.md section 4.3) exactly: indices
+* ``sampling="reference_eval"``: the reference evaluation rule (its ``fps_indices``) exactly: indices
   ``round(arange(0, total, video_fps / fps))``, the first ``max_frames`` (256) kept, padded to a multiple of 4 by
   repeating the last index, replaced by 32 (``min_frames``) uniform segment midpoints if fewer remain.
 * Variable frame rate (`decode_video_pyav` finds the real timestamps of every frame, ``metadata.frame_times``):
@@ -94,7 +94,7 @@ __all__ = [
 IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts (REFERENCE.md sections 4.1 and 4.2)
+# Prompts (the reference implementation's templates and evaluation prompts)
 # ----------------------------------------------------------------------------------------------------------------
 
 MCQ_ANSWER_PROMPT = "Best Option: ("
@@ -156,7 +156,7 @@ QWEN2_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TEMPLATE}
 
-# Token that closes every turn (REFERENCE.md section 4.5), and the text that starts a supervised assistant span.
+# Token that closes every turn (as in the reference's label builder), and the text that starts a supervised assistant span.
 _TURN_SEPARATORS = {"nemotron_h": "<SPECIAL_12>", "qwen2": "<|im_end|>"}
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
 
@@ -169,7 +169,7 @@ def get_chat_template(backbone: str) -> str:
 
 
 def mcq_prompt(question: str, options: list[str], add_letters: bool | None = None) -> str:
-    """Build the reference multiple-choice question text (REFERENCE.md section 4.2).
+    """Build the reference multiple-choice question text.
 
     Returns ``question + "\\n" + "\\n".join(options) + "\\nPlease provide your answer by stating the letter followed
     by the full option."``. Options are prefixed with ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with
@@ -223,7 +223,7 @@ def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
 def reference_eval_indices(
     total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32
 ) -> list[int]:
-    """The reference evaluation sampling rule (REFERENCE.md section 4.3, ``fps_indices``), reproduced exactly.
+    """The reference evaluation sampling rule (the reference's ``fps_indices``), reproduced exactly.
 
     ``round(arange(0, total, video_fps / fps))`` (float32, round half to even) without indices >= total; the first
     ``max_frames`` kept (truncation, not subsampling); padded to a multiple of 4 by repeating the last index; replaced
@@ -1180,7 +1180,7 @@ class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     max_frames (`int`): cap for the fps rule (default 256, uniform subsampling; reference_eval truncates).
     min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).
     start, end (`float`): window in seconds.
-    sampling (`str`): "auto" (default) or "reference_eval" (REFERENCE.md section 4.3).
+    sampling (`str`): "auto" (default) or "reference_eval" (the reference's evaluation rule).
     progress (`bool`): show a progress bar while decoding each video (default False).
     """
 
@@ -1430,7 +1430,7 @@ def build_labels(
     ignore_ids=(),
     ignore_index: int = IGNORE_INDEX,
 ):
-    """Labels that supervise only assistant turns (REFERENCE.md section 4.5, ``_create_labels``).
+    """Labels that supervise only assistant turns (the reference's ``_create_labels``).
 
     The sequence is expected to be a chat-template render: a system turn, then alternating user and assistant turns,
     each closed by the separator token (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator

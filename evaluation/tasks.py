@@ -1,6 +1,6 @@
 """Benchmark logic for TimeViper evaluation, with no model inside.
 
-Two task types are covered, with the prompts of the reference implementation (REFERENCE.md §4.2):
+Two task types are covered, with the prompts of the reference implementation:
 
 - ``mcq``: multiple-choice video QA (VideoMME, MLVU, LongVideoBench, LVBench, MVBench, ...). The user prompt is the
   question, the lettered options and a fixed instruction; ``Best Option: (`` is appended after the assistant header,
@@ -112,7 +112,7 @@ def eval_num_frames(
 ) -> int:
     """How many frames sampling yields for a video of ``duration`` seconds (``rule`` as in the video processor).
 
-    ``reference_eval`` (REFERENCE.md §4.3): one frame every ``1/fps`` seconds from t=0, the first ``max_frames``
+    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first ``max_frames``
     kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames`` uniformly spaced
     frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
     grounding prompt states this number, so it must agree with what the video processor samples.

@@ -12,7 +12,7 @@ One JSON object per line (blank lines are skipped; `#` never starts a comment):
 - Turns: `{"role": "user"|"assistant"|"system", "content": str}` or the reference's
   `{"from": "human"|"gpt"|"system", "value": str}`. An optional system turn comes first, then user and assistant
   turns alternate, starting with a user turn and ending with an assistant answer. Only assistant turns are
-  supervised (the processor's label builder, REFERENCE.md section 4.5).
+  supervised (the processor's label builder).
 - The media goes where the first user turn writes `<video>` (or `<image>`; the reference wrote `<image>` for videos
   too), or in front of the first user turn's text when no placeholder is written.
 - Grounding samples replace `conversations` with `"query": str` and `"timestamps": [start_s, end_s]` (seconds from

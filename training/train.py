@@ -6,7 +6,7 @@ r"""Fine-tune TimeViper with the Hugging Face `Trainer` (full fine-tuning or LoR
 
     accelerate launch --config_file training/accelerate_configs/deepspeed_zero3.yaml -m training.train ...
 
-Stages (PAPER.md section 2, REFERENCE.md section 5):
+Stages (the paper's recipe, as the reference trains it):
 
 - `--stage 1` trains the projector only (vision tower and LLM frozen); token compression is off unless
   `--token-compression` says otherwise, and `--projector-type mlp` trains the per-patch projector of the paper's
@@ -60,14 +60,14 @@ REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "pro
 NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
 # The language model's Mamba in_proj, attention q/k/v/o and MLP projections (Nemotron-H blocks `layers.i.mixer.*`,
 # Qwen2 layers `layers.i.self_attn.*` / `layers.i.mlp.*`). Never the vision tower (SigLIP has q/k/v_proj too), never
-# Mamba's out_proj/conv1d (ECOSYSTEM.md section 5), never the TransV modules (they are trained fully).
+# Mamba's out_proj/conv1d (mamba-ssm's fused kernel reads their weights directly, bypassing LoRA), never the TransV modules (they are trained fully).
 DEFAULT_LORA_TARGETS = (
     r"model\.language_model\.layers\.\d+\."
     r"(mixer\.(in_proj|q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)"
     r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     r"|mlp\.(gate_proj|up_proj|down_proj))"
 )
-# TrainingArguments defaults of the paper's recipe (PAPER.md section 2), and what this model's inputs need.
+# TrainingArguments defaults of the paper's recipe, and what this model's inputs need.
 TRAINING_DEFAULTS = dict(
     learning_rate=1e-5,
     weight_decay=0.01,
