@@ -156,7 +156,8 @@ QWEN2_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TEMPLATE}
 
-# Token that closes every turn (as in the reference's label builder), and the text that starts a supervised assistant span.
+# Token that closes every turn (as in the reference's label builder), and the text that starts a supervised
+# assistant span.
 _TURN_SEPARATORS = {"nemotron_h": "<SPECIAL_12>", "qwen2": "<|im_end|>"}
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
 

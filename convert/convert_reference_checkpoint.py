@@ -141,7 +141,8 @@ def convert_reference_checkpoint(
     plan = split_transfer_gates(plan, config)
     kinds = [stage.transfer for stage in config.compression_stages]
     if True in kinds and False in kinds[: len(kinds) - 1 - kinds[::-1].index(True)]:
-        # The reference reads alpha[stage index] from a tensor sized by the number of transfer stages, so it fails on such schedules; alpha[j] is the gate of the j-th transfer stage here.
+        # The reference reads alpha[stage index] from a tensor sized by the number of transfer stages, so it fails
+        # on such schedules; alpha[j] is the gate of the j-th transfer stage here.
         logger.warning("a drop-only stage precedes a transfer stage: the reference code could not have run this schedule")
     plan, expected = check_and_report_plan(plan, config, remote.modeling)
 

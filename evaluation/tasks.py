@@ -112,9 +112,9 @@ def eval_num_frames(
 ) -> int:
     """How many frames sampling yields for a video of ``duration`` seconds (``rule`` as in the video processor).
 
-    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first ``max_frames``
-    kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames`` uniformly spaced
-    frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
+    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first
+    ``max_frames`` kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames``
+    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
     grounding prompt states this number, so it must agree with what the video processor samples.
     """
     if not duration or duration <= 0 or fps <= 0:

@@ -60,7 +60,8 @@ REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "pro
 NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
 # The language model's Mamba in_proj, attention q/k/v/o and MLP projections (Nemotron-H blocks `layers.i.mixer.*`,
 # Qwen2 layers `layers.i.self_attn.*` / `layers.i.mlp.*`). Never the vision tower (SigLIP has q/k/v_proj too), never
-# Mamba's out_proj/conv1d (mamba-ssm's fused kernel reads their weights directly, bypassing LoRA), never the TransV modules (they are trained fully).
+# Mamba's out_proj/conv1d (mamba-ssm's fused kernel reads their weights directly, bypassing LoRA), never the TransV
+# modules (they are trained fully).
 DEFAULT_LORA_TARGETS = (
     r"model\.language_model\.layers\.\d+\."
     r"(mixer\.(in_proj|q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)"

@@ -1,6 +1,7 @@
 """Lower bound on the time of one training step of the multi-GPU benchmark, per GPU: the FLOPs the step must compute
 at the GPU's measured bf16 matmul rate, plus the bytes AdamW must move over its shard at the measured copy rate
-(dense bf16 matmuls on random data and device-to-device copies, measured on the benchmark machines). Communication is left out: the engines overlap it with compute.
+(dense bf16 matmuls on random data and device-to-device copies, measured on the benchmark machines).
+Communication is left out: the engines overlap it with compute.
 
 The FLOPs are counted with the functions of `benchmarks/long_video.py` on the benchmark's own model, built on the meta
 device from `prepared.json`, for one training sample (one per GPU per step):
