@@ -1603,6 +1603,18 @@ def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
     }
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a copy where one shares memory with an earlier one (safetensors refuses shared
+    storage; the held stage input's validity is the cache's segment validity, for instance)."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
 class TimeViperVideoState:
     """A video and the prompt before it, prefilled once, answering any number of questions that follow it.
 
@@ -1719,7 +1731,7 @@ class TimeViperVideoState:
             tensors.update({f"transfer_memory.{stage_index}.{i}": tensor for i, tensor in enumerate(memory)})
         if self.resume.held is not None:
             tensors.update({f"held.{field}": getattr(self.resume.held, field) for field in HELD_FIELDS})
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, directory / VIDEO_STATE_TENSORS)
+        save_file(unshared(tensors), directory / VIDEO_STATE_TENSORS)
         metadata = {
             "format": VIDEO_STATE_FORMAT,
             **self.fingerprint,
