@@ -25,6 +25,7 @@ from evaluation.tasks import (  # noqa: E402
     compute_grounding_metrics,
     compute_mcq_metrics,
     eval_num_frames,
+    group_by_video,
     load_annotations,
     merge_shards,
     parse_mcq_answer,
@@ -389,6 +390,11 @@ def test_prompts_and_records_reach_answer_fn(tmp_path):
     assert "'event 0'" in prompt
     line = read_predictions(tmp_path / "g.jsonl")[0]
     assert line["pred_timestamps"] == [10.0, 20.0] and line["iou"] == 1.0 and line["num_frames"] == 32
+
+
+def test_questions_are_grouped_by_video_in_first_seen_order():
+    items = [{"id": i, "video": video} for i, video in enumerate(["a", "b", "a", "c", "b", "a"])]
+    assert [item["id"] for item in group_by_video(items)] == [0, 2, 5, 1, 4, 3]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
