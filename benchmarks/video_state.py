@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--question-tokens", type=int, default=24, help="tokens after the video in each prompt")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
     p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
+    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
     return p.parse_args(argv)
 
 
