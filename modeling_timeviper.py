@@ -1592,7 +1592,8 @@ def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
     samples = []
     for _, parameter in sorted(model.named_parameters()):
         flat = parameter.detach().flatten()
-        index = torch.linspace(0, flat.numel() - 1, min(8, flat.numel()), device=flat.device).long()
+        count = min(8, flat.numel())  # (integer steps: float linspace rounds past the end of a 500M-element weight)
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
         samples.append(flat[index].float())
     probe = torch.cat(samples).cpu().numpy().tobytes()
     return {
