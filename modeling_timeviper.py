@@ -9,12 +9,15 @@ per-sequence state of a generation (Mamba conv/SSM states, per-block KV of diffe
 every compression segment) lives in `TimeViperHybridCache`.
 """
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
@@ -144,6 +147,8 @@ class TimeViperHybridCache(Cache):
         self.kv_base: dict[int, int] = {}
         self.decode_step: torch.Tensor | None = None
         self.decode_graph: DecodeStepGraph | None | bool = None  # False: capture failed, decode eagerly
+        # A cache forked from a `TimeViperVideoState`: its next forward call is the question after the video.
+        self.resume: VideoStateResume | None = None
 
     def __len__(self):
         return len(self.segment_valid)
@@ -342,7 +347,8 @@ class TokenLayout:
         position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
         query_valid = key_valid[:, -query_len:]
         if bool(key_valid.all()):
-            return cls(None, None, query_len > 1 and query_len == key_len, position_ids)
+            # query_len < key_len: new tokens after cached ones, causal among themselves (aligned lower right)
+            return cls(None, None, query_len > 1, position_ids)
         if query_len == 1:
             return cls(query_valid, key_valid[:, None, None, :], False, position_ids)
         if query_len == key_len:
@@ -1039,6 +1045,10 @@ class TimeViperTextModel(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
         else:
             valid = attention_mask.bool()
+        if decoding and past_key_values.resume is not None:
+            if output_hidden_states:
+                raise ValueError("output_hidden_states is not available for a question asked of a video state")
+            return resume_after_video(self, inputs_embeds, valid, past_key_values, compression_query_positions)
         static_step = decoding and past_key_values.is_static
         if static_step:
             layouts = past_key_values.static_step_layouts()
@@ -1279,12 +1289,16 @@ class ChunkedPrefill:
         """embed_columns(start, end) -> (batch, end - start, hidden): the input embeddings of those positions.
         Returns the final-normed hidden states of the last `keep_last` positions (all if None) and the input index
         of every kept position."""
+        self.consume(embed_columns, state)
+        return self.output.result(), self.segments[-1].state.positions
+
+    def consume(self, embed_columns, state: SequenceState) -> None:
+        """Pushes every input position through the segments, a chunk at a time."""
         self.open_segment(state)
         length = state.valid.shape[1]
         for start in range(0, length, self.chunk_size):
             self.push(0, embed_columns(start, min(start + self.chunk_size, length)), start)
         self.close(0)
-        return self.output.result(), self.segments[-1].state.positions
 
     def open_segment(self, state: SequenceState) -> None:
         index = len(self.segments)
@@ -1475,6 +1489,334 @@ class HeldStage:
         state, self.state = self.state, None
         state.hidden_states, self.hidden_states = self.hidden_states, None
         return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video state: a video prefilled once, then any number of questions about it
+# ----------------------------------------------------------------------------------------------------------------
+
+VIDEO_STATE_FORMAT = 1
+VIDEO_STATE_TENSORS = "video_state.safetensors"
+VIDEO_STATE_METADATA = "video_state.json"
+HELD_FIELDS = ("hidden_states", "valid", "vision", "positions", "num_vision", "query_positions")
+
+
+def first_question_stage(stages: list[TimeViperCompressionStage]) -> int | None:
+    """The first compression stage whose result depends on the text after the video: attention-guided selection
+    scores with the question's last token. A uniform stage selects from the token layout alone, and its TransV
+    enriches each text token independently of the others, so a question passes it the way decoded tokens do."""
+    return next((index for index, stage in enumerate(stages) if stage.method != "uniform"), None)
+
+
+@dataclass
+class VideoStateResume:
+    """Where a question's prefill picks up a video state: the first question-dependent stage (None: there is none,
+    the question continues through every block) and that stage's input over the prefix (the prompt up to the end
+    of the video), which the stage re-selects from once the question's last token is known."""
+
+    stage_index: int | None
+    held: SequenceState | None
+    chunk_size: int
+
+
+class PrefixPrefill(ChunkedPrefill):
+    """Chunked prefill of the prefix that stops at the first question-dependent stage and keeps its input."""
+
+    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
+                 stop_stage: int | None):
+        super().__init__(text_model, cache, chunk_size, keep_last=1)
+        self.stop_stage = stop_stage
+        self.held: SequenceState | None = None
+
+    def close(self, index: int) -> None:
+        if index == self.stop_stage:
+            self.held = self.stages[index].take()
+            return
+        super().close(index)
+
+
+class ResumedPrefill(ChunkedPrefill):
+    """A question's prefill from the input of stage `stage_index` on: the segments before the stage are in the
+    cache (the question continued them), the stage input over prefix + question is given whole."""
+
+    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
+        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
+        held = HeldStage(state)
+        held.hidden_states = state.hidden_states
+        self.stages = [None] * stage_index + [held]
+        self.close(stage_index)
+        return self.output.result()
+
+
+def continue_blocks(text_model: "TimeViperTextModel", hidden_states, cache: TimeViperHybridCache, stop: int):
+    """Blocks [0, stop) on new tokens that follow the cached ones, as a decode step runs them (several tokens at
+    once, causal among themselves): Mamba states carry on, attention appends, TransV memory is absorbed."""
+    length = hidden_states.shape[1]
+    layouts = [TokenLayout.from_key_validity(valid, length) for valid in cache.segment_valid]
+    segment = 0
+    for layer in text_model.layers[:stop]:
+        if layer.layer_idx in text_model.stage_at_layer:
+            segment += 1
+            stage_index = text_model.stage_at_layer[layer.layer_idx]
+            if stage_index in cache.transfer_memory:
+                hidden_states = text_model.transfer_new_tokens(hidden_states, stage_index, cache)
+        layout = layouts[segment]
+        rotary = text_model.rotary_emb
+        position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
+        hidden_states = layer(hidden_states, layout, position_embeddings=position_embeddings, past_key_values=cache)
+    return hidden_states
+
+
+def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
+                       query_positions):
+    """The prefill of the text after the video on a cache forked from a `TimeViperVideoState`: the question's
+    tokens run through the blocks before the first question-dependent stage, then that stage selects among the
+    held prefix inputs + the question's, and the blocks after it run on what it keeps (`ResumedPrefill`).
+    Returns `TimeViperTextModel.forward`'s outputs for the question's tokens."""
+    resume, cache.resume = cache.resume, None
+    batch, length = valid.shape
+    if batch != 1 or not bool(valid.all()):
+        raise ValueError(
+            f"a video state answers one question at a time: got a batch of {batch} with padding "
+            f"{not bool(valid.all())}; pass input_ids of shape (1, length) without padding"
+        )
+    prefix_length = cache.seen_tokens
+    cache.extend_segments(valid)
+    cache.seen_tokens += length
+    stop = len(text_model.layers) if resume.stage_index is None else text_model.stages[resume.stage_index].layer_idx
+    hidden_states = continue_blocks(text_model, inputs_embeds, cache, stop)
+    if resume.stage_index is None:
+        return text_model.final_norm(hidden_states), None, None
+    held = resume.held
+    positions = torch.arange(prefix_length, prefix_length + length, device=valid.device)[None]
+    query = positions[:, -1] if query_positions is None else query_positions.to(valid.device)
+    state = SequenceState(
+        hidden_states=torch.cat([held.hidden_states, hidden_states], dim=1),
+        valid=torch.cat([held.valid, valid], dim=1),
+        vision=torch.cat([held.vision, torch.zeros_like(valid)], dim=1),
+        positions=torch.cat([held.positions, positions], dim=1),
+        num_vision=held.num_vision,
+        query_positions=query,
+    )
+    # Text tokens are never dropped: the question's tokens are the last `length` kept positions.
+    output = ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
+    return output, None, None
+
+
+def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
+    """What a saved video state must match to be loaded into `model`: the compression schedule, a hash of the
+    configuration (private and version fields left out), the dtype, and a probe of the weights (8 evenly spaced
+    elements of every parameter, hashed: cheap, and different for any other checkpoint)."""
+    schedule = "-".join(stage.to_reference_string() for stage in model.config.compression_stages) or "none"
+
+    def public(value):
+        if isinstance(value, dict):
+            ignored = {"transformers_version", "dtype", "torch_dtype", "architectures", "auto_map"}
+            return {str(k): public(v) for k, v in value.items() if not str(k).startswith("_") and k not in ignored}
+        return value
+
+    config_json = json.dumps(public(model.config.to_dict()), sort_keys=True, default=str)
+    samples = []
+    for _, parameter in sorted(model.named_parameters()):
+        flat = parameter.detach().flatten()
+        count = min(8, flat.numel())  # (integer steps: float linspace rounds past the end of a 500M-element weight)
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        samples.append(flat[index].float())
+    probe = torch.cat(samples).cpu().numpy().tobytes()
+    return {
+        "schedule": schedule,
+        "config_hash": hashlib.sha256(config_json.encode()).hexdigest(),
+        "weights_probe": hashlib.sha256(probe).hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a copy where one shares memory with an earlier one (safetensors refuses shared
+    storage; the held stage input's validity is the cache's segment validity, for instance)."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+class TimeViperVideoState:
+    """A video and the prompt before it, prefilled once, answering any number of questions that follow it.
+
+    Made by `TimeViperForConditionalGeneration.encode_video_state`. It holds the hybrid cache of the prefix (the
+    prompt up to the video's last placeholder): Mamba conv/SSM states and attention keys/values of the blocks
+    before the first question-dependent stage (`first_question_stage`), the TransV memory of the uniform stages
+    before it, and, when there is such a stage, its input hidden states over the prefix (`resume.held`), which the
+    stage selects from with each question's last token. Without such a stage (no compression, uniform stages with
+    or without TransV) the cache covers every block and a question costs only its own tokens.
+
+    A question runs on a fork (`fork`, `question_inputs`, `generate_from_video_state`): the fork shares the
+    prefix's keys/values and TransV memory, copies the Mamba states, and never writes into the shared tensors
+    (the first key/value append copies into a new buffer), so the state serves any number of questions. The
+    result equals the full prompt's one-shot forward: same kept tokens, same logits up to the order of sums.
+    """
+
+    def __init__(self, cache: TimeViperHybridCache, prefix_ids: torch.Tensor, resume: VideoStateResume,
+                 num_frames: int, fingerprint: dict):
+        self.cache, self.prefix_ids, self.resume = cache, prefix_ids, resume
+        self.num_frames, self.fingerprint = num_frames, fingerprint
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_ids.shape[1]
+
+    # -- making one ------------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, model: "TimeViperForConditionalGeneration", input_ids, video_features, pixel_values_videos,
+                chunk_size: int) -> "TimeViperVideoState":
+        config = model.config
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"encode_video_state takes the input_ids of one prompt, (1, length), got {tuple(input_ids.shape)}")
+        if bool((input_ids == config.image_token_id).any()):
+            raise ValueError("encode_video_state reuses a video; the prompt has image placeholders")
+        video = (input_ids[0] == config.video_token_id).nonzero()
+        if video.numel() == 0:
+            raise ValueError(f"input_ids hold no video placeholder (id {config.video_token_id})")
+        if (video_features is None) == (pixel_values_videos is None):
+            raise ValueError("pass exactly one of video_features or pixel_values_videos")
+        if chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
+        prefix_ids = input_ids[:, : int(video.max()) + 1]
+        inner = model.model
+        if pixel_values_videos is not None:
+            video_features = inner.get_video_features(pixel_values_videos)
+        mask = inner.get_placeholder_mask(prefix_ids, config.video_token_id, video_features, "videos")
+        embed_columns = PlaceholderEmbedder(inner.get_input_embeddings(), prefix_ids, mask, [(mask, video_features)])
+        text_model = inner.language_model
+        stop = first_question_stage(text_model.stages)
+        cache = TimeViperHybridCache()
+        cache.seen_tokens = prefix_ids.shape[1]
+        prefill = PrefixPrefill(text_model, cache, chunk_size, stop)
+        prefill.consume(embed_columns, input_state(None, torch.ones_like(mask), mask, None))
+        num_frames = int(mask.sum()) // config.vision_tokens_per_frame
+        resume = VideoStateResume(stop, prefill.held, chunk_size)
+        return cls(cache, prefix_ids, resume, num_frames, state_fingerprint(model))
+
+    # -- asking ----------------------------------------------------------------------------------------------------
+    def fork(self) -> TimeViperHybridCache:
+        """A cache whose next forward call takes the tokens after the prefix (see the class docstring)."""
+        cache = TimeViperHybridCache()
+        cache.conv_states = {i: state.clone() for i, state in self.cache.conv_states.items()}
+        cache.ssm_states = {i: state.clone() for i, state in self.cache.ssm_states.items()}
+        cache.keys, cache.values = dict(self.cache.keys), dict(self.cache.values)
+        cache.transfer_memory = dict(self.cache.transfer_memory)
+        cache.segment_valid = list(self.cache.segment_valid)
+        cache.seen_tokens = self.cache.seen_tokens
+        cache.resume = self.resume
+        return cache
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """A prompt can be asked of this state if it starts with the prefix and continues after it."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"a video state answers one prompt at a time, (1, length); got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] <= self.prefix_length:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[1]} tokens; the video state's prefix alone has {self.prefix_length}: "
+                "the question must follow the video"
+            )
+        if not torch.equal(input_ids[:, : self.prefix_length].cpu(), self.prefix_ids.cpu()):
+            raise ValueError(
+                f"the prompt's first {self.prefix_length} tokens differ from the video state's prefix (another "
+                "video, frame count or text before the video): build the state from this prompt"
+            )
+
+    def question_inputs(self, input_ids: torch.Tensor) -> dict:
+        """Keyword arguments of the model's forward for the whole prompt `input_ids` on a fresh fork: its first
+        call computes only the question's part (the logits of the tokens after the prefix)."""
+        self.check_prompt(input_ids)
+        return {
+            "input_ids": input_ids[:, self.prefix_length :],
+            "attention_mask": torch.ones_like(input_ids),
+            "past_key_values": self.fork(),
+        }
+
+    # -- size ------------------------------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors a question reads: cached states, keys/values, TransV memory, held stage input."""
+        held = self.resume.held
+        return self.cache.memory_bytes() + (0 if held is None else held.hidden_states.nbytes)
+
+    # -- disk ------------------------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """Writes `video_state.safetensors` and `video_state.json` (what the state must match to be loaded)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cache, tensors = self.cache, {"prefix_ids": self.prefix_ids}
+        for name, store in (("conv_states", cache.conv_states), ("ssm_states", cache.ssm_states),
+                            ("keys", cache.keys), ("values", cache.values)):
+            tensors.update({f"{name}.{layer_idx}": tensor for layer_idx, tensor in store.items()})
+        tensors.update({f"segment_valid.{s}": valid for s, valid in enumerate(cache.segment_valid)})
+        for stage_index, memory in cache.transfer_memory.items():
+            tensors.update({f"transfer_memory.{stage_index}.{i}": tensor for i, tensor in enumerate(memory)})
+        if self.resume.held is not None:
+            tensors.update({f"held.{field}": getattr(self.resume.held, field) for field in HELD_FIELDS})
+        save_file(unshared(tensors), directory / VIDEO_STATE_TENSORS)
+        metadata = {
+            "format": VIDEO_STATE_FORMAT,
+            **self.fingerprint,
+            "num_frames": self.num_frames,
+            "prefix_length": self.prefix_length,
+            "stage_index": self.resume.stage_index,
+            "prefill_chunk_size": self.resume.chunk_size,
+            "memory_bytes": self.memory_bytes(),
+            "bytes_per_frame": self.memory_bytes() / self.num_frames,
+        }
+        (directory / VIDEO_STATE_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory, model: "TimeViperForConditionalGeneration") -> "TimeViperVideoState":
+        """Reads a state written by `save` onto `model`'s device; refuses one made with another configuration,
+        schedule, dtype or weights (its questions would not equal a full run)."""
+        directory = Path(directory)
+        metadata_path, tensors_path = directory / VIDEO_STATE_METADATA, directory / VIDEO_STATE_TENSORS
+        for path in (metadata_path, tensors_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: not a video state folder (TimeViperVideoState.save)")
+        metadata = json.loads(metadata_path.read_text())
+        if metadata.get("format") != VIDEO_STATE_FORMAT:
+            raise ValueError(f"{metadata_path}: video state format {metadata.get('format')!r}, expected {VIDEO_STATE_FORMAT}")
+        expected = state_fingerprint(model)
+        for key, what in (("schedule", "compression schedule"), ("dtype", "dtype"),
+                          ("config_hash", "configuration (hash)"), ("weights_probe", "weights (probe hash)")):
+            if metadata.get(key) != expected[key]:
+                raise ValueError(
+                    f"{metadata_path}: the video state was made by a model with {what} {metadata.get(key)!r}, this "
+                    f"model has {expected[key]!r}; encode the video again with this model"
+                )
+        tensors = load_file(tensors_path, device=str(model.device))
+        cache = TimeViperHybridCache()
+        stores = {"conv_states": cache.conv_states, "ssm_states": cache.ssm_states, "keys": cache.keys,
+                  "values": cache.values}
+        memory: dict[int, list] = {}
+        held = {}
+        for name, tensor in tensors.items():
+            kind, _, rest = name.partition(".")
+            if kind in stores:
+                stores[kind][int(rest)] = tensor
+            elif kind == "transfer_memory":
+                stage_index, part = rest.split(".")
+                memory.setdefault(int(stage_index), [None] * 3)[int(part)] = tensor
+            elif kind == "held":
+                held[rest] = tensor
+        num_segments = sum(name.startswith("segment_valid.") for name in tensors)
+        cache.segment_valid = [tensors[f"segment_valid.{s}"] for s in range(num_segments)]
+        cache.transfer_memory = {stage_index: tuple(parts) for stage_index, parts in memory.items()}
+        prefix_ids = tensors["prefix_ids"].cpu()
+        cache.seen_tokens = prefix_ids.shape[1]
+        resume = VideoStateResume(
+            metadata["stage_index"], SequenceState(**held) if held else None, metadata["prefill_chunk_size"]
+        )
+        return cls(cache, prefix_ids, resume, metadata["num_frames"], expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2015,6 +2357,22 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def streamed_video_features(self, streams):
         return self.model.streamed_video_features(streams)
 
+    def encode_video_state(self, input_ids, video_features=None, pixel_values_videos=None,
+                           prefill_chunk_size: int = 16384) -> TimeViperVideoState:
+        """Prefills the prompt up to the video's last placeholder once, for any number of questions after it
+        (`TimeViperVideoState`). `input_ids`: (1, length), a prompt with the video (the text after the video is
+        ignored); the video as `video_features` (`encode_video`, `streamed_video_features`) or pixel values."""
+        return TimeViperVideoState.prefill(self, input_ids, video_features, pixel_values_videos, prefill_chunk_size)
+
+    def generate_from_video_state(self, state: TimeViperVideoState, input_ids, **generate_kwargs):
+        """`generate()` for the whole prompt `input_ids` (1, length), which starts with the state's prefix: only
+        the question's part is prefilled. Returns generate()'s output (the prompt followed by the new tokens)."""
+        inputs = state.question_inputs(input_ids)
+        return self.generate(
+            input_ids=input_ids, attention_mask=inputs["attention_mask"], past_key_values=inputs["past_key_values"],
+            **generate_kwargs,
+        )
+
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
         """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
@@ -2247,4 +2605,5 @@ __all__ = [
     "TimeViperHybridCache",
     "TimeViperModel",
     "TimeViperPreTrainedModel",
+    "TimeViperVideoState",
 ]

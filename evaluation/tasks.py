@@ -506,6 +506,15 @@ def shard_items(items: Sequence, num_shards: int, shard_index: int) -> list:
     return [items[i] for i in shard_indices(len(items), num_shards, shard_index)]
 
 
+def group_by_video(items: Sequence[dict]) -> list[dict]:
+    """The items with the questions about each video next to each other: videos in the order they first appear,
+    each video's items in their own order. An answer function can then reuse a video's state across them."""
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(item["video"], len(first_seen))
+    return sorted(items, key=lambda item: first_seen[item["video"]])
+
+
 def shard_output_path(output_dir: str | os.PathLike, name: str, shard_index: int, num_shards: int) -> Path:
     """``{output_dir}/{name}.shard{i}of{K}.jsonl``."""
     return Path(output_dir) / f"{name}.shard{shard_index}of{num_shards}.jsonl"

@@ -1,6 +1,9 @@
-"""Ask a question about a video and stream the answer.
+"""Ask questions about a video and stream the answers.
 
     python -m inference.ask --model CHECKPOINT --video clip.mp4 --question "What happens after the dog jumps?"
+
+Several --question flags ask them in turn about the same video, which is encoded and prefilled once (its state is
+reused: each further question costs its own tokens and the compression stages that depend on it).
 
 Without --model, an embedded tiny random-weight model is built on the fly (its answers are noise; it shows the
 pipeline end to end on any CPU); without --video, a sample clip is generated.
@@ -16,7 +19,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextStreamer
 
-from inference.streaming import PREFILL_CHUNK_TOKENS, STREAM_CHUNK_FRAMES, processing_module
+from inference.streaming import PREFILL_CHUNK_TOKENS, STREAM_CHUNK_FRAMES, processing_module, video_prompt_ids
+
+DEFAULT_QUESTION = "Describe what happens in this video."
 
 
 def parse_args(argv=None):
@@ -24,7 +29,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="converted TimeViper checkpoint folder or Hub id (default: tiny random model)")
     parser.add_argument("--revision", help="Hub revision to pin the remote code to")
     parser.add_argument("--video", help="video file (default: a generated sample clip)")
-    parser.add_argument("--question", default="Describe what happens in this video.")
+    parser.add_argument(
+        "--question", action="append",
+        help=f"repeat for several questions about the video (default: {DEFAULT_QUESTION!r})",
+    )
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
     parser.add_argument("--max-frames", type=int, default=256, help="uniformly subsample to at most this many")
     parser.add_argument("--start", type=float, help="clip start in seconds")
@@ -103,6 +111,41 @@ def vision_progress(model, num_frames: int):
     return bar, model.model.multi_modal_projector.register_forward_hook(count)
 
 
+def video_conversation(video: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": question}]}]
+
+
+def ask_many(model, processor, video, questions, first_ids, video_features, num_frames: int, args) -> None:
+    """Several questions about one video: the prompt up to the end of the video is prefilled once
+    (`encode_video_state`), then each question runs on a fork of that state."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        state = model.encode_video_state(
+            first_ids.to(model.device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS
+        )
+    size = state.memory_bytes()
+    print(
+        f"[state] video prefilled once in {time.perf_counter() - t0:.2f} s; its state holds {size / 2**20:.1f} MiB "
+        f"({size / num_frames / 1024:.1f} KiB per frame)"
+    )
+    for number, question in enumerate(questions, 1):
+        ids = video_prompt_ids(processor, video_conversation(video, question), num_frames).to(model.device)
+        print(f"[question {number}] {question}")
+        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate_from_video_state(
+                state, ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer
+            )
+        t_end = time.perf_counter()
+        prefill = (streamer.first_token_time or t_end) - t0
+        print(
+            f"[time] question {number}: prefill of its {ids.shape[1] - state.prefix_length} tokens "
+            f"{prefill:.2f} s | decode {t_end - (streamer.first_token_time or t_end):.2f} s "
+            f"({streamer.num_tokens} tokens)"
+        )
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -123,7 +166,8 @@ def main(argv=None):
 
         sampling = {"fps": args.fps, "max_frames": args.max_frames}
         sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
-        messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": args.question}]}]
+        questions = args.question or [DEFAULT_QUESTION]
+        messages = video_conversation(video, questions[0])
         # The video streams from the file: decoding (a background thread) overlaps the vision tower, only the
         # frame features are kept, and the prefill runs in chunks (inference.streaming).
         t0 = time.perf_counter()
@@ -145,6 +189,9 @@ def main(argv=None):
         handle.remove()
         bar.close()
 
+        if len(questions) > 1:
+            ask_many(model, processor, video, questions, inputs["input_ids"], video_features, num_frames, args)
+            return
         streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -32,3 +32,13 @@ def stream_conversation(model, processor, conversation, chunk_frames: int = STRE
         for stream in streams
     ])
     return inputs, features, streams
+
+
+def video_prompt_ids(processor, conversation, num_frames: int) -> torch.Tensor:
+    """``input_ids`` (1, length) of a conversation about one video whose `num_frames` frames are already sampled,
+    tokenised as `streaming_chat_inputs` does, without opening the video again: the prompts of further questions
+    about a video whose state is reused (``model.encode_video_state``)."""
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    video_inputs = {"video_num_frames": torch.tensor([num_frames])}
+    texts = processor._expand_placeholders([prompt], video_inputs, None)
+    return torch.tensor(processor._tokenize(texts, {}, False, video_inputs, None)["input_ids"])
