@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 
 from timeviper.modeling_timeviper import TimeViperHybridCache, TimeViperVideoState
 
@@ -23,9 +23,7 @@ QUESTIONS = ([8, 9, 10], [11], [12, 13, 14, 15, 16, 17, 18])
 
 def make_model(backbone, schedule, seed=1):
     model = tiny_model(backbone, seed=seed, token_compression=schedule)
-    with torch.no_grad():
-        if model.model.language_model.transfer_slot:
-            model.model.language_model.alpha.fill_(0.8)  # TransV changes the text tokens
+    open_transfer_gates(model, 0.8)  # TransV changes the text tokens
     return model
 
 
