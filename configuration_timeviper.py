@@ -6,10 +6,48 @@ transformer), with optional in-LLM token compression (dropping and TransV) descr
 
 from dataclasses import asdict, dataclass
 
-from transformers import AutoConfig, PretrainedConfig
-from transformers.models.nemotron_h import NemotronHConfig
-from transformers.models.qwen2 import Qwen2Config
-from transformers.models.siglip import SiglipVisionConfig
+import transformers
+from packaging.specifiers import SpecifierSet
+
+# The transformers releases this code is proven on (tests/compat runs the oldest, one middle and the newest). Outside
+# them an import below can fail with a message about something else, or worse, the model can load and compute
+# something else, so importing any of the three remote-code files stops with this range instead.
+SUPPORTED_TRANSFORMERS = ">=5.13,<5.26"
+
+
+def check_transformers_version() -> None:
+    installed = transformers.__version__
+    if not SpecifierSet(SUPPORTED_TRANSFORMERS).contains(installed, prereleases=True):
+        raise ImportError(
+            f"TimeViper's model code works with transformers{SUPPORTED_TRANSFORMERS.replace(',', ', ')}; this "
+            f"environment has transformers {installed}. Install a supported release: "
+            f'pip install "transformers{SUPPORTED_TRANSFORMERS}"'
+        )
+
+
+check_transformers_version()
+
+from transformers import AutoConfig, PretrainedConfig  # noqa: E402  (after the guard: older releases lack some)
+from transformers.models.nemotron_h import NemotronHConfig  # noqa: E402
+from transformers.models.qwen2 import Qwen2Config  # noqa: E402
+from transformers.models.siglip import SiglipVisionConfig  # noqa: E402
+
+# The Auto classes of every folder this code writes, whichever class saved it and however it was loaded.
+AUTO_MAP = {
+    "AutoConfig": "configuration_timeviper.TimeViperConfig",
+    "AutoModel": "modeling_timeviper.TimeViperModel",
+    "AutoModelForImageTextToText": "modeling_timeviper.TimeViperForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
+}
+
+# pipeline("image-text-to-text") runs TimeViper's own pipeline class, which batches the flat frame tensor correctly.
+CUSTOM_PIPELINES = {
+    "image-text-to-text": {
+        "impl": "modeling_timeviper.TimeViperImageTextToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "type": "multimodal",
+    }
+}
 
 COMPRESSION_METHODS = ("uniform", "attention")
 PROJECTOR_TYPES = ("tome_mlp", "mlp")
@@ -261,6 +299,14 @@ class TimeViperConfig(PretrainedConfig):
         self.token_compression = [asdict(stage) for stage in stages]
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # A Hub load prefixes each entry with the repo id and a load through one Auto class adds only that class;
+        # the code files are saved next to config.json, so the plain names of all Auto classes are the right ones.
+        self.auto_map = dict(AUTO_MAP)
+        self.custom_pipelines = dict(CUSTOM_PIPELINES)
+        type(self).register_for_auto_class()  # transformers copies this file next to config.json for registered classes
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     @staticmethod
     def _patches_per_frame(vision_config) -> int:
         return (vision_config.image_size // vision_config.patch_size) ** 2
@@ -284,4 +330,4 @@ class TimeViperConfig(PretrainedConfig):
         return text_layer_types(self.text_config)
 
 
-__all__ = ["TimeViperConfig", "TimeViperCompressionStage", "parse_compression_string"]
+__all__ = ["AUTO_MAP", "SUPPORTED_TRANSFORMERS", "TimeViperConfig", "TimeViperCompressionStage", "parse_compression_string"]

@@ -9,24 +9,33 @@ per-sequence state of a generation (Mamba conv/SSM states, per-block KV of diffe
 every compression segment) lives in `TimeViperHybridCache`.
 """
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+# First: importing the configuration runs its transformers version guard, before the imports an unsupported release
+# may lack.
+from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
+
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
-
-from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types
 
 try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -49,27 +58,45 @@ PADDING_DT = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: its generate() passes `cache=` to forward()
+# and reads `outputs["cache"]`, and its ModelOutput turns a `past_key_values=` keyword into `cache=`. Older releases
+# use `past_key_values` throughout. forward() takes either spelling; the outputs declare the installed release's.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def with_cache_field(cls):
+    """`cls` as a ModelOutput dataclass whose `cache` field carries the installed release's name (CACHE_NAME)."""
+    if CACHE_NAME != "cache":
+        cls.__annotations__ = {(CACHE_NAME if name == "cache" else name): kind for name, kind in cls.__annotations__.items()}
+        delattr(cls, "cache")
+        setattr(cls, CACHE_NAME, None)
+    return dataclass(cls)
+
+
+@with_cache_field
 class TimeViperModelOutputWithPast(ModelOutput):
     """
     last_hidden_state: (batch, kept_length, hidden) after all compression stages.
     kept_positions: (batch, kept_length) index of each output position in the input sequence, -1 for padding.
+    cache: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
+@with_cache_field
 class TimeViperCausalLMOutputWithPast(ModelOutput):
+    """`cache`: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24)."""
+
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     video_hidden_states: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -111,12 +138,17 @@ class TimeViperHybridCache(Cache):
         self.segment_valid: list[torch.Tensor] = []
         self.seen_tokens = 0
         self._kv_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see update()
+        # Chunked prefill knows each attention block's final prompt length up front: its first update allocates
+        # that much at once instead of regrowing (copying) the keys/values at every chunk.
+        self.reserved_lengths: dict[int, int] = {}
         # Static decoding, once the buffers exist: prompt length of every segment and attention block (where decode
         # step t writes, at base + t), t itself as a device tensor (a CUDA graph reads it), and the captured step.
         self.segment_base: list[int] | None = None
         self.kv_base: dict[int, int] = {}
         self.decode_step: torch.Tensor | None = None
         self.decode_graph: DecodeStepGraph | None | bool = None  # False: capture failed, decode eagerly
+        # A cache forked from a `TimeViperVideoState`: its next forward call is the question after the video.
+        self.resume: VideoStateResume | None = None
 
     def __len__(self):
         return len(self.segment_valid)
@@ -177,15 +209,27 @@ class TimeViperHybridCache(Cache):
             raise ValueError(
                 f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
             )
-        self._kv_buffers = {}  # (empty after a prefill; never keep a second copy of the cache alive)
         self.segment_base = [valid.shape[1] for valid in self.segment_valid]
         self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
-        # Zero-filled: unwritten slots are masked, but a NaN there would still poison `probabilities @ values`.
-        for store in (self.keys, self.values):
+        for which, store in enumerate((self.keys, self.values)):
             for layer_idx, tensor in store.items():
                 self.kv_base[layer_idx] = tensor.shape[-2]
-                store[layer_idx] = F.pad(tensor, (0, 0, 0, room))
+                store[layer_idx] = self._with_room(layer_idx, which, tensor, room)
+        self._kv_buffers = {}  # never keep a second copy of the cache alive
         self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
+
+    def _with_room(self, layer_idx: int, which: int, tensor: torch.Tensor, room: int) -> torch.Tensor:
+        """`tensor` followed by `room` zeros: in place when it is the start of a buffer that has the room (a chunked
+        prefill reserves it), else a padded copy (twice the block's keys/values at that moment). Zero-filled:
+        unwritten slots are masked, but a NaN there would still poison `probabilities @ values`."""
+        buffers = self._kv_buffers.get(layer_idx)
+        length = tensor.shape[-2]
+        if buffers is not None and buffers[which].data_ptr() == tensor.data_ptr():
+            if buffers[which].shape[-2] >= length + room:
+                grown = buffers[which][..., : length + room, :]
+                grown[..., length:, :].zero_()
+                return grown
+        return F.pad(tensor, (0, 0, 0, room))
 
     def static_step_layouts(self) -> list["TokenLayout"]:
         """Marks the new token valid in every segment's buffer and returns the layouts of this step: attention over
@@ -207,13 +251,15 @@ class TimeViperHybridCache(Cache):
             self.values[layer_idx].index_copy_(2, index, value_states)
             return self.keys[layer_idx], self.values[layer_idx]
         if layer_idx not in self.keys:
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-            return key_states, value_states
+            if layer_idx not in self.reserved_lengths:
+                self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+                return key_states, value_states
+            self.keys[layer_idx], self.values[layer_idx] = key_states[..., :0, :], value_states[..., :0, :]
         old_keys, old_values = self.keys[layer_idx], self.values[layer_idx]
         length, new = old_keys.shape[-2], key_states.shape[-2]
         buffers = self._kv_buffers.get(layer_idx)
         if buffers is None or buffers[0].data_ptr() != old_keys.data_ptr() or buffers[0].shape[-2] < length + new:
-            capacity = length + new + self.KV_SPARE_TOKENS
+            capacity = max(length + new + self.KV_SPARE_TOKENS, self.reserved_lengths.pop(layer_idx, 0))
             buffers = tuple(
                 old.new_empty(*old.shape[:-2], capacity, old.shape[-1]) for old in (old_keys, old_values)
             )
@@ -290,6 +336,9 @@ class TokenLayout:
     # Prefill of a padded batch whose rows each hold one run of valid tokens: (start, end) per row. Attention then
     # runs causally per row on its run, with no (L x L) mask.
     row_spans: list[tuple[int, int]] | None = None
+    # Chunked prefill: the queries are the sequence's tokens [query_offset, query_offset + query_len), the keys its
+    # tokens [0, query_offset + query_len); `row_spans` are then in key coordinates.
+    query_offset: int = 0
 
     @classmethod
     def from_key_validity(cls, key_valid: torch.Tensor, query_len: int) -> "TokenLayout":
@@ -298,7 +347,8 @@ class TokenLayout:
         position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
         query_valid = key_valid[:, -query_len:]
         if bool(key_valid.all()):
-            return cls(None, None, query_len > 1 and query_len == key_len, position_ids)
+            # query_len < key_len: new tokens after cached ones, causal among themselves (aligned lower right)
+            return cls(None, None, query_len > 1, position_ids)
         if query_len == 1:
             return cls(query_valid, key_valid[:, None, None, :], False, position_ids)
         if query_len == key_len:
@@ -622,25 +672,38 @@ class TimeViperAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if layout.row_spans is not None:
-            out = attend_per_row(attention_function(self.config), query, key, value, layout.row_spans, self.scaling)
+            out = attend_per_row(
+                attention_function(self.config), query, key, value, layout.row_spans, self.scaling, layout.query_offset
+            )
         else:
             out = attend(self.config, query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    # Keys are projected this many tokens at a time: all of them at once, in float32 and repeated for every query
+    # head of their group, were 40 GB at 1.6M tokens (Nano-9B-v2 dims); the logits are heads x L float32.
+    score_chunk_size = 65536
 
     @torch.no_grad()
     def last_query_scores(self, hidden_states: torch.Tensor, query_index: int, key_valid: torch.Tensor):
         """Softmax attention of the single query at `query_index` over keys [0, query_index], averaged over heads,
         from this block's q/k projections applied to the raw residual stream (no norm, no positions). O(L)."""
-        query = self.q_proj(hidden_states[query_index]).view(self.num_heads, 1, self.head_dim)
-        keys = self.k_proj(hidden_states[: query_index + 1]).view(-1, self.num_kv_heads, self.head_dim)
-        keys = keys.transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
-        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(1) * self.scaling
+        groups = self.num_heads // self.num_kv_heads
+        query = self.q_proj(hidden_states[query_index]).view(self.num_kv_heads, groups, self.head_dim).float()
+        logits = []
+        for start in range(0, query_index + 1, self.score_chunk_size):
+            end = min(start + self.score_chunk_size, query_index + 1)
+            keys = self.k_proj(hidden_states[start:end]).view(-1, self.num_kv_heads, self.head_dim)
+            logits.append(torch.einsum("kgd,lkd->kgl", query, keys.float()))
+        logits = torch.cat(logits, dim=-1).flatten(0, 1) * self.scaling
         logits = logits.masked_fill(~key_valid[: query_index + 1], -math.inf)
         return logits.softmax(dim=-1).mean(dim=0)
 
 
 def sdpa_attention(query, key, value, mask, is_causal, scale):
-    """query (b, heads, q, d); key/value (b, kv_heads, k, d); mask (b, 1, q, k) bool or None."""
+    """query (b, heads, q, d); key/value (b, kv_heads, k, d); mask (b, 1, q, k) bool or None. Causal attention with
+    fewer queries than keys aligns the queries with the last keys (a chunk after the cached tokens)."""
+    if is_causal and query.shape[2] != key.shape[2]:
+        mask, is_causal = causal_lower_right(query.shape[2], key.shape[2]), False
     if query.is_cuda:
         # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -697,21 +760,31 @@ def attend(config, query, key, value, mask, is_causal, scale):
     return attention_function(config)(query, key, value, mask, is_causal, scale)
 
 
-def attend_per_row(attention, query, key, value, row_spans, scale):
+def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=0):
     """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
-    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2)."""
+    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2).
+
+    The queries are the tokens [query_offset, query_offset + q) of the sequence whose keys are [0, key_len) (a chunk
+    of a chunked prefill; 0 and q = key_len otherwise); `row_spans` index the keys."""
     length = query.shape[2]
     rows = []
     for b, (start, end) in enumerate(row_spans):
-        run = slice(start, end)
-        out = attention(query[b : b + 1, :, run], key[b : b + 1, :, run], value[b : b + 1, :, run], None, end - start > 1, scale)
-        rows.append(F.pad(out, (0, 0, start, length - end)))
+        first, stop = max(start, query_offset), min(end, query_offset + length)
+        if first >= stop:  # no valid query of this row in the chunk
+            rows.append(query.new_zeros(1, query.shape[1], length, value.shape[-1]))
+            continue
+        queries = query[b : b + 1, :, first - query_offset : stop - query_offset]
+        keys, values = key[b : b + 1, :, start:stop], value[b : b + 1, :, start:stop]
+        out = attention(queries, keys, values, None, stop - first > 1, scale)
+        rows.append(F.pad(out, (0, 0, first - query_offset, query_offset + length - stop)))
     return torch.cat(rows)
 
 
 class TimeViperTransV(nn.Module):
     """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
-    mask and no positions. The gate `tanh(alpha)` lives in the text model, so at alpha = 0 this is plain dropping.
+    mask and no positions. The text model adds the output gated by this module's `tanh(alpha)`, so at alpha = 0
+    this is plain dropping. The gate is a parameter of this module so that the module is the whole trainable unit
+    (PEFT's `modules_to_save`, per-module learning rates).
     The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
 
     def __init__(self, config):
@@ -726,6 +799,10 @@ class TimeViperTransV(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def gate(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha).to(like.dtype)
 
     def memory(self, dropped: torch.Tensor):
         """dropped: (m, d) vision tokens -> key, value (kv_heads, m, head_dim)."""
@@ -897,7 +974,7 @@ def select_by_attention(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
 class SequenceState:
     """The token sequence as it flows through the compression stages of one forward pass."""
 
-    hidden_states: torch.Tensor  # (b, l, d)
+    hidden_states: torch.Tensor | None  # (b, l, d); None for the layout alone (chunked prefill)
     valid: torch.Tensor  # (b, l) bool
     vision: torch.Tensor  # (b, l) bool: holds a vision embedding
     positions: torch.Tensor  # (b, l) index in the input sequence, -1 for padding
@@ -908,7 +985,7 @@ class SequenceState:
 class TimeViperTextModel(nn.Module):
     """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
     checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
-    `norm`), plus `merge_modules.{stage}` and `alpha` for TransV."""
+    `norm`), plus `merge_modules.{stage}` (with its gate `alpha`) for TransV."""
 
     # Mamba / MLP work is split along the sequence beyond this many tokens (bounds activation memory).
     sequence_chunk_size = 16384
@@ -939,7 +1016,6 @@ class TimeViperTextModel(nn.Module):
         self.transfer_slot = {stage_index: slot for slot, stage_index in enumerate(transfer_stages)}
         if transfer_stages:
             self.merge_modules = nn.ModuleDict({str(i): TimeViperTransV(text_config) for i in transfer_stages})
-            self.alpha = nn.Parameter(torch.zeros(len(transfer_stages)))
 
     @property
     def embed(self) -> nn.Embedding:
@@ -969,6 +1045,10 @@ class TimeViperTextModel(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
         else:
             valid = attention_mask.bool()
+        if decoding and past_key_values.resume is not None:
+            if output_hidden_states:
+                raise ValueError("output_hidden_states is not available for a question asked of a video state")
+            return resume_after_video(self, inputs_embeds, valid, past_key_values, compression_query_positions)
         static_step = decoding and past_key_values.is_static
         if static_step:
             layouts = past_key_values.static_step_layouts()
@@ -985,13 +1065,7 @@ class TimeViperTextModel(nn.Module):
         if past_key_values is not None:
             past_key_values.seen_tokens += length
 
-        positions = torch.arange(length, device=device).expand(batch, -1).masked_fill(~valid, -1)
-        vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
-        if compression_query_positions is None:
-            compression_query_positions = positions.max(dim=-1).values
-        state = SequenceState(
-            inputs_embeds, valid, vision, positions, vision.sum(-1), compression_query_positions.to(device)
-        )
+        state = input_state(inputs_embeds, valid, vision_mask, compression_query_positions)
 
         all_hidden_states = () if output_hidden_states else None
         segment = 0
@@ -1023,6 +1097,31 @@ class TimeViperTextModel(nn.Module):
         kept_positions = state.positions if not decoding else None
         return hidden_states, kept_positions, all_hidden_states
 
+    def prefill_in_chunks(
+        self,
+        embed_columns,
+        valid: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        past_key_values: TimeViperHybridCache,
+        chunk_size: int,
+        compression_query_positions: torch.Tensor | None = None,
+        keep_last: int | None = None,
+    ):
+        """The prefill of `forward`, `chunk_size` tokens at a time (see `ChunkedPrefill`). embed_columns(start, end)
+        gives the input embeddings of positions [start, end); valid: (batch, length) bool. Returns the final hidden
+        states of the last `keep_last` kept positions (all if None) and the kept positions."""
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)"
+            )
+        if past_key_values is None or past_key_values.is_prefilled:
+            raise ValueError("chunked prefill fills a new cache: pass an empty TimeViperHybridCache")
+        if chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
+        state = input_state(None, valid, vision_mask, compression_query_positions)
+        past_key_values.seen_tokens += valid.shape[1]
+        return ChunkedPrefill(self, past_key_values, chunk_size, keep_last).run(embed_columns, state)
+
     # -- compression -----------------------------------------------------------------------------------------------
     def compress(self, state: SequenceState, stage_index: int, cache: TimeViperHybridCache | None) -> SequenceState:
         """Drop vision tokens per sample (transferring them with TransV), then re-pad the rows on the left."""
@@ -1034,51 +1133,54 @@ class TimeViperTextModel(nn.Module):
         memories = [memory for _, _, memory in rows]
         if cache is not None and any(memory is not None for memory in memories):
             cache.transfer_memory[stage_index] = stack_memories(memories)
+        return kept_layout(state, keeps, hidden)
 
-        def gather(tensor, value):
-            return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
-
-        return SequenceState(
-            hidden_states=hidden,
-            valid=gather(state.valid, False),
-            vision=gather(state.vision, False),
-            positions=gather(state.positions, -1),
-            num_vision=state.num_vision,
-            query_positions=state.query_positions,
-        )
-
-    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
-        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
-        valid, vision, hidden = state.valid[b], state.vision[b], state.hidden_states[b]
+    def select_row(self, state: SequenceState, b: int, stage: TimeViperCompressionStage):
+        """Row b's kept token indices and its dropped-token mask (None when the stage keeps every vision token).
+        Uniform selection reads only the token layout; attention-guided selection reads the hidden states."""
+        valid, vision = state.valid[b], state.vision[b]
         vision_index = vision.nonzero().squeeze(1)
         num_present = vision_index.numel()
         num_keep = min(num_present, int(int(state.num_vision[b]) * stage.keep_ratio))
         if num_keep == num_present:
-            keep = valid.nonzero().squeeze(1)
-            return hidden[keep], keep, None
+            return valid.nonzero().squeeze(1), None
         if stage.method == "uniform":
-            selected = select_uniform(num_present, num_keep, hidden.device)
+            selected = select_uniform(num_present, num_keep, vision.device)
         else:
             query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
-            scores = self.layers[stage.layer_idx](hidden, score_query=(query_index, valid))
+            scores = self.layers[stage.layer_idx](state.hidden_states[b], score_query=(query_index, valid))
             selected = select_by_attention(scores[vision_index], num_keep)
         dropped_mask = vision.clone()
         dropped_mask[vision_index[selected]] = False
-        keep = (valid & ~dropped_mask).nonzero().squeeze(1)
+        return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
+
+    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
+        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
+        hidden = state.hidden_states[b]
+        keep, dropped_mask = self.select_row(state, b, stage)
         row = hidden[keep]
-        if not stage.transfer:
+        if dropped_mask is None or not stage.transfer:
             return row, keep, None
-        memory = self.merge_modules[str(stage_index)].memory(hidden[dropped_mask])
+        memory = self.transfer_memory(stage_index, hidden, dropped_mask.nonzero().squeeze(1))
         # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
-        num_text = int((keep > vision_index[-1]).sum())
+        num_text = int((keep > last_vision_index(state, b)).sum())
         if num_text > 0:
             text = row[None, -num_text:]
             transferred = self.merge_modules[str(stage_index)](text, memory[0][None], memory[1][None])
             row = torch.cat([row[:-num_text], (text + self.transfer_gate(stage_index, text) * transferred)[0]])
         return row, keep, memory
 
+    def transfer_memory(self, stage_index: int, hidden: torch.Tensor, index: torch.Tensor):
+        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
+        of all dropped tokens: 13 GB at 1.4M of them)."""
+        merge = self.merge_modules[str(stage_index)]
+        parts = [merge.memory(hidden[part]) for part in index.split(self.sequence_chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1)
+
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.alpha[self.transfer_slot[stage_index]]).to(like.dtype)
+        return self.merge_modules[str(stage_index)].gate(like)
 
     def transfer_new_tokens(self, hidden_states, stage_index: int, cache: TimeViperHybridCache) -> torch.Tensor:
         """Decode step: the new tokens also lie after the vision span, so they absorb the cached dropped tokens
@@ -1086,6 +1188,38 @@ class TimeViperTextModel(nn.Module):
         key, value, mask = cache.transfer_memory[stage_index]
         transferred = self.merge_modules[str(stage_index)](hidden_states, key, value, mask)
         return hidden_states + self.transfer_gate(stage_index, hidden_states) * transferred
+
+
+def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) -> SequenceState:
+    """The sequence after a stage: each row's kept token indices `keeps`, left-padded to the longest row."""
+    new_length = max(len(keep) for keep in keeps)
+
+    def gather(tensor, value):
+        return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
+
+    return SequenceState(
+        hidden_states=hidden_states,
+        valid=gather(state.valid, False),
+        vision=gather(state.vision, False),
+        positions=gather(state.positions, -1),
+        num_vision=state.num_vision,
+        query_positions=state.query_positions,
+    )
+
+
+def input_state(hidden_states, valid, vision_mask, query_positions) -> SequenceState:
+    """The input sequence before any stage: positions, vision tokens and the attention-guided query of each row."""
+    batch, length = valid.shape
+    positions = torch.arange(length, device=valid.device).expand(batch, -1).masked_fill(~valid, -1)
+    vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
+    if query_positions is None:
+        query_positions = positions.max(dim=-1).values
+    return SequenceState(hidden_states, valid, vision, positions, vision.sum(-1), query_positions.to(valid.device))
+
+
+def last_vision_index(state: SequenceState, b: int) -> int:
+    """Row b's last vision token: the tokens after it are the text that TransV enriches."""
+    return int(state.vision[b].nonzero().max())
 
 
 def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -1112,6 +1246,580 @@ def stack_memories(memories):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Chunked prefill: the prompt consumed a chunk of tokens at a time
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ChunkedPrefill:
+    """Prefill of a long prompt in chunks of `chunk_size` tokens, giving what the one-shot forward gives.
+
+    The blocks between two compression stages form a segment. A segment runs chunk by chunk: the Mamba blocks carry
+    their conv/SSM state from one chunk to the next and the attention blocks append to their cached keys/values,
+    so only one chunk's activations exist at a time. Between segments, a stage selects among ALL vision tokens of a
+    row, so what it holds depends on what the selection reads:
+
+    - uniform (`StreamedStage`): the kept tokens follow from the token layout alone, so the next segment's layout is
+      known before any hidden state and kept tokens flow on chunk by chunk. Held: the stage inputs that arrived
+      but are not yet complete for a next-segment chunk (about one chunk; in a padded batch whose rows differ in
+      length, up to the difference of their kept lengths). With TransV also the dropped tokens' keys/values, which
+      the cache keeps anyway for decoding.
+    - attention-guided (`HeldStage`): the scores need the query token, which comes after the video, so the stage
+      holds its whole input, (batch, segment length, hidden), until the last chunk has arrived, then runs the
+      one-shot `compress` on it; the next segment runs chunk by chunk over the kept tokens (kept length x hidden).
+
+    Peak memory: weights + cached keys/values (reserved at their final length) + Mamba states + one chunk's
+    activations + what the stages hold (above) + the final hidden states of the last `keep_last` positions.
+    """
+
+    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
+                 keep_last: int | None):
+        self.model, self.cache, self.chunk_size, self.keep_last = text_model, cache, chunk_size, keep_last
+        stage_layers = [stage.layer_idx for stage in text_model.stages]
+        self.bounds = [0, *stage_layers, len(text_model.layers)]  # segment s runs blocks [bounds[s], bounds[s+1])
+        self.segments: list[SegmentLayout] = []
+        self.stages: list[StreamedStage | HeldStage] = []
+        self.output: ChunkedOutput | None = None  # the last segment's final hidden states from `output_start` on
+        self.output_start = 0
+
+    @property
+    def last_segment(self) -> int:
+        return len(self.bounds) - 2
+
+    def run(self, embed_columns, state: SequenceState):
+        """embed_columns(start, end) -> (batch, end - start, hidden): the input embeddings of those positions.
+        Returns the final-normed hidden states of the last `keep_last` positions (all if None) and the input index
+        of every kept position."""
+        self.consume(embed_columns, state)
+        return self.output.result(), self.segments[-1].state.positions
+
+    def consume(self, embed_columns, state: SequenceState) -> None:
+        """Pushes every input position through the segments, a chunk at a time."""
+        self.open_segment(state)
+        length = state.valid.shape[1]
+        for start in range(0, length, self.chunk_size):
+            self.push(0, embed_columns(start, min(start + self.chunk_size, length)), start)
+        self.close(0)
+
+    def open_segment(self, state: SequenceState) -> None:
+        index = len(self.segments)
+        segment = SegmentLayout(state)
+        self.segments.append(segment)
+        self.cache.start_segment(state.valid)
+        # A static cache later needs room for the generated tokens after the prompt: reserved now, it is not a copy.
+        room = self.cache.max_length - self.cache.seen_tokens if self.cache.is_static else 0
+        for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
+            if layer.attention is not None:
+                self.cache.reserved_lengths[layer.layer_idx] = segment.length + max(room, 0)
+        if index == self.last_segment:
+            keep = segment.length if self.keep_last is None else min(self.keep_last, segment.length)
+            self.output_start = segment.length - keep
+            self.output = ChunkedOutput(keep)
+            return
+        stage = self.model.stages[index]
+        if stage.method == "uniform":
+            streamed = StreamedStage(self.model, index, state, self.chunk_size)
+            self.stages.append(streamed)
+            self.open_segment(streamed.next_state)
+        else:
+            self.stages.append(HeldStage(state))
+
+    def push(self, index: int, hidden_states: torch.Tensor, start: int) -> None:
+        """Runs segment `index` on its positions [start, start + chunk) and passes the result on."""
+        hidden_states = self.run_blocks(index, hidden_states, start)
+        if index < self.last_segment:
+            for chunk, chunk_start in self.stages[index].feed(hidden_states, start):
+                self.push(index + 1, chunk, chunk_start)
+            return
+        first = max(self.output_start - start, 0)
+        if first < hidden_states.shape[1]:
+            self.output.add(self.model.final_norm(hidden_states[:, first:]))
+
+    def close(self, index: int) -> None:
+        """Segment `index` has received all its positions: finish the stage after it, then the next segment."""
+        if index == self.last_segment:
+            return
+        stage = self.stages[index]
+        if isinstance(stage, HeldStage):
+            state = self.model.compress(stage.take(), index, self.cache)
+            hidden_states, state.hidden_states = state.hidden_states, None
+            self.open_segment(state)
+            for start in range(0, hidden_states.shape[1], self.chunk_size):
+                self.push(index + 1, hidden_states[:, start : start + self.chunk_size], start)
+            del hidden_states
+        else:
+            for chunk, chunk_start in stage.finish(self.cache):
+                self.push(index + 1, chunk, chunk_start)
+        self.close(index + 1)
+
+    def run_blocks(self, index: int, hidden_states: torch.Tensor, start: int) -> torch.Tensor:
+        layout = self.segments[index].chunk(start, hidden_states.shape[1])
+        rotary = self.model.rotary_emb
+        for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
+            position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
+            hidden_states = layer(
+                hidden_states, layout, position_embeddings=position_embeddings, past_key_values=self.cache
+            )
+        return hidden_states
+
+
+class SegmentLayout:
+    """The token layout of one compression segment, cut into chunk layouts."""
+
+    def __init__(self, state: SequenceState):
+        self.state = state
+        self.length = state.valid.shape[1]
+        self.all_valid = bool(state.valid.all())
+        self.position_ids = (state.valid.long().cumsum(-1) - 1).clamp(min=0)
+        self.row_spans = contiguous_spans(state.valid)
+        if self.row_spans is None:
+            raise ValueError(
+                "chunked prefill needs each row's tokens in one run (left or right padding); the attention_mask has "
+                "padding between tokens"
+            )
+
+    def chunk(self, start: int, length: int) -> TokenLayout:
+        end = start + length
+        valid = None if self.all_valid else self.state.valid[:, start:end]
+        return TokenLayout(valid, None, True, self.position_ids[:, start:end], self.row_spans, start)
+
+
+class StreamedStage:
+    """A uniform stage in a chunked prefill: the kept tokens are known from the layout, so each chunk of the next
+    segment is gathered as soon as the stage inputs it needs have arrived (see `ChunkedPrefill`)."""
+
+    def __init__(self, text_model: "TimeViperTextModel", stage_index: int, state: SequenceState, chunk_size: int):
+        self.model, self.stage_index, self.chunk_size = text_model, stage_index, chunk_size
+        stage = text_model.stages[stage_index]
+        rows = [text_model.select_row(state, b, stage) for b in range(state.valid.shape[0])]
+        keeps = [keep for keep, _ in rows]
+        self.next_state = kept_layout(state, keeps, None)
+        self.length = self.next_state.valid.shape[1]
+        # source[b, c]: the stage-input position of the next segment's position c (-1 for padding).
+        self.source = torch.stack([left_pad(keep, self.length, -1) for keep in keeps])
+        kept = self.source >= 0
+        # Next-segment positions [0, c] need stage inputs up to needed[c]; from position c on, none before first[c].
+        self.needed = self.source.max(dim=0).values.cummax(dim=0).values.tolist()
+        first = torch.where(kept, self.source, state.valid.shape[1]).min(dim=0).values
+        self.first_needed = first.flip(0).cummin(dim=0).values.flip(0).tolist()
+        # TransV: the dropped tokens' memory, and the kept positions after each row's vision span that absorb it.
+        self.transfer = stage.transfer
+        self.dropped = [dropped if stage.transfer else None for _, dropped in rows]
+        self.memory_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in rows]
+        self.absorbs = torch.zeros_like(kept)
+        for b, dropped in enumerate(self.dropped):
+            if dropped is not None:
+                self.absorbs[b] = kept[b] & (self.source[b] > last_vision_index(state, b))
+        self.pending, self.pending_start, self.received, self.emitted = None, 0, 0, 0
+
+    def feed(self, hidden_states: torch.Tensor, start: int) -> list[tuple[torch.Tensor, int]]:
+        """Stage inputs [start, start + n) arrive (in order); returns the next-segment chunks now complete."""
+        end = start + hidden_states.shape[1]
+        for b, dropped in enumerate(self.dropped):
+            if dropped is not None and bool(dropped[start:end].any()):
+                index = dropped[start:end].nonzero().squeeze(1)
+                self.memory_parts[b].append(self.model.transfer_memory(self.stage_index, hidden_states[b], index))
+        if self.pending is None:
+            self.pending, self.pending_start = hidden_states, start
+        else:
+            self.pending = torch.cat([self.pending, hidden_states], dim=1)
+        self.received = end
+        return self.emit()
+
+    def emit(self) -> list[tuple[torch.Tensor, int]]:
+        chunks = []
+        while self.emitted < self.length:
+            end = min(self.emitted + self.chunk_size, self.length)
+            if self.needed[end - 1] >= self.received:
+                break
+            chunks.append((self.gather(self.emitted, end), self.emitted))
+            self.emitted = end
+            if end < self.length:
+                # (the next needed input may not have arrived yet: keep the buffer aligned with what has)
+                drop = min(self.first_needed[end], self.received) - self.pending_start
+                if drop > 0:
+                    self.pending, self.pending_start = self.pending[:, drop:], self.pending_start + drop
+            else:
+                self.pending = None
+        return chunks
+
+    def gather(self, start: int, end: int) -> torch.Tensor:
+        source = self.source[:, start:end]
+        index = (source - self.pending_start).clamp(min=0)
+        out = self.pending.gather(1, index[..., None].expand(-1, -1, self.pending.shape[-1]))
+        out = out.masked_fill(~(source >= 0)[..., None], 0.0)
+        absorbs = self.absorbs[:, start:end]
+        for b in range(out.shape[0]):
+            if bool(absorbs[b].any()):  # all of row b's dropped tokens precede its text: its memory is complete
+                key, value = self.row_memory(b)
+                text = out[b, absorbs[b]][None]
+                transferred = self.model.merge_modules[str(self.stage_index)](text, key[None], value[None])
+                out[b, absorbs[b]] = (text + self.model.transfer_gate(self.stage_index, text) * transferred)[0]
+        return out
+
+    def row_memory(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.memory_parts[b]
+        if len(parts) > 1:
+            parts[:] = [(torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1))]
+        return parts[0]
+
+    def finish(self, cache: TimeViperHybridCache) -> list[tuple[torch.Tensor, int]]:
+        """All stage inputs have arrived: the remaining chunks; the TransV memory goes into the cache."""
+        chunks = self.emit()
+        memories = [self.row_memory(b) if dropped is not None else None for b, dropped in enumerate(self.dropped)]
+        if any(memory is not None for memory in memories):
+            cache.transfer_memory[self.stage_index] = stack_memories(memories)
+        return chunks
+
+
+class HeldStage:
+    """An attention-guided stage in a chunked prefill: holds its whole input until the query token has arrived."""
+
+    def __init__(self, state: SequenceState):
+        self.state = state
+        self.hidden_states: torch.Tensor | None = None
+
+    def feed(self, hidden_states: torch.Tensor, start: int) -> list:
+        if self.hidden_states is None:
+            batch, _, width = hidden_states.shape
+            self.hidden_states = hidden_states.new_empty(batch, self.state.valid.shape[1], width)
+        self.hidden_states[:, start : start + hidden_states.shape[1]] = hidden_states
+        return []
+
+    def take(self) -> SequenceState:
+        state, self.state = self.state, None
+        state.hidden_states, self.hidden_states = self.hidden_states, None
+        return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video state: a video prefilled once, then any number of questions about it
+# ----------------------------------------------------------------------------------------------------------------
+
+VIDEO_STATE_FORMAT = 1
+VIDEO_STATE_TENSORS = "video_state.safetensors"
+VIDEO_STATE_METADATA = "video_state.json"
+HELD_FIELDS = ("hidden_states", "valid", "vision", "positions", "num_vision", "query_positions")
+
+
+def first_question_stage(stages: list[TimeViperCompressionStage]) -> int | None:
+    """The first compression stage whose result depends on the text after the video: attention-guided selection
+    scores with the question's last token. A uniform stage selects from the token layout alone, and its TransV
+    enriches each text token independently of the others, so a question passes it the way decoded tokens do."""
+    return next((index for index, stage in enumerate(stages) if stage.method != "uniform"), None)
+
+
+@dataclass
+class VideoStateResume:
+    """Where a question's prefill picks up a video state: the first question-dependent stage (None: there is none,
+    the question continues through every block) and that stage's input over the prefix (the prompt up to the end
+    of the video), which the stage re-selects from once the question's last token is known."""
+
+    stage_index: int | None
+    held: SequenceState | None
+    chunk_size: int
+
+
+class PrefixPrefill(ChunkedPrefill):
+    """Chunked prefill of the prefix that stops at the first question-dependent stage and keeps its input."""
+
+    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
+                 stop_stage: int | None):
+        super().__init__(text_model, cache, chunk_size, keep_last=1)
+        self.stop_stage = stop_stage
+        self.held: SequenceState | None = None
+
+    def close(self, index: int) -> None:
+        if index == self.stop_stage:
+            self.held = self.stages[index].take()
+            return
+        super().close(index)
+
+
+class ResumedPrefill(ChunkedPrefill):
+    """A question's prefill from the input of stage `stage_index` on: the segments before the stage are in the
+    cache (the question continued them), the stage input over prefix + question is given whole."""
+
+    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
+        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
+        held = HeldStage(state)
+        held.hidden_states = state.hidden_states
+        self.stages = [None] * stage_index + [held]
+        self.close(stage_index)
+        return self.output.result()
+
+
+def continue_blocks(text_model: "TimeViperTextModel", hidden_states, cache: TimeViperHybridCache, stop: int):
+    """Blocks [0, stop) on new tokens that follow the cached ones, as a decode step runs them (several tokens at
+    once, causal among themselves): Mamba states carry on, attention appends, TransV memory is absorbed."""
+    length = hidden_states.shape[1]
+    layouts = [TokenLayout.from_key_validity(valid, length) for valid in cache.segment_valid]
+    segment = 0
+    for layer in text_model.layers[:stop]:
+        if layer.layer_idx in text_model.stage_at_layer:
+            segment += 1
+            stage_index = text_model.stage_at_layer[layer.layer_idx]
+            if stage_index in cache.transfer_memory:
+                hidden_states = text_model.transfer_new_tokens(hidden_states, stage_index, cache)
+        layout = layouts[segment]
+        rotary = text_model.rotary_emb
+        position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
+        hidden_states = layer(hidden_states, layout, position_embeddings=position_embeddings, past_key_values=cache)
+    return hidden_states
+
+
+def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
+                       query_positions):
+    """The prefill of the text after the video on a cache forked from a `TimeViperVideoState`: the question's
+    tokens run through the blocks before the first question-dependent stage, then that stage selects among the
+    held prefix inputs + the question's, and the blocks after it run on what it keeps (`ResumedPrefill`).
+    Returns `TimeViperTextModel.forward`'s outputs for the question's tokens."""
+    resume, cache.resume = cache.resume, None
+    batch, length = valid.shape
+    if batch != 1 or not bool(valid.all()):
+        raise ValueError(
+            f"a video state answers one question at a time: got a batch of {batch} with padding "
+            f"{not bool(valid.all())}; pass input_ids of shape (1, length) without padding"
+        )
+    prefix_length = cache.seen_tokens
+    cache.extend_segments(valid)
+    cache.seen_tokens += length
+    stop = len(text_model.layers) if resume.stage_index is None else text_model.stages[resume.stage_index].layer_idx
+    hidden_states = continue_blocks(text_model, inputs_embeds, cache, stop)
+    if resume.stage_index is None:
+        return text_model.final_norm(hidden_states), None, None
+    held = resume.held
+    positions = torch.arange(prefix_length, prefix_length + length, device=valid.device)[None]
+    query = positions[:, -1] if query_positions is None else query_positions.to(valid.device)
+    state = SequenceState(
+        hidden_states=torch.cat([held.hidden_states, hidden_states], dim=1),
+        valid=torch.cat([held.valid, valid], dim=1),
+        vision=torch.cat([held.vision, torch.zeros_like(valid)], dim=1),
+        positions=torch.cat([held.positions, positions], dim=1),
+        num_vision=held.num_vision,
+        query_positions=query,
+    )
+    # Text tokens are never dropped: the question's tokens are the last `length` kept positions.
+    output = ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
+    return output, None, None
+
+
+def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
+    """What a saved video state must match to be loaded into `model`: the compression schedule, a hash of the
+    configuration (private and version fields left out), the dtype, and a probe of the weights (8 evenly spaced
+    elements of every parameter, hashed: cheap, and different for any other checkpoint)."""
+    schedule = "-".join(stage.to_reference_string() for stage in model.config.compression_stages) or "none"
+
+    def public(value):
+        if isinstance(value, dict):
+            ignored = {"transformers_version", "dtype", "torch_dtype", "architectures", "auto_map"}
+            return {str(k): public(v) for k, v in value.items() if not str(k).startswith("_") and k not in ignored}
+        return value
+
+    config_json = json.dumps(public(model.config.to_dict()), sort_keys=True, default=str)
+    samples = []
+    for _, parameter in sorted(model.named_parameters()):
+        flat = parameter.detach().flatten()
+        count = min(8, flat.numel())  # (integer steps: float linspace rounds past the end of a 500M-element weight)
+        index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+        samples.append(flat[index].float())
+    probe = torch.cat(samples).cpu().numpy().tobytes()
+    return {
+        "schedule": schedule,
+        "config_hash": hashlib.sha256(config_json.encode()).hexdigest(),
+        "weights_probe": hashlib.sha256(probe).hexdigest(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, a copy where one shares memory with an earlier one (safetensors refuses shared
+    storage; the held stage input's validity is the cache's segment validity, for instance)."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+class TimeViperVideoState:
+    """A video and the prompt before it, prefilled once, answering any number of questions that follow it.
+
+    Made by `TimeViperForConditionalGeneration.encode_video_state`. It holds the hybrid cache of the prefix (the
+    prompt up to the video's last placeholder): Mamba conv/SSM states and attention keys/values of the blocks
+    before the first question-dependent stage (`first_question_stage`), the TransV memory of the uniform stages
+    before it, and, when there is such a stage, its input hidden states over the prefix (`resume.held`), which the
+    stage selects from with each question's last token. Without such a stage (no compression, uniform stages with
+    or without TransV) the cache covers every block and a question costs only its own tokens.
+
+    A question runs on a fork (`fork`, `question_inputs`, `generate_from_video_state`): the fork shares the
+    prefix's keys/values and TransV memory, copies the Mamba states, and never writes into the shared tensors
+    (the first key/value append copies into a new buffer), so the state serves any number of questions. The
+    result equals the full prompt's one-shot forward: same kept tokens, same logits up to the order of sums.
+    """
+
+    def __init__(self, cache: TimeViperHybridCache, prefix_ids: torch.Tensor, resume: VideoStateResume,
+                 num_frames: int, fingerprint: dict):
+        self.cache, self.prefix_ids, self.resume = cache, prefix_ids, resume
+        self.num_frames, self.fingerprint = num_frames, fingerprint
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_ids.shape[1]
+
+    # -- making one ------------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, model: "TimeViperForConditionalGeneration", input_ids, video_features, pixel_values_videos,
+                chunk_size: int) -> "TimeViperVideoState":
+        config = model.config
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"encode_video_state takes the input_ids of one prompt, (1, length), got {tuple(input_ids.shape)}")
+        if bool((input_ids == config.image_token_id).any()):
+            raise ValueError("encode_video_state reuses a video; the prompt has image placeholders")
+        video = (input_ids[0] == config.video_token_id).nonzero()
+        if video.numel() == 0:
+            raise ValueError(f"input_ids hold no video placeholder (id {config.video_token_id})")
+        if (video_features is None) == (pixel_values_videos is None):
+            raise ValueError("pass exactly one of video_features or pixel_values_videos")
+        if chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
+        prefix_ids = input_ids[:, : int(video.max()) + 1]
+        inner = model.model
+        if pixel_values_videos is not None:
+            video_features = inner.get_video_features(pixel_values_videos)
+        mask = inner.get_placeholder_mask(prefix_ids, config.video_token_id, video_features, "videos")
+        embed_columns = PlaceholderEmbedder(inner.get_input_embeddings(), prefix_ids, mask, [(mask, video_features)])
+        text_model = inner.language_model
+        stop = first_question_stage(text_model.stages)
+        cache = TimeViperHybridCache()
+        cache.seen_tokens = prefix_ids.shape[1]
+        prefill = PrefixPrefill(text_model, cache, chunk_size, stop)
+        prefill.consume(embed_columns, input_state(None, torch.ones_like(mask), mask, None))
+        num_frames = int(mask.sum()) // config.vision_tokens_per_frame
+        resume = VideoStateResume(stop, prefill.held, chunk_size)
+        return cls(cache, prefix_ids, resume, num_frames, state_fingerprint(model))
+
+    # -- asking ----------------------------------------------------------------------------------------------------
+    def fork(self) -> TimeViperHybridCache:
+        """A cache whose next forward call takes the tokens after the prefix (see the class docstring)."""
+        cache = TimeViperHybridCache()
+        cache.conv_states = {i: state.clone() for i, state in self.cache.conv_states.items()}
+        cache.ssm_states = {i: state.clone() for i, state in self.cache.ssm_states.items()}
+        cache.keys, cache.values = dict(self.cache.keys), dict(self.cache.values)
+        cache.transfer_memory = dict(self.cache.transfer_memory)
+        cache.segment_valid = list(self.cache.segment_valid)
+        cache.seen_tokens = self.cache.seen_tokens
+        cache.resume = self.resume
+        return cache
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """A prompt can be asked of this state if it starts with the prefix and continues after it."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"a video state answers one prompt at a time, (1, length); got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] <= self.prefix_length:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[1]} tokens; the video state's prefix alone has {self.prefix_length}: "
+                "the question must follow the video"
+            )
+        if not torch.equal(input_ids[:, : self.prefix_length].cpu(), self.prefix_ids.cpu()):
+            raise ValueError(
+                f"the prompt's first {self.prefix_length} tokens differ from the video state's prefix (another "
+                "video, frame count or text before the video): build the state from this prompt"
+            )
+
+    def question_inputs(self, input_ids: torch.Tensor) -> dict:
+        """Keyword arguments of the model's forward for the whole prompt `input_ids` on a fresh fork: its first
+        call computes only the question's part (the logits of the tokens after the prefix)."""
+        self.check_prompt(input_ids)
+        return {
+            "input_ids": input_ids[:, self.prefix_length :],
+            "attention_mask": torch.ones_like(input_ids),
+            "past_key_values": self.fork(),
+        }
+
+    # -- size ------------------------------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors a question reads: cached states, keys/values, TransV memory, held stage input."""
+        held = self.resume.held
+        return self.cache.memory_bytes() + (0 if held is None else held.hidden_states.nbytes)
+
+    # -- disk ------------------------------------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """Writes `video_state.safetensors` and `video_state.json` (what the state must match to be loaded)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cache, tensors = self.cache, {"prefix_ids": self.prefix_ids}
+        for name, store in (("conv_states", cache.conv_states), ("ssm_states", cache.ssm_states),
+                            ("keys", cache.keys), ("values", cache.values)):
+            tensors.update({f"{name}.{layer_idx}": tensor for layer_idx, tensor in store.items()})
+        tensors.update({f"segment_valid.{s}": valid for s, valid in enumerate(cache.segment_valid)})
+        for stage_index, memory in cache.transfer_memory.items():
+            tensors.update({f"transfer_memory.{stage_index}.{i}": tensor for i, tensor in enumerate(memory)})
+        if self.resume.held is not None:
+            tensors.update({f"held.{field}": getattr(self.resume.held, field) for field in HELD_FIELDS})
+        save_file(unshared(tensors), directory / VIDEO_STATE_TENSORS)
+        metadata = {
+            "format": VIDEO_STATE_FORMAT,
+            **self.fingerprint,
+            "num_frames": self.num_frames,
+            "prefix_length": self.prefix_length,
+            "stage_index": self.resume.stage_index,
+            "prefill_chunk_size": self.resume.chunk_size,
+            "memory_bytes": self.memory_bytes(),
+            "bytes_per_frame": self.memory_bytes() / self.num_frames,
+        }
+        (directory / VIDEO_STATE_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory, model: "TimeViperForConditionalGeneration") -> "TimeViperVideoState":
+        """Reads a state written by `save` onto `model`'s device; refuses one made with another configuration,
+        schedule, dtype or weights (its questions would not equal a full run)."""
+        directory = Path(directory)
+        metadata_path, tensors_path = directory / VIDEO_STATE_METADATA, directory / VIDEO_STATE_TENSORS
+        for path in (metadata_path, tensors_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: not a video state folder (TimeViperVideoState.save)")
+        metadata = json.loads(metadata_path.read_text())
+        if metadata.get("format") != VIDEO_STATE_FORMAT:
+            raise ValueError(f"{metadata_path}: video state format {metadata.get('format')!r}, expected {VIDEO_STATE_FORMAT}")
+        expected = state_fingerprint(model)
+        for key, what in (("schedule", "compression schedule"), ("dtype", "dtype"),
+                          ("config_hash", "configuration (hash)"), ("weights_probe", "weights (probe hash)")):
+            if metadata.get(key) != expected[key]:
+                raise ValueError(
+                    f"{metadata_path}: the video state was made by a model with {what} {metadata.get(key)!r}, this "
+                    f"model has {expected[key]!r}; encode the video again with this model"
+                )
+        tensors = load_file(tensors_path, device=str(model.device))
+        cache = TimeViperHybridCache()
+        stores = {"conv_states": cache.conv_states, "ssm_states": cache.ssm_states, "keys": cache.keys,
+                  "values": cache.values}
+        memory: dict[int, list] = {}
+        held = {}
+        for name, tensor in tensors.items():
+            kind, _, rest = name.partition(".")
+            if kind in stores:
+                stores[kind][int(rest)] = tensor
+            elif kind == "transfer_memory":
+                stage_index, part = rest.split(".")
+                memory.setdefault(int(stage_index), [None] * 3)[int(part)] = tensor
+            elif kind == "held":
+                held[rest] = tensor
+        num_segments = sum(name.startswith("segment_valid.") for name in tensors)
+        cache.segment_valid = [tensors[f"segment_valid.{s}"] for s in range(num_segments)]
+        cache.transfer_memory = {stage_index: tuple(parts) for stage_index, parts in memory.items()}
+        prefix_ids = tensors["prefix_ids"].cpu()
+        cache.seen_tokens = prefix_ids.shape[1]
+        resume = VideoStateResume(
+            metadata["stage_index"], SequenceState(**held) if held else None, metadata["prefill_chunk_size"]
+        )
+        return cls(cache, prefix_ids, resume, metadata["num_frames"], expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pretrained wrappers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -1128,6 +1836,62 @@ def forget_unused_weight_conversions(model) -> None:
         model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
+def resolve_cache_argument(past_key_values, cache):
+    """The cache a forward() call was given, under either name (see CACHE_NAME)."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, TimeViperHybridCache):
+        raise TypeError(
+            f"the cache must be a TimeViperHybridCache, got {type(cache).__name__}; generate() creates one, or pass "
+            "TimeViperHybridCache() yourself"
+        )
+    return cache
+
+
+def is_legacy_gate_key(key: str) -> bool:
+    return key == "language_model.alpha" or key.endswith(".language_model.alpha")
+
+
+def read_legacy_gates(path, hub_kwargs: dict) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of the legacy gate vector in the safetensors weights of a local folder or Hub repo."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {name: hub_kwargs[name] for name in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                                 "subfolder") if name in hub_kwargs}
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    files = ["model.safetensors"]
+    if index is not None:
+        with open(index) as file:
+            files = sorted(set(json.load(file)["weight_map"].values()))
+    for name in files:
+        with safe_open(cached_file(path, name, **hub), framework="pt") as weights:
+            for key in weights.keys():
+                if is_legacy_gate_key(key):
+                    return key, weights.get_tensor(key)
+    raise ValueError(f"{path}: the legacy TransV gate key was reported but is in none of {files}")
+
+
+@torch.no_grad()
+def load_legacy_gates(model, gates: torch.Tensor, key: str) -> list[str]:
+    """Copy entry j of the legacy vector into the gate of the j-th transfer stage; returns the parameter names."""
+    text_model = next(module for module in model.modules() if isinstance(module, TimeViperTextModel))
+    if gates.shape != (len(text_model.transfer_slot),):
+        raise ValueError(
+            f"{key} has shape {tuple(gates.shape)}, but token_compression has {len(text_model.transfer_slot)} "
+            "transfer stages"
+        )
+    filled = []
+    for stage_index, slot in text_model.transfer_slot.items():
+        gate = text_model.merge_modules[str(stage_index)].alpha
+        if hasattr(gate, "ds_numel"):  # a DeepSpeed ZeRO-3 partition holds none of the gate's values here
+            raise ValueError(f"{key}: re-save this folder once without DeepSpeed ZeRO-3 to load it under ZeRO-3")
+        gate.copy_(gates[slot : slot + 1])
+        filled.append(f"merge_modules.{stage_index}.alpha")
+    return filled
+
+
 class TimeViperPreTrainedModel(PreTrainedModel):
     config_class = TimeViperConfig
     base_model_prefix = "model"
@@ -1140,7 +1904,30 @@ class TimeViperPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def save_pretrained(self, *args, **kwargs):
         forget_unused_weight_conversions(self)
+        if self._auto_class is None:  # transformers copies the code files only for a registered class
+            type(self).register_for_auto_class(self.default_auto_class)
         return super().save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus the TransV gates of folders written before each TransV module held
+        its own: one vector `model.language_model.alpha` (entry j: the j-th transfer stage)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if any(is_legacy_gate_key(key) for key in info["unexpected_keys"]):
+            key, gates = read_legacy_gates(pretrained_model_name_or_path, kwargs)
+            filled = load_legacy_gates(model, gates, key)
+            info["unexpected_keys"] = type(info["unexpected_keys"])(
+                k for k in info["unexpected_keys"] if not is_legacy_gate_key(k)
+            )
+            info["missing_keys"] = type(info["missing_keys"])(
+                k for k in info["missing_keys"] if not any(k.endswith(name) for name in filled)
+            )
+            logger.warning(
+                "read the TransV gates from the legacy key %r; save_pretrained stores them as merge_modules.<stage>.alpha",
+                key,
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -1154,8 +1941,8 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             ) + math.log(text_config.time_step_min)
             dt = log_dt.exp().clamp(min=text_config.time_step_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-        elif isinstance(module, TimeViperTextModel) and hasattr(module, "alpha"):
-            init.zeros_(module.alpha)  # TransV starts as plain dropping
+        elif isinstance(module, TimeViperTransV):
+            init.zeros_(module.alpha)  # TransV starts as plain dropping; its projections are Linear (below)
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -1168,12 +1955,14 @@ class TimeViperPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (TimeViperRMSNorm, TimeViperRMSNormGated)):
             init.ones_(module.weight)
         elif isinstance(module, Qwen2RotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)  # later releases than 5.17 take no device
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
 
 
 class TimeViperModel(TimeViperPreTrainedModel):
+    default_auto_class = "AutoModel"
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.vision_tower = SiglipVisionModel(config.vision_config)
@@ -1207,14 +1996,21 @@ class TimeViperModel(TimeViperPreTrainedModel):
             features = merge_tokens(features, self.config.tokens_per_frame)
         return self.multi_modal_projector(features)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    def get_video_features(self, pixel_values_videos: torch.Tensor, name: str = "pixel_values_videos") -> torch.Tensor:
         """Frames of all videos, (frames, 3, h, w) or (videos, frames, 3, h, w), encoded `vision_chunk_size` at a
-        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden)."""
+        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden). `name` is
+        the input's name in error messages."""
         size = self.config.vision_config.image_size
         if pixel_values_videos.dim() not in (4, 5) or pixel_values_videos.shape[-3:] != (3, size, size):
             raise ValueError(
                 f"pixel values must have shape (frames, 3, {size}, {size}) or (videos, frames, 3, {size}, {size}), "
                 f"got {tuple(pixel_values_videos.shape)}; the TimeViper processor produces them"
+            )
+        if not torch.isfinite(pixel_values_videos).all():
+            # A NaN or Inf pixel turns every logit into NaN and greedy decoding into token 0, without a word.
+            raise ValueError(
+                f"{name} holds {int((~torch.isfinite(pixel_values_videos)).sum())} NaN/Inf values; check the frames "
+                "and their preprocessing"
             )
         frames = pixel_values_videos.flatten(0, -4)
         chunks = frames.split(self.config.vision_chunk_size)
@@ -1222,7 +2018,42 @@ class TimeViperModel(TimeViperPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images are encoded as single frames."""
-        return self.get_video_features(pixel_values)
+        return self.get_video_features(pixel_values, name="pixel_values")
+
+    def streamed_video_features(self, streams) -> "StreamedVideoFeatures":
+        """`video_features` for `generate()` that encode each video while the prefill consumes it: decode, vision
+        and LLM then overlap and only one chunk of frames and features exists at a time. `streams`: objects with
+        `pixel_chunks(device, dtype)` and `num_frames` (`VideoStream`), in the order of the videos' placeholders."""
+        videos = [(stream.pixel_chunks(self.device, self.dtype), stream.num_frames) for stream in streams]
+        return StreamedVideoFeatures(
+            self.get_video_features, videos, self.config.vision_tokens_per_frame, self.config.text_config.hidden_size
+        )
+
+    @torch.no_grad()
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None) -> torch.Tensor:
+        """Streaming `get_video_features`: encodes an iterable of normalised pixel chunks (f, 3, h, w) as they come
+        (e.g. `VideoStream.pixel_chunks(model.device, model.dtype)`, whose decoding runs ahead in a thread) and
+        keeps only their features, (frames, tokens_per_frame, hidden), on `features_device` (default: the model's
+        device), preallocated when `num_frames` is given. Pass them as `generate(video_features=...)`."""
+        device = torch.device(features_device) if features_device is not None else self.device
+        features = ChunkedOutput(num_frames, dim=0) if num_frames is not None else None
+        parts, seen = [], 0
+        for pixels in pixel_chunks:
+            part = self.get_video_features(pixels.to(self.device)).to(device)
+            seen += part.shape[0]
+            if features is not None:
+                if seen > num_frames:
+                    raise ValueError(f"encode_video: the chunks hold more than num_frames={num_frames} frames")
+                features.add(part)
+            else:
+                parts.append(part)
+        if features is None:
+            if not parts:
+                raise ValueError("encode_video got no frames")
+            return torch.cat(parts)
+        if seen != num_frames:
+            raise ValueError(f"encode_video: the chunks held {seen} frames, num_frames={num_frames}")
+        return features.result()
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str):
         mask = input_ids == token_id
@@ -1246,42 +2077,78 @@ class TimeViperModel(TimeViperPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        video_features: torch.FloatTensor | None = None,
+        prefill_chunk_size: int | None = None,
+        keep_last: int | None = None,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperModelOutputWithPast:
+        r"""
+        video_features: (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in place of
+            `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
+        prefill_chunk_size: run the prefill this many tokens at a time (`TimeViperTextModel.prefill_in_chunks`):
+            the same result, with activation memory for one chunk instead of the whole prompt.
+        keep_last: with `prefill_chunk_size`, return the hidden states of only the last N positions.
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
+        """
+        past_key_values = resolve_cache_argument(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, TimeViperHybridCache):
-            raise TypeError(
-                f"past_key_values must be a TimeViperHybridCache, got {type(past_key_values).__name__}; "
-                "generate() creates one, or pass TimeViperHybridCache() yourself"
-            )
-        has_vision = pixel_values is not None or pixel_values_videos is not None
+        if video_features is not None and pixel_values_videos is not None:
+            raise ValueError("pass either pixel_values_videos or video_features, not both")
+        has_vision = pixel_values is not None or pixel_values_videos is not None or video_features is not None
         decoding = past_key_values is not None and past_key_values.is_prefilled
+        chunked = prefill_chunk_size is not None and not decoding
         if has_vision and decoding:
             raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
         if has_vision and input_ids is None:
             raise ValueError("pixel values need input_ids to locate the placeholder tokens")
 
         vision_mask = None
-        video_features = image_features = None
+        image_features = None
+        embed_columns = None
         if input_ids is not None and decoding:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         elif input_ids is not None:
             placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
             if placeholders.any():
                 if not has_vision:
                     raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
                 vision_mask = placeholders
+            vision_inputs = []  # (placeholder mask, features)
             if pixel_values_videos is not None:
                 video_features = self.get_video_features(pixel_values_videos)
+            if video_features is not None:
                 mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, video_features, "videos")
-                inputs_embeds = scatter_rows(inputs_embeds, mask, video_features)
+                vision_inputs.append((mask, video_features))
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values)
                 mask = self.get_placeholder_mask(input_ids, self.config.image_token_id, image_features, "images")
-                inputs_embeds = scatter_rows(inputs_embeds, mask, image_features)
+                vision_inputs.append((mask, image_features))
+            embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
+            if not chunked:
+                inputs_embeds = embed_columns(0, input_ids.shape[1])
+        elif chunked:
+            embed_columns = lambda start, end: inputs_embeds[:, start:end]  # noqa: E731
+
+        if chunked:
+            if output_hidden_states:
+                raise ValueError("output_hidden_states is not available with prefill_chunk_size")
+            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            valid = (
+                torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
+                if attention_mask is None else attention_mask.bool()
+            )
+            hidden_states, kept_positions = self.language_model.prefill_in_chunks(
+                embed_columns, valid, vision_mask, past_key_values, prefill_chunk_size,
+                compression_query_positions=compression_query_positions, keep_last=keep_last,
+            )
+            return TimeViperModelOutputWithPast(
+                last_hidden_state=hidden_states,
+                kept_positions=kept_positions,
+                **{CACHE_NAME: past_key_values},
+                video_hidden_states=video_features,
+                image_hidden_states=image_features,
+            )
 
         hidden_states, kept_positions, all_hidden_states = self.language_model(
             inputs_embeds,
@@ -1294,20 +2161,103 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return TimeViperModelOutputWithPast(
             last_hidden_state=hidden_states,
             kept_positions=kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=all_hidden_states,
             video_hidden_states=video_features,
             image_hidden_states=image_features,
         )
 
 
-def scatter_rows(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """`embeds` with its rows where `mask` (b, l) is set replaced, in order, by the rows of `features`: what
-    `masked_scatter(mask[..., None], features)` gives, without the int64 index per element that masked_scatter
-    builds on CUDA (35 GiB at 1M tokens x 4480)."""
-    out = embeds.clone()
-    out[mask] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-    return out
+class PlaceholderEmbedder:
+    """Input embeddings of any range of positions: token embeddings, with each placeholder replaced by its feature
+    row (the rows of a features tensor fill its placeholders in row-major order). The features may live on another
+    device; only the rows of the asked range move. Rows are written through a boolean mask, not `masked_scatter`,
+    which builds an int64 index per element on CUDA (35 GiB at 1M tokens x 4480)."""
+
+    def __init__(self, embeddings: nn.Embedding, input_ids, placeholders, vision_inputs):
+        self.embeddings, self.input_ids, self.placeholders = embeddings, input_ids, placeholders
+        self.sources = []
+        for mask, features in vision_inputs:
+            counts = mask.sum(-1)
+            row_offset = counts.cumsum(0) - counts  # features before each row's first placeholder
+            index = mask.long().cumsum(-1) - 1 + row_offset[:, None]
+            if not isinstance(features, StreamedVideoFeatures):
+                features = features.reshape(-1, features.shape[-1])
+            self.sources.append((mask, index, features))
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        ids = self.input_ids[:, start:end]
+        # Placeholder ids may lie beyond the embedding table; they are overwritten below anyway.
+        embeds = self.embeddings(ids.masked_fill(self.placeholders[:, start:end], 0))
+        if not self.sources:
+            return embeds
+        embeds = embeds.clone()
+        for mask, index, features in self.sources:
+            mask = mask[:, start:end]
+            if not bool(mask.any()):
+                continue
+            rows = index[:, start:end][mask]
+            if isinstance(features, StreamedVideoFeatures):
+                features = features.take(rows)
+            elif rows.numel() < features.shape[0]:  # (the whole range takes every row in order: no gathered copy)
+                features = features[rows.to(features.device)]
+            embeds[mask] = features.to(embeds.device, embeds.dtype)
+        return embeds
+
+
+class StreamedVideoFeatures:
+    """Video features computed while the prefill consumes them (`TimeViperModel.streamed_video_features`): each
+    video's frames are encoded a chunk at a time when the prefill reaches their placeholders and dropped once it
+    has passed them, so neither the pixels nor the features of a whole video exist at once. The prefill visits each
+    video's placeholders in order (chunked or not); the features can be consumed once.
+
+    Args:
+        encode: pixels (f, 3, h, w) -> features (f, tokens_per_frame, hidden).
+        videos: per video, (an iterable of pixel chunks, its number of frames), in the order of the placeholders.
+    """
+
+    def __init__(self, encode, videos, tokens_per_frame: int, hidden_size: int):
+        self.encode = encode
+        self.chunks = [iter(chunks) for chunks, _ in videos]
+        frames = [int(num_frames) for _, num_frames in videos]
+        self.shape = (sum(frames), tokens_per_frame, hidden_size)
+        self.bounds = torch.tensor([0, *frames]).cumsum(0) * tokens_per_frame  # each video's rows
+        self.buffers: list[tuple[int, torch.Tensor | None]] = [(0, None) for _ in videos]  # (first row, rows)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The feature rows `rows` (ascending, flattened over videos and their frames' tokens)."""
+        rows = rows.cpu()
+        video_of = torch.searchsorted(self.bounds, rows, right=True) - 1
+        parts = []
+        for video in video_of.unique().tolist():
+            local = rows[video_of == video] - self.bounds[video]
+            if int(local.min()) < self.buffers[video][0]:
+                raise ValueError(
+                    f"video {video} of the streamed features is asked for rows it has already passed on: streamed "
+                    "features can be consumed once, in order"
+                )
+            start, buffer = self.fill(video, int(local.max()) + 1)
+            parts.append(buffer[(local - start).to(buffer.device)])
+            # Later calls ask for later rows only: drop the ones handed out.
+            keep_from = int(local.max()) + 1
+            self.buffers[video] = (keep_from, buffer[keep_from - start :])
+        return torch.cat(parts)
+
+    def fill(self, video: int, needed: int) -> tuple[int, torch.Tensor]:
+        start, buffer = self.buffers[video]
+        have = start + (0 if buffer is None else buffer.shape[0])
+        while have < needed:
+            pixels = next(self.chunks[video], None)
+            if pixels is None:
+                raise ValueError(
+                    f"video {video} of the streamed features ended after {have // self.shape[1]} frames, before its "
+                    "placeholders did"
+                )
+            features = self.encode(pixels).flatten(0, 1)
+            buffer = features if buffer is None else torch.cat([buffer, features])
+            have += features.shape[0]
+        self.buffers[video] = (start, buffer)
+        return start, buffer
 
 
 def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -1375,6 +2325,11 @@ class DecodeStepGraph:
 
 
 class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
+    # The Trainer passes `num_items_in_batch` (the supervised-token count over all accumulation steps) to models that
+    # say they take it; forward() names it explicitly rather than behind a **kwargs.
+    accepts_loss_kwargs = True
+    default_auto_class = "AutoModelForImageTextToText"
+
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
         self.model = TimeViperModel(config)
@@ -1396,6 +2351,28 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def get_image_features(self, pixel_values):
         return self.model.get_image_features(pixel_values)
 
+    def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None):
+        return self.model.encode_video(pixel_chunks, num_frames, features_device)
+
+    def streamed_video_features(self, streams):
+        return self.model.streamed_video_features(streams)
+
+    def encode_video_state(self, input_ids, video_features=None, pixel_values_videos=None,
+                           prefill_chunk_size: int = 16384) -> TimeViperVideoState:
+        """Prefills the prompt up to the video's last placeholder once, for any number of questions after it
+        (`TimeViperVideoState`). `input_ids`: (1, length), a prompt with the video (the text after the video is
+        ignored); the video as `video_features` (`encode_video`, `streamed_video_features`) or pixel values."""
+        return TimeViperVideoState.prefill(self, input_ids, video_features, pixel_values_videos, prefill_chunk_size)
+
+    def generate_from_video_state(self, state: TimeViperVideoState, input_ids, **generate_kwargs):
+        """`generate()` for the whole prompt `input_ids` (1, length), which starts with the state's prefix: only
+        the question's part is prefilled. Returns generate()'s output (the prompt followed by the new tokens)."""
+        inputs = state.question_inputs(input_ids)
+        return self.generate(
+            input_ids=input_ids, attention_mask=inputs["attention_mask"], past_key_values=inputs["past_key_values"],
+            **generate_kwargs,
+        )
+
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
         """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
@@ -1408,9 +2385,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
             if source is None:
                 raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
-            text_model.merge_modules[str(stage_index)].load_state_dict(source.state_dict())
-        if text_model.transfer_slot:
-            text_model.alpha.zero_()
+            transfer = text_model.merge_modules[str(stage_index)]
+            transfer.load_state_dict({**source.state_dict(), "alpha": torch.zeros_like(transfer.alpha)})
 
     def forward(
         self,
@@ -1426,18 +2402,34 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         logits_to_keep: int | torch.Tensor = 0,
         compression_query_positions: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        video_features: torch.FloatTensor | None = None,
+        prefill_chunk_size: int | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cache: TimeViperHybridCache | None = None,
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
         position_ids: ignored; positions follow from `attention_mask` and are renumbered after each compression.
+        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised. They are shifted
             at the input positions and then follow the tokens that compression keeps.
         logits_to_keep: compute logits only for the last N positions (1 at inference: full-vocabulary logits of a
             long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
+        video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
+        prefill_chunk_size: chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)` sets it
+            for the prefill call.
+        output_attentions: attention weights are never materialised (O(L^2) for hour-long videos); only a false
+            value is accepted.
+        return_dict: False returns the output's non-None fields as a tuple.
+        num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
+            accumulation steps) instead of averaged over this batch's supervised tokens.
         """
+        past_key_values = resolve_cache_argument(past_key_values, cache)
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
@@ -1446,10 +2438,18 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
                 inputs_embeds=inputs_embeds, labels=labels, output_hidden_states=output_hidden_states or None,
             )
             return TimeViperCausalLMOutputWithPast(
-                logits=self.static_decode_step(input_ids, past_key_values), past_key_values=past_key_values
+                logits=self.static_decode_step(input_ids, past_key_values), **{CACHE_NAME: past_key_values}
             )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = TimeViperHybridCache()
+        chunking = {} if prefill_chunk_size is None else {"prefill_chunk_size": prefill_chunk_size}
+        if chunking:
+            if labels is not None:
+                raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
+            if past_key_values is None:
+                past_key_values = TimeViperHybridCache()
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                chunking["keep_last"] = logits_to_keep
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1459,6 +2459,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             inputs_embeds=inputs_embeds,
             compression_query_positions=compression_query_positions,
             output_hidden_states=output_hidden_states,
+            video_features=video_features,
+            **chunking,
         )
         hidden_states = outputs.last_hidden_state
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -1474,17 +2476,18 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
             loss = ForCausalLMLoss(
                 logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                num_items_in_batch=num_items_in_batch,
             )
-        return TimeViperCausalLMOutputWithPast(
+        output = TimeViperCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             kept_positions=outputs.kept_positions,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: past_key_values},
             hidden_states=outputs.hidden_states,
             video_hidden_states=outputs.video_hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
+        return output if return_dict is not False else output.to_tuple()
 
     def static_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         """Logits (b, 1, vocab) of one decode step on a static cache: a CUDA-graph replay on CUDA (captured at the
@@ -1506,16 +2509,13 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
     def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
         return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length, *args, **kwargs):
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
         default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
         elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
-        continuation."""
-        user_cache = model_kwargs.get("past_key_values")
+        continuation. It goes into `model_kwargs` under the installed release's name (CACHE_NAME)."""
+        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
         implementation = generation_config.cache_implementation
-        if user_cache is not None and not isinstance(user_cache, TimeViperHybridCache):
-            raise TypeError(f"TimeViper generates with a TimeViperHybridCache, got {type(user_cache).__name__}")
         if implementation not in (None, "dynamic", "static"):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by TimeViper: use 'dynamic' (default) or "
@@ -1523,13 +2523,81 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             )
         if user_cache is None and generation_config.use_cache is not False:
             static = implementation == "static" or (implementation is None and self.device.type == "cuda")
-            max_length = max_cache_length if static else None
-            model_kwargs["past_key_values"] = TimeViperHybridCache(max_length)
+            user_cache = TimeViperHybridCache(max_cache_length if static else None)
+        if user_cache is not None:
+            model_kwargs[CACHE_NAME] = user_cache
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, **model_kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **model_kwargs)
+        # Positions follow from the attention mask and are renumbered after each compression stage.
         model_inputs.pop("position_ids", None)
+        cache = model_inputs.get(CACHE_NAME)
+        if cache is not None and cache.is_prefilled:
+            # The frames were encoded at prefill; decode steps feed only the new tokens (transformers < 5.15 passes
+            # every generate() keyword to every step).
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("pixel_values_videos", None)
+            model_inputs.pop("video_features", None)
         return model_inputs
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        """generate(..., prefill_chunk_size=N): transformers would call forward on slices of the prompt, but a
+        compression stage selects among all of a row's vision tokens, so one forward call chunks the prefill inside
+        (`ChunkedPrefill`), with the same result as an unchunked prefill."""
+        chunk_size = generation_config.prefill_chunk_size
+        if chunk_size is None:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        generation_config.prefill_chunk_size = None
+        try:
+            model_kwargs = {**model_kwargs, "prefill_chunk_size": chunk_size}
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            generation_config.prefill_chunk_size = chunk_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TimeViperImageTextToTextPipeline(ImageTextToTextPipeline):
+    """`pipeline("image-text-to-text")` for TimeViper (the config's `custom_pipelines` names this class).
+
+    The processor gives the frames of all videos as one flat (frames, 3, H, W) tensor. The stock batching pads
+    dim 1 of every tensor as if it were the sequence, which cuts each sample to its first frame. Here each sample's
+    frames travel as (1, frames, 3, H, W), so batching pads them along the frames on the text's padding side, and
+    each row's own frames (its placeholders / tokens per frame) are taken back out before generate()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Batched generation appends after the prompt: rows are padded on the left (transformers >= 5.25 does this
+        # for every decoder-only model, older releases leave the tokenizer's side).
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
+
+    def preprocess(self, *args, **kwargs):
+        model_inputs = super().preprocess(*args, **kwargs)
+        if model_inputs.get("pixel_values_videos") is not None:
+            model_inputs["pixel_values_videos"] = model_inputs["pixel_values_videos"][None]
+        return model_inputs
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        frames = model_inputs.get("pixel_values_videos")
+        if frames is not None:
+            model_inputs["pixel_values_videos"] = self.unpad_frames(model_inputs["input_ids"], frames)
+        return super()._forward(model_inputs, generate_kwargs)
+
+    def unpad_frames(self, input_ids: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(rows, max frames, 3, H, W) padded per row on the tokenizer's padding side -> the flat (frames, 3, H, W)."""
+        config = self.model.config
+        counts = ((input_ids == config.video_token_id).sum(dim=1) // config.vision_tokens_per_frame).tolist()
+        if frames.shape[0] != len(counts) or max(counts) > frames.shape[1]:
+            raise ValueError(
+                f"pixel_values_videos of shape {tuple(frames.shape)} do not hold {counts} frames for the batch rows"
+            )
+        left = self.tokenizer.padding_side == "left"
+        rows = [row[row.shape[0] - count :] if left else row[:count] for row, count in zip(frames, counts)]
+        return torch.cat(rows)
 
 
 __all__ = [
@@ -1537,4 +2605,5 @@ __all__ = [
     "TimeViperHybridCache",
     "TimeViperModel",
     "TimeViperPreTrainedModel",
+    "TimeViperVideoState",
 ]

@@ -1,10 +1,10 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """Processors for TimeViper: video/image preprocessing, seek-based PyAV decoding, prompts and labels.
 
-This is a flat Hub remote-code file. It imports only numpy, torch, PIL and transformers at module level; PyAV is
-optional and imported inside ``try``. Importing it registers nothing: the conversion script calls
-``TimeViperProcessor.register_for_auto_class()`` (which also registers the image and video processors) before
-``save_pretrained``.
+This is a Hub remote-code file. It imports numpy, torch, PIL, transformers and (for its transformers version guard)
+configuration_timeviper at module level; PyAV is optional and imported inside ``try``. Importing it registers
+nothing; ``TimeViperProcessor.save_pretrained`` registers the processors for their Auto classes, so that every saved
+folder has their ``auto_map`` and this file.
 
 Data flow::
 
@@ -23,7 +23,7 @@ Frame sampling rules (all pure functions of the video's frame count and frame ra
   ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
 * ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
   frames of the window when it holds fewer frames than that.
-* ``sampling="reference_eval"``: the reference evaluation rule (REFERENCE.md section 4.3) exactly: indices
+* ``sampling="reference_eval"``: the reference evaluation rule (its ``fps_indices``) exactly: indices
   ``round(arange(0, total, video_fps / fps))``, the first ``max_frames`` (256) kept, padded to a multiple of 4 by
   repeating the last index, replaced by 32 (``min_frames``) uniform segment midpoints if fewer remain.
 * Variable frame rate (`decode_video_pyav` finds the real timestamps of every frame, ``metadata.frame_times``):
@@ -44,14 +44,22 @@ import bisect
 import io
 import math
 import os
+import queue
 import re
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
+
+# First: the configuration's transformers version guard, before the imports an unsupported release may lack.
+from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
+
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin, VideosKwargs
@@ -86,7 +94,7 @@ __all__ = [
 IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts (REFERENCE.md sections 4.1 and 4.2)
+# Prompts (the reference implementation's templates and evaluation prompts)
 # ----------------------------------------------------------------------------------------------------------------
 
 MCQ_ANSWER_PROMPT = "Best Option: ("
@@ -148,7 +156,8 @@ QWEN2_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TEMPLATE}
 
-# Token that closes every turn (REFERENCE.md section 4.5), and the text that starts a supervised assistant span.
+# Token that closes every turn (as in the reference's label builder), and the text that starts a supervised
+# assistant span.
 _TURN_SEPARATORS = {"nemotron_h": "<SPECIAL_12>", "qwen2": "<|im_end|>"}
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
 
@@ -161,7 +170,7 @@ def get_chat_template(backbone: str) -> str:
 
 
 def mcq_prompt(question: str, options: list[str], add_letters: bool | None = None) -> str:
-    """Build the reference multiple-choice question text (REFERENCE.md section 4.2).
+    """Build the reference multiple-choice question text.
 
     Returns ``question + "\\n" + "\\n".join(options) + "\\nPlease provide your answer by stating the letter followed
     by the full option."``. Options are prefixed with ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with
@@ -215,7 +224,7 @@ def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
 def reference_eval_indices(
     total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32
 ) -> list[int]:
-    """The reference evaluation sampling rule (REFERENCE.md section 4.3, ``fps_indices``), reproduced exactly.
+    """The reference evaluation sampling rule (the reference's ``fps_indices``), reproduced exactly.
 
     ``round(arange(0, total, video_fps / fps))`` (float32, round half to even) without indices >= total; the first
     ``max_frames`` kept (truncation, not subsampling); padded to a multiple of 4 by repeating the last index; replaced
@@ -1066,13 +1075,19 @@ def transform_frames(
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise ValueError(f"Frames have different sizes {sorted(shapes)}; set do_resize=True to batch them.")
-    pixels = torch.stack(tensors).to(torch.float32)
+    return rescale_and_normalize(torch.stack(tensors), do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+
+
+def rescale_and_normalize(pixels, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """uint8 (frames, 3, h, w) on any device -> float32 pixels, as `transform_frames` gives them."""
+    pixels = pixels.to(torch.float32)
     if do_rescale:
         # Divide rather than multiply for the default factor, as ToTensor does (bit-exact).
         pixels = pixels / 255.0 if math.isclose(rescale_factor, 1 / 255) else pixels * rescale_factor
     if do_normalize:
-        mean = torch.tensor(image_mean, dtype=torch.float32).reshape(-1, 1, 1)
-        std = torch.tensor(image_std, dtype=torch.float32).reshape(-1, 1, 1)
+        mean = torch.tensor(image_mean, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
         pixels = (pixels - mean) / std
     return pixels
 
@@ -1166,7 +1181,7 @@ class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     max_frames (`int`): cap for the fps rule (default 256, uniform subsampling; reference_eval truncates).
     min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).
     start, end (`float`): window in seconds.
-    sampling (`str`): "auto" (default) or "reference_eval" (REFERENCE.md section 4.3).
+    sampling (`str`): "auto" (default) or "reference_eval" (the reference's evaluation rule).
     progress (`bool`): show a progress bar while decoding each video (default False).
     """
 
@@ -1416,7 +1431,7 @@ def build_labels(
     ignore_ids=(),
     ignore_index: int = IGNORE_INDEX,
 ):
-    """Labels that supervise only assistant turns (REFERENCE.md section 4.5, ``_create_labels``).
+    """Labels that supervise only assistant turns (the reference's ``_create_labels``).
 
     The sequence is expected to be a chat-template render: a system turn, then alternating user and assistant turns,
     each closed by the separator token (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator
@@ -1534,6 +1549,12 @@ class TimeViperProcessor(ProcessorMixin):
                 "processor (and size the model's embeddings accordingly)."
             )
         return token_id
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # Every saved processor names its Auto classes and carries this file (transformers writes both only for
+        # registered classes), as every saved TimeViper model does.
+        type(self).register_for_auto_class()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoProcessor"):
@@ -1876,3 +1897,187 @@ class TimeViperProcessor(ProcessorMixin):
 
 
 __all__ += ["NEMOTRON_H_CHAT_TEMPLATE", "QWEN2_CHAT_TEMPLATE", "TimeViperVideoProcessorKwargs", "transform_frames"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming video input: long videos read chunk by chunk, with host memory bounded whatever their length
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VideoStream:
+    """One video file read lazily, `chunk_frames` sampled frames at a time (for `TimeViperModel.encode_video`).
+
+    Opening it decodes the first chunk, which fixes the sampled frames (`num_frames`, `metadata`: the same indices
+    the video processor samples with the same options). Iterating yields the frames as uint8 tensors (chunk, 3,
+    height, width), already resized to the processor's size, produced by a background thread that decodes at most
+    `prefetch_chunks` chunks ahead while the caller encodes; `pixel_chunks` moves them to the model's device and
+    normalises them there. Host memory is a few chunks, whatever the video's length. Each chunk is one
+    `decode_video_pyav` call, seeking to the keyframe before its first frame (containers without a frame count,
+    e.g. Matroska, are demuxed once per chunk to find the frames; prefer larger chunks for those).
+
+    Args:
+        video: a path or raw bytes, or a dict ``{"video"|"path"|"url": source, <sampling overrides>}`` as in a
+            conversation's video item.
+        video_processor: the `TimeViperVideoProcessor` whose sampling defaults, size and normalisation apply.
+        chunk_frames: sampled frames per decoded chunk.
+        prefetch_chunks: chunks decoded ahead of the consumer.
+        resize_threads: threads that resize a chunk's frames (PIL releases the GIL while resizing; at 720p and up,
+            one thread resizing is slower than the decoder).
+        **sampling: ``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``, ``sampling``.
+    """
+
+    def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
+                 resize_threads: int = 4, **sampling):
+        unknown = set(sampling) - set(_SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(
+                f"Unexpected sampling kwargs {sorted(unknown)} for VideoStream; valid: {list(_SAMPLING_KEYS)}."
+            )
+        if chunk_frames < 1 or prefetch_chunks < 1:
+            raise ValueError(
+                f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
+            )
+        item = video if isinstance(video, dict) else {}
+        source = video
+        if item:
+            source = next((item[key] for key in ("video", "path", "url") if item.get(key) is not None), None)
+        if not isinstance(source, (str, os.PathLike, bytes)):
+            raise TypeError(
+                f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
+            )
+        self.source, self.video_processor = source, video_processor
+        self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
+        self.resize_threads = max(1, resize_threads)
+        self.decode_seconds = 0.0  # time spent decoding and resizing (in the background thread after the first chunk)
+        options, _ = video_processor._sampling_options(sampling, item)
+        sampled = []
+
+        def first_chunk(metadata) -> list[int]:
+            sampled.extend(_indices_for(metadata, options))
+            return sampled[:chunk_frames]
+
+        started = time.perf_counter()
+        frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
+        self.first_chunk = self.resize(frames)
+        self.decode_seconds += time.perf_counter() - started
+        self.indices = sampled
+        # Only the first chunk has been decoded: its times would not cover the video, the frame rate does.
+        self.metadata.frames_indices, self.metadata.frames_timestamps = sampled, None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    def resize(self, frames: np.ndarray) -> torch.Tensor:
+        """Decoded RGB frames -> uint8 (frames, 3, height, width) at the processor's size (the processor's resize,
+        on `resize_threads` groups of frames at once)."""
+        processor = self.video_processor
+
+        def resize_group(group):
+            pixels = transform_frames(
+                group, size=processor.size, resample=processor.resample, do_resize=processor.do_resize,
+                do_rescale=False, do_normalize=False,
+            )
+            return pixels.to(torch.uint8)  # (whole numbers in [0, 255]: exact)
+
+        groups = [group for group in np.array_split(frames, self.resize_threads) if len(group)]
+        if len(groups) == 1:
+            return resize_group(groups[0])
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="timeviper-resize") as pool:
+            return torch.cat(list(pool.map(resize_group, groups)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        processor = self.video_processor
+        return rescale_and_normalize(
+            pixels, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+            processor.image_std,
+        )
+
+    def __iter__(self):
+        chunks = queue.Queue(maxsize=self.prefetch_chunks)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for start in range(self.chunk_frames, self.num_frames, self.chunk_frames):
+                    started = time.perf_counter()
+                    frames, _ = decode_video_pyav(self.source, indices=self.indices[start : start + self.chunk_frames])
+                    resized = self.resize(frames)
+                    del frames
+                    self.decode_seconds += time.perf_counter() - started
+                    if not put(resized):
+                        return
+                put(None)
+            except Exception as err:  # handed to the consumer, which raises it
+                put(err)
+
+        producer = threading.Thread(target=produce, name="timeviper-video-decode", daemon=True)
+        producer.start()
+        try:
+            yield self.first_chunk
+            while (item := chunks.get()) is not None:
+                if isinstance(item, Exception):
+                    raise ValueError(f"Decoding video {self.source!r} failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def pixel_chunks(self, device=None, dtype=None):
+        """Normalised pixels, chunk by chunk, on `device` in `dtype`: uint8 crosses to the device (a quarter of
+        the float32 bytes) and is normalised there."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for chunk in self:
+            if device.type == "cuda":
+                chunk = chunk.pin_memory().to(device, non_blocking=True)
+            else:
+                chunk = chunk.to(device)
+            pixels = self.normalize(chunk)
+            yield pixels if dtype is None else pixels.to(dtype)
+
+
+def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefetch_chunks: int = 2,
+                          add_generation_prompt: bool = True, **kwargs):
+    """`processor.apply_chat_template(..., tokenize=True)` for long videos: the prompt's ``input_ids`` and
+    ``attention_mask`` (``return_tensors="pt"``), with the videos opened as `VideoStream`s instead of decoded.
+
+    Feed each stream to `model.encode_video` and the features to ``generate(video_features=...)``. Keyword
+    arguments: the sampling options (``fps``, ``max_frames``, ...) and the tokenizer options (``padding``,
+    ``padding_side``) of the processor; a conversation's video item may override the sampling as usual.
+    Returns ``(inputs, streams)``, the streams in the order of the videos in the batch.
+    """
+    sampling = {key: kwargs.pop(key) for key in list(kwargs) if key in _SAMPLING_KEYS}
+    text_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _TEXT_KWARGS}
+    if kwargs:
+        raise TypeError(f"Unexpected keyword argument(s) {sorted(kwargs)} for streaming_chat_inputs.")
+    is_batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
+        conversation[0], (list, tuple)
+    )
+    conversations = conversation if is_batched else [conversation]
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+    streams = []
+    for conv in conversations:
+        for message in conv:
+            content = message.get("content")
+            for item in content if isinstance(content, (list, tuple)) else ():
+                if isinstance(item, dict) and item.get("type") == "image":
+                    raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
+                if isinstance(item, dict) and item.get("type") == "video":
+                    stream = VideoStream(item, processor.video_processor, chunk_frames, prefetch_chunks, **sampling)
+                    streams.append(stream)
+    video_inputs = {"video_num_frames": torch.tensor([stream.num_frames for stream in streams], dtype=torch.int64)}
+    texts = processor._expand_placeholders(prompts, video_inputs if streams else None, None)
+    data = processor._tokenize(texts, text_kwargs, False, video_inputs if streams else None, None)
+    return BatchFeature(data=data, tensor_type="pt"), streams
+
+
+__all__ += ["VideoStream", "rescale_and_normalize", "streaming_chat_inputs"]

@@ -13,8 +13,8 @@ A conversion is planned before any byte is written:
 
 Target names are the state-dict keys of `TimeViperForConditionalGeneration`:
 `model.vision_tower.*` (transformers' SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`,
-`model.language_model.*` (the LLM body under its native sub-names, plus `merge_modules.{stage}.*` and `alpha` for
-TransV) and `lm_head.weight`.
+`model.language_model.*` (the LLM body under its native sub-names, plus `merge_modules.{stage}.*`, gate `alpha`
+included, for TransV) and `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -43,12 +43,6 @@ logger = logging.getLogger("timeviper.convert")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_timeviper.TimeViperConfig",
-    "AutoModel": "modeling_timeviper.TimeViperForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_timeviper.TimeViperForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
-}
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
 # 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.
@@ -217,7 +211,10 @@ class SafetensorsSource(TensorSource):
         self._handles = {}
         self._file_of = {}
         for path in files:
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as error:  # safetensors raises its own SafetensorError, which never names the file
+                raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
             self._handles[path] = handle
             for key in handle.keys():
                 if key in self._file_of:
@@ -231,7 +228,10 @@ class SafetensorsSource(TensorSource):
         return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
 
     def _load(self, key):
-        return self._handles[self._file_of[key]].get_tensor(key)
+        try:
+            return self._handles[self._file_of[key]].get_tensor(key)
+        except Exception as error:
+            raise ConversionError(f"{self._file_of[key]}: cannot read tensor {key!r}: {error}") from error
 
 
 class TorchFileSource(DictSource):
@@ -239,13 +239,16 @@ class TorchFileSource(DictSource):
 
     def __init__(self, path: Path):
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            # Files written with the legacy (non-zip) format cannot be memory-mapped.
-            logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                # Files written with the legacy (non-zip) format cannot be memory-mapped.
+                logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as error:  # torch's messages for a cut-short file never name it
+            raise ConversionError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
         super().__init__(_unwrap_state_dict(loaded, path), path.name)
 
 
@@ -606,10 +609,32 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
                 raise ConversionError(f"cannot initialise TransV stage {stage_index}: {source_name} is not in the source")
             tensor = plan.tensors[source_name]
             new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.{name}", tensor.shape, tensor.load, tensor.sources)
-    if transfer_stages:
-        count = len(transfer_stages)
-        new.add(f"{TEXT_PREFIX}alpha", (count,), lambda: torch.zeros(count), ["<new: zeros>"])
+        new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,), lambda: torch.zeros(1), ["<new: zeros>"])
     return new
+
+
+def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
+    """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) as each TransV module's own gate
+    `merge_modules.{stage}.alpha`. Run after `check_transfer_tensors`, which checks that the vector is there."""
+    vector = plan.tensors.get(f"{TEXT_PREFIX}alpha")
+    if vector is None:
+        return plan
+    transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
+    if tuple(vector.shape) != (len(transfer_stages),):
+        raise ConversionError(
+            f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression has "
+            f"{len(transfer_stages)} transfer stages"
+        )
+    split = ConversionPlan(skipped=plan.skipped, unexpected=plan.unexpected, conflicts=plan.conflicts, used=plan.used)
+    for name, tensor in plan.tensors.items():
+        if name != vector.name:
+            split.tensors[name] = tensor
+    for slot, stage_index in enumerate(transfer_stages):
+        split.add(
+            f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
+            lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources],
+        )
+    return split
 
 
 def check_transfer_tensors(plan: ConversionPlan, config) -> None:
@@ -745,8 +770,7 @@ def spec_state_dict_shapes(config, vision_prefix: str = VISION_PREFIX) -> dict[s
     for index in transfer_stages:
         for name, shape in attention.items():
             shapes[f"{TEXT_PREFIX}merge_modules.{index}.{name}"] = shape
-    if transfer_stages:
-        shapes[TEXT_PREFIX + "alpha"] = (len(transfer_stages),)
+        shapes[f"{TEXT_PREFIX}merge_modules.{index}.alpha"] = (1,)
     shapes[LM_HEAD] = (text.vocab_size, hidden)
     return shapes
 
@@ -880,47 +904,181 @@ def _tensor_bytes(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
         raise ConversionError(f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}")
     if not tensor.is_floating_point():
         raise ConversionError(f"{planned.name}: {tensor.dtype} is not a floating-point tensor ({planned.sources})")
-    tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    cast = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    check_finite(planned, tensor, cast)
+    return memoryview(cast.reshape(-1).view(torch.uint8).numpy())
 
 
-def check_output_available(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
-    """Refuse an existing output without `force`, and always refuse an output that is, or holds, a source."""
-    output = Path(output).absolute()
+# Elements checked per step by `check_finite`: its temporary mask stays at 16 MiB whatever the tensor's size.
+FINITE_CHECK_CHUNK = 1 << 24
+
+
+def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tensor) -> None:
+    """Stop on NaN/Inf in a written tensor. Always on (verification is off by default for large models): one pass over
+    each tensor, in chunks, while it is in memory anyway."""
+    flat = cast.reshape(-1)
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(FINITE_CHECK_CHUNK))
+    if bad:
+        in_source = int((~torch.isfinite(source.detach())).sum())
+        cause = "in the source" if in_source else f"from the cast to {str(cast.dtype).removeprefix('torch.')} (values beyond its range)"
+        raise ConversionError(
+            f"{planned.name}: {bad} of {flat.numel()} values are NaN or Inf {cause}; sources {planned.sources}"
+        )
+
+
+# Written by the converter into every folder it makes: what `--force` may replace. In a temporary folder it says
+# `"complete": false`; in a finished output it lists every file the converter wrote.
+OUTPUT_MARKER = ".timeviper-convert.json"
+
+
+def write_output_marker(folder: Path, complete: bool) -> None:
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
+    marker = {"written_by": "timeviper convert", "complete": complete, "files": [f for f in files if f != OUTPUT_MARKER]}
+    (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def read_output_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("written_by") == "timeviper convert" else None
+
+
+def protected_folder(output: Path) -> str | None:
+    """Why `--force` must never replace `output`, whatever it holds: the working directory, the home folder, a folder
+    above either, the file system root, or a git checkout."""
+    resolved = output.resolve()
+    for what, place in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
+        place = place.resolve()
+        if resolved == place or resolved in place.parents:
+            return f"it is {what}" if resolved == place else f"it holds {what}"
+    if (resolved / ".git").exists():
+        return "it is a git checkout"
+    return None
+
+
+def foreign_content(output: Path) -> str | None:
+    """Why an existing `output` is not a finished output of this converter (so `--force` may not delete it), or None.
+    An empty folder holds nothing to lose."""
+    if output.is_symlink() or not output.is_dir():
+        return "it is not a folder" if not output.is_symlink() else "it is a symbolic link"
+    if not any(output.iterdir()):
+        return None
+    marker = read_output_marker(output)
+    if marker is None or not marker.get("complete"):
+        return f"it has no {OUTPUT_MARKER}, so this converter did not write it"
+    present = {path.relative_to(output).as_posix() for path in output.rglob("*") if not path.is_dir()}
+    extra = sorted(present - set(marker["files"]) - {OUTPUT_MARKER})
+    if extra:
+        return f"it holds files the converter did not write: {extra[:10]}" + (" ..." if len(extra) > 10 else "")
+    return None
+
+
+def _siblings(output: Path, kind: str) -> list[Path]:
+    """The converter's hidden work folders next to `output`: `.{name}.partial-*` or `.{name}.replaced-*`."""
+    prefix = f".{output.name}.{kind}-"
+    return sorted(path for path in output.parent.iterdir() if path.name.startswith(prefix)) if output.parent.is_dir() else []
+
+
+def _size(folder: Path) -> str:
+    total = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+    return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+
+
+def recover_interrupted_conversion(output: Path) -> None:
+    """Finish what a killed conversion left next to `output` (call with the output's lock held).
+
+    A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
+    `.{name}.replaced-*/old`: it is put back. A replaced copy next to an existing `output` was superseded and is
+    deleted. `.{name}.partial-*` folders that carry the converter's marker are cut-short writes and are deleted; others
+    are only reported.
+    """
+    for backup in _siblings(output, "replaced"):
+        old = backup / "old"
+        if old.exists() and not (output.exists() or output.is_symlink()):
+            os.rename(old, output)
+            logger.warning("restored %s from %s: a conversion was killed while replacing it", output, backup)
+        elif old.exists():
+            logger.warning("deleting %s (%s): the copy of %s that a finished --force conversion replaced", backup, _size(backup), output)
+        shutil.rmtree(backup)
+    for partial in _siblings(output, "partial"):
+        if read_output_marker(partial) is None:
+            logger.warning("%s (%s) looks like an unfinished conversion by an older version; delete it if nothing uses it", partial, _size(partial))
+            continue
+        logger.warning("deleting %s (%s): what a killed conversion into %s had written", partial, _size(partial), output)
+        shutil.rmtree(partial)
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """An exclusive lock on `.{name}.lock` next to `output`: one conversion at a time writes (or recovers) it."""
+    import fcntl
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f".{output.name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConversionError(f"another conversion is writing {output} (it holds {path}); wait for it to end") from None
+        yield  # the lock goes with the file handle, also when the process is killed
+
+
+def _check_output(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
     for source in sources:
         source = Path(source).resolve()
         if output.resolve() == source or output.resolve() in source.parents:
             raise ConversionError(f"the output {output} would replace the source {source}; choose another --output")
-    if (output.exists() or output.is_symlink()) and not force:
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not force:
         raise ConversionError(f"{output} already exists; pass --force to replace it")
+    reason = protected_folder(output) or foreign_content(output)
+    if reason:
+        raise ConversionError(f"--force only replaces a previous output of this converter; not {output}: {reason}")
+
+
+def check_output_available(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
+    """Before any work: finish what a killed conversion left next to `output`, then refuse an output that is, or holds,
+    a source, an existing output without `force`, and with `force` anything but a previous output of this converter."""
+    output = Path(output).absolute()
+    with output_lock(output):
+        recover_interrupted_conversion(output)
+        _check_output(output, force, sources)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it.
 
-    An existing `output` is replaced only with `force`, and only once the new folder is complete.
+    An existing `output` is replaced only with `force`, only when this converter wrote it (`OUTPUT_MARKER`), and only
+    once the new folder is complete. The whole write holds the output's lock; a kill at any point leaves state that the
+    next conversion into `output` recovers from (`recover_interrupted_conversion`).
     """
     output = Path(output).absolute()
-    check_output_available(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o777 & ~umask)
-    try:
-        yield temporary
-        check_output_available(output, force)
-        if output.exists() or output.is_symlink():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-            os.rename(output, backup / "old")
-            os.rename(temporary, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(temporary, output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with output_lock(output):
+        recover_interrupted_conversion(output)
+        _check_output(output, force)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)
+        try:
+            write_output_marker(temporary, complete=False)
+            yield temporary
+            write_output_marker(temporary, complete=True)
+            _check_output(output, force)
+            if output.exists() or output.is_symlink():
+                backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+                os.rename(output, backup / "old")
+                os.rename(temporary, output)
+                shutil.rmtree(backup)
+            else:
+                os.rename(temporary, output)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -989,6 +1147,20 @@ def load_tokenizer(llm_folder: Path):
     return tokenizer
 
 
+def set_pad_token(tokenizer, text_config) -> None:
+    """Give a tokenizer without a pad token the LLM's own pad id (Nemotron-H: 0), so that `padding=True` batches work.
+    The pad id must lie inside the embedding table: padded positions are embedded, then masked."""
+    if tokenizer.pad_token is not None:
+        return
+    pad_id = text_config.pad_token_id
+    if pad_id is None or not 0 <= pad_id < text_config.vocab_size:
+        raise ConversionError(
+            f"the tokenizer has no pad token and the LLM config's pad_token_id {pad_id!r} is not an id of its "
+            f"{text_config.vocab_size}-entry vocabulary; add a pad token to the source tokenizer"
+        )
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+
+
 # Tokens that end an assistant turn in each template, besides the tokenizer's eos.
 STOP_TOKENS = {"nemotron_h": ("</s>", "<SPECIAL_12>"), "qwen2": ("<|im_end|>",)}
 
@@ -1051,7 +1223,6 @@ def write_processor(folder: Path, tokenizer, config, processing) -> None:
         chat_template=processing.get_chat_template(config.text_config.model_type),
         tokens_per_frame=config.vision_tokens_per_frame,
     )
-    processing.TimeViperProcessor.register_for_auto_class()
     processor.save_pretrained(str(folder))
     # `from_pretrained` keyword arguments that transformers writes back into tokenizer_config.json.
     tokenizer_config = folder / "tokenizer_config.json"
@@ -1062,17 +1233,51 @@ def write_processor(folder: Path, tokenizer, config, processing) -> None:
         tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_model_card(folder: Path, config, base_models: list[str], conversion_note: str) -> None:
+# Licenses of the backbones' weights, for cards of folders whose source LLM folder has no card saying so.
+BACKBONE_LICENSES = {
+    "nemotron_h": {
+        "license": "other",
+        "license_name": "nvidia-open-model-license",
+        "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/",
+    },
+    "qwen2": {"license": "apache-2.0"},  # Qwen2.5 0.5B-32B; the source folder's own card wins (3B and 72B differ)
+}
+LICENSE_FIELDS = ("license", "license_name", "license_link")
+
+
+def card_license(family: str, source_folder: Path | None) -> dict:
+    """The license metadata of the source LLM's model card (README.md) if it has one, else the backbone's."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(source_folder) / "README.md" if source_folder is not None else None
+    if readme is not None and readme.is_file():
+        data = ModelCard.load(readme).data.to_dict()
+        if data.get("license"):
+            return {field: data[field] for field in LICENSE_FIELDS if data.get(field)}
+    return dict(BACKBONE_LICENSES[family])
+
+
+def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
+               library_name: str = "transformers", **metadata):
+    """A `huggingface_hub.ModelCard` for a TimeViper folder: metadata (license, base_model, pipeline_tag,
+    library_name, tags, and any other `ModelCardData` field in `metadata`) plus the architecture table, the usage
+    snippet and `notes`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     text = config.text_config
     counts = {kind: list(config.layer_types).count(kind) for kind in dict.fromkeys(config.layer_types)}
     blocks = ", ".join(f"{count} {kind}" for kind, count in counts.items())
     stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
-    front = ["---", "library_name: transformers", "pipeline_tag: video-text-to-text"]
-    if base_models:
-        front += ["base_model:"] + [f"- {model}" for model in base_models]
     hybrid = text.model_type == "nemotron_h"
-    front += ["tags:", "- timeviper", "- video"] + (["- mamba", "- hybrid"] if hybrid else []) + ["- custom_code", "---", ""]
+    tags = ["timeviper", "video", "video-text-to-text", *(["mamba", "hybrid"] if hybrid else []), "custom_code",
+            *extra_tags]
+    data = ModelCardData(
+        **license_fields, base_model=list(base_models) or None, pipeline_tag="image-text-to-text", library_name=library_name,
+        tags=list(dict.fromkeys(tags)), **metadata,
+    )
     language_model = "a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer"
+    # The range of the code that built `config` (the converters run the remote-code files they write).
+    supported = sys.modules[type(config).__module__].SUPPORTED_TRANSFORMERS
     body = f"""# TimeViper
 
 TimeViper is a video-language model for long videos: SigLIP encodes the frames, each frame is reduced to
@@ -1088,7 +1293,8 @@ them, optionally dropping vision tokens inside the LLM and transferring their co
 
 ## Usage
 
-The model code ships with the checkpoint, so loading needs `trust_remote_code=True`.
+The model code ships with the checkpoint, so loading needs `trust_remote_code=True`; it runs on transformers
+`{supported}` (`pip install "transformers{supported}"`).
 
 ```python
 import torch
@@ -1110,11 +1316,17 @@ output = model.generate(**inputs, max_new_tokens=128)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-## Conversion
+Or `pipeline("image-text-to-text", model=repo, trust_remote_code=True)` with the same messages.
 
-{conversion_note}
+{notes}
 """
-    (folder / "README.md").write_text("\n".join(front) + body)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: Path, config, family: str, llm_folder: Path | None, base_models: list[str],
+                     conversion_note: str) -> None:
+    card = model_card(config, base_models, card_license(family, llm_folder), (), f"## Conversion\n\n{conversion_note}")
+    card.save(folder / "README.md")
 
 
 def guess_base_model(path: Path | None) -> str | None:
@@ -1144,7 +1356,6 @@ def save_hub_folder(
     conversion_note: str,
 ) -> None:
     """Everything but the weights: config.json (with auto_map), remote code, processor/tokenizer, generation config, card."""
-    config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
     for file in REMOTE_CODE_FILES:
@@ -1152,9 +1363,10 @@ def save_hub_folder(
             shutil.copyfile(remote.folder / file, folder / file)
         else:
             raise ConversionError(f"{remote.folder / file} is missing: the output would not load with trust_remote_code")
+    set_pad_token(tokenizer, config.text_config)
     write_processor(folder, tokenizer, config, remote.processing)
     build_generation_config(family, tokenizer, config.text_config, llm_folder).save_pretrained(str(folder))
-    write_model_card(folder, config, base_models, conversion_note)
+    write_model_card(folder, config, family, llm_folder, base_models, conversion_note)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

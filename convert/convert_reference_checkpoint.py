@@ -60,6 +60,7 @@ from .common import (
     round_trip_dtype,
     save_hub_folder,
     should_verify,
+    split_transfer_gates,
     vision_config_from_timm,
     write_safetensors_shards,
 )
@@ -137,10 +138,11 @@ def convert_reference_checkpoint(
 
     plan = plan_reference_checkpoint(source, config)
     check_transfer_tensors(plan, config)
+    plan = split_transfer_gates(plan, config)
     kinds = [stage.transfer for stage in config.compression_stages]
     if True in kinds and False in kinds[: len(kinds) - 1 - kinds[::-1].index(True)]:
-        # The reference reads alpha[stage index] from a tensor sized by the number of transfer stages (REFERENCE.md
-        # section 2.3), so it fails on such schedules; alpha[j] is mapped to the j-th transfer stage here.
+        # The reference reads alpha[stage index] from a tensor sized by the number of transfer stages, so it fails
+        # on such schedules; alpha[j] is the gate of the j-th transfer stage here.
         logger.warning("a drop-only stage precedes a transfer stage: the reference code could not have run this schedule")
     plan, expected = check_and_report_plan(plan, config, remote.modeling)
 

@@ -20,6 +20,8 @@ import json
 import sys
 import time
 
+from inference.checkpoint import CheckpointError, load_checkpoint
+
 from .tasks import (
     SAMPLING_RULES,
     TASKS,
@@ -27,6 +29,7 @@ from .tasks import (
     AnswerFn,
     FrameSampling,
     PredictionFileError,
+    group_by_video,
     load_annotations,
     run_items,
     score_output_dir,
@@ -50,18 +53,24 @@ def build_model_answer_fn(
 
     This is the only code that touches the model. Greedy decoding at batch size 1, as in the reference (§6.3).
     The answer prompt (``Best Option: (`` for MCQ) is tokenised without special tokens and appended after the
-    assistant header; only the new tokens are decoded. Sampling options reach the video processor through
-    ``processor_kwargs`` (``apply_chat_template`` keeps only the path of a video content block).
+    assistant header; only the new tokens are decoded. The video streams from its file through the vision tower
+    and the prefill runs in chunks (`inference.streaming`: bounded memory at any length, the same answer as the
+    processor's one-shot path); the sampling options apply per video item. Consecutive questions about the same
+    video (and clip and sampling) share its state (`encode_video_state`): the video is decoded, encoded and
+    prefilled once, and each further question costs its own tokens plus the compression stages that depend on it
+    (`run` orders each shard's items by video for this).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from inference.streaming import PREFILL_CHUNK_TOKENS, stream_conversation, video_prompt_ids
 
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True, dtype=torch_dtype)
+    model = load_checkpoint(model_path, torch_dtype)
     model.to(device).eval()
-    model_dtype = next(model.parameters()).dtype
     answer_prompt_ids: dict[str, torch.Tensor] = {}
+    last_video = {"key": None}  # the state of the last video asked about, reused while its questions come
 
     def answer_fn(record: dict, prompt_text: str, answer_prompt: str | None) -> str:
         video = {"type": "video", "path": record["video"], "fps": sampling.fps, "max_frames": sampling.max_frames}
@@ -71,63 +80,42 @@ def build_model_answer_fn(
                 if record.get(key) is not None:
                     video[key] = video_kwargs[key] = record[key]
         conversation = [{"role": "user", "content": [video, {"type": "text", "text": prompt_text}]}]
-        inputs = processor.apply_chat_template(
-            conversation,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs=video_kwargs,
-        )
-        inputs.pop("video_metadata", None)  # per-video frame indices; not a model input
-        counts = inputs.get("video_num_frames")
-        if task == "grounding" and torch.is_tensor(counts) and counts.numel() == 1:
-            stated = sampling.num_frames(record["duration"])
-            if int(counts) != stated:
-                print(
-                    f"warning: item {record['id']!r}: the prompt states {stated} frames but {int(counts)} were sampled "
-                    "(does the annotated duration match the video?)",
-                    file=sys.stderr,
+        key = json.dumps([video, video_kwargs], sort_keys=True, default=str)
+        if key == last_video["key"]:
+            input_ids = video_prompt_ids(processor, conversation, last_video["num_frames"])
+        else:
+            last_video.update(key=None, state=None)  # the previous state's memory goes before this one is built
+            with torch.inference_mode():
+                inputs, video_features, streams = stream_conversation(model, processor, conversation, **video_kwargs)
+                input_ids = inputs["input_ids"]
+                state = model.encode_video_state(
+                    input_ids.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS
                 )
+            del video_features
+            last_video.update(key=key, state=state, num_frames=streams[0].num_frames)
+            if task == "grounding":
+                stated = sampling.num_frames(record["duration"])
+                if streams[0].num_frames != stated:
+                    print(
+                        f"warning: item {record['id']!r}: the prompt states {stated} frames but "
+                        f"{streams[0].num_frames} were sampled (does the annotated duration match the video?)",
+                        file=sys.stderr,
+                    )
         if answer_prompt:
             if answer_prompt not in answer_prompt_ids:
                 answer_prompt_ids[answer_prompt] = processor.tokenizer(
                     answer_prompt, add_special_tokens=False, return_tensors="pt"
                 )["input_ids"]
-            inputs = append_tokens(inputs, answer_prompt_ids[answer_prompt])
-        inputs = inputs.to(device)
-        for key, value in inputs.items():
-            if torch.is_tensor(value) and torch.is_floating_point(value):
-                inputs[key] = value.to(model_dtype)
+            input_ids = torch.cat([input_ids, answer_prompt_ids[answer_prompt].to(input_ids.dtype)], dim=1)
+        input_ids = input_ids.to(device)
         with torch.inference_mode():
-            output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output_ids[0, inputs["input_ids"].shape[1] :]
+            output_ids = model.generate_from_video_state(
+                last_video["state"], input_ids, max_new_tokens=max_new_tokens, do_sample=False
+            )
+        new_tokens = output_ids[0, input_ids.shape[1] :]
         return processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
 
     return answer_fn
-
-
-def append_tokens(inputs, token_ids):
-    """Append ``token_ids`` (1, n) to ``input_ids`` of a batch-1 processor output.
-
-    ``attention_mask`` grows by ones; any other tensor laid out per text token (same shape as ``input_ids``, e.g.
-    token-type ids) grows by zeros, so all per-token tensors stay aligned.
-    """
-    import torch
-
-    input_ids = inputs["input_ids"]
-    token_ids = token_ids.to(input_ids.device, input_ids.dtype)
-    for key, value in list(inputs.items()):
-        if not torch.is_tensor(value) or value.shape != input_ids.shape:
-            continue
-        if key == "input_ids":
-            extra = token_ids
-        elif key == "attention_mask":
-            extra = torch.ones_like(token_ids, dtype=value.dtype)
-        else:
-            extra = torch.zeros_like(token_ids, dtype=value.dtype)
-        inputs[key] = torch.cat([value, extra], dim=1)
-    return inputs
 
 
 def probe_duration(video_path: str) -> float:
@@ -243,7 +231,7 @@ def run(args: argparse.Namespace, answer_fn: AnswerFn | None = None) -> dict | N
 
     records = load_annotations(args.annotations, args.task, args.video_root, check_videos=True)
     records = records[: args.limit]
-    items = shard_items(records, args.num_shards, args.shard_index)
+    items = group_by_video(shard_items(records, args.num_shards, args.shard_index))
     if args.task == "grounding":
         fill_durations(items, args.annotations)
     name = args.name or args.task
@@ -301,7 +289,7 @@ def main(argv: list[str] | None = None, answer_fn: AnswerFn | None = None) -> in
             score(args)
         else:
             run(args, answer_fn)
-    except (AnnotationError, PredictionFileError, FileNotFoundError) as e:
+    except (AnnotationError, PredictionFileError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

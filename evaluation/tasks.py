@@ -1,6 +1,6 @@
 """Benchmark logic for TimeViper evaluation, with no model inside.
 
-Two task types are covered, with the prompts of the reference implementation (REFERENCE.md §4.2):
+Two task types are covered, with the prompts of the reference implementation:
 
 - ``mcq``: multiple-choice video QA (VideoMME, MLVU, LongVideoBench, LVBench, MVBench, ...). The user prompt is the
   question, the lettered options and a fixed instruction; ``Best Option: (`` is appended after the assistant header,
@@ -16,14 +16,16 @@ metrics; all metrics are percentages in [0, 100].
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 TASKS = ("mcq", "grounding")
 
@@ -110,9 +112,9 @@ def eval_num_frames(
 ) -> int:
     """How many frames sampling yields for a video of ``duration`` seconds (``rule`` as in the video processor).
 
-    ``reference_eval`` (REFERENCE.md §4.3): one frame every ``1/fps`` seconds from t=0, the first ``max_frames``
-    kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames`` uniformly spaced
-    frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
+    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first
+    ``max_frames`` kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames``
+    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
     grounding prompt states this number, so it must agree with what the video processor samples.
     """
     if not duration or duration <= 0 or fps <= 0:
@@ -175,6 +177,7 @@ _ANSWER_PHRASE = re.compile(
 _BRACKETED_LETTER = re.compile(r"[(\[]([A-Z])[)\]]")
 # A lone capital letter anywhere; "A" and "I" followed by a lower-case word are English words, not answers.
 _LONE_CAPITAL = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
+_LOWER_CASE_WORD = re.compile(r"\s+[a-z]")
 
 
 def _normalise_text(text: str) -> str:
@@ -239,7 +242,7 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
 
     for m in _LONE_CAPITAL.finditer(stripped):
         letter = m.group(1)
-        if letter in ("A", "I") and re.match(r"\s+[a-z]", stripped[m.end() :]):
+        if letter in ("A", "I") and _LOWER_CASE_WORD.match(stripped, m.end()):
             continue
         if letter in letters:
             return letter
@@ -247,10 +250,12 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
 
 
 _TIME = r"\d+(?::\d{1,2}){0,2}(?:\.\d+)?"
+# A pair starts only where a number starts (not after a digit, `.` or `:`): each run of digits is then tried from one
+# position, which keeps the search linear in the output length. Without it a 32k-digit output took 77 s.
 _SECONDS_PAIR = re.compile(
-    rf"({_TIME})(?:\s*(?:seconds?|secs?|s)\b)?\s*(?:to|and|-|–|—|~)\s*({_TIME})", flags=re.IGNORECASE
+    rf"(?<![\d.:])({_TIME})(?:\s*(?:seconds?|secs?|s)\b)?\s*(?:to|and|-|–|—|~)\s*({_TIME})", flags=re.IGNORECASE
 )
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", flags=re.IGNORECASE | re.DOTALL)
+_ANSWER_TAG = re.compile(r"<(/?)answer>", flags=re.IGNORECASE)
 
 
 def _to_seconds(token: str) -> float:
@@ -259,6 +264,19 @@ def _to_seconds(token: str) -> float:
     for part in token.split(":"):
         seconds = seconds * 60 + float(part)
     return seconds
+
+
+def _answer_blocks(text: str) -> list[str]:
+    """The contents of ``<answer>...</answer>`` blocks (each from an opening tag to the next closing tag), found in one
+    pass over the tags: a lazy ``<answer>(.*?)</answer>`` regex rescans the rest of the text from every unclosed tag."""
+    blocks, start = [], None
+    for tag in _ANSWER_TAG.finditer(text):
+        if start is None and not tag.group(1):
+            start = tag.end()
+        elif start is not None and tag.group(1):
+            blocks.append(text[start : tag.start()])
+            start = None
+    return blocks
 
 
 def parse_timestamps(text: str) -> tuple[float, float] | None:
@@ -270,7 +288,7 @@ def parse_timestamps(text: str) -> tuple[float, float] | None:
     """
     if not isinstance(text, str):
         return None
-    blocks = _ANSWER_BLOCK.findall(text)
+    blocks = _answer_blocks(text)
     for source in ([blocks[-1]] if blocks else []) + [text]:
         matches = _SECONDS_PAIR.findall(source)
         if matches:
@@ -295,6 +313,18 @@ def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Annotations
+
+
+def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
+    """``(line number, text, problem)`` for each line of a UTF-8 text file. The file is read as bytes and decoded line
+    by line, so a line that is not valid UTF-8 comes back as a problem that its caller reports with the line number
+    (text None) instead of one `UnicodeDecodeError` for the whole file."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
 
 
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
@@ -411,27 +441,29 @@ def load_annotations(
     records: list[dict] = []
     errors: list[str] = []
     first_line_of: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            record, problems = validate_record(task, raw, root)
-            if record is not None:
-                if record["id"] in first_line_of:
-                    problems.append(f"duplicate id {record['id']!r} (first seen on line {first_line_of[record['id']]})")
-                else:
-                    first_line_of[record["id"]] = line_no
-                if check_videos and not os.path.isfile(record["video"]):
-                    problems.append(f"video file {record['video']} does not exist")
-            errors.extend(f"{path}:{line_no}: {problem}" for problem in problems)
-            if not problems:
-                record["source_line"] = line_no
-                records.append(record)
+    for line_no, line, undecodable in read_text_lines(path):
+        if undecodable:
+            errors.append(f"{path}:{line_no}: {undecodable}")
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        record, problems = validate_record(task, raw, root)
+        if record is not None:
+            if record["id"] in first_line_of:
+                problems.append(f"duplicate id {record['id']!r} (first seen on line {first_line_of[record['id']]})")
+            else:
+                first_line_of[record["id"]] = line_no
+            if check_videos and not os.path.isfile(record["video"]):
+                problems.append(f"video file {record['video']} does not exist")
+        errors.extend(f"{path}:{line_no}: {problem}" for problem in problems)
+        if not problems:
+            record["source_line"] = line_no
+            records.append(record)
     if errors:
         shown = errors[:50]
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
@@ -472,6 +504,15 @@ def shard_indices(num_items: int, num_shards: int, shard_index: int) -> list[int
 def shard_items(items: Sequence, num_shards: int, shard_index: int) -> list:
     """The items of one shard (see ``shard_indices``), in their original order."""
     return [items[i] for i in shard_indices(len(items), num_shards, shard_index)]
+
+
+def group_by_video(items: Sequence[dict]) -> list[dict]:
+    """The items with the questions about each video next to each other: videos in the order they first appear,
+    each video's items in their own order. An answer function can then reuse a video's state across them."""
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(item["video"], len(first_seen))
+    return sorted(items, key=lambda item: first_seen[item["video"]])
 
 
 def shard_output_path(output_dir: str | os.PathLike, name: str, shard_index: int, num_shards: int) -> Path:
@@ -744,17 +785,34 @@ def score_output_dir(
         }
     metrics = {"name": name, **compute_metrics(task, predictions), **coverage, **info}
 
-    merged_path = output_dir / f"{name}.merged.jsonl"
-    tmp = merged_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in predictions:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, merged_path)
-
-    metrics_path = output_dir / "metrics.json"
-    all_metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    all_metrics[name] = metrics
-    tmp = metrics_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(all_metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, metrics_path)
+    merged = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in predictions)
+    write_atomically(output_dir / f"{name}.merged.jsonl", merged)
+    update_metrics_file(output_dir, name, metrics)
     return metrics
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file of its own next to ``path`` and rename it into place: a reader (or a crash)
+    never sees half a file, and concurrent writers never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() gives, not mkstemp's owner-only ones
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def update_metrics_file(output_dir: Path, name: str, metrics: dict) -> None:
+    """Set ``metrics.json[name]``. The read-modify-write holds an exclusive lock on ``metrics.json.lock``, so
+    concurrent ``score`` runs of other names into the same folder each keep their entry."""
+    path = output_dir / "metrics.json"
+    with open(output_dir / "metrics.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        all_metrics = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        all_metrics[name] = metrics
+        write_atomically(path, json.dumps(all_metrics, indent=2, ensure_ascii=False) + "\n")

@@ -1,6 +1,9 @@
-"""Ask a question about a video and stream the answer.
+"""Ask questions about a video and stream the answers.
 
     python -m inference.ask --model CHECKPOINT --video clip.mp4 --question "What happens after the dog jumps?"
+
+Several --question flags ask them in turn about the same video, which is encoded and prefilled once (its state is
+reused: each further question costs its own tokens and the compression stages that depend on it).
 
 Without --model, the embedded trained tiny model (inference/needle_model/, trained on the synthetic needle task of
 training/synthetic.py) answers a needle question about a generated held-out clip, and the right answer is printed
@@ -18,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TextStreamer
 
+from inference.streaming import PREFILL_CHUNK_TOKENS, STREAM_CHUNK_FRAMES, processing_module, video_prompt_ids
+
 RANDOM_TINY = "random-tiny"
 DEFAULT_QUESTION = "Describe what happens in this video."
 
@@ -32,8 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--revision", help="Hub revision to pin the remote code to")
     parser.add_argument("--video", help="video file (default: a generated clip; a held-out needle clip for the default model)")
     parser.add_argument(
-        "--question",
-        help="default: the needle question for the embedded trained model, else 'Describe what happens in this video.'",
+        "--question", action="append",
+        help="repeat for several questions about the video (default: the needle question for the embedded trained "
+        f"model, else {DEFAULT_QUESTION!r})",
     )
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
     parser.add_argument("--max-frames", type=int, default=256, help="uniformly subsample to at most this many")
@@ -64,7 +70,9 @@ def load(args, dtype, scratch):
 
         print("[model] the embedded TINY RANDOM-WEIGHT model; its answers are noise.")
         return build_tiny_default(token_compression=args.token_compression)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from inference.checkpoint import CheckpointError, load_checkpoint
 
     model_path = args.model
     if model_path is None:
@@ -74,14 +82,16 @@ def load(args, dtype, scratch):
         model_path = str(materialize_checkpoint(Path(scratch) / "needle_model"))
     overrides = {} if args.token_compression is None else {"token_compression": args.token_compression}
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, revision=args.revision)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_path, trust_remote_code=True, revision=args.revision, dtype=dtype, **overrides
-    )
+    try:
+        model = load_checkpoint(model_path, dtype, revision=args.revision, **overrides)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     return model.eval(), processor
 
 
 def default_video_and_question(args, scratch):
-    """The generated clip (and, for the embedded trained model, the needle question) when --video is not given."""
+    """The generated clip and the questions (for the embedded trained model, the needle question) when --video is
+    not given."""
     if args.model is None:
         from inference.trained_default import demo_clip, demo_question
 
@@ -92,12 +102,12 @@ def default_video_and_question(args, scratch):
             f"{clip.color} square shows at t = {clip.needle_frames[0]}-{clip.needle_frames[-1]} s "
             f"(right answer: {clip.answer_letter}. {clip.color})"
         )
-        return video, args.question or demo_question()
+        return video, args.question or [demo_question()]
     from inference.tiny_default import write_sample_video
 
     video = str(write_sample_video(Path(scratch) / "sample.mp4"))
     print(f"[video] no --video given: generated a 12 s sample clip at {video}")
-    return video, args.question or DEFAULT_QUESTION
+    return video, args.question or [DEFAULT_QUESTION]
 
 
 def report_token_budget(model, num_vision: int, num_text: int) -> None:
@@ -136,13 +146,48 @@ def vision_progress(model, num_frames: int):
     return bar, model.model.multi_modal_projector.register_forward_hook(count)
 
 
+def video_conversation(video: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": question}]}]
+
+
+def ask_many(model, processor, video, questions, first_ids, video_features, num_frames: int, args) -> None:
+    """Several questions about one video: the prompt up to the end of the video is prefilled once
+    (`encode_video_state`), then each question runs on a fork of that state."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        state = model.encode_video_state(
+            first_ids.to(model.device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS
+        )
+    size = state.memory_bytes()
+    print(
+        f"[state] video prefilled once in {time.perf_counter() - t0:.2f} s; its state holds {size / 2**20:.1f} MiB "
+        f"({size / num_frames / 1024:.1f} KiB per frame)"
+    )
+    for number, question in enumerate(questions, 1):
+        ids = video_prompt_ids(processor, video_conversation(video, question), num_frames).to(model.device)
+        print(f"[question {number}] {question}")
+        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate_from_video_state(
+                state, ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer
+            )
+        t_end = time.perf_counter()
+        prefill = (streamer.first_token_time or t_end) - t0
+        print(
+            f"[time] question {number}: prefill of its {ids.shape[1] - state.prefix_length} tokens "
+            f"{prefill:.2f} s | decode {t_end - (streamer.first_token_time or t_end):.2f} s "
+            f"({streamer.num_tokens} tokens)"
+        )
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     with tempfile.TemporaryDirectory() as scratch:
-        video, question = args.video, args.question or DEFAULT_QUESTION
+        video, questions = args.video, args.question or [DEFAULT_QUESTION]
         if video is None:
-            video, question = default_video_and_question(args, scratch)
+            video, questions = default_video_and_question(args, scratch)
         elif not Path(video).is_file():
             raise SystemExit(f"error: video file not found: {video}")
 
@@ -151,46 +196,47 @@ def main(argv=None):
         model.to(device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
 
-        sampling = {"fps": args.fps, "max_frames": args.max_frames, "return_metadata": True, "progress": True}
+        sampling = {"fps": args.fps, "max_frames": args.max_frames}
         sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
-        messages = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": question}]}]
+        messages = video_conversation(video, questions[0])
+        # The video streams from the file: decoding (a background thread) overlaps the vision tower, only the
+        # frame features are kept, and the prefill runs in chunks (inference.streaming).
         t0 = time.perf_counter()
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs=sampling,
-        )
-        t_video = time.perf_counter() - t0
-        metadata = inputs.pop("video_metadata", None)
-        inputs.pop("video_num_frames", None)
-        num_frames = int(inputs["pixel_values_videos"].shape[0])
-        if metadata:
-            stamps = ", ".join(f"{t:.1f}" for t in metadata[0].timestamps[:12])
-            more = " ..." if num_frames > 12 else ""
-            print(f"[video] {num_frames} frames sampled from {metadata[0].duration:.1f} s at t = {stamps}{more} s")
-        else:
-            print(f"[video] {num_frames} frames sampled")
+        streaming_chat_inputs = processing_module(processor).streaming_chat_inputs
+        inputs, (stream,) = streaming_chat_inputs(processor, messages, chunk_frames=STREAM_CHUNK_FRAMES, **sampling)
+        t_open = time.perf_counter() - t0
+        metadata, num_frames = stream.metadata, stream.num_frames
+        stamps = ", ".join(f"{t:.1f}" for t in metadata.timestamps[:12])
+        more = " ..." if num_frames > 12 else ""
+        print(f"[video] {num_frames} frames sampled from {metadata.duration:.1f} s at t = {stamps}{more} s")
         num_vision = int((inputs["input_ids"] == model.config.video_token_id).sum())
         report_token_budget(model, num_vision, inputs["input_ids"].shape[1] - num_vision)
 
-        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
         bar, handle = vision_progress(model, num_frames)
-
-        def start_answer():
-            handle.remove()
-            bar.close()
-            print("[answer] ", end="", flush=True)
-
-        streamer = TimingStreamer(processor.tokenizer, start_answer)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+            video_features = model.encode_video(stream.pixel_chunks(device, dtype), num_frames=num_frames)
+        t_vision = time.perf_counter() - t0
+        handle.remove()
+        bar.close()
+
+        if len(questions) > 1:
+            ask_many(model, processor, video, questions, inputs["input_ids"], video_features, num_frames, args)
+            return
+        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                **inputs.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS,
+                max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+            )
         t_end = time.perf_counter()
         prefill = (streamer.first_token_time or t_end) - t0
         decode = t_end - (streamer.first_token_time or t_end)
         rate = (streamer.num_tokens - 1) / decode if decode > 0 and streamer.num_tokens > 1 else float("nan")
         print(
-            f"[time] load {t_load:.2f} s | video decode + preprocess {t_video:.2f} s | vision + prefill {prefill:.2f} s"
+            f"[time] load {t_load:.2f} s | video open {t_open:.2f} s | frames decoded + resized in "
+            f"{stream.decode_seconds:.2f} s, overlapped with vision {t_vision:.2f} s | prefill {prefill:.2f} s"
             f" | decode {decode:.2f} s ({streamer.num_tokens} tokens, {rate:.1f} tokens/s) on {device} {str(dtype).removeprefix('torch.')}"
         )
 

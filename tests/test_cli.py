@@ -61,6 +61,7 @@ def test_ask_reports_a_missing_video(tmp_path):
     assert result.returncode != 0 and "video file not found" in result.stderr
 
 
+@pytest.mark.numerics
 def test_batched_chat_inputs_generate_like_single_samples(tmp_path):
     model, processor = build_tiny_default(token_compression="uni_1_0.5-attn_2_0.25")
     clips = [write_sample_video(tmp_path / f"{i}.mp4", seconds=s) for i, s in enumerate((4, 7))]
@@ -97,3 +98,25 @@ def test_evaluation_harness_runs_a_real_checkpoint(tiny_checkpoint, tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     (result,) = metrics.values()
     assert result["total"] == 2
+
+
+def test_ask_several_questions_answers_each_as_asked_alone(tmp_path, capsys):
+    """One video, two --question flags: the video state is built once and each answer equals a run of its own."""
+    from inference.ask import main
+
+    video = str(write_sample_video(tmp_path / "clip.mp4", seconds=5))
+    common = ["--video", video, "--max-new-tokens", "6", "--device", "cpu", "--token-compression",
+              "uni_1_0.5-attn_2_0.25"]
+    questions = ["What moves?", "Which colour is the square at the end of the clip?"]
+
+    def answers(out):
+        return [line for line in out.splitlines() if line.startswith("[answer]")]
+
+    main([*common, "--question", questions[0], "--question", questions[1]])
+    together = capsys.readouterr().out
+    assert together.count("[state] video prefilled once") == 1
+    alone = []
+    for question in questions:
+        main([*common, "--question", question])
+        alone += answers(capsys.readouterr().out)
+    assert answers(together) == alone and len(alone) == 2

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model, transfer_gates
 
 from timeviper.modeling_timeviper import first_supervised_query, select_uniform
 
@@ -54,6 +54,7 @@ def naive_attention_selection(attention, hidden, query_index, vision_index, num_
     return weights[query_index, vision_index].topk(num_keep).indices.sort().values
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
 def test_attention_selection_equals_the_full_matrix_computation(backbone):
     model = tiny_model(backbone, token_compression="attn_2_0.25")
@@ -68,6 +69,7 @@ def test_attention_selection_equals_the_full_matrix_computation(backbone):
     assert [p for p in kept.tolist() if ids[0, p] == VIDEO_TOKEN_ID] == vision_index[expected].tolist()
 
 
+@pytest.mark.numerics
 def test_transv_at_zero_gate_equals_plain_dropping():
     transfer = tiny_model(token_compression="uni_1_0.5-attn_2_0.25", seed=3)
     dropping = tiny_model(token_compression="unidrop_1_0.5-attndrop_2_0.25", seed=3)
@@ -76,7 +78,7 @@ def test_transv_at_zero_gate_equals_plain_dropping():
     with torch.no_grad():
         a = transfer(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels).logits
         b = dropping(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels).logits
-        transfer.model.language_model.alpha.fill_(0.5)
+        open_transfer_gates(transfer, 0.5)
         c = transfer(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels).logits
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert (c - b).abs().max() > 1e-3  # an open gate changes the text tokens
@@ -84,13 +86,12 @@ def test_transv_at_zero_gate_equals_plain_dropping():
 
 def test_init_transfer_from_nearest_attention_copies_weights_and_zeroes_gates():
     model = tiny_model(token_compression="uni_0_0.5-uni_3_0.25")  # attention blocks: 2 and 6
-    with torch.no_grad():
-        model.model.language_model.alpha.fill_(1.0)
+    open_transfer_gates(model, 1.0)
     model.init_transfer_from_nearest_attention()
     layers, merge = model.model.language_model.layers, model.model.language_model.merge_modules
     assert torch.equal(merge["0"].q_proj.weight, layers[2].mixer.q_proj.weight)  # block 2 is the first attention
     assert torch.equal(merge["1"].o_proj.weight, layers[6].mixer.o_proj.weight)
-    assert torch.count_nonzero(model.model.language_model.alpha) == 0
+    assert all(torch.count_nonzero(gate) == 0 for gate in transfer_gates(model))
 
 
 def test_loss_follows_the_kept_tokens_and_reaches_transv_gates():
@@ -106,7 +107,7 @@ def test_loss_follows_the_kept_tokens_and_reaches_transv_gates():
     expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    assert model.model.language_model.alpha.grad.abs().sum() > 0
+    assert all(gate.grad.abs().sum() > 0 for gate in transfer_gates(model))
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 

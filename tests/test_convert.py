@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -420,10 +421,10 @@ def test_atomic_output_dir(tmp_path):
         with common.atomic_output_dir(output, force=True) as folder:
             (folder / "b").write_text("2")
             raise RuntimeError("boom")
-    assert sorted(p.name for p in output.iterdir()) == ["a"] and no_leftovers(tmp_path)
+    assert sorted(p.name for p in output.iterdir()) == [common.OUTPUT_MARKER, "a"] and no_leftovers(tmp_path)
     with common.atomic_output_dir(output, force=True) as folder:
         (folder / "b").write_text("2")
-    assert sorted(p.name for p in output.iterdir()) == ["b"] and no_leftovers(tmp_path)
+    assert sorted(p.name for p in output.iterdir()) == [common.OUTPUT_MARKER, "b"] and no_leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -444,6 +445,8 @@ prompt = processor.apply_chat_template(
     add_generation_prompt=True,
 )
 inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+# Two samples with 3 and 2 frames: padding needs the pad token the converter gave the tokenizer.
+batch = processor(text=[prompt, prompt], videos=[frames, frames[:2]], padding=True, padding_side="left", return_tensors="pt")
 with torch.no_grad():
     logits = model(input_ids=ids).logits
     features = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
@@ -452,7 +455,8 @@ torch.save({"logits": logits, "features": features, "model_class": type(model)._
             "prompt": prompt, "num_video_tokens": int((inputs["input_ids"] == model.config.video_token_id).sum()),
             "generated": generated[0, inputs["input_ids"].shape[1]:],
             "processor_class": type(processor).__name__, "video_processor_class": type(processor.video_processor).__name__,
-            "video_token_id": processor.video_token_id, "config_video_token_id": model.config.video_token_id}, out)
+            "video_token_id": processor.video_token_id, "config_video_token_id": model.config.video_token_id,
+            "padded_positions": int((batch["attention_mask"] == 0).sum())}, out)
 """
 
 
@@ -470,7 +474,12 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
         assert (output / file).read_bytes() == (REPO / file).read_bytes()
     assert len(list(output.glob("model-*-of-*.safetensors"))) > 1
     config = json.loads((output / "config.json").read_text())
-    assert config["auto_map"] == common.AUTO_MAP
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_timeviper.TimeViperConfig",
+        "AutoModel": "modeling_timeviper.TimeViperModel",
+        "AutoModelForImageTextToText": "modeling_timeviper.TimeViperForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_timeviper.TimeViperForConditionalGeneration",
+    }
     assert config["token_compression"][1] == {"layer_idx": 2, "keep_ratio": 0.25, "method": "attention", "transfer": True}
     processor_config = json.loads((output / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_timeviper.TimeViperProcessor"
@@ -481,9 +490,13 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     assert (config["image_token_id"], config["video_token_id"]) == (vocab_size, vocab_size + 1)
     generation = json.loads((output / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [2, 12] and generation.get("do_sample", False) is False
-    card = (output / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: video-text-to-text\nbase_model:\n- nvidia/")
-    assert "trust_remote_code=True" in card
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.license == "other" and card.data.license_name == "nvidia-open-model-license"
+    assert card.data.base_model[0].startswith("nvidia/") and {"timeviper", "mamba", "custom_code"} <= set(card.data.tags)
+    assert "trust_remote_code=True" in card.text
+    tokenizer = json.loads((output / "tokenizer_config.json").read_text())
+    assert tokenizer["pad_token"] == "<unk>"  # Nano's pad_token_id 0: `padding=True` batches work
 
     # TransV initialised from the nearest attention block at or after each stage (blocks 2, 2, 5), alpha = 0.
     written = read_tensors(output)
@@ -491,7 +504,8 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     for stage, block in ((0, 2), (1, 2), (2, 5)):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             assert torch.equal(written[f"{prefix}merge_modules.{stage}.{name}.weight"], written[f"{prefix}layers.{block}.mixer.{name}.weight"])
-    assert torch.equal(written[prefix + "alpha"], torch.zeros(3))
+    for stage in range(3):
+        assert torch.equal(written[f"{prefix}merge_modules.{stage}.alpha"], torch.zeros(1))
 
     # The model's own initialiser agrees with the key-level one.
     model = common.load_converted_model(output)
@@ -508,6 +522,7 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     assert result["model_class"] == "TimeViperForConditionalGeneration"
     assert (result["processor_class"], result["video_processor_class"]) == ("TimeViperProcessor", "TimeViperVideoProcessor")
     assert result["video_token_id"] == result["config_video_token_id"] == vocab_size + 1
+    assert result["padded_positions"] == VISION["grid"] ** 2  # the 2-frame sample: one frame's placeholders
     # A video prompt through the chat template, the processor, the compression stages (TransV) and generate().
     assert result["prompt"] == "<SPECIAL_10>System\n<SPECIAL_12>\n<SPECIAL_11>User\n<video>what happens in the video\n<SPECIAL_12><SPECIAL_11>Assistant\n"
     assert result["num_video_tokens"] == 3 * VISION["grid"] ** 2 and 1 <= len(result["generated"]) <= 3
@@ -556,7 +571,8 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
     # Stage 0 transfers (TransV from block 1, Qwen's own layer, biases included); stage 1 only drops.
     for name in ("q_proj.weight", "q_proj.bias", "v_proj.bias", "o_proj.weight"):
         assert torch.equal(written[f"model.language_model.merge_modules.0.{name}"], written[f"model.language_model.layers.1.self_attn.{name}"])
-    assert not any("merge_modules.1" in name for name in written) and written["model.language_model.alpha"].shape == (1,)
+    assert not any("merge_modules.1" in name for name in written)
+    assert written["model.language_model.merge_modules.0.alpha"].shape == (1,)
 
     model = common.load_converted_model(output)
     reference = Qwen2ForCausalLM.from_pretrained(str(sources["qwen"]), dtype=torch.float32).eval()
@@ -666,17 +682,22 @@ def test_existing_output_needs_force(sources, tmp_path):
     (output / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="already exists; pass --force"):
         convert_raw_to_hub(**raw_kwargs(sources), output=output)
-    assert (output / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConversionError, match="only replaces a previous output of this converter"):
+        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+    assert sorted(path.name for path in output.iterdir()) == ["keep.txt"]
+    output = tmp_path / "converted"
+    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    (output / "config.json").write_text("{}")
     convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
-    assert not (output / "keep.txt").exists() and (output / "config.json").is_file() and no_leftovers(tmp_path)
+    assert json.loads((output / "config.json").read_text()) and no_leftovers(tmp_path)
 
 
 def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after some shards were written (here: in the tokenizer step) removes the partial folder and keeps
     the previous output untouched."""
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -684,7 +705,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "write_processor", fail)
     with pytest.raises(OSError, match="disk full"):
         convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
-    assert sorted(path.name for path in output.iterdir()) == ["keep.txt"] and no_leftovers(tmp_path)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before and no_leftovers(tmp_path)
 
 
 def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):
@@ -739,7 +760,9 @@ def test_reference_checkpoint_round_trip(sources, tmp_path):
         dtype="fp32", vision_num_heads=VISION["heads"], verify=True, verify_atol=ATOL, progress=False,
     )
     written = read_tensors(output)
-    assert torch.equal(written["model.language_model.alpha"], state["llm_backbone.llm.backbone.alpha"])
+    # The reference's one gate vector becomes each TransV module's own gate, entry j for the j-th transfer stage.
+    gates = torch.cat([written[f"model.language_model.merge_modules.{stage}.alpha"] for stage in range(3)])
+    assert torch.equal(gates, state["llm_backbone.llm.backbone.alpha"])
     for key, value in state.items():
         if "merge_modules" in key:
             assert torch.equal(written[key.replace("llm_backbone.llm.backbone.", "model.language_model.")], value)
@@ -749,7 +772,9 @@ def test_reference_checkpoint_round_trip(sources, tmp_path):
     assert json.loads((output / "config.json").read_text())["projector_type"] == "mlp"
     # Loaded back, the model holds the same TransV values.
     model = common.load_converted_model(output)
-    torch.testing.assert_close(model.model.language_model.alpha.data, state["llm_backbone.llm.backbone.alpha"], rtol=0, atol=0)
+    transfer = model.model.language_model.merge_modules
+    gates = torch.cat([transfer[str(stage)].alpha.data for stage in range(3)])
+    torch.testing.assert_close(gates, state["llm_backbone.llm.backbone.alpha"], rtol=0, atol=0)
 
 
 def test_reference_safetensors_and_legacy_embedding_name(sources, tmp_path):

@@ -6,7 +6,7 @@ import socket
 
 import torch
 import torch.distributed as dist
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 
 
 def free_port() -> int:
@@ -23,8 +23,7 @@ def sharded_forward(rank, world_size, port, results):
 
         torch.set_num_threads(1)
         model = tiny_model(token_compression="uni_1_0.5-attn_2_0.25")
-        with torch.no_grad():
-            model.model.language_model.alpha.fill_(0.5)
+        open_transfer_gates(model, 0.5)
         ids = torch.tensor([[5, 6] + [VIDEO_TOKEN_ID] * 12 + [7, 8, 9]])
         pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():

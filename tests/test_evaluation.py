@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from evaluation.tasks import (  # noqa: E402
     compute_grounding_metrics,
     compute_mcq_metrics,
     eval_num_frames,
+    group_by_video,
     load_annotations,
     merge_shards,
     parse_mcq_answer,
@@ -390,6 +392,11 @@ def test_prompts_and_records_reach_answer_fn(tmp_path):
     assert line["pred_timestamps"] == [10.0, 20.0] and line["iou"] == 1.0 and line["num_frames"] == 32
 
 
+def test_questions_are_grouped_by_video_in_first_seen_order():
+    items = [{"id": i, "video": video} for i, video in enumerate(["a", "b", "a", "c", "b", "a"])]
+    assert [item["id"] for item in group_by_video(items)] == [0, 2, 5, 1, 4, 3]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sharding and merging
 
@@ -507,53 +514,69 @@ class FakeTokenizer:
 
 
 class FakeProcessor:
-    """Records apply_chat_template calls and returns a 3-token prompt with a dummy video tensor."""
+    """A tokenizer, and the calls of the streaming reader (`stream_conversation`, patched by `use_fakes`), which
+    returns a 3-token prompt, dummy video features and a stream of 4 sampled frames."""
 
     def __init__(self):
         self.tokenizer = FakeTokenizer()
         self.calls = []
+        self.features = torch.zeros(4, 2, 8)
 
-    def apply_chat_template(self, conversation, **kwargs):
+    def stream_conversation(self, model, processor, conversation, **options):
         from transformers import BatchFeature
 
-        self.calls.append((conversation, kwargs))
-        return BatchFeature(
-            {
-                "input_ids": torch.tensor([[1, 2, 3]]),
-                "attention_mask": torch.tensor([[1, 1, 1]]),
-                "pixel_values_videos": torch.zeros(4, 3, 8, 8),
-                "video_num_frames": torch.tensor([4]),
-                "video_metadata": [{"frames_indices": [0, 1, 2, 3]}],
-            },
-            skip_tensor_conversion=["video_metadata"],
-        )
+        self.calls.append((conversation, options))
+        inputs = BatchFeature({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 1, 1]])})
+        return inputs, self.features, [SimpleNamespace(num_frames=4)]
+
+    def video_prompt_ids(self, processor, conversation, num_frames):
+        """A further question's prompt about the video of the last stream (its state is reused)."""
+        self.calls.append((conversation, num_frames))
+        return torch.tensor([[1, 2, 3]])
 
 
 class FakeGenerator(torch.nn.Module):
-    """generate() appends tokens 42 43 to the prompt and remembers its kwargs."""
+    """encode_video_state() remembers its arguments; generate_from_video_state() appends tokens 42 43 to the prompt
+    and remembers its state and kwargs."""
 
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.states = []
         self.kwargs = None
 
-    def generate(self, **kwargs):
-        self.kwargs = kwargs
-        return torch.cat([kwargs["input_ids"], torch.tensor([[42, 43]])], dim=1)
+    def encode_video_state(self, input_ids, **kwargs):
+        self.states.append({"input_ids": input_ids, **kwargs})
+        return self.states[-1]
+
+    def generate_from_video_state(self, state, input_ids, **kwargs):
+        self.kwargs = {"state": state, "input_ids": input_ids, **kwargs}
+        return torch.cat([input_ids, torch.tensor([[42, 43]])], dim=1)
 
 
-def test_model_glue_appends_answer_prompt_and_decodes_new_tokens(monkeypatch):
+def use_fakes(monkeypatch):
     import transformers
+
+    import inference.streaming
 
     processor, model = FakeProcessor(), FakeGenerator()
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(run_eval, "load_checkpoint", lambda *a, **k: model)
+    monkeypatch.setattr(inference.streaming, "stream_conversation", processor.stream_conversation)
+    monkeypatch.setattr(inference.streaming, "video_prompt_ids", processor.video_prompt_ids)
+    return processor, model
+
+
+def test_model_glue_appends_answer_prompt_and_decodes_new_tokens(monkeypatch):
+    from inference.streaming import PREFILL_CHUNK_TOKENS
+
+    processor, model = use_fakes(monkeypatch)
     answer_fn = run_eval.build_model_answer_fn(
         "ckpt", "mcq", FrameSampling(rule="auto"), max_new_tokens=5, device="cpu", dtype="float32"
     )
     record = {"id": "q", "video": "/v.mp4", "start": 2.0, "end": 9.0}
     assert answer_fn(record, "PROMPT", "Best Option: (") == "42 43"
-    conversation, kwargs = processor.calls[0]
+    conversation, options = processor.calls[0]
     assert conversation == [
         {
             "role": "user",
@@ -563,33 +586,37 @@ def test_model_glue_appends_answer_prompt_and_decodes_new_tokens(monkeypatch):
             ],
         }
     ]
-    assert kwargs["add_generation_prompt"] and kwargs["tokenize"] and kwargs["return_dict"]
-    assert kwargs["processor_kwargs"] == {
-        "fps": 1.0, "max_frames": 256, "min_frames": 32, "sampling": "auto", "start": 2.0, "end": 9.0
-    }
+    assert options == {"fps": 1.0, "max_frames": 256, "min_frames": 32, "sampling": "auto", "start": 2.0, "end": 9.0}
+    (state,) = model.states
+    assert state["video_features"] is processor.features and state["input_ids"].tolist() == [[1, 2, 3]]
+    assert state["prefill_chunk_size"] == PREFILL_CHUNK_TOKENS
+    assert model.kwargs["state"] is state
     assert model.kwargs["input_ids"].tolist() == [[1, 2, 3, 7, 8, 9, 10]]
-    assert model.kwargs["attention_mask"].tolist() == [[1] * 7]
     assert model.kwargs["max_new_tokens"] == 5 and model.kwargs["do_sample"] is False
 
     assert answer_fn({"id": "g", "video": "/v.mp4"}, "PROMPT", None) == "42 43"  # grounding: no answer prompt
     assert model.kwargs["input_ids"].tolist() == [[1, 2, 3]]
-    assert "video_metadata" not in model.kwargs
+    assert len(model.states) == 2  # another clip of the video (no start/end): a state of its own
+
+    # The next question about the same clip reuses its state: no second stream, only its prompt is tokenised.
+    assert answer_fn({"id": "h", "video": "/v.mp4"}, "OTHER", "Best Option: (") == "42 43"
+    assert len(model.states) == 2 and model.kwargs["state"] is model.states[1]
+    assert processor.calls[-1] == (
+        [{"role": "user", "content": [{"type": "video", "path": "/v.mp4", "fps": 1.0, "max_frames": 256},
+                                      {"type": "text", "text": "OTHER"}]}],
+        4,
+    )
+    assert model.kwargs["input_ids"].tolist() == [[1, 2, 3, 7, 8, 9, 10]]
 
 
 def test_model_glue_reference_sampling_drops_clip_bounds_and_checks_frame_count(monkeypatch, capsys):
-    import transformers
-
-    processor, model = FakeProcessor(), FakeGenerator()
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: processor)
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    processor, model = use_fakes(monkeypatch)
     answer_fn = run_eval.build_model_answer_fn(
         "ckpt", "grounding", FrameSampling(), max_new_tokens=5, device="cpu", dtype="float32"
     )
     answer_fn({"id": "g", "video": "/v.mp4", "duration": 30.0, "start": 1.0, "end": 5.0}, "PROMPT", None)
-    assert processor.calls[0][1]["processor_kwargs"] == {
-        "fps": 1.0, "max_frames": 256, "min_frames": 32, "sampling": "reference_eval"
-    }
-    # FakeProcessor reports 4 sampled frames; the prompt said 32
+    assert processor.calls[0][1] == {"fps": 1.0, "max_frames": 256, "min_frames": 32, "sampling": "reference_eval"}
+    # The fake stream has 4 sampled frames; the prompt said 32
     assert "states 32 frames but 4 were sampled" in capsys.readouterr().err
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_model
 from transformers import TextStreamer
 
-from timeviper.modeling_timeviper import TimeViperHybridCache
+from timeviper.modeling_timeviper import CACHE_NAME, TimeViperHybridCache
 
 TOKENS_PER_FRAME = 4
 SCHEDULES = [None, "uni_1_0.5-unidrop_3_0.34", "uni_1_0.5-attn_2_0.25"]
@@ -13,10 +13,7 @@ SCHEDULES = [None, "uni_1_0.5-unidrop_3_0.34", "uni_1_0.5-attn_2_0.25"]
 
 def make_model(backbone, schedule, seed=0):
     model = tiny_model(backbone, seed=seed, token_compression=schedule)
-    with torch.no_grad():  # non-trivial TransV: random cross-attention weights and open gates
-        text_model = model.model.language_model
-        if text_model.transfer_slot:
-            text_model.alpha.fill_(0.8)
+    open_transfer_gates(model, 0.8)  # non-trivial TransV: random cross-attention weights and open gates
     return model
 
 
@@ -274,4 +271,4 @@ def test_generate_picks_a_static_cache_on_cuda_by_default(monkeypatch, device, i
     model_kwargs = {}
     config = GenerationConfig(cache_implementation=implementation)
     model._prepare_cache_for_generation(config, model_kwargs, None, 1, 30)
-    assert model_kwargs["past_key_values"].max_length == expected_max_length
+    assert model_kwargs[CACHE_NAME].max_length == expected_max_length  # generate() reads the release's name

@@ -1,10 +1,13 @@
 """Mamba-2: the chunked PyTorch SSD equals the step-by-step recurrence, and chunked sequences carry state."""
 
+import pytest
 import torch
 from tiny_models import tiny_text_config
 from transformers import NemotronHConfig
 
 from timeviper.modeling_timeviper import TimeViperMamba2Mixer, ssd_scan
+
+pytestmark = pytest.mark.numerics  # re-run under other CPU kernels: test_machine_independence.py
 
 
 def sequential_scan(x, dt, A, B, C, D):

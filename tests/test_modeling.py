@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from tiny_models import VIDEO_TOKEN_ID, tiny_config, tiny_model
+from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_config, tiny_model
 
-from timeviper.configuration_timeviper import TimeViperConfig
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
 
@@ -42,11 +41,11 @@ def test_loss_and_gradients_reach_projector_and_llm_not_a_frozen_vision_tower(ba
     assert grads["lm_head.weight"].abs().sum() > 0
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
 def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     model = tiny_model(backbone, token_compression="uni_1_0.5-attn_2_0.25").train()
-    with torch.no_grad():
-        model.model.language_model.alpha.fill_(0.3)
+    open_transfer_gates(model, 0.3)
     inputs = batch()
     plain = gradients(model, inputs)
     model.gradient_checkpointing_enable()
@@ -56,6 +55,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("backbone", ["nemotron_h", "qwen2"])
 def test_eager_attention_equals_sdpa(backbone):
     sdpa = tiny_model(backbone, token_compression="uni_1_0.5-attn_2_0.25")
@@ -67,12 +67,10 @@ def test_eager_attention_equals_sdpa(backbone):
         torch.testing.assert_close(eager(**inputs).logits, sdpa(**inputs).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.numerics
 def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
     model = tiny_model(token_compression="uni_1_0.5-attn_2_0.25")
-    with torch.no_grad():
-        model.model.language_model.alpha.fill_(0.4)
-    TimeViperConfig.register_for_auto_class()
-    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    open_transfer_gates(model, 0.4)
     model.save_pretrained(tmp_path / "ckpt")
     inputs = {k: v for k, v in batch().items() if k != "labels"}
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -95,10 +93,15 @@ def test_save_and_load_with_auto_classes_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     model_type, diff = result.stdout.split()
-    assert model_type == "timeviper" and float(diff) == 0.0
+    # The fresh process computes with its own thread count (and, on another machine, maybe other kernels), which
+    # reorders fp32 reductions: rounding moves these logits (|x| < 1) by ~1e-7 (8.9e-8 seen on an AMD EPYC). What the
+    # test guards against is 100x larger: the TransV gate left closed moves them by 1.8e-3, one norm weight that did
+    # not load by 0.2.
+    assert model_type == "timeviper" and float(diff) < 1e-5, diff
     assert "AutoModelForImageTextToText" in json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
 
 
+@pytest.mark.numerics
 def test_loading_in_bfloat16_gives_the_saved_model_cast_to_bfloat16(tmp_path):
     """from_pretrained(dtype=bf16) must hold every parameter as .to(bf16) would (Mamba's A_log included): training
     engines cast that way, so otherwise a reloaded checkpoint computes differently from the model that was saved."""

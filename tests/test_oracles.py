@@ -7,6 +7,8 @@ from transformers import NemotronHConfig, NemotronHForCausalLM, Qwen2Config, Qwe
 
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
+pytestmark = pytest.mark.numerics  # re-run under other CPU kernels: test_machine_independence.py
+
 ATOL = 1e-5  # float32
 
 

@@ -1,7 +1,7 @@
 """TimeViperProcessor: chat templates, placeholder expansion, labels, padding, and the Hub round trip.
 
-Oracles: hand-written expected strings (REFERENCE.md section 4.1) and a short transcription of the reference's
-`Conversation.get_prompt` (timeviper/data/conversation.py) kept below; labels follow REFERENCE.md section 4.5.
+Oracles: hand-written expected strings of the reference's templates and a short transcription of the reference's
+`Conversation.get_prompt` (timeviper/data/conversation.py) kept below; labels follow the reference's `_create_labels`.
 """
 
 import json

@@ -55,3 +55,15 @@ def tiny_model(backbone="nemotron_h", seed=0, **kw):
 
     torch.manual_seed(seed)
     return TimeViperForConditionalGeneration(tiny_config(backbone, **kw)).eval()
+
+
+def transfer_gates(model) -> list[torch.nn.Parameter]:
+    """The TransV gates `alpha` of a model, one per transfer stage."""
+    text_model = model.model.language_model
+    return [module.alpha for module in text_model.merge_modules.values()] if text_model.transfer_slot else []
+
+
+@torch.no_grad()
+def open_transfer_gates(model, value: float) -> None:
+    for gate in transfer_gates(model):
+        gate.fill_(value)

@@ -12,7 +12,7 @@ One JSON object per line (blank lines are skipped; `#` never starts a comment):
 - Turns: `{"role": "user"|"assistant"|"system", "content": str}` or the reference's
   `{"from": "human"|"gpt"|"system", "value": str}`. An optional system turn comes first, then user and assistant
   turns alternate, starting with a user turn and ending with an assistant answer. Only assistant turns are
-  supervised (the processor's label builder, REFERENCE.md section 4.5).
+  supervised (the processor's label builder).
 - The media goes where the first user turn writes `<video>` (or `<image>`; the reference wrote `<image>` for videos
   too), or in front of the first user turn's text when no placeholder is written.
 - Grounding samples replace `conversations` with `"query": str` and `"timestamps": [start_s, end_s]` (seconds from
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluation.tasks import build_grounding_prompt, format_seconds
+from evaluation.tasks import build_grounding_prompt, format_seconds, read_text_lines
 
 IGNORE_INDEX = -100
 VIDEO_PLACEHOLDER = "<video>"
@@ -305,21 +305,23 @@ def load_samples(
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataFormatError(f"training data file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                source = f"{path}:{line_number}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
-                    continue
-                sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
-                where = f"{source} (id {sample_id!r})" if sample_id is not None else source
-                problems += [f"{where}: {problem}" for problem in sample_problems]
-                if sample is not None:
-                    samples.append(sample)
+        for line_number, line, undecodable in read_text_lines(path):
+            source = f"{path}:{line_number}"
+            if undecodable:
+                problems.append(f"{source}: {undecodable}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
+            where = f"{source} (id {sample_id!r})" if sample_id is not None else source
+            problems += [f"{where}: {problem}" for problem in sample_problems]
+            if sample is not None:
+                samples.append(sample)
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
@@ -386,6 +388,95 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
         options.update(start=sample.start, end=sample.end)
         return {key: value for key, value in options.items() if value is not None}
 
+    def probe_video(self, sample: TrainingSample):
+        """Open a sample's video and decode only its first sampled frame: `(metadata, sampled frame indices)`. This
+        proves the file a readable, non-empty video and gives the frame count without decoding the frames."""
+        from timeviper.processing_timeviper import decode_video_pyav
+
+        options = self._sampling_for(sample)
+        video_processor = self.processor.video_processor
+        sampled: list[int] = []
+
+        def first_sampled(metadata):
+            sampled[:] = video_processor.sample_frames(metadata, **options)
+            return sampled[:1]
+
+        _, metadata = decode_video_pyav(sample.media_path, sample_indices_fn=first_sampled)
+        return metadata, list(sampled)
+
+    def probe_media(self, sample: TrainingSample) -> tuple[int, float | None]:
+        """`(frames, video duration)` of a sample's media, opened as `__getitem__` would but without decoding the
+        frames (an image is opened and verified). Raises `SampleLoadError` naming the sample."""
+        try:
+            if sample.media_type == "video":
+                metadata, sampled = self.probe_video(sample)
+                return len(sampled), metadata.duration
+            if sample.media_type == "image":
+                from PIL import Image
+
+                with Image.open(sample.media_path) as image:
+                    image.verify()
+            return 0, None
+        except Exception as err:
+            raise SampleLoadError(f"{sample.where}: {type(err).__name__}: {err}") from err
+
+    def measure(self, sample: TrainingSample, num_frames: int, video_duration: float | None) -> int:
+        """The sample's length in tokens (vision placeholders included), as `__getitem__` would tokenize it."""
+        text = self.render(sample, num_frames, video_duration)
+        processor = self.processor
+        if sample.media_type == "video":
+            text = text.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
+        elif sample.media_type == "image":
+            text = text.replace(processor.image_token, processor.replace_image_token({}, 0))
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_length(self, sample: TrainingSample, length: int, num_frames: int) -> None:
+        if self.max_length is not None and length > self.max_length:
+            raise SampleLoadError(
+                f"{sample.where}: {length} tokens ({num_frames} frames) exceed max_length={self.max_length}; "
+                "sample fewer frames (fps / max_frames) or raise max_length"
+            )
+
+    def preflight(self, skip_bad_samples: bool = False, num_threads: int | None = None) -> list[str]:
+        """Check every sample before training, so that a bad one stops the run before step 1 rather than at its step:
+        each video is opened and its first sampled frame decoded (an unreadable, non-video or zero-frame file fails),
+        each image opened, and each sample's length measured against `max_length`.
+
+        Every bad sample is listed as ``file:line (id ...): problem``. By default they raise one `DataFormatError`;
+        with `skip_bad_samples` they are dropped from the dataset (and returned, for the caller to report). Media are
+        probed on `num_threads` threads (default: the CPU count, at most 8)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def probe(sample):
+            try:
+                return self.probe_media(sample)
+            except SampleLoadError as err:
+                return str(err)
+
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads) as pool:
+            probed = list(pool.map(probe, self.samples))
+        problems, kept = [], []
+        for sample, media in zip(self.samples, probed):
+            try:
+                if isinstance(media, str):
+                    raise SampleLoadError(media)
+                self.check_length(sample, self.measure(sample, *media), media[0])  # tokenizers: one thread
+                kept.append(sample)
+            except SampleLoadError as err:
+                problems.append(str(err))
+            except Exception as err:
+                problems.append(f"{sample.where}: {type(err).__name__}: {err}")
+        if problems and not skip_bad_samples:
+            listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+            more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+            raise DataFormatError(f"{len(problems)} sample(s) cannot be trained on:\n  {listed}{more}")
+        if not kept:
+            listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+            raise DataFormatError(f"no sample of the training data can be trained on:\n  {listed}")
+        self.samples = kept
+        return problems
+
     def load_video(self, sample: TrainingSample):
         """Decode the sampled frames of a sample's video: uint8 (frames, H, W, 3) and `VideoMetadata`."""
         from timeviper.processing_timeviper import decode_video_pyav
@@ -428,12 +519,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
             raise
         except Exception as err:
             raise SampleLoadError(f"{sample.where}: {type(err).__name__}: {err}") from err
-        length = encoded["input_ids"].shape[1]
-        if self.max_length is not None and length > self.max_length:
-            raise SampleLoadError(
-                f"{sample.where}: {length} tokens ({num_frames} frames) exceed max_length={self.max_length}; "
-                "sample fewer frames (fps / max_frames) or raise max_length"
-            )
+        self.check_length(sample, encoded["input_ids"].shape[1], num_frames)
         item = {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0]}
         if videos is not None:
             item["pixel_values_videos"] = encoded["pixel_values_videos"]

@@ -6,7 +6,7 @@ r"""Fine-tune TimeViper with the Hugging Face `Trainer` (full fine-tuning or LoR
 
     accelerate launch --config_file training/accelerate_configs/deepspeed_zero3.yaml -m training.train ...
 
-Stages (PAPER.md section 2, REFERENCE.md section 5):
+Stages (the paper's recipe, as the reference trains it):
 
 - `--stage 1` trains the projector only (vision tower and LLM frozen); token compression is off unless
   `--token-compression` says otherwise, and `--projector-type mlp` trains the per-patch projector of the paper's
@@ -21,14 +21,15 @@ Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient
 AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
 the weights, `config.json` with `auto_map`, the processor and the three remote-code files, so they load with
 `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
-instead (plus `non_adapter_trainables.safetensors` for the TransV gate); `--merge-lora-and-save` writes the merged
+instead (each TransV module, gate included, as a PEFT `modules_to_save`); `--merge-lora-and-save` writes the merged
 model to `<output_dir>/merged`. See training/README.md.
 """
 
 import argparse
-import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -37,35 +38,37 @@ from typing import Literal
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import timeviper
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
-from timeviper.processing_timeviper import (
-    TimeViperImageProcessor,
-    TimeViperProcessor,
-    TimeViperVideoProcessor,
-)
+from timeviper.processing_timeviper import TimeViperProcessor
+
+from convert.common import card_license, model_card
+
+from inference.checkpoint import check_checkpoint_files, check_loading_info
 
 from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
 
 REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
-EXTRA_TRAINABLES_FILE = "non_adapter_trainables.safetensors"
-# Mamba-2's A_log, D and dt_bias and TransV's gate are never weight-decayed (besides biases and norms).
-NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", "language_model.alpha")
+# Mamba-2's A_log, D and dt_bias and TransV's gates (`merge_modules.<stage>.alpha`) are never weight-decayed (besides
+# biases and norms).
+NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
 # The language model's Mamba in_proj, attention q/k/v/o and MLP projections (Nemotron-H blocks `layers.i.mixer.*`,
 # Qwen2 layers `layers.i.self_attn.*` / `layers.i.mlp.*`). Never the vision tower (SigLIP has q/k/v_proj too), never
-# Mamba's out_proj/conv1d (ECOSYSTEM.md section 5), never the TransV modules (they are trained fully).
+# Mamba's out_proj/conv1d (mamba-ssm's fused kernel reads their weights directly, bypassing LoRA), never the TransV
+# modules (they are trained fully).
 DEFAULT_LORA_TARGETS = (
     r"model\.language_model\.layers\.\d+\."
     r"(mixer\.(in_proj|q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)"
     r"|self_attn\.(q_proj|k_proj|v_proj|o_proj)"
     r"|mlp\.(gate_proj|up_proj|down_proj))"
 )
-# TrainingArguments defaults of the paper's recipe (PAPER.md section 2), and what this model's inputs need.
+# TrainingArguments defaults of the paper's recipe, and what this model's inputs need.
 TRAINING_DEFAULTS = dict(
     learning_rate=1e-5,
     weight_decay=0.01,
@@ -134,6 +137,17 @@ class TimeViperArguments:
     check_media_files: bool = field(
         default=True, metadata={"help": "Check that every media file exists while validating the data."}
     )
+    preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "Before step 1, open every video (decoding one frame) and image and measure every sample against "
+            "--max_length, so that a bad sample stops the run before training instead of at its step."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop the samples the preflight rejects (each is logged) instead of stopping."},
+    )
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
 
 
@@ -163,6 +177,8 @@ def build_tiny(args: TimeViperArguments):
 
 
 def build_from_checkpoint(args: TimeViperArguments):
+    if os.path.isdir(args.model):
+        check_checkpoint_files(Path(args.model))  # names a missing, truncated or mis-indexed shard
     config_dict, _ = TimeViperConfig.get_config_dict(args.model)
     if args.projector_type is not None:
         config_dict["projector_type"] = args.projector_type
@@ -176,8 +192,10 @@ def build_from_checkpoint(args: TimeViperArguments):
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     processor.tokens_per_frame = config.vision_tokens_per_frame
+    # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
+    check_loading_info(model, loading_info, args.model, transfer_initialised=True)
     missing = loading_info["missing_keys"]
-    missing_transfer = any(".merge_modules." in key or key.endswith("language_model.alpha") for key in missing)
+    missing_transfer = any(".merge_modules." in key for key in missing)
     return model, processor, missing_transfer
 
 
@@ -191,7 +209,7 @@ def init_transfer_modules(model) -> None:
     import deepspeed
 
     text_model = model.model.language_model
-    parameters = [*text_model.merge_modules.parameters(), text_model.alpha]
+    parameters = list(text_model.merge_modules.parameters())
     for layer in text_model.layers:
         if layer.attention is not None:
             parameters += list(layer.attention.parameters())
@@ -230,8 +248,8 @@ def transfer_module_names(model) -> list[str]:
 
 
 def apply_lora(model, args: TimeViperArguments):
-    """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules are trained fully
-    (`modules_to_save`), the TransV gate `alpha` directly (saved beside the adapter)."""
+    """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules (each with its gate
+    `alpha`) are trained fully (`modules_to_save`), so the adapter folder holds every trained tensor."""
     from peft import LoraConfig, get_peft_model
 
     transfer = [name.split("language_model.")[-1] for name in transfer_module_names(model)]  # merge_modules.<i>
@@ -243,11 +261,7 @@ def apply_lora(model, args: TimeViperArguments):
         modules_to_save=["multi_modal_projector", *transfer],
         bias="none",
     )
-    model = get_peft_model(model, lora_config)
-    for name, parameter in model.named_parameters():
-        if name.endswith("language_model.alpha"):
-            parameter.requires_grad_(True)
-    return model
+    return get_peft_model(model, lora_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +271,7 @@ def apply_lora(model, args: TimeViperArguments):
 
 def parameter_group(name: str) -> str:
     """`vision`, `projector`, `llm` or `transfer` for a parameter name (PEFT/FSDP prefixes allowed)."""
-    if ".merge_modules." in name or name.endswith("language_model.alpha"):
+    if ".merge_modules." in name:
         return "transfer"
     if "multi_modal_projector." in name:
         return "projector"
@@ -282,24 +296,31 @@ class TimeViperTrainer(Trainer):
     """`Trainer` whose optimizer has one parameter group per module (and weight-decay class), each with its own
     learning rate. The optimizer class and its other settings still come from `--optim` and friends."""
 
-    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, card_notes: str = "",
+                 base_model_path: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.learning_rates = dict(learning_rates or {})
-        # With LoRA, trainable parameters that the adapter file does not hold (TransV's gate `alpha`).
-        self.extra_trainable_names = extra_trainable_names(self.model) if is_peft_model(self.model) else []
+        self.card_notes, self.base_model_path = card_notes, base_model_path
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save as the Trainer does, plus, with LoRA, `non_adapter_trainables.safetensors`. `state_dict` is the
-        consolidated one under FSDP / ZeRO-3, so the values are complete whatever the engine."""
-        super()._save(output_dir, state_dict=state_dict)
-        if self.extra_trainable_names:
-            from safetensors.torch import save_file
-
-            if state_dict is None:
-                state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-            names = [n for n in self.extra_trainable_names if n in state_dict]
-            extras = {n: state_dict[n].detach().cpu().contiguous() for n in names}
-            save_file(extras, os.path.join(output_dir or self.args.output_dir, EXTRA_TRAINABLES_FILE))
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """The output folder's README.md as a `huggingface_hub.ModelCard` (push_to_hub calls this, so the card it
+        uploads is this one). `license`, `tags` and `finetuned_from` override or add to what the base model gives;
+        `language` and `dataset` become card metadata. The title stays TimeViper's (`model_name` is the repo name
+        push_to_hub passes) and the pipeline tag `image-text-to-text` (`tasks`, `dataset_tags` and `dataset_args`
+        describe the Trainer's own evaluation table, which this card does not have)."""
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        lora = is_peft_model(model)
+        base_models = [finetuned_from] if finetuned_from else card_base_models(self.base_model_path)
+        config = model.config
+        license_fields = {"license": license} if license else base_license(config, self.base_model_path)
+        extra_tags = ["fine-tuned", *(["lora"] if lora else []), *([tags] if isinstance(tags, str) else tags or [])]
+        metadata = {key: value for key, value in (("language", language), ("datasets", dataset)) if value}
+        card = model_card(config, base_models, license_fields, extra_tags, self.card_notes,
+                          library_name="peft" if lora else "transformers", **metadata)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -330,14 +351,6 @@ class TimeViperTrainer(Trainer):
         return self.optimizer
 
 
-def copy_remote_code(folder: str | os.PathLike) -> None:
-    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
-    source = Path(timeviper.__file__).resolve().parent
-    os.makedirs(folder, exist_ok=True)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(source / name, Path(folder) / name)
-
-
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel
@@ -346,27 +359,42 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def extra_trainable_names(model) -> list[str]:
-    """Trainable parameters a PEFT adapter file does not hold (the TransV gate `alpha`)."""
-    return [
-        name
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad and "lora_" not in name and "modules_to_save" not in name
-    ]
+def card_base_models(model_path: str | None) -> list[str]:
+    """Hub ids for the card's `base_model`: `--model` itself when it is a Hub id, the base models its own card lists
+    when it is a local folder (e.g. a converted checkpoint), none for `--tiny`."""
+    from huggingface_hub import ModelCard
+
+    if model_path is None:
+        return []
+    if not os.path.isdir(model_path):
+        return [model_path]
+    readme = Path(model_path) / "README.md"
+    base = ModelCard.load(readme).data.base_model if readme.is_file() else None
+    return [base] if isinstance(base, str) else list(base or [])
 
 
-def load_extra_trainables(model, folder: str | os.PathLike) -> None:
-    from safetensors.torch import load_file
+def base_license(config, model_path: str | None) -> dict:
+    """The license of the base model's card when `--model` is a local folder with one, else the backbone's."""
+    folder = model_path if model_path is not None and os.path.isdir(model_path) else None
+    return card_license(config.text_config.model_type, folder)
 
-    path = os.path.join(folder, EXTRA_TRAINABLES_FILE)
-    if not os.path.isfile(path):
-        return
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(path).items():
-            if name not in parameters:
-                raise ValueError(f"{path} holds {name!r}, which the model does not have")
-            parameters[name].copy_(value)
+
+def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -> str:
+    method = f"LoRA (r={args.lora_r}, alpha={args.lora_alpha}) on the language model" if args.lora else "full fine-tuning"
+    base = "the embedded tiny random-weight model" if args.tiny else f"`{args.model}`"
+    return (
+        f"## Fine-tuning\n\nStage {args.stage} ({method}) of {base} with `python -m training.train`, "
+        f"{training_args.num_train_epochs:g} epoch(s) / max {training_args.max_steps} steps, learning rate "
+        f"{training_args.learning_rate:g}."
+    )
+
+
+def copy_remote_code(folder: str | os.PathLike) -> None:
+    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
+    source = Path(timeviper.__file__).resolve().parent
+    os.makedirs(folder, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(source / name, Path(folder) / name)
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
@@ -380,33 +408,6 @@ class SaveRemoteCodeCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(checkpoint):
             copy_remote_code(checkpoint)
-
-
-AUTO_CLASSES = (TimeViperConfig, TimeViperForConditionalGeneration, TimeViperProcessor, TimeViperVideoProcessor,
-                TimeViperImageProcessor)
-
-
-def register_auto_classes() -> None:
-    """Make save_pretrained write `auto_map` (config.json, processor_config.json) and copy the code files."""
-    TimeViperConfig.register_for_auto_class()
-    TimeViperForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-    TimeViperProcessor.register_for_auto_class()  # and the video and image processors
-
-
-@contextlib.contextmanager
-def auto_classes_registered():
-    """`register_auto_classes()` for the duration of the block; the class-level registration is undone afterwards,
-    so programmatic callers (and tests) are left as they were."""
-    before = {cls: cls.__dict__["_auto_class"] for cls in AUTO_CLASSES if "_auto_class" in cls.__dict__}
-    register_auto_classes()
-    try:
-        yield
-    finally:
-        for cls in AUTO_CLASSES:
-            if cls in before:
-                cls._auto_class = before[cls]
-            elif "_auto_class" in cls.__dict__:
-                delattr(cls, "_auto_class")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,21 +438,74 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--merge-lora-and-save needs --lora")
     if args.token_compression not in (None, "", "none"):
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
+    overlap = output_overlaps_model(args.model, training_args.output_dir)
+    if overlap:
+        parser.error(overlap)
     return args, training_args
 
 
+def output_overlaps_model(model: str | None, output_dir: str) -> str | None:
+    """Why `--output_dir` may not be used with the local `--model` folder, or None. Saving into the source folder (or a
+    folder inside it) rewrites the only copy of the weights in place, so a kill during that save leaves nothing
+    loadable."""
+    if model is None or not os.path.isdir(model):
+        return None
+    source, output = Path(model).resolve(), Path(output_dir).resolve()
+    if output == source or source in output.parents:
+        return (
+            f"--output_dir {output_dir} is {'' if output == source else 'inside '}the --model folder {model}: the saves "
+            "would overwrite the model being trained from; choose another output folder"
+        )
+    return None
+
+
+def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when its save finished. The Trainer writes
+    `trainer_state.json` last (after the weights, optimizer, scheduler and RNG states), so a save cut short by a kill
+    lacks it or holds it half-written."""
+    state = Path(folder) / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE_NAME} (its save was cut short)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except ValueError:
+        return f"its {TRAINER_STATE_NAME} is cut short"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-N` of `output_dir` whose save finished; newer, half-written ones are skipped (and named
+    in a warning), not deleted."""
+    found = [name for name in os.listdir(output_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)]
+    found = [os.path.join(output_dir, name) for name in found if os.path.isdir(os.path.join(output_dir, name))]
+    skipped = []
+    for folder in sorted(found, key=lambda path: int(path.rpartition("-")[2]), reverse=True):
+        problem = incomplete_checkpoint(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s; skipped the incomplete newer %s", folder, "; ".join(skipped))
+            return folder
+        skipped.append(f"{folder} ({problem})")
+    if skipped:
+        raise FileNotFoundError(f"no complete checkpoint in {output_dir} to resume from: " + "; ".join(skipped))
+    raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {output_dir} to resume from")
+
+
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` as given, or the newest checkpoint of the output folder for `latest`/`true`."""
+    """`--resume_from_checkpoint` as given, or the newest complete checkpoint of the output folder for
+    `latest`/`true`."""
     value = training_args.resume_from_checkpoint
     if value is None or value.lower() in ("", "false", "no"):
         return None
     if value.lower() in ("latest", "last", "true", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"no checkpoint-* folder in {training_args.output_dir} to resume from")
-        return last
+        if not os.path.isdir(training_args.output_dir):
+            raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {training_args.output_dir} to resume from")
+        return newest_complete_checkpoint(training_args.output_dir)
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    problem = incomplete_checkpoint(value)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: {problem}; resume from an earlier checkpoint")
     return value
 
 
@@ -461,8 +515,7 @@ def main(argv=None, callbacks=()) -> Trainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logger.setLevel(logging.WARNING)
-    with auto_classes_registered():
-        return run_training(args, training_args, callbacks)
+    return run_training(args, training_args, callbacks)
 
 
 def parameter_count(parameter: torch.nn.Parameter) -> int:
@@ -493,6 +546,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         max_length=args.max_length,
         check_files=args.check_media_files,
     )
+    if args.preflight:
+        skipped = dataset.preflight(skip_bad_samples=args.skip_bad_samples)
+        for problem in skipped:
+            logger.warning("skipping %s", problem)
     logger.info("%d training samples", len(dataset))
     learning_rates = module_learning_rates(args, training_args.learning_rate)
     trainer = TimeViperTrainer(
@@ -503,6 +560,8 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         processing_class=processor,
         callbacks=[SaveRemoteCodeCallback(), *callbacks],
         learning_rates=learning_rates,
+        card_notes=training_notes(args, training_args),
+        base_model_path=args.model,
     )
     if args.merge_lora_and_save and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ValueError(
@@ -510,11 +569,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
             "and merge the saved adapter afterwards (training/README.md, 'Merging LoRA adapters')"
         )
     resume = resolve_resume(training_args)
-    if resume is not None and args.lora:
-        load_extra_trainables(model, resume)
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model()
+    trainer.create_model_card()
     if trainer.is_world_process_zero():
         copy_remote_code(training_args.output_dir)
     if training_args.push_to_hub:
@@ -525,6 +583,10 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         merged.save_pretrained(merged_dir)
         processor.save_pretrained(merged_dir)
         copy_remote_code(merged_dir)
+        model_card(
+            merged.config, card_base_models(args.model), base_license(merged.config, args.model),
+            ["fine-tuned", "lora-merged"], trainer.card_notes,
+        ).save(os.path.join(merged_dir, "README.md"))
         logger.info("merged model saved to %s", merged_dir)
     return trainer
 

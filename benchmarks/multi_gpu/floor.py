@@ -1,6 +1,7 @@
 """Lower bound on the time of one training step of the multi-GPU benchmark, per GPU: the FLOPs the step must compute
 at the GPU's measured bf16 matmul rate, plus the bytes AdamW must move over its shard at the measured copy rate
-(`../shared/docs/GPU.md`). Communication is left out: the engines overlap it with compute.
+(dense bf16 matmuls on random data and device-to-device copies, measured on the benchmark machines).
+Communication is left out: the engines overlap it with compute.
 
 The FLOPs are counted with the functions of `benchmarks/long_video.py` on the benchmark's own model, built on the meta
 device from `prepared.json`, for one training sample (one per GPU per step):
@@ -27,7 +28,7 @@ from inference.tiny_default import make_tiny_tokenizer
 from prepare import make_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
-# Measured ceilings of the device tool's GPUs (GPU.md): bf16 dense matmul FLOP/s, device-to-device copy bytes/s.
+# Measured ceilings of the benchmark machines' GPUs: bf16 dense matmul FLOP/s, device-to-device copy bytes/s.
 CEILINGS = {"H200": (790e12, 4.3e12), "H100": (790e12, 3.0e12)}
 # AdamW over fp32 master weights reads parameter, gradient and both moments and writes parameter and moments (28
 # bytes); gradient clipping reads the gradient once more.

@@ -29,7 +29,7 @@ from inference.tiny_default import make_processor, make_tiny_tokenizer, use_toke
 from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from training.data import TimeViperDataCollator, TimeViperSFTDataset
-from training.train import auto_classes_registered, copy_remote_code
+from training.train import copy_remote_code
 
 SCHEDULE = "uni_7_0.5-attn_39_0.05"
 VIDEO_FPS = 8
@@ -86,9 +86,8 @@ def build_checkpoint(folder: Path, tiny: bool, schedule: str, seed: int) -> dict
     image_size = config.vision_config.image_size
     processor = make_processor(tokenizer, "nemotron_h", config.vision_tokens_per_frame, image_size)
     use_tokenizer_ids(model, processor)
-    with auto_classes_registered():
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+    model.save_pretrained(folder)  # with auto_map and the code files
+    processor.save_pretrained(folder)
     copy_remote_code(folder)
     counts = parameter_counts(model)
     del model

@@ -1,0 +1,335 @@
+"""Long video from a file to the first answer token with bounded memory (streaming encode + chunked prefill), on one
+GPU, against today's one-shot path (processor pixels + unchunked prefill) in the same run.
+
+Steps (each writes its record into the JSON as it finishes):
+- exact: chunked vs unchunked prefill on the GPU (bf16) at `--exact-frames` with random features: greedy tokens
+  and the first token's logits, with the schedule and with compression switched off.
+- file: an H.264 file generated here (PyAV's libx264), sampled at its full frame rate; the streaming path
+  (`streaming_chat_inputs` -> `encode_video` -> `generate(video_features=..., prefill_chunk_size=...)`) timed from
+  the file to the first token, split into decode (background thread), vision and LLM; decode alone and GPU
+  alone measured separately; then the one-shot path (`apply_chat_template` -> `generate(pixel_values_videos=...)`).
+  Host peak RSS of each path (the streaming path runs first: ru_maxrss only grows) and GPU peak.
+- llm: the LLM side at large frame counts on features of the right shape (random, produced a chunk at a time as the
+  prefill reaches them, as `streamed_video_features` does with real frames), chunked prefill + 1 token: peak GPU
+  memory and prefill time.
+
+Full-size architectures with random bf16 weights (benchmarks/long_video.py's configs a and b), nothing downloaded.
+
+    python benchmarks/streaming_video.py --tiny            # CPU smoke test, tiny dims
+    source benchmarks/gpu_setup.sh && python benchmarks/streaming_video.py --out benchmarks/results/streaming_video.json
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from long_video import build_model, make_config, meta  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(*args):
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *args, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny dims on the CPU (smoke test of the whole script)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results/streaming_video.json")
+    p.add_argument("--steps", default="exact,file,llm")
+    p.add_argument("--config", default="b", help="long_video.py config: a (no compression) or b (TransV)")
+    p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
+    p.add_argument("--stream-chunk", type=int, default=64, help="frames per decoded chunk")
+    p.add_argument("--exact-frames", type=int, default=1024)
+    p.add_argument("--file-size", default="1280x720")
+    p.add_argument("--file-seconds", type=int, default=300)
+    p.add_argument("--file-fps", type=int, default=10, help="the file's frame rate, also the sampling rate")
+    p.add_argument("--gop", type=int, default=50, help="keyframe interval of the generated file (frames)")
+    p.add_argument("--llm-frames", default="200000")
+    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
+    p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak(device):
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def host_peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def save(results, args):
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+@contextlib.contextmanager
+def compression_off(model):
+    """The same model with its compression stages switched off (config a's LLM path on b's weights)."""
+    text = model.model.language_model
+    saved = text.stages, text.stage_at_layer
+    text.stages, text.stage_at_layer = [], {}
+    try:
+        yield
+    finally:
+        text.stages, text.stage_at_layer = saved
+
+
+def prompt_ids(model, frames, device, prefix=8, suffix=16):
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    vocab = min(cfg.text_config.vocab_size, 131072)
+    ids = torch.cat([
+        torch.randint(100, vocab, (prefix,), generator=gen),
+        torch.full((frames * cfg.vision_tokens_per_frame,), cfg.video_token_id),
+        torch.randint(100, vocab, (suffix,), generator=gen),
+    ])
+    return ids[None].to(device)
+
+
+def random_features(model, frames, device, seed=0):
+    cfg = model.config
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (frames, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size)
+    return 0.5 * torch.randn(shape, device=device, dtype=model.dtype, generator=gen)
+
+
+def first_token(model, device, **inputs):
+    """generate() of 1 greedy token; returns (seconds, output)."""
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def step_exact(model, device, args, results):
+    """Chunked == unchunked on this GPU, in bf16 (with and without the compression schedule)."""
+    ids = prompt_ids(model, args.exact_frames, device)
+    features = random_features(model, args.exact_frames, device)
+    records = []
+    for label, context in (("schedule", contextlib.nullcontext()), ("no compression", compression_off(model))):
+        with context:
+            runs = [
+                model.generate(input_ids=ids, video_features=features, max_new_tokens=8, do_sample=False,
+                               pad_token_id=0, return_dict_in_generate=True, output_logits=True, **extra)
+                for extra in ({}, {"prefill_chunk_size": max(7, args.prefill_chunk // 8)})
+            ]
+        diff = (runs[0].logits[0].float() - runs[1].logits[0].float()).abs().max().item()
+        scale = runs[0].logits[0].float().abs().max().item()
+        record = {"variant": label, "frames": args.exact_frames, "tokens_in": ids.shape[1],
+                  "chunk": max(7, args.prefill_chunk // 8),
+                  "same_greedy_tokens": bool(torch.equal(runs[0].sequences, runs[1].sequences)),
+                  "first_logits_max_abs_diff": diff, "first_logits_max_abs": scale}
+        log("exact", record)
+        records.append(record)
+    results["exact"] = records
+
+
+def write_video(path, seconds, fps, size, gop):
+    import av
+
+    width, height = size
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "preset": "veryfast", "crf": "23"}
+        x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+        y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+        for i in range(seconds * fps):
+            phase = 2 * np.pi * i / (fps * 20)
+            frame = np.stack([(x + 40 * i) % 256 + 0 * y, (y + 60 * np.sin(phase)) % 256 + 0 * x,
+                              np.full((height, width), (i * 3) % 256, np.float32)], -1).astype(np.uint8)
+            square = 40 + (i * 7) % (height - 120)
+            frame[square : square + 80, square : square + 80] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def tiny_processor(model, size):
+    from inference.tiny_default import make_processor, make_tiny_tokenizer, use_tokenizer_ids
+
+    processor = make_processor(make_tiny_tokenizer(), "nemotron_h", model.config.vision_tokens_per_frame, size)
+    model.config.video_token_id = processor.video_token_id
+    use_tokenizer_ids(model, processor)
+    return processor
+
+
+def step_file(model, device, args, results):
+    from timeviper.processing_timeviper import VideoStream, streaming_chat_inputs
+
+    size = tuple(int(v) for v in args.file_size.split("x"))
+    path = os.path.join(tempfile.mkdtemp(), "long.mp4")
+    started = time.perf_counter()
+    write_video(path, args.file_seconds, args.file_fps, size, args.gop)
+    record = {"file": {"size": args.file_size, "seconds": args.file_seconds, "fps": args.file_fps, "gop": args.gop,
+                       "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
+                       "write_s": time.perf_counter() - started}}
+    log("file written", record["file"])
+    processor = tiny_processor(model, model.config.vision_config.image_size)
+    messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
+    sampling = {"fps": float(args.file_fps), "max_frames": args.file_seconds * args.file_fps}
+
+    # Decode alone: the stream's frames read and dropped.
+    started = time.perf_counter()
+    frames = sum(chunk.shape[0] for chunk in VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
+    record["decode_alone_s"] = time.perf_counter() - started
+    record["frames"] = frames
+    log(f"decode alone: {frames} frames in {record['decode_alone_s']:.1f} s")
+
+    # Streaming path, file -> first token.
+    reset(device)
+    host_before = host_peak_bytes()
+    sync(device)
+    started = time.perf_counter()
+    inputs, (stream,) = streaming_chat_inputs(processor, messages, chunk_frames=args.stream_chunk, **sampling)
+    opened = time.perf_counter()
+    features = model.encode_video(stream.pixel_chunks(device, model.dtype), num_frames=stream.num_frames)
+    sync(device)
+    encoded = time.perf_counter()
+    llm_s, out = first_token(model, device, **inputs.to(device), video_features=features,
+                             prefill_chunk_size=args.prefill_chunk)
+    record["streaming"] = {
+        "file_to_first_token_s": time.perf_counter() - started, "open_s": opened - started,
+        "vision_s_overlapped_with_decode": encoded - opened, "decode_thread_s": stream.decode_seconds,
+        "llm_prefill_s": llm_s, "gpu_peak_bytes": gpu_peak(device),
+        "host_peak_rss_bytes": host_peak_bytes(), "host_peak_rss_before_bytes": host_before,
+        "tokens_in": int(inputs["input_ids"].shape[1]), "first_token": int(out.sequences[0, -1]),
+    }
+    log("streaming", record["streaming"])
+    first_logits = out.logits[0].float()
+
+    # GPU alone: the same uint8 frames already in host memory -> normalise -> vision -> prefill.
+    chunks = list(VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
+    reset(device)
+    sync(device)
+    started = time.perf_counter()
+    features = model.encode_video(
+        (stream.normalize(c.to(device, non_blocking=True)).to(model.dtype) for c in chunks), num_frames=frames
+    )
+    gpu_llm_s, _ = first_token(model, device, **inputs.to(device), video_features=features,
+                               prefill_chunk_size=args.prefill_chunk)
+    record["gpu_alone_s"] = time.perf_counter() - started
+    del chunks, features
+    bound = max(record["decode_alone_s"], record["gpu_alone_s"])
+    record["streaming"]["over_max_of_decode_and_gpu"] = record["streaming"]["file_to_first_token_s"] / bound
+    log(f"gpu alone {record['gpu_alone_s']:.1f} s; streaming / max(decode, gpu) = "
+        f"{record['streaming']['over_max_of_decode_and_gpu']:.2f}")
+    results["file"] = record
+    save(results, args)
+
+    # Today's one-shot path: the processor's pixels of every frame, then an unchunked prefill.
+    reset(device)
+    started = time.perf_counter()
+    batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt", processor_kwargs=sampling)
+    processed = time.perf_counter()
+    pixels = batch["pixel_values_videos"].to(device, model.dtype)
+    del batch["pixel_values_videos"]
+    gpu_s, out = first_token(model, device, input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), pixel_values_videos=pixels)
+    record["one_shot"] = {
+        "file_to_first_token_s": time.perf_counter() - started, "decode_and_preprocess_s": processed - started,
+        "vision_and_llm_s": gpu_s, "gpu_peak_bytes": gpu_peak(device), "host_peak_rss_bytes": host_peak_bytes(),
+        "first_token": int(out.sequences[0, -1]),
+    }
+    record["first_logits_max_abs_diff_vs_streaming"] = (out.logits[0].float() - first_logits).abs().max().item()
+    log("one-shot", record["one_shot"], "logit diff", record["first_logits_max_abs_diff_vs_streaming"])
+    del pixels
+    results["file"] = record
+
+
+def random_feature_stream(model, frames, device, chunk=256, seed=0):
+    """Random projector outputs of the right shape, produced a chunk of frames at a time as the prefill reaches
+    them (`StreamedVideoFeatures` with the vision tower left out): no features of the whole video exist."""
+    from timeviper.modeling_timeviper import StreamedVideoFeatures
+
+    cfg = model.config
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def chunks():
+        for start in range(0, frames, chunk):
+            n = min(chunk, frames - start)
+            yield 0.5 * torch.randn(n, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size, device=device,
+                                    dtype=model.dtype, generator=gen)
+
+    return StreamedVideoFeatures(lambda features: features, [(chunks(), frames)], cfg.vision_tokens_per_frame,
+                                 cfg.text_config.hidden_size)
+
+
+def step_llm(model, device, args, results):
+    for frames in [int(f) for f in args.llm_frames.split(",") if f]:
+        ids = prompt_ids(model, frames, device)
+        features = random_feature_stream(model, frames, device)
+        record = {"frames": frames, "tokens_in": int(ids.shape[1]),
+                  "features": "random, streamed into the prefill a chunk of 256 frames at a time (vision left out)"}
+        reset(device)
+        try:
+            seconds, _ = first_token(model, device, input_ids=ids, video_features=features,
+                                     prefill_chunk_size=args.prefill_chunk)
+            record.update(oom=False, prefill_and_first_token_s=seconds, gpu_peak_bytes=gpu_peak(device),
+                          gpu_reserved_peak_bytes=torch.cuda.max_memory_reserved() if device.type == "cuda" else 0)
+        except torch.OutOfMemoryError as err:
+            record.update(oom=True, error=str(err).splitlines()[0][:300], gpu_peak_bytes=gpu_peak(device))
+        log("llm", record)
+        results.setdefault("llm", []).append(record)
+        save(results, args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.tiny:
+        args.exact_frames, args.file_size, args.file_seconds, args.file_fps = 8, "96x64", 4, 5
+        args.llm_frames, args.prefill_chunk, args.stream_chunk = "64", 64, 8
+    torch.set_grad_enabled(False)
+    results = {"meta": meta(device, args), "config": args.config}
+    model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    results["model"] = {"build_s": build_s, "weight_bytes": weights, "token_compression": model.config.token_compression}
+    log("model built", results["model"])
+    steps = {"exact": step_exact, "file": step_file, "llm": step_llm}
+    for name in args.steps.split(","):
+        try:
+            with torch.inference_mode():
+                steps[name](model, device, args, results)
+        except Exception:  # noqa: BLE001 - one failed step must not lose the others' measurements
+            results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+            log(f"step {name} failed:", results["errors"][name])
+        save(results, args)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
