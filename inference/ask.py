@@ -5,8 +5,10 @@
 Several --question flags ask them in turn about the same video, which is encoded and prefilled once (its state is
 reused: each further question costs its own tokens and the compression stages that depend on it).
 
-Without --model, an embedded tiny random-weight model is built on the fly (its answers are noise; it shows the
-pipeline end to end on any CPU); without --video, a sample clip is generated.
+Without --model, the embedded trained tiny model (inference/needle_model/, trained on the synthetic needle task of
+training/synthetic.py) answers a needle question about a generated held-out clip, and the right answer is printed
+beside it. `--model random-tiny` builds the tiny random-weight model instead (its answers are noise; it shows the
+pipeline end to end); without --video it gets a generated sample clip.
 """
 
 import argparse
@@ -21,17 +23,23 @@ from transformers import TextStreamer
 
 from inference.streaming import PREFILL_CHUNK_TOKENS, STREAM_CHUNK_FRAMES, processing_module, video_prompt_ids
 
+RANDOM_TINY = "random-tiny"
 DEFAULT_QUESTION = "Describe what happens in this video."
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="converted TimeViper checkpoint folder or Hub id (default: tiny random model)")
+    parser.add_argument(
+        "--model",
+        help="converted TimeViper checkpoint folder or Hub id; 'random-tiny' for the tiny random-weight model "
+        "(default: the embedded tiny model trained on the needle task)",
+    )
     parser.add_argument("--revision", help="Hub revision to pin the remote code to")
-    parser.add_argument("--video", help="video file (default: a generated sample clip)")
+    parser.add_argument("--video", help="video file (default: a generated clip; a held-out needle clip for the default model)")
     parser.add_argument(
         "--question", action="append",
-        help=f"repeat for several questions about the video (default: {DEFAULT_QUESTION!r})",
+        help="repeat for several questions about the video (default: the needle question for the embedded trained "
+        f"model, else {DEFAULT_QUESTION!r})",
     )
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
     parser.add_argument("--max-frames", type=int, default=256, help="uniformly subsample to at most this many")
@@ -56,23 +64,50 @@ def resolve_device_dtype(device: str, dtype: str):
     return torch.device(device), getattr(torch, dtype)
 
 
-def load(args, dtype):
-    if args.model is None:
+def load(args, dtype, scratch):
+    if args.model == RANDOM_TINY:
         from inference.tiny_default import build_tiny_default
 
-        print("[model] no --model given: using the embedded TINY RANDOM-WEIGHT model; its answers are noise.")
+        print("[model] the embedded TINY RANDOM-WEIGHT model; its answers are noise.")
         return build_tiny_default(token_compression=args.token_compression)
     from transformers import AutoProcessor
 
     from inference.checkpoint import CheckpointError, load_checkpoint
 
+    model_path = args.model
+    if model_path is None:
+        from inference.trained_default import MODEL_DIR, materialize_checkpoint
+
+        print(f"[model] no --model given: the embedded tiny model trained on the needle task ({MODEL_DIR})")
+        model_path = str(materialize_checkpoint(Path(scratch) / "needle_model"))
     overrides = {} if args.token_compression is None else {"token_compression": args.token_compression}
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True, revision=args.revision)
     try:
-        model = load_checkpoint(args.model, dtype, revision=args.revision, **overrides)
+        model = load_checkpoint(model_path, dtype, revision=args.revision, **overrides)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
     return model.eval(), processor
+
+
+def default_video_and_question(args, scratch):
+    """The generated clip and the questions (for the embedded trained model, the needle question) when --video is
+    not given."""
+    if args.model is None:
+        from inference.trained_default import demo_clip, demo_question
+
+        clip = demo_clip()
+        video = str(clip.write_video(Path(scratch) / "needle.mp4"))
+        print(
+            f"[video] no --video given: generated a {clip.num_frames} s held-out needle clip at {video}; the "
+            f"{clip.color} square shows at t = {clip.needle_frames[0]}-{clip.needle_frames[-1]} s "
+            f"(right answer: {clip.answer_letter}. {clip.color})"
+        )
+        return video, args.question or [demo_question()]
+    from inference.tiny_default import write_sample_video
+
+    video = str(write_sample_video(Path(scratch) / "sample.mp4"))
+    print(f"[video] no --video given: generated a 12 s sample clip at {video}")
+    return video, args.question or [DEFAULT_QUESTION]
 
 
 def report_token_budget(model, num_vision: int, num_text: int) -> None:
@@ -150,23 +185,19 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     with tempfile.TemporaryDirectory() as scratch:
-        video = args.video
+        video, questions = args.video, args.question or [DEFAULT_QUESTION]
         if video is None:
-            from inference.tiny_default import write_sample_video
-
-            video = str(write_sample_video(Path(scratch) / "sample.mp4"))
-            print(f"[video] no --video given: generated a 12 s sample clip at {video}")
+            video, questions = default_video_and_question(args, scratch)
         elif not Path(video).is_file():
             raise SystemExit(f"error: video file not found: {video}")
 
         t0 = time.perf_counter()
-        model, processor = load(args, dtype)
+        model, processor = load(args, dtype, scratch)
         model.to(device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
 
         sampling = {"fps": args.fps, "max_frames": args.max_frames}
         sampling.update({k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None})
-        questions = args.question or [DEFAULT_QUESTION]
         messages = video_conversation(video, questions[0])
         # The video streams from the file: decoding (a background thread) overlaps the vision tower, only the
         # frame features are kept, and the prefill runs in chunks (inference.streaming).

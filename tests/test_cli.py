@@ -35,8 +35,8 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
-def test_ask_with_the_embedded_tiny_default():
-    out = run_module("inference.ask", "--max-new-tokens", "4")
+def test_ask_with_the_tiny_random_model():
+    out = run_module("inference.ask", "--model", "random-tiny", "--max-new-tokens", "4")
     assert "TINY RANDOM-WEIGHT model" in out
     assert "[video] 12 frames sampled from 12.0 s" in out
     assert "[tokens] 48 vision + " in out
