@@ -31,13 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from long_video import build_model, make_config, meta  # noqa: E402
-
-T0 = time.perf_counter()
-
-
-def log(*args):
-    print(f"[{time.perf_counter() - T0:7.1f}s]", *args, flush=True)
+from long_video import build_model, log, make_config, meta  # noqa: E402
 
 
 def parse_args(argv=None):
