@@ -42,6 +42,10 @@ try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same t
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
     mamba_chunk_scan_combined = selective_state_update = None
+try:  # the causal depthwise conv of the Mamba-2 mixer in one CUDA kernel, continuing from and returning conv states
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
 try:  # mamba-ssm's one-pass Triton kernel for Mamba-2's gated RMSNorm (GPU)
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
 except ImportError:
@@ -575,6 +579,8 @@ class TimeViperMamba2Mixer(nn.Module):
 
     def convolve(self, xbc: torch.Tensor, conv_state: torch.Tensor | None):
         """Causal depthwise conv over (b, l, conv_dim), continuing from `conv_state` (b, conv_dim, kernel-1)."""
+        if xbc.is_cuda and causal_conv1d_fn is not None and xbc.shape[1] > 1:
+            return self._kernel_convolve(xbc, conv_state)
         xbc = xbc.transpose(1, 2)
         if conv_state is None:
             conv_state = xbc.new_zeros(xbc.shape[0], self.conv_dim, self.kernel_size - 1)
@@ -589,6 +595,18 @@ class TimeViperMamba2Mixer(nn.Module):
         if self.conv1d.bias is not None:
             out = out + self.conv1d.bias[:, None]
         return F.silu(out).transpose(1, 2), padded[..., -(self.kernel_size - 1) :]
+
+    def _kernel_convolve(self, xbc: torch.Tensor, conv_state: torch.Tensor | None):
+        """`convolve` through causal-conv1d. The kernel takes and returns conv states only in its channel-last layout,
+        (b, conv_dim, l) with the channels adjacent in memory: exactly the (b, l, conv_dim) activations transposed."""
+        x = xbc.transpose(1, 2) if xbc.stride(-1) == 1 else xbc.contiguous().transpose(1, 2)
+        if conv_state is not None:
+            conv_state = conv_state.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        out, conv_state = causal_conv1d_fn(
+            x, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_state, return_final_states=True,
+            activation="silu",
+        )
+        return out.transpose(1, 2), conv_state
 
     def scan(self, x, dt, B, C, ssm_state):
         A = -torch.exp(self.A_log.float())
@@ -1174,10 +1192,17 @@ class TimeViperTextModel(nn.Module):
         """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
         of all dropped tokens: 13 GB at 1.4M of them)."""
         merge = self.merge_modules[str(stage_index)]
-        parts = [merge.memory(hidden[part]) for part in index.split(self.sequence_chunk_size)]
+        parts = index.split(self.sequence_chunk_size)
         if len(parts) == 1:
-            return parts[0]
-        return torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1)
+            return merge.memory(hidden[index])
+        # Written part by part into the result: a list of parts and their concatenation would hold the memory twice.
+        key = hidden.new_empty(merge.num_kv_heads, index.numel(), merge.head_dim)
+        value = torch.empty_like(key)
+        start = 0
+        for part in parts:
+            key[:, start : start + part.numel()], value[:, start : start + part.numel()] = merge.memory(hidden[part])
+            start += part.numel()
+        return key, value
 
     def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
         return self.merge_modules[str(stage_index)].gate(like)
@@ -1231,6 +1256,9 @@ def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
 def stack_memories(memories):
     """Per-row TransV memories (key, value) of different lengths, or None -> padded key, value (b, kv_heads, m,
     head_dim) and a (b, 1, 1, m) mask. A row without memory attends to one zero key/value, i.e. adds nothing."""
+    if len(memories) == 1 and memories[0] is not None:  # one row: views, no padded copy of a memory of many GB
+        key, value = memories[0]
+        return key[None], value[None], torch.ones(1, 1, 1, key.shape[1], dtype=torch.bool, device=key.device)
     reference = next(memory[0] for memory in memories if memory is not None)
     kv_heads, _, head_dim = reference.shape
     length = max(1, max(memory[0].shape[1] for memory in memories if memory is not None))
@@ -1404,7 +1432,9 @@ class StreamedStage:
         # TransV: the dropped tokens' memory, and the kept positions after each row's vision span that absorb it.
         self.transfer = stage.transfer
         self.dropped = [dropped if stage.transfer else None for _, dropped in rows]
-        self.memory_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in rows]
+        # Row b's TransV keys/values, written as its dropped tokens arrive (allocated at the first of them).
+        self.memories: list[tuple[torch.Tensor, torch.Tensor] | None] = [None for _ in rows]
+        self.memory_filled = [0 for _ in rows]
         self.absorbs = torch.zeros_like(kept)
         for b, dropped in enumerate(self.dropped):
             if dropped is not None:
@@ -1417,7 +1447,7 @@ class StreamedStage:
         for b, dropped in enumerate(self.dropped):
             if dropped is not None and bool(dropped[start:end].any()):
                 index = dropped[start:end].nonzero().squeeze(1)
-                self.memory_parts[b].append(self.model.transfer_memory(self.stage_index, hidden_states[b], index))
+                self.add_memory(b, *self.model.transfer_memory(self.stage_index, hidden_states[b], index))
         if self.pending is None:
             self.pending, self.pending_start = hidden_states, start
         else:
@@ -1456,11 +1486,19 @@ class StreamedStage:
                 out[b, absorbs[b]] = (text + self.model.transfer_gate(self.stage_index, text) * transferred)[0]
         return out
 
+    def add_memory(self, b: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.memories[b] is None:
+            # Preallocated for all of the row's dropped tokens: parts joined at the end would hold it twice.
+            total = int(self.dropped[b].sum())
+            self.memories[b] = (key.new_empty(key.shape[0], total, key.shape[2]),
+                                value.new_empty(value.shape[0], total, value.shape[2]))
+        start = self.memory_filled[b]
+        self.memories[b][0][:, start : start + key.shape[1]] = key
+        self.memories[b][1][:, start : start + key.shape[1]] = value
+        self.memory_filled[b] = start + key.shape[1]
+
     def row_memory(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.memory_parts[b]
-        if len(parts) > 1:
-            parts[:] = [(torch.cat([key for key, _ in parts], dim=1), torch.cat([value for _, value in parts], dim=1))]
-        return parts[0]
+        return self.memories[b]
 
     def finish(self, cache: TimeViperHybridCache) -> list[tuple[torch.Tensor, int]]:
         """All stage inputs have arrived: the remaining chunks; the TransV memory goes into the cache."""

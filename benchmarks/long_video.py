@@ -917,7 +917,9 @@ def meta(device, args):
             "peak_flops_used": PEAK_FLOPS, "peak_bytes_used": PEAK_BYTES,
             "mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined is not None,
             "selective_state_update": tm.selective_state_update is not None,
-            "causal_conv": "torch.nn.functional.conv1d on CUDA (causal-conv1d not installed); 4 multiply-adds on CPU",
+            "causal_conv": ("causal-conv1d's CUDA kernel (prefill; F.conv1d for single-token steps)"
+                            if tm.causal_conv1d_fn is not None else
+                            "torch.nn.functional.conv1d on CUDA (causal-conv1d not installed); 4 multiply-adds on CPU"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     for mod in ("triton", "mamba_ssm", "causal_conv1d"):

@@ -9,6 +9,8 @@ Steps (each writes its record into the JSON as it finishes):
   the file to the first token, split into decode (background thread), vision and LLM; decode alone and GPU
   alone measured separately; then the one-shot path (`apply_chat_template` -> `generate(pixel_values_videos=...)`).
   Host peak RSS of each path (the streaming path runs first: ru_maxrss only grows) and GPU peak.
+- long_file: a long H.264 file (default 1 h of 1280x720 at 3 fps, 10 s GOPs) sampled at several rates: the
+  streaming path, decode alone and GPU alone (no one-shot run: its host memory does not fit at these lengths).
 - llm: the LLM side at large frame counts on features of the right shape (random, produced a chunk at a time as the
   prefill reaches them, as `streamed_video_features` does with real frames), chunked prefill + 1 token: peak GPU
   memory and prefill time.
@@ -52,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--file-seconds", type=int, default=300)
     p.add_argument("--file-fps", type=int, default=10, help="the file's frame rate, also the sampling rate")
     p.add_argument("--gop", type=int, default=50, help="keyframe interval of the generated file (frames)")
+    p.add_argument("--long-file-size", default="1280x720")
+    p.add_argument("--long-file-seconds", type=int, default=3600)
+    p.add_argument("--long-file-fps", type=int, default=3)
+    p.add_argument("--long-gop", type=int, default=30, help="keyframe interval of the long file (frames)")
+    p.add_argument("--long-sample-fps", default="3,1", help="sampling rates of the long file (one run each)")
     p.add_argument("--llm-frames", default="200000")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
     p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
@@ -149,19 +156,22 @@ def step_exact(model, device, args, results):
 
 
 def write_video(path, seconds, fps, size, gop):
+    """An H.264 file of moving gradients and a moving square (content the encoder cannot skip)."""
     import av
 
     width, height = size
+    x = np.linspace(0, 255, width).astype(np.uint8)[None, :]
+    y = np.linspace(0, 255, height).astype(np.uint8)[:, None]
+    frame = np.empty((height, width, 3), np.uint8)
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "preset": "veryfast", "crf": "23"}
-        x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
-        y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
         for i in range(seconds * fps):
-            phase = 2 * np.pi * i / (fps * 20)
-            frame = np.stack([(x + 40 * i) % 256 + 0 * y, (y + 60 * np.sin(phase)) % 256 + 0 * x,
-                              np.full((height, width), (i * 3) % 256, np.float32)], -1).astype(np.uint8)
+            # uint8 sums wrap around at 256: gradients that scroll without float work per pixel
+            frame[..., 0] = x + np.uint8((40 * i) % 256)
+            frame[..., 1] = y + np.uint8(int(60 * np.sin(2 * np.pi * i / (fps * 20))) % 256)
+            frame[..., 2] = (i * 3) % 256
             square = 40 + (i * 7) % (height - 120)
             frame[square : square + 80, square : square + 80] = 255
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -264,6 +274,70 @@ def step_file(model, device, args, results):
     results["file"] = record
 
 
+def step_long_file(model, device, args, results):
+    """A long file (`--long-file-seconds` at `--long-file-fps`), sampled at each rate of `--long-sample-fps`: the
+    streaming path from the file to the first token (host peak RSS, GPU peak), decode alone, and the GPU alone on the
+    same decoded frames. The one-shot path is left out: its host memory (1.77 MB of float32 pixels per frame, plus the
+    decoded frames) exceeds this machine's at these lengths."""
+    from timeviper.processing_timeviper import VideoStream, streaming_chat_inputs
+
+    size = tuple(int(v) for v in args.long_file_size.split("x"))
+    path = os.path.join(tempfile.mkdtemp(), "long.mp4")
+    started = time.perf_counter()
+    write_video(path, args.long_file_seconds, args.long_file_fps, size, args.long_gop)
+    spec = {"size": args.long_file_size, "seconds": args.long_file_seconds, "fps": args.long_file_fps,
+            "gop": args.long_gop, "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
+            "write_s": time.perf_counter() - started}
+    log("long file written", spec)
+    results["long_file"] = {"file": spec, "points": []}
+    processor = tiny_processor(model, model.config.vision_config.image_size)
+    messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
+    for fps in [float(f) for f in args.long_sample_fps.split(",")]:
+        sampling = {"fps": fps, "max_frames": 10**7}
+        point = {"sample_fps": fps}
+        reset(device)
+        host_before = host_peak_bytes()
+        sync(device)
+        started = time.perf_counter()
+        inputs, (stream,) = streaming_chat_inputs(processor, messages, chunk_frames=args.stream_chunk, **sampling)
+        opened = time.perf_counter()
+        features = model.encode_video(stream.pixel_chunks(device, model.dtype), num_frames=stream.num_frames)
+        sync(device)
+        encoded = time.perf_counter()
+        llm_s, out = first_token(model, device, **inputs.to(device), video_features=features,
+                                 prefill_chunk_size=args.prefill_chunk)
+        point["streaming"] = {
+            "file_to_first_token_s": time.perf_counter() - started, "open_s": opened - started,
+            "vision_s_overlapped_with_decode": encoded - opened, "decode_thread_s": stream.decode_seconds,
+            "llm_prefill_s": llm_s, "gpu_peak_bytes": gpu_peak(device), "host_peak_rss_bytes": host_peak_bytes(),
+            "host_peak_rss_before_bytes": host_before, "tokens_in": int(inputs["input_ids"].shape[1]),
+            "first_token": int(out.sequences[0, -1]),
+        }
+        point["frames"] = stream.num_frames
+        del features, out
+        log("long file, streaming", point)
+        # Decode alone (frames kept, uint8 at the model's size), then the GPU alone on those frames.
+        started = time.perf_counter()
+        chunks = list(VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
+        point["decode_alone_s"] = time.perf_counter() - started
+        reset(device)
+        sync(device)
+        started = time.perf_counter()
+        features = model.encode_video(
+            (stream.normalize(c.to(device, non_blocking=True)).to(model.dtype) for c in chunks),
+            num_frames=point["frames"],
+        )
+        first_token(model, device, **inputs.to(device), video_features=features, prefill_chunk_size=args.prefill_chunk)
+        point["gpu_alone_s"] = time.perf_counter() - started
+        del chunks, features
+        bound = max(point["decode_alone_s"], point["gpu_alone_s"])
+        point["streaming"]["over_max_of_decode_and_gpu"] = point["streaming"]["file_to_first_token_s"] / bound
+        log("long file", {k: v for k, v in point.items() if k != "streaming"},
+            "ratio", point["streaming"]["over_max_of_decode_and_gpu"])
+        results["long_file"]["points"].append(point)
+        save(results, args)
+
+
 def random_feature_stream(model, frames, device, chunk=256, seed=0):
     """Random projector outputs of the right shape, produced a chunk of frames at a time as the prefill reaches
     them (`StreamedVideoFeatures` with the vision tower left out): no features of the whole video exist."""
@@ -307,13 +381,14 @@ def main(argv=None):
     if args.tiny:
         args.exact_frames, args.file_size, args.file_seconds, args.file_fps = 8, "96x64", 4, 5
         args.llm_frames, args.prefill_chunk, args.stream_chunk = "64", 64, 8
+        args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop = "96x64", 6, 2, 4
     torch.set_grad_enabled(False)
     results = {"meta": meta(device, args), "config": args.config}
     model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     results["model"] = {"build_s": build_s, "weight_bytes": weights, "token_compression": model.config.token_compression}
     log("model built", results["model"])
-    steps = {"exact": step_exact, "file": step_file, "llm": step_llm}
+    steps = {"exact": step_exact, "file": step_file, "long_file": step_long_file, "llm": step_llm}
     for name in args.steps.split(","):
         try:
             with torch.inference_mode():

@@ -1,0 +1,161 @@
+"""LLM prefill side by side with plain transformers: `NemotronHForCausalLM` and this package's hybrid LLM on the same
+random bf16 weights (Nano-9B-v2 dims), in one process on one GPU, with the depthwise causal conv through
+causal-conv1d's CUDA kernel or through PyTorch (switched for both models by their module-level kernel handles).
+
+Also the kernel-vs-PyTorch parity of the conv at full dims (4,096 tokens, continued from a conv state, as a chunked
+prefill does) and of the whole LLM's last-token logits.
+
+    source benchmarks/gpu_setup.sh && python benchmarks/llm_prefill.py --out benchmarks/results/llm_prefill.json
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from long_video import log, meta  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/llm_prefill.json")
+    p.add_argument("--tokens", default="16384,65536")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (after one warm-up); the median counts")
+    p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test; the conv kernel is CUDA-only)")
+    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
+    return p.parse_args(argv)
+
+
+def models(tiny, device):
+    """Plain transformers' NemotronH and ours, sharing every weight tensor (no second copy of the model)."""
+    from transformers import NemotronHForCausalLM
+
+    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+    small = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                 mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
+    text = nano_9b_v2_text_config(**(small if tiny else {}))
+    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=56, patch_size=8)
+    torch.manual_seed(0)
+    with torch.device(device):
+        plain = NemotronHForCausalLM._from_config(text, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        config = TimeViperConfig(vision_config=vision, text_config=text, token_compression=[],
+                                 image_token_id=text.vocab_size, video_token_id=text.vocab_size + 1)
+        ours = TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
+                                                               attn_implementation="sdpa").eval()
+    shared = {("model.language_model." + k.removeprefix("model.")) if k.startswith("model.") else k: v
+              for k, v in plain.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(shared, strict=False, assign=True)
+    assert not unexpected and not [k for k in missing if k.startswith("model.language_model.")], (missing, unexpected)
+    # Both follow the checkpoint's dt limits the same way (transformers' default clamps dt at time_step_min).
+    for layer in plain.model.layers:
+        if hasattr(layer.mixer, "time_step_limit"):
+            layer.mixer.time_step_limit = tuple(text.time_step_limit)
+    return plain.requires_grad_(False), ours.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def conv_kernel(enabled):
+    """causal-conv1d on or off for both models (their module-level handles of the kernel)."""
+    import transformers.models.nemotron_h.modeling_nemotron_h as plain_module
+
+    import timeviper.modeling_timeviper as our_module
+
+    saved = {m: getattr(m, "causal_conv1d_fn", None) for m in (plain_module, our_module)}
+    try:
+        for module, fn in saved.items():
+            module.causal_conv1d_fn = fn if enabled else None
+        yield
+    finally:
+        for module, fn in saved.items():
+            module.causal_conv1d_fn = fn
+
+
+def timed_prefill(model, embeds, repeats):
+    times, logits = [], None
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model(inputs_embeds=embeds, logits_to_keep=1, use_cache=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        logits = out.logits[:, -1].float()
+        del out
+    return sorted(times[1:])[len(times[1:]) // 2], logits
+
+
+def conv_parity(ours, device, tokens=4096):
+    """One mixer's conv through the kernel and through PyTorch: the whole sequence, and the same sequence as two
+    chunks carrying the conv state; outputs and final states."""
+    import timeviper.modeling_timeviper as our_module
+
+    mixer = next(layer.mixer for layer in ours.model.language_model.layers if hasattr(layer, "mixer")
+                 and hasattr(layer.mixer, "convolve"))
+    torch.manual_seed(1)
+    xbc = torch.randn(2, tokens, mixer.conv_dim, device=device, dtype=torch.bfloat16)
+    results = {}
+    for label, enabled in (("kernel", True), ("torch", False)):
+        with conv_kernel(enabled):
+            whole, state = mixer.convolve(xbc, None)
+            first, carried = mixer.convolve(xbc[:, : tokens // 2 + 3], None)
+            second, state2 = mixer.convolve(xbc[:, tokens // 2 + 3 :], carried)
+        results[label] = (whole.float(), state.float(), torch.cat([first, second], 1).float(), state2.float())
+    assert our_module.causal_conv1d_fn is not None
+    k, t = results["kernel"], results["torch"]
+    return {"tokens": tokens, "out_max_abs_diff": (k[0] - t[0]).abs().max().item(),
+            "out_max_abs": t[0].abs().max().item(),
+            "final_state_max_abs_diff": (k[1] - t[1]).abs().max().item(),
+            "chunked_out_max_abs_diff_vs_whole_kernel": (k[2] - k[0]).abs().max().item(),
+            "chunked_state_max_abs_diff_vs_whole_kernel": (k[3] - k[1]).abs().max().item(),
+            "chunked_out_max_abs_diff_kernel_vs_torch": (k[2] - t[2]).abs().max().item()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda")
+    torch.set_grad_enabled(False)
+    results = {"meta": meta(device, args), "points": []}
+    plain, ours = models(args.tiny, device)
+    hidden = plain.config.hidden_size
+    results["conv_parity"] = conv_parity(ours, device)
+    log("conv parity", results["conv_parity"])
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        torch.manual_seed(2)
+        embeds = 0.02 * torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+        point, logits = {"tokens": tokens}, {}
+        for name, model in (("plain", plain), ("ours", ours)):
+            for kernel in (False, True):
+                label = f"{name}_{'causal_conv1d' if kernel else 'torch_conv'}"
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    with conv_kernel(kernel):
+                        seconds, logits[label] = timed_prefill(model, embeds, args.repeats)
+                    point[label] = {"s": seconds, "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
+                except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
+                    point[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log(tokens, label, point[label])
+        base = logits.get("ours_torch_conv")
+        point["last_logits_max_abs_diff_vs_ours_torch_conv"] = {
+            k: (v - base).abs().max().item() for k, v in logits.items() if base is not None}
+        if "s" in point.get("plain_torch_conv", {}) and "s" in point.get("ours_causal_conv1d", {}):
+            point["speedup_ours_kernel_vs_plain_torch_conv"] = point["plain_torch_conv"]["s"] / point["ours_causal_conv1d"]["s"]
+        if "s" in point.get("plain_causal_conv1d", {}) and "s" in point.get("ours_causal_conv1d", {}):
+            point["speedup_ours_kernel_vs_plain_kernel"] = point["plain_causal_conv1d"]["s"] / point["ours_causal_conv1d"]["s"]
+        log("point", {k: v for k, v in point.items() if k.startswith(("speedup", "last"))})
+        results["points"].append(point)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
