@@ -15,8 +15,9 @@
 #     (hjson, msgpack, ninja, py-cpuinfo, einops, psutil, pydantic + pydantic_core, annotated-types,
 #     typing-inspection). The DeepSpeed wheel is pure Python, built here with DS_BUILD_OPS=0 (benchmarks/multi_gpu/
 #     README.md): its C++/CUDA ops would compile on first use, and ZeRO-3 with the Trainer's torch optimizer uses none.
-# causal-conv1d is NOT installed (a 7-8 minute nvcc build): the model's causal depthwise conv runs through
-# torch.nn.functional.conv1d.
+# causal-conv1d has no binary wheel on the registry: benchmarks/build_causal_conv1d.sh builds one there once (about
+# 5 minutes of nvcc); carried as wheels/causal_conv1d-*.whl it is installed by step 4, and the model's Mamba-2 conv
+# runs through its kernel. Without it the conv runs through torch.nn.functional.conv1d.
 _TV_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _TV_SITE=/tmp/timeviper_site
 mkdir -p "$_TV_SITE"
@@ -57,12 +58,12 @@ if [ ${#_TV_MISSING[@]} -gt 0 ]; then
 fi
 python3 - <<'PY'
 import importlib
-for name in ("torch", "triton", "transformers", "accelerate", "mamba_ssm", "av", "deepspeed"):
+for name in ("torch", "triton", "transformers", "accelerate", "mamba_ssm", "causal_conv1d", "av", "deepspeed"):
     try:
         print(f"gpu_setup: {name} {importlib.import_module(name).__version__}")
     except Exception as err:  # noqa: BLE001
         print(f"gpu_setup: {name} NOT importable: {type(err).__name__}: {err}")
 import timeviper.modeling_timeviper as tm
 print("gpu_setup: kernels: mamba_chunk_scan_combined", tm.mamba_chunk_scan_combined is not None,
-      "selective_state_update", tm.selective_state_update is not None)
+      "selective_state_update", tm.selective_state_update is not None, "causal_conv1d", tm.causal_conv1d_fn is not None)
 PY
