@@ -335,21 +335,41 @@ def test_timm_unknown_keys_are_rejected_by_name():
     assert set(plan.unexpected) == {"timm:cls_token", "timm:blocks.0.ls1.gamma"}
 
 
-def test_spec_shapes_equal_model_state_dict():
-    """The config-derived layout (used to plan without the model) is the model's own state dict."""
-    from tiny_models import tiny_text_config, tiny_vision_config
+def test_expected_shapes_are_the_model_state_dict():
+    """The shapes the plan is checked against (the model built on the meta device) are those of a real model."""
+    from tiny_models import tiny_config
 
-    remote = common.load_remote_code(need_modeling=True)
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
     for backbone, compression in (("nemotron_h", "uni_1_0.5-attn_2_0.25"), ("nemotron_h", "unidrop_0_0.5-uni_2_0.25"), ("qwen2", "uni_1_0.5")):
-        config = remote.configuration.TimeViperConfig(
-            vision_config=tiny_vision_config(), text_config=tiny_text_config(backbone), token_compression=compression,
-            tokens_per_frame=4,
-        )
-        assert common.spec_state_dict_shapes(config) == common.expected_state_dict_shapes(config, remote.modeling)
+        config = tiny_config(backbone, token_compression=compression)
+        model = TimeViperForConditionalGeneration(config)
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        assert list(common.expected_state_dict_shapes(config).items()) == list(shapes.items())
+
+
+def test_siglip_parts_the_model_leaves_out_are_skipped():
+    """SigLIP blocks after the feature layer and the final norm feed nothing the projector reads: a model built
+    without them gets them reported as skipped. Any other tensor the model lacks stays an error."""
+    from tiny_models import tiny_config
+
+    config = tiny_config(projector_type="mlp")  # 3 SigLIP blocks, features = hidden state -2: blocks 0 and 1 used
+    plan = common.plan_timm_siglip(DictSource(timm_siglip_state_dict(), "timm"))
+    expected = {name: tensor.shape for name, tensor in plan.tensors.items()}
+    unused = [name for name in expected if ".layers.2." in name or "post_layernorm" in name]
+    for name in unused:
+        del expected[name]
+    fitted = common.skip_unused_vision_tensors(plan, expected, common.vision_layers_used(config))
+    common.check_plan(fitted, expected)
+    assert {"timm:norm.weight", "timm:blocks.2.attn.qkv.weight", "timm:blocks.2.mlp.fc2.bias"} <= set(fitted.skipped)
+    assert "SigLIP's first 2 blocks" in fitted.skipped["timm:norm.weight"]
+    assert len(unused) == 2 + 16 and set(fitted.tensors) == set(expected)  # the final norm's 2 tensors, block 2's 16
+    del expected[common.VISION_PREFIX + "encoder.layers.1.mlp.fc1.weight"]
+    with pytest.raises(ConversionError, match="unexpected tensor model.vision_tower.encoder.layers.1.mlp.fc1.weight"):
+        common.check_plan(common.skip_unused_vision_tensors(plan, expected, 2), expected)
 
 
 def test_parsers():
-    assert common.parse_size("5GB") == 5 * 10**9 and common.parse_size("2MiB") == 2 * 2**20 and common.parse_size("100") == 100
     assert common.parse_dtype("bf16") is torch.bfloat16 and common.parse_dtype("float32") is torch.float32
     assert common.parse_token_compression("uni_7_0.5-attn_39_0.05") == "uni_7_0.5-attn_39_0.05"
     assert common.parse_token_compression('[{"layer_idx": 7, "keep_ratio": 0.5}]') == [{"layer_idx": 7, "keep_ratio": 0.5}]
@@ -380,6 +400,18 @@ def test_streaming_writer_shards_and_casts(tmp_path):
     assert set(written) == set(tensors) and set(index["weight_map"]) == set(tensors)
     for name, tensor in tensors.items():
         assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], tensor.to(torch.bfloat16))
+
+
+def test_writer_reads_shard_sizes_as_save_pretrained_does(tmp_path):
+    plan = ConversionPlan()
+    for index in range(3):
+        plan.add(f"w{index}", (32, 32), lambda: torch.ones(32, 32), [f"src:w{index}"])  # 2048 bytes in bf16
+    index = common.write_safetensors_shards(plan, tmp_path, torch.bfloat16, "4.1KB", progress=False)
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert index["metadata"] == {"total_size": 3 * 2048, "total_parameters": 3 * 32 * 32}
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text()) == index
+    with pytest.raises(ConversionError, match="cannot read the shard size '2MiB'"):
+        common.write_safetensors_shards(plan, tmp_path, torch.bfloat16, "2MiB", progress=False)
 
 
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
