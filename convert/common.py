@@ -37,12 +37,12 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+import timeviper
 from timeviper import REMOTE_CODE_FILES
 from timeviper.configuration_timeviper import SUPPORTED_TRANSFORMERS, TimeViperConfig
 
 logger = logging.getLogger("timeviper.convert")
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
@@ -58,14 +58,9 @@ VIDEO_TOKEN = "<video>"
 
 # The model is saved with every floating tensor in one dtype; these are the accepted spellings.
 DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
+    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
+    **dict.fromkeys(("fp32", "float32", "float"), torch.float32),
 }
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # Above this many parameters `--verify` defaults to off: it holds the converted model and the source model in fp32.
@@ -88,14 +83,10 @@ class ConversionError(ValueError):
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        if value not in SAFETENSORS_DTYPES:
-            raise ValueError(f"unsupported dtype {value}; use one of bf16, fp16, fp32")
-        return value
-    try:
-        return DTYPES[value.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32") from None
+    dtype = value if isinstance(value, torch.dtype) else DTYPES.get(value.lower())
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32")
+    return dtype
 
 
 def parse_token_compression(value: str | None):
@@ -335,10 +326,6 @@ def _loader(source: TensorSource, key: str, transform: Callable[[torch.Tensor], 
     return lambda: transform(source.get(key))
 
 
-def _keys_under(source: TensorSource, prefix: str) -> list[str]:
-    return [key for key in source.keys() if key.startswith(prefix)]
-
-
 _TIMM_BLOCK_RENAMES = {
     "norm1": "layer_norm1",
     "norm2": "layer_norm2",
@@ -348,24 +335,24 @@ _TIMM_BLOCK_RENAMES = {
 }
 
 
-def plan_timm_siglip(source: TensorSource, prefix: str = "", target_prefix: str = VISION_PREFIX) -> ConversionPlan:
-    """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `target_prefix`).
+def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
+    """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `VISION_PREFIX`).
 
     The fused `attn.qkv` rows are [q; k; v] (timm reshapes qkv output to (B, N, 3, heads, head_dim)), so each third
     becomes one HF projection. `pos_embed` (1, N, D) loses its batch axis. `attn_pool.*` (timm's MAP head) is not
     used by TimeViper, which reads block outputs before any head.
     """
     plan = ConversionPlan()
-    for key in _keys_under(source, prefix):
+    for key in (key for key in source.keys() if key.startswith(prefix)):
         name, label, shape = key[len(prefix) :], source.label(key), source.shape(key)
         if match := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", name):
-            plan.add(f"{target_prefix}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
+            plan.add(f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
         elif name == "pos_embed":
             if len(shape) != 3 or shape[0] != 1:
                 plan.reject(label, f"pos_embed should have shape (1, num_patches, hidden), got {shape}")
                 continue
             plan.add(
-                f"{target_prefix}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
+                f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
             )
         elif match := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name):
             layer, kind = match[1], match[2]
@@ -375,16 +362,16 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "", target_prefix: str 
             rows = shape[0] // 3
             for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
                 plan.add(
-                    f"{target_prefix}encoder.layers.{layer}.self_attn.{projection}.{kind}",
+                    f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
                     (rows, *shape[1:]),
                     _loader(source, key, lambda t, i=index, n=rows: t[i * n : (i + 1) * n]),
                     [label],
                 )
         elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", name):
-            target = f"{target_prefix}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
+            target = f"{VISION_PREFIX}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
             plan.add(target, shape, _loader(source, key), [label])
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
-            plan.add(f"{target_prefix}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
+            plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
         elif name.startswith("attn_pool."):
             plan.skip(label, "unused by TimeViper: timm attention-pool head (vision_use_head=False)")
         else:
@@ -440,7 +427,7 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
     )
 
 
-def plan_hf_siglip(source: TensorSource, target_prefix: str = VISION_PREFIX) -> ConversionPlan:
+def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     """transformers `SiglipVisionModel` / `SiglipModel` keys -> our vision keys (the vision names are kept)."""
     plan = ConversionPlan()
     for key in source.keys():
@@ -453,7 +440,7 @@ def plan_hf_siglip(source: TensorSource, target_prefix: str = VISION_PREFIX) -> 
         elif name == "embeddings.position_ids":
             plan.skip(label, "buffer recomputed by the model")
         elif re.fullmatch(r"(embeddings|encoder|post_layernorm)\..+", name):
-            plan.add(target_prefix + name, shape, _loader(source, key), [label])
+            plan.add(VISION_PREFIX + name, shape, _loader(source, key), [label])
         else:
             plan.reject(label, "not a SigLIP vision parameter")
     return plan
@@ -485,29 +472,13 @@ def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> Con
     With `seed = vision_hidden` (1152 for SigLIP so400m) this reproduces the reference, which calls
     `torch.manual_seed(vision_embed_dim)` right before building the same two linears.
     """
-    weights = {}
-
-    def build() -> dict[str, torch.Tensor]:
-        if not weights:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                first = torch.nn.Linear(vision_hidden, text_hidden)
-                second = torch.nn.Linear(text_hidden, text_hidden)
-            for linear, module in (("linear_1", first), ("linear_2", second)):
-                for kind in ("weight", "bias"):
-                    weights[f"{PROJECTOR_PREFIX}{linear}.{kind}"] = getattr(module, kind).detach()
-        return weights
-
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linears = {"linear_1": torch.nn.Linear(vision_hidden, text_hidden), "linear_2": torch.nn.Linear(text_hidden, text_hidden)}
     plan = ConversionPlan()
-    shapes = {
-        "linear_1.weight": (text_hidden, vision_hidden),
-        "linear_1.bias": (text_hidden,),
-        "linear_2.weight": (text_hidden, text_hidden),
-        "linear_2.bias": (text_hidden,),
-    }
-    for suffix, shape in shapes.items():
-        name = PROJECTOR_PREFIX + suffix
-        plan.add(name, shape, lambda name=name: build()[name], [f"<new: nn.Linear init, seed {seed}>"])
+    for linear, module in linears.items():
+        for kind, tensor in module.state_dict().items():
+            plan.add(f"{PROJECTOR_PREFIX}{linear}.{kind}", tensor.shape, lambda tensor=tensor: tensor, [f"<new: nn.Linear init, seed {seed}>"])
     return plan
 
 
@@ -802,8 +773,6 @@ def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan
 def load_for_writing(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
     """The bytes of a planned tensor cast to `dtype`, after checking that it is the planned floating tensor, finite."""
     tensor = planned.load()
-    if not isinstance(tensor, torch.Tensor):
-        raise ConversionError(f"{planned.name}: the source {planned.sources} did not give a tensor")
     if tuple(tensor.shape) != planned.shape:
         raise ConversionError(f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}")
     if not tensor.is_floating_point():
@@ -828,6 +797,11 @@ def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tenso
         raise ConversionError(
             f"{planned.name}: {bad} of {flat.numel()} values are NaN or Inf {cause}; sources {planned.sources}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The output folder: written atomically, replaced only when the converter wrote it
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 # Written by the converter into every folder it makes: what `--force` may replace. In a temporary folder it says
@@ -983,6 +957,11 @@ def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config, tokenizer, processor, generation config, model card
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_text_config(llm_folder: Path):
@@ -1178,7 +1157,7 @@ def save_hub_folder(folder: Path, config, tokenizer, llm_folder: Path, base_mode
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
     for file in REMOTE_CODE_FILES:
-        shutil.copyfile(PACKAGE_ROOT / file, folder / file)
+        shutil.copyfile(Path(timeviper.__file__).resolve().parent / file, folder / file)
     set_pad_token(tokenizer, config.text_config)
     write_processor(folder, tokenizer, config)
     build_generation_config(family, tokenizer, config.text_config, llm_folder).save_pretrained(str(folder))

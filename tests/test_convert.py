@@ -160,7 +160,7 @@ def make_nano_folder(folder: Path) -> Path:
 
 
 def make_qwen_folder(folder: Path) -> Path:
-    from tiny_assets import make_tiny_tokenizer
+    from inference.tiny_default import make_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = make_tiny_tokenizer("qwen2")
@@ -615,7 +615,7 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
 
 def test_projector_from_our_hub_folder_and_tied_qwen(sources, tmp_path):
     """A stage-1 TimeViper Hub folder gives its projector; a tied Qwen (no lm_head.weight) gets a copy of its embeddings."""
-    from tiny_assets import make_tiny_tokenizer
+    from inference.tiny_default import make_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     # The vision tower may come from a reference checkpoint too (timm keys under vision_backbone.featurizer.).
