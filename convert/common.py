@@ -1014,24 +1014,18 @@ def set_pad_token(tokenizer, text_config) -> None:
 STOP_TOKENS = {"nemotron_h": ("</s>", "<SPECIAL_12>"), "qwen2": ("<|im_end|>",)}
 
 
-def build_timeviper_config(
-    text_config, vision_config, tokenizer, projector_type: str, tokens_per_frame: int, vision_feature_layer: int,
-    token_compression, dtype: torch.dtype,
-):
-    """`TimeViperConfig` of the output, with the placeholder ids taken from the tokenizer.
-
-    `projector_type` may be the reference's arch specifier; `tome_mlp-N` sets the tokens per frame to N.
-    """
-    projector_type, tokens_from_type = parse_projector_type(projector_type)
+def build_timeviper_config(text_config, vision_config, tokenizer, options: "ConversionOptions", dtype: torch.dtype):
+    """`TimeViperConfig` of the output, with the placeholder ids taken from the tokenizer."""
+    projector_type, tokens_from_type = parse_projector_type(options.projector_type)
     for sub_config in (text_config, vision_config):
         sub_config.dtype = dtype
     return TimeViperConfig(
         vision_config=vision_config,
         text_config=text_config,
         projector_type=projector_type,
-        tokens_per_frame=tokens_from_type or tokens_per_frame,
-        vision_feature_layer=vision_feature_layer,
-        token_compression=token_compression,
+        tokens_per_frame=tokens_from_type or options.tokens_per_frame,
+        vision_feature_layer=options.vision_feature_layer,
+        token_compression=options.token_compression,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         dtype=dtype,
@@ -1316,41 +1310,56 @@ class Converter(abc.ABC):
         """The source LLM in transformers' own class, fp32, its weights rounded through `dtype`."""
 
 
-def convert_to_hub(
-    converter: Converter,
-    output: str | Path,
-    token_compression,
-    projector_type: str,
-    tokens_per_frame: int,
-    vision_feature_layer: int,
-    dtype: str | torch.dtype,
-    shard_size: str | int,
-    force: bool,
-    verify: bool | None,
-    verify_atol: float,
-    base_models: list[str] | None,
-    progress: bool,
-) -> Path:
-    """Convert `converter`'s sources into a TimeViper Hub folder at `output` and return its path.
+@dataclass
+class ConversionOptions:
+    """How a conversion lays out and writes the model: the options both converters (and their CLIs) share.
 
-    `token_compression` is a reference string (`uni_7_0.5-attn_39_0.05`), a list of stage dicts, or None.
-    `verify=None` verifies models up to `VERIFY_AUTO_MAX_PARAMETERS` parameters.
+    `token_compression` is a reference string (`uni_7_0.5-attn_39_0.05`), a list of stage dicts, or None;
+    `projector_type` may be the reference's arch specifier (`tome_mlp-N` sets the tokens per frame to N);
+    `shard_size` is `save_pretrained`'s notation (`"5GB"`) or bytes; `verify=None` verifies models up to
+    `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter guess the card's base models.
     """
-    output, dtype = Path(output).absolute(), parse_dtype(dtype)
-    check_output_available(output, force, sources=converter.sources)
+
+    token_compression: str | list[dict] | None = None
+    projector_type: str = "tome_mlp"
+    tokens_per_frame: int = 16
+    vision_feature_layer: int = -2
+    vision_num_heads: int | None = None
+    image_size: int | None = None
+    dtype: str | torch.dtype = "bf16"
+    shard_size: str | int = "5GB"
+    force: bool = False
+    verify: bool | None = None
+    verify_atol: float = 1e-3
+    base_models: list[str] | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ConversionOptions":
+        """The options `add_shared_arguments` parsed."""
+        return cls(
+            token_compression=parse_token_compression(args.token_compression), projector_type=args.projector_type,
+            tokens_per_frame=args.tokens_per_frame, vision_feature_layer=args.vision_feature_layer,
+            vision_num_heads=args.vision_num_heads, image_size=args.image_size, dtype=args.dtype,
+            shard_size=args.shard_size, force=args.force, verify=args.verify, verify_atol=args.verify_atol,
+            base_models=args.base_models, progress=not args.no_progress,
+        )
+
+
+def convert_to_hub(converter: Converter, output: str | Path, options: ConversionOptions) -> Path:
+    """Convert `converter`'s sources into a TimeViper Hub folder at `output` and return its path."""
+    output, dtype = Path(output).absolute(), parse_dtype(options.dtype)
+    check_output_available(output, options.force, sources=converter.sources)
     text_config = load_text_config(converter.llm_folder)
     tokenizer = load_tokenizer(converter.llm_folder)
-    config = build_timeviper_config(
-        text_config, converter.vision_config(text_config), tokenizer, projector_type, tokens_per_frame,
-        vision_feature_layer, token_compression, dtype,
-    )
+    config = build_timeviper_config(text_config, converter.vision_config(text_config), tokenizer, options, dtype)
     plan, expected = fit_plan_to_model(converter.plan(config), config)
-    base_models = base_models if base_models is not None else converter.base_models()
-    with atomic_output_dir(output, force) as folder:
-        write_safetensors_shards(plan, folder, dtype, shard_size, order=list(expected), progress=progress)
+    base_models = options.base_models if options.base_models is not None else converter.base_models()
+    with atomic_output_dir(output, options.force) as folder:
+        write_safetensors_shards(plan, folder, dtype, options.shard_size, order=list(expected), progress=options.progress)
         save_hub_folder(folder, config, tokenizer, converter.llm_folder, base_models, converter.conversion_note(config))
-        if should_verify(verify, plan.num_parameters()):
-            verify_conversion(folder, converter, plan, config, dtype, verify_atol)
+        if should_verify(options.verify, plan.num_parameters()):
+            verify_conversion(folder, converter, plan, config, dtype, options.verify_atol)
     logger.info("wrote %s (%.1fM parameters, %s)", output, plan.num_parameters() / 1e6, str(dtype).removeprefix("torch."))
     return output
 
@@ -1382,17 +1391,6 @@ def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help
     )
     parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def shared_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of `add_shared_arguments`' options, as both converter functions take them."""
-    return dict(
-        output=args.output, token_compression=parse_token_compression(args.token_compression),
-        projector_type=args.projector_type, tokens_per_frame=args.tokens_per_frame,
-        vision_feature_layer=args.vision_feature_layer, vision_num_heads=args.vision_num_heads,
-        image_size=args.image_size, dtype=args.dtype, shard_size=args.shard_size, force=args.force,
-        base_models=args.base_models, verify=args.verify, verify_atol=args.verify_atol, progress=not args.no_progress,
-    )
 
 
 def run_cli(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv: list[str] | None) -> int:

@@ -32,6 +32,7 @@ import torch
 
 from .common import (
     ConversionError,
+    ConversionOptions,
     ConversionPlan,
     Converter,
     TensorSource,
@@ -49,7 +50,6 @@ from .common import (
     plan_transfer_init,
     round_trip_dtype,
     run_cli,
-    shared_options,
     vision_config_from_timm,
 )
 
@@ -186,30 +186,15 @@ def convert_raw_to_hub(
     vision: str | Path,
     output: str | Path,
     projector: str | Path | None = None,
-    token_compression=None,
-    projector_type: str = "tome_mlp",
-    tokens_per_frame: int = 16,
-    vision_feature_layer: int = -2,
-    dtype: str | torch.dtype = "bf16",
-    shard_size: str | int = "5GB",
-    force: bool = False,
     seed: int | None = None,
-    verify: bool | None = None,
-    verify_atol: float = 1e-3,
-    vision_num_heads: int | None = None,
-    image_size: int | None = None,
-    base_models: list[str] | None = None,
-    progress: bool = True,
+    options: ConversionOptions | None = None,
 ) -> Path:
-    """Convert raw sources into a TimeViper Hub folder at `output` and return its path. See the module docstring and
-    `convert_to_hub`. `seed` seeds a fresh projector (default: the vision width, as the reference does)."""
-    converter = RawConverter(
-        Path(llm), Path(vision), Path(projector) if projector is not None else None, seed, vision_num_heads, image_size
-    )
-    return convert_to_hub(
-        converter, output, token_compression, projector_type, tokens_per_frame, vision_feature_layer, dtype,
-        shard_size, force, verify, verify_atol, base_models, progress,
-    )
+    """Convert raw sources into a TimeViper Hub folder at `output` and return its path (see the module docstring).
+    `seed` seeds a fresh projector (default: the vision width, as the reference does)."""
+    options = options or ConversionOptions()
+    projector = Path(projector) if projector is not None else None
+    converter = RawConverter(Path(llm), Path(vision), projector, seed, options.vision_num_heads, options.image_size)
+    return convert_to_hub(converter, output, options)
 
 
 def build_parser():
@@ -232,7 +217,9 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     return run_cli(
         build_parser(),
-        lambda args: convert_raw_to_hub(llm=args.llm, vision=args.vision, projector=args.projector, seed=args.seed, **shared_options(args)),
+        lambda args: convert_raw_to_hub(
+            args.llm, args.vision, args.output, args.projector, args.seed, ConversionOptions.from_args(args)
+        ),
         argv,
     )
 

@@ -29,6 +29,7 @@ import torch
 
 from .common import (
     ConversionError,
+    ConversionOptions,
     ConversionPlan,
     Converter,
     TensorSource,
@@ -45,7 +46,6 @@ from .common import (
     plan_timm_siglip,
     round_trip_dtype,
     run_cli,
-    shared_options,
     split_transfer_gates,
     vision_config_from_timm,
 )
@@ -141,33 +141,13 @@ class ReferenceConverter(Converter):
 
 
 def convert_reference_checkpoint(
-    checkpoint: str | Path,
-    llm_config: str | Path,
-    output: str | Path,
-    token_compression=None,
-    projector_type: str = "tome_mlp",
-    tokens_per_frame: int = 16,
-    vision_feature_layer: int = -2,
-    dtype: str | torch.dtype = "bf16",
-    shard_size: str | int = "5GB",
-    force: bool = False,
-    verify: bool | None = None,
-    verify_atol: float = 1e-3,
-    vision_num_heads: int | None = None,
-    image_size: int | None = None,
-    base_models: list[str] | None = None,
-    progress: bool = True,
+    checkpoint: str | Path, llm_config: str | Path, output: str | Path, options: ConversionOptions | None = None
 ) -> Path:
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
-
-    `token_compression` is the reference's `pdrop_type` string (`uni_7_0.5-attn_39_0.05`), a list of stage dicts, or
-    None for a model trained without dropping. See `convert_to_hub` for the other arguments.
-    """
-    converter = ReferenceConverter(Path(checkpoint), Path(llm_config), vision_num_heads, image_size)
-    return convert_to_hub(
-        converter, output, token_compression, projector_type, tokens_per_frame, vision_feature_layer, dtype,
-        shard_size, force, verify, verify_atol, base_models, progress,
-    )
+    `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
+    options = options or ConversionOptions()
+    converter = ReferenceConverter(Path(checkpoint), Path(llm_config), options.vision_num_heads, options.image_size)
+    return convert_to_hub(converter, output, options)
 
 
 def build_parser():
@@ -187,7 +167,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     return run_cli(
         build_parser(),
-        lambda args: convert_reference_checkpoint(checkpoint=args.checkpoint, llm_config=args.llm_config, **shared_options(args)),
+        lambda args: convert_reference_checkpoint(args.checkpoint, args.llm_config, args.output, ConversionOptions.from_args(args)),
         argv,
     )
 

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # `convert` is a folder of the repository, not pa
 
 from convert import common  # noqa: E402
 from convert import convert_raw_to_hub as raw_module  # noqa: E402
-from convert.common import ConversionError, ConversionPlan, DictSource  # noqa: E402
+from convert.common import ConversionError, ConversionOptions, ConversionPlan, DictSource  # noqa: E402
 from convert.convert_raw_to_hub import convert_raw_to_hub  # noqa: E402
 from convert.convert_reference_checkpoint import convert_reference_checkpoint  # noqa: E402
 
@@ -242,13 +242,16 @@ def sources(tmp_path_factory):
     }
 
 
-def raw_kwargs(sources, **overrides):
-    values = dict(
-        llm=sources["nano"], vision=sources["timm"], token_compression=NANO_COMPRESSION, projector_type="mlp",
-        dtype="fp32", vision_num_heads=VISION["heads"], progress=False, verify=False,
+def convert_raw(sources, output, llm=None, vision=None, projector=None, seed=None, **options):
+    """`convert_raw_to_hub` of the Nemotron-H and timm sources (unless `llm` / `vision` say otherwise) in fp32, with
+    `options` overriding this file's defaults."""
+    defaults = dict(
+        token_compression=NANO_COMPRESSION, projector_type="mlp", dtype="fp32", vision_num_heads=VISION["heads"],
+        progress=False, verify=False,
     )
-    values.update(overrides)
-    return values
+    return convert_raw_to_hub(
+        llm or sources["nano"], vision or sources["timm"], output, projector, seed, ConversionOptions(**{**defaults, **options})
+    )
 
 
 def nano_reference(sources):
@@ -494,7 +497,7 @@ torch.save({"logits": logits, "features": features, "model_class": type(model)._
 
 def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     output = tmp_path / "TimeViper-tiny"
-    convert_raw_to_hub(**raw_kwargs(sources, verify=True), output=output, shard_size="20KB", verify_atol=ATOL)
+    convert_raw(sources, verify=True, output=output, shard_size="20KB", verify_atol=ATOL)
     assert no_leftovers(tmp_path)
 
     # Files of a Hub-ready folder.
@@ -589,10 +592,9 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
     torch.save(projector, tmp_path / "stage1.bin")
 
     output = tmp_path / "qwen-out"
-    convert_raw_to_hub(
-        **raw_kwargs(sources, llm=sources["qwen"], vision=siglip_folder, token_compression=QWEN_COMPRESSION,
-                     projector_type="tome_mlp-4", verify=True),
-        projector=tmp_path / "stage1.bin", output=output, verify_atol=ATOL,
+    convert_raw(
+        sources, output, llm=sources["qwen"], vision=siglip_folder, projector=tmp_path / "stage1.bin",
+        token_compression=QWEN_COMPRESSION, projector_type="tome_mlp-4", verify=True, verify_atol=ATOL,
     )
     config = json.loads((output / "config.json").read_text())
     assert (config["projector_type"], config["tokens_per_frame"]) == ("tome_mlp", 4)
@@ -622,9 +624,9 @@ def test_projector_from_our_hub_folder_and_tied_qwen(sources, tmp_path):
     reference = tmp_path / "reference.bin"
     torch.save(reference_checkpoint(sources, ()), reference)
     first = tmp_path / "stage1"
-    convert_raw_to_hub(**raw_kwargs(sources, seed=7, vision=reference), output=first)
+    convert_raw(sources, seed=7, vision=reference, output=first)
     second = tmp_path / "stage2"
-    convert_raw_to_hub(**raw_kwargs(sources, token_compression=None), projector=first, output=second)
+    convert_raw(sources, token_compression=None, projector=first, output=second)
     before, after = read_tensors(first), read_tensors(second)
     for name, tensor in read_tensors(second).items():
         if name.startswith("model.vision_tower."):  # the same timm tower, once bare and once under the prefix
@@ -642,7 +644,7 @@ def test_projector_from_our_hub_folder_and_tied_qwen(sources, tmp_path):
     with safe_open(str(tied / "model.safetensors"), "pt") as handle:
         assert "lm_head.weight" not in handle.keys()
     output = tmp_path / "tied-out"
-    convert_raw_to_hub(**raw_kwargs(sources, llm=tied, token_compression=None, verify=True), output=output, verify_atol=ATOL)
+    convert_raw(sources, llm=tied, token_compression=None, verify=True, output=output, verify_atol=ATOL)
     written = read_tensors(output)
     assert torch.equal(written["lm_head.weight"], written["model.language_model.embed_tokens.weight"])
 
@@ -680,7 +682,7 @@ def test_bad_sources_stop_before_writing(sources, tmp_path, edit, expected):
     llm = broken_nano_folder(sources, tmp_path, edit)
     output = tmp_path / "out"
     with pytest.raises(ConversionError) as error:
-        convert_raw_to_hub(**raw_kwargs(sources, llm=llm), output=output)
+        convert_raw(sources, llm=llm, output=output)
     for text in expected:
         assert text in str(error.value)
     assert not output.exists() and no_leftovers(tmp_path)
@@ -693,7 +695,7 @@ def test_several_problems_are_listed_together(sources, tmp_path):
         tensors["backbone.layers.0.mixer.D"] = torch.zeros(7)
 
     with pytest.raises(ConversionError) as error:
-        convert_raw_to_hub(**raw_kwargs(sources, llm=broken_nano_folder(sources, tmp_path, edit)), output=tmp_path / "out")
+        convert_raw(sources, llm=broken_nano_folder(sources, tmp_path, edit), output=tmp_path / "out")
     assert len(error.value.problems) == 3
     assert {"missing tensor model.language_model.norm_f.weight", "missing tensor lm_head.weight"} <= {
         line.split(" (")[0] for line in error.value.problems
@@ -702,9 +704,9 @@ def test_several_problems_are_listed_together(sources, tmp_path):
 
 def test_output_never_replaces_a_source(sources, tmp_path):
     with pytest.raises(ConversionError, match="would replace the source"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=sources["nano"], force=True)
+        convert_raw(sources, output=sources["nano"], force=True)
     with pytest.raises(ConversionError, match="would replace the source"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=sources["root"], force=True)
+        convert_raw(sources, output=sources["root"], force=True)
     assert (sources["nano"] / "model.safetensors.index.json").is_file()
 
 
@@ -713,14 +715,14 @@ def test_existing_output_needs_force(sources, tmp_path):
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="already exists; pass --force"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output)
+        convert_raw(sources, output=output)
     with pytest.raises(ConversionError, match="only replaces a previous output of this converter"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+        convert_raw(sources, output=output, force=True)
     assert sorted(path.name for path in output.iterdir()) == ["keep.txt"]
     output = tmp_path / "converted"
-    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    convert_raw(sources, output=output)
     (output / "config.json").write_text("{}")
-    convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+    convert_raw(sources, output=output, force=True)
     assert json.loads((output / "config.json").read_text()) and no_leftovers(tmp_path)
 
 
@@ -728,7 +730,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after some shards were written (here: in the tokenizer step) removes the partial folder and keeps
     the previous output untouched."""
     output = tmp_path / "out"
-    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    convert_raw(sources, output=output)
     before = {path.name: path.read_bytes() for path in output.iterdir()}
 
     def fail(*args, **kwargs):
@@ -736,7 +738,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "write_processor", fail)
     with pytest.raises(OSError, match="disk full"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+        convert_raw(sources, output=output, force=True)
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before and no_leftovers(tmp_path)
 
 
@@ -744,7 +746,7 @@ def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(raw_module, "round_trip_dtype", lambda module, dtype: _perturb(module))
     output = tmp_path / "out"
     with pytest.raises(ConversionError, match="does not reproduce the source"):
-        convert_raw_to_hub(**raw_kwargs(sources, verify=True), output=output, verify_atol=ATOL)
+        convert_raw(sources, verify=True, output=output, verify_atol=ATOL)
     assert not output.exists() and no_leftovers(tmp_path)
 
 
@@ -787,10 +789,11 @@ def test_reference_checkpoint_round_trip(sources, tmp_path):
     state = reference_checkpoint(sources)
     torch.save(state, tmp_path / "pytorch_model.bin")
     output = tmp_path / "out"
-    convert_reference_checkpoint(
-        tmp_path / "pytorch_model.bin", sources["nano"], output, token_compression=NANO_COMPRESSION, projector_type="gelu_mlp",
-        dtype="fp32", vision_num_heads=VISION["heads"], verify=True, verify_atol=ATOL, progress=False,
+    options = ConversionOptions(
+        token_compression=NANO_COMPRESSION, projector_type="gelu_mlp", dtype="fp32", vision_num_heads=VISION["heads"],
+        verify=True, verify_atol=ATOL, progress=False,
     )
+    convert_reference_checkpoint(tmp_path / "pytorch_model.bin", sources["nano"], output, options)
     written = read_tensors(output)
     # The reference's one gate vector becomes each TransV module's own gate, entry j for the j-th transfer stage.
     gates = torch.cat([written[f"model.language_model.merge_modules.{stage}.alpha"] for stage in range(3)])
@@ -814,10 +817,11 @@ def test_reference_safetensors_and_legacy_embedding_name(sources, tmp_path):
     state["llm_backbone.llm.backbone.embedding.weight"] = state.pop("llm_backbone.llm.backbone.embeddings.weight")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     output = tmp_path / "out"
-    convert_reference_checkpoint(
-        tmp_path / "model.safetensors", sources["nano"], output, token_compression="unidrop_1_0.5", projector_type="mlp",
-        dtype="bf16", vision_num_heads=VISION["heads"], verify=True, progress=False,
+    options = ConversionOptions(
+        token_compression="unidrop_1_0.5", projector_type="mlp", dtype="bf16", vision_num_heads=VISION["heads"],
+        verify=True, progress=False,
     )
+    convert_reference_checkpoint(tmp_path / "model.safetensors", sources["nano"], output, options)
     written = read_tensors(output)
     assert written["model.language_model.embeddings.weight"].dtype == torch.bfloat16
     assert torch.equal(written["model.language_model.embeddings.weight"], state["llm_backbone.llm.backbone.embedding.weight"].bfloat16())
@@ -835,10 +839,10 @@ def test_reference_safetensors_and_legacy_embedding_name(sources, tmp_path):
 def test_reference_transfer_mismatch_is_an_error(sources, tmp_path, transfer_stages, compression, expected):
     torch.save(reference_checkpoint(sources, transfer_stages), tmp_path / "ckpt.bin")
     with pytest.raises(ConversionError) as error:
-        convert_reference_checkpoint(
-            tmp_path / "ckpt.bin", sources["nano"], tmp_path / "out", token_compression=compression, projector_type="mlp",
-            dtype="fp32", vision_num_heads=VISION["heads"], progress=False,
+        options = ConversionOptions(
+            token_compression=compression, projector_type="mlp", dtype="fp32", vision_num_heads=VISION["heads"], progress=False
         )
+        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["nano"], tmp_path / "out", options)
     for text in expected:
         assert text in str(error.value)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
@@ -847,7 +851,8 @@ def test_reference_transfer_mismatch_is_an_error(sources, tmp_path, transfer_sta
 def test_reference_wrong_llm_family(sources, tmp_path):
     torch.save(reference_checkpoint(sources, ()), tmp_path / "ckpt.bin")
     with pytest.raises(ConversionError, match="holds a nemotron_h LLM"):
-        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["qwen"], tmp_path / "out", vision_num_heads=4, progress=False)
+        options = ConversionOptions(vision_num_heads=4, progress=False)
+        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["qwen"], tmp_path / "out", options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
