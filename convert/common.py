@@ -1284,7 +1284,8 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
 
 class Converter(abc.ABC):
     """One source format: the paths it reads, the vision config and key map of its tensors, the LLM to verify against.
-    `convert_to_hub` runs everything else."""
+    `convert_to_hub` runs everything else, calling `vision_config` (where a converter opens its sources) before
+    `plan`."""
 
     llm_folder: Path  # the base LLM's Hub folder: config.json, tokenizer, generation_config.json, README.md
     sources: list[Path]  # every path read, which the output must never replace
