@@ -1,10 +1,18 @@
 """Tiny TimeViper configs and models for tests: every block type, both backbones, small enough for CPU."""
 
+import sys
+from pathlib import Path
+
 import torch
 
-from inference import tiny_default
-from inference.tiny_default import tiny_vision_config
-from timeviper.configuration_timeviper import TimeViperConfig
+# pytest puts the repository root on sys.path (setup.cfg), a script run from tests/ does not: the tiny configs live
+# in inference/, at the root.
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from inference import tiny_default  # noqa: E402
+from inference.tiny_default import tiny_vision_config  # noqa: E402
+from timeviper.configuration_timeviper import TimeViperConfig  # noqa: E402
 
 TINY_VOCAB = 96
 VIDEO_TOKEN_ID = 94
