@@ -560,7 +560,8 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
 
 def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
     """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) as each TransV module's own gate
-    `merge_modules.{stage}.alpha`. Run after `check_transfer_tensors`, which checks that the vector is there."""
+    `merge_modules.{stage}.alpha`, once `check_transfer_tensors` found the TransV tensors to match the schedule."""
+    check_transfer_tensors(plan, config)
     vector = plan.tensors.get(f"{TEXT_PREFIX}alpha")
     if vector is None:
         return plan

@@ -34,7 +34,6 @@ from .common import (
     Converter,
     TensorSource,
     add_shared_arguments,
-    check_transfer_tensors,
     converter_parser,
     convert_to_hub,
     guess_base_model,
@@ -101,7 +100,6 @@ class ReferenceConverter(Converter):
             )
         )
         plan.account_for(self.source)
-        check_transfer_tensors(plan, config)
         warn_on_unrunnable_schedule(config)
         return split_transfer_gates(plan, config)
 
