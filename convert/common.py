@@ -1,13 +1,14 @@
 """Machinery shared by the checkpoint converters in `convert/`.
 
-A conversion is planned before any byte is written:
+A converter (`Converter`) names its sources and maps their keys; `convert_to_hub` does the rest, planning before any
+byte is written:
 
 1. Open every source lazily (`open_tensor_source`): safetensors through `safe_open`, torch files with `mmap=True`.
 2. Turn source keys into a `ConversionPlan` with the explicit key maps below (`plan_*`). Each planned tensor knows its
    target name, its shape and how to load itself; each source key is either used or recorded as skipped with a
    reason. A key that no rule understands is recorded as unexpected.
-3. `check_plan` compares the plan with the shapes the TimeViper model expects (`expected_state_dict_shapes`) and stops
-   with one message listing every missing, unexpected, conflicting or mis-shaped tensor.
+3. `fit_plan_to_model` compares the plan with the state dict of the TimeViper model built on the meta device and
+   stops with one message listing every missing, unexpected, conflicting or mis-shaped tensor.
 4. `write_safetensors_shards` streams the tensors, one at a time, into shards inside a temporary folder next to the
    target (`atomic_output_dir`), which is renamed into place only when everything, verification included, succeeded.
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
-import hashlib
-import importlib
 import json
 import logging
 import math
@@ -32,17 +31,19 @@ import re
 import shutil
 import sys
 import tempfile
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
+import timeviper
+from timeviper import REMOTE_CODE_FILES
+from timeviper.configuration_timeviper import SUPPORTED_TRANSFORMERS, TimeViperConfig
+
 logger = logging.getLogger("timeviper.convert")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
 # 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.
@@ -57,27 +58,11 @@ VIDEO_TOKEN = "<video>"
 
 # The model is saved with every floating tensor in one dtype; these are the accepted spellings.
 DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
+    **dict.fromkeys(("bf16", "bfloat16"), torch.bfloat16),
+    **dict.fromkeys(("fp16", "float16", "half"), torch.float16),
+    **dict.fromkeys(("fp32", "float32", "float"), torch.float32),
 }
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 # Above this many parameters `--verify` defaults to off: it holds the converted model and the source model in fp32.
 VERIFY_AUTO_MAX_PARAMETERS = 2_000_000_000
 
@@ -97,28 +82,11 @@ class ConversionError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_size(value: str | int) -> int:
-    """`"5GB"` -> 5_000_000_000 bytes. Accepts B, KB/MB/GB/TB (powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024)."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\s*", str(value), flags=re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"cannot read the size {value!r}; write it like 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper()
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    size = int(number * scale[unit])
-    if size <= 0:
-        raise ValueError(f"the size must be positive, got {value!r}")
-    return size
-
-
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    try:
-        return DTYPES[value.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32") from None
+    dtype = value if isinstance(value, torch.dtype) else DTYPES.get(value.lower())
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32")
+    return dtype
 
 
 def parse_token_compression(value: str | None):
@@ -177,12 +145,6 @@ class TensorSource(abc.ABC):
         self._last = (key, tensor)
         return tensor
 
-    def release(self) -> None:
-        self._last = None
-
-    def __contains__(self, key: str) -> bool:
-        return key in set(self.keys())
-
     def label(self, key: str) -> str:
         return f"{self.name}:{key}"
 
@@ -234,22 +196,20 @@ class SafetensorsSource(TensorSource):
             raise ConversionError(f"{self._file_of[key]}: cannot read tensor {key!r}: {error}") from error
 
 
-class TorchFileSource(DictSource):
+def load_torch_file(path: Path) -> DictSource:
     """A `torch.save`d state dict, loaded with `weights_only=True` and memory-mapped so tensors page in lazily."""
-
-    def __init__(self, path: Path):
+    try:
         try:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                # Files written with the legacy (non-zip) format cannot be memory-mapped.
-                logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError) as error:  # torch's messages for a cut-short file never name it
-            raise ConversionError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
-        super().__init__(_unwrap_state_dict(loaded, path), path.name)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # Files written with the legacy (non-zip) format cannot be memory-mapped.
+            logger.warning("%s cannot be memory-mapped (%s); loading it into memory", path, error)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as error:  # torch's messages for a cut-short file never name it
+        raise ConversionError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
+    return DictSource(_unwrap_state_dict(loaded, path), path.name)
 
 
 def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
@@ -283,14 +243,14 @@ def open_tensor_source(path: str | Path) -> TensorSource:
         if files:
             return SafetensorsSource(files, name=path.name)
         if (path / "pytorch_model.bin").is_file():
-            return TorchFileSource(path / "pytorch_model.bin")
+            return load_torch_file(path / "pytorch_model.bin")
         raise ConversionError(f"{path} holds no model.safetensors(.index.json), *.safetensors or pytorch_model.bin")
     if not path.is_file():
         raise ConversionError(f"{path} does not exist")
     if path.suffix == ".safetensors":
         return SafetensorsSource([path], name=path.name)
     if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
-        return TorchFileSource(path)
+        return load_torch_file(path)
     raise ConversionError(f"cannot read {path}: expected .safetensors, .bin, .pth, .pt or .ckpt")
 
 
@@ -340,6 +300,13 @@ class ConversionPlan:
         self.used.update(other.used)
         return self
 
+    def with_tensors(self, tensors: Iterable[PlannedTensor]) -> "ConversionPlan":
+        """The same bookkeeping around another set of planned tensors (renamed or regrouped ones)."""
+        plan = ConversionPlan(skipped=self.skipped, unexpected=self.unexpected, conflicts=self.conflicts, used=self.used)
+        for tensor in tensors:
+            plan.add(tensor.name, tensor.shape, tensor.load, tensor.sources)
+        return plan
+
     def account_for(self, *sources: TensorSource) -> "ConversionPlan":
         """Record every source tensor that no key map claimed as unexpected: nothing is dropped silently."""
         seen = self.used | set(self.skipped) | set(self.unexpected)
@@ -359,10 +326,6 @@ def _loader(source: TensorSource, key: str, transform: Callable[[torch.Tensor], 
     return lambda: transform(source.get(key))
 
 
-def _keys_under(source: TensorSource, prefix: str) -> list[str]:
-    return [key for key in source.keys() if key.startswith(prefix)]
-
-
 _TIMM_BLOCK_RENAMES = {
     "norm1": "layer_norm1",
     "norm2": "layer_norm2",
@@ -372,24 +335,24 @@ _TIMM_BLOCK_RENAMES = {
 }
 
 
-def plan_timm_siglip(source: TensorSource, prefix: str = "", target_prefix: str = VISION_PREFIX) -> ConversionPlan:
-    """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `target_prefix`).
+def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
+    """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `VISION_PREFIX`).
 
     The fused `attn.qkv` rows are [q; k; v] (timm reshapes qkv output to (B, N, 3, heads, head_dim)), so each third
     becomes one HF projection. `pos_embed` (1, N, D) loses its batch axis. `attn_pool.*` (timm's MAP head) is not
     used by TimeViper, which reads block outputs before any head.
     """
     plan = ConversionPlan()
-    for key in _keys_under(source, prefix):
+    for key in (key for key in source.keys() if key.startswith(prefix)):
         name, label, shape = key[len(prefix) :], source.label(key), source.shape(key)
         if match := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", name):
-            plan.add(f"{target_prefix}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
+            plan.add(f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
         elif name == "pos_embed":
             if len(shape) != 3 or shape[0] != 1:
                 plan.reject(label, f"pos_embed should have shape (1, num_patches, hidden), got {shape}")
                 continue
             plan.add(
-                f"{target_prefix}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
+                f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
             )
         elif match := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name):
             layer, kind = match[1], match[2]
@@ -399,16 +362,16 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "", target_prefix: str 
             rows = shape[0] // 3
             for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
                 plan.add(
-                    f"{target_prefix}encoder.layers.{layer}.self_attn.{projection}.{kind}",
+                    f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
                     (rows, *shape[1:]),
                     _loader(source, key, lambda t, i=index, n=rows: t[i * n : (i + 1) * n]),
                     [label],
                 )
         elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", name):
-            target = f"{target_prefix}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
+            target = f"{VISION_PREFIX}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
             plan.add(target, shape, _loader(source, key), [label])
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
-            plan.add(f"{target_prefix}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
+            plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
         elif name.startswith("attn_pool."):
             plan.skip(label, "unused by TimeViper: timm attention-pool head (vision_use_head=False)")
         else:
@@ -464,7 +427,7 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
     )
 
 
-def plan_hf_siglip(source: TensorSource, target_prefix: str = VISION_PREFIX) -> ConversionPlan:
+def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     """transformers `SiglipVisionModel` / `SiglipModel` keys -> our vision keys (the vision names are kept)."""
     plan = ConversionPlan()
     for key in source.keys():
@@ -477,7 +440,7 @@ def plan_hf_siglip(source: TensorSource, target_prefix: str = VISION_PREFIX) -> 
         elif name == "embeddings.position_ids":
             plan.skip(label, "buffer recomputed by the model")
         elif re.fullmatch(r"(embeddings|encoder|post_layernorm)\..+", name):
-            plan.add(target_prefix + name, shape, _loader(source, key), [label])
+            plan.add(VISION_PREFIX + name, shape, _loader(source, key), [label])
         else:
             plan.reject(label, "not a SigLIP vision parameter")
     return plan
@@ -509,29 +472,13 @@ def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> Con
     With `seed = vision_hidden` (1152 for SigLIP so400m) this reproduces the reference, which calls
     `torch.manual_seed(vision_embed_dim)` right before building the same two linears.
     """
-    weights = {}
-
-    def build() -> dict[str, torch.Tensor]:
-        if not weights:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                first = torch.nn.Linear(vision_hidden, text_hidden)
-                second = torch.nn.Linear(text_hidden, text_hidden)
-            for linear, module in (("linear_1", first), ("linear_2", second)):
-                for kind in ("weight", "bias"):
-                    weights[f"{PROJECTOR_PREFIX}{linear}.{kind}"] = getattr(module, kind).detach()
-        return weights
-
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linears = {"linear_1": torch.nn.Linear(vision_hidden, text_hidden), "linear_2": torch.nn.Linear(text_hidden, text_hidden)}
     plan = ConversionPlan()
-    shapes = {
-        "linear_1.weight": (text_hidden, vision_hidden),
-        "linear_1.bias": (text_hidden,),
-        "linear_2.weight": (text_hidden, text_hidden),
-        "linear_2.bias": (text_hidden,),
-    }
-    for suffix, shape in shapes.items():
-        name = PROJECTOR_PREFIX + suffix
-        plan.add(name, shape, lambda name=name: build()[name], [f"<new: nn.Linear init, seed {seed}>"])
+    for linear, module in linears.items():
+        for kind, tensor in module.state_dict().items():
+            plan.add(f"{PROJECTOR_PREFIX}{linear}.{kind}", tensor.shape, lambda tensor=tensor: tensor, [f"<new: nn.Linear init, seed {seed}>"])
     return plan
 
 
@@ -576,46 +523,45 @@ def plan_llm(
     return plan
 
 
-def attention_parameter_names(family: str) -> list[str]:
-    """Names of one attention module's parameters, which TransV's cross-attention shares."""
-    if family == "qwen2":
-        return ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "o_proj.weight"]
-    return ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
-
-
-def nearest_attention_layer(config, layer_idx: int) -> int:
-    """The first attention block at or after `layer_idx` (every Qwen2 layer is one)."""
-    for index in range(layer_idx, len(config.layer_types)):
-        if config.layer_types[index] == "full_attention":
-            return index
-    raise ConversionError(
-        f"no attention block at or after layer {layer_idx} to initialise TransV from; attention blocks are at "
-        f"{[i for i, kind in enumerate(config.layer_types) if kind == 'full_attention']}"
-    )
+def transfer_init_blocks(config) -> dict[int, int]:
+    """TransV's initialisation rule, {transfer stage index: LLM block index}: each TransV module starts as a copy of
+    the first attention block at or after its stage's layer (every Qwen2 layer is one)."""
+    attention_blocks = [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    blocks = {}
+    for stage_index, stage in enumerate(config.compression_stages):
+        if not stage.transfer:
+            continue
+        block = next((index for index in attention_blocks if index >= stage.layer_idx), None)
+        if block is None:
+            raise ConversionError(
+                f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; attention blocks "
+                f"are at {attention_blocks}"
+            )
+        blocks[stage_index] = block
+    return blocks
 
 
 def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
-    """TransV for a fresh model: copy q/k/v/o of the nearest attention block at or after each transfer stage's layer,
-    and `alpha = 0`, so that every stage starts as plain dropping (reference `init_merge_modules_from_nearest_self_attn`)."""
-    family = config.text_config.model_type
-    module = "self_attn" if family == "qwen2" else "mixer"
+    """TransV for a fresh model: every planned tensor of the chosen attention module (q/k/v/o, Qwen2's biases too)
+    copied into the stage's module, and `alpha = 0`, so that every stage starts as plain dropping."""
+    attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
     new = ConversionPlan()
-    transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
-    for stage_index in transfer_stages:
-        layer = nearest_attention_layer(config, config.compression_stages[stage_index].layer_idx)
-        for name in attention_parameter_names(family):
-            source_name = f"{TEXT_PREFIX}layers.{layer}.{module}.{name}"
-            if source_name not in plan.tensors:
-                raise ConversionError(f"cannot initialise TransV stage {stage_index}: {source_name} is not in the source")
-            tensor = plan.tensors[source_name]
-            new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.{name}", tensor.shape, tensor.load, tensor.sources)
+    for stage_index, block in transfer_init_blocks(config).items():
+        source_prefix = f"{TEXT_PREFIX}layers.{block}.{attention}."
+        copied = [tensor for name, tensor in plan.tensors.items() if name.startswith(source_prefix)]
+        if not copied:
+            raise ConversionError(f"cannot initialise TransV stage {stage_index}: the source has no {source_prefix}* tensors")
+        for tensor in copied:
+            name = f"{TEXT_PREFIX}merge_modules.{stage_index}.{tensor.name[len(source_prefix):]}"
+            new.add(name, tensor.shape, tensor.load, tensor.sources)
         new.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,), lambda: torch.zeros(1), ["<new: zeros>"])
     return new
 
 
 def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
     """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) as each TransV module's own gate
-    `merge_modules.{stage}.alpha`. Run after `check_transfer_tensors`, which checks that the vector is there."""
+    `merge_modules.{stage}.alpha`, once `check_transfer_tensors` found the TransV tensors to match the schedule."""
+    check_transfer_tensors(plan, config)
     vector = plan.tensors.get(f"{TEXT_PREFIX}alpha")
     if vector is None:
         return plan
@@ -625,10 +571,7 @@ def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
             f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression has "
             f"{len(transfer_stages)} transfer stages"
         )
-    split = ConversionPlan(skipped=plan.skipped, unexpected=plan.unexpected, conflicts=plan.conflicts, used=plan.used)
-    for name, tensor in plan.tensors.items():
-        if name != vector.name:
-            split.tensors[name] = tensor
+    split = plan.with_tensors(tensor for name, tensor in plan.tensors.items() if name != vector.name)
     for slot, stage_index in enumerate(transfer_stages):
         split.add(
             f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
@@ -669,122 +612,55 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def expected_state_dict_shapes(config, modeling=None) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict.
+def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict, in its order: the model built on
+    the meta device (no memory) is the truth the output must load into."""
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
-    With the modeling module the model is built on the meta device (no memory), which is the truth the output must
-    load into. Without it, the shapes are derived from the config by `spec_state_dict_shapes`.
-    """
-    if modeling is None:
-        return spec_state_dict_shapes(config)
     with torch.device("meta"):
-        model = modeling.TimeViperForConditionalGeneration(config)
+        model = TimeViperForConditionalGeneration(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def spec_state_dict_shapes(config, vision_prefix: str = VISION_PREFIX) -> dict[str, tuple[int, ...]]:
-    """The state-dict layout of TimeViper written out from the config (see the module docstring)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    vision = config.vision_config
-    width, mlp, channels, patch = vision.hidden_size, vision.intermediate_size, vision.num_channels, vision.patch_size
-    shapes[vision_prefix + "embeddings.patch_embedding.weight"] = (width, channels, patch, patch)
-    shapes[vision_prefix + "embeddings.patch_embedding.bias"] = (width,)
-    shapes[vision_prefix + "embeddings.position_embedding.weight"] = ((vision.image_size // patch) ** 2, width)
-    for layer in range(vision.num_hidden_layers):
-        prefix = f"{vision_prefix}encoder.layers.{layer}."
-        for name, shape in {
-            "layer_norm1": (width,),
-            "layer_norm2": (width,),
-            "self_attn.q_proj": (width, width),
-            "self_attn.k_proj": (width, width),
-            "self_attn.v_proj": (width, width),
-            "self_attn.out_proj": (width, width),
-            "mlp.fc1": (mlp, width),
-            "mlp.fc2": (width, mlp),
-        }.items():
-            shapes[f"{prefix}{name}.weight"] = shape
-            shapes[f"{prefix}{name}.bias"] = shape[:1]
-    shapes[vision_prefix + "post_layernorm.weight"] = (width,)
-    shapes[vision_prefix + "post_layernorm.bias"] = (width,)
-    if getattr(vision, "vision_use_head", False):
-        raise ConversionError("TimeViper's vision tower has no head; set vision_use_head=False")
+def vision_layers_used(config) -> int:
+    """How many SigLIP blocks feed the projector: the features are hidden state `vision_feature_layer`."""
+    layer = config.vision_feature_layer
+    return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
 
-    text = config.text_config
-    hidden = text.hidden_size
-    shapes[PROJECTOR_PREFIX + "linear_1.weight"] = (hidden, width)
-    shapes[PROJECTOR_PREFIX + "linear_1.bias"] = (hidden,)
-    shapes[PROJECTOR_PREFIX + "linear_2.weight"] = (hidden, hidden)
-    shapes[PROJECTOR_PREFIX + "linear_2.bias"] = (hidden,)
 
-    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    attention = {
-        "q_proj.weight": (heads * head_dim, hidden),
-        "k_proj.weight": (kv_heads * head_dim, hidden),
-        "v_proj.weight": (kv_heads * head_dim, hidden),
-        "o_proj.weight": (hidden, heads * head_dim),
-    }
-    if text.model_type == "qwen2":
-        attention.update({"q_proj.bias": (heads * head_dim,), "k_proj.bias": (kv_heads * head_dim,), "v_proj.bias": (kv_heads * head_dim,)})
-        shapes[TEXT_PREFIX + "embed_tokens.weight"] = (text.vocab_size, hidden)
-        for layer in range(text.num_hidden_layers):
-            prefix = f"{TEXT_PREFIX}layers.{layer}."
-            shapes[prefix + "input_layernorm.weight"] = (hidden,)
-            shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-            for name, shape in attention.items():
-                shapes[prefix + "self_attn." + name] = shape
-            shapes[prefix + "mlp.gate_proj.weight"] = (text.intermediate_size, hidden)
-            shapes[prefix + "mlp.up_proj.weight"] = (text.intermediate_size, hidden)
-            shapes[prefix + "mlp.down_proj.weight"] = (hidden, text.intermediate_size)
-        shapes[TEXT_PREFIX + "norm.weight"] = (hidden,)
-    else:
-        inner = text.mamba_num_heads * text.mamba_head_dim
-        conv_dim = inner + 2 * text.n_groups * text.ssm_state_size
-        shapes[TEXT_PREFIX + "embeddings.weight"] = (text.vocab_size, hidden)
-        for layer, kind in enumerate(text.layer_types):
-            prefix = f"{TEXT_PREFIX}layers.{layer}."
-            shapes[prefix + "norm.weight"] = (hidden,)
-            if kind == "linear_attention":
-                mixer = {
-                    "in_proj.weight": (inner + conv_dim + text.mamba_num_heads, hidden),
-                    "conv1d.weight": (conv_dim, 1, text.conv_kernel),
-                    "dt_bias": (text.mamba_num_heads,),
-                    "A_log": (text.mamba_num_heads,),
-                    "D": (text.mamba_num_heads,),
-                    "norm.weight": (inner,),
-                    "out_proj.weight": (hidden, inner),
-                }
-                if text.use_conv_bias:
-                    mixer["conv1d.bias"] = (conv_dim,)
-            elif kind == "full_attention":
-                mixer = dict(attention)
-            elif kind == "mlp":
-                mixer = {"up_proj.weight": (text.intermediate_size, hidden), "down_proj.weight": (hidden, text.intermediate_size)}
-            else:
-                raise ConversionError(f"layer {layer} is a {kind!r} block, which TimeViper does not implement")
-            for name, shape in mixer.items():
-                shapes[prefix + "mixer." + name] = shape
-        shapes[TEXT_PREFIX + "norm_f.weight"] = (hidden,)
-
-    transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
-    for index in transfer_stages:
-        for name, shape in attention.items():
-            shapes[f"{TEXT_PREFIX}merge_modules.{index}.{name}"] = shape
-        shapes[f"{TEXT_PREFIX}merge_modules.{index}.alpha"] = (1,)
-    shapes[LM_HEAD] = (text.vocab_size, hidden)
-    return shapes
+def unused_vision_reason(name: str, layers_used: int) -> str | None:
+    """Why a SigLIP tensor (target name) feeds nothing TimeViper reads, or None: blocks after the feature layer, the
+    final norm and the pooling head only shape outputs that the projector never sees."""
+    match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
+    if match is None or (match[2] is not None and int(match[2]) < layers_used):
+        return None
+    return f"unused by TimeViper: the projector reads the output of SigLIP's first {layers_used} blocks, before any later part"
 
 
 def align_vision_prefix(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> ConversionPlan:
     """Move planned vision tensors under `vision_tower.vision_model.` if that is how the model names them."""
     if not any(name.startswith(NESTED_VISION_PREFIX) for name in expected):
         return plan
-    renamed = ConversionPlan(skipped=plan.skipped, unexpected=plan.unexpected, conflicts=plan.conflicts, used=plan.used)
+    return plan.with_tensors(
+        PlannedTensor(NESTED_VISION_PREFIX + tensor.name[len(VISION_PREFIX) :], tensor.shape, tensor.load, tensor.sources)
+        if tensor.name.startswith(VISION_PREFIX) and not tensor.name.startswith(NESTED_VISION_PREFIX)
+        else tensor
+        for tensor in plan.tensors.values()
+    )
+
+
+def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[int, ...]], layers_used: int) -> ConversionPlan:
+    """Planned SigLIP tensors that the model does not hold because they feed nothing it reads (`unused_vision_reason`)
+    are reported as skipped; any other tensor the model lacks stays an error for `check_plan`."""
+    kept = []
     for name, tensor in plan.tensors.items():
-        if name.startswith(VISION_PREFIX) and not name.startswith(NESTED_VISION_PREFIX):
-            name = NESTED_VISION_PREFIX + name[len(VISION_PREFIX) :]
-        renamed.add(name, tensor.shape, tensor.load, tensor.sources)
-    return renamed
+        reason = None if name in expected else unused_vision_reason(name, layers_used)
+        if reason is None:
+            kept.append(tensor)
+            continue
+        for source in tensor.sources:
+            plan.skip(source, reason)
+    return plan.with_tensors(kept)
 
 
 def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> None:
@@ -819,87 +695,85 @@ def summarize_skipped(skipped: dict[str, str]) -> list[str]:
     return lines
 
 
+def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
+    """The plan under the model's own vision prefix and without the SigLIP parts the model leaves out; stops on any
+    missing / unexpected / mis-shaped tensor and logs what will be written and skipped. Returns the plan and the
+    model's expected shapes (in state-dict order)."""
+    expected = expected_state_dict_shapes(config)
+    plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
+    check_plan(plan, expected)
+    logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
+    for line in summarize_skipped(plan.skipped):
+        logger.info(line)
+    return plan, expected
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def write_safetensors_shards(
     plan: ConversionPlan,
     folder: Path,
     dtype: torch.dtype,
-    max_shard_size: int,
+    max_shard_size: int | str,
     order: Iterable[str] | None = None,
     progress: bool = True,
 ) -> dict:
     """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict.
 
-    Shard headers are computed from the planned shapes, so each tensor is loaded, cast, written and dropped before
-    the next one: peak memory is one tensor (plus its cast copy), not one shard. One shard is named
-    `model.safetensors`; several are `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`.
+    huggingface_hub's `split_torch_state_dict_into_shards` assigns the tensors (as meta tensors: shapes only) to
+    shards exactly as `save_pretrained` does, with the same file names and index file; `max_shard_size` is its
+    `"5GB"` notation or bytes. `order` (default: the plan's) is the order within the shards.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    if sys.byteorder != "little":
-        raise ConversionError("safetensors files are little-endian; this writer runs on little-endian hosts only")
-    names = list(order) if order is not None else sorted(plan.tensors, key=_natural_key)
+    names = list(order) if order is not None else list(plan.tensors)
     if sorted(names) != sorted(plan.tensors):
         raise ConversionError("internal error: the write order does not list every planned tensor exactly once")
-    element_size = torch.empty((), dtype=dtype).element_size()
-    sizes = {name: math.prod(plan.tensors[name].shape) * element_size for name in names}
-
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name in names:
-        if shards[-1] and shard_bytes + sizes[name] > max_shard_size:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += sizes[name]
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))]
-
-    weight_map = {}
-    total = sum(sizes.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Writing shards", disable=not progress) as bar:
-        for file, shard in zip(files, shards):
-            header = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for name in shard:
-                header[name] = {
-                    "dtype": SAFETENSORS_DTYPES[dtype],
-                    "shape": list(plan.tensors[name].shape),
-                    "data_offsets": [offset, offset + sizes[name]],
-                }
-                offset += sizes[name]
-            encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            encoded += b" " * (-len(encoded) % 8)
-            with open(folder / file, "wb") as handle:
-                handle.write(len(encoded).to_bytes(8, "little"))
-                handle.write(encoded)
-                for name in shard:
-                    handle.write(_tensor_bytes(plan.tensors[name], dtype))
-                    weight_map[name] = file
-                    bar.update(sizes[name])
-    index = {
-        "metadata": {"total_size": total, "total_parameters": plan.num_parameters()},
-        "weight_map": {name: weight_map[name] for name in sorted(weight_map)},
-    }
-    if len(files) > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    shapes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype, device="meta") for name in names}
+    try:
+        split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    except ValueError as error:
+        raise ConversionError(f"cannot read the shard size {max_shard_size!r} (write it like 5GB or 500MB): {error}") from None
+    with tqdm(total=split.metadata["total_size"], unit="B", unit_scale=True, desc="Writing shards", disable=not progress) as bar:
+        for file, shard in split.filename_to_tensors.items():
+            write_streamed_safetensors(folder / file, {name: shapes[name] for name in shard}, plan, bar.update)
+    index = {"metadata": {"total_parameters": plan.num_parameters(), **split.metadata}, "weight_map": split.tensor_to_filename}
+    if split.is_sharded:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
 
 
-def _tensor_bytes(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
+def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]) -> None:
+    """One safetensors file holding the planned tensors `shapes` (meta tensors of the output dtype), in their order.
+
+    safetensors' own writers take every tensor of a file at once, so a 5 GB shard would sit in memory whole. The header
+    here comes from the planned shapes, so each tensor is loaded, cast, written and dropped before the next one: peak
+    memory is one tensor (plus its cast copy).
+    """
+    if sys.byteorder != "little":
+        raise ConversionError("safetensors files are little-endian; this writer runs on little-endian hosts only")
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, meta in shapes.items():
+        size = meta.numel() * meta.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name, meta in shapes.items():
+            handle.write(load_for_writing(plan.tensors[name], meta.dtype))
+            written(header[name]["data_offsets"][1] - header[name]["data_offsets"][0])
+
+
+def load_for_writing(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
+    """The bytes of a planned tensor cast to `dtype`, after checking that it is the planned floating tensor, finite."""
     tensor = planned.load()
-    if not isinstance(tensor, torch.Tensor):
-        raise ConversionError(f"{planned.name}: the source {planned.sources} did not give a tensor")
     if tuple(tensor.shape) != planned.shape:
         raise ConversionError(f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}")
     if not tensor.is_floating_point():
@@ -924,6 +798,11 @@ def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tenso
         raise ConversionError(
             f"{planned.name}: {bad} of {flat.numel()} values are NaN or Inf {cause}; sources {planned.sources}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The output folder: written atomically, replaced only when the converter wrote it
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 # Written by the converter into every folder it makes: what `--force` may replace. In a temporary folder it says
@@ -1082,37 +961,8 @@ def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Remote code, tokenizer, processor, generation config, model card
+# Config, tokenizer, processor, generation config, model card
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_remote_code(folder: str | Path = REPO_ROOT, need_modeling: bool = False, need_processing: bool = False):
-    """Import the three flat TimeViper files of `folder` as one package, the way `trust_remote_code` does.
-
-    The package name hashes the folder and the files' contents, so a changed file is imported afresh. Returns a
-    namespace with `configuration`, `modeling` and `processing`; a file that does not exist gives None.
-    """
-    folder = Path(folder).resolve()
-    digest = hashlib.sha256(str(folder).encode())
-    for file in REMOTE_CODE_FILES:
-        if (folder / file).is_file():
-            digest.update((folder / file).read_bytes())
-    package = f"_timeviper_remote_{digest.hexdigest()[:16]}"
-    if package not in sys.modules:
-        module = types.ModuleType(package)
-        module.__path__ = [str(folder)]
-        sys.modules[package] = module
-    modules = {}
-    for file in REMOTE_CODE_FILES:
-        stem = file[: -len(".py")]
-        modules[stem.split("_")[0]] = importlib.import_module(f"{package}.{stem}") if (folder / file).is_file() else None
-    if modules["configuration"] is None:
-        raise ConversionError(f"{folder / REMOTE_CODE_FILES[0]} is missing")
-    if need_modeling and modules["modeling"] is None:
-        raise ConversionError(f"{folder / REMOTE_CODE_FILES[1]} is missing")
-    if need_processing and modules["processing"] is None:
-        raise ConversionError(f"{folder / REMOTE_CODE_FILES[2]} is missing")
-    return types.SimpleNamespace(**modules, folder=folder)
 
 
 def load_text_config(llm_folder: Path):
@@ -1165,24 +1015,18 @@ def set_pad_token(tokenizer, text_config) -> None:
 STOP_TOKENS = {"nemotron_h": ("</s>", "<SPECIAL_12>"), "qwen2": ("<|im_end|>",)}
 
 
-def build_timeviper_config(
-    remote, text_config, vision_config, tokenizer, projector_type: str, tokens_per_frame: int, vision_feature_layer: int,
-    token_compression, dtype: torch.dtype,
-):
-    """`TimeViperConfig` of the output, with the placeholder ids taken from the tokenizer.
-
-    `projector_type` may be the reference's arch specifier; `tome_mlp-N` sets the tokens per frame to N.
-    """
-    projector_type, tokens_from_type = parse_projector_type(projector_type)
+def build_timeviper_config(text_config, vision_config, tokenizer, options: "ConversionOptions", dtype: torch.dtype):
+    """`TimeViperConfig` of the output, with the placeholder ids taken from the tokenizer."""
+    projector_type, tokens_from_type = parse_projector_type(options.projector_type)
     for sub_config in (text_config, vision_config):
         sub_config.dtype = dtype
-    return remote.configuration.TimeViperConfig(
+    return TimeViperConfig(
         vision_config=vision_config,
         text_config=text_config,
         projector_type=projector_type,
-        tokens_per_frame=tokens_from_type or tokens_per_frame,
-        vision_feature_layer=vision_feature_layer,
-        token_compression=token_compression,
+        tokens_per_frame=tokens_from_type or options.tokens_per_frame,
+        vision_feature_layer=options.vision_feature_layer,
+        token_compression=options.token_compression,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         dtype=dtype,
@@ -1213,8 +1057,10 @@ def build_generation_config(family: str, tokenizer, text_config, llm_folder: Pat
     return GenerationConfig(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=pad, do_sample=False)
 
 
-def write_processor(folder: Path, tokenizer, config, processing) -> None:
+def write_processor(folder: Path, tokenizer, config) -> None:
     """Save `TimeViperProcessor` (image + video processors, tokenizer, the backbone's chat template) with its auto_map."""
+    from timeviper import processing_timeviper as processing
+
     size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
     processor = processing.TimeViperProcessor(
         image_processor=processing.TimeViperImageProcessor(size=size),
@@ -1258,75 +1104,30 @@ def card_license(family: str, source_folder: Path | None) -> dict:
 
 
 def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
-               library_name: str = "transformers", **metadata):
-    """A `huggingface_hub.ModelCard` for a TimeViper folder: metadata (license, base_model, pipeline_tag,
-    library_name, tags, and any other `ModelCardData` field in `metadata`) plus the architecture table, the usage
-    snippet and `notes`."""
+               library_name: str = "transformers", language: str | list[str] | None = None,
+               datasets: str | list[str] | None = None):
+    """The `huggingface_hub.ModelCard` of a TimeViper folder (converted or fine-tuned): metadata (license, base_model,
+    pipeline_tag, library_name, tags, language, datasets) and `model_card.md` filled in with the architecture and
+    `notes`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     text = config.text_config
-    counts = {kind: list(config.layer_types).count(kind) for kind in dict.fromkeys(config.layer_types)}
-    blocks = ", ".join(f"{count} {kind}" for kind, count in counts.items())
-    stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
     hybrid = text.model_type == "nemotron_h"
     tags = ["timeviper", "video", "video-text-to-text", *(["mamba", "hybrid"] if hybrid else []), "custom_code",
             *extra_tags]
     data = ModelCardData(
-        **license_fields, base_model=list(base_models) or None, pipeline_tag="image-text-to-text", library_name=library_name,
-        tags=list(dict.fromkeys(tags)), **metadata,
+        **license_fields, base_model=list(base_models) or None, pipeline_tag="image-text-to-text",
+        library_name=library_name, tags=list(dict.fromkeys(tags)), language=language, datasets=datasets,
     )
-    language_model = "a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer"
-    # The range of the code that built `config` (the converters run the remote-code files they write).
-    supported = sys.modules[type(config).__module__].SUPPORTED_TRANSFORMERS
-    body = f"""# TimeViper
-
-TimeViper is a video-language model for long videos: SigLIP encodes the frames, each frame is reduced to
-{config.vision_tokens_per_frame} tokens (`{config.projector_type}` projector), and {language_model} language model reads
-them, optionally dropping vision tokens inside the LLM and transferring their content to the text (TransV).
-
-| part | value |
-|---|---|
-| vision tower | SigLIP, {config.vision_config.num_hidden_layers} layers, width {config.vision_config.hidden_size}, {config.vision_config.image_size} px, features from hidden state {config.vision_feature_layer} |
-| projector | `{config.projector_type}`, {config.vision_tokens_per_frame} tokens per frame |
-| language model | `{text.model_type}`, width {text.hidden_size}, {len(config.layer_types)} blocks ({blocks}) |
-| token compression | `{stages}` |
-
-## Usage
-
-The model code ships with the checkpoint, so loading needs `trust_remote_code=True`; it runs on transformers
-`{supported}` (`pip install "transformers{supported}"`).
-
-```python
-import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-repo = "path/or/hub-id/of/this/folder"
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype=torch.bfloat16, device_map="auto")
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-
-messages = [{{"role": "user", "content": [
-    {{"type": "video", "path": "video.mp4"}},
-    {{"type": "text", "text": "Describe what happens in the video."}},
-]}}]
-inputs = processor.apply_chat_template(
-    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-    processor_kwargs={{"fps": 1}},  # 1 frame per second, at most 256 frames
-).to(model.device)
-output = model.generate(**inputs, max_new_tokens=128)
-print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-
-Or `pipeline("image-text-to-text", model=repo, trust_remote_code=True)` with the same messages.
-
-{notes}
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-
-
-def write_model_card(folder: Path, config, family: str, llm_folder: Path | None, base_models: list[str],
-                     conversion_note: str) -> None:
-    card = model_card(config, base_models, card_license(family, llm_folder), (), f"## Conversion\n\n{conversion_note}")
-    card.save(folder / "README.md")
+    counts = {kind: list(config.layer_types).count(kind) for kind in dict.fromkeys(config.layer_types)}
+    return ModelCard.from_template(
+        data, template_path=str(MODEL_CARD_TEMPLATE), notes=notes, vision=config.vision_config, text=text,
+        tokens_per_frame=config.vision_tokens_per_frame, projector_type=config.projector_type,
+        vision_feature_layer=config.vision_feature_layer, supported=SUPPORTED_TRANSFORMERS,
+        language_model="a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer",
+        num_blocks=len(config.layer_types), blocks=", ".join(f"{count} {kind}" for kind, count in counts.items()),
+        stages="-".join(stage.to_reference_string() for stage in config.compression_stages) or "none",
+    )
 
 
 def guess_base_model(path: Path | None) -> str | None:
@@ -1345,28 +1146,18 @@ def guess_base_model(path: Path | None) -> str | None:
     return None
 
 
-def save_hub_folder(
-    folder: Path,
-    config,
-    remote,
-    tokenizer,
-    family: str,
-    llm_folder: Path | None,
-    base_models: list[str],
-    conversion_note: str,
-) -> None:
+def save_hub_folder(folder: Path, config, tokenizer, llm_folder: Path, base_models: list[str], conversion_note: str) -> None:
     """Everything but the weights: config.json (with auto_map), remote code, processor/tokenizer, generation config, card."""
+    family = config.text_config.model_type
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
     for file in REMOTE_CODE_FILES:
-        if (remote.folder / file).is_file():
-            shutil.copyfile(remote.folder / file, folder / file)
-        else:
-            raise ConversionError(f"{remote.folder / file} is missing: the output would not load with trust_remote_code")
+        shutil.copyfile(Path(timeviper.__file__).resolve().parent / file, folder / file)
     set_pad_token(tokenizer, config.text_config)
-    write_processor(folder, tokenizer, config, remote.processing)
+    write_processor(folder, tokenizer, config)
     build_generation_config(family, tokenizer, config.text_config, llm_folder).save_pretrained(str(folder))
-    write_model_card(folder, config, family, llm_folder, base_models, conversion_note)
+    card = model_card(config, base_models, card_license(family, llm_folder), (), f"## Conversion\n\n{conversion_note}")
+    card.save(folder / "README.md")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1384,11 +1175,11 @@ def should_verify(flag: bool | None, num_parameters: int) -> bool:
 
 
 def load_converted_model(folder: Path):
-    """Load the converted folder with its own copy of the remote code, in fp32 on CPU."""
-    remote = load_remote_code(folder, need_modeling=True)
-    model, info = remote.modeling.TimeViperForConditionalGeneration.from_pretrained(
-        str(folder), dtype=torch.float32, output_loading_info=True
-    )
+    """Load the converted folder in fp32 on CPU, with the package's classes (the folder holds copies of their files),
+    and stop unless every weight of the model came from the folder."""
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+    model, info = TimeViperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
     problems = [f"{kind}: {sorted(keys)}" for kind, keys in info.items() if keys]
     if problems:
         raise ConversionError(f"the converted folder {folder} does not load cleanly", problems)
@@ -1419,13 +1210,16 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
 
 
 @torch.no_grad()
-def compare_vision_features(model, reference_tower, feature_layer: int, image_size: int, seed: int = 0) -> float:
-    """Max difference of the selected hidden state between our vision tower and a reference `SiglipVisionModel`."""
+def compare_vision_features(model, reference_tower, layers_used: int, image_size: int, seed: int = 0) -> float:
+    """Max difference of the features the projector reads (the output of the first `layers_used` SigLIP blocks)
+    between our vision tower, run block by block as the model does, and a reference `SiglipVisionModel`."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
-    ours = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
-    theirs = reference_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
+    ours = tower.embeddings(pixels)
+    for layer in tower.encoder.layers[:layers_used]:
+        ours = layer(ours, None)
+    theirs = reference_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layers_used]
     return (ours.float() - theirs.float()).abs().max().item()
 
 
@@ -1439,11 +1233,16 @@ def match_checkpoint_time_step_limit(reference):
 
 
 def native_vision_reference(plan: ConversionPlan, config, dtype: torch.dtype):
-    """transformers' `SiglipVisionModel` holding the planned vision weights (rounded through `dtype`), in fp32."""
+    """transformers' `SiglipVisionModel` holding the planned vision weights (rounded through `dtype`), in fp32. The
+    parts the features do not pass through may be absent from the plan; nothing else may."""
     from transformers import SiglipVisionModel
 
     reference = SiglipVisionModel(config.vision_config).float().eval()
-    reference.load_state_dict(vision_state_dict(plan), strict=True)
+    missing, unexpected = reference.load_state_dict(vision_state_dict(plan), strict=False)
+    layers_used = vision_layers_used(config)
+    missing = [key for key in missing if unused_vision_reason(VISION_PREFIX + key, layers_used) is None]
+    if missing or unexpected:
+        raise ConversionError("the planned vision tensors do not load into SiglipVisionModel", [*missing, *unexpected])
     return round_trip_dtype(reference, dtype)
 
 
@@ -1458,16 +1257,126 @@ def vision_state_dict(plan: ConversionPlan) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def report_verification(results: dict[str, float], tolerance: float) -> None:
+def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan, config, dtype: torch.dtype, atol: float) -> dict:
+    """Text logits against the converter's reference LLM (TransV is idle without vision tokens), vision features
+    against `SiglipVisionModel` with the mapped weights; stops when either differs by more than `atol`."""
+    model = load_converted_model(folder)
+    results = {
+        "text logits": compare_text_logits(
+            model, converter.text_reference(config.text_config, dtype), config.text_config.vocab_size,
+            avoid_ids=(config.image_token_id, config.video_token_id),
+        ),
+        "vision features": compare_vision_features(
+            model, native_vision_reference(plan, config, dtype), vision_layers_used(config), config.vision_config.image_size
+        ),
+    }
     for what, diff in results.items():
-        logger.info("verify: %s max abs diff %.3e (tolerance %.0e)", what, diff, tolerance)
-    failed = [f"{what}: max abs diff {diff:.3e} > {tolerance:.0e}" for what, diff in results.items() if not diff <= tolerance]
+        logger.info("verify: %s max abs diff %.3e (tolerance %.0e)", what, diff, atol)
+    failed = [f"{what}: max abs diff {diff:.3e} > {atol:.0e}" for what, diff in results.items() if not diff <= atol]
     if failed:
         raise ConversionError("the converted model does not reproduce the source", failed)
+    return results
 
 
-def add_shared_arguments(parser) -> None:
+# ---------------------------------------------------------------------------------------------------------------------
+# The conversion flow both converters share
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Converter(abc.ABC):
+    """One source format: the paths it reads, the vision config and key map of its tensors, the LLM to verify against.
+    `convert_to_hub` runs everything else, calling `vision_config` (where a converter opens its sources) before
+    `plan`."""
+
+    llm_folder: Path  # the base LLM's Hub folder: config.json, tokenizer, generation_config.json, README.md
+    sources: list[Path]  # every path read, which the output must never replace
+
+    @abc.abstractmethod
+    def vision_config(self, text_config):
+        """The `SiglipVisionConfig` of the vision weights (`text_config` lets a converter check the LLM first)."""
+
+    @abc.abstractmethod
+    def plan(self, config) -> ConversionPlan:
+        """Every source tensor mapped to a TimeViper name, skipped with a reason, or rejected."""
+
+    @abc.abstractmethod
+    def base_models(self) -> list[str]:
+        """Hub ids for the card's `base_model` when the caller gives none."""
+
+    @abc.abstractmethod
+    def conversion_note(self, config) -> str:
+        """The model card's account of where each part comes from."""
+
+    @abc.abstractmethod
+    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
+        """The source LLM in transformers' own class, fp32, its weights rounded through `dtype`."""
+
+
+@dataclass
+class ConversionOptions:
+    """How a conversion lays out and writes the model: the options both converters (and their CLIs) share.
+
+    `token_compression` is a reference string (`uni_7_0.5-attn_39_0.05`), a list of stage dicts, or None;
+    `projector_type` may be the reference's arch specifier (`tome_mlp-N` sets the tokens per frame to N);
+    `shard_size` is `save_pretrained`'s notation (`"5GB"`) or bytes; `verify=None` verifies models up to
+    `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter guess the card's base models.
+    """
+
+    token_compression: str | list[dict] | None = None
+    projector_type: str = "tome_mlp"
+    tokens_per_frame: int = 16
+    vision_feature_layer: int = -2
+    vision_num_heads: int | None = None
+    image_size: int | None = None
+    dtype: str | torch.dtype = "bf16"
+    shard_size: str | int = "5GB"
+    force: bool = False
+    verify: bool | None = None
+    verify_atol: float = 1e-3
+    base_models: list[str] | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ConversionOptions":
+        """The options `add_shared_arguments` parsed."""
+        return cls(
+            token_compression=parse_token_compression(args.token_compression), projector_type=args.projector_type,
+            tokens_per_frame=args.tokens_per_frame, vision_feature_layer=args.vision_feature_layer,
+            vision_num_heads=args.vision_num_heads, image_size=args.image_size, dtype=args.dtype,
+            shard_size=args.shard_size, force=args.force, verify=args.verify, verify_atol=args.verify_atol,
+            base_models=args.base_models, progress=not args.no_progress,
+        )
+
+
+def convert_to_hub(converter: Converter, output: str | Path, options: ConversionOptions) -> Path:
+    """Convert `converter`'s sources into a TimeViper Hub folder at `output` and return its path."""
+    output, dtype = Path(output).absolute(), parse_dtype(options.dtype)
+    check_output_available(output, options.force, sources=converter.sources)
+    text_config = load_text_config(converter.llm_folder)
+    tokenizer = load_tokenizer(converter.llm_folder)
+    config = build_timeviper_config(text_config, converter.vision_config(text_config), tokenizer, options, dtype)
+    plan, expected = fit_plan_to_model(converter.plan(config), config)
+    base_models = options.base_models if options.base_models is not None else converter.base_models()
+    with atomic_output_dir(output, options.force) as folder:
+        write_safetensors_shards(plan, folder, dtype, options.shard_size, order=list(expected), progress=options.progress)
+        save_hub_folder(folder, config, tokenizer, converter.llm_folder, base_models, converter.conversion_note(config))
+        if should_verify(options.verify, plan.num_parameters()):
+            verify_conversion(folder, converter, plan, config, dtype, options.verify_atol)
+    logger.info("wrote %s (%.1fM parameters, %s)", output, plan.num_parameters() / 1e6, str(dtype).removeprefix("torch."))
+    return output
+
+
+def converter_parser(prog: str, description: str, doc: str) -> argparse.ArgumentParser:
+    """A converter's argument parser, its module docstring's example as the epilog."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=doc[doc.index("Example::") :].replace("Example::", "example:"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help: str) -> None:
     """The options both conversion CLIs share: the output, the model layout and how the result is written."""
+    parser.add_argument("--token-compression", default=None, help=token_compression_help)
     parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--projector-type", default="tome_mlp", help="tome_mlp, mlp, or the reference's tome_mlp-N / gelu_mlp (default: %(default)s)")
@@ -1476,7 +1385,7 @@ def add_shared_arguments(parser) -> None:
     parser.add_argument("--vision-num-heads", type=int, default=None, help="heads of a SigLIP whose width is not a known one")
     parser.add_argument("--image-size", type=int, default=None, help="vision input size (default: 384 if it fits the patch grid)")
     parser.add_argument("--dtype", default="bf16", help="dtype of the written weights: bf16, fp16 or fp32 (default: %(default)s)")
-    parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard, in KB, MB, GB or TB (default: %(default)s)")
     parser.add_argument("--base-model", action="append", dest="base_models", help="Hub id for the model card (repeatable)")
     parser.add_argument(
         "--verify", action=argparse.BooleanOptionalAction, default=None,
@@ -1486,13 +1395,13 @@ def add_shared_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_and_report_plan(plan: "ConversionPlan", config, modeling) -> tuple["ConversionPlan", dict]:
-    """Align the plan's vision prefix with the model's, stop on any missing / unexpected / mis-shaped tensor, and
-    log what will be written and skipped. Returns the plan and the model's expected shapes (in state-dict order)."""
-    expected = expected_state_dict_shapes(config, modeling)
-    plan = align_vision_prefix(plan, expected)
-    check_plan(plan, expected)
-    logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
-    for line in summarize_skipped(plan.skipped):
-        logger.info(line)
-    return plan, expected
+def run_cli(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv: list[str] | None) -> int:
+    """Parse `argv`, run `convert`, and report a bad input as one `error:` line (exit code 1) instead of a traceback."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        convert(args)
+    except ValueError as error:  # ConversionError, or a config value that TimeViperConfig rejects
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -40,29 +40,42 @@ def make_tiny_tokenizer(backbone: str = "nemotron_h"):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=extra, padding_side="right", **kwargs)
 
 
-def tiny_default_config(
-    tokenizer, backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp"
-) -> TimeViperConfig:
-    vision = dict(
+def tiny_vision_config() -> dict:
+    """A 3-block SigLIP on 28-pixel frames (a 7 x 7 patch grid)."""
+    return dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
         patch_size=4, hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=False,
     )
-    vocab_size = len(tokenizer)
+
+
+def tiny_text_config(backbone: str, vocab_size: int) -> dict:
+    """A 4-layer Qwen2, or a Nemotron-H with Mamba, MLP and attention blocks in the order `M-*M-M*M`: every block type,
+    and attention blocks at 2 and 6 for attention-guided compression stages."""
     if backbone == "qwen2":
-        text = dict(
+        return dict(
             model_type="qwen2", vocab_size=vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
-            tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
         )
-    else:
-        text = dict(
-            model_type="nemotron_h", vocab_size=vocab_size, hidden_size=48, hybrid_override_pattern="M-*M-M*M",
-            num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=64, mamba_num_heads=4,
-            mamba_head_dim=8, ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=8,
-            time_step_limit=(0.0, float("inf")), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+    if backbone != "nemotron_h":
+        raise ValueError(f"Unknown backbone {backbone!r}; expected one of {sorted(_SPECIALS)}.")
+    return dict(
+        model_type="nemotron_h", vocab_size=vocab_size, hidden_size=48, hybrid_override_pattern="M-*M-M*M",
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=64, mamba_num_heads=4,
+        mamba_head_dim=8, ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=8, time_step_limit=(0.0, float("inf")),
+    )
+
+
+def tiny_default_config(
+    tokenizer, backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp"
+) -> TimeViperConfig:
+    text = {
+        **tiny_text_config(backbone, len(tokenizer)),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     return TimeViperConfig(
-        vision_config=vision,
+        vision_config=tiny_vision_config(),
         text_config=text,
         projector_type=projector_type,
         tokens_per_frame=4,

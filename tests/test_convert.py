@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # `convert` is a folder of the repository, not pa
 
 from convert import common  # noqa: E402
 from convert import convert_raw_to_hub as raw_module  # noqa: E402
-from convert.common import ConversionError, ConversionPlan, DictSource  # noqa: E402
+from convert.common import ConversionError, ConversionOptions, ConversionPlan, DictSource  # noqa: E402
 from convert.convert_raw_to_hub import convert_raw_to_hub  # noqa: E402
 from convert.convert_reference_checkpoint import convert_reference_checkpoint  # noqa: E402
 
@@ -160,7 +160,7 @@ def make_nano_folder(folder: Path) -> Path:
 
 
 def make_qwen_folder(folder: Path) -> Path:
-    from tiny_assets import make_tiny_tokenizer
+    from inference.tiny_default import make_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = make_tiny_tokenizer("qwen2")
@@ -242,13 +242,16 @@ def sources(tmp_path_factory):
     }
 
 
-def raw_kwargs(sources, **overrides):
-    values = dict(
-        llm=sources["nano"], vision=sources["timm"], token_compression=NANO_COMPRESSION, projector_type="mlp",
-        dtype="fp32", vision_num_heads=VISION["heads"], progress=False, verify=False,
+def convert_raw(sources, output, llm=None, vision=None, projector=None, seed=None, **options):
+    """`convert_raw_to_hub` of the Nemotron-H and timm sources (unless `llm` / `vision` say otherwise) in fp32, with
+    `options` overriding this file's defaults."""
+    defaults = dict(
+        token_compression=NANO_COMPRESSION, projector_type="mlp", dtype="fp32", vision_num_heads=VISION["heads"],
+        progress=False, verify=False,
     )
-    values.update(overrides)
-    return values
+    return convert_raw_to_hub(
+        llm or sources["nano"], vision or sources["timm"], output, projector, seed, ConversionOptions(**{**defaults, **options})
+    )
 
 
 def nano_reference(sources):
@@ -335,21 +338,41 @@ def test_timm_unknown_keys_are_rejected_by_name():
     assert set(plan.unexpected) == {"timm:cls_token", "timm:blocks.0.ls1.gamma"}
 
 
-def test_spec_shapes_equal_model_state_dict():
-    """The config-derived layout (used to plan without the model) is the model's own state dict."""
-    from tiny_models import tiny_text_config, tiny_vision_config
+def test_expected_shapes_are_the_model_state_dict():
+    """The shapes the plan is checked against (the model built on the meta device) are those of a real model."""
+    from tiny_models import tiny_config
 
-    remote = common.load_remote_code(need_modeling=True)
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
     for backbone, compression in (("nemotron_h", "uni_1_0.5-attn_2_0.25"), ("nemotron_h", "unidrop_0_0.5-uni_2_0.25"), ("qwen2", "uni_1_0.5")):
-        config = remote.configuration.TimeViperConfig(
-            vision_config=tiny_vision_config(), text_config=tiny_text_config(backbone), token_compression=compression,
-            tokens_per_frame=4,
-        )
-        assert common.spec_state_dict_shapes(config) == common.expected_state_dict_shapes(config, remote.modeling)
+        config = tiny_config(backbone, token_compression=compression)
+        model = TimeViperForConditionalGeneration(config)
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        assert list(common.expected_state_dict_shapes(config).items()) == list(shapes.items())
+
+
+def test_siglip_parts_the_model_leaves_out_are_skipped():
+    """SigLIP blocks after the feature layer and the final norm feed nothing the projector reads: a model built
+    without them gets them reported as skipped. Any other tensor the model lacks stays an error."""
+    from tiny_models import tiny_config
+
+    config = tiny_config(projector_type="mlp")  # 3 SigLIP blocks, features = hidden state -2: blocks 0 and 1 used
+    plan = common.plan_timm_siglip(DictSource(timm_siglip_state_dict(), "timm"))
+    expected = {name: tensor.shape for name, tensor in plan.tensors.items()}
+    unused = [name for name in expected if ".layers.2." in name or "post_layernorm" in name]
+    for name in unused:
+        del expected[name]
+    fitted = common.skip_unused_vision_tensors(plan, expected, common.vision_layers_used(config))
+    common.check_plan(fitted, expected)
+    assert {"timm:norm.weight", "timm:blocks.2.attn.qkv.weight", "timm:blocks.2.mlp.fc2.bias"} <= set(fitted.skipped)
+    assert "SigLIP's first 2 blocks" in fitted.skipped["timm:norm.weight"]
+    assert len(unused) == 2 + 16 and set(fitted.tensors) == set(expected)  # the final norm's 2 tensors, block 2's 16
+    del expected[common.VISION_PREFIX + "encoder.layers.1.mlp.fc1.weight"]
+    with pytest.raises(ConversionError, match="unexpected tensor model.vision_tower.encoder.layers.1.mlp.fc1.weight"):
+        common.check_plan(common.skip_unused_vision_tensors(plan, expected, 2), expected)
 
 
 def test_parsers():
-    assert common.parse_size("5GB") == 5 * 10**9 and common.parse_size("2MiB") == 2 * 2**20 and common.parse_size("100") == 100
     assert common.parse_dtype("bf16") is torch.bfloat16 and common.parse_dtype("float32") is torch.float32
     assert common.parse_token_compression("uni_7_0.5-attn_39_0.05") == "uni_7_0.5-attn_39_0.05"
     assert common.parse_token_compression('[{"layer_idx": 7, "keep_ratio": 0.5}]') == [{"layer_idx": 7, "keep_ratio": 0.5}]
@@ -380,6 +403,18 @@ def test_streaming_writer_shards_and_casts(tmp_path):
     assert set(written) == set(tensors) and set(index["weight_map"]) == set(tensors)
     for name, tensor in tensors.items():
         assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], tensor.to(torch.bfloat16))
+
+
+def test_writer_reads_shard_sizes_as_save_pretrained_does(tmp_path):
+    plan = ConversionPlan()
+    for index in range(3):
+        plan.add(f"w{index}", (32, 32), lambda: torch.ones(32, 32), [f"src:w{index}"])  # 2048 bytes in bf16
+    index = common.write_safetensors_shards(plan, tmp_path, torch.bfloat16, "4.1KB", progress=False)
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert index["metadata"] == {"total_size": 3 * 2048, "total_parameters": 3 * 32 * 32}
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text()) == index
+    with pytest.raises(ConversionError, match="cannot read the shard size '2MiB'"):
+        common.write_safetensors_shards(plan, tmp_path, torch.bfloat16, "2MiB", progress=False)
 
 
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
@@ -462,7 +497,7 @@ torch.save({"logits": logits, "features": features, "model_class": type(model)._
 
 def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     output = tmp_path / "TimeViper-tiny"
-    convert_raw_to_hub(**raw_kwargs(sources, verify=True), output=output, shard_size="20KB", verify_atol=ATOL)
+    convert_raw(sources, verify=True, output=output, shard_size="20KB", verify_atol=ATOL)
     assert no_leftovers(tmp_path)
 
     # Files of a Hub-ready folder.
@@ -557,10 +592,9 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
     torch.save(projector, tmp_path / "stage1.bin")
 
     output = tmp_path / "qwen-out"
-    convert_raw_to_hub(
-        **raw_kwargs(sources, llm=sources["qwen"], vision=siglip_folder, token_compression=QWEN_COMPRESSION,
-                     projector_type="tome_mlp-4", verify=True),
-        projector=tmp_path / "stage1.bin", output=output, verify_atol=ATOL,
+    convert_raw(
+        sources, output, llm=sources["qwen"], vision=siglip_folder, projector=tmp_path / "stage1.bin",
+        token_compression=QWEN_COMPRESSION, projector_type="tome_mlp-4", verify=True, verify_atol=ATOL,
     )
     config = json.loads((output / "config.json").read_text())
     assert (config["projector_type"], config["tokens_per_frame"]) == ("tome_mlp", 4)
@@ -583,16 +617,16 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
 
 def test_projector_from_our_hub_folder_and_tied_qwen(sources, tmp_path):
     """A stage-1 TimeViper Hub folder gives its projector; a tied Qwen (no lm_head.weight) gets a copy of its embeddings."""
-    from tiny_assets import make_tiny_tokenizer
+    from inference.tiny_default import make_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     # The vision tower may come from a reference checkpoint too (timm keys under vision_backbone.featurizer.).
     reference = tmp_path / "reference.bin"
     torch.save(reference_checkpoint(sources, ()), reference)
     first = tmp_path / "stage1"
-    convert_raw_to_hub(**raw_kwargs(sources, seed=7, vision=reference), output=first)
+    convert_raw(sources, seed=7, vision=reference, output=first)
     second = tmp_path / "stage2"
-    convert_raw_to_hub(**raw_kwargs(sources, token_compression=None), projector=first, output=second)
+    convert_raw(sources, token_compression=None, projector=first, output=second)
     before, after = read_tensors(first), read_tensors(second)
     for name, tensor in read_tensors(second).items():
         if name.startswith("model.vision_tower."):  # the same timm tower, once bare and once under the prefix
@@ -610,7 +644,7 @@ def test_projector_from_our_hub_folder_and_tied_qwen(sources, tmp_path):
     with safe_open(str(tied / "model.safetensors"), "pt") as handle:
         assert "lm_head.weight" not in handle.keys()
     output = tmp_path / "tied-out"
-    convert_raw_to_hub(**raw_kwargs(sources, llm=tied, token_compression=None, verify=True), output=output, verify_atol=ATOL)
+    convert_raw(sources, llm=tied, token_compression=None, verify=True, output=output, verify_atol=ATOL)
     written = read_tensors(output)
     assert torch.equal(written["lm_head.weight"], written["model.language_model.embed_tokens.weight"])
 
@@ -648,7 +682,7 @@ def test_bad_sources_stop_before_writing(sources, tmp_path, edit, expected):
     llm = broken_nano_folder(sources, tmp_path, edit)
     output = tmp_path / "out"
     with pytest.raises(ConversionError) as error:
-        convert_raw_to_hub(**raw_kwargs(sources, llm=llm), output=output)
+        convert_raw(sources, llm=llm, output=output)
     for text in expected:
         assert text in str(error.value)
     assert not output.exists() and no_leftovers(tmp_path)
@@ -661,7 +695,7 @@ def test_several_problems_are_listed_together(sources, tmp_path):
         tensors["backbone.layers.0.mixer.D"] = torch.zeros(7)
 
     with pytest.raises(ConversionError) as error:
-        convert_raw_to_hub(**raw_kwargs(sources, llm=broken_nano_folder(sources, tmp_path, edit)), output=tmp_path / "out")
+        convert_raw(sources, llm=broken_nano_folder(sources, tmp_path, edit), output=tmp_path / "out")
     assert len(error.value.problems) == 3
     assert {"missing tensor model.language_model.norm_f.weight", "missing tensor lm_head.weight"} <= {
         line.split(" (")[0] for line in error.value.problems
@@ -670,9 +704,9 @@ def test_several_problems_are_listed_together(sources, tmp_path):
 
 def test_output_never_replaces_a_source(sources, tmp_path):
     with pytest.raises(ConversionError, match="would replace the source"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=sources["nano"], force=True)
+        convert_raw(sources, output=sources["nano"], force=True)
     with pytest.raises(ConversionError, match="would replace the source"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=sources["root"], force=True)
+        convert_raw(sources, output=sources["root"], force=True)
     assert (sources["nano"] / "model.safetensors.index.json").is_file()
 
 
@@ -681,14 +715,14 @@ def test_existing_output_needs_force(sources, tmp_path):
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="already exists; pass --force"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output)
+        convert_raw(sources, output=output)
     with pytest.raises(ConversionError, match="only replaces a previous output of this converter"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+        convert_raw(sources, output=output, force=True)
     assert sorted(path.name for path in output.iterdir()) == ["keep.txt"]
     output = tmp_path / "converted"
-    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    convert_raw(sources, output=output)
     (output / "config.json").write_text("{}")
-    convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+    convert_raw(sources, output=output, force=True)
     assert json.loads((output / "config.json").read_text()) and no_leftovers(tmp_path)
 
 
@@ -696,7 +730,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
     """A failure after some shards were written (here: in the tokenizer step) removes the partial folder and keeps
     the previous output untouched."""
     output = tmp_path / "out"
-    convert_raw_to_hub(**raw_kwargs(sources), output=output)
+    convert_raw(sources, output=output)
     before = {path.name: path.read_bytes() for path in output.iterdir()}
 
     def fail(*args, **kwargs):
@@ -704,7 +738,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "write_processor", fail)
     with pytest.raises(OSError, match="disk full"):
-        convert_raw_to_hub(**raw_kwargs(sources), output=output, force=True)
+        convert_raw(sources, output=output, force=True)
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before and no_leftovers(tmp_path)
 
 
@@ -712,7 +746,7 @@ def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(raw_module, "round_trip_dtype", lambda module, dtype: _perturb(module))
     output = tmp_path / "out"
     with pytest.raises(ConversionError, match="does not reproduce the source"):
-        convert_raw_to_hub(**raw_kwargs(sources, verify=True), output=output, verify_atol=ATOL)
+        convert_raw(sources, verify=True, output=output, verify_atol=ATOL)
     assert not output.exists() and no_leftovers(tmp_path)
 
 
@@ -755,10 +789,11 @@ def test_reference_checkpoint_round_trip(sources, tmp_path):
     state = reference_checkpoint(sources)
     torch.save(state, tmp_path / "pytorch_model.bin")
     output = tmp_path / "out"
-    convert_reference_checkpoint(
-        tmp_path / "pytorch_model.bin", sources["nano"], output, token_compression=NANO_COMPRESSION, projector_type="gelu_mlp",
-        dtype="fp32", vision_num_heads=VISION["heads"], verify=True, verify_atol=ATOL, progress=False,
+    options = ConversionOptions(
+        token_compression=NANO_COMPRESSION, projector_type="gelu_mlp", dtype="fp32", vision_num_heads=VISION["heads"],
+        verify=True, verify_atol=ATOL, progress=False,
     )
+    convert_reference_checkpoint(tmp_path / "pytorch_model.bin", sources["nano"], output, options)
     written = read_tensors(output)
     # The reference's one gate vector becomes each TransV module's own gate, entry j for the j-th transfer stage.
     gates = torch.cat([written[f"model.language_model.merge_modules.{stage}.alpha"] for stage in range(3)])
@@ -782,10 +817,11 @@ def test_reference_safetensors_and_legacy_embedding_name(sources, tmp_path):
     state["llm_backbone.llm.backbone.embedding.weight"] = state.pop("llm_backbone.llm.backbone.embeddings.weight")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     output = tmp_path / "out"
-    convert_reference_checkpoint(
-        tmp_path / "model.safetensors", sources["nano"], output, token_compression="unidrop_1_0.5", projector_type="mlp",
-        dtype="bf16", vision_num_heads=VISION["heads"], verify=True, progress=False,
+    options = ConversionOptions(
+        token_compression="unidrop_1_0.5", projector_type="mlp", dtype="bf16", vision_num_heads=VISION["heads"],
+        verify=True, progress=False,
     )
+    convert_reference_checkpoint(tmp_path / "model.safetensors", sources["nano"], output, options)
     written = read_tensors(output)
     assert written["model.language_model.embeddings.weight"].dtype == torch.bfloat16
     assert torch.equal(written["model.language_model.embeddings.weight"], state["llm_backbone.llm.backbone.embedding.weight"].bfloat16())
@@ -803,10 +839,10 @@ def test_reference_safetensors_and_legacy_embedding_name(sources, tmp_path):
 def test_reference_transfer_mismatch_is_an_error(sources, tmp_path, transfer_stages, compression, expected):
     torch.save(reference_checkpoint(sources, transfer_stages), tmp_path / "ckpt.bin")
     with pytest.raises(ConversionError) as error:
-        convert_reference_checkpoint(
-            tmp_path / "ckpt.bin", sources["nano"], tmp_path / "out", token_compression=compression, projector_type="mlp",
-            dtype="fp32", vision_num_heads=VISION["heads"], progress=False,
+        options = ConversionOptions(
+            token_compression=compression, projector_type="mlp", dtype="fp32", vision_num_heads=VISION["heads"], progress=False
         )
+        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["nano"], tmp_path / "out", options)
     for text in expected:
         assert text in str(error.value)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
@@ -815,7 +851,8 @@ def test_reference_transfer_mismatch_is_an_error(sources, tmp_path, transfer_sta
 def test_reference_wrong_llm_family(sources, tmp_path):
     torch.save(reference_checkpoint(sources, ()), tmp_path / "ckpt.bin")
     with pytest.raises(ConversionError, match="holds a nemotron_h LLM"):
-        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["qwen"], tmp_path / "out", vision_num_heads=4, progress=False)
+        options = ConversionOptions(vision_num_heads=4, progress=False)
+        convert_reference_checkpoint(tmp_path / "ckpt.bin", sources["qwen"], tmp_path / "out", options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

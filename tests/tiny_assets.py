@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 # The tokenizer is the one the embedded tiny default of the CLI uses.
-from inference.tiny_default import PLACEHOLDER_TOKENS, make_tiny_tokenizer  # noqa: F401
+from inference.tiny_default import make_tiny_tokenizer  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import timeviper
+from timeviper import REMOTE_CODE_FILES
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from timeviper.processing_timeviper import TimeViperProcessor
@@ -54,7 +55,6 @@ from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
 
-REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
 # Mamba-2's A_log, D and dt_bias and TransV's gates (`merge_modules.<stage>.alpha`) are never weight-decayed (besides
 # biases and norms).
 NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
