@@ -17,6 +17,11 @@ CONFIGS = {
     "b": dict(backbone="nano", compression="uni_7_0.5-attn_39_0.05", label="Nano-9B-v2 hybrid + TransV uni_7_0.5-attn_39_0.05"),
     "c": dict(backbone="qwen", compression=None, label="Qwen2.5-7B architecture, no compression"),
 }
+# --tiny: every width tiny, the layer patterns of the full-size configs kept (so a schedule's blocks exist).
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                   patch_size=8)
+TINY_NANO = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                 mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
 T0 = time.perf_counter()
 
 
@@ -82,11 +87,8 @@ def make_config(name, tiny):
 
     spec = CONFIGS[name]
     if tiny:
-        vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                      image_size=56, patch_size=8)
-        nano = nano_9b_v2_text_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      intermediate_size=96, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
-                                      n_groups=2, chunk_size=16, vocab_size=512)
+        vision = so400m_vision_config(**TINY_VISION)
+        nano = nano_9b_v2_text_config(**TINY_NANO)
         qwen = Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=640, rope_theta=1e6, rms_norm_eps=1e-6,
                            tie_word_embeddings=False)
