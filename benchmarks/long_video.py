@@ -179,6 +179,19 @@ def llm_flops(model, layer_tokens, extra=0):
     return total
 
 
+def tokens_per_block(model, vision_tokens: int, text_tokens: int) -> list[int]:
+    """Tokens each LLM block processes under the compression schedule: the vision tokens kept from a stage's block
+    on are `int(vision tokens of the input x keep ratio)`, as `TimeViperModel._compress_row` keeps them."""
+    language_model = model.model.language_model
+    tokens, vision = [], vision_tokens
+    for layer_idx in range(len(language_model.layers)):
+        if layer_idx in language_model.stage_at_layer:
+            stage = language_model.stages[language_model.stage_at_layer[layer_idx]]
+            vision = min(vision, int(vision_tokens * stage.keep_ratio))
+        tokens.append(text_tokens + vision)
+    return tokens
+
+
 def compression_flops(model, layer_tokens, text_tokens):
     """Attention-guided scores (k_proj over the kept sequence) and TransV cross-attention, both small."""
     lm = model.model.language_model
@@ -728,17 +741,8 @@ def measure_ceilings(device, results):
 
 def llm_cost_estimate(model, frames):
     """Seconds an llm_only prefill of `frames` should take, at 40% of peak (for skipping against the budget)."""
-    cfg = model.config
-    text = PROMPT_TEXT_TOKENS
-    tokens = frames * cfg.vision_tokens_per_frame + text
-    vision = tokens - text
-    layer_tokens = []
-    for i in range(len(model.model.language_model.layers)):
-        keep = 1.0
-        for stage in model.model.language_model.stages:
-            if i >= stage.layer_idx:
-                keep = stage.keep_ratio
-        layer_tokens.append(int(vision * keep) + text)
+    vision_tokens = frames * model.config.vision_tokens_per_frame
+    layer_tokens = tokens_per_block(model, vision_tokens, PROMPT_TEXT_TOKENS)
     return llm_flops(model, layer_tokens)["total"] / (0.4 * PEAK_FLOPS) + 2.0
 
 
