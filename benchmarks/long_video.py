@@ -351,10 +351,9 @@ def generate_timed(model, input_ids, placeholder, new_tokens, device, timer):
 def run_point(run, model, timer, name, frames, mode, keep=True):
     """One prefill + `--new-tokens` greedy tokens through generate(); its record (kept in results["runs"] unless
     `keep` is False: warm-ups) with the phase times against their floors."""
-    device, vision_rate = run.device, run.vision_rate
-    cfg = model.config
+    device = run.device
     install_frame_source(model, mode, device)
-    ids = video_prompt_ids(cfg, frames, device)
+    ids = video_prompt_ids(model.config, frames, device)
     placeholder = torch.empty(frames, 1, device=device)
     rec = {"config": name, "frames": frames, "mode": mode, "tokens_in": int(ids.shape[1])}
     try:
@@ -362,25 +361,35 @@ def run_point(run, model, timer, name, frames, mode, keep=True):
     except torch.OutOfMemoryError as err:
         rec.update(oom=True, error=str(err).splitlines()[0][:300])
         log(f"{name} F={frames} {mode}: OOM")
-        if keep:
-            run.results["runs"].append(rec)
-        return rec
+    else:
+        rec.update(
+            oom=False, new_tokens=n_new, prefill_s=prefill, total_s=total, decode_s=total - prefill,
+            peak_bytes=peak, reserved_peak_bytes=timer.reserved_peak, pre_llm_peak_bytes=timer.pre_llm_peak,
+            peak_layer=next((i for i, p in enumerate(timer.layer_peak) if p >= peak), "after last layer"),
+            llm_s=timer.llm_s, layer_tokens=timer.layer_tokens,
+        )
+        add_phases_and_floors(rec, model, timer, run.vision_rate)
+        log(f"{name} F={frames:>6} {mode:8s} prefill {prefill:7.2f}s (llm {timer.llm_s:6.2f}s) "
+            f"+{n_new} tok {total - prefill:5.2f}s peak {peak / 2**30:6.1f} GiB  ratio {rec['ratio']}")
     finally:
         del placeholder
         free(device)
+    if keep:
+        run.results["runs"].append(rec)
+    return rec
+
+
+def add_phases_and_floors(rec, model, timer, vision_rate):
+    """The record's FLOPs, compute floors and phase times (measured in e2e mode, extrapolated from `vision_rate` in
+    llm_only mode), and each phase's ratio to its floor."""
+    frames, prefill = rec["frames"], rec["prefill_s"]
     lf = llm_flops(model, timer.layer_tokens, compression_flops(model, timer.layer_tokens, PROMPT_TEXT_TOKENS))
     vf = vision_flops_per_frame(model) * frames
     tf = tome_proj_flops_per_frame(model) * frames
-    rec.update(
-        oom=False, new_tokens=n_new, prefill_s=prefill, total_s=total, decode_s=total - prefill,
-        peak_bytes=peak, reserved_peak_bytes=getattr(timer, "reserved_peak", None), pre_llm_peak_bytes=timer.pre_llm_peak,
-        peak_layer=next((i for i, p in enumerate(timer.layer_peak) if p >= peak), "after last layer"),
-        llm_s=timer.llm_s, layer_tokens=timer.layer_tokens,
-        flops={"vision": vf, "tome_proj": tf, "llm": lf},
-        floor_s={"vision": vf / PEAK_FLOPS, "tome_proj": tf / PEAK_FLOPS, "llm": lf["total"] / PEAK_FLOPS},
-    )
+    rec["flops"] = {"vision": vf, "tome_proj": tf, "llm": lf}
+    rec["floor_s"] = {"vision": vf / PEAK_FLOPS, "tome_proj": tf / PEAK_FLOPS, "llm": lf["total"] / PEAK_FLOPS}
     rec["floor_s"]["prefill"] = sum(rec["floor_s"].values())
-    if mode == "e2e":
+    if rec["mode"] == "e2e":
         rec.update(vision_s=timer.vision_s, tome_proj_s=timer.tome_proj_s,
                    other_prefill_s=prefill - timer.vision_s - timer.tome_proj_s - timer.llm_s)
         rec["prefill_e2e_s"] = prefill
@@ -396,11 +405,6 @@ def run_point(run, model, timer, name, frames, mode, keep=True):
     rec["ratio"] = {k: rec[k + "_s"] / rec["floor_s"][k] for k in ("vision", "tome_proj", "llm") if k + "_s" in rec}
     if "prefill_e2e_s" in rec:
         rec["ratio"]["prefill"] = rec["prefill_e2e_s"] / rec["floor_s"]["prefill"]
-    log(f"{name} F={frames:>6} {mode:8s} prefill {prefill:7.2f}s (llm {timer.llm_s:6.2f}s) "
-        f"+{n_new} tok {total - prefill:5.2f}s peak {peak / 2**30:6.1f} GiB  ratio {rec['ratio']}")
-    if keep:
-        run.results["runs"].append(rec)
-    return rec
 
 
 def vision_microbench(model, device, args, results, repeats=3, label="vision_microbench"):
