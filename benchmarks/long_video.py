@@ -647,74 +647,87 @@ def graph_check(model, name, device, results, tiny, steps=8):
     log(f"graph check {name}:", json.dumps(out))
 
 
+# The model's handles of mamba-ssm's kernels; set to None, they select its PyTorch path.
+KERNEL_HANDLES = ("mamba_chunk_scan_combined", "selective_state_update", "gated_rmsnorm_kernel")
+
+
 def kernel_check(device, results, small=False):
     """Mamba-2 through mamba-ssm's Triton kernels vs the PyTorch path of the same model, at a small size with the
     real Mamba head layout (128 heads x 80, state 128, 8 groups, chunk 128), fp32 and bf16, prefill (two rows, one
     left-padded; the sequence also split into carried chunks) and 8 greedy decode steps."""
     import timeviper.modeling_timeviper as tm
-    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 
-    text = nano_9b_v2_text_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128,
-                                  num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
-    if small:  # CPU smoke test of this function only
-        text = nano_9b_v2_text_config(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16,
-                                      num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096,
-                                      mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2)
-    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    cfg = TimeViperConfig(vision_config=vision, text_config=text, image_token_id=4096, video_token_id=4097)
-    kernels = {"mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined,
-               "selective_state_update": tm.selective_state_update,
-               "gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None)}
-    out = {}
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(100, 4096, (2, 700), generator=gen).to(device)
+    cfg = kernel_check_config(small)
+    ids = torch.randint(100, 4096, (2, 700), generator=torch.Generator().manual_seed(5)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :37] = 0
-
-    def run(model, use_kernels, seq_chunk=None):
-        for k, v in kernels.items():
-            setattr(tm, k, v if use_kernels else None)
-        for layer in model.model.language_model.layers:
-            layer.sequence_chunk_size = seq_chunk or tm.TimeViperTextModel.sequence_chunk_size
-        cache = tm.TimeViperHybridCache()
-        logits = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()]
-        token, m = logits[0][:, -1:].argmax(-1), mask
-        steps = []
-        for _ in range(8):
-            m = torch.cat([m, torch.ones_like(token)], 1)
-            lg = model(input_ids=token, attention_mask=m, past_key_values=cache, use_cache=True).logits.float()
-            steps.append(lg[:, -1])
-            token = lg[:, -1:].argmax(-1)  # greedy tokens of this path; compared step by step below
-        return logits[0], torch.stack(steps, 1), token
-
+    valid = mask.bool()
+    kernels = {name: getattr(tm, name, None) for name in KERNEL_HANDLES}
+    out = {}
     try:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             with torch.device(device):
                 model = tm.TimeViperForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
             with torch.inference_mode():
-                kp, kd, _ = run(model, True)
-                tp, td, _ = run(model, False)
-                kc, _, _ = run(model, True, seq_chunk=256)
-            valid = mask.bool()
-            def stats(a, b, masked=False):
-                if masked:
-                    a, b = a[valid], b[valid]
-                return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm()),
-                        "ref_max_abs": float(b.abs().max())}
+                kernel_prefill, kernel_decode = prefill_and_decode(model, ids, mask, kernels, use_kernels=True)
+                torch_prefill, torch_decode = prefill_and_decode(model, ids, mask, kernels, use_kernels=False)
+                chunked_prefill, _ = prefill_and_decode(model, ids, mask, kernels, use_kernels=True, sequence_chunk=256)
             out[str(dtype).replace("torch.", "")] = {
-                "prefill_kernel_vs_torch": stats(kp, tp, True),
-                "decode_kernel_vs_torch_8_steps": stats(kd, td),
-                "prefill_kernel_chunked256_vs_unchunked": stats(kc, kp, True),
-                "argmax_agreement_prefill": float((kp.argmax(-1) == tp.argmax(-1))[valid].float().mean()),
+                "prefill_kernel_vs_torch": difference(kernel_prefill[valid], torch_prefill[valid]),
+                "decode_kernel_vs_torch_8_steps": difference(kernel_decode, torch_decode),
+                "prefill_kernel_chunked256_vs_unchunked": difference(chunked_prefill[valid], kernel_prefill[valid]),
+                "argmax_agreement_prefill": float(
+                    (kernel_prefill.argmax(-1) == torch_prefill.argmax(-1))[valid].float().mean()
+                ),
             }
             del model
             free(device)
     finally:
-        for k, v in kernels.items():
-            setattr(tm, k, v)
+        for name, kernel in kernels.items():
+            setattr(tm, name, kernel)
     results["kernel_check"] = out
     log("kernel check:", json.dumps(out))
+
+
+def kernel_check_config(small):
+    """A 6-block hybrid at the real Mamba head layout (`small`: tiny widths, for the CPU smoke test)."""
+    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
+
+    text = nano_9b_v2_text_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128,
+                                  num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
+    if small:
+        text = nano_9b_v2_text_config(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16,
+                                      num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096,
+                                      mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2)
+    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return TimeViperConfig(vision_config=vision, text_config=text, image_token_id=4096, video_token_id=4097)
+
+
+def prefill_and_decode(model, ids, mask, kernels, use_kernels, sequence_chunk=None, steps=8):
+    """float32 logits of the prefill and of `steps` greedy decode steps (each path decodes its own greedy tokens),
+    with mamba-ssm's kernels or the PyTorch path, the sequence split into `sequence_chunk`-token chunks if given."""
+    import timeviper.modeling_timeviper as tm
+
+    for name, kernel in kernels.items():
+        setattr(tm, name, kernel if use_kernels else None)
+    for layer in model.model.language_model.layers:
+        layer.sequence_chunk_size = sequence_chunk or tm.TimeViperTextModel.sequence_chunk_size
+    cache = tm.TimeViperHybridCache()
+    prefill = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+    token = prefill[:, -1:].argmax(-1)
+    decoded = []
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+        decoded.append(logits[:, -1])
+        token = logits[:, -1:].argmax(-1)
+    return prefill, torch.stack(decoded, 1)
+
+
+def difference(a, b):
+    return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm()),
+            "ref_max_abs": float(b.abs().max())}
 
 
 def repeat(fn, times):
