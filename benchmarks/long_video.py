@@ -583,7 +583,7 @@ def decode_batch(model, name, ids, batch, device, args, results, label):
         tokens.append(int(token[-1, 0]))
     first_step_s = steps[0]  # includes the graph capture of a static cache
     steps = steps[2:]
-    step_s = sorted(steps)[len(steps) // 2]
+    step_s = median(steps)
     bytes_ = decode_bytes(model, cache)
     floor_s = bytes_["total"] / PEAK_BYTES
     rec = dict(prefill_s=prefill_s, first_step_s=first_step_s, oom=False, tokens=tokens, step_s_median=step_s,

@@ -53,7 +53,7 @@ from common import (  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p, out="benchmarks/results/streaming_video.json")
-    p.add_argument("--steps", default="exact,file,llm")
+    p.add_argument("--steps", default="exact,file,llm", help="comma-separated, in order: exact, file, llm")
     p.add_argument("--config", default="b", help="long_video.py config: a (no compression) or b (TransV)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
     p.add_argument("--stream-chunk", type=int, default=64, help="frames per decoded chunk")
@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--gop", type=int, default=50, help="keyframe interval of the generated file (frames)")
     p.add_argument("--llm-frames", default="200000")
     args = p.parse_args(argv)
+    unknown = set(args.steps.split(",")) - {"exact", "file", "llm"}
+    if unknown:
+        p.error(f"--steps: unknown step(s) {sorted(unknown)}; the steps are exact, file, llm")
     if args.tiny:
         args.exact_frames, args.file_size, args.file_seconds, args.file_fps = 8, "96x64", 4, 5
         args.llm_frames, args.prefill_chunk, args.stream_chunk = "64", 64, 8
