@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from long_video import log, meta  # noqa: E402
+from common import log, meta  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -17,31 +17,41 @@ rate (vision chunks are independent and identical in cost, so its time is exactl
 """
 
 import argparse
-import contextlib
 import functools
-import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    CONFIGS,
+    T0,
+    add_common_arguments,
+    build_model,
+    free,
+    is_cuda,
+    log,
+    make_config,
+    mem,
+    meta,
+    random_features,
+    save,
+    sync,
+    timed,
+    video_prompt_ids,
+    weight_bytes,
+)
+
 PEAK_FLOPS = 790e12  # bf16 dense matmul on random data, measured on the H100s we benchmark on
 PEAK_BYTES = 3.0e12  # device-to-device copy, measured on the same H100s
-CONFIGS = {
-    "a": dict(backbone="nano", compression=None, label="Nano-9B-v2 hybrid, no compression"),
-    "b": dict(backbone="nano", compression="uni_7_0.5-attn_39_0.05", label="Nano-9B-v2 hybrid + TransV uni_7_0.5-attn_39_0.05"),
-    "c": dict(backbone="qwen", compression=None, label="Qwen2.5-7B architecture, no compression"),
-}
-T0 = time.perf_counter()
-
-
-def log(*args):
-    print(f"[{time.perf_counter() - T0:7.1f}s]", *args, flush=True)
+# Prompt text around the video placeholders (video_prompt_ids' defaults).
+PROMPT_TEXT_TOKENS = 8 + 16
 
 
 def ints(text):
@@ -50,9 +60,7 @@ def ints(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test of the whole script)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results/long_video.json", help="JSON written after every step")
+    add_common_arguments(p, out="benchmarks/results/long_video.json")
     p.add_argument("--profile-out", default=None, help="text file for the profiler tables (default: next to --out)")
     p.add_argument("--configs", default="a,b,c", help="subset of a (Nano), b (Nano+TransV), c (Qwen2.5-7B arch)")
     p.add_argument("--e2e-frames", default="256,1024,4096", help="frame counts run end to end (real vision)")
@@ -73,202 +81,21 @@ def parse_args(argv=None):
                    help="after the sweeps, in order and budget permitting: a config name verifies its predicted max "
                         "frame count with one run; 'compile' times a torch.compile'd vision tower chunk")
     p.add_argument("--fit-margin", type=float, default=0.96, help="verify at this fraction of the predicted max")
-    p.add_argument("--memory-cap-gib", type=float, default=79.0,
-                   help="cap PyTorch's allocator here when the card is larger (H200), to emulate an 80 GB H100")
-    p.add_argument("--patches", default="", help="monkeypatches to apply: kv_prealloc,lean_scatter")
-    p.add_argument("--ab", default="", help="A/B checks to run: kv_prealloc,lean_scatter,conv1d_cuda,fused_gated_norm")
+    p.add_argument("--ab", default="", choices=["", "cudnn_vision_attention"],
+                   help="cudnn_vision_attention: the vision chunk timed again with SDPA preferring cuDNN attention")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="kernel-vs-PyTorch Mamba path check at a small size")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip steps predicted to end after this many seconds")
-    p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
-    return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configs and models
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def make_config(name, tiny):
-    from transformers import Qwen2Config
-
-    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
-
-    spec = CONFIGS[name]
-    if tiny:
-        vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                      image_size=56, patch_size=8)
-        nano = nano_9b_v2_text_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      intermediate_size=96, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
-                                      n_groups=2, chunk_size=16, vocab_size=512)
-        qwen = Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=128, vocab_size=640, rope_theta=1e6, rms_norm_eps=1e-6,
-                           tie_word_embeddings=False)
-    else:
-        vision = so400m_vision_config()
-        nano = nano_9b_v2_text_config()
-        qwen = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                           intermediate_size=18944, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6,
-                           max_position_embeddings=32768, tie_word_embeddings=False)
-    text = nano if spec["backbone"] == "nano" else qwen
-    # Placeholder ids outside the vocabulary, so that a generated token can never be taken for a placeholder.
-    vocab = text.vocab_size
-    return TimeViperConfig(vision_config=vision, text_config=text, token_compression=spec["compression"],
-                           image_token_id=vocab, video_token_id=vocab + 1)
-
-
-def build_model(cfg, device, dtype, args):
-    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
-
-    if args.vision_chunk:
-        cfg.vision_chunk_size = args.vision_chunk
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    with torch.device(device):
-        model = TimeViperForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    sync(device)
-    return model, time.perf_counter() - t
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def free(device):
-    gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def mem(device):
-    if not str(device).startswith("cuda"):
-        return {"allocated": 0, "peak": 0, "reserved_peak": 0}
-    return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated(),
-            "reserved_peak": torch.cuda.max_memory_reserved()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Monkeypatches under test (A/B); once they win they are ported into modeling_timeviper.py
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def kv_prealloc_update(self, key_states, value_states, layer_idx, *args, **kwargs):
-    """Append into a buffer with spare room instead of torch.cat of the whole cache at every decode step."""
-    buffers = self.__dict__.setdefault("_bench_kv_buffers", {})
-    old_k, old_v = self.keys.get(layer_idx), self.values.get(layer_idx)
-    if old_k is None:
-        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        return key_states, value_states
-    length, new = old_k.shape[-2], key_states.shape[-2]
-    buf = buffers.get(layer_idx)
-    fits = (buf is not None and buf[0].data_ptr() == old_k.data_ptr() and buf[0].shape[:2] == old_k.shape[:2]
-            and buf[0].shape[-2] >= length + new)
-    if not fits:
-        buffers.pop(layer_idx, None)
-        cap = length + new + 256
-        kb = old_k.new_empty(*old_k.shape[:2], cap, old_k.shape[-1])
-        vb = old_v.new_empty(*old_v.shape[:2], cap, old_v.shape[-1])
-        kb[..., :length, :].copy_(old_k)
-        vb[..., :length, :].copy_(old_v)
-        buffers[layer_idx] = buf = (kb, vb)
-    kb, vb = buf
-    kb[..., length : length + new, :].copy_(key_states)
-    vb[..., length : length + new, :].copy_(value_states)
-    self.keys[layer_idx], self.values[layer_idx] = kb[..., : length + new, :], vb[..., : length + new, :]
-    return self.keys[layer_idx], self.values[layer_idx]
-
-
-_ORIG_MASKED_SCATTER = torch.Tensor.masked_scatter
-
-
-def lean_masked_scatter(self, mask, source):
-    """Row-wise equivalent of masked_scatter for a (..., 1) mask: no int64 prefix sum over every element."""
-    if mask.dim() == self.dim() and mask.shape[-1] == 1 and mask.shape[:-1] == self.shape[:-1]:
-        rows = mask[..., 0]
-        out = self.clone()
-        out[rows] = source.reshape(-1, self.shape[-1])[: int(rows.sum())].to(self.dtype)
-        return out
-    return _ORIG_MASKED_SCATTER(self, mask, source)
-
-
-def conv1d_convolve(self, xbc, conv_state):
-    """The causal depthwise conv through F.conv1d (one cuDNN kernel) instead of four multiply-adds."""
-    import torch.nn.functional as F
-
-    xbc = xbc.transpose(1, 2)
-    if conv_state is None:
-        conv_state = xbc.new_zeros(xbc.shape[0], self.conv_dim, self.kernel_size - 1)
-    padded = torch.cat([conv_state.to(xbc.dtype), xbc], dim=-1)
-    out = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-    return F.silu(out).transpose(1, 2), padded[..., -(self.kernel_size - 1) :]
-
-
-def fused_gated_norm_forward(self, hidden_states, gate):
-    """mamba-ssm's Triton gated RMSNorm (one pass, fp32 inside) instead of the PyTorch fp32 ops."""
-    if not hidden_states.is_cuda:
-        from timeviper.modeling_timeviper import TimeViperRMSNormGated
-
-        return TimeViperRMSNormGated._bench_original_forward(self, hidden_states, gate)
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-
-    return rmsnorm_fn(hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon, group_size=self.group_size,
-                      norm_before_gate=False)
-
-
-def legacy_encode_frames(self, frames):
-    """encode_frames as it was before the .contiguous() fix (SigLIP residual stream in a transposed layout)."""
-    from timeviper.modeling_timeviper import merge_tokens
-
-    vision = self.vision_tower
-    features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
-    for layer in vision.encoder.layers[: self._vision_layers_to_run()]:
-        features = layer(features, None)
-    if self.config.projector_type == "tome_mlp":
-        features = merge_tokens(features, self.config.tokens_per_frame)
-    return self.multi_modal_projector(features)
-
-
-def fused_rmsnorm_forward(self, hidden_states):
-    """TimeViperRMSNorm through torch's fused F.rms_norm (fp32), weight applied after the bf16 cast as before."""
-    import torch.nn.functional as F
-
-    dtype = hidden_states.dtype
-    normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
-    return self.weight * normed.to(dtype)
-
-
-@contextlib.contextmanager
-def patches(names):
-    from timeviper.modeling_timeviper import (TimeViperHybridCache, TimeViperMamba2Mixer, TimeViperModel,
-                                              TimeViperRMSNorm, TimeViperRMSNormGated)
-
-    names = set(n for n in names if n)
-    if not hasattr(TimeViperRMSNormGated, "_bench_original_forward"):
-        TimeViperRMSNormGated._bench_original_forward = TimeViperRMSNormGated.forward
-    saved = (TimeViperHybridCache.update, TimeViperMamba2Mixer.convolve, TimeViperRMSNormGated.forward)
-    saved2 = (TimeViperModel.encode_frames, TimeViperRMSNorm.forward)
-    try:
-        if "legacy_vision_layout" in names:
-            TimeViperModel.encode_frames = legacy_encode_frames
-        if "fused_rmsnorm" in names:
-            TimeViperRMSNorm.forward = fused_rmsnorm_forward
-        if "kv_prealloc" in names:
-            TimeViperHybridCache.update = kv_prealloc_update
-        if "lean_scatter" in names:
-            torch.Tensor.masked_scatter = lean_masked_scatter
-        if "conv1d_cuda" in names:
-            TimeViperMamba2Mixer.convolve = conv1d_convolve
-        if "fused_gated_norm" in names:
-            TimeViperRMSNormGated.forward = fused_gated_norm_forward
-        yield
-    finally:
-        TimeViperHybridCache.update, TimeViperMamba2Mixer.convolve, TimeViperRMSNormGated.forward = saved
-        TimeViperModel.encode_frames, TimeViperRMSNorm.forward = saved2
-        torch.Tensor.masked_scatter = _ORIG_MASKED_SCATTER
+    args = p.parse_args(argv)
+    if args.tiny:
+        if "--e2e-frames" not in (sys.argv[1:] if argv is None else argv):
+            args.e2e_frames = "4,16"
+        args.llm_frames, args.llm_frames_b = "32", "64"
+        args.decode_context, args.max_llm_frames_c = 256, 32
+        args.decode_batches = "1,4"
+    args.profile_out = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +177,19 @@ def llm_flops(model, layer_tokens, extra=0):
     total["lm_head"] = 2 * model.lm_head.weight.numel()
     total["total"] = sum(total.values())
     return total
+
+
+def tokens_per_block(model, vision_tokens: int, text_tokens: int) -> list[int]:
+    """Tokens each LLM block processes under the compression schedule: the vision tokens kept from a stage's block
+    on are `int(vision tokens of the input x keep ratio)`, as `TimeViperModel._compress_row` keeps them."""
+    language_model = model.model.language_model
+    tokens, vision = [], vision_tokens
+    for layer_idx in range(len(language_model.layers)):
+        if layer_idx in language_model.stage_at_layer:
+            stage = language_model.stages[language_model.stage_at_layer[layer_idx]]
+            vision = min(vision, int(vision_tokens * stage.keep_ratio))
+        tokens.append(text_tokens + vision)
+    return tokens
 
 
 def compression_flops(model, layer_tokens, text_tokens):
@@ -466,22 +306,10 @@ def install_frame_source(model, mode, device, seed=0):
                 pixels = torch.randn(n, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype, generator=gen)
                 chunks.append(inner.encode_frames(pixels))
             else:
-                chunks.append(0.5 * torch.randn(n, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size,
-                                                device=device, dtype=dtype, generator=gen))
+                chunks.append(random_features(cfg, n, device, dtype, gen))
         return torch.cat(chunks)
 
     inner.get_video_features = get_video_features
-
-
-def video_prompt(cfg, frames, device, prefix=8, suffix=16, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    vocab = min(cfg.text_config.vocab_size, 131072)
-    ids = torch.cat([
-        torch.randint(100, vocab, (prefix,), generator=gen),
-        torch.full((frames * cfg.vision_tokens_per_frame,), cfg.video_token_id),
-        torch.randint(100, vocab, (suffix,), generator=gen),
-    ])
-    return ids[None].to(device), prefix + suffix
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,36 +348,48 @@ def generate_timed(model, input_ids, placeholder, new_tokens, device, timer):
     return stamps[0] - start, total, mem(device)["peak"], out.shape[1] - input_ids.shape[1]
 
 
-def run_point(model, name, frames, mode, device, args, timer, results, vision_rate=None):
-    cfg = model.config
+def run_point(run, model, timer, name, frames, mode, keep=True):
+    """One prefill + `--new-tokens` greedy tokens through generate(); its record (kept in results["runs"] unless
+    `keep` is False: warm-ups) with the phase times against their floors."""
+    device = run.device
     install_frame_source(model, mode, device)
-    ids, text_tokens = video_prompt(cfg, frames, device)
+    ids = video_prompt_ids(model.config, frames, device)
     placeholder = torch.empty(frames, 1, device=device)
-    rec = {"config": name, "frames": frames, "mode": mode, "tokens_in": int(ids.shape[1]),
-           "patches": ",".join(sorted(set(args.patches.split(",")) - {""}))}
+    rec = {"config": name, "frames": frames, "mode": mode, "tokens_in": int(ids.shape[1])}
     try:
-        prefill, total, peak, n_new = generate_timed(model, ids, placeholder, args.new_tokens, device, timer)
+        prefill, total, peak, n_new = generate_timed(model, ids, placeholder, run.args.new_tokens, device, timer)
     except torch.OutOfMemoryError as err:
         rec.update(oom=True, error=str(err).splitlines()[0][:300])
         log(f"{name} F={frames} {mode}: OOM")
-        results["runs"].append(rec)
-        return rec
+    else:
+        rec.update(
+            oom=False, new_tokens=n_new, prefill_s=prefill, total_s=total, decode_s=total - prefill,
+            peak_bytes=peak, reserved_peak_bytes=timer.reserved_peak, pre_llm_peak_bytes=timer.pre_llm_peak,
+            peak_layer=next((i for i, p in enumerate(timer.layer_peak) if p >= peak), "after last layer"),
+            llm_s=timer.llm_s, layer_tokens=timer.layer_tokens,
+        )
+        add_phases_and_floors(rec, model, timer, run.vision_rate)
+        log(f"{name} F={frames:>6} {mode:8s} prefill {prefill:7.2f}s (llm {timer.llm_s:6.2f}s) "
+            f"+{n_new} tok {total - prefill:5.2f}s peak {peak / 2**30:6.1f} GiB  ratio {rec['ratio']}")
     finally:
         del placeholder
         free(device)
-    lf = llm_flops(model, timer.layer_tokens, compression_flops(model, timer.layer_tokens, text_tokens))
+    if keep:
+        run.results["runs"].append(rec)
+    return rec
+
+
+def add_phases_and_floors(rec, model, timer, vision_rate):
+    """The record's FLOPs, compute floors and phase times (measured in e2e mode, extrapolated from `vision_rate` in
+    llm_only mode), and each phase's ratio to its floor."""
+    frames, prefill = rec["frames"], rec["prefill_s"]
+    lf = llm_flops(model, timer.layer_tokens, compression_flops(model, timer.layer_tokens, PROMPT_TEXT_TOKENS))
     vf = vision_flops_per_frame(model) * frames
     tf = tome_proj_flops_per_frame(model) * frames
-    rec.update(
-        oom=False, new_tokens=n_new, prefill_s=prefill, total_s=total, decode_s=total - prefill,
-        peak_bytes=peak, reserved_peak_bytes=getattr(timer, "reserved_peak", None), pre_llm_peak_bytes=timer.pre_llm_peak,
-        peak_layer=next((i for i, p in enumerate(timer.layer_peak) if p >= peak), "after last layer"),
-        llm_s=timer.llm_s, layer_tokens=timer.layer_tokens,
-        flops={"vision": vf, "tome_proj": tf, "llm": lf},
-        floor_s={"vision": vf / PEAK_FLOPS, "tome_proj": tf / PEAK_FLOPS, "llm": lf["total"] / PEAK_FLOPS},
-    )
+    rec["flops"] = {"vision": vf, "tome_proj": tf, "llm": lf}
+    rec["floor_s"] = {"vision": vf / PEAK_FLOPS, "tome_proj": tf / PEAK_FLOPS, "llm": lf["total"] / PEAK_FLOPS}
     rec["floor_s"]["prefill"] = sum(rec["floor_s"].values())
-    if mode == "e2e":
+    if rec["mode"] == "e2e":
         rec.update(vision_s=timer.vision_s, tome_proj_s=timer.tome_proj_s,
                    other_prefill_s=prefill - timer.vision_s - timer.tome_proj_s - timer.llm_s)
         rec["prefill_e2e_s"] = prefill
@@ -565,38 +405,29 @@ def run_point(model, name, frames, mode, device, args, timer, results, vision_ra
     rec["ratio"] = {k: rec[k + "_s"] / rec["floor_s"][k] for k in ("vision", "tome_proj", "llm") if k + "_s" in rec}
     if "prefill_e2e_s" in rec:
         rec["ratio"]["prefill"] = rec["prefill_e2e_s"] / rec["floor_s"]["prefill"]
-    log(f"{name} F={frames:>6} {mode:8s} prefill {prefill:7.2f}s (llm {timer.llm_s:6.2f}s) "
-        f"+{n_new} tok {total - prefill:5.2f}s peak {peak / 2**30:6.1f} GiB  ratio {rec['ratio']}")
-    results["runs"].append(rec)
-    return rec
 
 
 def vision_microbench(model, device, args, results, repeats=3, label="vision_microbench"):
     """Per-chunk vision tower and ToMe+projector time, and the chunk's activation working set."""
     inner = model.model
-    cfg = inner.config
-    vcfg = cfg.vision_config
-    dtype = inner.vision_tower.embeddings.patch_embedding.weight.dtype
-    n = cfg.vision_chunk_size
-    pixels = torch.randn(n, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
+    n = inner.config.vision_chunk_size
+    pixels = random_pixels(model, n, device)
     timer = PhaseTimer(model, device)
     inner.encode_frames(pixels)  # warm-up
     free(device)
     base = mem(device)["allocated"]
-    timer.active = True
     vis, tp = [], []
     for _ in range(repeats):
         timer.reset()
         timer.active = True
-        out = inner.encode_frames(pixels)
+        inner.encode_frames(pixels)
         vis.append(timer.vision_s)
         tp.append(timer.tome_proj_s)
-        del out
     timer.active = False
     timer.remove()
     peak = mem(device)["peak"]
     vf, tf = vision_flops_per_frame(model), tome_proj_flops_per_frame(model)
-    vis_med, tp_med = sorted(vis)[len(vis) // 2], sorted(tp)[len(tp) // 2]
+    vis_med, tp_med = median(vis), median(tp)
     rec = {
         "chunk_frames": n, "vision_s_per_chunk": vis, "tome_proj_s_per_chunk": tp,
         "vision_s_per_frame": vis_med / n, "tome_proj_s_per_frame": tp_med / n,
@@ -609,39 +440,53 @@ def vision_microbench(model, device, args, results, repeats=3, label="vision_mic
     results[label] = rec
     log(f"vision chunk {n}: tower {vis_med * 1e3:.1f} ms ({rec['vision_ratio_to_floor']:.2f}x floor), "
         f"ToMe+proj {tp_med * 1e3:.1f} ms, working set {(peak - base) / 2**30:.2f} GiB")
-    if args.profile and (args.tiny or str(device).startswith("cuda")) and label == "vision_microbench":
-        profile_region("vision_chunk", lambda frames=pixels: inner.encode_frames(frames), device, results, args)
-    if str(device).startswith("cuda") and label == "vision_microbench_compiled":
-        try:
-            compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner._vision_layers_to_run()]]
-
-            def run_compiled(frames=pixels):  # bound now: `pixels` is deleted at the end of this function
-                f = inner.vision_tower.embeddings(frames).contiguous()
-                for layer in compiled:
-                    f = layer(f, None)
-                return f
-
-            t = time.perf_counter()
-            run_compiled()
-            sync(device)
-            compile_s = time.perf_counter() - t
-            times = []
-            for _ in range(repeats):
-                sync(device)
-                t = time.perf_counter()
-                run_compiled()
-                sync(device)
-                times.append(time.perf_counter() - t)
-            med = sorted(times)[len(times) // 2]
-            rec["compiled_tower_s_per_chunk"] = times
-            rec["compiled_tower_compile_s"] = compile_s
-            rec["compiled_tower_ratio_to_floor"] = med / (n * vf / PEAK_FLOPS)
-            log(f"torch.compile'd tower: {med * 1e3:.1f} ms per chunk ({rec['compiled_tower_ratio_to_floor']:.2f}x)")
-        except Exception as err:  # noqa: BLE001
-            rec["compiled_tower_error"] = repr(err)[:300]
+    if profiling(args, device) and label == "vision_microbench":
+        profile_region("vision_chunk", lambda: inner.encode_frames(pixels), device, results, args)
     del pixels
     free(device)
     return rec
+
+
+def compiled_tower_bench(model, device, args, results, repeats=3):
+    """The vision tower chunk with every encoder layer under torch.compile (inductor, default mode): compile time,
+    then the chunk's time against its floor, as `vision_microbench_compiled`."""
+    inner = model.model
+    n = inner.config.vision_chunk_size
+    pixels = random_pixels(model, n, device)
+    rec = vision_microbench(model, device, args, results, repeats, label="vision_microbench_compiled")
+    try:
+        compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner._vision_layers_to_run()]]
+
+        def run_compiled():
+            f = inner.vision_tower.embeddings(pixels).contiguous()
+            for layer in compiled:
+                f = layer(f, None)
+            return f
+
+        rec["compiled_tower_compile_s"], _ = timed(device, run_compiled)
+        times = [timed(device, run_compiled)[0] for _ in range(repeats)]
+        rec["compiled_tower_s_per_chunk"] = times
+        rec["compiled_tower_ratio_to_floor"] = median(times) / (n * vision_flops_per_frame(model) / PEAK_FLOPS)
+        log(f"torch.compile'd tower: {median(times) * 1e3:.1f} ms per chunk ({rec['compiled_tower_ratio_to_floor']:.2f}x)")
+    except Exception as err:  # noqa: BLE001 - a failed compile is a result of this A/B, not the end of the run
+        rec["compiled_tower_error"] = repr(err)[:300]
+    del pixels
+    free(device)
+
+
+def random_pixels(model, frames, device):
+    vcfg = model.config.vision_config
+    dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+    return torch.randn(frames, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def profiling(args, device):
+    """Profiles are taken on CUDA, and on the CPU in the --tiny smoke test (to exercise the code)."""
+    return args.profile and (args.tiny or is_cuda(device))
 
 
 def categorize(name):
@@ -665,7 +510,7 @@ def categorize(name):
 def profile_region(label, fn, device, results, args, repeats=1):
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
     with profile(activities=activities) as prof:
         for _ in range(repeats):
             fn()
@@ -687,80 +532,72 @@ def profile_region(label, fn, device, results, args, repeats=1):
         "device_ms": total / 1e3 / repeats, "by_category_ms": {k: v / 1e3 / repeats for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
         "top_kernels": top,
     }
-    path = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
-    with open(path, "a") as f:
+    with open(args.profile_out, "a") as f:
         f.write(f"\n===== {label} =====\n")
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90))
     log(f"profile {label}: {total / 1e3 / repeats:.1f} ms device; "
         + ", ".join(f"{k} {v / 1e3 / repeats:.1f}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
 
 
-def decode_bench(model, name, device, args, results, patch_names, label):
+def decode_bench(model, name, device, args, results, label):
     """Text prompt of `decode_context` tokens: prefill at batch 1, then decode steps at batch 1 and, from the
     replicated cache, at larger batches. Greedy, one token per row per step. Label "static_graph" decodes on a
     static cache (CUDA-graph replays; the first step, which captures the graph, is reported apart)."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = min(model.config.text_config.vocab_size, 131072)
+    ids = torch.randint(100, vocab, (1, args.decode_context), generator=gen).to(device)
+    for batch in ints(args.decode_batches):
+        rec = {"config": name, "variant": label, "context": args.decode_context, "batch": batch}
+        try:
+            free(device)
+            rec.update(decode_batch(model, name, ids, batch, device, args, results, label))
+        except torch.OutOfMemoryError as err:
+            rec.update(oom=True, error=str(err).splitlines()[0][:300])
+        free(device)
+        log(f"decode {name} {label} b={batch}: "
+            + ("OOM" if rec["oom"] else f"{rec['tokens_per_s']:.0f} tok/s, step {rec['step_s_median'] * 1e3:.1f} ms, "
+               f"floor {rec['floor_step_s'] * 1e3:.1f} ms ({rec['fraction_of_floor']:.0%}), peak {rec['peak_bytes'] / 2**30:.1f} GiB"))
+        results["decode"].append(rec)
+
+
+def decode_batch(model, name, ids, batch, device, args, results, label):
+    """One batch size of `decode_bench`: the timed steps against the bandwidth floor (and their profile at the
+    largest batch)."""
     from timeviper.modeling_timeviper import TimeViperHybridCache
 
-    static = label == "static_graph"
-    # Room for every step below: warm-up + timed steps + the profiled ones.
-    max_length = args.decode_context + args.decode_steps + 8 if static else None
+    # A static cache has room for every step below: warm-up + timed steps + the profiled ones.
+    cache = TimeViperHybridCache(args.decode_context + args.decode_steps + 8 if label == "static_graph" else None)
 
-    cfg = model.config
-    gen = torch.Generator().manual_seed(3)
-    vocab = min(cfg.text_config.vocab_size, 131072)
-    ids = torch.randint(100, vocab, (1, args.decode_context), generator=gen).to(device)
-    out_recs = []
-    with patches(patch_names):
-        for batch in ints(args.decode_batches):
-            rec = {"config": name, "variant": label, "context": args.decode_context, "batch": batch}
-            try:
-                free(device)
-                cache = TimeViperHybridCache(max_length)
-                sync(device)
-                t = time.perf_counter()
-                logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                sync(device)
-                rec["prefill_s"] = time.perf_counter() - t
-                token = logits[:, -1:].argmax(-1)
-                if batch > 1:
-                    cache.batch_repeat_interleave(batch)
-                    token = token.repeat(batch, 1)
-                steps, tokens = [], []
-                for step in range(args.decode_steps + 2):
-                    sync(device)
-                    t = time.perf_counter()
-                    logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                    token = logits[:, -1:].argmax(-1)
-                    sync(device)
-                    steps.append(time.perf_counter() - t)
-                    tokens.append(int(token[-1, 0]))
-                rec["first_step_s"] = steps[0]  # includes the graph capture of a static cache
-                steps = steps[2:]
-                step_s = sorted(steps)[len(steps) // 2]
-                bytes_ = decode_bytes(model, cache)
-                floor_s = bytes_["total"] / PEAK_BYTES
-                rec.update(oom=False, tokens=tokens, step_s_median=step_s, step_s_mean=sum(steps) / len(steps),
-                           tokens_per_s=batch / step_s, bytes_per_step=bytes_, floor_step_s=floor_s,
-                           floor_tokens_per_s=batch / floor_s, fraction_of_floor=floor_s / step_s,
-                           peak_bytes=mem(device)["peak"], cache_bytes=cache.memory_bytes())
-                if args.profile and (args.tiny or str(device).startswith("cuda")) and batch == max(ints(args.decode_batches)):
-                    state = {"token": token}
+    def step(token):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1:].argmax(-1)
 
-                    def step(cache=cache):  # bound now: `cache` is deleted after each batch
-                        lg = model(input_ids=state["token"], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-                        state["token"] = lg[:, -1:].argmax(-1)
+    prefill_s, token = timed(device, lambda: step(ids))
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+        token = token.repeat(batch, 1)
+    steps, tokens = [], []
+    for _ in range(args.decode_steps + 2):
+        seconds, token = timed(device, lambda: step(token))
+        steps.append(seconds)
+        tokens.append(int(token[-1, 0]))
+    first_step_s = steps[0]  # includes the graph capture of a static cache
+    steps = steps[2:]
+    step_s = median(steps)
+    bytes_ = decode_bytes(model, cache)
+    floor_s = bytes_["total"] / PEAK_BYTES
+    rec = dict(prefill_s=prefill_s, first_step_s=first_step_s, oom=False, tokens=tokens, step_s_median=step_s,
+               step_s_mean=sum(steps) / len(steps), tokens_per_s=batch / step_s, bytes_per_step=bytes_,
+               floor_step_s=floor_s, floor_tokens_per_s=batch / floor_s, fraction_of_floor=floor_s / step_s,
+               peak_bytes=mem(device)["peak"], cache_bytes=cache.memory_bytes())
+    if profiling(args, device) and batch == max(ints(args.decode_batches)):
+        state = {"token": token}
 
-                    profile_region(f"decode_{name}_{label}_b{batch}", step, device, results, args, repeats=3)
-                del cache, logits, token
-            except torch.OutOfMemoryError as err:
-                rec.update(oom=True, error=str(err).splitlines()[0][:300])
-            free(device)
-            log(f"decode {name} {label} b={batch}: "
-                + ("OOM" if rec["oom"] else f"{rec['tokens_per_s']:.0f} tok/s, step {rec['step_s_median'] * 1e3:.1f} ms, "
-                   f"floor {rec['floor_step_s'] * 1e3:.1f} ms ({rec['fraction_of_floor']:.0%}), peak {rec['peak_bytes'] / 2**30:.1f} GiB"))
-            results["decode"].append(rec)
-            out_recs.append(rec)
-    return out_recs
+        def profiled_step():
+            state["token"] = step(state["token"])
+
+        profile_region(f"decode_{name}_{label}_b{batch}", profiled_step, device, results, args, repeats=3)
+    return rec
 
 
 def graph_check(model, name, device, results, tiny, steps=8):
@@ -771,8 +608,7 @@ def graph_check(model, name, device, results, tiny, steps=8):
     cfg = model.config
     install_frame_source(model, "llm_only", device)
     frames = 4 if tiny else 64
-    ids, _ = video_prompt(cfg, frames, device)
-    ids = ids.repeat(2, 1)
+    ids = video_prompt_ids(cfg, frames, device).repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     placeholder = torch.empty(2 * frames, 1, device=device)
@@ -796,7 +632,7 @@ def graph_check(model, name, device, results, tiny, steps=8):
             out.append(step_logits[:, -1].float())
             token = step_logits[:, -1:].argmax(-1)
         logits[mode] = torch.stack(out, 1)
-        if mode == "static_graph" and str(device).startswith("cuda") and cache.decode_graph is None:
+        if mode == "static_graph" and is_cuda(device) and cache.decode_graph is None:
             raise RuntimeError("the static cache did not capture a CUDA graph")
         del cache
 
@@ -811,74 +647,92 @@ def graph_check(model, name, device, results, tiny, steps=8):
     log(f"graph check {name}:", json.dumps(out))
 
 
+# The model's handles of mamba-ssm's kernels; set to None, they select its PyTorch path.
+KERNEL_HANDLES = ("mamba_chunk_scan_combined", "selective_state_update", "gated_rmsnorm_kernel")
+
+
 def kernel_check(device, results, small=False):
     """Mamba-2 through mamba-ssm's Triton kernels vs the PyTorch path of the same model, at a small size with the
     real Mamba head layout (128 heads x 80, state 128, 8 groups, chunk 128), fp32 and bf16, prefill (two rows, one
     left-padded; the sequence also split into carried chunks) and 8 greedy decode steps."""
     import timeviper.modeling_timeviper as tm
-    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 
-    text = nano_9b_v2_text_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128,
-                                  num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
-    if small:  # CPU smoke test of this function only
-        text = nano_9b_v2_text_config(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16,
-                                      num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096,
-                                      mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2)
-    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    cfg = TimeViperConfig(vision_config=vision, text_config=text, image_token_id=4096, video_token_id=4097)
-    kernels = {"mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined,
-               "selective_state_update": tm.selective_state_update,
-               "gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None)}
-    out = {}
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(100, 4096, (2, 700), generator=gen).to(device)
+    cfg = kernel_check_config(small)
+    ids = torch.randint(100, 4096, (2, 700), generator=torch.Generator().manual_seed(5)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :37] = 0
-
-    def run(model, use_kernels, seq_chunk=None):
-        for k, v in kernels.items():
-            setattr(tm, k, v if use_kernels else None)
-        for layer in model.model.language_model.layers:
-            layer.sequence_chunk_size = seq_chunk or tm.TimeViperTextModel.sequence_chunk_size
-        cache = tm.TimeViperHybridCache()
-        logits = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()]
-        token, m = logits[0][:, -1:].argmax(-1), mask
-        steps = []
-        for _ in range(8):
-            m = torch.cat([m, torch.ones_like(token)], 1)
-            lg = model(input_ids=token, attention_mask=m, past_key_values=cache, use_cache=True).logits.float()
-            steps.append(lg[:, -1])
-            token = lg[:, -1:].argmax(-1)  # greedy tokens of this path; compared step by step below
-        return logits[0], torch.stack(steps, 1), token
-
+    valid = mask.bool()
+    kernels = {name: getattr(tm, name, None) for name in KERNEL_HANDLES}
+    out = {}
     try:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             with torch.device(device):
                 model = tm.TimeViperForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
             with torch.inference_mode():
-                kp, kd, _ = run(model, True)
-                tp, td, _ = run(model, False)
-                kc, _, _ = run(model, True, seq_chunk=256)
-            valid = mask.bool()
-            def stats(a, b, masked=False):
-                if masked:
-                    a, b = a[valid], b[valid]
-                return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm()),
-                        "ref_max_abs": float(b.abs().max())}
+                kernel_prefill, kernel_decode = prefill_and_decode(model, ids, mask, kernels, use_kernels=True)
+                torch_prefill, torch_decode = prefill_and_decode(model, ids, mask, kernels, use_kernels=False)
+                chunked_prefill, _ = prefill_and_decode(model, ids, mask, kernels, use_kernels=True, sequence_chunk=256)
             out[str(dtype).replace("torch.", "")] = {
-                "prefill_kernel_vs_torch": stats(kp, tp, True),
-                "decode_kernel_vs_torch_8_steps": stats(kd, td),
-                "prefill_kernel_chunked256_vs_unchunked": stats(kc, kp, True),
-                "argmax_agreement_prefill": float((kp.argmax(-1) == tp.argmax(-1))[valid].float().mean()),
+                "prefill_kernel_vs_torch": difference(kernel_prefill[valid], torch_prefill[valid]),
+                "decode_kernel_vs_torch_8_steps": difference(kernel_decode, torch_decode),
+                "prefill_kernel_chunked256_vs_unchunked": difference(chunked_prefill[valid], kernel_prefill[valid]),
+                "argmax_agreement_prefill": float(
+                    (kernel_prefill.argmax(-1) == torch_prefill.argmax(-1))[valid].float().mean()
+                ),
             }
             del model
             free(device)
     finally:
-        for k, v in kernels.items():
-            setattr(tm, k, v)
+        for name, kernel in kernels.items():
+            setattr(tm, name, kernel)
     results["kernel_check"] = out
     log("kernel check:", json.dumps(out))
+
+
+def kernel_check_config(small):
+    """A 6-block hybrid at the real Mamba head layout (`small`: tiny widths, for the CPU smoke test)."""
+    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
+
+    text = nano_9b_v2_text_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128,
+                                  num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
+    if small:
+        text = nano_9b_v2_text_config(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16,
+                                      num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096,
+                                      mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2)
+    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return TimeViperConfig(vision_config=vision, text_config=text, image_token_id=4096, video_token_id=4097)
+
+
+def prefill_and_decode(model, ids, mask, kernels, use_kernels, sequence_chunk=None, steps=8):
+    """float32 logits of the prefill and of `steps` greedy decode steps (each path decodes its own greedy tokens),
+    with mamba-ssm's kernels or the PyTorch path, the sequence split into `sequence_chunk`-token chunks if given."""
+    import timeviper.modeling_timeviper as tm
+
+    for name, kernel in kernels.items():
+        setattr(tm, name, kernel if use_kernels else None)
+    for layer in model.model.language_model.layers:
+        layer.sequence_chunk_size = sequence_chunk or tm.TimeViperTextModel.sequence_chunk_size
+    cache = tm.TimeViperHybridCache()
+    prefill = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+    token = prefill[:, -1:].argmax(-1)
+    decoded = []
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(token)], 1)
+        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+        decoded.append(logits[:, -1])
+        token = logits[:, -1:].argmax(-1)
+    return prefill, torch.stack(decoded, 1)
+
+
+def difference(a, b):
+    return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm()),
+            "ref_max_abs": float(b.abs().max())}
+
+
+def repeat(fn, times):
+    for _ in range(times):
+        fn()
 
 
 def measure_ceilings(device, results):
@@ -886,60 +740,15 @@ def measure_ceilings(device, results):
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    mm = 10 * 2 * 8192**3 / (time.perf_counter() - t)
+    mm = 10 * 2 * 8192**3 / timed(device, lambda: repeat(lambda: a @ b, 10))[0]
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync(device)
-    bw = 10 * 2 * x.numel() / (time.perf_counter() - t)
+    bw = 10 * 2 * x.numel() / timed(device, lambda: repeat(lambda: y.copy_(x), 10))[0]
     del a, b, x, y
     free(device)
     results["meta"]["measured_ceilings"] = {"bf16_matmul_flops": mm, "copy_bytes_per_s": bw}
     log(f"ceilings: matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s")
-
-
-def meta(device, args):
-    import transformers
-
-    import timeviper.modeling_timeviper as tm
-
-    info = {"gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None) is not None, "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device), "tiny": args.tiny,
-            "peak_flops_used": PEAK_FLOPS, "peak_bytes_used": PEAK_BYTES,
-            "mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined is not None,
-            "selective_state_update": tm.selective_state_update is not None,
-            "causal_conv": ("causal-conv1d's CUDA kernel (prefill; F.conv1d for single-token steps)"
-                            if tm.causal_conv1d_fn is not None else
-                            "torch.nn.functional.conv1d on CUDA (causal-conv1d not installed); 4 multiply-adds on CPU"),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
-    for mod in ("triton", "mamba_ssm", "causal_conv1d"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as err:  # noqa: BLE001
-            info[mod] = f"not importable: {type(err).__name__}"
-    if str(device).startswith("cuda"):
-        props = torch.cuda.get_device_properties(0)
-        free_b, total_b = torch.cuda.mem_get_info()
-        info.update(gpu=props.name, gpu_total_bytes=total_b, sm_count=props.multi_processor_count,
-                    cuda=torch.version.cuda)
-        cap = args.memory_cap_gib * 2**30
-        if total_b > cap * 1.03:
-            torch.cuda.set_per_process_memory_fraction(cap / total_b)
-            info["memory_cap_bytes"] = cap
-            info["memory_cap_note"] = "card larger than an 80 GB H100: allocator capped to emulate one"
-        else:
-            info["memory_cap_bytes"] = total_b - 2**30  # CUDA context and allocator slack
-    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -949,17 +758,8 @@ def meta(device, args):
 
 def llm_cost_estimate(model, frames):
     """Seconds an llm_only prefill of `frames` should take, at 40% of peak (for skipping against the budget)."""
-    cfg = model.config
-    text = 24
-    tokens = frames * cfg.vision_tokens_per_frame + text
-    vision = tokens - text
-    layer_tokens = []
-    for i in range(len(model.model.language_model.layers)):
-        keep = 1.0
-        for stage in model.model.language_model.stages:
-            if i >= stage.layer_idx:
-                keep = stage.keep_ratio
-        layer_tokens.append(int(vision * keep) + text)
+    vision_tokens = frames * model.config.vision_tokens_per_frame
+    layer_tokens = tokens_per_block(model, vision_tokens, PROMPT_TEXT_TOKENS)
     return llm_flops(model, layer_tokens)["total"] / (0.4 * PEAK_FLOPS) + 2.0
 
 
@@ -975,14 +775,6 @@ class Budget:
             return True
         log(f"SKIP {what}: predicted {cost:.0f}s, {self.left():.0f}s left")
         return False
-
-
-def save(results, args):
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, args.out)
 
 
 def fit_memory(points, cap):
@@ -1002,177 +794,203 @@ def fit_memory(points, cap):
             "predicted_max_frames": int((cap - intercept) / slope)}
 
 
+@dataclass
+class Run:
+    """What every step of one benchmark run reads and writes."""
+
+    args: argparse.Namespace
+    device: torch.device
+    results: dict
+    budget: Budget
+    vision_rate: dict | None = None  # vision_microbench of the first config: extrapolates llm_only runs
+
+    def save(self):
+        save(self.results, self.args)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
-    budget = Budget(args.budget_s)
-    if args.tiny:
-        args.e2e_frames = args.e2e_frames if argv and "--e2e-frames" in argv else "4,16"
-        args.llm_frames, args.llm_frames_b = "32", "64"
-        args.decode_context, args.max_llm_frames_c = 256, 32
-        args.decode_batches = "1,4"
-    prof_path = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
-    os.makedirs(os.path.dirname(prof_path) or ".", exist_ok=True)
-    open(prof_path, "w").close()
-
-    import timeviper.modeling_timeviper as tm
-
-    install_kernel_counters()
-    results = {"meta": meta(device, args), "runs": [], "decode": [], "fit": {}, "ab": {}}
-    log("meta:", json.dumps(results["meta"]))
-    dtype = torch.bfloat16
-    cap = results["meta"].get("memory_cap_bytes", 80e9)
-    if str(device).startswith("cuda"):
-        measure_ceilings(device, results)
-    save(results, args)
     torch.set_grad_enabled(False)
-
-    if args.check and (args.tiny or (str(device).startswith("cuda") and tm.mamba_chunk_scan_combined is not None)):
-        try:
-            kernel_check(device, results, small=args.tiny)
-        except Exception:  # noqa: BLE001
-            results["kernel_check"] = {"error": traceback.format_exc()[-2000:]}
-            log("kernel check failed", results["kernel_check"]["error"])
-        save(results, args)
-
-    vision_rate = None
-    patch_names = args.patches.split(",")
-    ab = set(args.ab.split(",")) - {""}
+    os.makedirs(os.path.dirname(args.profile_out) or ".", exist_ok=True)
+    open(args.profile_out, "w").close()
+    install_kernel_counters()
+    results = {"meta": {**meta(device, args), "peak_flops_used": PEAK_FLOPS, "peak_bytes_used": PEAK_BYTES},
+               "runs": [], "decode": [], "fit": {}}
+    run = Run(args, device, results, Budget(args.budget_s))
+    log("meta:", json.dumps(results["meta"]))
+    if is_cuda(device):
+        measure_ceilings(device, results)
+    run.save()
+    run_kernel_check(run)
     for name in args.configs.split(","):
-        cfg = make_config(name, args.tiny)
-        with torch.inference_mode(), patches(patch_names):
-            model, build_s = build_model(cfg, device, dtype, args)
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            results.setdefault("models", {})[name] = {
-                "label": CONFIGS[name]["label"], "build_s": build_s, "weight_bytes": weights,
-                "params": sum(p.numel() for p in model.parameters()),
-                "llm_params": sum(p.numel() for p in model.model.language_model.parameters()),
-                "vision_params": sum(p.numel() for p in model.model.vision_tower.parameters()),
-                "token_compression": cfg.token_compression}
-            log(f"== {name}: {CONFIGS[name]['label']}: built in {build_s:.1f}s, {weights / 2**30:.1f} GiB weights")
-            timer = PhaseTimer(model, device)
-            # Warm-up: vision + compression path, and an LLM-only pass long enough for the carried-chunk kernels.
-            run_point(model, name, 16, "e2e", device, args, timer, {"runs": []})
-            warm = (tm.TimeViperTextModel.sequence_chunk_size + 512) // cfg.vision_tokens_per_frame
-            run_point(model, name, warm if not args.tiny else 8, "llm_only", device, args, timer, {"runs": []})
-            if vision_rate is None:
-                vision_rate = vision_microbench(model, device, args, results)
-                if "cudnn_vision_attention" in ab and str(device).startswith("cuda"):
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-                    with sdpa_kernel(backends, set_priority=True):
-                        vision_microbench(model, device, args, results, label="vision_microbench_cudnn_attention")
-                if "legacy_vision_layout" in ab:
-                    with patches(["legacy_vision_layout"]):
-                        vision_microbench(model, device, args, results, label="vision_microbench_legacy_layout")
-                save(results, args)
-            for frames in ints(args.e2e_frames):
-                cost = frames * (vision_rate["vision_s_per_frame"] + vision_rate["tome_proj_s_per_frame"]) \
-                    + llm_cost_estimate(model, frames)
-                if budget.allows(cost, f"{name} e2e F={frames}"):
-                    run_point(model, name, frames, "e2e", device, args, timer, results, vision_rate)
-                    save(results, args)
-            if args.graph_check and (args.tiny or str(device).startswith("cuda")):
-                graph_check(model, name, device, results, args.tiny)
-                save(results, args)
-            if args.profile and (args.tiny or str(device).startswith("cuda")) and ints(args.e2e_frames):
-                frames = max(ints(args.e2e_frames))
-                if budget.allows(llm_cost_estimate(model, frames) * 1.5, f"profile {name}"):
-                    install_frame_source(model, "llm_only", device)
-                    ids, _ = video_prompt(cfg, frames, device)
-                    ph = torch.empty(frames, 1, device=device)
-                    profile_region(f"prefill_llm_only_{name}_F{frames}",
-                                   lambda model=model: model(input_ids=ids, pixel_values_videos=ph, logits_to_keep=1),
-                                   device, results, args)
-                    del ids, ph
-                    free(device)
-                    save(results, args)
-            prefill_ab = [v for v in ("conv1d_cuda", "fused_gated_norm", "fused_rmsnorm") if v in ab]
-            if prefill_ab and name == "a":
-                frames = max(ints(args.e2e_frames))
-                variants = [[]] + [[v] for v in prefill_ab] + ([prefill_ab] if len(prefill_ab) > 1 else []) + [[]]
-                if budget.allows(len(variants) * llm_cost_estimate(model, frames), "prefill A/B"):
-                    recs = []
-                    for variant in variants:
-                        with patches(patch_names + variant):
-                            r = run_point(model, name, frames, "llm_only", device, args, timer, {"runs": []}, vision_rate)
-                        recs.append({"patches": variant, "llm_s": r.get("llm_s"), "prefill_s": r.get("prefill_s"),
-                                     "decode_s": r.get("decode_s"), "peak_bytes": r.get("peak_bytes")})
-                    results["ab"]["prefill"] = {"config": name, "frames": frames, "runs": recs}
-                    save(results, args)
-            if name in args.decode_configs.split(","):
-                for variant in args.decode_variants.split(","):
-                    if variant == "static_graph" and not str(device).startswith("cuda"):
-                        continue
-                    if budget.allows(30, f"decode {name} {variant}"):
-                        decode_bench(model, name, device, args, results, patch_names, variant)
-                        save(results, args)
-                for variant in ("kv_prealloc", "fused_rmsnorm"):
-                    if variant in ab and variant not in patch_names and budget.allows(30, f"decode A/B {variant}"):
-                        decode_bench(model, name, device, args, results, patch_names + [variant], variant)
-                        save(results, args)
-            llm_frames = ints(args.llm_frames) + (ints(args.llm_frames_b) if name == "b" else [])
-            if name == "c":
-                llm_frames = [f for f in llm_frames if f <= args.max_llm_frames_c]
-            for frames in llm_frames:
-                if budget.allows(llm_cost_estimate(model, frames), f"{name} llm_only F={frames}"):
-                    rec = run_point(model, name, frames, "llm_only", device, args, timer, results, vision_rate)
-                    save(results, args)
-                    if rec.get("oom"):
-                        break
-            if "lean_scatter" in ab and name == "b" and "lean_scatter" not in patch_names:
-                frames = max(ints(args.llm_frames))
-                if budget.allows(llm_cost_estimate(model, frames), "lean_scatter A/B"):
-                    with patches(["lean_scatter"]):
-                        rec = run_point(model, name, frames, "llm_only", device, args, timer, {"runs": []}, vision_rate)
-                    base = next((r for r in results["runs"] if r["config"] == name and r["frames"] == frames
-                                 and r["mode"] == "llm_only" and not r.get("oom")), None)
-                    results["ab"]["lean_scatter"] = {"config": name, "frames": frames, "patched": rec,
-                                                     "baseline_peak_bytes": base and base["peak_bytes"]}
-                    save(results, args)
-            points = [r for r in results["runs"] if r["config"] == name and not r.get("oom") and r["frames"] >= (4 if args.tiny else 4096)]
-            fit = fit_memory(points, cap)
-            if fit:
-                results["fit"][name] = fit
-                log(f"{name}: {fit['bytes_per_frame'] / 2**20:.2f} MiB/frame, predicted max {fit['predicted_max_frames']} frames")
-                save(results, args)
-            timer.remove()
-            del model, timer
-            free(device)
-    # Extras, budget permitting: verify the predicted largest frame counts, then a torch.compile'd vision tower.
+        sweep_config(run, name)
     for name in args.extras.split(","):
-        if name == "compile" and str(device).startswith("cuda") and budget.allows(150, "compiled vision A/B"):
-            with torch.inference_mode():
-                model, _ = build_model(make_config("a", args.tiny), device, dtype, args)
-                vision_microbench(model, device, args, results, label="vision_microbench_compiled")
-                del model
-                free(device)
-            save(results, args)
-        if name not in results["fit"]:
-            continue
-        fit = results["fit"][name]
-        cfg = make_config(name, args.tiny)
-        with torch.inference_mode(), patches(patch_names):
-            model, _ = build_model(cfg, device, dtype, args)
-            frames = 48 if args.tiny else int(fit["predicted_max_frames"] * args.fit_margin) // 256 * 256
-            if budget.allows(llm_cost_estimate(model, frames) * 1.2, f"{name} fit verify F={frames}"):
-                timer = PhaseTimer(model, device)
-                rec = run_point(model, name, frames, "llm_only", device, args, timer, results, vision_rate)
-                rec["fit_verification"] = True
-                fit["verified_frames"] = frames
-                fit["verified_ok"] = not rec.get("oom")
-                timer.remove()
-                del timer
-                save(results, args)
-            del model
-            free(device)
+        if name == "compile":
+            compiled_vision_extra(run)
+        elif name in results["fit"]:
+            verify_fit(run, name)
     results["kernel_calls"] = dict(KERNEL_CALLS)
     results["meta"]["elapsed_s"] = time.perf_counter() - T0
-    save(results, args)
+    run.save()
     log("kernel calls:", KERNEL_CALLS)
     summary(results)
+
+
+def run_kernel_check(run):
+    import timeviper.modeling_timeviper as tm
+
+    if not run.args.check or not (run.args.tiny or (is_cuda(run.device) and tm.mamba_chunk_scan_combined is not None)):
+        return
+    try:
+        kernel_check(run.device, run.results, small=run.args.tiny)
+    except Exception:  # noqa: BLE001 - the sweeps still run; the traceback is the check's result
+        run.results["kernel_check"] = {"error": traceback.format_exc()[-2000:]}
+        log("kernel check failed", run.results["kernel_check"]["error"])
+    run.save()
+
+
+def sweep_config(run, name):
+    """Every measurement of one config, on one model built for it."""
+    args, device = run.args, run.device
+    cfg = make_config(name, args.tiny)
+    with torch.inference_mode():
+        model, build_s = build_model(cfg, device, torch.bfloat16, args)
+        describe_model(run, name, model, build_s)
+        timer = PhaseTimer(model, device)
+        # Warm-up: vision + compression path, and an LLM-only pass long enough for the carried-chunk kernels.
+        run_point(run, model, timer, name, 16, "e2e", keep=False)
+        warm = (model.model.language_model.sequence_chunk_size + 512) // cfg.vision_tokens_per_frame
+        run_point(run, model, timer, name, 8 if args.tiny else warm, "llm_only", keep=False)
+        if run.vision_rate is None:
+            run.vision_rate = measure_vision_rate(run, model)
+        e2e_sweep(run, model, timer, name)
+        if args.graph_check and (args.tiny or is_cuda(device)):
+            graph_check(model, name, device, run.results, args.tiny)
+            run.save()
+        profile_prefill(run, model, name)
+        if name in args.decode_configs.split(","):
+            decode_sweep(run, model, name)
+        llm_only_sweep(run, model, timer, name)
+        record_fit(run, name)
+        timer.remove()
+        del model, timer
+        free(device)
+
+
+def describe_model(run, name, model, build_s):
+    weights = weight_bytes(model)
+    run.results.setdefault("models", {})[name] = {
+        "label": CONFIGS[name]["label"], "build_s": build_s, "weight_bytes": weights,
+        "params": sum(p.numel() for p in model.parameters()),
+        "llm_params": sum(p.numel() for p in model.model.language_model.parameters()),
+        "vision_params": sum(p.numel() for p in model.model.vision_tower.parameters()),
+        "token_compression": model.config.token_compression}
+    log(f"== {name}: {CONFIGS[name]['label']}: built in {build_s:.1f}s, {weights / 2**30:.1f} GiB weights")
+
+
+def measure_vision_rate(run, model):
+    """The vision chunk's per-frame rate (and, with --ab cudnn_vision_attention, the same with cuDNN attention
+    preferred)."""
+    rate = vision_microbench(model, run.device, run.args, run.results)
+    if run.args.ab == "cudnn_vision_attention" and is_cuda(run.device):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(backends, set_priority=True):
+            vision_microbench(model, run.device, run.args, run.results, label="vision_microbench_cudnn_attention")
+    run.save()
+    return rate
+
+
+def e2e_sweep(run, model, timer, name):
+    per_frame = run.vision_rate["vision_s_per_frame"] + run.vision_rate["tome_proj_s_per_frame"]
+    for frames in ints(run.args.e2e_frames):
+        if run.budget.allows(frames * per_frame + llm_cost_estimate(model, frames), f"{name} e2e F={frames}"):
+            run_point(run, model, timer, name, frames, "e2e")
+            run.save()
+
+
+def profile_prefill(run, model, name):
+    """Kernel-level profile of an llm_only prefill at the largest e2e frame count."""
+    if not profiling(run.args, run.device) or not ints(run.args.e2e_frames):
+        return
+    frames = max(ints(run.args.e2e_frames))
+    if not run.budget.allows(llm_cost_estimate(model, frames) * 1.5, f"profile {name}"):
+        return
+    install_frame_source(model, "llm_only", run.device)
+    ids = video_prompt_ids(model.config, frames, run.device)
+    placeholder = torch.empty(frames, 1, device=run.device)
+    profile_region(f"prefill_llm_only_{name}_F{frames}",
+                   lambda: model(input_ids=ids, pixel_values_videos=placeholder, logits_to_keep=1),
+                   run.device, run.results, run.args)
+    del ids, placeholder
+    free(run.device)
+    run.save()
+
+
+def decode_sweep(run, model, name):
+    for variant in run.args.decode_variants.split(","):
+        if variant == "static_graph" and not is_cuda(run.device):
+            continue
+        if run.budget.allows(30, f"decode {name} {variant}"):
+            decode_bench(model, name, run.device, run.args, run.results, variant)
+            run.save()
+
+
+def llm_only_sweep(run, model, timer, name):
+    """llm_only points in increasing frame count, up to the first OOM."""
+    args = run.args
+    llm_frames = ints(args.llm_frames) + (ints(args.llm_frames_b) if name == "b" else [])
+    if name == "c":
+        llm_frames = [f for f in llm_frames if f <= args.max_llm_frames_c]
+    for frames in llm_frames:
+        if run.budget.allows(llm_cost_estimate(model, frames), f"{name} llm_only F={frames}"):
+            rec = run_point(run, model, timer, name, frames, "llm_only")
+            run.save()
+            if rec.get("oom"):
+                break
+
+
+def record_fit(run, name):
+    smallest = 4 if run.args.tiny else 4096
+    points = [r for r in run.results["runs"] if r["config"] == name and not r.get("oom") and r["frames"] >= smallest]
+    fit = fit_memory(points, run.results["meta"].get("memory_cap_bytes", 80e9))
+    if fit:
+        run.results["fit"][name] = fit
+        log(f"{name}: {fit['bytes_per_frame'] / 2**20:.2f} MiB/frame, predicted max {fit['predicted_max_frames']} frames")
+        run.save()
+
+
+def compiled_vision_extra(run):
+    if not is_cuda(run.device) or not run.budget.allows(150, "compiled vision A/B"):
+        return
+    with torch.inference_mode():
+        model, _ = build_model(make_config("a", run.args.tiny), run.device, torch.bfloat16, run.args)
+        compiled_tower_bench(model, run.device, run.args, run.results)
+        del model
+        free(run.device)
+    run.save()
+
+
+def verify_fit(run, name):
+    """One llm_only run just under the predicted largest frame count of `name`."""
+    args, fit = run.args, run.results["fit"][name]
+    with torch.inference_mode():
+        model, _ = build_model(make_config(name, args.tiny), run.device, torch.bfloat16, args)
+        frames = 48 if args.tiny else int(fit["predicted_max_frames"] * args.fit_margin) // 256 * 256
+        if run.budget.allows(llm_cost_estimate(model, frames) * 1.2, f"{name} fit verify F={frames}"):
+            timer = PhaseTimer(model, run.device)
+            rec = run_point(run, model, timer, name, frames, "llm_only")
+            rec["fit_verification"] = True
+            fit["verified_frames"] = frames
+            fit["verified_ok"] = not rec.get("oom")
+            timer.remove()
+            del timer
+            run.save()
+        del model
+        free(run.device)
 
 
 def summary(results):

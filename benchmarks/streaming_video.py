@@ -23,29 +23,39 @@ Full-size architectures with random bf16 weights (benchmarks/long_video.py's con
 
 import argparse
 import contextlib
-import gc
-import json
 import os
 import resource
 import sys
 import tempfile
 import time
-import traceback
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from long_video import build_model, log, make_config, meta  # noqa: E402
+from common import (  # noqa: E402
+    add_common_arguments,
+    build_model,
+    free,
+    log,
+    make_config,
+    mem,
+    meta,
+    random_features,
+    run_steps,
+    save,
+    sync,
+    timed,
+    video_prompt_ids,
+    weight_bytes,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny dims on the CPU (smoke test of the whole script)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results/streaming_video.json")
-    p.add_argument("--steps", default="exact,file,llm")
+    add_common_arguments(p, out="benchmarks/results/streaming_video.json")
+    p.add_argument("--steps", default="exact,file,llm", help="comma-separated, in order: exact, file, long_file, llm")
     p.add_argument("--config", default="b", help="long_video.py config: a (no compression) or b (TransV)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
     p.add_argument("--stream-chunk", type=int, default=64, help="frames per decoded chunk")
@@ -60,35 +70,23 @@ def parse_args(argv=None):
     p.add_argument("--long-gop", type=int, default=30, help="keyframe interval of the long file (frames)")
     p.add_argument("--long-sample-fps", default="3,1", help="sampling rates of the long file (one run each)")
     p.add_argument("--llm-frames", default="200000")
-    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
-    p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
-    return p.parse_args(argv)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    args = p.parse_args(argv)
+    unknown = set(args.steps.split(",")) - {"exact", "file", "long_file", "llm"}
+    if unknown:
+        p.error(f"--steps: unknown step(s) {sorted(unknown)}; the steps are exact, file, long_file, llm")
+    if args.tiny:
+        args.exact_frames, args.file_size, args.file_seconds, args.file_fps = 8, "96x64", 4, 5
+        args.llm_frames, args.prefill_chunk, args.stream_chunk = "64", 64, 8
+        args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop = "96x64", 6, 2, 4
+    return args
 
 
 def gpu_peak(device):
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return mem(device)["peak"]
 
 
 def host_peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def save(results, args):
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
 
 
 @contextlib.contextmanager
@@ -103,39 +101,17 @@ def compression_off(model):
         text.stages, text.stage_at_layer = saved
 
 
-def prompt_ids(model, frames, device, prefix=8, suffix=16):
-    cfg = model.config
-    gen = torch.Generator().manual_seed(1)
-    vocab = min(cfg.text_config.vocab_size, 131072)
-    ids = torch.cat([
-        torch.randint(100, vocab, (prefix,), generator=gen),
-        torch.full((frames * cfg.vision_tokens_per_frame,), cfg.video_token_id),
-        torch.randint(100, vocab, (suffix,), generator=gen),
-    ])
-    return ids[None].to(device)
-
-
-def random_features(model, frames, device, seed=0):
-    cfg = model.config
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (frames, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size)
-    return 0.5 * torch.randn(shape, device=device, dtype=model.dtype, generator=gen)
-
-
 def first_token(model, device, **inputs):
     """generate() of 1 greedy token; returns (seconds, output)."""
-    sync(device)
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0,
-                         return_dict_in_generate=True, output_logits=True)
-    sync(device)
-    return time.perf_counter() - start, out
+    return timed(device, lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0,
+                                                return_dict_in_generate=True, output_logits=True))
 
 
 def step_exact(model, device, args, results):
     """Chunked == unchunked on this GPU, in bf16 (with and without the compression schedule)."""
-    ids = prompt_ids(model, args.exact_frames, device)
-    features = random_features(model, args.exact_frames, device)
+    ids = video_prompt_ids(model.config, args.exact_frames, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    features = random_features(model.config, args.exact_frames, device, model.dtype, generator)
     records = []
     for label, context in (("schedule", contextlib.nullcontext()), ("no compression", compression_off(model))):
         with context:
@@ -191,29 +167,46 @@ def tiny_processor(model, size):
 
 
 def step_file(model, device, args, results):
-    from timeviper.processing_timeviper import VideoStream, streaming_chat_inputs
-
+    """A generated H.264 file to the first token: decode alone, the streaming path, the GPU alone, the one-shot path."""
     size = tuple(int(v) for v in args.file_size.split("x"))
     path = os.path.join(tempfile.mkdtemp(), "long.mp4")
-    started = time.perf_counter()
-    write_video(path, args.file_seconds, args.file_fps, size, args.gop)
+    write_s, _ = timed("cpu", lambda: write_video(path, args.file_seconds, args.file_fps, size, args.gop))
     record = {"file": {"size": args.file_size, "seconds": args.file_seconds, "fps": args.file_fps, "gop": args.gop,
                        "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
-                       "write_s": time.perf_counter() - started}}
+                       "write_s": write_s}}
     log("file written", record["file"])
     processor = tiny_processor(model, model.config.vision_config.image_size)
     messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
     sampling = {"fps": float(args.file_fps), "max_frames": args.file_seconds * args.file_fps}
+    record.update(decode_alone(path, processor, args, sampling))
+    inputs, first_logits = streaming_path(model, device, args, processor, messages, sampling, record)
+    record["gpu_alone_s"] = gpu_alone(model, device, args, path, processor, sampling, inputs, record["frames"])
+    bound = max(record["decode_alone_s"], record["gpu_alone_s"])
+    record["streaming"]["over_max_of_decode_and_gpu"] = record["streaming"]["file_to_first_token_s"] / bound
+    log(f"gpu alone {record['gpu_alone_s']:.1f} s; streaming / max(decode, gpu) = "
+        f"{record['streaming']['over_max_of_decode_and_gpu']:.2f}")
+    results["file"] = record
+    save(results, args)
+    one_shot_path(model, device, processor, messages, sampling, first_logits, record)
+    results["file"] = record
 
-    # Decode alone: the stream's frames read and dropped.
-    started = time.perf_counter()
-    frames = sum(chunk.shape[0] for chunk in VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
-    record["decode_alone_s"] = time.perf_counter() - started
-    record["frames"] = frames
-    log(f"decode alone: {frames} frames in {record['decode_alone_s']:.1f} s")
 
-    # Streaming path, file -> first token.
-    reset(device)
+def decode_alone(path, processor, args, sampling):
+    """The stream's frames read and dropped."""
+    from timeviper.processing_timeviper import VideoStream
+
+    seconds, frames = timed("cpu", lambda: sum(
+        chunk.shape[0] for chunk in VideoStream(path, processor.video_processor, args.stream_chunk, **sampling)))
+    log(f"decode alone: {frames} frames in {seconds:.1f} s")
+    return {"decode_alone_s": seconds, "frames": frames}
+
+
+def streaming_path(model, device, args, processor, messages, sampling, record):
+    """File -> first token through `streaming_chat_inputs` -> `encode_video` -> chunked prefill; returns the
+    processor's inputs and the first token's logits."""
+    from timeviper.processing_timeviper import streaming_chat_inputs
+
+    free(device)
     host_before = host_peak_bytes()
     sync(device)
     started = time.perf_counter()
@@ -232,29 +225,30 @@ def step_file(model, device, args, results):
         "tokens_in": int(inputs["input_ids"].shape[1]), "first_token": int(out.sequences[0, -1]),
     }
     log("streaming", record["streaming"])
-    first_logits = out.logits[0].float()
+    return inputs, out.logits[0].float()
 
-    # GPU alone: the same uint8 frames already in host memory -> normalise -> vision -> prefill.
-    chunks = list(VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
-    reset(device)
-    sync(device)
-    started = time.perf_counter()
-    features = model.encode_video(
-        (stream.normalize(c.to(device, non_blocking=True)).to(model.dtype) for c in chunks), num_frames=frames
-    )
-    gpu_llm_s, _ = first_token(model, device, **inputs.to(device), video_features=features,
-                               prefill_chunk_size=args.prefill_chunk)
-    record["gpu_alone_s"] = time.perf_counter() - started
-    del chunks, features
-    bound = max(record["decode_alone_s"], record["gpu_alone_s"])
-    record["streaming"]["over_max_of_decode_and_gpu"] = record["streaming"]["file_to_first_token_s"] / bound
-    log(f"gpu alone {record['gpu_alone_s']:.1f} s; streaming / max(decode, gpu) = "
-        f"{record['streaming']['over_max_of_decode_and_gpu']:.2f}")
-    results["file"] = record
-    save(results, args)
 
-    # Today's one-shot path: the processor's pixels of every frame, then an unchunked prefill.
-    reset(device)
+def gpu_alone(model, device, args, path, processor, sampling, inputs, frames):
+    """Seconds from the same uint8 frames already in host memory: normalise -> vision -> chunked prefill."""
+    from timeviper.processing_timeviper import VideoStream
+
+    stream = VideoStream(path, processor.video_processor, args.stream_chunk, **sampling)
+    chunks = list(stream)
+    free(device)
+
+    def run():
+        pixels = (stream.normalize(c.to(device, non_blocking=True)).to(model.dtype) for c in chunks)
+        features = model.encode_video(pixels, num_frames=frames)
+        return first_token(model, device, **inputs.to(device), video_features=features,
+                           prefill_chunk_size=args.prefill_chunk)
+
+    seconds, _ = timed(device, run)
+    return seconds
+
+
+def one_shot_path(model, device, processor, messages, sampling, first_logits, record):
+    """The processor's pixels of every frame, then an unchunked prefill (compared with the streaming path)."""
+    free(device)
     started = time.perf_counter()
     batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt", processor_kwargs=sampling)
@@ -270,24 +264,19 @@ def step_file(model, device, args, results):
     }
     record["first_logits_max_abs_diff_vs_streaming"] = (out.logits[0].float() - first_logits).abs().max().item()
     log("one-shot", record["one_shot"], "logit diff", record["first_logits_max_abs_diff_vs_streaming"])
-    del pixels
-    results["file"] = record
 
 
 def step_long_file(model, device, args, results):
     """A long file (`--long-file-seconds` at `--long-file-fps`), sampled at each rate of `--long-sample-fps`: the
-    streaming path from the file to the first token (host peak RSS, GPU peak), decode alone, and the GPU alone on the
-    same decoded frames. The one-shot path is left out: its host memory (1.77 MB of float32 pixels per frame, plus the
-    decoded frames) exceeds this machine's at these lengths."""
-    from timeviper.processing_timeviper import VideoStream, streaming_chat_inputs
-
+    streaming path first (host peak RSS only grows, so it is read before anything else held frames), then decode
+    alone and the GPU alone. No one-shot run: its host memory (1.77 MB of float32 pixels per frame next to the
+    decoded frames) exceeds the machine's at these lengths."""
     size = tuple(int(v) for v in args.long_file_size.split("x"))
     path = os.path.join(tempfile.mkdtemp(), "long.mp4")
-    started = time.perf_counter()
-    write_video(path, args.long_file_seconds, args.long_file_fps, size, args.long_gop)
+    write_s, _ = timed("cpu", lambda: write_video(path, args.long_file_seconds, args.long_file_fps, size, args.long_gop))
     spec = {"size": args.long_file_size, "seconds": args.long_file_seconds, "fps": args.long_file_fps,
             "gop": args.long_gop, "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
-            "write_s": time.perf_counter() - started}
+            "write_s": write_s}
     log("long file written", spec)
     results["long_file"] = {"file": spec, "points": []}
     processor = tiny_processor(model, model.config.vision_config.image_size)
@@ -295,45 +284,12 @@ def step_long_file(model, device, args, results):
     for fps in [float(f) for f in args.long_sample_fps.split(",")]:
         sampling = {"fps": fps, "max_frames": 10**7}
         point = {"sample_fps": fps}
-        reset(device)
-        host_before = host_peak_bytes()
-        sync(device)
-        started = time.perf_counter()
-        inputs, (stream,) = streaming_chat_inputs(processor, messages, chunk_frames=args.stream_chunk, **sampling)
-        opened = time.perf_counter()
-        features = model.encode_video(stream.pixel_chunks(device, model.dtype), num_frames=stream.num_frames)
-        sync(device)
-        encoded = time.perf_counter()
-        llm_s, out = first_token(model, device, **inputs.to(device), video_features=features,
-                                 prefill_chunk_size=args.prefill_chunk)
-        point["streaming"] = {
-            "file_to_first_token_s": time.perf_counter() - started, "open_s": opened - started,
-            "vision_s_overlapped_with_decode": encoded - opened, "decode_thread_s": stream.decode_seconds,
-            "llm_prefill_s": llm_s, "gpu_peak_bytes": gpu_peak(device), "host_peak_rss_bytes": host_peak_bytes(),
-            "host_peak_rss_before_bytes": host_before, "tokens_in": int(inputs["input_ids"].shape[1]),
-            "first_token": int(out.sequences[0, -1]),
-        }
-        point["frames"] = stream.num_frames
-        del features, out
-        log("long file, streaming", point)
-        # Decode alone (frames kept, uint8 at the model's size), then the GPU alone on those frames.
-        started = time.perf_counter()
-        chunks = list(VideoStream(path, processor.video_processor, args.stream_chunk, **sampling))
-        point["decode_alone_s"] = time.perf_counter() - started
-        reset(device)
-        sync(device)
-        started = time.perf_counter()
-        features = model.encode_video(
-            (stream.normalize(c.to(device, non_blocking=True)).to(model.dtype) for c in chunks),
-            num_frames=point["frames"],
-        )
-        first_token(model, device, **inputs.to(device), video_features=features, prefill_chunk_size=args.prefill_chunk)
-        point["gpu_alone_s"] = time.perf_counter() - started
-        del chunks, features
+        inputs, _ = streaming_path(model, device, args, processor, messages, sampling, point)
+        point.update(decode_alone(path, processor, args, sampling))
+        point["gpu_alone_s"] = gpu_alone(model, device, args, path, processor, sampling, inputs, point["frames"])
         bound = max(point["decode_alone_s"], point["gpu_alone_s"])
         point["streaming"]["over_max_of_decode_and_gpu"] = point["streaming"]["file_to_first_token_s"] / bound
-        log("long file", {k: v for k, v in point.items() if k != "streaming"},
-            "ratio", point["streaming"]["over_max_of_decode_and_gpu"])
+        log("long file", {k: v for k, v in point.items() if k != "streaming"})
         results["long_file"]["points"].append(point)
         save(results, args)
 
@@ -349,8 +305,7 @@ def random_feature_stream(model, frames, device, chunk=256, seed=0):
     def chunks():
         for start in range(0, frames, chunk):
             n = min(chunk, frames - start)
-            yield 0.5 * torch.randn(n, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size, device=device,
-                                    dtype=model.dtype, generator=gen)
+            yield random_features(cfg, n, device, model.dtype, gen)
 
     return StreamedVideoFeatures(lambda features: features, [(chunks(), frames)], cfg.vision_tokens_per_frame,
                                  cfg.text_config.hidden_size)
@@ -358,16 +313,16 @@ def random_feature_stream(model, frames, device, chunk=256, seed=0):
 
 def step_llm(model, device, args, results):
     for frames in [int(f) for f in args.llm_frames.split(",") if f]:
-        ids = prompt_ids(model, frames, device)
+        ids = video_prompt_ids(model.config, frames, device)
         features = random_feature_stream(model, frames, device)
         record = {"frames": frames, "tokens_in": int(ids.shape[1]),
                   "features": "random, streamed into the prefill a chunk of 256 frames at a time (vision left out)"}
-        reset(device)
+        free(device)
         try:
             seconds, _ = first_token(model, device, input_ids=ids, video_features=features,
                                      prefill_chunk_size=args.prefill_chunk)
             record.update(oom=False, prefill_and_first_token_s=seconds, gpu_peak_bytes=gpu_peak(device),
-                          gpu_reserved_peak_bytes=torch.cuda.max_memory_reserved() if device.type == "cuda" else 0)
+                          gpu_reserved_peak_bytes=mem(device)["reserved_peak"])
         except torch.OutOfMemoryError as err:
             record.update(oom=True, error=str(err).splitlines()[0][:300], gpu_peak_bytes=gpu_peak(device))
         log("llm", record)
@@ -378,25 +333,14 @@ def step_llm(model, device, args, results):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.tiny:
-        args.exact_frames, args.file_size, args.file_seconds, args.file_fps = 8, "96x64", 4, 5
-        args.llm_frames, args.prefill_chunk, args.stream_chunk = "64", 64, 8
-        args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop = "96x64", 6, 2, 4
     torch.set_grad_enabled(False)
     results = {"meta": meta(device, args), "config": args.config}
     model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    results["model"] = {"build_s": build_s, "weight_bytes": weights, "token_compression": model.config.token_compression}
+    results["model"] = {"build_s": build_s, "weight_bytes": weight_bytes(model),
+                        "token_compression": model.config.token_compression}
     log("model built", results["model"])
     steps = {"exact": step_exact, "file": step_file, "long_file": step_long_file, "llm": step_llm}
-    for name in args.steps.split(","):
-        try:
-            with torch.inference_mode():
-                steps[name](model, device, args, results)
-        except Exception:  # noqa: BLE001 - one failed step must not lose the others' measurements
-            results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
-            log(f"step {name} failed:", results["errors"][name])
-        save(results, args)
+    run_steps([(name, steps[name]) for name in args.steps.split(",")], model, device, args, results)
     log("done")
 
 

@@ -20,25 +20,31 @@ the frames are random pixels of the right shape, which the real vision tower enc
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from long_video import build_model, log, make_config, meta  # noqa: E402
+from common import (  # noqa: E402
+    add_common_arguments,
+    build_model,
+    log,
+    make_config,
+    mem,
+    meta,
+    run_steps,
+    timed,
+    video_prompt_ids,
+    weight_bytes,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny dims on the CPU (smoke test of the whole script)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results/video_state.json")
+    add_common_arguments(p, out="benchmarks/results/video_state.json")
     p.add_argument("--config", default="b", help="long_video.py config (b: the paper's TransV schedule)")
     p.add_argument("--frames", type=int, default=4096)
     p.add_argument("--questions", type=int, default=10)
@@ -46,22 +52,10 @@ def parse_args(argv=None):
                    help="independent runs timed (default: one per question); fewer are extrapolated to all questions")
     p.add_argument("--question-tokens", type=int, default=24, help="tokens after the video in each prompt")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
-    p.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
-    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
-    return p.parse_args(argv)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device, fn):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.frames, args.prefill_chunk, args.question_tokens = 16, 64, 6
+    return args
 
 
 def pixel_chunks(model, frames, device):
@@ -76,14 +70,10 @@ def pixel_chunks(model, frames, device):
 
 def prompts(model, args, device):
     """`--questions` prompts: the same 8-token prefix and video, a different question after it for each."""
-    cfg = model.config
-    vocab = min(cfg.text_config.vocab_size, 131072)
-    gen = torch.Generator().manual_seed(1)
-    prefix = torch.cat([
-        torch.randint(100, vocab, (8,), generator=gen),
-        torch.full((args.frames * cfg.vision_tokens_per_frame,), cfg.video_token_id),
-    ])
-    return [torch.cat([prefix, torch.randint(100, vocab, (args.question_tokens,), generator=gen)])[None].to(device)
+    prefix = video_prompt_ids(model.config, args.frames, device, suffix=0)
+    vocab = min(model.config.text_config.vocab_size, 131072)
+    gen = torch.Generator().manual_seed(2)
+    return [torch.cat([prefix, torch.randint(100, vocab, (1, args.question_tokens), generator=gen).to(device)], 1)
             for _ in range(args.questions)]
 
 
@@ -144,7 +134,7 @@ def step_timing(model, device, args, results):
         "per_question_reused_median_s": sorted(per_question)[len(per_question) // 2],
         "question_only_floor_median_s": sorted(floors)[len(floors) // 2],
         "per_question_over_floor": sorted(per_question)[len(per_question) // 2] / sorted(floors)[len(floors) // 2],
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+        "gpu_peak_bytes": mem(device)["peak"],
     }
     log("summary", results["summary"])
     step_disk(model, state, device, results)
@@ -183,32 +173,17 @@ def step_exact(model, device, args, results):
     results["exact"] = records
 
 
-def save(results, args):
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-
-
 @torch.no_grad()  # for the call only: a test that runs main() in-process keeps its own grad mode
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.tiny:
-        args.frames, args.prefill_chunk, args.question_tokens = 16, 64, 6
     results = {"meta": meta(device, args), "config": args.config,
                "pixels": "random normalised frames of the right shape through the real-size vision tower"}
     model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
     results["model"] = {"build_s": build_s, "token_compression": model.config.token_compression,
-                        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+                        "weight_bytes": weight_bytes(model)}
     log("model built", results["model"])
-    for name, step in (("timing", step_timing), ("exact", step_exact)):
-        try:
-            with torch.inference_mode():
-                step(model, device, args, results)
-        except Exception:  # noqa: BLE001 - one failed step must not lose the others' measurements
-            results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
-            log(f"step {name} failed:", results["errors"][name])
-        save(results, args)
+    run_steps([("timing", step_timing), ("exact", step_exact)], model, device, args, results)
     log("done")
 
 

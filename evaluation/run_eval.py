@@ -49,73 +49,100 @@ def build_model_answer_fn(
     device: str,
     dtype: str,
 ) -> AnswerFn:
-    """Load a Hub-format TimeViper checkpoint and return ``answer_fn(record, prompt_text, answer_prompt) -> str``.
-
-    This is the only code that touches the model. Greedy decoding at batch size 1, as in the reference (§6.3).
-    The answer prompt (``Best Option: (`` for MCQ) is tokenised without special tokens and appended after the
-    assistant header; only the new tokens are decoded. The video streams from its file through the vision tower
-    and the prefill runs in chunks (`inference.streaming`: bounded memory at any length, the same answer as the
-    processor's one-shot path); the sampling options apply per video item. Consecutive questions about the same
-    video (and clip and sampling) share its state (`encode_video_state`): the video is decoded, encoded and
-    prefilled once, and each further question costs its own tokens plus the compression stages that depend on it
-    (`run` orders each shard's items by video for this).
-    """
+    """Load a Hub-format TimeViper checkpoint and return ``answer_fn(record, prompt_text, answer_prompt) -> str``
+    (a `VideoStateAnswerer`). This is the only code that touches the model."""
     import torch
     from transformers import AutoProcessor
 
-    from inference.streaming import PREFILL_CHUNK_TOKENS, stream_conversation, video_prompt_ids
-
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = load_checkpoint(model_path, torch_dtype)
+    model = load_checkpoint(model_path, "auto" if dtype == "auto" else getattr(torch, dtype))
     model.to(device).eval()
-    answer_prompt_ids: dict[str, torch.Tensor] = {}
-    last_video = {"key": None}  # the state of the last video asked about, reused while its questions come
+    return VideoStateAnswerer(model, processor, task, sampling, max_new_tokens, device)
 
-    def answer_fn(record: dict, prompt_text: str, answer_prompt: str | None) -> str:
-        video = {"type": "video", "path": record["video"], "fps": sampling.fps, "max_frames": sampling.max_frames}
-        video_kwargs = sampling.processor_kwargs()
-        if sampling.rule == "auto":  # the reference rule samples the whole video and ignores clip bounds
+
+class VideoStateAnswerer:
+    """Greedy decoding at batch size 1, as in the reference (§6.3). The answer prompt (``Best Option: (`` for MCQ) is
+    tokenised without special tokens and appended after the assistant header; only the new tokens are decoded. The
+    video streams from its file through the vision tower and the prefill runs in chunks (`inference.streaming`:
+    bounded memory at any length, the same answer as the processor's one-shot path); the sampling options apply per
+    video item. Consecutive questions about the same video (and clip and sampling) share its state
+    (`encode_video_state`): the video is decoded, encoded and prefilled once, and each further question costs its own
+    tokens plus the compression stages that depend on it (`run` orders each shard's items by video for this)."""
+
+    def __init__(self, model, processor, task: str, sampling: FrameSampling, max_new_tokens: int, device: str):
+        self.model, self.processor, self.task, self.sampling = model, processor, task, sampling
+        self.max_new_tokens, self.device = max_new_tokens, device
+        self.answer_prompt_ids = {}
+        # The state of the last video asked about, reused while its questions come.
+        self.video_key = self.state = self.num_frames = None
+
+    def __call__(self, record: dict, prompt_text: str, answer_prompt: str | None) -> str:
+        import torch
+
+        input_ids = self.prompt_ids(record, prompt_text)
+        if answer_prompt:
+            input_ids = torch.cat([input_ids, self.tokenized(answer_prompt).to(input_ids.dtype)], dim=1)
+        input_ids = input_ids.to(self.device)
+        with torch.inference_mode():
+            output_ids = self.model.generate_from_video_state(
+                self.state, input_ids, max_new_tokens=self.max_new_tokens, do_sample=False
+            )
+        return self.processor.tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+    def prompt_ids(self, record: dict, prompt_text: str):
+        """The prompt's ids; a video other than the last one is streamed, encoded and prefilled into `self.state`."""
+        from inference.streaming import video_prompt_ids
+
+        video = {"type": "video", "path": record["video"], "fps": self.sampling.fps,
+                 "max_frames": self.sampling.max_frames}
+        video_kwargs = self.sampling.processor_kwargs()
+        if self.sampling.rule == "auto":  # the reference rule samples the whole video and ignores clip bounds
             for key in ("start", "end"):
                 if record.get(key) is not None:
                     video[key] = video_kwargs[key] = record[key]
         conversation = [{"role": "user", "content": [video, {"type": "text", "text": prompt_text}]}]
         key = json.dumps([video, video_kwargs], sort_keys=True, default=str)
-        if key == last_video["key"]:
-            input_ids = video_prompt_ids(processor, conversation, last_video["num_frames"])
-        else:
-            last_video.update(key=None, state=None)  # the previous state's memory goes before this one is built
-            with torch.inference_mode():
-                inputs, video_features, streams = stream_conversation(model, processor, conversation, **video_kwargs)
-                input_ids = inputs["input_ids"]
-                state = model.encode_video_state(
-                    input_ids.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS
-                )
-            del video_features
-            last_video.update(key=key, state=state, num_frames=streams[0].num_frames)
-            if task == "grounding":
-                stated = sampling.num_frames(record["duration"])
-                if streams[0].num_frames != stated:
-                    print(
-                        f"warning: item {record['id']!r}: the prompt states {stated} frames but "
-                        f"{streams[0].num_frames} were sampled (does the annotated duration match the video?)",
-                        file=sys.stderr,
-                    )
-        if answer_prompt:
-            if answer_prompt not in answer_prompt_ids:
-                answer_prompt_ids[answer_prompt] = processor.tokenizer(
-                    answer_prompt, add_special_tokens=False, return_tensors="pt"
-                )["input_ids"]
-            input_ids = torch.cat([input_ids, answer_prompt_ids[answer_prompt].to(input_ids.dtype)], dim=1)
-        input_ids = input_ids.to(device)
-        with torch.inference_mode():
-            output_ids = model.generate_from_video_state(
-                last_video["state"], input_ids, max_new_tokens=max_new_tokens, do_sample=False
-            )
-        new_tokens = output_ids[0, input_ids.shape[1] :]
-        return processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        if key == self.video_key:
+            return video_prompt_ids(self.processor, conversation, self.num_frames)
+        input_ids = self.encode_video(conversation, video_kwargs)
+        self.video_key = key
+        if self.task == "grounding":
+            self.check_frame_count(record)
+        return input_ids
 
-    return answer_fn
+    def encode_video(self, conversation: list[dict], video_kwargs: dict):
+        import torch
+
+        from inference.streaming import PREFILL_CHUNK_TOKENS, stream_conversation
+
+        self.video_key = self.state = None  # the previous state's memory goes before this one is built
+        with torch.inference_mode():
+            inputs, video_features, streams = stream_conversation(
+                self.model, self.processor, conversation, **video_kwargs
+            )
+            self.state = self.model.encode_video_state(
+                inputs["input_ids"].to(self.device), video_features=video_features,
+                prefill_chunk_size=PREFILL_CHUNK_TOKENS,
+            )
+        self.num_frames = streams[0].num_frames
+        return inputs["input_ids"]
+
+    def check_frame_count(self, record: dict) -> None:
+        """A grounding prompt states the number of frames from the annotated duration: warn when it differs."""
+        stated = self.sampling.num_frames(record["duration"])
+        if self.num_frames != stated:
+            print(
+                f"warning: item {record['id']!r}: the prompt states {stated} frames but {self.num_frames} were "
+                "sampled (does the annotated duration match the video?)",
+                file=sys.stderr,
+            )
+
+    def tokenized(self, answer_prompt: str):
+        if answer_prompt not in self.answer_prompt_ids:
+            self.answer_prompt_ids[answer_prompt] = self.processor.tokenizer(
+                answer_prompt, add_special_tokens=False, return_tensors="pt"
+            )["input_ids"]
+        return self.answer_prompt_ids[answer_prompt]
 
 
 def probe_duration(video_path: str) -> float:

@@ -24,15 +24,19 @@ from evaluation.tasks import FrameSampling, compute_metrics, run_items
 from inference.trained_default import MODEL_DIR, materialize_checkpoint
 from training.synthetic import HELD_OUT_SEED_START, NeedleClip
 
+REPO = Path(__file__).resolve().parents[1]
 # The TransV stages of the trained schedule (training/train_default.py): uniform before block 3, attention-guided
 # before block 6. "drop" keeps the same tokens and leaves the TransV weights unused (dropped tokens are discarded).
 TRAINED_KEEP_RATIOS = (0.5, 0.1)
-
-
 TRAINED_BLOCKS = (3, 6)
+# Evaluation seeds: disjoint from training (below HELD_OUT_SEED_START) and from the tests' and ask's held-out clips.
+ABLATION_SEED_START = HELD_OUT_SEED_START + 100_000
+SEEDS_PER_SET = 10_000
 
 
-def schedules(keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = TRAINED_BLOCKS) -> list[tuple[str, tuple | None, str]]:
+def schedules(
+    keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = TRAINED_BLOCKS
+) -> list[tuple[str, tuple | None, str]]:
     """(method, keep ratios, token_compression) for no compression, then dropping and TransV at each ratio pair.
 
     TransV stage i always runs the weights trained for stage i (before block 3 or 6); other `blocks` move them."""
@@ -42,12 +46,6 @@ def schedules(keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = 
         rows.append(("drop", (first, second), f"unidrop_{uniform}_{first}-attndrop_{attention}_{second}"))
         rows.append(("transv", (first, second), f"uni_{uniform}_{first}-attn_{attention}_{second}"))
     return rows
-
-
-REPO = Path(__file__).resolve().parents[1]
-# Evaluation seeds: disjoint from training (below HELD_OUT_SEED_START) and from the tests' and ask's held-out clips.
-ABLATION_SEED_START = HELD_OUT_SEED_START + 100_000
-SEEDS_PER_SET = 10_000
 
 
 def held_out_records(video_dir: Path, num_frames: int, set_index: int, clips_per_set: int) -> list[dict]:
@@ -61,8 +59,10 @@ def held_out_records(video_dir: Path, num_frames: int, set_index: int, clips_per
 
 
 def evaluate(args) -> dict:
+    model = args.model.resolve()
     results = {
-        "model": str(args.model.resolve().relative_to(REPO)) if args.model.resolve().is_relative_to(REPO) else str(args.model), "blocks": args.blocks, "lengths": args.lengths, "num_sets": args.num_sets,
+        "model": str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(args.model),
+        "blocks": args.blocks, "lengths": args.lengths, "num_sets": args.num_sets,
         "clips_per_set": args.clips_per_set, "chance": 25.0, "runs": [],
     }
     with tempfile.TemporaryDirectory() as scratch:

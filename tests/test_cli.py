@@ -4,13 +4,14 @@ inputs, and the evaluation harness on a real (tiny) checkpoint."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from inference.tiny_default import build_tiny_default, write_sample_video
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_module(*args, timeout=300):

@@ -28,18 +28,15 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import TrainerCallback
 
+from tiny_assets import write_test_video
+
+from timeviper.configuration_timeviper import AUTO_MAP
+from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+from timeviper.processing_timeviper import TimeViperProcessor
+from training import train
+from training.data import TimeViperDataCollator, TimeViperSFTDataset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tiny_assets import write_test_video  # noqa: E402
-
-from timeviper.configuration_timeviper import AUTO_MAP  # noqa: E402
-from timeviper.modeling_timeviper import TimeViperForConditionalGeneration  # noqa: E402
-from timeviper.processing_timeviper import TimeViperProcessor  # noqa: E402
-from training import train  # noqa: E402
-from training.data import TimeViperDataCollator, TimeViperSFTDataset  # noqa: E402
-
 # Four videos of 2-5 s (12 fps, 32x32) whose colours differ, so the answers can depend on what is seen.
 VIDEOS = [("v0.mp4", 24, 0), ("v1.mp4", 36, 1000), ("v2.mp4", 48, 2000), ("v3.mp4", 60, 3000)]
 ANSWERS_A = ["Red.", "Blue sky.", "A cat.", "Two dogs."]

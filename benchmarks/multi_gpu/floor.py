@@ -21,6 +21,7 @@ from benchmarks.long_video import (
     compression_flops,
     linear_params,
     llm_flops,
+    tokens_per_block,
     tome_proj_flops_per_frame,
     vision_flops_per_frame,
 )
@@ -42,17 +43,6 @@ def meta_model(tiny: bool, schedule: str | None) -> TimeViperForConditionalGener
     config = make_config(make_tiny_tokenizer("nemotron_h"), tiny, schedule)
     with torch.device("meta"):
         return TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-
-
-def tokens_per_block(model, vision_tokens: int, text_tokens: int) -> list[int]:
-    language_model = model.model.language_model
-    tokens, vision = [], vision_tokens
-    for layer_idx in range(len(language_model.layers)):
-        if layer_idx in language_model.stage_at_layer:
-            stage = language_model.stages[language_model.stage_at_layer[layer_idx]]
-            vision = min(vision, int(vision_tokens * stage.keep_ratio))
-        tokens.append(text_tokens + vision)
-    return tokens
 
 
 def training_step_flops(model, frames: int, sample_tokens: int) -> dict:

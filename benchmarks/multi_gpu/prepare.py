@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import TINY_NANO, TINY_VISION
 from inference.tiny_default import make_processor, make_tiny_tokenizer, use_tokenizer_ids, write_sample_video
 from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
@@ -34,11 +35,6 @@ from training.train import copy_remote_code
 SCHEDULE = "uni_7_0.5-attn_39_0.05"
 VIDEO_FPS = 8
 VIDEO_SIZE = 64
-# --tiny: the same 56-block hybrid pattern (so the schedule's blocks 7 and 39 exist), every width tiny.
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
-                   patch_size=8)
-TINY_TEXT = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                 mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
 TRAIN_TURNS = [{"role": "user", "content": "<video>What happens in this video?"},
                {"role": "assistant", "content": "A red square slides from the left edge to the right edge."}]
 MODULE_PREFIXES = {"vision": "model.vision_tower.", "projector": "model.multi_modal_projector.",
@@ -62,7 +58,7 @@ def make_config(tokenizer, tiny: bool, schedule: str | None, **text_overrides) -
     """Full-size (or --tiny) TimeViper whose placeholder and special ids are the byte-level tokenizer's."""
     special_ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=tokenizer.bos_token_id)
-    text = nano_9b_v2_text_config(**special_ids, **(TINY_TEXT if tiny else {}), **text_overrides)
+    text = nano_9b_v2_text_config(**special_ids, **(TINY_NANO if tiny else {}), **text_overrides)
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"the tokenizer's {len(tokenizer)} ids do not fit the vocabulary of {text.vocab_size}")
     return TimeViperConfig(

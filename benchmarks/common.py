@@ -1,0 +1,193 @@
+"""What the single-GPU benchmarks (long_video.py, streaming_video.py, video_state.py) share: their model configs,
+the model build, the run's metadata, logging, timing, memory readings and the JSON they write after every step."""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+# The three LLM setups behind the same SigLIP so400m/14-384 + ToMe (16 tokens/frame) + MLP stack.
+CONFIGS = {
+    "a": dict(backbone="nano", compression=None, label="Nano-9B-v2 hybrid, no compression"),
+    "b": dict(backbone="nano", compression="uni_7_0.5-attn_39_0.05", label="Nano-9B-v2 hybrid + TransV uni_7_0.5-attn_39_0.05"),
+    "c": dict(backbone="qwen", compression=None, label="Qwen2.5-7B architecture, no compression"),
+}
+# --tiny: every width tiny, the layer patterns of the full-size configs kept (so a schedule's blocks exist).
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                   patch_size=8)
+TINY_NANO = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                 mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
+T0 = time.perf_counter()
+
+
+def log(*args):
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *args, flush=True)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test of the whole script)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=out, help="JSON written after every step")
+    parser.add_argument("--memory-cap-gib", type=float, default=79.0,
+                        help="cap PyTorch's allocator here when the card is larger (H200), to emulate an 80 GB H100")
+    parser.add_argument("--vision-chunk", type=int, default=None, help="override config.vision_chunk_size")
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device):
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def timed(device, fn):
+    """(seconds, result) of `fn()`, with the device's queued work finished at both ends."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def free(device):
+    """Drop what Python no longer references, return the cached blocks and restart the peak counters."""
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def mem(device):
+    if not is_cuda(device):
+        return {"allocated": 0, "peak": 0, "reserved_peak": 0}
+    return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated(),
+            "reserved_peak": torch.cuda.max_memory_reserved()}
+
+
+def save(results, args):
+    """Write the JSON through a temporary file, so that a run killed mid-write keeps the previous step's."""
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(tmp, args.out)
+
+
+def make_config(name, tiny):
+    from transformers import Qwen2Config
+
+    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
+
+    spec = CONFIGS[name]
+    if tiny:
+        vision = so400m_vision_config(**TINY_VISION)
+        nano = nano_9b_v2_text_config(**TINY_NANO)
+        qwen = Qwen2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=640, rope_theta=1e6, rms_norm_eps=1e-6,
+                           tie_word_embeddings=False)
+    else:
+        vision = so400m_vision_config()
+        nano = nano_9b_v2_text_config()
+        qwen = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6,
+                           max_position_embeddings=32768, tie_word_embeddings=False)
+    text = nano if spec["backbone"] == "nano" else qwen
+    # Placeholder ids outside the vocabulary, so that a generated token can never be taken for a placeholder.
+    vocab = text.vocab_size
+    return TimeViperConfig(vision_config=vision, text_config=text, token_compression=spec["compression"],
+                           image_token_id=vocab, video_token_id=vocab + 1)
+
+
+def build_model(cfg, device, dtype, args):
+    """The model with random weights, built directly on `device`; returns (model, seconds)."""
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+    if args.vision_chunk:
+        cfg.vision_chunk_size = args.vision_chunk
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.device(device):
+        model = TimeViperForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    sync(device)
+    return model, time.perf_counter() - t
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def video_prompt_ids(cfg, frames, device, prefix=8, suffix=16, seed=1):
+    """Random text ids around `frames` frames of video placeholders, as a (1, tokens) tensor on `device`."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.text_config.vocab_size, 131072)
+    ids = torch.cat([
+        torch.randint(100, vocab, (prefix,), generator=gen),
+        torch.full((frames * cfg.vision_tokens_per_frame,), cfg.video_token_id),
+        torch.randint(100, vocab, (suffix,), generator=gen),
+    ])
+    return ids[None].to(device)
+
+
+def random_features(cfg, frames, device, dtype, generator):
+    """Random projector outputs of the right shape for `frames` frames (the vision side left out)."""
+    shape = (frames, cfg.vision_tokens_per_frame, cfg.text_config.hidden_size)
+    return 0.5 * torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+
+def meta(device, args):
+    """Versions, the GPU and its measured size; on a card larger than an 80 GB H100, the allocator is capped here."""
+    import transformers
+
+    import timeviper.modeling_timeviper as tm
+
+    info = {"gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None) is not None, "argv": sys.argv,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device), "tiny": args.tiny,
+            "mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined is not None,
+            "selective_state_update": tm.selective_state_update is not None,
+            "causal_conv": ("causal-conv1d's CUDA kernel (prefill; F.conv1d for single-token steps)"
+                            if tm.causal_conv1d_fn is not None else
+                            "torch.nn.functional.conv1d on CUDA (causal-conv1d not installed); 4 multiply-adds on CPU"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    for mod in ("triton", "mamba_ssm", "causal_conv1d"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as err:  # noqa: BLE001
+            info[mod] = f"not importable: {type(err).__name__}"
+    if is_cuda(device):
+        props = torch.cuda.get_device_properties(0)
+        free_b, total_b = torch.cuda.mem_get_info()
+        info.update(gpu=props.name, gpu_total_bytes=total_b, sm_count=props.multi_processor_count,
+                    cuda=torch.version.cuda)
+        cap = args.memory_cap_gib * 2**30
+        if total_b > cap * 1.03:
+            torch.cuda.set_per_process_memory_fraction(cap / total_b)
+            info["memory_cap_bytes"] = cap
+            info["memory_cap_note"] = "card larger than an 80 GB H100: allocator capped to emulate one"
+        else:
+            info["memory_cap_bytes"] = total_b - 2**30  # CUDA context and allocator slack
+    return info
+
+
+def run_steps(steps, model, device, args, results):
+    """Run each named step under inference mode, saving after each; a failed step's traceback goes into
+    results["errors"] and the others still run."""
+    import traceback
+
+    for name, step in steps:
+        try:
+            with torch.inference_mode():
+                step(model, device, args, results)
+        except Exception:  # noqa: BLE001 - one failed step must not lose the others' measurements
+            results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
+            log(f"step {name} failed:", results["errors"][name])
+        save(results, args)
