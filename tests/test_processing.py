@@ -410,9 +410,10 @@ def test_remote_code_imports_are_guarded():
     """transformers' check_imports treats unguarded imports as required; PyAV must stay optional."""
     from transformers.dynamic_module_utils import check_imports, get_imports
 
-    path = os.path.join(REPO_ROOT, "processing_timeviper.py")
-    assert "av" not in get_imports(path)
-    check_imports(path)
+    for name in ("processing_timeviper.py", "video_processing_timeviper.py"):
+        path = os.path.join(REPO_ROOT, name)
+        assert "av" not in get_imports(path)
+        check_imports(path)
     # Importing registers nothing (checked in a fresh process: other tests register classes on purpose).
     probe = "import timeviper.processing_timeviper as p; print(p.TimeViperProcessor._auto_class, p.TimeViperVideoProcessor._auto_class)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

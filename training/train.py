@@ -54,7 +54,9 @@ from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
 
-REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
+REMOTE_CODE_FILES = (
+    "configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py", "video_processing_timeviper.py"
+)
 # Mamba-2's A_log, D and dt_bias and TransV's gates (`merge_modules.<stage>.alpha`) are never weight-decayed (besides
 # biases and norms).
 NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
@@ -191,7 +193,9 @@ def build_from_checkpoint(args: TimeViperArguments):
     )
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
-    processor.tokens_per_frame = config.vision_tokens_per_frame
+    if args.projector_type is not None:  # a new projector type embeds its own number of tokens per frame
+        processor.tokens_per_frame = config.vision_tokens_per_frame
+    processor.check_model_config(config)
     # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
     check_loading_info(model, loading_info, args.model, transfer_initialised=True)
     missing = loading_info["missing_keys"]
