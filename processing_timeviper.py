@@ -23,50 +23,20 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
 
-from .video_processing_timeviper import (  # noqa: F401  re-exported: the processing API has one import path
-    SAMPLING_KEYS,
-    TimeViperImageProcessor,
-    TimeViperVideoMetadata,
-    TimeViperVideoProcessor,
-    TimeViperVideoProcessorKwargs,
-    VideoDecodeError,
-    VideoStream,
-    decode_video_pyav,
-    merge_sampling,
-    reference_eval_indices,
-    rescale_and_normalize,
-    sample_frame_indices,
-    transform_frames,
-    uniform_indices,
+from .video_processing_timeviper import (  # noqa: F401  re-exported: one import path for the processing API
+    SAMPLING_KEYS, TimeViperImageProcessor, TimeViperVideoMetadata, TimeViperVideoProcessor,
+    TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, merge_sampling,
+    reference_eval_indices, rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices,
 )
 
 
 __all__ = [
-    "CHAT_TEMPLATES",
-    "GROUNDING_PREAMBLE",
-    "MCQ_ANSWER_PROMPT",
-    "MCQ_INSTRUCTION",
-    "NEMOTRON_H_CHAT_TEMPLATE",
-    "QWEN2_CHAT_TEMPLATE",
-    "TimeViperImageProcessor",
-    "TimeViperProcessor",
-    "TimeViperVideoMetadata",
-    "TimeViperVideoProcessor",
-    "TimeViperVideoProcessorKwargs",
-    "VideoDecodeError",
-    "VideoStream",
-    "build_labels",
-    "decode_video_pyav",
-    "get_chat_template",
-    "grounding_preamble",
-    "mcq_prompt",
-    "pad_batch",
-    "reference_eval_indices",
-    "rescale_and_normalize",
-    "sample_frame_indices",
-    "streaming_chat_inputs",
-    "transform_frames",
-    "uniform_indices",
+    "CHAT_TEMPLATES", "GROUNDING_PREAMBLE", "MCQ_ANSWER_PROMPT", "MCQ_INSTRUCTION", "NEMOTRON_H_CHAT_TEMPLATE",
+    "QWEN2_CHAT_TEMPLATE", "TimeViperImageProcessor", "TimeViperProcessor", "TimeViperVideoMetadata",
+    "TimeViperVideoProcessor", "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "build_labels",
+    "decode_video_pyav", "get_chat_template", "grounding_preamble", "mcq_prompt", "pad_batch",
+    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "streaming_chat_inputs",
+    "transform_frames", "uniform_indices",
 ]
 
 IGNORE_INDEX = -100
@@ -327,7 +297,8 @@ class TimeViperProcessor(ProcessorMixin):
         if video_processor is None:
             video_processor = TimeViperVideoProcessor()
         if image_processor is None:
-            image_processor = TimeViperImageProcessor(size=dict(video_processor.size))
+            size = video_processor.size
+            image_processor = TimeViperImageProcessor(size={"height": size["height"], "width": size["width"]})
         if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
             raise ValueError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}.")
         self.tokens_per_frame = tokens_per_frame

@@ -32,14 +32,7 @@ Frame sampling rules (`sample_frame_indices`, pure functions of the video's fram
   indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
 
 Options come from three levels, each over the one before: the video processor's attributes, the call's kwargs, and
-a video's own dict (`merge_sampling`).
-
-Decoding (`decode_video_pyav`): one demux pass numbers the frames by presentation timestamp; then only the groups of
-pictures that hold wanted frames are decoded (seeking over long stretches without one). Every decoded frame is
-identified by its timestamp, so ``metadata.frames_indices`` and ``metadata.timestamps`` (seconds from the video
-stream's first frame) describe exactly the frames returned; a wanted frame that cannot be decoded is an error (or,
-with ``tolerant=True``, replaced by the nearest decoded one with a warning). Frames come out as displayed (sample
-aspect ratio and display-matrix rotation applied).
+a video's own dict (`merge_sampling`). Decoding: see `decode_video_pyav`.
 """
 
 import bisect
@@ -74,20 +67,9 @@ except ImportError:  # PyAV is only needed to decode video files; decoded frames
 
 
 __all__ = [
-    "SAMPLING_KEYS",
-    "TimeViperImageProcessor",
-    "TimeViperVideoMetadata",
-    "TimeViperVideoProcessor",
-    "TimeViperVideoProcessorKwargs",
-    "VideoDecodeError",
-    "VideoStream",
-    "decode_video_pyav",
-    "merge_sampling",
-    "reference_eval_indices",
-    "rescale_and_normalize",
-    "sample_frame_indices",
-    "transform_frames",
-    "uniform_indices",
+    "SAMPLING_KEYS", "TimeViperImageProcessor", "TimeViperVideoMetadata", "TimeViperVideoProcessor",
+    "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "decode_video_pyav", "merge_sampling",
+    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "transform_frames", "uniform_indices",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,11 +174,7 @@ def sample_frame_indices(
         start, end: Window in seconds (``end`` defaults to the video's duration). Not used by reference_eval.
         sampling: ``None``/``"auto"`` or ``"reference_eval"``.
         frame_times: For a variable frame rate: the presentation time in seconds of every frame (ascending,
-            ``total_frames`` of them; `TimeViperVideoMetadata.frame_times`). ``fps``, ``start`` and ``end`` then
-            work on these times: the sample at time ``t`` is the frame on screen at ``t`` (the last one with time
-            ``<= t``), and the window holds the frames on screen during ``[start, end)``. ``video_fps`` is not
-            needed. ``num_frames`` stays uniform over frame indices, and ``reference_eval`` (by index, as the
-            reference) ignores the times.
+            ``total_frames`` of them; `TimeViperVideoMetadata.frame_times`); ``video_fps`` is then not needed.
         video_duration: With ``frame_times``: the video's duration in seconds (default: the last frame's time plus
             the mean frame interval).
 
@@ -1030,7 +1008,11 @@ def _is_frame(x) -> bool:
 
 
 def _is_video_source(x) -> bool:
-    return isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview, dict)) or hasattr(x, "read")
+    return _is_file(x) or isinstance(x, dict)
+
+
+def _is_file(video) -> bool:
+    return isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read")
 
 
 def _flatten_videos(videos) -> list:
@@ -1097,10 +1079,6 @@ def _video_source(item: dict):
     return next((item[key] for key in _SOURCE_KEYS if item.get(key) is not None), None)
 
 
-def _is_file(video) -> bool:
-    return isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read")
-
-
 def _transform_options(processor, kwargs: dict) -> dict:
     """The frame transform's options: the call's kwargs over the processor's attributes."""
     return {key: kwargs[key] if kwargs.get(key) is not None else getattr(processor, key) for key in _TRANSFORM_KEYS}
@@ -1114,17 +1092,9 @@ def _check_kwargs(processor, kwargs: dict) -> None:
 
 
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
-    """Video kwargs of `TimeViperVideoProcessor` (on top of transformers' `VideosKwargs`).
-
-    fps (`float`): frames per second to sample (default 1.0), one frame at the start of each segment; capped at the
-        video's frame rate (with a warning).
-    num_frames (`int`): sample this many uniformly spaced frames instead (segment midpoints).
-    max_frames (`int`): cap for the fps rule (default 256, uniform subsampling; reference_eval truncates).
-    min_frames (`int`): floor for the fps rule (default none; reference_eval uses 32).
-    start, end (`float`): window in seconds.
-    sampling (`str`): "auto" (default) or "reference_eval" (the reference's evaluation rule).
-    progress (`bool`): show a progress bar while decoding each video (default False).
-    """
+    """Video kwargs of `TimeViperVideoProcessor` on top of transformers' `VideosKwargs` (which has ``fps`` and
+    ``num_frames``): the sampling options of the module docstring, and ``progress`` (a progress bar while decoding
+    each video)."""
 
     max_frames: int | None
     min_frames: int | None

@@ -1,4 +1,4 @@
-"""Benchmark: sampled decoding (processing_timeviper.decode_video_pyav) against FFmpeg decoding the whole file.
+"""Benchmark: sampled decoding (video_processing_timeviper.decode_video_pyav) against FFmpeg decoding the whole file.
 
 Generates a long synthetic H.264 MP4 (default: 1 hour, 320x180, 25 fps, a keyframe every 10 s, 2 B-frames, x264
 ``ultrafast``; each frame's index is colour-coded, the bottom quarter holds a moving noisy pattern), then times, each
@@ -94,7 +94,7 @@ def measure(args, path: str) -> dict:
     start = time.perf_counter()
     if args.measure == "generate":
         return ensure_video(args, path)
-    from processing_timeviper import (
+    from timeviper.video_processing_timeviper import (
         TimeViperVideoProcessor,
         _scan_frame_index,
         decode_video_pyav,

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+# The prompt texts live with the processor, whose users build the same prompts (MCQ_INSTRUCTION: re-exported).
+from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt  # noqa: F401
+
 TASKS = ("mcq", "grounding")
 
-MCQ_INSTRUCTION = "Please provide your answer by stating the letter followed by the full option."
-MCQ_ANSWER_PROMPT = "Best Option: ("
-TIMESTAMP_PROMPT = "The video lasts for {duration} seconds, and {num_frames} frames are uniformly sampled from it."
 # temporal_video_grounding_templates["user"][9] of the reference (the one its TVG evaluation uses).
 GROUNDING_INSTRUCTION = (
     "Investigate the video to identify the segment that matches the textual query '{query}', and output the start "
@@ -89,7 +89,7 @@ def option_texts(options: Sequence[str]) -> list[str]:
 
 def build_mcq_prompt(question: str, options: Sequence[str]) -> str:
     """The reference MCQ user prompt: question, one option per line, then the answer instruction."""
-    return "\n".join([question, "\n".join(format_options(options)), MCQ_INSTRUCTION])
+    return mcq_prompt(question, format_options(options), add_letters=False)
 
 
 def format_seconds(seconds: float) -> str:
@@ -100,8 +100,7 @@ def format_seconds(seconds: float) -> str:
 
 def build_grounding_prompt(query: str, duration: float, num_frames: int) -> str:
     """The reference TVG user prompt: the time sentence, a space, then the grounding instruction with the query."""
-    time_sentence = TIMESTAMP_PROMPT.format(duration=format_seconds(duration), num_frames=num_frames)
-    return f"{time_sentence} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
+    return f"{grounding_preamble(format_seconds(duration), num_frames)} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
 
 
 SAMPLING_RULES = ("reference_eval", "auto")
