@@ -34,7 +34,7 @@ __all__ = [
     "CHAT_TEMPLATES", "GROUNDING_PREAMBLE", "MCQ_ANSWER_PROMPT", "MCQ_INSTRUCTION", "NEMOTRON_H_CHAT_TEMPLATE",
     "QWEN2_CHAT_TEMPLATE", "TimeViperImageProcessor", "TimeViperProcessor", "TimeViperVideoMetadata",
     "TimeViperVideoProcessor", "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "build_labels",
-    "decode_video_pyav", "get_chat_template", "grounding_preamble", "mcq_prompt", "pad_batch",
+    "decode_video_pyav", "get_chat_template", "grounding_preamble", "mcq_prompt",
     "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "streaming_chat_inputs",
     "transform_frames", "uniform_indices",
 ]
@@ -201,58 +201,6 @@ def build_labels(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Padding
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def pad_batch(
-    input_ids: list[list[int]],
-    pad_token_id: int | None,
-    labels: list[list[int]] | None = None,
-    padding=True,
-    padding_side: str = "right",
-    max_length: int | None = None,
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, list[list[int]]]:
-    """Pad token rows to one length: ``input_ids`` with `pad_token_id`, ``labels`` with ``-100``, and an
-    ``attention_mask`` that is 1 over the tokens.
-
-    ``padding``: True/"longest" (the longest row), "max_length" (`max_length`, or a longer row's length) or
-    False/None/"do_not_pad" (rows left as they are); the length is then rounded up to `pad_to_multiple_of`. Returns
-    lists ``{"input_ids", "attention_mask"[, "labels"]}``.
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    lengths = [len(row) for row in input_ids]
-    if padding in (True, "longest"):
-        target = max(lengths)
-    elif padding == "max_length":
-        if max_length is None:
-            raise ValueError("padding='max_length' needs `max_length`.")
-        target = max(max_length, max(lengths))
-    elif padding in (False, None, "do_not_pad"):
-        target = None
-    else:
-        raise ValueError(f"Unsupported padding {padding!r}; use True/'longest', 'max_length' or False.")
-    if target is not None and pad_to_multiple_of:
-        target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-    rows = {"input_ids": [list(row) for row in input_ids], "attention_mask": [[1] * n for n in lengths]}
-    if labels is not None:
-        rows["labels"] = [list(row) for row in labels]
-    if target is None or all(n == target for n in lengths):
-        return rows
-    if pad_token_id is None:
-        raise ValueError("Padding needs a tokenizer pad token; set `tokenizer.pad_token`.")
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-
-    def pad(row: list[int], value: int) -> list[int]:
-        filler = [value] * (target - len(row))
-        return filler + row if padding_side == "left" else row + filler
-
-    return {key: [pad(row, fill[key]) for row in key_rows] for key, key_rows in rows.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Processor
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -320,9 +268,7 @@ class TimeViperProcessor(ProcessorMixin):
             return BaseVideoProcessor
         return super().check_argument_for_proper_class(argument_name, argument)
 
-    def _token_id(self, token: str) -> int | None:
-        if self.tokenizer is None:
-            return None
+    def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
             raise ValueError(
@@ -368,19 +314,36 @@ class TimeViperProcessor(ProcessorMixin):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.tokens_per_frame
 
-    def _expand_placeholders(self, texts: list[str], video_inputs, image_inputs) -> list[str]:
-        num_videos = 0 if video_inputs is None else len(video_inputs["video_num_frames"])
-        num_images = 0 if image_inputs is None else len(image_inputs["pixel_values"])
-        for kind, token, given in (("video", self.video_token, num_videos), ("image", self.image_token, num_images)):
-            found = sum(text.count(token) for text in texts)
+    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
+        # The base class expands placeholders without checking that each stands for exactly one given video/image.
+        for kind, token, given in (("video", self.video_token, len(videos_replacements)),
+                                   ("image", self.image_token, len(images_replacements))):
+            found = sum(sample.count(token) for sample in text)
             if found != given:
                 raise ValueError(
                     f"The text has {found} {token} placeholder(s) but {given} {kind}(s) were given; put exactly one "
                     f"{token} in the text per {kind} (they are matched in order across the batch)."
                 )
-        videos = [self.replace_video_token(video_inputs, i) for i in range(num_videos)]
-        images = [self.replace_image_token(image_inputs, i) for i in range(num_images)]
-        return self.get_text_with_replacements(list(texts), images, videos)[0]
+        return super().get_text_with_replacements(text, list(images_replacements), list(videos_replacements),
+                                                  list(audio_replacements))
+
+    def _process_videos(self, videos, **kwargs):
+        # One replacement per processed video: the base class counts the inputs with transformers' video helpers,
+        # which do not know paths with per-video sampling dicts or nested per-sample lists.
+        processed = self.video_processor(videos, **kwargs)
+        return processed, [self.replace_video_token(processed, i) for i in range(len(processed["video_num_frames"]))]
+
+    def _process_images(self, images, **kwargs):
+        processed = self.image_processor(images, **kwargs)
+        return processed, [self.replace_image_token(processed, i) for i in range(len(processed["pixel_values"]))]
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        # The base class's placeholder count (newer releases) flattens videos with transformers' helpers, which do
+        # not know our inputs; `get_text_with_replacements` counts them once processed.
+        if images is None and text is None and videos is None:
+            raise ValueError("Pass at least one of `text`, `videos` or `images`.")
+        if text is not None and not all(isinstance(sample, str) for sample in text):
+            raise TypeError("`text` must be a string or a list of strings.")
 
     # -- main entry --------------------------------------------------------------------------------------------------
 
@@ -410,41 +373,22 @@ class TimeViperProcessor(ProcessorMixin):
         """
         if text is None and isinstance(images, str) and "://" not in images and not os.path.isfile(images):
             images, text = None, images  # processor("some text"): a positional string is text, not an image
-        if images is None and text is None and videos is None:
-            raise ValueError("Pass at least one of `text`, `videos` or `images`.")
         unknown = set(kwargs) - self._call_kwargs()
-        if unknown:
-            # transformers' kwargs merging would only log and drop them.
+        if unknown:  # transformers' kwargs merging would only log and drop them
             raise TypeError(
                 f"Unexpected keyword argument(s) {sorted(unknown)} for {type(self).__name__}.__call__; see its "
                 "docstring for the video, image and tokenizer kwargs."
             )
-        return_labels = bool(kwargs.pop("return_labels", False))
-        merged = self._merge_kwargs(TimeViperProcessorKwargs, **kwargs)
-        return_tensors = merged["text_kwargs"].pop("return_tensors", None)
-
-        data = {}
-        video_inputs = image_inputs = None
-        if videos is not None:
-            video_inputs = self.video_processor(videos, **merged["videos_kwargs"])
-            data["pixel_values_videos"] = video_inputs["pixel_values_videos"]
-            if merged["videos_kwargs"].get("return_metadata"):
-                data["video_num_frames"] = video_inputs["video_num_frames"]
-                data["video_metadata"] = video_inputs["video_metadata"]
-        if images is not None:
-            image_inputs = self.image_processor(images, **merged["images_kwargs"])
-            data["pixel_values"] = image_inputs["pixel_values"]
-        if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not all(isinstance(t, str) for t in texts):
-                raise TypeError("`text` must be a string or a list of strings.")
-            if self.tokenizer is None:
-                raise ValueError("This processor has no tokenizer; it cannot process `text`.")
-            texts = self._expand_placeholders(texts, video_inputs, image_inputs)
-            data.update(self._tokenize(texts, merged["text_kwargs"], return_labels, video_inputs, image_inputs))
-        elif return_labels:
+        return_labels = kwargs.pop("return_labels", False)
+        if return_labels and text is None:
             raise ValueError("`return_labels=True` needs `text`.")
-        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["video_metadata"])
+        outputs = super().__call__(images=images, text=[text] if isinstance(text, str) else text, videos=videos,
+                                   **kwargs)
+        if not kwargs.get("return_metadata"):
+            outputs.pop("video_num_frames", None)
+        if return_labels:
+            outputs["labels"] = self._labels_for(outputs["input_ids"], outputs.get("attention_mask"))
+        return outputs
 
     def _call_kwargs(self) -> set[str]:
         """Every keyword `__call__` takes: the grouped dicts, each modality's kwargs and ``return_labels``."""
@@ -453,47 +397,26 @@ class TimeViperProcessor(ProcessorMixin):
             keys.update(processor.valid_kwargs.__annotations__)
         return keys
 
-    def _tokenize(self, texts, text_kwargs, return_labels, video_inputs, image_inputs) -> dict:
-        """Tokenise expanded texts, then label and pad them together (so that labels stay aligned with the ids)."""
-        text_kwargs = dict(text_kwargs)
-        padding = {key: text_kwargs.pop(key, None) for key in ("padding", "padding_side", "pad_to_multiple_of")}
-        return_attention_mask = text_kwargs.pop("return_attention_mask", True)
-        text_kwargs.setdefault("add_special_tokens", False)
-        text_kwargs.setdefault("return_token_type_ids", False)
-        encoded = self.tokenizer(texts, padding=False, **text_kwargs)
-        rows = [list(row) for row in encoded["input_ids"]]
-        self._check_placeholders_kept(rows, video_inputs, image_inputs)
-        out = pad_batch(
-            rows, self.tokenizer.pad_token_id, self._labels_for(rows) if return_labels else None,
-            padding=padding["padding"] or False, padding_side=padding["padding_side"] or self.tokenizer.padding_side,
-            max_length=text_kwargs.get("max_length"), pad_to_multiple_of=padding["pad_to_multiple_of"],
-        )
-        if return_attention_mask is False:
-            del out["attention_mask"]
-        for key in encoded.keys():  # extra tokenizer outputs asked for (lengths, offsets, ...), unpadded
-            if key not in ("input_ids", "attention_mask"):
-                out[key] = encoded[key]
-        return out
-
-    def _check_placeholders_kept(self, rows, video_inputs, image_inputs) -> None:
-        """The placeholders must survive tokenisation: truncation would silently drop vision positions."""
-        for kind, token_id, inputs in (("video", self.video_token_id, video_inputs),
-                                       ("image", self.image_token_id, image_inputs)):
-            if inputs is None or token_id is None:
-                continue
-            items = int(inputs["video_num_frames"].sum()) if kind == "video" else len(inputs["pixel_values"])
-            expected, found = items * self.tokens_per_frame, sum(row.count(token_id) for row in rows)
-            if found != expected:
-                raise ValueError(
-                    f"Expected {expected} {kind} placeholder tokens after tokenisation, found {found}; truncation "
-                    "(`max_length`) probably cut them. Raise `max_length` or sample fewer frames."
-                )
+    def encode_prompts(self, prompts: list[str], video_num_frames: list[int], **text_kwargs) -> BatchFeature:
+        """Tokenise rendered prompts whose videos are sampled but not decoded here (`VideoStream`): each ``<video>``
+        is expanded by its entry of `video_num_frames` (in order across the batch). `text_kwargs`: tokenizer kwargs
+        (``padding``, ``padding_side``, ``return_tensors``, ...)."""
+        unknown = set(text_kwargs) - set(TextKwargs.__annotations__)
+        if unknown:
+            raise TypeError(f"Unexpected tokenizer kwargs {sorted(unknown)} for encode_prompts.")
+        video_inputs = {"video_num_frames": list(video_num_frames)}
+        replacements = [self.replace_video_token(video_inputs, i) for i in range(len(video_num_frames))]
+        texts = self.get_text_with_replacements(list(prompts), [], replacements)[0]
+        text_kwargs = self._merge_kwargs(TimeViperProcessorKwargs, text_kwargs=text_kwargs)["text_kwargs"]
+        encoded = self.tokenizer(texts, **text_kwargs)
+        self._check_special_mm_tokens(texts, encoded, modalities=["video"])
+        return encoded
 
     # -- labels ------------------------------------------------------------------------------------------------------
 
-    def _labels_for(self, rows: list[list[int]]) -> list[list[int]]:
-        labels = [self.build_labels(row) for row in rows]
-        for i, row_labels in enumerate(labels):
+    def _labels_for(self, input_ids, attention_mask):
+        labels = self.build_labels(input_ids, attention_mask)
+        for i, row_labels in enumerate(labels.tolist() if isinstance(labels, torch.Tensor) else labels):
             if all(label == IGNORE_INDEX for label in row_labels):
                 raise ValueError(
                     f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the assistant "
@@ -645,7 +568,5 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     if images:
         raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
     streams = [VideoStream(item, processor.video_processor, chunk_frames, prefetch_chunks, **sampling) for item in videos]
-    video_inputs = {"video_num_frames": torch.tensor([stream.num_frames for stream in streams], dtype=torch.int64)}
-    texts = processor._expand_placeholders(prompts, video_inputs if streams else None, None)
-    data = processor._tokenize(texts, text_kwargs, False, video_inputs if streams else None, None)
-    return BatchFeature(data=data, tensor_type="pt"), streams
+    text_kwargs["return_tensors"] = "pt"
+    return processor.encode_prompts(prompts, [stream.num_frames for stream in streams], **text_kwargs), streams

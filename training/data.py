@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 
 from evaluation.tasks import build_grounding_prompt, format_seconds, read_text_lines
-from timeviper.processing_timeviper import pad_batch
+from timeviper.processing_timeviper import IGNORE_INDEX
 from timeviper.video_processing_timeviper import decode_video_pyav, merge_sampling
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -549,12 +549,19 @@ class TimeViperDataCollator:
         return cls(pad_token_id, pad_to_multiple_of)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        padded = pad_batch(
-            [torch.as_tensor(f["input_ids"]).tolist() for f in features], self.pad_token_id,
-            labels=[torch.as_tensor(f["labels"]).tolist() for f in features],
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        )
-        batch = {key: torch.tensor(rows, dtype=torch.long) for key, rows in padded.items()}
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+            labels[row, :n] = torch.as_tensor(feature["labels"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         for key in ("pixel_values_videos", "pixel_values"):
             tensors = [f[key] for f in features if f.get(key) is not None]
             if tensors:
