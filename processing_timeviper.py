@@ -1,5 +1,6 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
-"""The TimeViper processor: prompts and chat templates, placeholder expansion, tokenisation, padding and labels.
+"""The TimeViper processor: prompts and chat templates, placeholder expansion and labels, on transformers'
+`ProcessorMixin` (which merges the kwargs, tokenises and pads).
 
 This is a Hub remote-code file. It imports numpy, torch, PIL, transformers, configuration_timeviper (for its
 transformers version guard) and video_processing_timeviper (the video and image processors, decoding and sampling,
@@ -25,8 +26,8 @@ from transformers.video_processing_utils import BaseVideoProcessor
 
 from .video_processing_timeviper import (  # noqa: F401  re-exported: one import path for the processing API
     SAMPLING_KEYS, TimeViperImageProcessor, TimeViperVideoMetadata, TimeViperVideoProcessor,
-    TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, merge_sampling,
-    reference_eval_indices, rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices,
+    TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, reference_eval_indices,
+    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices,
 )
 
 
@@ -199,7 +200,6 @@ def build_labels(
     return torch.tensor(labels, dtype=torch.long) if as_tensor else labels
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Processor
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +307,7 @@ class TimeViperProcessor(ProcessorMixin):
 
     # -- placeholder expansion (transformers' ProcessorMixin hooks) --------------------------------------------------
 
+    # Newer releases pass the modality's kwargs along to these hooks; the expansion does not depend on them.
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         num_frames = int(video_inputs["video_num_frames"][video_idx])
         return self.video_token * (num_frames * self.tokens_per_frame)
@@ -382,8 +383,9 @@ class TimeViperProcessor(ProcessorMixin):
         return_labels = kwargs.pop("return_labels", False)
         if return_labels and text is None:
             raise ValueError("`return_labels=True` needs `text`.")
-        outputs = super().__call__(images=images, text=[text] if isinstance(text, str) else text, videos=videos,
-                                   **kwargs)
+        if text is not None:
+            text = [text] if isinstance(text, str) else list(text)
+        outputs = super().__call__(images=images, text=text, videos=videos, **kwargs)
         if not kwargs.get("return_metadata"):
             outputs.pop("video_num_frames", None)
         if return_labels:
@@ -537,8 +539,8 @@ def _conversation_media(conversations) -> tuple[list, list]:
                         raise ValueError("A video item needs a 'video', 'path' or 'url' entry to be tokenized.")
                     videos.append(item)
                 elif item.get("type") == "image":
-                    source = next((item[key] for key in ("image", "path", "url", "base64") if item.get(key) is not None),
-                                  None)
+                    keys = ("image", "path", "url", "base64")
+                    source = next((item[key] for key in keys if item.get(key) is not None), None)
                     if source is None:
                         raise ValueError("An image item needs an 'image', 'path' or 'url' entry to be tokenized.")
                     images.append(source)
@@ -567,6 +569,7 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     videos, images = _conversation_media(conversations)
     if images:
         raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
-    streams = [VideoStream(item, processor.video_processor, chunk_frames, prefetch_chunks, **sampling) for item in videos]
+    streams = [VideoStream(video, processor.video_processor, chunk_frames, prefetch_chunks, **sampling)
+               for video in videos]
     text_kwargs["return_tensors"] = "pt"
     return processor.encode_prompts(prompts, [stream.num_frames for stream in streams], **text_kwargs), streams

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 # The prompt texts live with the processor, whose users build the same prompts (MCQ_INSTRUCTION: re-exported).
-from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt  # noqa: F401
+from timeviper.processing_timeviper import (  # noqa: F401
+    MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt,
+)
 
 TASKS = ("mcq", "grounding")
 
@@ -100,7 +102,8 @@ def format_seconds(seconds: float) -> str:
 
 def build_grounding_prompt(query: str, duration: float, num_frames: int) -> str:
     """The reference TVG user prompt: the time sentence, a space, then the grounding instruction with the query."""
-    return f"{grounding_preamble(format_seconds(duration), num_frames)} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
+    time_sentence = grounding_preamble(format_seconds(duration), num_frames)
+    return f"{time_sentence} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
 
 
 SAMPLING_RULES = ("reference_eval", "auto")
