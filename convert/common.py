@@ -1089,10 +1089,10 @@ def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]
 
 
 def load_remote_code(folder: str | Path = REPO_ROOT, need_modeling: bool = False, need_processing: bool = False):
-    """Import the three flat TimeViper files of `folder` as one package, the way `trust_remote_code` does.
+    """Import the flat TimeViper files of `folder` as one package, the way `trust_remote_code` does.
 
     The package name hashes the folder and the files' contents, so a changed file is imported afresh. Returns a
-    namespace with `configuration`, `modeling` and `processing`; a file that does not exist gives None.
+    namespace with `configuration`, `modeling`, `processing` and `video`; a file that does not exist gives None.
     """
     folder = Path(folder).resolve()
     digest = hashlib.sha256(str(folder).encode())

@@ -19,7 +19,7 @@ Stages (the paper's recipe, as the reference trains it):
 Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, `--save_steps`,
 `--resume_from_checkpoint`, `--push_to_hub`, `--deepspeed`, ...). The defaults follow the paper: learning rate 1e-5,
 AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
-the weights, `config.json` with `auto_map`, the processor and the three remote-code files, so they load with
+the weights, `config.json` with `auto_map`, the processor and the remote-code files, so they load with
 `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
 instead (each TransV module, gate included, as a PEFT `modules_to_save`); `--merge-lora-and-save` writes the merged
 model to `<output_dir>/merged`. See training/README.md.
@@ -394,7 +394,7 @@ def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -
 
 
 def copy_remote_code(folder: str | os.PathLike) -> None:
-    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
+    """Copy the remote-code files next to the weights, so the folder loads with trust_remote_code."""
     source = Path(timeviper.__file__).resolve().parent
     os.makedirs(folder, exist_ok=True)
     for name in REMOTE_CODE_FILES:
