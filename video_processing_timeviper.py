@@ -1269,6 +1269,11 @@ class TimeViperImageProcessor(BaseImageProcessor):
         # BaseImageProcessor leaves resolving the class defaults to the subclass (remote code written before it did).
         self._set_attributes(**kwargs)
 
+    def fetch_images(self, images):
+        # `preprocess` loads paths and URLs itself (naming a missing file, accepting `os.PathLike`), so the processor
+        # hands them over as they are.
+        return images
+
     def preprocess(self, images, **kwargs) -> BatchFeature:
         _check_kwargs(self, kwargs)
         flat = _flatten_images(images)

@@ -386,6 +386,17 @@ def test_apply_chat_template_images():
     assert out["input_ids"][0].count(processor.image_token_id) == TOKENS_PER_FRAME
 
 
+def test_image_paths_reach_the_image_processor(tmp_path):
+    processor = make_processor()
+    path = tmp_path / "frame.png"
+    PIL.Image.fromarray(make_frame(3, (16, 16))).save(path)
+    out = processor(text=["<image>a", "<image>b"], images=[path, str(path)], return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 3, 28, 28)
+    assert torch.equal(out["pixel_values"][0], out["pixel_values"][1])
+    with pytest.raises(ValueError, match="no_such_image.png"):
+        processor(text="<image>", images=str(tmp_path / "no_such_image.png"))
+
+
 def test_batch_decode_passes_through():
     processor = make_processor()
     ids = processor(text=["hello", "<SPECIAL_11>x"])["input_ids"]
