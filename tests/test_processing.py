@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -402,6 +403,13 @@ def test_batch_decode_passes_through():
     ids = processor(text=["hello", "<SPECIAL_11>x"])["input_ids"]
     assert processor.batch_decode(ids) == processor.tokenizer.batch_decode(ids) == ["hello", "<SPECIAL_11>x"]
     assert processor.batch_decode(ids, skip_special_tokens=True)[1] == "x"
+
+
+def test_tokens_per_frame_must_match_the_model_config():
+    processor = make_processor()
+    processor.check_model_config(SimpleNamespace(vision_tokens_per_frame=TOKENS_PER_FRAME, projector_type="tome_mlp"))
+    with pytest.raises(ValueError, match="expands each frame into 4 placeholder tokens, but the model embeds 16"):
+        processor.check_model_config(SimpleNamespace(vision_tokens_per_frame=16, projector_type="tome_mlp"))
 
 
 def test_default_processor_components():
