@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+# The prompt texts and the frame sampler live with the processor (MCQ_INSTRUCTION: re-exported).
+from timeviper.processing_timeviper import (  # noqa: F401
+    MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt, sample_frame_indices,
+)
+
 TASKS = ("mcq", "grounding")
 
-MCQ_INSTRUCTION = "Please provide your answer by stating the letter followed by the full option."
-MCQ_ANSWER_PROMPT = "Best Option: ("
-TIMESTAMP_PROMPT = "The video lasts for {duration} seconds, and {num_frames} frames are uniformly sampled from it."
 # temporal_video_grounding_templates["user"][9] of the reference (the one its TVG evaluation uses).
 GROUNDING_INSTRUCTION = (
     "Investigate the video to identify the segment that matches the textual query '{query}', and output the start "
@@ -89,7 +91,7 @@ def option_texts(options: Sequence[str]) -> list[str]:
 
 def build_mcq_prompt(question: str, options: Sequence[str]) -> str:
     """The reference MCQ user prompt: question, one option per line, then the answer instruction."""
-    return "\n".join([question, "\n".join(format_options(options)), MCQ_INSTRUCTION])
+    return mcq_prompt(question, format_options(options), add_letters=False)
 
 
 def format_seconds(seconds: float) -> str:
@@ -100,7 +102,7 @@ def format_seconds(seconds: float) -> str:
 
 def build_grounding_prompt(query: str, duration: float, num_frames: int) -> str:
     """The reference TVG user prompt: the time sentence, a space, then the grounding instruction with the query."""
-    time_sentence = TIMESTAMP_PROMPT.format(duration=format_seconds(duration), num_frames=num_frames)
+    time_sentence = grounding_preamble(format_seconds(duration), num_frames)
     return f"{time_sentence} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
 
 
@@ -110,21 +112,25 @@ SAMPLING_RULES = ("reference_eval", "auto")
 def eval_num_frames(
     duration: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32, rule: str = "reference_eval"
 ) -> int:
-    """How many frames sampling yields for a video of ``duration`` seconds (``rule`` as in the video processor).
+    """How many frames the video processor samples from a video of ``duration`` seconds (``rule`` as there).
 
     ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first
     ``max_frames`` kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames``
-    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and no padding. The
-    grounding prompt states this number, so it must agree with what the video processor samples.
+    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and
+    no padding. The grounding prompt states this number. The rules are the sampler's own: it samples a constant-rate
+    video of this duration whose rate is a whole multiple of ``fps`` (each sample lands on a frame) and which has at
+    least ``min_frames`` frames (a real video's count differs only where its true duration or rate does).
     """
     if not duration or duration <= 0 or fps <= 0:
         raise ValueError(f"duration and fps must be positive, got duration={duration}, fps={fps}")
     if rule not in SAMPLING_RULES:
         raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
-    count = min(math.ceil(duration * fps - 1e-9), max_frames)
-    if rule == "reference_eval":
-        count = 4 * math.ceil(count / 4)
-    return max(count, min_frames)
+    frames_per_sample = max(1, math.ceil(min_frames / (duration * fps)))
+    video_fps = fps * frames_per_sample
+    total_frames = math.ceil(duration * video_fps - 1e-9)
+    indices = sample_frame_indices(total_frames, video_fps, fps=fps, max_frames=max_frames, min_frames=min_frames,
+                                   sampling=rule)
+    return len(indices)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,6 @@ def video_prompt_ids(processor, conversation, num_frames: int) -> torch.Tensor:
     tokenised as `streaming_chat_inputs` does, without opening the video again: the prompts of further questions
     about a video whose state is reused (``model.encode_video_state``)."""
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    video_inputs = {"video_num_frames": torch.tensor([num_frames])}
-    texts = processor._expand_placeholders([prompt], video_inputs, None)
-    return torch.tensor(processor._tokenize(texts, {}, False, video_inputs, None)["input_ids"])
+    # Through the processor's public hooks only, which a checkpoint's own (older) processing code has too.
+    prompt = prompt.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
+    return processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

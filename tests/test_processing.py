@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -386,11 +387,29 @@ def test_apply_chat_template_images():
     assert out["input_ids"][0].count(processor.image_token_id) == TOKENS_PER_FRAME
 
 
+def test_image_paths_reach_the_image_processor(tmp_path):
+    processor = make_processor()
+    path = tmp_path / "frame.png"
+    PIL.Image.fromarray(make_frame(3, (16, 16))).save(path)
+    out = processor(text=["<image>a", "<image>b"], images=[path, str(path)], return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 3, 28, 28)
+    assert torch.equal(out["pixel_values"][0], out["pixel_values"][1])
+    with pytest.raises(ValueError, match="no_such_image.png"):
+        processor(text="<image>", images=str(tmp_path / "no_such_image.png"))
+
+
 def test_batch_decode_passes_through():
     processor = make_processor()
     ids = processor(text=["hello", "<SPECIAL_11>x"])["input_ids"]
     assert processor.batch_decode(ids) == processor.tokenizer.batch_decode(ids) == ["hello", "<SPECIAL_11>x"]
     assert processor.batch_decode(ids, skip_special_tokens=True)[1] == "x"
+
+
+def test_tokens_per_frame_must_match_the_model_config():
+    processor = make_processor()
+    processor.check_model_config(SimpleNamespace(vision_tokens_per_frame=TOKENS_PER_FRAME, projector_type="tome_mlp"))
+    with pytest.raises(ValueError, match="expands each frame into 4 placeholder tokens, but the model embeds 16"):
+        processor.check_model_config(SimpleNamespace(vision_tokens_per_frame=16, projector_type="tome_mlp"))
 
 
 def test_default_processor_components():
@@ -410,9 +429,10 @@ def test_remote_code_imports_are_guarded():
     """transformers' check_imports treats unguarded imports as required; PyAV must stay optional."""
     from transformers.dynamic_module_utils import check_imports, get_imports
 
-    path = os.path.join(REPO_ROOT, "processing_timeviper.py")
-    assert "av" not in get_imports(path)
-    check_imports(path)
+    for name in ("processing_timeviper.py", "video_processing_timeviper.py"):
+        path = os.path.join(REPO_ROOT, name)
+        assert "av" not in get_imports(path)
+        check_imports(path)
     # Importing registers nothing (checked in a fresh process: other tests register classes on purpose).
     probe = "import timeviper.processing_timeviper as p; print(p.TimeViperProcessor._auto_class, p.TimeViperVideoProcessor._auto_class)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

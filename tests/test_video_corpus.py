@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from timeviper.processing_timeviper import (
+from timeviper.video_processing_timeviper import (
     VideoDecodeError,
     decode_video_pyav,
     sample_frame_indices,
@@ -207,7 +207,7 @@ def test_explicit_indices_unsorted_with_repeats(corpus, name):
 @pytest.mark.parametrize("name", list(CORPUS))
 def test_seeking_to_every_group_of_pictures(corpus, name, monkeypatch):
     """Seek before every wanted frame's group of pictures (not only across long stretches), backwards too."""
-    import timeviper.processing_timeviper as ptv
+    import timeviper.video_processing_timeviper as ptv
 
     monkeypatch.setattr(ptv._IndexedDecode, "_SEEK_GOPS", 0)
     oracle, times, rotation = full_decode(corpus[name])

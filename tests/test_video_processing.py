@@ -1,4 +1,4 @@
-"""Frame sampling, seek-based PyAV decoding and the video/image transforms of processing_timeviper.
+"""Frame sampling, seek-based PyAV decoding and the video/image transforms of video_processing_timeviper.
 
 Oracles: hand-computed index lists; a full sequential decode of the same file (decoded pixels must be identical);
 colour-coded frames (the frame index is recovered from the pixels); PIL bicubic resize + (x / 255 - 0.5) / 0.5.
@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from timeviper.processing_timeviper import (
+from timeviper.video_processing_timeviper import (
     TimeViperImageProcessor,
     TimeViperVideoProcessor,
     decode_video_pyav,

@@ -41,8 +41,9 @@ from typing import Any, Sequence
 import torch
 
 from evaluation.tasks import build_grounding_prompt, format_seconds, read_text_lines
+from timeviper.processing_timeviper import IGNORE_INDEX
+from timeviper.video_processing_timeviper import decode_video_pyav, merge_sampling
 
-IGNORE_INDEX = -100
 VIDEO_PLACEHOLDER = "<video>"
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_EXTENSIONS = frozenset(
@@ -195,24 +196,52 @@ def parse_sample(
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
         problems.append(f"unknown keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
+    media_type, media_path = _parse_media(raw, root, check_files, problems)
+    sampling = _parse_window_and_sampling(raw, media_type, problems)
+    messages, query, timestamps = _parse_text(raw, media_type, problems)
+    if problems:
+        return None, sample_id, problems
+    start, end, duration = raw.get("start"), raw.get("end"), raw.get("duration")
+    return (
+        TrainingSample(
+            source=source,
+            sample_id=sample_id,
+            messages=tuple(messages),
+            media_type=media_type,
+            media_path=media_path,
+            start=None if start is None else float(start),
+            end=None if end is None else float(end),
+            duration=None if duration is None else float(duration),
+            query=query.strip() if isinstance(query, str) else None,
+            timestamps=timestamps if query is not None or timestamps is not None else None,
+            sampling=sampling,
+        ),
+        sample_id,
+        [],
+    )
 
-    # Media
-    media_type = media_path = None
+
+def _parse_media(raw: dict, root, check_files: bool, problems: list[str]) -> tuple[str | None, str | None]:
+    """``(media type, resolved path)`` of a sample's "video" or "image" (both None for a text-only sample)."""
     if raw.get("video") is not None and raw.get("image") is not None:
         problems.append("give either 'video' or 'image', not both")
-    elif raw.get("video") is not None or raw.get("image") is not None:
-        key = "video" if raw.get("video") is not None else "image"
-        value = raw[key]
-        if not isinstance(value, str) or not value.strip():
-            problems.append(f"'{key}' must be a non-empty path string, got {value!r}")
-        else:
-            media_path = _resolve(value, root)
-            is_video_file = Path(value).suffix.lower() in VIDEO_EXTENSIONS
-            media_type = "video" if key == "video" or is_video_file else "image"
-            if check_files and not os.path.isfile(media_path):
-                problems.append(f"{media_type} file not found: {media_path}")
+        return None, None
+    if raw.get("video") is None and raw.get("image") is None:
+        return None, None
+    key = "video" if raw.get("video") is not None else "image"
+    value = raw[key]
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"'{key}' must be a non-empty path string, got {value!r}")
+        return None, None
+    media_path = _resolve(value, root)
+    media_type = "video" if key == "video" or Path(value).suffix.lower() in VIDEO_EXTENSIONS else "image"
+    if check_files and not os.path.isfile(media_path):
+        problems.append(f"{media_type} file not found: {media_path}")
+    return media_type, media_path
 
-    # Window and sampling
+
+def _parse_window_and_sampling(raw: dict, media_type: str | None, problems: list[str]) -> dict:
+    """Check "start"/"end"/"duration" and the per-sample sampling keys; returns the sampling keys given."""
     start, end, duration = raw.get("start"), raw.get("end"), raw.get("duration")
     for name, value in (("start", start), ("end", end), ("duration", duration)):
         if value is not None and (not _is_number(value) or value < 0):
@@ -234,32 +263,19 @@ def parse_sample(
         problems.append("'fps' and 'num_frames' are mutually exclusive")
     if sampling and media_type != "video":
         problems.append(f"frame sampling keys {sorted(sampling)} need a video")
+    return sampling
 
-    # Text
+
+def _parse_text(raw: dict, media_type: str | None, problems: list[str]):
+    """``(messages, query, timestamps)``: the conversation, or a grounding sample's query and timestamps."""
     turns = raw.get("conversations", raw.get("messages"))
     if "conversations" in raw and "messages" in raw:
         problems.append("give either 'conversations' or 'messages', not both")
     query, timestamps = raw.get("query"), raw.get("timestamps")
-    messages: list[dict] = []
-    if query is not None or timestamps is not None:
-        if turns is not None:
-            problems.append("a grounding sample ('query' + 'timestamps') has no 'conversations'")
-        if media_type != "video":
-            problems.append("a grounding sample needs a 'video'")
-        if not isinstance(query, str) or not query.strip():
-            problems.append(f"'query' must be a non-empty string, got {query!r}")
-        if (
-            not isinstance(timestamps, (list, tuple))
-            or len(timestamps) != 2
-            or not all(_is_number(t) and t >= 0 for t in timestamps)
-            or timestamps[0] > timestamps[1]
-        ):
-            problems.append(f"'timestamps' must be [start, end] in seconds with 0 <= start <= end, got {timestamps!r}")
-        else:
-            timestamps = (float(timestamps[0]), float(timestamps[1]))
-    elif turns is None:
-        problems.append("the sample has no 'conversations' (nor 'query' + 'timestamps' for grounding)")
-    else:
+    if query is None and timestamps is None:
+        if turns is None:
+            problems.append("the sample has no 'conversations' (nor 'query' + 'timestamps' for grounding)")
+            return [], query, timestamps
         turn_problems: list[str] = []
         messages = _normalise_turns(turns, turn_problems)
         if not turn_problems:
@@ -267,26 +283,23 @@ def parse_sample(
         if not turn_problems:
             messages = _place_media(messages, media_type, turn_problems)
         problems += turn_problems
-
-    if problems:
-        return None, sample_id, problems
-    return (
-        TrainingSample(
-            source=source,
-            sample_id=sample_id,
-            messages=tuple(messages),
-            media_type=media_type,
-            media_path=media_path,
-            start=None if start is None else float(start),
-            end=None if end is None else float(end),
-            duration=None if duration is None else float(duration),
-            query=query.strip() if isinstance(query, str) else None,
-            timestamps=timestamps if query is not None or timestamps is not None else None,
-            sampling=sampling,
-        ),
-        sample_id,
-        [],
-    )
+        return messages, query, timestamps
+    if turns is not None:
+        problems.append("a grounding sample ('query' + 'timestamps') has no 'conversations'")
+    if media_type != "video":
+        problems.append("a grounding sample needs a 'video'")
+    if not isinstance(query, str) or not query.strip():
+        problems.append(f"'query' must be a non-empty string, got {query!r}")
+    if (
+        not isinstance(timestamps, (list, tuple))
+        or len(timestamps) != 2
+        or not all(_is_number(t) and t >= 0 for t in timestamps)
+        or timestamps[0] > timestamps[1]
+    ):
+        problems.append(f"'timestamps' must be [start, end] in seconds with 0 <= start <= end, got {timestamps!r}")
+    else:
+        timestamps = (float(timestamps[0]), float(timestamps[1]))
+    return [], query, timestamps
 
 
 def load_samples(
@@ -379,20 +392,14 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _sampling_for(self, sample: TrainingSample) -> dict:
-        options = dict(self.sampling)
-        if "num_frames" in sample.sampling:
-            options["fps"] = None
-        if "fps" in sample.sampling:
-            options["num_frames"] = None
-        options.update(sample.sampling)
-        options.update(start=sample.start, end=sample.end)
+        """The dataset's sampling with the sample's own keys and window over it."""
+        window = {"start": sample.start, "end": sample.end}
+        options = merge_sampling(self.sampling, sample.sampling, window)
         return {key: value for key, value in options.items() if value is not None}
 
     def probe_video(self, sample: TrainingSample):
         """Open a sample's video and decode only its first sampled frame: `(metadata, sampled frame indices)`. This
         proves the file a readable, non-empty video and gives the frame count without decoding the frames."""
-        from timeviper.processing_timeviper import decode_video_pyav
-
         options = self._sampling_for(sample)
         video_processor = self.processor.video_processor
         sampled: list[int] = []
@@ -479,8 +486,6 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
 
     def load_video(self, sample: TrainingSample):
         """Decode the sampled frames of a sample's video: uint8 (frames, H, W, 3) and `VideoMetadata`."""
-        from timeviper.processing_timeviper import decode_video_pyav
-
         options = self._sampling_for(sample)
         video_processor = self.processor.video_processor
         return decode_video_pyav(

@@ -19,7 +19,7 @@ Stages (the paper's recipe, as the reference trains it):
 Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, `--save_steps`,
 `--resume_from_checkpoint`, `--push_to_hub`, `--deepspeed`, ...). The defaults follow the paper: learning rate 1e-5,
 AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
-the weights, `config.json` with `auto_map`, the processor and the three remote-code files, so they load with
+the weights, `config.json` with `auto_map`, the processor and the remote-code files, so they load with
 `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
 instead (each TransV module, gate included, as a PEFT `modules_to_save`); `--merge-lora-and-save` writes the merged
 model to `<output_dir>/merged`. See training/README.md.
@@ -191,7 +191,9 @@ def build_from_checkpoint(args: TimeViperArguments):
     )
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
-    processor.tokens_per_frame = config.vision_tokens_per_frame
+    if args.projector_type is not None:  # a new projector type embeds its own number of tokens per frame
+        processor.tokens_per_frame = config.vision_tokens_per_frame
+    processor.check_model_config(config)
     # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
     check_loading_info(model, loading_info, args.model, transfer_initialised=True)
     missing = loading_info["missing_keys"]
@@ -390,7 +392,7 @@ def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -
 
 
 def copy_remote_code(folder: str | os.PathLike) -> None:
-    """Copy the three Hub files next to the weights, so the folder loads with trust_remote_code."""
+    """Copy the remote-code files next to the weights, so the folder loads with trust_remote_code."""
     source = Path(timeviper.__file__).resolve().parent
     os.makedirs(folder, exist_ok=True)
     for name in REMOTE_CODE_FILES:

@@ -1,0 +1,1427 @@
+# Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
+"""Video input for TimeViper: frame sampling, seek-based PyAV decoding, the frame transform, the video and image
+processors, and `VideoStream` for long videos.
+
+This is a Hub remote-code file (`processing_timeviper` imports it). It imports numpy, torch, PIL, transformers and
+(for its transformers version guard) configuration_timeviper at module level; PyAV is optional and imported inside
+``try``.
+
+Data flow::
+
+    video file / bytes / frames --decode_video_pyav--> uint8 frames (T, H, W, 3) + VideoMetadata
+        --TimeViperVideoProcessor--> pixel_values_videos (sum T, 3, 384, 384), float32 in [-1, 1]
+
+Frame sampling rules (`sample_frame_indices`, pure functions of the video's frame count and frame rate):
+
+* ``fps`` (default 1.0): one frame at the start of every ``1/fps`` second segment, counted from ``start``
+  (default 0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` while the time is before
+  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. An ``fps`` above
+  the video's frame rate (the mean rate for a variable one) is capped at that rate with a warning: every frame once,
+  not each frame repeated (``reference_eval`` keeps the reference's repeats, and warns). If more than
+  ``max_frames`` (default 256) result, ``max_frames`` of them are kept by uniform subsampling; if fewer than
+  ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
+* ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
+  frames of the window when it holds fewer frames than that.
+* ``sampling="reference_eval"``: the reference evaluation rule (its ``fps_indices``) exactly: indices
+  ``round(arange(0, total, video_fps / fps))``, the first ``max_frames`` (256) kept, padded to a multiple of 4 by
+  repeating the last index, replaced by 32 (``min_frames``) uniform segment midpoints if fewer remain.
+* Variable frame rate (`decode_video_pyav` finds the real timestamps of every frame, ``metadata.frame_times``):
+  ``fps``, ``start`` and ``end`` work on those times. The sample at time ``t = start + k / fps`` is the frame on
+  screen at ``t`` (the last one with a presentation time ``<= t``), so a frame can repeat where the video is slower
+  than ``fps``; the window holds the frames on screen during ``[start, end)``. ``num_frames`` (uniform over frame
+  indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
+
+Options come from three levels, each over the one before: the video processor's attributes, the call's kwargs, and
+a video's own dict (`merge_sampling`). Decoding: see `decode_video_pyav`.
+"""
+
+import bisect
+import io
+import math
+import os
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import torch
+
+# First: the configuration's transformers version guard, before the imports an unsupported release may lack.
+from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
+
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import load_image
+from transformers.processing_utils import ImagesKwargs, VideosKwargs
+from transformers.video_processing_utils import BaseVideoProcessor
+from transformers.video_utils import VideoMetadata
+
+
+try:
+    import av
+except ImportError:  # PyAV is only needed to decode video files; decoded frames work without it.
+    av = None
+
+
+__all__ = [
+    "SAMPLING_KEYS", "TimeViperImageProcessor", "TimeViperVideoMetadata", "TimeViperVideoProcessor",
+    "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "decode_video_pyav", "merge_sampling",
+    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "transform_frames", "uniform_indices",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame sampling (pure functions)
+# ----------------------------------------------------------------------------------------------------------------
+
+SAMPLING_KEYS = ("fps", "num_frames", "max_frames", "min_frames", "start", "end", "sampling")
+_SAMPLING_MODES = ("auto", "reference_eval")
+
+
+def merge_sampling(*levels: dict) -> dict:
+    """Sampling options from `levels` of rising precedence (e.g. processor defaults, call kwargs, one video's dict).
+
+    ``fps`` and ``num_frames`` are two rules for the same thing, so a level that sets one drops the other from the
+    levels below; one level setting both is an error. ``None`` means "not set"; keys other than `SAMPLING_KEYS` are
+    ignored. Returns every key of `SAMPLING_KEYS`.
+    """
+    options = dict.fromkeys(SAMPLING_KEYS)
+    for level in levels:
+        level = {key: value for key, value in level.items() if key in SAMPLING_KEYS and value is not None}
+        num_frames = level.get("num_frames")
+        if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
+            raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
+        if "fps" in level and "num_frames" in level:
+            raise ValueError(
+                f"`fps` ({level['fps']}) and `num_frames` ({level['num_frames']}) are mutually exclusive: pass `fps` "
+                "to sample at a rate or `num_frames` for a fixed number of uniformly spaced frames, not both."
+            )
+        if "num_frames" in level:
+            options["fps"] = None
+        if "fps" in level:
+            options["num_frames"] = None
+        options.update(level)
+    return options
+
+
+def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
+    """Midpoints of ``num_frames`` equal segments of ``range(total_frames)`` (the reference's ``uniform_indices``).
+
+    Returns every frame when ``num_frames >= total_frames``. Example: ``uniform_indices(4, 10) == [1, 3, 6, 8]``.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}.")
+    if num_frames >= total_frames:
+        return list(range(total_frames))
+    splits = torch.linspace(0, total_frames, num_frames + 1, dtype=torch.int64)
+    return ((splits[:-1] + splits[1:]) // 2).tolist()
+
+
+def reference_eval_indices(
+    total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32
+) -> list[int]:
+    """The reference evaluation sampling rule (the reference's ``fps_indices``), reproduced exactly.
+
+    ``round(arange(0, total, video_fps / fps))`` (float32, round half to even) without indices >= total; the first
+    ``max_frames`` kept (truncation, not subsampling); padded to a multiple of 4 by repeating the last index; replaced
+    by ``uniform_indices(min_frames, total)`` when fewer than ``min_frames`` remain.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}.")
+    if not video_fps or video_fps <= 0:
+        raise ValueError(f"reference_eval sampling needs the video's frame rate, got video_fps={video_fps}.")
+    if fps is None or fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}.")
+    delta = video_fps / fps
+    indices = torch.arange(0, total_frames, delta, dtype=torch.float32).round().to(torch.int64).tolist()
+    indices = [i for i in indices if i < total_frames]
+    if max_frames is not None and 0 < max_frames < len(indices):
+        indices = indices[:max_frames]
+    if len(indices) % 4 != 0:
+        indices = indices + [indices[-1]] * (4 - len(indices) % 4)
+    if min_frames is not None and len(indices) < min_frames:
+        indices = uniform_indices(min_frames, total_frames)
+    return indices
+
+
+def sample_frame_indices(
+    total_frames: int,
+    video_fps: float | None = None,
+    *,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    max_frames: int | None = None,
+    min_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    sampling: str | None = None,
+    frame_times=None,
+    video_duration: float | None = None,
+) -> list[int]:
+    """Choose the frame indices to decode for one video (see the module docstring for the rules).
+
+    Args:
+        total_frames: Number of frames in the video.
+        video_fps: The video's frame rate. Needed for ``fps``, ``start``/``end`` and ``reference_eval``.
+        fps: Frames per second to sample (segment starts, counted from ``start``). Excludes ``num_frames``.
+        num_frames: Number of uniformly spaced frames (segment midpoints). Excludes ``fps``.
+        max_frames: Cap for the fps rule (uniform subsampling of its frames); the reference_eval rule truncates.
+        min_frames: Floor for the fps rule (falls back to uniform midpoints).
+        start, end: Window in seconds (``end`` defaults to the video's duration). Not used by reference_eval.
+        sampling: ``None``/``"auto"`` or ``"reference_eval"``.
+        frame_times: For a variable frame rate: the presentation time in seconds of every frame (ascending,
+            ``total_frames`` of them; `TimeViperVideoMetadata.frame_times`); ``video_fps`` is then not needed.
+        video_duration: With ``frame_times``: the video's duration in seconds (default: the last frame's time plus
+            the mean frame interval).
+
+    With neither ``fps`` nor ``num_frames``, every frame of the window is returned (then capped by ``max_frames``).
+    """
+    sampling = sampling or "auto"
+    _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling)
+    if fps is not None and video_fps and fps > video_fps:
+        fps = _capped_fps(fps, video_fps, sampling)
+    if sampling == "reference_eval":
+        if num_frames is not None:
+            raise ValueError("sampling='reference_eval' samples at `fps`; it does not take `num_frames`.")
+        if start is not None or end is not None:
+            raise ValueError(
+                "sampling='reference_eval' reproduces the reference, which always samples the whole video; "
+                "it does not take `start`/`end`. Use the default sampling for a window."
+            )
+        return reference_eval_indices(
+            total_frames,
+            video_fps,
+            fps=1.0 if fps is None else fps,
+            max_frames=256 if max_frames is None else max_frames,
+            min_frames=32 if min_frames is None else min_frames,
+        )
+    if frame_times is not None:
+        first, stop, at_rate = _times_window(total_frames, frame_times, video_duration, video_fps, start, end)
+    else:
+        first, stop, at_rate = _rate_window(total_frames, video_fps, fps, start, end)
+    if num_frames is not None:
+        return [first + i for i in uniform_indices(int(num_frames), stop - first)]
+    indices = list(range(first, stop)) if fps is None else at_rate(fps)
+    if max_frames is not None and len(indices) > max_frames:
+        indices = [indices[i] for i in uniform_indices(max_frames, len(indices))]
+    if min_frames is not None and len(indices) < min_frames:
+        indices = [first + i for i in uniform_indices(min_frames, stop - first)]
+    return indices
+
+
+def _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling) -> None:
+    if sampling not in _SAMPLING_MODES:
+        raise ValueError(f"Unknown sampling {sampling!r}; expected one of {_SAMPLING_MODES}.")
+    if total_frames is None or total_frames < 1:
+        raise ValueError(f"The video has no frames (total_frames={total_frames}).")
+    if fps is not None and num_frames is not None:
+        raise ValueError(
+            f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample at a rate "
+            "or `num_frames` for a fixed number of uniformly spaced frames, not both."
+        )
+    if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
+        raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"`fps` must be > 0, got {fps!r}.")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"`max_frames` must be >= 1, got {max_frames!r}.")
+    if min_frames is not None and min_frames < 1:
+        raise ValueError(f"`min_frames` must be >= 1, got {min_frames!r}.")
+    if max_frames is not None and min_frames is not None and min_frames > max_frames:
+        raise ValueError(f"`min_frames` ({min_frames}) must not exceed `max_frames` ({max_frames}).")
+
+
+def _capped_fps(fps: float, video_fps: float, sampling: str) -> float:
+    """``fps`` above the video's frame rate would only repeat frames: sample every frame once instead (a warning
+    says so). ``reference_eval`` keeps the reference's rule, repeats included, and warns."""
+    if sampling == "reference_eval":
+        warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f}); sampling='reference_eval' "
+                      "reproduces the reference, which then repeats frames.", stacklevel=3)
+        return fps
+    warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f} frames per second): sampling every "
+                  f"frame once (fps={video_fps:.3f}) instead of repeating frames.", stacklevel=3)
+    return video_fps
+
+
+def _window_seconds(start, end, duration: float) -> tuple[float, float]:
+    start_s = 0.0 if start is None else float(start)
+    end_s = duration if end is None else float(end)
+    if start_s < 0:
+        raise ValueError(f"`start` must be >= 0 seconds, got {start_s}.")
+    if start_s >= duration:
+        raise ValueError(f"`start` ({start_s}s) is beyond the video's duration ({duration:.3f}s).")
+    if end_s <= start_s:
+        raise ValueError(f"`start` ({start_s}s) must be before `end` ({end_s}s).")
+    return start_s, end_s
+
+
+def _rate_window(total_frames, video_fps, fps, start, end):
+    """For a constant frame rate: the window ``[first, stop)`` of frame indices, and ``fps -> indices``."""
+    if (start is not None or end is not None or fps is not None) and not (video_fps is not None and video_fps > 0):
+        raise ValueError(
+            "Sampling with `fps` or `start`/`end` needs the video's frame rate; for decoded frames pass "
+            "`video_metadata={'fps': ...}`, or use `num_frames`."
+        )
+    first, stop = 0, total_frames
+    if start is not None or end is not None:
+        start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
+        # Frame i shows [i / video_fps, (i + 1) / video_fps); keep the frames on screen during [start, end): from
+        # the one on screen at `start` (as for a variable rate) to the last that starts before `end`.
+        first = min(total_frames - 1, math.floor(start_s * video_fps + 1e-6))
+        stop = min(total_frames, max(first + 1, math.ceil(end_s * video_fps - 1e-6)))
+
+    def at_rate(fps: float) -> list[int]:
+        if fps >= video_fps:  # every frame (rounding a step of one frame could repeat one)
+            return list(range(first, stop))
+        begin = 0.0 if start is None else float(start) * video_fps
+        finish = float(total_frames) if end is None else min(float(end) * video_fps, float(total_frames))
+        positions = np.rint(np.arange(begin, finish, video_fps / fps))  # round half to even, like torch.round
+        return [int(p) for p in positions if first <= p < stop] or [first]  # [first]: a window under one frame
+
+    return first, stop, at_rate
+
+
+def _times_window(total_frames, frame_times, video_duration, video_fps, start, end):
+    """For a variable frame rate: the window ``[first, stop)`` of frame indices by the frames' real presentation
+    times, and ``fps -> indices`` (the frame on screen at each sample time)."""
+    times = np.asarray(frame_times, dtype=np.float64)
+    if times.ndim != 1 or len(times) != total_frames:
+        raise ValueError(f"`frame_times` must hold one time per frame ({total_frames}), got {times.shape}.")
+    if np.any(np.diff(times) < 0):
+        raise ValueError("`frame_times` must be in presentation order (ascending).")
+    if total_frames > 1:
+        mean_gap = (times[-1] - times[0]) / (total_frames - 1)
+    else:
+        mean_gap = 1.0 / video_fps if video_fps else 1.0
+    duration = float(times[-1] + mean_gap)
+    if video_duration is not None and video_duration > times[-1]:
+        duration = float(video_duration)
+    eps = 1e-6  # seconds: timestamps are rationals printed as floats
+    start_s, end_s = (0.0, duration) if start is None and end is None else _window_seconds(start, end, duration)
+    first = max(0, int(np.searchsorted(times, start_s + eps, side="right")) - 1)  # the frame on screen at `start`
+    stop = min(total_frames, max(first + 1, int(np.searchsorted(times, end_s - eps, side="left"))))
+
+    def at_rate(fps: float) -> list[int]:
+        count = max(1, math.ceil((end_s - start_s) * fps - 1e-9))
+        sample_times = start_s + np.arange(count, dtype=np.float64) / fps
+        sample_times = sample_times[sample_times < end_s - eps] if count > 1 else sample_times
+        positions = np.searchsorted(times, sample_times + eps, side="right") - 1
+        return np.clip(positions, first, stop - 1).astype(int).tolist()
+
+    return first, stop, at_rate
+
+
+def _metadata_indices(metadata, options: dict) -> list[int]:
+    """`sample_frame_indices` for a video's metadata (a `VideoMetadata` or a dict), with its frame times when the
+    frame rate is variable."""
+    get = metadata.get if isinstance(metadata, dict) else lambda key: getattr(metadata, key, None)
+    frame_times = get("frame_times")
+    return sample_frame_indices(
+        get("total_num_frames"), get("fps"), frame_times=frame_times,
+        video_duration=get("duration") if frame_times is not None else None, **options,
+    )
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding with PyAV. Demuxing: container and stream checks, the frame index and metadata from one demux pass.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VideoFileNotFoundError(FileNotFoundError, ValueError):
+    """A video path that does not exist (both a `FileNotFoundError` and a `ValueError`)."""
+
+
+class VideoIsADirectoryError(IsADirectoryError, ValueError):
+    """A video path that is a directory (both an `IsADirectoryError` and a `ValueError`)."""
+
+
+class VideoDecodeError(ValueError):
+    """Wanted frames of a video could not be decoded (a damaged or truncated file)."""
+
+
+# Demuxers FFmpeg picks for files that are not videos: text rendered as a terminal screen (tty and its text-art
+# siblings) and still images (image2 and the `*_pipe` image demuxers).
+_TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+_IMAGE_DEMUXERS = frozenset({"image2", "image2pipe"})
+# Decoders that read `skip_frame` per packet, so unwanted non-reference frames can be left undecoded. Others
+# (libdav1d reads it once when opened) decode everything.
+_SKIPS_PER_PACKET = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4"})
+
+
+def _describe_source(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{os.fspath(source)}'"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def _check_demuxer(container, name: str) -> None:
+    """Reject inputs that FFmpeg opens with a demuxer meant for text or still images."""
+    demuxers = set(container.format.name.split(","))
+    if demuxers & _TEXT_DEMUXERS:
+        kind = "a text file (FFmpeg would render it as a terminal screen)"
+    elif demuxers & _IMAGE_DEMUXERS or any(d.endswith("_pipe") for d in demuxers):
+        kind = "a still image"
+    else:
+        return
+    raise ValueError(f"{name} is not a video file: it is {kind}, read by FFmpeg's '{container.format.name}' "
+                     "demuxer. Pass images through `images=`.")
+
+
+def _open_container(source):
+    """``(container, name, reopen)`` for a path, bytes or a file object; `reopen` opens the input again from its
+    start."""
+    if av is None:
+        raise ImportError("Decoding video files needs PyAV: `pip install av`. Decoded frames work without it.")
+    name = _describe_source(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        if "://" not in source and os.path.isdir(source):
+            raise VideoIsADirectoryError(f"Video path {name} is a directory, not a video file.")
+        if "://" not in source and not os.path.isfile(source):
+            raise VideoFileNotFoundError(f"Video file not found: {name}.")
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("Cannot decode an empty byte string as a video.")
+        source = io.BytesIO(bytes(source))
+    elif not hasattr(source, "read"):
+        raise TypeError(f"Cannot open a video from {type(source).__name__}; pass a path, bytes or a file object.")
+    elif hasattr(source, "seekable") and not source.seekable():
+        source = io.BytesIO(source.read())  # seeking needs a seekable input: read a pipe/stream into memory
+    offset = source.tell() if hasattr(source, "tell") else None
+
+    def reopen():
+        if offset is not None:
+            source.seek(offset)
+        try:
+            return av.open(source, mode="r")
+        except Exception as err:  # PyAV raises several FFmpeg error classes; report them uniformly
+            raise ValueError(f"Could not open video {name}: unreadable or corrupt ({err}).") from err
+
+    container = reopen()
+    try:
+        _check_demuxer(container, name)
+        _video_stream(container, name)
+    except ValueError:
+        container.close()
+        raise
+    return container, name, reopen
+
+
+def _video_stream(container, name: str):
+    """The first video stream that is not an attached picture (cover art)."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        kinds = sorted({s.type for s in container.streams})
+        found = f"it has only {' and '.join(kinds)} stream(s)" if kinds else "it has no streams"
+        if container.streams.video:
+            found = "its only picture is attached cover art"
+        raise ValueError(f"Video {name} has no video stream ({found}): not a video file, or corrupt.")
+    stream = streams[0]
+    stream.thread_type = "AUTO"  # frame and slice threads; the decoder's output order does not change
+    return stream
+
+
+@dataclass
+class TimeViperVideoMetadata(VideoMetadata):
+    """`VideoMetadata` with the real presentation times of the frames.
+
+    Extra fields:
+        frames_timestamps: Presentation time in seconds (from the video stream's first frame) of each returned
+            frame; ``timestamps`` returns it. Set by `decode_video_pyav`.
+        frame_times: Presentation time in seconds of every frame of the video (presentation order) for a video with
+            a variable frame rate; ``None`` for a constant one (frame ``i`` is at ``i / fps``). ``fps`` is then the
+            mean frame rate. Sampling by ``fps`` / ``start`` / ``end`` uses these times.
+        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention, as
+            ``ffprobe`` prints it), already applied to the returned frames; ``width``/``height`` are theirs.
+    """
+
+    frames_timestamps: list[float] | None = None
+    frame_times: list[float] | None = field(default=None, repr=False)
+    rotation: int = 0
+
+    @property
+    def timestamps(self) -> list[float]:
+        "Presentation times of the sampled frames in seconds."
+        if self.frames_timestamps is not None:
+            return list(self.frames_timestamps)
+        if self.frame_times is not None and self.frames_indices is not None:
+            return [self.frame_times[i] for i in self.frames_indices]
+        return super().timestamps
+
+
+@dataclass
+class _FrameIndex:
+    """Every frame of a video stream from one demux pass (no decoding).
+
+    Frame ``i`` is the one with the ``i``-th smallest presentation timestamp ``pts[i]`` (stream time base).
+    ``keyframes`` lists the frame indices of the keyframes (ascending) and ``seek_targets`` the timestamp to seek to
+    for each: its decoding timestamp, since demuxers index and seek by it (MPEG-TS, MP4), else its pts.
+    """
+
+    pts: list[int]
+    keyframes: list[int]
+    seek_targets: list[int]
+    last_duration: int = 0  # the last frame's duration in pts units (0: unknown)
+    position: dict = field(init=False, repr=False)  # pts -> frame index
+
+    def __post_init__(self):
+        self.position = {p: i for i, p in enumerate(self.pts)}
+
+    def keyframe_before(self, index: int) -> int:
+        """Position in ``keyframes`` of the last keyframe at or before frame ``index`` (0 before the first)."""
+        return max(0, bisect.bisect_right(self.keyframes, index) - 1)
+
+
+def _scan_frame_index(container, stream, counts: dict, name: str) -> tuple["_FrameIndex | None", int]:
+    """Demux the video stream once. Returns ``(index, number of frames)``; the index is ``None`` when the
+    timestamps cannot number the frames (a packet without pts, or two with the same one)."""
+    packets = []  # (pts, dts, keyframe, duration)
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:  # the final empty packet; pre-roll the decoder drops
+                continue
+            packets.append((packet.pts, packet.dts, packet.is_keyframe, packet.duration or 0))
+    except av.error.FFmpegError as err:  # the container itself is damaged further on: keep what came before
+        counts["demux_error"] = f"{name}: demuxing stopped after {len(packets)} frames ({err})"
+    counts["scanned_packets"] += len(packets)
+    if not packets or any(p[0] is None for p in packets) or len({p[0] for p in packets}) < len(packets):
+        return None, len(packets)
+    packets.sort(key=lambda p: p[0])
+    keyframes = [i for i, p in enumerate(packets) if p[2]]
+    if not keyframes or keyframes[0] != 0:
+        keyframes = [0] + keyframes  # decoding from the first packet is always possible
+    seek_targets = [packets[i][1] if packets[i][1] is not None else packets[i][0] for i in keyframes]
+    return _FrameIndex([p[0] for p in packets], keyframes, seek_targets, packets[-1][3]), len(packets)
+
+
+def _constant_rate(seconds: np.ndarray, candidates: list[float]) -> float | None:
+    """A rate from `candidates` on whose grid every frame time lies (within a quarter frame), if any."""
+    for rate in candidates:
+        if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25):
+            return rate
+    return None
+
+
+def _index_metadata(stream, index: _FrameIndex, metadata: TimeViperVideoMetadata) -> None:
+    """Frame count, rate, duration and (variable rate only) frame times from the frame index."""
+    time_base = float(stream.time_base)
+    seconds = (np.asarray(index.pts, dtype=np.float64) - index.pts[0]) * time_base
+    count = len(seconds)
+    candidates = [float(r) for r in (stream.average_rate, stream.base_rate, stream.guessed_rate) if r and r > 0]
+    if count > 1 and seconds[-1] > 0:
+        candidates.append((count - 1) / float(seconds[-1]))
+    metadata.total_num_frames = count
+    rate = _constant_rate(seconds, candidates) if count > 1 else (candidates[0] if candidates else None)
+    if rate is not None:
+        metadata.fps, metadata.frame_times = rate, None
+        metadata.duration = count / rate  # frame i is shown during [i / fps, (i + 1) / fps)
+        return
+    if count == 1:  # one frame and no rate: it lasts its packet's duration, else one second
+        metadata.fps = None
+        metadata.duration = index.last_duration * time_base or 1.0
+        metadata.frame_times = [0.0]
+        return
+    mean_gap = float(seconds[-1]) / (count - 1)
+    last = index.last_duration * time_base if 0 < index.last_duration * time_base <= 4 * mean_gap else mean_gap
+    metadata.duration = float(seconds[-1]) + last
+    metadata.fps = count / metadata.duration
+    metadata.frame_times = seconds.tolist()
+
+
+def _stream_metadata(stream) -> TimeViperVideoMetadata:
+    """The stream header's view: frame rate, display size (sample aspect ratio and rotation applied)."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    width, height = stream.codec_context.width or None, stream.codec_context.height or None
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if width and sar and sar > 0 and sar != 1:  # non-square pixels: scale the width to the display aspect ratio
+        width = max(1, int(round(width * float(sar))))
+    return TimeViperVideoMetadata(
+        total_num_frames=int(stream.frames or 0),
+        fps=float(rate) if rate else None,
+        width=width,
+        height=height,
+        video_backend="pyav",
+    )
+
+
+def _demux(container, name: str, counts: dict):
+    """``(stream, frame index, metadata)`` from the demux pass; the index is ``None`` when the timestamps cannot
+    number the frames, and the metadata then has the header's rate."""
+    stream = _video_stream(container, name)
+    metadata = _stream_metadata(stream)
+    index, count = _scan_frame_index(container, stream, counts, name)
+    if count == 0:
+        raise ValueError(f"Video {name} has no frames: its video stream holds no packets (empty or truncated).")
+    _warn_if_cut(stream, count, counts, name)
+    if index is not None:
+        _index_metadata(stream, index, metadata)
+    else:
+        metadata.total_num_frames = count
+        metadata.duration = count / metadata.fps if metadata.fps else None
+    return stream, index, metadata
+
+
+def _warn_if_cut(stream, count: int, counts: dict, name: str) -> None:
+    """A container header that lists more frames than the file holds (a cut download), or a damaged container."""
+    if "demux_error" in counts:
+        warnings.warn(f"Video {name} is damaged: {counts['demux_error']}; using the {count} frames before it.",
+                      stacklevel=4)
+    elif stream.frames and stream.frames > count:
+        warnings.warn(f"Video {name} is truncated: its header lists {stream.frames} frames, the file holds {count}; "
+                      "using those.", stacklevel=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode policy: which groups of pictures to decode, seeking or reading on, numbering by timestamp or by order, and
+# what stands in for a frame that cannot be decoded
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Pictures:
+    """Converts decoded frames to display RGB (sample aspect ratio, display-matrix rotation) into one preallocated
+    array of the wanted frames, so memory stays at the size of the result."""
+
+    def __init__(self, wanted: list[int], width: int | None, height: int | None, label: str | None):
+        self.width, self.height = width, height
+        self.slot = {index: k for k, index in enumerate(wanted)}
+        self.array = None
+        self.rotation = 0
+        self.done: set[int] = set()
+        self.bar = None
+        if label is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(wanted), desc=f"decoding {label}", unit="frame", leave=False)
+
+    def put(self, index: int, frame) -> None:
+        if self.width is None or self.height is None:  # no size in the header: the first frame's
+            self.width, self.height = frame.width, frame.height
+        rgb = frame.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray()
+        if self.array is None:
+            # `frame.rotation` is counter-clockwise (FFmpeg's convention), as np.rot90 turns for k > 0. The first
+            # frame's rotation holds for all, so that every frame has one shape.
+            self.rotation = 90 * (int(round(frame.rotation / 90)) % 4)
+            shape = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
+            self.array = np.empty((len(self.slot), *shape, 3), dtype=np.uint8)
+        self.array[self.slot[index]] = np.rot90(rgb, k=self.rotation // 90) if self.rotation else rgb
+        if self.bar is not None and index not in self.done:
+            self.bar.update(1)
+        self.done.add(index)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _TimestampMismatch(Exception):
+    """A decoded frame's pts is not one of the demuxed packets' (the frame cannot be numbered by timestamp)."""
+
+
+class _SeekLandedLate(Exception):
+    """Seeking even to the first keyframe landed after it (a demuxer that cannot seek back to the start)."""
+
+
+class _IndexedDecode:
+    """Decode the `wanted` frames (sorted, unique) of a stream numbered by its `_FrameIndex`.
+
+    Packets are read forward. Decoding starts at the keyframe at or before the next wanted frame and continues while
+    a wanted frame is still to come from the packets fed so far; then the packets up to the keyframe of the next
+    wanted frame are skipped (demuxed, not decoded), or, when more than `_SEEK_GOPS` groups of pictures lie
+    between, the demuxer seeks there. Every decoded frame is numbered by its pts, so where a seek lands does not
+    matter: a seek that lands after its keyframe is retried further back (MPEG-TS seeks by decoding timestamps, which
+    the index only approximates), and frames before the keyframe decoding started from (the leading pictures of an
+    open GOP, which need the previous one) are dropped. A wanted frame that never comes out is reported in
+    `missing`. With `skip_nonref`, unwanted non-reference frames are not decoded.
+    """
+
+    _SEEK_GOPS = 2
+
+    def __init__(self, container, stream, index: _FrameIndex, wanted, pictures: _Pictures, counts: dict,
+                 skip_nonref: bool):
+        self.container, self.stream, self.index = container, stream, index
+        self.codec = stream.codec_context
+        self.wanted, self.wanted_set = wanted, set(wanted)
+        self.pictures, self.counts = pictures, counts
+        self.skip_nonref = skip_nonref and self.codec.name in _SKIPS_PER_PACKET
+        self.skip_mode = None
+        self.key_position = {key: k for k, key in enumerate(index.keyframes)}
+        self.next = 0  # position in `wanted` of the next frame to come
+        self.floor = 0  # frames before this index are leading pictures decoded without their references
+        self.fed_key = -1  # position in `keyframes` of the last keyframe fed to the decoder
+        self.late = 0  # seeks in a row that landed after their keyframe
+        self.missing: list[int] = []
+
+    def run(self, seek: bool = True) -> list[int]:
+        """Decode; returns the wanted frames that did not come out. ``seek=False``: read from the current
+        position (a container just opened), decoding from its first packet."""
+        target = None if not seek else self.index.keyframe_before(self.wanted[0])
+        while self.next < len(self.wanted):
+            if target is not None:
+                self._seek(target)
+            target = self._read(waiting=target)
+        return self.missing
+
+    def _seek(self, key: int) -> None:
+        self.container.seek(self.index.seek_targets[key], stream=self.stream, backward=True, any_frame=False)
+        self.codec.flush_buffers()
+        self.counts["seeks"] += 1
+        self.fed_key = -1
+
+    def _read(self, waiting: int | None) -> int | None:
+        """Read packets from the current position. ``waiting``: skip until that keyframe (position in `keyframes`).
+        Returns the keyframe to seek to next, or ``None`` when done."""
+        seen_key = False
+        for packet in self.container.demux(self.stream):
+            if packet.size == 0:
+                continue
+            self.counts["demuxed_packets"] += 1
+            i = self.index.position.get(packet.pts)
+            if waiting is not None:
+                if not packet.is_keyframe or i is None or i < self.index.keyframes[waiting]:
+                    seen_key = seen_key or (packet.is_keyframe and i is not None)
+                    continue
+                if i > self.index.keyframes[waiting] and not seen_key:
+                    return self._landed_late(waiting)
+                # The keyframe waited for (or, if its packet is lost, the next one): decode from here.
+                self.codec.flush_buffers()
+                self.floor = i if self.key_position.get(i, 0) > 0 else 0
+                waiting, self.late = None, 0
+            if packet.is_keyframe and i in self.key_position:
+                self.fed_key = self.key_position[i]
+            self._feed(packet)
+            if self.next >= len(self.wanted):
+                return None
+            upcoming = self.index.keyframe_before(self.wanted[self.next])
+            if upcoming > self.fed_key:  # every wanted frame before that keyframe is out: stop decoding
+                if upcoming - max(self.fed_key, 0) > self._SEEK_GOPS:
+                    return upcoming
+                waiting, seen_key = upcoming, True
+        self._feed(None)  # end of the stream: drain the decoder
+        self.missing.extend(self.wanted[self.next:])
+        self.next = len(self.wanted)
+        return None
+
+    def _landed_late(self, waiting: int) -> int:
+        """The keyframe to seek to instead: 2, 4, 8, ... keyframes further back."""
+        self.counts["late_seeks"] = self.counts.get("late_seeks", 0) + 1
+        if waiting == 0:
+            raise _SeekLandedLate()
+        self.late += 1
+        return max(0, waiting - 2**self.late)
+
+    def _feed(self, packet) -> None:
+        if packet is not None:
+            self.counts["decoded_packets"] += 1
+            if self.skip_nonref:
+                i = self.index.position.get(packet.pts)
+                mode = "DEFAULT" if i is None or i in self.wanted_set else "NONREF"
+                if mode != self.skip_mode:
+                    self.codec.skip_frame = mode
+                    self.skip_mode = mode
+        try:
+            frames = self.codec.decode(packet)
+        except av.error.EOFError:
+            return
+        except av.error.FFmpegError:  # a damaged packet: its frame is lost, the frames after it may decode
+            self.counts["decode_errors"] = self.counts.get("decode_errors", 0) + 1
+            return
+        for frame in frames:
+            self._take(frame)
+
+    def _take(self, frame) -> None:
+        i = self.index.position.get(frame.pts)
+        if i is None:
+            raise _TimestampMismatch(frame.pts)
+        if i < self.floor:
+            return
+        while self.next < len(self.wanted) and self.wanted[self.next] < i:
+            self.missing.append(self.wanted[self.next])  # dropped or undecodable: it will not come any more
+            self.next += 1
+        if self.next < len(self.wanted) and self.wanted[self.next] == i:
+            self.pictures.put(i, frame)
+            self.next += 1
+
+
+def _decode_in_order(container, wanted: list[int], pictures: _Pictures, counts: dict) -> list[int]:
+    """Decode from the start, numbering frames in output (presentation) order, for streams whose timestamps cannot
+    number them. Returns the wanted frames that did not come out."""
+    stream = _video_stream(container, "")
+    wanted_set = set(wanted)
+    try:
+        for ordinal, frame in enumerate(container.decode(stream)):
+            counts["decoded_packets"] += 1
+            if ordinal in wanted_set:
+                pictures.put(ordinal, frame)
+            if ordinal >= wanted[-1]:
+                break
+    except av.error.FFmpegError as err:  # damaged further on: the frames before are kept
+        counts["decode_errors"] = counts.get("decode_errors", 0) + 1
+        counts["decode_error"] = str(err)
+    return [i for i in wanted if i not in pictures.done]
+
+
+def _check_indices(chosen, metadata, name: str) -> list[int]:
+    chosen = [int(i) for i in chosen]
+    if not chosen:
+        raise ValueError(f"No frames were selected from video {name}.")
+    if min(chosen) < 0:
+        raise ValueError(f"Frame indices must be >= 0, got {min(chosen)}.")
+    if max(chosen) >= metadata.total_num_frames:
+        raise ValueError(f"Frame index {max(chosen)} is out of range for video {name} "
+                         f"({metadata.total_num_frames} frames).")
+    return chosen
+
+
+def _substitutes(missing: list[int], produced: set[int], name: str, tolerant: bool) -> dict[int, int]:
+    """Each missing frame -> the nearest frame that was produced (tolerant mode), else a `VideoDecodeError`."""
+    shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+    if not tolerant or not produced:
+        raise VideoDecodeError(
+            f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames wanted): the file is "
+            "damaged or truncated there. Pass `tolerant=True` to use the nearest decodable frames instead."
+        )
+    ordered = sorted(produced)
+    swap = {}
+    for i in missing:
+        k = bisect.bisect_left(ordered, i)
+        near = [ordered[j] for j in (k - 1, k) if 0 <= j < len(ordered)]
+        swap[i] = min(near, key=lambda j: (abs(j - i), j))
+    listed = ", ".join(f"{i}->{j}" for i, j in list(swap.items())[:20]) + (" ..." if len(swap) > 20 else "")
+    warnings.warn(f"Video {name}: frame(s) could not be decoded (damaged or truncated file); used the nearest "
+                  f"decodable frame instead (wanted->used): {listed}.", stacklevel=3)
+    return swap
+
+
+def _decode_wanted(container, reopen, stream, index, wanted, pictures, counts):
+    """Decode `wanted` into `pictures`; returns ``(container, missing)`` (the container may have been reopened)."""
+    if index is not None:
+        try:
+            try:
+                return container, _decode_by_timestamp(container, stream, index, wanted, pictures, counts)
+            except _SeekLandedLate:  # a demuxer that cannot seek back to the start: read it from a fresh start
+                container.close()
+                container = reopen()
+                todo = [i for i in wanted if i not in pictures.done]
+                decode = _IndexedDecode(container, _video_stream(container, ""), index, todo, pictures, counts,
+                                        skip_nonref=False)
+                return container, decode.run(seek=False)
+        except _TimestampMismatch:  # the decoder's timestamps differ from the demuxer's: number by output order
+            pass
+    container.close()
+    container = reopen()
+    pictures.done.clear()  # frames numbered by timestamp before the mismatch are decoded again, by order
+    return container, _decode_in_order(container, wanted, pictures, counts)
+
+
+def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> list[int]:
+    """`_IndexedDecode` skipping unwanted non-reference frames; the wanted frames lost that way (a decoder that
+    applies the skip to another packet) are decoded once more without skipping. Returns the frames still missing."""
+    first = _IndexedDecode(container, stream, index, wanted, pictures, counts, skip_nonref=True)
+    missing = first.run()
+    if missing and first.skip_nonref:
+        missing = _IndexedDecode(container, stream, index, missing, pictures, counts, skip_nonref=False).run()
+    return missing
+
+
+def decode_video_pyav(
+    source,
+    indices: list[int] | None = None,
+    sample_indices_fn=None,
+    stats: dict | None = None,
+    progress: bool = False,
+    tolerant: bool = False,
+) -> tuple[np.ndarray, TimeViperVideoMetadata]:
+    """Decode selected frames of a video with PyAV.
+
+    Frame ``i`` is the ``i``-th frame in presentation order. One demux pass (no decoding) lists every frame's
+    presentation timestamp and the keyframes; it gives the frame count, the frame rate (constant when every frame
+    lies on one rate's grid, else ``metadata.frame_times`` holds the real times and ``fps`` the mean rate) and the
+    duration, all of the video stream (not the container, whose duration may be an audio stream's). Then the wanted
+    frames are decoded group of pictures by group of pictures (`_IndexedDecode`): seeking where a long stretch holds
+    no wanted frame, skipping the rest, and numbering every decoded frame by its timestamp, so the metadata always
+    describes the frames returned. Streams whose timestamps cannot number the frames (raw elementary streams) are
+    decoded from the start, numbering frames as they come. Frames are returned as displayed: pixels scaled to the
+    sample aspect ratio and turned by the display matrix's rotation. Non-seekable file objects are read into memory.
+
+    Args:
+        source: A path (str or `os.PathLike`), raw bytes, or a binary file object.
+        indices: Frame indices to return (any order, repeats allowed).
+        sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
+            frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
+        stats: Optional dict that receives counts: ``scanned_packets`` (the demux pass), ``demuxed_packets``,
+            ``decoded_packets`` (sent to the decoder, which drops unwanted non-reference ones), ``seeks``.
+        progress: Show a progress bar over the frames to decode (for long videos).
+        tolerant: A wanted frame that cannot be decoded (damaged or truncated file) is replaced by the nearest
+            decoded one, with a warning naming the file and the frames (wanted -> used); the metadata then lists the
+            frames used. Default: a `VideoDecodeError`. Meant for training data, where one damaged second should not
+            drop a sample.
+
+    Returns:
+        ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a
+        `TimeViperVideoMetadata` with ``frames_indices`` and ``frames_timestamps`` (seconds from the first frame)
+        of the frames returned.
+
+    Raises:
+        ValueError: the path is missing (`VideoFileNotFoundError`) or a directory (`VideoIsADirectoryError`); the
+            input is unreadable, not a video (text, still image, audio only), or has no frames; an index is out of
+            range; a wanted frame cannot be decoded (`VideoDecodeError`, unless ``tolerant``).
+    """
+    if indices is None and sample_indices_fn is None:
+        raise ValueError("Pass `indices` or `sample_indices_fn`.")
+    container, name, reopen = _open_container(source)
+    counts = {"decoded_packets": 0, "demuxed_packets": 0, "seeks": 0, "scanned_packets": 0}
+    pictures = None
+    try:
+        stream, index, metadata = _demux(container, name, counts)
+        chosen = _check_indices(indices if indices is not None else sample_indices_fn(metadata), metadata, name)
+        wanted = sorted(set(chosen))
+        pictures = _Pictures(wanted, metadata.width, metadata.height, name if progress else None)
+        container, missing = _decode_wanted(container, reopen, stream, index, wanted, pictures, counts)
+        swap = _substitutes(missing, pictures.done, name, tolerant) if missing else {}
+        used = [swap.get(i, i) for i in chosen]
+        frames = pictures.array[[pictures.slot[i] for i in used]] if used != wanted else pictures.array
+    except av.error.FFmpegError as err:
+        raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
+    finally:
+        if pictures is not None:
+            pictures.close()
+        container.close()
+    if stats is not None:
+        stats.update(counts)
+    metadata.frames_indices = used
+    if index is not None:
+        time_base, origin = float(stream.time_base), index.pts[0]
+        metadata.frames_timestamps = [(index.pts[i] - origin) * time_base for i in used]
+    elif metadata.fps:
+        metadata.frames_timestamps = [i / metadata.fps for i in used]
+    metadata.height, metadata.width = frames.shape[1:3]
+    metadata.rotation = pictures.rotation
+    return frames, metadata
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame transform (shared by the image and video processors) and input normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _size_hw(size) -> tuple[int, int]:
+    if size is None:
+        raise ValueError("`size` must be set, e.g. {'height': 384, 'width': 384}.")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    height = size.get("height") if hasattr(size, "get") else getattr(size, "height", None)
+    width = size.get("width") if hasattr(size, "get") else getattr(size, "width", None)
+    if height is None or width is None:
+        raise ValueError(f"`size` must give 'height' and 'width' (a squash resize), got {size!r}.")
+    return int(height), int(width)
+
+
+def _to_pil(frame) -> PIL.Image.Image:
+    """One frame (PIL image, HWC/CHW uint8 array or tensor) -> PIL image in RGB."""
+    if isinstance(frame, PIL.Image.Image):
+        image = frame
+    else:
+        array = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+        if array.dtype != np.uint8:
+            raise ValueError(
+                f"Frames must be uint8 in [0, 255], got dtype {array.dtype}; convert with "
+                "`(x * 255).round().clip(0, 255).astype(np.uint8)` if they are scaled to [0, 1]."
+            )
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3:
+            raise ValueError(f"A frame must be (H, W, C) or (C, H, W), got shape {tuple(array.shape)}.")
+        if array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+            array = np.transpose(array, (1, 2, 0))
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        if array.shape[-1] not in (3, 4):
+            raise ValueError(f"A frame must have 1, 3 or 4 channels, got shape {tuple(array.shape)}.")
+        image = PIL.Image.fromarray(np.ascontiguousarray(array))
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def transform_frames(
+    frames,
+    size,
+    resample=PIL.Image.Resampling.BICUBIC,
+    do_resize: bool = True,
+    do_rescale: bool = True,
+    rescale_factor: float = 1 / 255,
+    do_normalize: bool = True,
+    image_mean=(0.5, 0.5, 0.5),
+    image_std=(0.5, 0.5, 0.5),
+) -> torch.Tensor:
+    """RGB -> squash resize to ``size`` with PIL (bicubic by default) -> rescale -> normalize.
+
+    This matches the reference transform ``Resize((384, 384), bicubic)`` on PIL images, ``ToTensor()``,
+    ``Normalize(0.5, 0.5)``. Returns float32 ``(num_frames, 3, height, width)``.
+    """
+    height, width = _size_hw(size)
+    resample = PIL.Image.Resampling(int(resample if resample is not None else PIL.Image.Resampling.BICUBIC))
+    tensors = []
+    for frame in frames:
+        image = _to_pil(frame)
+        if do_resize and image.size != (width, height):
+            image = image.resize((width, height), resample=resample)
+        tensors.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+    if not tensors:
+        raise ValueError("Got an empty list of frames.")
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"Frames have different sizes {sorted(shapes)}; set do_resize=True to batch them.")
+    return rescale_and_normalize(torch.stack(tensors), do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+
+
+def rescale_and_normalize(pixels, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                          image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """uint8 (frames, 3, h, w) on any device -> float32 pixels, as `transform_frames` gives them."""
+    pixels = pixels.to(torch.float32)
+    if do_rescale:
+        # Divide rather than multiply for the default factor, as ToTensor does (bit-exact).
+        pixels = pixels / 255.0 if math.isclose(rescale_factor, 1 / 255) else pixels * rescale_factor
+    if do_normalize:
+        mean = torch.tensor(image_mean, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32, device=pixels.device).reshape(-1, 1, 1)
+        pixels = (pixels - mean) / std
+    return pixels
+
+
+def _is_frame(x) -> bool:
+    if isinstance(x, PIL.Image.Image):
+        return True
+    return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3
+
+
+def _is_video_source(x) -> bool:
+    return _is_file(x) or isinstance(x, dict)
+
+
+def _is_file(video) -> bool:
+    return isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read")
+
+
+def _flatten_videos(videos) -> list:
+    """Flatten a video, a batch of videos, or nested per-sample lists of videos into a list of single videos."""
+    if _is_video_source(videos):
+        return [videos]
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        if videos.ndim == 4:
+            return [videos]
+        if videos.ndim == 5:
+            return list(videos)
+        raise ValueError(
+            "A video array must be (T, H, W, C) or (T, C, H, W) (or 5-D for a batch), got shape "
+            f"{tuple(videos.shape)}."
+        )
+    if isinstance(videos, (list, tuple)):
+        if len(videos) == 0:
+            raise ValueError("Got an empty list of frames/videos.")
+        if all(_is_frame(x) for x in videos):
+            return [list(videos)]  # one video given as a list of frames
+        flat = []
+        for item in videos:
+            if _is_frame(item):
+                raise ValueError("A list mixes single frames with whole videos; pass one list of frames per video.")
+            if isinstance(item, (list, tuple)) and len(item) == 0:
+                continue  # a sample without videos (e.g. from apply_chat_template)
+            flat.extend(_flatten_videos(item))
+        return flat
+    raise TypeError(
+        f"Unsupported video input {type(videos).__name__}: pass a path, bytes, a file object, a uint8 array/tensor "
+        "(T, H, W, 3) or (T, 3, H, W), a list of PIL images, or a list of those."
+    )
+
+
+def _load_image(source) -> PIL.Image.Image:
+    """A path, URL or base64 string -> PIL image (base64 has no '.', so a string with one is a path or URL)."""
+    source = os.fspath(source)
+    if "://" not in source and not source.startswith("data:") and "." in source and not os.path.isfile(source):
+        raise VideoFileNotFoundError(f"Image file not found: '{source}'.")
+    return load_image(source)
+
+
+def _flatten_images(images) -> list:
+    if isinstance(images, (list, tuple)):
+        flat = []
+        for item in images:
+            flat.extend(_flatten_images(item))
+        return flat
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video and image processors
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRANSFORM_KEYS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                   "image_std")
+_SOURCE_KEYS = ("video", "path", "url")  # where a video dict (a conversation's video item) holds its source
+
+
+def _video_source(item: dict):
+    return next((item[key] for key in _SOURCE_KEYS if item.get(key) is not None), None)
+
+
+def _transform_options(processor, kwargs: dict) -> dict:
+    """The frame transform's options: the call's kwargs over the processor's attributes."""
+    return {key: kwargs[key] if kwargs.get(key) is not None else getattr(processor, key) for key in _TRANSFORM_KEYS}
+
+
+def _check_kwargs(processor, kwargs: dict) -> None:
+    unknown = set(kwargs) - set(processor.valid_kwargs.__annotations__)
+    if unknown:
+        raise TypeError(f"Unexpected {type(processor).__name__} kwargs {sorted(unknown)}; valid: "
+                        f"{sorted(processor.valid_kwargs.__annotations__)}.")
+
+
+class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
+    """Video kwargs of `TimeViperVideoProcessor` on top of transformers' `VideosKwargs` (which has ``fps`` and
+    ``num_frames``): the sampling options of the module docstring, and ``progress`` (a progress bar while decoding
+    each video)."""
+
+    max_frames: int | None
+    min_frames: int | None
+    start: float | None
+    end: float | None
+    sampling: str | None
+    progress: bool
+
+
+class TimeViperVideoProcessor(BaseVideoProcessor):
+    r"""Decode, sample and normalise videos for TimeViper.
+
+    Accepts, per video: a path, raw bytes or a binary file object (decoded with PyAV, seeking to the sampled frames);
+    a uint8 array/tensor ``(T, H, W, 3)`` or ``(T, 3, H, W)``; a list of PIL images or HWC arrays; or a dict
+    ``{"video"|"path"|"url": source, "fps"|"num_frames"|"max_frames"|"min_frames"|"start"|"end"|"sampling": ...}``
+    whose keys override the call's sampling kwargs for that video. A list of these is a batch.
+
+    Decoded frames (arrays, PIL lists) are sampled only when ``num_frames`` is given, or when their frame rate is
+    known from ``video_metadata={"fps": ...}``; otherwise all of them are used as they are.
+
+    Returns a `BatchFeature` with ``pixel_values_videos`` (float32 ``(total frames of all videos, 3, H, W)``, videos
+    concatenated in order), ``video_num_frames`` (int64 ``(num_videos,)``) and ``video_metadata`` (a list of
+    `VideoMetadata` with the sampled ``frames_indices``; ``timestamps`` gives their times in seconds: for decoded
+    files, `TimeViperVideoMetadata` with the frames' real presentation times, also for a variable frame rate).
+    """
+
+    resample = PIL.Image.Resampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 384, "width": 384}
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    fps = 1.0
+    num_frames = None
+    max_frames = 256
+    min_frames = None
+    start = None
+    end = None
+    sampling = "auto"
+    progress = False  # a progress bar while decoding each video
+    valid_kwargs = TimeViperVideoProcessorKwargs
+    model_input_names = ["pixel_values_videos"]
+
+    def sampling_options(self, *levels: dict) -> dict:
+        """This processor's sampling attributes with `levels` over them (`merge_sampling`)."""
+        defaults = {key: getattr(self, key, None) for key in SAMPLING_KEYS}
+        if defaults["num_frames"] is not None:  # a processor saved to sample a fixed count
+            defaults["fps"] = None
+        return merge_sampling(defaults, *levels)
+
+    def sample_frames(self, metadata, **options) -> list[int]:
+        """`BaseVideoProcessor` hook: the frame indices of a video under this processor's sampling rules.
+
+        `metadata`: a `VideoMetadata` (or dict) with ``total_num_frames`` and ``fps``, and ``frame_times`` and
+        ``duration`` for a variable frame rate (as `decode_video_pyav` gives it). `options` (`SAMPLING_KEYS`)
+        override the processor's attributes.
+        """
+        unknown = set(options) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"Unexpected sampling options {sorted(unknown)}; valid: {list(SAMPLING_KEYS)}.")
+        return _metadata_indices(metadata, self.sampling_options(options))
+
+    def preprocess(self, videos, **kwargs) -> BatchFeature:
+        """Decode/sample each video, then resize, rescale and normalise its frames (see the class docstring)."""
+        _check_kwargs(self, kwargs)
+        transform = _transform_options(self, kwargs)
+        do_sample_frames = bool(kwargs["do_sample_frames"] if kwargs.get("do_sample_frames") is not None
+                                else self.do_sample_frames)
+        progress = bool(kwargs["progress"] if kwargs.get("progress") is not None else self.progress)
+        call_sampling = merge_sampling(kwargs)
+        video_list = _flatten_videos(videos)
+        hints = kwargs.get("video_metadata")
+        if hints is None or isinstance(hints, (dict, VideoMetadata)):
+            hints = [hints] * len(video_list)
+        elif len(hints) != len(video_list):
+            raise ValueError(f"Got {len(hints)} `video_metadata` entries for {len(video_list)} videos.")
+
+        pixel_values, metadata = [], []
+        for video, hint in zip(video_list, hints):
+            frames, meta = self._load_video(video, call_sampling, hint, do_sample_frames, progress)
+            pixel_values.append(transform_frames(frames, **transform))
+            metadata.append(meta)
+        shapes = {tuple(p.shape[1:]) for p in pixel_values}
+        if len(shapes) > 1:
+            raise ValueError(f"Videos have different frame sizes {sorted(shapes)}; set do_resize=True.")
+        data = {
+            "pixel_values_videos": torch.cat(pixel_values),
+            "video_num_frames": torch.tensor([len(m.frames_indices) for m in metadata], dtype=torch.int64),
+            "video_metadata": metadata,
+        }
+        return BatchFeature(data=data, skip_tensor_conversion=["video_metadata"])
+
+    def _load_video(self, video, call_sampling: dict, hint, do_sample_frames: bool, progress: bool):
+        """One video's sampled frames and metadata; a video dict's sampling keys override the call's."""
+        item = {}
+        if isinstance(video, dict):
+            item, video = video, _video_source(video)
+            if video is None:
+                raise ValueError(f"A video dict needs a 'video', 'path' or 'url' entry, got keys {sorted(item)}.")
+        given = merge_sampling(call_sampling, item)
+        options = self.sampling_options(given)
+        if _is_file(video):
+            if do_sample_frames:
+                return decode_video_pyav(video, sample_indices_fn=lambda meta: _metadata_indices(meta, options),
+                                         progress=progress)
+            return decode_video_pyav(video, sample_indices_fn=lambda meta: list(range(meta.total_num_frames)),
+                                     progress=progress)
+        return _sample_decoded_frames(video, options, given["fps"] is not None, hint, do_sample_frames)
+
+
+def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sample_frames: bool):
+    """Frames already decoded (an array or a list of frames) are sampled when their count can be: by
+    ``num_frames``, or by their frame rate from `hint`; otherwise they are taken as already sampled."""
+    if isinstance(video, (list, tuple)):
+        if len(video) == 0:
+            raise ValueError("Got an empty list of frames.")
+        frames = list(video)
+    elif video.ndim != 4:
+        raise ValueError(f"A video array must be 4-D (T, H, W, C) or (T, C, H, W), got {tuple(video.shape)}.")
+    else:
+        frames = video
+    total = len(frames)
+    if total == 0:
+        raise ValueError("Got a video with no frames.")
+    video_fps = dict(hint or {}).get("fps")
+    if not do_sample_frames:
+        indices = list(range(total))
+    elif options["num_frames"] is not None or video_fps or options["sampling"] == "reference_eval":
+        indices = sample_frame_indices(total, video_fps, **options)
+    elif fps_given or options["start"] is not None or options["end"] is not None:
+        raise ValueError(
+            "Sampling decoded frames with `fps` or `start`/`end` needs their frame rate: pass "
+            "`video_metadata={'fps': ...}`, or use `num_frames`."
+        )
+    else:
+        indices = list(range(total))
+    selected = [frames[i] for i in indices]
+    first = _to_pil(selected[0])
+    metadata = VideoMetadata(
+        total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
+        duration=total / video_fps if video_fps else None, video_backend=None, frames_indices=indices,
+    )
+    return selected, metadata
+
+
+class TimeViperImageProcessor(BaseImageProcessor):
+    """Images for TimeViper: the frame transform of `TimeViperVideoProcessor` applied to single images.
+
+    Accepts PIL images, uint8 HWC/CHW arrays or tensors, paths/URLs, or (nested) lists of them. Returns
+    ``pixel_values`` float32 ``(num_images, 3, H, W)``.
+    """
+
+    resample = PIL.Image.Resampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 384, "width": 384}
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    valid_kwargs = ImagesKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # BaseImageProcessor leaves resolving the class defaults to the subclass (remote code written before it did).
+        self._set_attributes(**kwargs)
+
+    def fetch_images(self, images):
+        # `preprocess` loads paths and URLs itself (naming a missing file, accepting `os.PathLike`), so the processor
+        # hands them over as they are.
+        return images
+
+    def preprocess(self, images, **kwargs) -> BatchFeature:
+        _check_kwargs(self, kwargs)
+        flat = _flatten_images(images)
+        if not flat:
+            raise ValueError("Got an empty list of images.")
+        loaded = [_load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in flat]
+        return BatchFeature(data={"pixel_values": transform_frames(loaded, **_transform_options(self, kwargs))})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming video input: long videos read chunk by chunk, with host memory bounded whatever their length
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class VideoStream:
+    """One video file read lazily, `chunk_frames` sampled frames at a time (for `TimeViperModel.encode_video`).
+
+    Opening it decodes the first chunk, which fixes the sampled frames (`num_frames`, `metadata`: the same indices
+    the video processor samples with the same options). Iterating yields the frames as uint8 tensors (chunk, 3,
+    height, width), already resized to the processor's size, produced by a background thread that decodes at most
+    `prefetch_chunks` chunks ahead while the caller encodes; `pixel_chunks` moves them to the model's device and
+    normalises them there. Host memory is a few chunks, whatever the video's length. Each chunk is one
+    `decode_video_pyav` call, seeking to the keyframe before its first frame (containers without a frame count,
+    e.g. Matroska, are demuxed once per chunk to find the frames; prefer larger chunks for those).
+
+    Args:
+        video: a path or raw bytes, or a dict ``{"video"|"path"|"url": source, <sampling overrides>}`` as in a
+            conversation's video item.
+        video_processor: the `TimeViperVideoProcessor` whose sampling defaults, size and normalisation apply.
+        chunk_frames: sampled frames per decoded chunk.
+        prefetch_chunks: chunks decoded ahead of the consumer.
+        resize_threads: threads that resize a chunk's frames (PIL releases the GIL while resizing; at 720p and up,
+            one thread resizing is slower than the decoder).
+        **sampling: ``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``, ``sampling``.
+    """
+
+    def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
+                 resize_threads: int = 4, **sampling):
+        unknown = set(sampling) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(
+                f"Unexpected sampling kwargs {sorted(unknown)} for VideoStream; valid: {list(SAMPLING_KEYS)}."
+            )
+        if chunk_frames < 1 or prefetch_chunks < 1:
+            raise ValueError(
+                f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
+            )
+        item = video if isinstance(video, dict) else {}
+        source = _video_source(item) if item else video
+        if not isinstance(source, (str, os.PathLike, bytes)):
+            raise TypeError(
+                f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
+            )
+        self.source, self.video_processor = source, video_processor
+        self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
+        self.resize_threads = max(1, resize_threads)
+        self.decode_seconds = 0.0  # time spent decoding and resizing (in the background thread after the first chunk)
+        options = video_processor.sampling_options(sampling, item)
+        sampled = []
+
+        def first_chunk(metadata) -> list[int]:
+            sampled.extend(_metadata_indices(metadata, options))
+            return sampled[:chunk_frames]
+
+        started = time.perf_counter()
+        frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
+        self.first_chunk = self.resize(frames)
+        self.decode_seconds += time.perf_counter() - started
+        self.indices = sampled
+        # Only the first chunk has been decoded: its times would not cover the video, the frame rate does.
+        self.metadata.frames_indices, self.metadata.frames_timestamps = sampled, None
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.indices)
+
+    def resize(self, frames: np.ndarray) -> torch.Tensor:
+        """Decoded RGB frames -> uint8 (frames, 3, height, width) at the processor's size (the processor's resize,
+        on `resize_threads` groups of frames at once)."""
+        processor = self.video_processor
+
+        def resize_group(group):
+            pixels = transform_frames(
+                group, size=processor.size, resample=processor.resample, do_resize=processor.do_resize,
+                do_rescale=False, do_normalize=False,
+            )
+            return pixels.to(torch.uint8)  # (whole numbers in [0, 255]: exact)
+
+        groups = [group for group in np.array_split(frames, self.resize_threads) if len(group)]
+        if len(groups) == 1:
+            return resize_group(groups[0])
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="timeviper-resize") as pool:
+            return torch.cat(list(pool.map(resize_group, groups)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        processor = self.video_processor
+        return rescale_and_normalize(
+            pixels, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+            processor.image_std,
+        )
+
+    def __iter__(self):
+        chunks = queue.Queue(maxsize=self.prefetch_chunks)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    chunks.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for start in range(self.chunk_frames, self.num_frames, self.chunk_frames):
+                    started = time.perf_counter()
+                    frames, _ = decode_video_pyav(self.source, indices=self.indices[start : start + self.chunk_frames])
+                    resized = self.resize(frames)
+                    del frames
+                    self.decode_seconds += time.perf_counter() - started
+                    if not put(resized):
+                        return
+                put(None)
+            except Exception as err:  # handed to the consumer, which raises it
+                put(err)
+
+        producer = threading.Thread(target=produce, name="timeviper-video-decode", daemon=True)
+        producer.start()
+        try:
+            yield self.first_chunk
+            while (item := chunks.get()) is not None:
+                if isinstance(item, Exception):
+                    raise ValueError(f"Decoding video {self.source!r} failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def pixel_chunks(self, device=None, dtype=None):
+        """Normalised pixels, chunk by chunk, on `device` in `dtype`: uint8 crosses to the device (a quarter of
+        the float32 bytes) and is normalised there."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        for chunk in self:
+            if device.type == "cuda":
+                chunk = chunk.pin_memory().to(device, non_blocking=True)
+            else:
+                chunk = chunk.to(device)
+            pixels = self.normalize(chunk)
+            yield pixels if dtype is None else pixels.to(dtype)
