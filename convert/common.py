@@ -42,7 +42,9 @@ import torch
 logger = logging.getLogger("timeviper.convert")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
+REMOTE_CODE_FILES = (
+    "configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py", "generation_timeviper.py"
+)
 
 # transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
 # 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.

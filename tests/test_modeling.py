@@ -146,7 +146,7 @@ def test_attention_scoring_memory_is_linear_in_the_sequence_length():
         positions = torch.arange(length)[None]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with torch.no_grad():
-            state = text_model.compress(SequenceState(hidden, valid, vision, positions, vision.sum(-1), positions[:, -1]), 0, None)
+            state = text_model.compressors[0].compress(SequenceState(hidden, valid, vision, positions, vision.sum(-1), positions[:, -1]), None)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         print(state.hidden_states.shape[1], grown)
         """

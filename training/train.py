@@ -54,7 +54,9 @@ from .data import TimeViperDataCollator, TimeViperSFTDataset
 
 logger = logging.getLogger("timeviper.training")
 
-REMOTE_CODE_FILES = ("configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py")
+REMOTE_CODE_FILES = (
+    "configuration_timeviper.py", "modeling_timeviper.py", "processing_timeviper.py", "generation_timeviper.py"
+)
 # Mamba-2's A_log, D and dt_bias and TransV's gates (`merge_modules.<stage>.alpha`) are never weight-decayed (besides
 # biases and norms).
 NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".alpha")
