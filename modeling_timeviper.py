@@ -1043,6 +1043,32 @@ class TimeViperTextModel(nn.Module):
         return ChunkedPrefill(self, past_key_values, chunk_size, keep_last).run(embed_columns, state)
 
 
+def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
+    """How TransV starts without trained weights: each transfer stage's module copies q/k/v/o from the first
+    attention block at or after the stage's layer, and its gate `alpha` is 0 (source None), so that the stage starts
+    as plain dropping. Returns {TransV parameter: source parameter}, named as in `TimeViperTextModel`."""
+    text_config = config.text_config
+    layer_types = text_layer_types(text_config)
+    attention = "self_attn" if text_config.model_type == "qwen2" else "mixer"
+    with torch.device("meta"):
+        names = list(TimeViperTransV(text_config).state_dict())
+    sources = {}
+    for stage_index, stage in enumerate(config.compression_stages):
+        if not stage.transfer:
+            continue
+        layer = next((i for i in range(stage.layer_idx, len(layer_types)) if layer_types[i] == "full_attention"), None)
+        if layer is None:
+            attention_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+            raise ValueError(
+                f"no attention block at or after layer {stage.layer_idx} to initialise TransV stage {stage_index} "
+                f"from; attention blocks are at {attention_layers}"
+            )
+        for name in names:
+            source = None if name == "alpha" else f"layers.{layer}.{attention}.{name}"
+            sources[f"merge_modules.{stage_index}.{name}"] = source
+    return sources
+
+
 def input_validity(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
     """(batch, length) bool validity of the new tokens."""
     batch, length = inputs_embeds.shape[:2]
@@ -1613,6 +1639,15 @@ def read_legacy_gates(path, hub_kwargs: dict) -> tuple[str, torch.Tensor]:
 def load_legacy_gates(model, gates: torch.Tensor, key: str) -> list[str]:
     """Copy entry j of the legacy vector into the gate of the j-th transfer stage; returns the parameter names."""
     text_model = next(module for module in model.modules() if isinstance(module, TimeViperTextModel))
+    if not text_model.transfer_slot and gates.dim() == 1:
+        if bool(gates.any()):
+            raise ValueError(
+                f"{key} holds open TransV gates {gates.tolist()}, but token_compression has no transfer stage: the "
+                "checkpoint was trained with TransV; load it with the token_compression it was trained with"
+            )
+        logger.warning("%s: the legacy TransV gates are all closed and token_compression has no transfer stage; "
+                       "ignoring them", key)
+        return []
     if gates.shape != (len(text_model.transfer_slot),):
         raise ValueError(
             f"{key} has shape {tuple(gates.shape)}, but token_compression has {len(text_model.transfer_slot)} "
@@ -1659,10 +1694,11 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             info["missing_keys"] = type(info["missing_keys"])(
                 k for k in info["missing_keys"] if not any(k.endswith(name) for name in filled)
             )
-            logger.warning(
-                "read the TransV gates from the legacy key %r; save_pretrained stores them as merge_modules.<stage>.alpha",
-                key,
-            )
+            if filled:
+                logger.warning(
+                    "read the TransV gates from the legacy key %r; save_pretrained stores them as "
+                    "merge_modules.<stage>.alpha", key,
+                )
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
@@ -2050,18 +2086,10 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
 
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
-        """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
-        `init_cross_attn_weights_from_nearest_self_attn`) and zero the gates, so TransV starts as plain dropping."""
-        text_model = self.model.language_model
-        for stage_index in text_model.transfer_slot:
-            stage = text_model.stages[stage_index]
-            source = next(
-                (layer.attention for layer in text_model.layers[stage.layer_idx :] if layer.attention is not None), None
-            )
-            if source is None:
-                raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
-            transfer = text_model.merge_modules[str(stage_index)]
-            transfer.load_state_dict({**source.state_dict(), "alpha": torch.zeros_like(transfer.alpha)})
+        """Initialise every TransV module by `transfer_init_sources`, so that TransV starts as plain dropping."""
+        parameters = dict(self.model.language_model.named_parameters())
+        for target, source in transfer_init_sources(self.config).items():
+            parameters[target].copy_(parameters[source] if source is not None else torch.zeros_like(parameters[target]))
 
     def forward(
         self,
