@@ -1599,18 +1599,6 @@ class TimeViperVideoState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def forget_unused_weight_conversions(model) -> None:
-    """Keep only the checkpoint key renamings that loading applied, so that `save_pretrained` writes the keys it read.
-
-    transformers records the renamings on the model (`_weight_conversions`) and reverses them when saving. Its usual
-    loader records those that matched a key; its DeepSpeed ZeRO-3 loader (5.x) records all of them, among which
-    SigLIP's `PrefixChange(prefix_to_remove="vision_model")`, scoped to our `vision_tower`. Reversed at save, it
-    renamed every `model.vision_tower.X` of a ZeRO-3 fine-tuned checkpoint to `model.vision_tower.vision_model.X`."""
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions:
-        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
-
-
 def is_legacy_gate_key(key: str) -> bool:
     return key == "language_model.alpha" or key.endswith(".language_model.alpha")
 
@@ -1674,7 +1662,6 @@ class TimeViperPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def save_pretrained(self, *args, **kwargs):
-        forget_unused_weight_conversions(self)
         if self._auto_class is None:  # transformers copies the code files only for a registered class
             type(self).register_for_auto_class(self.default_auto_class)
         return super().save_pretrained(*args, **kwargs)
@@ -1862,82 +1849,77 @@ class TimeViperModel(TimeViperPreTrainedModel):
         keep_last: with `prefill_chunk_size`, return the hidden states of only the last N positions.
         past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         """
-        past_key_values = resolve_cache_argument(past_key_values, cache)
+        cache = resolve_cache_argument(past_key_values, cache)
+        decoding = cache is not None and cache.is_prefilled
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if video_features is not None and pixel_values_videos is not None:
             raise ValueError("pass either pixel_values_videos or video_features, not both")
-        has_vision = pixel_values is not None or pixel_values_videos is not None or video_features is not None
-        decoding = past_key_values is not None and past_key_values.is_prefilled
-        chunked = prefill_chunk_size is not None and not decoding
-        if has_vision and decoding:
-            raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
-        if has_vision and input_ids is None:
-            raise ValueError("pixel values need input_ids to locate the placeholder tokens")
-
-        vision_mask = None
-        image_features = None
-        embed_columns = None
-        if input_ids is not None and decoding:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif input_ids is not None:
-            placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            if placeholders.any():
-                if not has_vision:
-                    raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
-                vision_mask = placeholders
-            vision_inputs = []  # (placeholder mask, features)
-            if pixel_values_videos is not None:
-                video_features = self.get_video_features(pixel_values_videos)
-            if video_features is not None:
-                mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, video_features, "videos")
-                vision_inputs.append((mask, video_features))
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)
-                mask = self.get_placeholder_mask(input_ids, self.config.image_token_id, image_features, "images")
-                vision_inputs.append((mask, image_features))
-            embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
-            if not chunked:
-                inputs_embeds = embed_columns(0, input_ids.shape[1])
-        elif chunked:
-            embed_columns = lambda start, end: inputs_embeds[:, start:end]  # noqa: E731
-
-        if chunked:
+        if pixel_values is not None or pixel_values_videos is not None or video_features is not None:
+            if decoding:
+                raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
+            if input_ids is None:
+                raise ValueError("pixel values need input_ids to locate the placeholder tokens")
+        if input_ids is None or decoding:
+            embeds = inputs_embeds if input_ids is None else self.get_input_embeddings()(input_ids)
+            vision = VisionInputs(lambda start, end: embeds[:, start:end], None, video_features, None)
+        else:
+            vision = self.embed_with_vision(input_ids, pixel_values, pixel_values_videos, video_features)
+        all_hidden_states = None
+        if prefill_chunk_size is not None and not decoding:
             if output_hidden_states:
                 raise ValueError("output_hidden_states is not available with prefill_chunk_size")
             reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            valid = (
-                torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
-                if attention_mask is None else attention_mask.bool()
-            )
+            valid = torch.ones_like(reference, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             hidden_states, kept_positions = self.language_model.prefill_in_chunks(
-                embed_columns, valid, vision_mask, past_key_values, prefill_chunk_size,
+                vision.embed_columns, valid, vision.mask, cache, prefill_chunk_size,
                 compression_query_positions=compression_query_positions, keep_last=keep_last,
             )
-            return TimeViperModelOutputWithPast(
-                last_hidden_state=hidden_states,
-                kept_positions=kept_positions,
-                **{CACHE_NAME: past_key_values},
-                video_hidden_states=video_features,
-                image_hidden_states=image_features,
+        else:
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            hidden_states, kept_positions, all_hidden_states = self.language_model(
+                vision.embed_columns(0, length), attention_mask=attention_mask, vision_mask=vision.mask,
+                past_key_values=cache, compression_query_positions=compression_query_positions,
+                output_hidden_states=bool(output_hidden_states),
             )
-
-        hidden_states, kept_positions, all_hidden_states = self.language_model(
-            inputs_embeds,
-            attention_mask=attention_mask,
-            vision_mask=vision_mask,
-            past_key_values=past_key_values,
-            compression_query_positions=compression_query_positions,
-            output_hidden_states=bool(output_hidden_states),
-        )
         return TimeViperModelOutputWithPast(
             last_hidden_state=hidden_states,
             kept_positions=kept_positions,
-            **{CACHE_NAME: past_key_values},
+            **{CACHE_NAME: cache},
             hidden_states=all_hidden_states,
-            video_hidden_states=video_features,
-            image_hidden_states=image_features,
+            video_hidden_states=vision.video_features,
+            image_hidden_states=vision.image_features,
         )
+
+    def embed_with_vision(self, input_ids, pixel_values, pixel_values_videos, video_features) -> "VisionInputs":
+        """The prompt's input embeddings with the frame / image features in place of their placeholder tokens."""
+        config = self.config
+        placeholders = (input_ids == config.video_token_id) | (input_ids == config.image_token_id)
+        has_placeholders = bool(placeholders.any())
+        if has_placeholders and pixel_values is None and pixel_values_videos is None and video_features is None:
+            raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
+        vision_inputs, image_features = [], None  # (placeholder mask, features)
+        if pixel_values_videos is not None:
+            video_features = self.get_video_features(pixel_values_videos)
+        if video_features is not None:
+            mask = self.get_placeholder_mask(input_ids, config.video_token_id, video_features, "videos")
+            vision_inputs.append((mask, video_features))
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            mask = self.get_placeholder_mask(input_ids, config.image_token_id, image_features, "images")
+            vision_inputs.append((mask, image_features))
+        embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
+        return VisionInputs(embed_columns, placeholders if has_placeholders else None, video_features, image_features)
+
+
+@dataclass
+class VisionInputs:
+    """A forward call's input embeddings and what they hold of the vision inputs."""
+
+    embed_columns: "PlaceholderEmbedder"  # (start, end) -> (batch, end - start, hidden) input embeddings
+    mask: torch.Tensor | None  # (batch, length) bool: the vision placeholder tokens, None if there are none
+    video_features: torch.Tensor | None
+    image_features: torch.Tensor | None
 
 
 class PlaceholderEmbedder:
