@@ -2115,8 +2115,6 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         past_key_values = resolve_cache_argument(past_key_values, cache)
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
-        if compression_query_positions is None and labels is not None:
-            compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
             check_static_step_inputs(
                 input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
@@ -2125,16 +2123,12 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
             return TimeViperCausalLMOutputWithPast(
                 logits=self.static_decode_step(input_ids, past_key_values), **{CACHE_NAME: past_key_values}
             )
-        if use_cache and past_key_values is None and not self.training:
+        if prefill_chunk_size is not None and labels is not None:
+            raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
+        if past_key_values is None and (prefill_chunk_size is not None or (use_cache and not self.training)):
             past_key_values = TimeViperHybridCache()
-        chunking = {} if prefill_chunk_size is None else {"prefill_chunk_size": prefill_chunk_size}
-        if chunking:
-            if labels is not None:
-                raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
-            if past_key_values is None:
-                past_key_values = TimeViperHybridCache()
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                chunking["keep_last"] = logits_to_keep
+        if compression_query_positions is None and labels is not None:
+            compression_query_positions = first_supervised_query(labels, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -2145,7 +2139,8 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
             compression_query_positions=compression_query_positions,
             output_hidden_states=output_hidden_states,
             video_features=video_features,
-            **chunking,
+            prefill_chunk_size=prefill_chunk_size,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else None,
         )
         hidden_states = outputs.last_hidden_state
         if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -2153,16 +2148,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         elif labels is None and isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            kept = outputs.kept_positions
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-            shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
-            loss = ForCausalLMLoss(
-                logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-            )
+        loss = None if labels is None else self.kept_token_loss(logits, labels, outputs.kept_positions, num_items_in_batch)
         output = TimeViperCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -2173,6 +2159,16 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
             image_hidden_states=outputs.image_hidden_states,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def kept_token_loss(self, logits, labels, kept_positions, num_items_in_batch) -> torch.Tensor:
+        """Next-token loss of the kept positions: labels are shifted at the input positions, then gathered."""
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        shift_labels = shift_labels.gather(1, kept_positions.clamp(min=0)).masked_fill(kept_positions < 0, -100)
+        return ForCausalLMLoss(
+            logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pipeline
