@@ -50,7 +50,7 @@ class TimeViperHybridCache(Cache):
     is_compileable = False
 
     # Decode steps append into buffers with this many spare tokens, so `keys[i]` / `values[i]` become views of
-    # them: re-concatenating the whole cache at every step moved 2x its size (34 GB per step at batch 32 x 32k).
+    # them: re-concatenating at every step would move twice the whole cache per token.
     KV_SPARE_TOKENS = 256
 
     def __init__(self, max_length: int | None = None):
@@ -117,6 +117,11 @@ class TimeViperHybridCache(Cache):
         else:
             self.segment_valid = [torch.cat([segment, valid], dim=1) for segment in self.segment_valid]
         return self.segment_valid
+
+    def take_resume(self):
+        """Where a fork of a video state resumes (see `TimeViperVideoState`): given once, to its first call."""
+        resume, self.resume = self.resume, None
+        return resume
 
     def store_transfer_memory(self, stage_index: int, memories: list) -> None:
         """Per-row TransV memories (key, value) of different lengths, or None for a row that dropped nothing."""
@@ -339,10 +344,10 @@ def check_static_step_inputs(input_ids, **others) -> None:
 class DecodeStepGraph:
     """One decode step of a static cache, captured as a CUDA graph and replayed for every later token.
 
-    Eager decoding issues ~2,000 small kernels per token from Python; at batch 32 and a 32k context on an H100 that
-    took 34-60 ms per step around 19 ms of GPU work. A replay launches them all at once. The graph reads and writes
-    only the static cache's fixed buffers, the input-id buffer below and the step counter on the device. Capture
-    needs one eager step of the same shapes before it (Triton compilation, cuBLAS workspaces): `first_step`."""
+    Eager decoding issues thousands of small kernels per token from Python, whose launch time exceeds the GPU work;
+    a replay launches them all at once. The graph reads and writes only the static cache's fixed buffers, the
+    input-id buffer below and the step counter on the device. Capture needs one eager step of the same shapes before
+    it (Triton compilation, cuBLAS workspaces): `first_step`."""
 
     def __init__(self, model, cache: TimeViperHybridCache, input_ids):
         self.cache = cache

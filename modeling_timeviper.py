@@ -257,7 +257,7 @@ class TimeViperMultiModalProjector(nn.Module):
 
 class TimeViperRMSNorm(nn.Module):
     # Without autograd, longer sequences are normalised this many tokens at a time: the float32 intermediates of
-    # the whole sequence were the largest transient of a long prefill (2 x 17.5 GiB at 1M tokens x 4480).
+    # the whole sequence would be the largest transient of a long prefill.
     chunk_size = 16384
 
     def __init__(self, hidden_size: int, eps: float):
@@ -289,7 +289,7 @@ class TimeViperRMSNormGated(nn.Module):
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if hidden_states.is_cuda and gated_rmsnorm_kernel is not None:
             # The same math in one pass (fp32 inside; the weight is applied before the final rounding), instead of
-            # ~10 elementwise fp32 passes over (tokens, 10240): -0.4 s of a 3.6 s prefill at 65k tokens.
+            # ~10 elementwise fp32 passes over (tokens, intermediate size).
             return gated_rmsnorm_kernel(
                 hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon, group_size=self.group_size,
                 norm_before_gate=False,
@@ -489,7 +489,7 @@ class TimeViperAttention(TimeViperAttentionProjections):
         return self._output(out)
 
     # Keys are projected this many tokens at a time: all of them at once, in float32 and repeated for every query
-    # head of their group, were 40 GB at 1.6M tokens (Nano-9B-v2 dims); the logits are heads x L float32.
+    # head of their group, would dwarf the logits (heads x L float32) on an hour-long video.
     score_chunk_size = 65536
 
     @torch.no_grad()
@@ -856,8 +856,8 @@ class TokenCompressor:
         return self.text_model.merge_modules[str(self.stage_index)]
 
     def memory(self, hidden: torch.Tensor, index: torch.Tensor):
-        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
-        of all dropped tokens: 13 GB at 1.4M of them)."""
+        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time: never one gathered copy
+        of all dropped tokens, which can be most of an hour-long video."""
         parts = [self.transv.memory(hidden[part]) for part in index.split(self.text_model.sequence_chunk_size)]
         if len(parts) == 1:
             return parts[0]
@@ -1380,7 +1380,7 @@ def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, c
     tokens run through the blocks before the first question-dependent stage, then that stage selects among the
     held prefix inputs + the question's, and the blocks after it run on what it keeps (`ResumedPrefill`).
     Returns the final-normed hidden states of the question's tokens."""
-    resume, cache.resume = cache.resume, None
+    resume = cache.take_resume()
     batch, length = valid.shape
     if batch != 1 or not bool(valid.all()):
         raise ValueError(
@@ -1747,7 +1747,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         vision = self.vision_tower
         features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
         # SigLIP's embeddings come out as a transposed view of the patch conv; made contiguous once here, every
-        # residual add and LayerNorm of the tower runs on the contiguous fast path (-0.15 s per 256 frames).
+        # residual add and LayerNorm of the tower runs on the contiguous fast path.
         features = features.contiguous()
         for layer in vision.encoder.layers[: self._vision_layers_to_run()]:
             features = layer(features, None)
@@ -1926,7 +1926,7 @@ class PlaceholderEmbedder:
     """Input embeddings of any range of positions: token embeddings, with each placeholder replaced by its feature
     row (the rows of a features tensor fill its placeholders in row-major order). The features may live on another
     device; only the rows of the asked range move. Rows are written through a boolean mask, not `masked_scatter`,
-    which builds an int64 index per element on CUDA (35 GiB at 1M tokens x 4480)."""
+    which builds an int64 index per element of the embeddings on CUDA."""
 
     def __init__(self, embeddings: nn.Embedding, input_ids, placeholders, vision_inputs):
         self.embeddings, self.input_ids, self.placeholders = embeddings, input_ids, placeholders
