@@ -39,7 +39,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
@@ -2014,6 +2014,13 @@ class StreamedVideoFeatures:
         return start, buffer
 
 
+def kept_for_logits(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are computed: the last N (an int N > 0), the given indices (a tensor), or all."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden_states[:, logits_to_keep]
+    return hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+
+
 def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Per row, the input index just before the first supervised label (the attention-guided selection query at
     training time); rows without supervision fall back to their last valid token."""
@@ -2106,8 +2113,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
         prefill_chunk_size: chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)` sets it
             for the prefill call.
-        output_attentions: attention weights are never materialised (O(L^2) for hour-long videos); only a false
-            value is accepted.
+        output_attentions: only False: attention weights are never materialised (O(L^2) for hour-long videos).
         return_dict: False returns the output's non-None fields as a tuple.
         num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
             accumulation steps) instead of averaged over this batch's supervised tokens.
@@ -2142,12 +2148,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
             prefill_chunk_size=prefill_chunk_size,
             keep_last=logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else None,
         )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(kept_for_logits(outputs.last_hidden_state, 0 if labels is not None else logits_to_keep))
         loss = None if labels is None else self.kept_token_loss(logits, labels, outputs.kept_positions, num_items_in_batch)
         output = TimeViperCausalLMOutputWithPast(
             loss=loss,
