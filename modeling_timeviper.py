@@ -1490,18 +1490,13 @@ class TimeViperVideoState:
         if chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
         prefix_ids = input_ids[:, : int(video.max()) + 1]
-        inner = model.model
-        if pixel_values_videos is not None:
-            video_features = inner.get_video_features(pixel_values_videos)
-        mask = inner.get_placeholder_mask(prefix_ids, config.video_token_id, video_features, "videos")
-        embed_columns = PlaceholderEmbedder(inner.get_input_embeddings(), prefix_ids, mask, [(mask, video_features)])
-        text_model = inner.language_model
-        stop = first_question_stage(text_model.stages)
+        vision = model.model.embed_with_vision(prefix_ids, None, pixel_values_videos, video_features)
+        stop = first_question_stage(config.compression_stages)
         cache = TimeViperHybridCache()
         cache.add_prompt_tokens(prefix_ids.shape[1])
-        prefill = PrefixPrefill(text_model, cache, chunk_size, stop)
-        prefill.consume(embed_columns, input_state(None, torch.ones_like(mask), mask, None))
-        num_frames = int(mask.sum()) // config.vision_tokens_per_frame
+        prefill = PrefixPrefill(model.model.language_model, cache, chunk_size, stop)
+        prefill.consume(vision.embed_columns, input_state(None, torch.ones_like(vision.mask), vision.mask, None))
+        num_frames = int(vision.mask.sum()) // config.vision_tokens_per_frame
         resume = VideoStateResume(stop, prefill.held, chunk_size)
         return cls(cache, prefix_ids, resume, num_frames, state_fingerprint(model))
 
