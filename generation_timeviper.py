@@ -7,11 +7,6 @@ replays (`DecodeStepGraph`).
 
 import torch
 import torch.nn.functional as F
-
-# First: importing the configuration runs its transformers version guard, before the imports an unsupported release
-# may lack.
-from . import configuration_timeviper  # noqa: F401  # isort: skip
-
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
