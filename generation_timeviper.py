@@ -37,9 +37,9 @@ class TimeViperHybridCache(Cache):
     - `seen_tokens`: input tokens consumed so far (uncompressed), which `generate()` uses to slice new inputs.
 
     The methods below are the only writers of this state. It derives from `Cache` for generate()'s checks but not
-    from transformers' per-layer cache classes: here attention blocks of one model hold keys of different lengths, a
-    Mamba block's state is no key/value pair, and the cache-layer API for recurrent states changed within the
-    supported transformers releases (5.13-5.25).
+    from transformers' per-layer cache classes: here attention blocks of one model hold keys of different lengths
+    that grow in shared spare-room buffers, a Mamba block's state is no key/value pair, and the cache-layer interface
+    changed within the supported transformers releases (5.13-5.25; its length query was renamed in 5.16).
     """
 
     is_compileable = False

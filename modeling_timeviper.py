@@ -6,7 +6,8 @@ folds the dropped ones into the text after the vision span) -> final norm -> lm_
 
 The LLM is either Nemotron-H (Mamba-2, attention and MLP blocks) or Qwen2 (attention + MLP decoder layers). All
 per-sequence state of a generation (Mamba conv/SSM states, per-block KV of different lengths, the token layout of
-every compression segment) lives in `TimeViperHybridCache`.
+every compression segment) lives in `TimeViperHybridCache`, which generation_timeviper.py defines together with
+generate()'s integration (cache choice, chunked prefill, CUDA-graph decode steps).
 """
 
 import hashlib
