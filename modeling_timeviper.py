@@ -6,13 +6,14 @@ folds the dropped ones into the text after the vision span) -> final norm -> lm_
 
 The LLM is either Nemotron-H (Mamba-2, attention and MLP blocks) or Qwen2 (attention + MLP decoder layers). All
 per-sequence state of a generation (Mamba conv/SSM states, per-block KV of different lengths, the token layout of
-every compression segment) lives in `TimeViperHybridCache`.
+every compression segment) lives in `TimeViperHybridCache`, which generation_timeviper.py defines together with
+generate()'s integration (cache choice, chunked prefill, CUDA-graph decode steps).
 """
 
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,13 +26,21 @@ from torch.nn.attention.bias import causal_lower_right
 # may lack.
 from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
 
-from transformers import GenerationMixin, PreTrainedModel
+from .generation_timeviper import (  # isort: skip
+    CACHE_NAME,
+    TimeViperGenerationMixin,
+    TimeViperHybridCache,
+    check_static_step_inputs,
+    resolve_cache_argument,
+)
+
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
@@ -60,12 +69,6 @@ PADDING_DT = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
-
-
-# transformers 5.24 renamed the cache from `past_key_values` to `cache`: its generate() passes `cache=` to forward()
-# and reads `outputs["cache"]`, and its ModelOutput turns a `past_key_values=` keyword into `cache=`. Older releases
-# use `past_key_values` throughout. forward() takes either spelling; the outputs declare the installed release's.
-CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def with_cache_field(cls):
@@ -107,223 +110,6 @@ class TimeViperCausalLMOutputWithPast(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Cache
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class TimeViperHybridCache(Cache):
-    """Generation state of the hybrid LLM.
-
-    - Mamba blocks: `conv_states[i]` (batch, conv_dim, kernel-1) and `ssm_states[i]` (batch, heads, head_dim, state),
-      constant in the sequence length.
-    - Attention blocks: `keys[i]` / `values[i]` (batch, kv_heads, length_i, head_dim); length_i is the sequence
-      length of the compression segment the block sits in, so it differs between blocks.
-    - `segment_valid[s]`: (batch, length_s) token validity of segment s (segment 0 is the input, segment s > 0 what
-      stage s-1 kept, left-padded). Decode steps extend every segment, and read masks and positions from them.
-    - `transfer_memory[stage]`: keys, values and mask of the vision tokens a TransV stage dropped, so that decoded
-      tokens absorb them as the prompt's text did.
-    - `seen_tokens`: input tokens consumed so far (uncompressed), which `generate()` uses to slice new inputs.
-    """
-
-    is_compileable = False
-
-    def __init__(self, max_length: int | None = None):
-        """max_length: None grows the cache as tokens come. An int makes it static (`generate(...,
-        cache_implementation="static")`): at the first decode step every growing tensor moves into a buffer of room
-        for `max_length` tokens in all, written in place from then on, so that no tensor changes shape or address
-        and a decode step on CUDA can be captured once as a CUDA graph and replayed (see `DecodeStepGraph`)."""
-        super().__init__(layers=[])
-        self.max_length = max_length
-        self.conv_states: dict[int, torch.Tensor] = {}
-        self.ssm_states: dict[int, torch.Tensor] = {}
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.transfer_memory: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.segment_valid: list[torch.Tensor] = []
-        self.seen_tokens = 0
-        self._kv_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see update()
-        # Chunked prefill knows each attention block's final prompt length up front: its first update allocates
-        # that much at once instead of regrowing (copying) the keys/values at every chunk.
-        self.reserved_lengths: dict[int, int] = {}
-        # Static decoding, once the buffers exist: prompt length of every segment and attention block (where decode
-        # step t writes, at base + t), t itself as a device tensor (a CUDA graph reads it), and the captured step.
-        self.segment_base: list[int] | None = None
-        self.kv_base: dict[int, int] = {}
-        self.decode_step: torch.Tensor | None = None
-        self.decode_graph: DecodeStepGraph | None | bool = None  # False: capture failed, decode eagerly
-        # A cache forked from a `TimeViperVideoState`: its next forward call is the question after the video.
-        self.resume: VideoStateResume | None = None
-
-    def __len__(self):
-        return len(self.segment_valid)
-
-    # -- bookkeeping ---------------------------------------------------------------------------------------------
-    @property
-    def is_prefilled(self) -> bool:
-        return self.seen_tokens > 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
-
-    def start_segment(self, valid: torch.Tensor) -> None:
-        self.segment_valid.append(valid)
-
-    def extend_segments(self, new_valid: torch.Tensor) -> None:
-        self.segment_valid = [torch.cat([valid, new_valid], dim=1) for valid in self.segment_valid]
-
-    # -- per-block state -----------------------------------------------------------------------------------------
-    def mamba_state(self, layer_idx: int):
-        if layer_idx not in self.ssm_states:
-            return None
-        return self.conv_states[layer_idx], self.ssm_states[layer_idx]
-
-    def set_mamba_state(self, layer_idx: int, state) -> None:
-        if not self.has_static_buffers:
-            self.conv_states[layer_idx], self.ssm_states[layer_idx] = state
-            return
-        for store, new in zip((self.conv_states, self.ssm_states), state):
-            if new is not store[layer_idx]:  # the fused kernel already updated the SSM state in place
-                store[layer_idx].copy_(new)
-
-    # -- static decoding -------------------------------------------------------------------------------------------
-    @property
-    def is_static(self) -> bool:
-        return self.max_length is not None
-
-    @property
-    def has_static_buffers(self) -> bool:
-        return self.decode_step is not None
-
-    def begin_static_step(self) -> None:
-        """Host-side checks of a static decode step; allocates the buffers at the first one."""
-        if not self.has_static_buffers:
-            self._allocate_static_buffers()
-        if self.seen_tokens >= self.max_length:
-            raise ValueError(
-                f"the static cache is full: it was made for {self.max_length} tokens (prompt + generated); "
-                "generate() sizes it from max_new_tokens / max_length"
-            )
-
-    def _allocate_static_buffers(self) -> None:
-        room = self.max_length - self.seen_tokens
-        if room < 1:
-            raise ValueError(
-                f"the static cache holds {self.max_length} tokens but the prompt already has {self.seen_tokens}"
-            )
-        self.segment_base = [valid.shape[1] for valid in self.segment_valid]
-        self.segment_valid = [F.pad(valid, (0, room), value=False) for valid in self.segment_valid]
-        for which, store in enumerate((self.keys, self.values)):
-            for layer_idx, tensor in store.items():
-                self.kv_base[layer_idx] = tensor.shape[-2]
-                store[layer_idx] = self._with_room(layer_idx, which, tensor, room)
-        self._kv_buffers = {}  # never keep a second copy of the cache alive
-        self.decode_step = torch.zeros(1, dtype=torch.long, device=self.segment_valid[0].device)
-
-    def _with_room(self, layer_idx: int, which: int, tensor: torch.Tensor, room: int) -> torch.Tensor:
-        """`tensor` followed by `room` zeros: in place when it is the start of a buffer that has the room (a chunked
-        prefill reserves it), else a padded copy (twice the block's keys/values at that moment). Zero-filled:
-        unwritten slots are masked, but a NaN there would still poison `probabilities @ values`."""
-        buffers = self._kv_buffers.get(layer_idx)
-        length = tensor.shape[-2]
-        if buffers is not None and buffers[which].data_ptr() == tensor.data_ptr():
-            if buffers[which].shape[-2] >= length + room:
-                grown = buffers[which][..., : length + room, :]
-                grown[..., length:, :].zero_()
-                return grown
-        return F.pad(tensor, (0, 0, 0, room))
-
-    def static_step_layouts(self) -> list["TokenLayout"]:
-        """Marks the new token valid in every segment's buffer and returns the layouts of this step: attention over
-        the whole buffer with the unwritten slots masked, RoPE position = number of valid tokens before it."""
-        layouts = []
-        for base, valid in zip(self.segment_base, self.segment_valid):
-            valid.index_fill_(1, self.decode_step + base, True)
-            layouts.append(TokenLayout(None, valid[:, None, None, :], False, valid.sum(-1, keepdim=True) - 1))
-        return layouts
-
-    # Decode steps append into buffers with this many spare tokens, so `keys[i]` / `values[i]` become views of
-    # them: re-concatenating the whole cache at every step moved 2x its size (34 GB per step at batch 32 x 32k).
-    KV_SPARE_TOKENS = 256
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.has_static_buffers:
-            index = self.decode_step + self.kv_base[layer_idx]
-            self.keys[layer_idx].index_copy_(2, index, key_states)
-            self.values[layer_idx].index_copy_(2, index, value_states)
-            return self.keys[layer_idx], self.values[layer_idx]
-        if layer_idx not in self.keys:
-            if layer_idx not in self.reserved_lengths:
-                self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-                return key_states, value_states
-            self.keys[layer_idx], self.values[layer_idx] = key_states[..., :0, :], value_states[..., :0, :]
-        old_keys, old_values = self.keys[layer_idx], self.values[layer_idx]
-        length, new = old_keys.shape[-2], key_states.shape[-2]
-        buffers = self._kv_buffers.get(layer_idx)
-        if buffers is None or buffers[0].data_ptr() != old_keys.data_ptr() or buffers[0].shape[-2] < length + new:
-            capacity = max(length + new + self.KV_SPARE_TOKENS, self.reserved_lengths.pop(layer_idx, 0))
-            buffers = tuple(
-                old.new_empty(*old.shape[:-2], capacity, old.shape[-1]) for old in (old_keys, old_values)
-            )
-            buffers[0][..., :length, :] = old_keys
-            buffers[1][..., :length, :] = old_values
-            self._kv_buffers[layer_idx] = buffers
-        buffers[0][..., length : length + new, :] = key_states
-        buffers[1][..., length : length + new, :] = value_states
-        self.keys[layer_idx] = buffers[0][..., : length + new, :]
-        self.values[layer_idx] = buffers[1][..., : length + new, :]
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def memory_bytes(self) -> int:
-        tensors = [*self.conv_states.values(), *self.ssm_states.values(), *self.keys.values(), *self.values.values()]
-        tensors += [t for memory in self.transfer_memory.values() for t in memory[:2]]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    # -- batch surgery for generate() ------------------------------------------------------------------------------
-    def _map_tensors(self, fn) -> None:
-        if self.has_static_buffers:
-            self._map_tensors_in_place(fn)
-            return
-        for store in (self.conv_states, self.ssm_states, self.keys, self.values):
-            for key, tensor in store.items():
-                store[key] = fn(tensor)
-        self.segment_valid = [fn(valid) for valid in self.segment_valid]
-        self.transfer_memory = {k: tuple(fn(t) for t in memory) for k, memory in self.transfer_memory.items()}
-        self._kv_buffers = {}
-
-    def _map_tensors_in_place(self, fn) -> None:
-        """Beam reordering of a static cache: same shapes, same addresses (a captured decode step keeps working)."""
-        tensors = [*self.conv_states.values(), *self.ssm_states.values(), *self.keys.values(), *self.values.values()]
-        tensors += [*self.segment_valid, *(t for memory in self.transfer_memory.values() for t in memory)]
-        for tensor in tensors:
-            mapped = fn(tensor)
-            # Batch surgery changes every tensor's batch alike, so a refusal comes at the first one, before any copy.
-            if mapped.shape != tensor.shape:
-                raise ValueError(
-                    "a static cache keeps its batch size once decoding has started; to change the batch in the "
-                    "middle of generation, use a dynamic cache (generate(..., cache_implementation='dynamic'))"
-                )
-            tensor.copy_(mapped)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_tensors(lambda t: t[indices])
-
-    def crop(self, max_length: int) -> None:
-        raise ValueError("TimeViperHybridCache cannot be cropped: Mamba states cannot be rewound to an earlier token")
-
-    def reset(self) -> None:
-        self.__init__(self.max_length)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Token layout: masks and positions shared by every block of one compression segment
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -343,6 +129,8 @@ class TokenLayout:
     # Chunked prefill: the queries are the sequence's tokens [query_offset, query_offset + query_len), the keys its
     # tokens [0, query_offset + query_len); `row_spans` are then in key coordinates.
     query_offset: int = 0
+    # RoPE (cos, sin) of `position_ids` for a Qwen2 backbone, computed once per segment (`with_rope`); None: NoPE.
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_key_validity(cls, key_valid: torch.Tensor, query_len: int) -> "TokenLayout":
@@ -365,6 +153,18 @@ class TokenLayout:
         # A padding query has no valid key; letting it see itself keeps softmax finite (its output is never used).
         mask = mask | (key_index == query_index)[None, None]
         return cls(query_valid, mask, False, position_ids)
+
+
+    @classmethod
+    def static_step(cls, key_valid: torch.Tensor) -> "TokenLayout":
+        """One decode step on a static cache's buffer `key_valid`, whose unwritten slots are invalid: attention over
+        the whole buffer, masked, and the RoPE position = number of valid tokens before the new one."""
+        return cls(None, key_valid[:, None, None, :], False, key_valid.sum(-1, keepdim=True) - 1)
+
+    def with_rope(self, rotary_emb, hidden_states: torch.Tensor) -> "TokenLayout":
+        if rotary_emb is None:
+            return self
+        return replace(self, position_embeddings=rotary_emb(hidden_states, self.position_ids))
 
 
 def contiguous_spans(valid: torch.Tensor) -> list[tuple[int, int]] | None:
@@ -462,7 +262,7 @@ class TimeViperMultiModalProjector(nn.Module):
 
 class TimeViperRMSNorm(nn.Module):
     # Without autograd, longer sequences are normalised this many tokens at a time: the float32 intermediates of
-    # the whole sequence were the largest transient of a long prefill (2 x 17.5 GiB at 1M tokens x 4480).
+    # the whole sequence would be the largest transient of a long prefill.
     chunk_size = 16384
 
     def __init__(self, hidden_size: int, eps: float):
@@ -494,7 +294,7 @@ class TimeViperRMSNormGated(nn.Module):
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if hidden_states.is_cuda and gated_rmsnorm_kernel is not None:
             # The same math in one pass (fp32 inside; the weight is applied before the final rounding), instead of
-            # ~10 elementwise fp32 passes over (tokens, 10240): -0.4 s of a 3.6 s prefill at 65k tokens.
+            # ~10 elementwise fp32 passes over (tokens, intermediate size).
             return gated_rmsnorm_kernel(
                 hidden_states, self.weight, None, z=gate, eps=self.variance_epsilon, group_size=self.group_size,
                 norm_before_gate=False,
@@ -660,13 +460,12 @@ class TimeViperMamba2Mixer(nn.Module):
         return self.out_proj(y), (conv_state, ssm_state)
 
 
-class TimeViperAttention(nn.Module):
-    """Causal GQA self-attention. Nemotron-H: no positions (NoPE), no biases. Qwen2: RoPE, q/k/v biases."""
+class TimeViperAttentionProjections(nn.Module):
+    """The q/k/v/o projections of a GQA attention. Nemotron-H: no biases. Qwen2: q/k/v biases."""
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -681,12 +480,23 @@ class TimeViperAttention(nn.Module):
     def _heads(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
         return states.view(*states.shape[:2], num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, layout: TokenLayout, position_embeddings=None, cache=None):
+    def _output(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attended.transpose(1, 2).flatten(2))
+
+
+class TimeViperAttention(TimeViperAttentionProjections):
+    """Causal GQA self-attention. Nemotron-H: no positions (NoPE). Qwen2: RoPE (`layout.position_embeddings`)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, layout: TokenLayout, cache=None):
         query = self._heads(self.q_proj(hidden_states), self.num_heads)
         key = self._heads(self.k_proj(hidden_states), self.num_kv_heads)
         value = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if layout.position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *layout.position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if layout.row_spans is not None:
@@ -695,10 +505,10 @@ class TimeViperAttention(nn.Module):
             )
         else:
             out = attend(self.config, query, key, value, layout.attention_mask, layout.is_causal, self.scaling)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self._output(out)
 
     # Keys are projected this many tokens at a time: all of them at once, in float32 and repeated for every query
-    # head of their group, were 40 GB at 1.6M tokens (Nano-9B-v2 dims); the logits are heads x L float32.
+    # head of their group, would dwarf the logits (heads x L float32) on an hour-long video.
     score_chunk_size = 65536
 
     @torch.no_grad()
@@ -798,7 +608,7 @@ def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=
     return torch.cat(rows)
 
 
-class TimeViperTransV(nn.Module):
+class TimeViperTransV(TimeViperAttentionProjections):
     """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
     mask and no positions. The text model adds the output gated by this module's `tanh(alpha)`, so at alpha = 0
     this is plain dropping. The gate is a parameter of this module so that the module is the whole trainable unit
@@ -806,17 +616,7 @@ class TimeViperTransV(nn.Module):
     The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        super().__init__(config)
         self.alpha = nn.Parameter(torch.zeros(1))
 
     def gate(self, like: torch.Tensor) -> torch.Tensor:
@@ -824,15 +624,14 @@ class TimeViperTransV(nn.Module):
 
     def memory(self, dropped: torch.Tensor):
         """dropped: (m, d) vision tokens -> key, value (kv_heads, m, head_dim)."""
-        key = self.k_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        value = self.v_proj(dropped).view(-1, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        key = self._heads(self.k_proj(dropped)[None], self.num_kv_heads)[0]
+        value = self._heads(self.v_proj(dropped)[None], self.num_kv_heads)[0]
         return key, value
 
     def forward(self, text: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None):
         """text: (b, t, d); key/value: (b, kv_heads, m, head_dim); mask: (b, 1, 1, m) bool. Returns (b, t, d)."""
-        query = self.q_proj(text).view(*text.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-        out = attend(self.config, query, key, value, mask, False, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        query = self._heads(self.q_proj(text), self.num_heads)
+        return self._output(attend(self.config, query, key, value, mask, False, self.scaling))
 
 
 class TimeViperMLP(nn.Module):
@@ -914,10 +713,10 @@ class TimeViperHybridBlock(GradientCheckpointingLayer):
     def attention(self) -> TimeViperAttention | None:
         return self.mixer if self.block_type == "full_attention" else None
 
-    def forward(self, hidden_states, layout: TokenLayout | None = None, position_embeddings=None, past_key_values=None, score_query=None):
+    def forward(self, hidden_states, layout: TokenLayout | None = None, past_key_values=None, score_query=None):
         """`score_query=(query_index, key_valid)`: instead of running the block, return its attention-guided
-        selection scores for `hidden_states` (one row). Going through the block's own call lets wrappers that
-        shard parameters per block (FSDP) gather them first."""
+        selection scores for `hidden_states` (one row, see `TokenCompressor.score`). Going through the block's own
+        call lets wrappers that shard parameters per block (FSDP) gather them first."""
         if score_query is not None:
             return self.attention.last_query_scores(hidden_states, *score_query)
         residual = hidden_states
@@ -925,7 +724,7 @@ class TimeViperHybridBlock(GradientCheckpointingLayer):
         if self.block_type == "linear_attention":
             hidden_states = self._mamba(hidden_states, layout.valid, past_key_values)
         elif self.block_type == "full_attention":
-            hidden_states = self.mixer(hidden_states, layout, cache=past_key_values)
+            hidden_states = self.mixer(hidden_states, layout, past_key_values)
         else:
             hidden_states = run_in_chunks(self.mixer, hidden_states, self.sequence_chunk_size)
         return residual + hidden_states
@@ -961,13 +760,11 @@ class TimeViperQwen2Layer(GradientCheckpointingLayer):
     def attention(self) -> TimeViperAttention:
         return self.self_attn
 
-    def forward(self, hidden_states, layout: TokenLayout | None = None, position_embeddings=None, past_key_values=None, score_query=None):
+    def forward(self, hidden_states, layout: TokenLayout | None = None, past_key_values=None, score_query=None):
         """`score_query`: see `TimeViperHybridBlock.forward`."""
         if score_query is not None:
             return self.attention.last_query_scores(hidden_states, *score_query)
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), layout, position_embeddings, past_key_values
-        )
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), layout, past_key_values)
         return hidden_states + run_in_chunks(
             lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states, self.sequence_chunk_size
         )
@@ -1000,6 +797,135 @@ class SequenceState:
     query_positions: torch.Tensor  # (b,) input index of the token that queries attention-guided selection
 
 
+def input_state(hidden_states, valid, vision_mask, query_positions) -> SequenceState:
+    """The input sequence before any stage: positions, vision tokens and the attention-guided query of each row."""
+    batch, length = valid.shape
+    positions = torch.arange(length, device=valid.device).expand(batch, -1).masked_fill(~valid, -1)
+    vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
+    if query_positions is None:
+        query_positions = positions.max(dim=-1).values
+    return SequenceState(hidden_states, valid, vision, positions, vision.sum(-1), query_positions.to(valid.device))
+
+
+def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) -> SequenceState:
+    """The sequence after a stage: each row's kept token indices `keeps`, left-padded to the longest row."""
+    new_length = max(len(keep) for keep in keeps)
+
+    def gather(tensor, value):
+        return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
+
+    return SequenceState(
+        hidden_states=hidden_states,
+        valid=gather(state.valid, False),
+        vision=gather(state.vision, False),
+        positions=gather(state.positions, -1),
+        num_vision=state.num_vision,
+        query_positions=state.query_positions,
+    )
+
+
+def last_vision_index(state: SequenceState, b: int) -> int:
+    """Row b's last vision token: the tokens after it are the text that TransV enriches."""
+    return int(state.vision[b].nonzero().max())
+
+
+def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
+    """Pad dim 0 of `tensor` on the left up to `length`."""
+    pad = length - tensor.shape[0]
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (pad, 0), value=value)
+
+
+class TokenCompressor:
+    """One compression stage of the text model: which vision tokens each row keeps (`select`: evenly spaced, or
+    those its query token attends to most in the stage's block, `score`), what the text after the vision span
+    absorbs of the dropped ones (`transfer`, through the stage's TransV module when the stage has one), and the
+    kept sequence (`compress`). It holds no weights: it reads the text model's blocks and TransV modules when
+    called, so that wrappers which replace them (FSDP) are honoured."""
+
+    def __init__(self, text_model: "TimeViperTextModel", stage_index: int):
+        self.text_model, self.stage_index = text_model, stage_index
+        self.stage = text_model.stages[stage_index]
+
+    def select(self, state: SequenceState, b: int):
+        """Row b's kept token indices and its dropped-token mask (None when the stage keeps every vision token).
+        Uniform selection reads only the token layout; attention-guided selection reads the hidden states."""
+        valid, vision = state.valid[b], state.vision[b]
+        vision_index = vision.nonzero().squeeze(1)
+        num_present = vision_index.numel()
+        num_keep = min(num_present, int(int(state.num_vision[b]) * self.stage.keep_ratio))
+        if num_keep == num_present:
+            return valid.nonzero().squeeze(1), None
+        if self.stage.method == "uniform":
+            selected = select_uniform(num_present, num_keep, vision.device)
+        else:
+            selected = select_by_attention(self.score(state, b)[vision_index], num_keep)
+        dropped_mask = vision.clone()
+        dropped_mask[vision_index[selected]] = False
+        return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
+
+    def score(self, state: SequenceState, b: int) -> torch.Tensor:
+        """Row b's attention-guided scores: the stage block's attention of the query token over the tokens before
+        it, through the block's own call (see `TimeViperHybridBlock.forward`)."""
+        query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
+        block = self.text_model.layers[self.stage.layer_idx]
+        return block(state.hidden_states[b], score_query=(query_index, state.valid[b]))
+
+    @property
+    def transv(self) -> TimeViperTransV:
+        return self.text_model.merge_modules[str(self.stage_index)]
+
+    def memory(self, hidden: torch.Tensor, index: torch.Tensor):
+        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time: never one gathered copy
+        of all dropped tokens, which can be most of an hour-long video."""
+        parts = index.split(self.text_model.sequence_chunk_size)
+        if len(parts) == 1:
+            return self.transv.memory(hidden[index])
+        # Written part by part into the result: a list of parts and their concatenation would hold the memory twice.
+        key = hidden.new_empty(self.transv.num_kv_heads, index.numel(), self.transv.head_dim)
+        value = torch.empty_like(key)
+        start = 0
+        for part in parts:
+            key[:, start : start + part.numel()], value[:, start : start + part.numel()] = self.transv.memory(hidden[part])
+            start += part.numel()
+        return key, value
+
+    def transfer(self, text: torch.Tensor, key, value, mask=None) -> torch.Tensor:
+        """text (b, t, d) after absorbing the dropped tokens' memory through the gated TransV."""
+        return text + self.transv.gate(text) * self.transv(text, key, value, mask)
+
+    def transfer_to_new_tokens(self, hidden_states: torch.Tensor, cache) -> torch.Tensor:
+        """Tokens after the cached ones also lie after the vision span: they absorb the cached dropped tokens
+        exactly as they would in a full recomputation."""
+        if self.stage_index not in cache.transfer_memory:
+            return hidden_states
+        return self.transfer(hidden_states, *cache.transfer_memory[self.stage_index])
+
+    def compress(self, state: SequenceState, cache: TimeViperHybridCache | None) -> SequenceState:
+        """Drop vision tokens per sample (transferring them with TransV), then re-pad the rows on the left."""
+        rows = [self._compress_row(state, b) for b in range(state.valid.shape[0])]
+        keeps = [keep for _, keep, _ in rows]
+        new_length = max(len(keep) for keep in keeps)
+        hidden = torch.stack([left_pad(row, new_length, 0.0) for row, _, _ in rows])
+        if cache is not None:
+            cache.store_transfer_memory(self.stage_index, [memory for _, _, memory in rows])
+        return kept_layout(state, keeps, hidden)
+
+    def _compress_row(self, state: SequenceState, b: int):
+        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
+        hidden = state.hidden_states[b]
+        keep, dropped_mask = self.select(state, b)
+        row = hidden[keep]
+        if dropped_mask is None or not self.stage.transfer:
+            return row, keep, None
+        memory = self.memory(hidden, dropped_mask.nonzero().squeeze(1))
+        # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
+        num_text = int((keep > last_vision_index(state, b)).sum())
+        if num_text > 0:
+            text = self.transfer(row[None, -num_text:], memory[0][None], memory[1][None])[0]
+            row = torch.cat([row[:-num_text], text])
+        return row, keep, memory
+
+
 class TimeViperTextModel(nn.Module):
     """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
     checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
@@ -1015,6 +941,7 @@ class TimeViperTextModel(nn.Module):
         self.layer_types = text_layer_types(text_config)
         self.stages = config.compression_stages
         self.stage_at_layer = {stage.layer_idx: index for index, stage in enumerate(self.stages)}
+        self.compressors = [TokenCompressor(self, index) for index in range(len(self.stages))]
         embeddings = nn.Embedding(text_config.vocab_size, text_config.hidden_size, text_config.pad_token_id)
         if self.is_qwen:
             self.embed_tokens = embeddings
@@ -1052,68 +979,69 @@ class TimeViperTextModel(nn.Module):
         compression_query_positions: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ):
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        decoding = past_key_values is not None and past_key_values.is_prefilled
-        if attention_mask is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        elif decoding:  # generate() passes the mask of the whole sequence so far; only the new tokens' part is new
-            valid = attention_mask[:, -length:].bool()
-        elif attention_mask.shape != (batch, length):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
-        else:
-            valid = attention_mask.bool()
-        if decoding and past_key_values.resume is not None:
+        """Returns the final-normed hidden states, the input index of every kept position (None for tokens after
+        cached ones) and, with `output_hidden_states`, every block's input and the final output."""
+        cache = past_key_values
+        decoding = cache is not None and cache.is_prefilled
+        valid = input_validity(inputs_embeds, attention_mask, decoding)
+        if decoding and cache.resume is not None:
             if output_hidden_states:
                 raise ValueError("output_hidden_states is not available for a question asked of a video state")
-            return resume_after_video(self, inputs_embeds, valid, past_key_values, compression_query_positions)
-        static_step = decoding and past_key_values.is_static
-        if static_step:
-            layouts = past_key_values.static_step_layouts()
-        elif decoding:
-            past_key_values.extend_segments(valid)
-            layouts = [TokenLayout.from_key_validity(seg, length) for seg in past_key_values.segment_valid]
+            return resume_after_video(self, inputs_embeds, valid, cache, compression_query_positions), None, None
+        all_hidden_states = [] if output_hidden_states else None
         if decoding:
-            if len(layouts) != len(self.stages) + 1:
+            if len(cache) != len(self.stages) + 1:
                 raise ValueError("the cache was filled by a model with a different compression schedule")
+            hidden_states = self.continue_layers(inputs_embeds, valid, cache, len(self.layers), all_hidden_states)
+            kept_positions = None
         else:
-            if past_key_values is not None:
-                past_key_values.start_segment(valid)
-            layouts = [TokenLayout.from_key_validity(valid, length)]
-        if past_key_values is not None:
-            past_key_values.seen_tokens += length
-
-        state = input_state(inputs_embeds, valid, vision_mask, compression_query_positions)
-
-        all_hidden_states = () if output_hidden_states else None
-        segment = 0
-        for layer_idx, layer in enumerate(self.layers):
-            if layer_idx in self.stage_at_layer:
-                segment += 1
-                stage_index = self.stage_at_layer[layer_idx]
-                if not decoding:
-                    state = self.compress(state, stage_index, past_key_values)
-                    layouts.append(TokenLayout.from_key_validity(state.valid, state.valid.shape[1]))
-                    if past_key_values is not None:
-                        past_key_values.start_segment(state.valid)
-                elif stage_index in past_key_values.transfer_memory:
-                    state.hidden_states = self.transfer_new_tokens(state.hidden_states, stage_index, past_key_values)
-            if output_hidden_states:
-                all_hidden_states += (state.hidden_states,)
-            layout = layouts[segment]
-            position_embeddings = (
-                self.rotary_emb(state.hidden_states, layout.position_ids) if self.rotary_emb is not None else None
-            )
-            state.hidden_states = layer(
-                state.hidden_states, layout, position_embeddings=position_embeddings, past_key_values=past_key_values
-            )
-        hidden_states = self.final_norm(state.hidden_states)
+            state = input_state(inputs_embeds, valid, vision_mask, compression_query_positions)
+            hidden_states, kept_positions = self.prefill(state, cache, all_hidden_states)
+        hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if static_step:
-            past_key_values.decode_step.add_(length)
-        kept_positions = state.positions if not decoding else None
-        return hidden_states, kept_positions, all_hidden_states
+            return hidden_states, kept_positions, (*all_hidden_states, hidden_states)
+        return hidden_states, kept_positions, None
+
+    def prefill(self, state: SequenceState, cache: TimeViperHybridCache | None, all_hidden_states: list | None):
+        """Every block on the whole prompt, compressing at each stage. Returns the last block's output and the
+        input index of every kept position."""
+        if cache is not None:
+            cache.add_prompt_tokens(state.valid.shape[1])
+            cache.open_segment(state.valid)
+        layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
+        layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+        for layer in self.layers:
+            if layer.layer_idx in self.stage_at_layer:
+                state = self.compressors[self.stage_at_layer[layer.layer_idx]].compress(state, cache)
+                if cache is not None:
+                    cache.open_segment(state.valid)
+                layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
+                layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+            if all_hidden_states is not None:
+                all_hidden_states.append(state.hidden_states)
+            state.hidden_states = layer(state.hidden_states, layout, past_key_values=cache)
+        return state.hidden_states, state.positions
+
+    def continue_layers(self, hidden_states, valid, cache: TimeViperHybridCache, stop: int, all_hidden_states=None):
+        """Blocks [0, stop) on new tokens after the cached ones (a decode step, or the question after a video
+        state; several new tokens are causal among themselves): Mamba states carry on, attention appends, and the
+        tokens absorb each TransV stage's cached memory as the prompt's text did."""
+        static = cache.has_static_buffers
+        segments = cache.append_tokens(valid)
+        length = valid.shape[1]
+        layouts = [TokenLayout.static_step(s) if static else TokenLayout.from_key_validity(s, length) for s in segments]
+        layout = layouts[0].with_rope(self.rotary_emb, hidden_states)
+        for layer in self.layers[:stop]:
+            stage_index = self.stage_at_layer.get(layer.layer_idx)
+            if stage_index is not None:
+                hidden_states = self.compressors[stage_index].transfer_to_new_tokens(hidden_states, cache)
+                layout = layouts[stage_index + 1].with_rope(self.rotary_emb, hidden_states)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, layout, past_key_values=cache)
+        if static:
+            cache.end_static_step(length)
+        return hidden_states
 
     def prefill_in_chunks(
         self,
@@ -1137,140 +1065,46 @@ class TimeViperTextModel(nn.Module):
         if chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
         state = input_state(None, valid, vision_mask, compression_query_positions)
-        past_key_values.seen_tokens += valid.shape[1]
+        past_key_values.add_prompt_tokens(valid.shape[1])
         return ChunkedPrefill(self, past_key_values, chunk_size, keep_last).run(embed_columns, state)
 
-    # -- compression -----------------------------------------------------------------------------------------------
-    def compress(self, state: SequenceState, stage_index: int, cache: TimeViperHybridCache | None) -> SequenceState:
-        """Drop vision tokens per sample (transferring them with TransV), then re-pad the rows on the left."""
-        stage = self.stages[stage_index]
-        rows = [self._compress_row(state, b, stage_index, stage) for b in range(state.valid.shape[0])]
-        keeps = [keep for _, keep, _ in rows]
-        new_length = max(len(keep) for keep in keeps)
-        hidden = torch.stack([left_pad(row, new_length, 0.0) for row, _, _ in rows])
-        memories = [memory for _, _, memory in rows]
-        if cache is not None and any(memory is not None for memory in memories):
-            cache.transfer_memory[stage_index] = stack_memories(memories)
-        return kept_layout(state, keeps, hidden)
 
-    def select_row(self, state: SequenceState, b: int, stage: TimeViperCompressionStage):
-        """Row b's kept token indices and its dropped-token mask (None when the stage keeps every vision token).
-        Uniform selection reads only the token layout; attention-guided selection reads the hidden states."""
-        valid, vision = state.valid[b], state.vision[b]
-        vision_index = vision.nonzero().squeeze(1)
-        num_present = vision_index.numel()
-        num_keep = min(num_present, int(int(state.num_vision[b]) * stage.keep_ratio))
-        if num_keep == num_present:
-            return valid.nonzero().squeeze(1), None
-        if stage.method == "uniform":
-            selected = select_uniform(num_present, num_keep, vision.device)
-        else:
-            query_index = int((state.positions[b] == state.query_positions[b]).nonzero().max())
-            scores = self.layers[stage.layer_idx](state.hidden_states[b], score_query=(query_index, valid))
-            selected = select_by_attention(scores[vision_index], num_keep)
-        dropped_mask = vision.clone()
-        dropped_mask[vision_index[selected]] = False
-        return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
-
-    def _compress_row(self, state: SequenceState, b: int, stage_index: int, stage: TimeViperCompressionStage):
-        """Returns the kept hidden states of row b (TransV applied), their indices, and the TransV memory."""
-        hidden = state.hidden_states[b]
-        keep, dropped_mask = self.select_row(state, b, stage)
-        row = hidden[keep]
-        if dropped_mask is None or not stage.transfer:
-            return row, keep, None
-        memory = self.transfer_memory(stage_index, hidden, dropped_mask.nonzero().squeeze(1))
-        # Every token after the vision span absorbs the dropped tokens (in training that includes the answer).
-        num_text = int((keep > last_vision_index(state, b)).sum())
-        if num_text > 0:
-            text = row[None, -num_text:]
-            transferred = self.merge_modules[str(stage_index)](text, memory[0][None], memory[1][None])
-            row = torch.cat([row[:-num_text], (text + self.transfer_gate(stage_index, text) * transferred)[0]])
-        return row, keep, memory
-
-    def transfer_memory(self, stage_index: int, hidden: torch.Tensor, index: torch.Tensor):
-        """TransV keys/values of the tokens hidden[index], `sequence_chunk_size` at a time (not one gathered copy
-        of all dropped tokens: 13 GB at 1.4M of them)."""
-        merge = self.merge_modules[str(stage_index)]
-        parts = index.split(self.sequence_chunk_size)
-        if len(parts) == 1:
-            return merge.memory(hidden[index])
-        # Written part by part into the result: a list of parts and their concatenation would hold the memory twice.
-        key = hidden.new_empty(merge.num_kv_heads, index.numel(), merge.head_dim)
-        value = torch.empty_like(key)
-        start = 0
-        for part in parts:
-            key[:, start : start + part.numel()], value[:, start : start + part.numel()] = merge.memory(hidden[part])
-            start += part.numel()
-        return key, value
-
-    def transfer_gate(self, stage_index: int, like: torch.Tensor) -> torch.Tensor:
-        return self.merge_modules[str(stage_index)].gate(like)
-
-    def transfer_new_tokens(self, hidden_states, stage_index: int, cache: TimeViperHybridCache) -> torch.Tensor:
-        """Decode step: the new tokens also lie after the vision span, so they absorb the cached dropped tokens
-        exactly as they would in a full recomputation."""
-        key, value, mask = cache.transfer_memory[stage_index]
-        transferred = self.merge_modules[str(stage_index)](hidden_states, key, value, mask)
-        return hidden_states + self.transfer_gate(stage_index, hidden_states) * transferred
+def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
+    """How TransV starts without trained weights: each transfer stage's module copies q/k/v/o from the first
+    attention block at or after the stage's layer, and its gate `alpha` is 0 (source None), so that the stage starts
+    as plain dropping. Returns {TransV parameter: source parameter}, named as in `TimeViperTextModel`."""
+    text_config = config.text_config
+    layer_types = text_layer_types(text_config)
+    attention = "self_attn" if text_config.model_type == "qwen2" else "mixer"
+    with torch.device("meta"):
+        names = list(TimeViperTransV(text_config).state_dict())
+    sources = {}
+    for stage_index, stage in enumerate(config.compression_stages):
+        if not stage.transfer:
+            continue
+        layer = next((i for i in range(stage.layer_idx, len(layer_types)) if layer_types[i] == "full_attention"), None)
+        if layer is None:
+            attention_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+            raise ValueError(
+                f"no attention block at or after layer {stage.layer_idx} to initialise TransV stage {stage_index} "
+                f"from; attention blocks are at {attention_layers}"
+            )
+        for name in names:
+            source = None if name == "alpha" else f"layers.{layer}.{attention}.{name}"
+            sources[f"merge_modules.{stage_index}.{name}"] = source
+    return sources
 
 
-def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) -> SequenceState:
-    """The sequence after a stage: each row's kept token indices `keeps`, left-padded to the longest row."""
-    new_length = max(len(keep) for keep in keeps)
-
-    def gather(tensor, value):
-        return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
-
-    return SequenceState(
-        hidden_states=hidden_states,
-        valid=gather(state.valid, False),
-        vision=gather(state.vision, False),
-        positions=gather(state.positions, -1),
-        num_vision=state.num_vision,
-        query_positions=state.query_positions,
-    )
-
-
-def input_state(hidden_states, valid, vision_mask, query_positions) -> SequenceState:
-    """The input sequence before any stage: positions, vision tokens and the attention-guided query of each row."""
-    batch, length = valid.shape
-    positions = torch.arange(length, device=valid.device).expand(batch, -1).masked_fill(~valid, -1)
-    vision = vision_mask & valid if vision_mask is not None else torch.zeros_like(valid)
-    if query_positions is None:
-        query_positions = positions.max(dim=-1).values
-    return SequenceState(hidden_states, valid, vision, positions, vision.sum(-1), query_positions.to(valid.device))
-
-
-def last_vision_index(state: SequenceState, b: int) -> int:
-    """Row b's last vision token: the tokens after it are the text that TransV enriches."""
-    return int(state.vision[b].nonzero().max())
-
-
-def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
-    """Pad dim 0 of `tensor` on the left up to `length`."""
-    pad = length - tensor.shape[0]
-    return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (pad, 0), value=value)
-
-
-def stack_memories(memories):
-    """Per-row TransV memories (key, value) of different lengths, or None -> padded key, value (b, kv_heads, m,
-    head_dim) and a (b, 1, 1, m) mask. A row without memory attends to one zero key/value, i.e. adds nothing."""
-    if len(memories) == 1 and memories[0] is not None:  # one row: views, no padded copy of a memory of many GB
-        key, value = memories[0]
-        return key[None], value[None], torch.ones(1, 1, 1, key.shape[1], dtype=torch.bool, device=key.device)
-    reference = next(memory[0] for memory in memories if memory is not None)
-    kv_heads, _, head_dim = reference.shape
-    length = max(1, max(memory[0].shape[1] for memory in memories if memory is not None))
-    keys, values, masks = [], [], []
-    for memory in memories:
-        key, value = memory if memory is not None else (reference.new_zeros(kv_heads, 0, head_dim),) * 2
-        pad = length - key.shape[1]
-        keys.append(F.pad(key, (0, 0, 0, pad)))
-        values.append(F.pad(value, (0, 0, 0, pad)))
-        mask = torch.arange(length, device=key.device) < key.shape[1]
-        masks.append(mask if key.shape[1] > 0 else torch.ones_like(mask))
-    return torch.stack(keys), torch.stack(values), torch.stack(masks)[:, None, None, :]
+def input_validity(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
+    """(batch, length) bool validity of the new tokens."""
+    batch, length = inputs_embeds.shape[:2]
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    if decoding:  # generate() passes the mask of the whole sequence so far; only the new tokens' part is new
+        return attention_mask[:, -length:].bool()
+    if attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
+    return attention_mask.bool()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1332,12 +1166,8 @@ class ChunkedPrefill:
         index = len(self.segments)
         segment = SegmentLayout(state)
         self.segments.append(segment)
-        self.cache.start_segment(state.valid)
-        # A static cache later needs room for the generated tokens after the prompt: reserved now, it is not a copy.
-        room = self.cache.max_length - self.cache.seen_tokens if self.cache.is_static else 0
-        for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
-            if layer.attention is not None:
-                self.cache.reserved_lengths[layer.layer_idx] = segment.length + max(room, 0)
+        layers = self.model.layers[self.bounds[index] : self.bounds[index + 1]]
+        self.cache.open_segment(state.valid, [layer.layer_idx for layer in layers if layer.attention is not None])
         if index == self.last_segment:
             keep = segment.length if self.keep_last is None else min(self.keep_last, segment.length)
             self.output_start = segment.length - keep
@@ -1368,7 +1198,7 @@ class ChunkedPrefill:
             return
         stage = self.stages[index]
         if isinstance(stage, HeldStage):
-            state = self.model.compress(stage.take(), index, self.cache)
+            state = self.model.compressors[index].compress(stage.take(), self.cache)
             hidden_states, state.hidden_states = state.hidden_states, None
             self.open_segment(state)
             for start in range(0, hidden_states.shape[1], self.chunk_size):
@@ -1381,12 +1211,9 @@ class ChunkedPrefill:
 
     def run_blocks(self, index: int, hidden_states: torch.Tensor, start: int) -> torch.Tensor:
         layout = self.segments[index].chunk(start, hidden_states.shape[1])
-        rotary = self.model.rotary_emb
+        layout = layout.with_rope(self.model.rotary_emb, hidden_states)
         for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
-            position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
-            hidden_states = layer(
-                hidden_states, layout, position_embeddings=position_embeddings, past_key_values=self.cache
-            )
+            hidden_states = layer(hidden_states, layout, past_key_values=self.cache)
         return hidden_states
 
 
@@ -1416,9 +1243,9 @@ class StreamedStage:
     segment is gathered as soon as the stage inputs it needs have arrived (see `ChunkedPrefill`)."""
 
     def __init__(self, text_model: "TimeViperTextModel", stage_index: int, state: SequenceState, chunk_size: int):
-        self.model, self.stage_index, self.chunk_size = text_model, stage_index, chunk_size
-        stage = text_model.stages[stage_index]
-        rows = [text_model.select_row(state, b, stage) for b in range(state.valid.shape[0])]
+        self.compressor, self.chunk_size = text_model.compressors[stage_index], chunk_size
+        stage = self.compressor.stage
+        rows = [self.compressor.select(state, b) for b in range(state.valid.shape[0])]
         keeps = [keep for keep, _ in rows]
         self.next_state = kept_layout(state, keeps, None)
         self.length = self.next_state.valid.shape[1]
@@ -1447,7 +1274,7 @@ class StreamedStage:
         for b, dropped in enumerate(self.dropped):
             if dropped is not None and bool(dropped[start:end].any()):
                 index = dropped[start:end].nonzero().squeeze(1)
-                self.add_memory(b, *self.model.transfer_memory(self.stage_index, hidden_states[b], index))
+                self.add_memory(b, *self.compressor.memory(hidden_states[b], index))
         if self.pending is None:
             self.pending, self.pending_start = hidden_states, start
         else:
@@ -1481,9 +1308,7 @@ class StreamedStage:
         for b in range(out.shape[0]):
             if bool(absorbs[b].any()):  # all of row b's dropped tokens precede its text: its memory is complete
                 key, value = self.row_memory(b)
-                text = out[b, absorbs[b]][None]
-                transferred = self.model.merge_modules[str(self.stage_index)](text, key[None], value[None])
-                out[b, absorbs[b]] = (text + self.model.transfer_gate(self.stage_index, text) * transferred)[0]
+                out[b, absorbs[b]] = self.compressor.transfer(out[b, absorbs[b]][None], key[None], value[None])[0]
         return out
 
     def add_memory(self, b: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -1504,8 +1329,7 @@ class StreamedStage:
         """All stage inputs have arrived: the remaining chunks; the TransV memory goes into the cache."""
         chunks = self.emit()
         memories = [self.row_memory(b) if dropped is not None else None for b, dropped in enumerate(self.dropped)]
-        if any(memory is not None for memory in memories):
-            cache.transfer_memory[self.stage_index] = stack_memories(memories)
+        cache.store_transfer_memory(self.compressor.stage_index, memories)
         return chunks
 
 
@@ -1586,32 +1410,13 @@ class ResumedPrefill(ChunkedPrefill):
         return self.output.result()
 
 
-def continue_blocks(text_model: "TimeViperTextModel", hidden_states, cache: TimeViperHybridCache, stop: int):
-    """Blocks [0, stop) on new tokens that follow the cached ones, as a decode step runs them (several tokens at
-    once, causal among themselves): Mamba states carry on, attention appends, TransV memory is absorbed."""
-    length = hidden_states.shape[1]
-    layouts = [TokenLayout.from_key_validity(valid, length) for valid in cache.segment_valid]
-    segment = 0
-    for layer in text_model.layers[:stop]:
-        if layer.layer_idx in text_model.stage_at_layer:
-            segment += 1
-            stage_index = text_model.stage_at_layer[layer.layer_idx]
-            if stage_index in cache.transfer_memory:
-                hidden_states = text_model.transfer_new_tokens(hidden_states, stage_index, cache)
-        layout = layouts[segment]
-        rotary = text_model.rotary_emb
-        position_embeddings = rotary(hidden_states, layout.position_ids) if rotary is not None else None
-        hidden_states = layer(hidden_states, layout, position_embeddings=position_embeddings, past_key_values=cache)
-    return hidden_states
-
-
 def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
                        query_positions):
     """The prefill of the text after the video on a cache forked from a `TimeViperVideoState`: the question's
     tokens run through the blocks before the first question-dependent stage, then that stage selects among the
     held prefix inputs + the question's, and the blocks after it run on what it keeps (`ResumedPrefill`).
-    Returns `TimeViperTextModel.forward`'s outputs for the question's tokens."""
-    resume, cache.resume = cache.resume, None
+    Returns the final-normed hidden states of the question's tokens."""
+    resume = cache.take_resume()
     batch, length = valid.shape
     if batch != 1 or not bool(valid.all()):
         raise ValueError(
@@ -1619,12 +1424,10 @@ def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, c
             f"{not bool(valid.all())}; pass input_ids of shape (1, length) without padding"
         )
     prefix_length = cache.seen_tokens
-    cache.extend_segments(valid)
-    cache.seen_tokens += length
     stop = len(text_model.layers) if resume.stage_index is None else text_model.stages[resume.stage_index].layer_idx
-    hidden_states = continue_blocks(text_model, inputs_embeds, cache, stop)
+    hidden_states = text_model.continue_layers(inputs_embeds, valid, cache, stop)
     if resume.stage_index is None:
-        return text_model.final_norm(hidden_states), None, None
+        return text_model.final_norm(hidden_states)
     held = resume.held
     positions = torch.arange(prefix_length, prefix_length + length, device=valid.device)[None]
     query = positions[:, -1] if query_positions is None else query_positions.to(valid.device)
@@ -1637,8 +1440,7 @@ def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, c
         query_positions=query,
     )
     # Text tokens are never dropped: the question's tokens are the last `length` kept positions.
-    output = ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
-    return output, None, None
+    return ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
 
 
 def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
@@ -1724,33 +1526,20 @@ class TimeViperVideoState:
         if chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1, got {chunk_size}")
         prefix_ids = input_ids[:, : int(video.max()) + 1]
-        inner = model.model
-        if pixel_values_videos is not None:
-            video_features = inner.get_video_features(pixel_values_videos)
-        mask = inner.get_placeholder_mask(prefix_ids, config.video_token_id, video_features, "videos")
-        embed_columns = PlaceholderEmbedder(inner.get_input_embeddings(), prefix_ids, mask, [(mask, video_features)])
-        text_model = inner.language_model
-        stop = first_question_stage(text_model.stages)
+        vision = model.model.embed_with_vision(prefix_ids, None, pixel_values_videos, video_features)
+        stop = first_question_stage(config.compression_stages)
         cache = TimeViperHybridCache()
-        cache.seen_tokens = prefix_ids.shape[1]
-        prefill = PrefixPrefill(text_model, cache, chunk_size, stop)
-        prefill.consume(embed_columns, input_state(None, torch.ones_like(mask), mask, None))
-        num_frames = int(mask.sum()) // config.vision_tokens_per_frame
+        cache.add_prompt_tokens(prefix_ids.shape[1])
+        prefill = PrefixPrefill(model.model.language_model, cache, chunk_size, stop)
+        prefill.consume(vision.embed_columns, input_state(None, torch.ones_like(vision.mask), vision.mask, None))
+        num_frames = int(vision.mask.sum()) // config.vision_tokens_per_frame
         resume = VideoStateResume(stop, prefill.held, chunk_size)
         return cls(cache, prefix_ids, resume, num_frames, state_fingerprint(model))
 
     # -- asking ----------------------------------------------------------------------------------------------------
     def fork(self) -> TimeViperHybridCache:
         """A cache whose next forward call takes the tokens after the prefix (see the class docstring)."""
-        cache = TimeViperHybridCache()
-        cache.conv_states = {i: state.clone() for i, state in self.cache.conv_states.items()}
-        cache.ssm_states = {i: state.clone() for i, state in self.cache.ssm_states.items()}
-        cache.keys, cache.values = dict(self.cache.keys), dict(self.cache.values)
-        cache.transfer_memory = dict(self.cache.transfer_memory)
-        cache.segment_valid = list(self.cache.segment_valid)
-        cache.seen_tokens = self.cache.seen_tokens
-        cache.resume = self.resume
-        return cache
+        return self.cache.fork(resume=self.resume)
 
     def check_prompt(self, input_ids: torch.Tensor) -> None:
         """A prompt can be asked of this state if it starts with the prefix and continues after it."""
@@ -1788,13 +1577,7 @@ class TimeViperVideoState:
         """Writes `video_state.safetensors` and `video_state.json` (what the state must match to be loaded)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        cache, tensors = self.cache, {"prefix_ids": self.prefix_ids}
-        for name, store in (("conv_states", cache.conv_states), ("ssm_states", cache.ssm_states),
-                            ("keys", cache.keys), ("values", cache.values)):
-            tensors.update({f"{name}.{layer_idx}": tensor for layer_idx, tensor in store.items()})
-        tensors.update({f"segment_valid.{s}": valid for s, valid in enumerate(cache.segment_valid)})
-        for stage_index, memory in cache.transfer_memory.items():
-            tensors.update({f"transfer_memory.{stage_index}.{i}": tensor for i, tensor in enumerate(memory)})
+        tensors = {"prefix_ids": self.prefix_ids, **self.cache.named_tensors()}
         if self.resume.held is not None:
             tensors.update({f"held.{field}": getattr(self.resume.held, field) for field in HELD_FIELDS})
         save_file(unshared(tensors), directory / VIDEO_STATE_TENSORS)
@@ -1832,25 +1615,10 @@ class TimeViperVideoState:
                     f"model has {expected[key]!r}; encode the video again with this model"
                 )
         tensors = load_file(tensors_path, device=str(model.device))
+        prefix_ids = tensors.pop("prefix_ids").cpu()
+        held = {name.removeprefix("held."): tensors.pop(name) for name in list(tensors) if name.startswith("held.")}
         cache = TimeViperHybridCache()
-        stores = {"conv_states": cache.conv_states, "ssm_states": cache.ssm_states, "keys": cache.keys,
-                  "values": cache.values}
-        memory: dict[int, list] = {}
-        held = {}
-        for name, tensor in tensors.items():
-            kind, _, rest = name.partition(".")
-            if kind in stores:
-                stores[kind][int(rest)] = tensor
-            elif kind == "transfer_memory":
-                stage_index, part = rest.split(".")
-                memory.setdefault(int(stage_index), [None] * 3)[int(part)] = tensor
-            elif kind == "held":
-                held[rest] = tensor
-        num_segments = sum(name.startswith("segment_valid.") for name in tensors)
-        cache.segment_valid = [tensors[f"segment_valid.{s}"] for s in range(num_segments)]
-        cache.transfer_memory = {stage_index: tuple(parts) for stage_index, parts in memory.items()}
-        prefix_ids = tensors["prefix_ids"].cpu()
-        cache.seen_tokens = prefix_ids.shape[1]
+        cache.load_named_tensors(tensors, prefix_ids.shape[1])
         resume = VideoStateResume(
             metadata["stage_index"], SequenceState(**held) if held else None, metadata["prefill_chunk_size"]
         )
@@ -1860,31 +1628,6 @@ class TimeViperVideoState:
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained wrappers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def forget_unused_weight_conversions(model) -> None:
-    """Keep only the checkpoint key renamings that loading applied, so that `save_pretrained` writes the keys it read.
-
-    transformers records the renamings on the model (`_weight_conversions`) and reverses them when saving. Its usual
-    loader records those that matched a key; its DeepSpeed ZeRO-3 loader (5.x) records all of them, among which
-    SigLIP's `PrefixChange(prefix_to_remove="vision_model")`, scoped to our `vision_tower`. Reversed at save, it
-    renamed every `model.vision_tower.X` of a ZeRO-3 fine-tuned checkpoint to `model.vision_tower.vision_model.X`."""
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions:
-        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
-
-
-def resolve_cache_argument(past_key_values, cache):
-    """The cache a forward() call was given, under either name (see CACHE_NAME)."""
-    if past_key_values is not None and cache is not None:
-        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
-    cache = cache if cache is not None else past_key_values
-    if cache is not None and not isinstance(cache, TimeViperHybridCache):
-        raise TypeError(
-            f"the cache must be a TimeViperHybridCache, got {type(cache).__name__}; generate() creates one, or pass "
-            "TimeViperHybridCache() yourself"
-        )
-    return cache
 
 
 def is_legacy_gate_key(key: str) -> bool:
@@ -1915,6 +1658,15 @@ def read_legacy_gates(path, hub_kwargs: dict) -> tuple[str, torch.Tensor]:
 def load_legacy_gates(model, gates: torch.Tensor, key: str) -> list[str]:
     """Copy entry j of the legacy vector into the gate of the j-th transfer stage; returns the parameter names."""
     text_model = next(module for module in model.modules() if isinstance(module, TimeViperTextModel))
+    if not text_model.transfer_slot and gates.dim() == 1:
+        if bool(gates.any()):
+            raise ValueError(
+                f"{key} holds open TransV gates {gates.tolist()}, but token_compression has no transfer stage: the "
+                "checkpoint was trained with TransV; load it with the token_compression it was trained with"
+            )
+        logger.warning("%s: the legacy TransV gates are all closed and token_compression has no transfer stage; "
+                       "ignoring them", key)
+        return []
     if gates.shape != (len(text_model.transfer_slot),):
         raise ValueError(
             f"{key} has shape {tuple(gates.shape)}, but token_compression has {len(text_model.transfer_slot)} "
@@ -1941,7 +1693,6 @@ class TimeViperPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def save_pretrained(self, *args, **kwargs):
-        forget_unused_weight_conversions(self)
         if self._auto_class is None:  # transformers copies the code files only for a registered class
             type(self).register_for_auto_class(self.default_auto_class)
         return super().save_pretrained(*args, **kwargs)
@@ -1961,10 +1712,11 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             info["missing_keys"] = type(info["missing_keys"])(
                 k for k in info["missing_keys"] if not any(k.endswith(name) for name in filled)
             )
-            logger.warning(
-                "read the TransV gates from the legacy key %r; save_pretrained stores them as merge_modules.<stage>.alpha",
-                key,
-            )
+            if filled:
+                logger.warning(
+                    "read the TransV gates from the legacy key %r; save_pretrained stores them as "
+                    "merge_modules.<stage>.alpha", key,
+                )
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
@@ -2026,7 +1778,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         vision = self.vision_tower
         features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
         # SigLIP's embeddings come out as a transposed view of the patch conv; made contiguous once here, every
-        # residual add and LayerNorm of the tower runs on the contiguous fast path (-0.15 s per 256 frames).
+        # residual add and LayerNorm of the tower runs on the contiguous fast path.
         features = features.contiguous()
         for layer in vision.encoder.layers[: self._vision_layers_to_run()]:
             features = layer(features, None)
@@ -2128,89 +1880,84 @@ class TimeViperModel(TimeViperPreTrainedModel):
         keep_last: with `prefill_chunk_size`, return the hidden states of only the last N positions.
         past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         """
-        past_key_values = resolve_cache_argument(past_key_values, cache)
+        cache = resolve_cache_argument(past_key_values, cache)
+        decoding = cache is not None and cache.is_prefilled
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if video_features is not None and pixel_values_videos is not None:
             raise ValueError("pass either pixel_values_videos or video_features, not both")
-        has_vision = pixel_values is not None or pixel_values_videos is not None or video_features is not None
-        decoding = past_key_values is not None and past_key_values.is_prefilled
-        chunked = prefill_chunk_size is not None and not decoding
-        if has_vision and decoding:
-            raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
-        if has_vision and input_ids is None:
-            raise ValueError("pixel values need input_ids to locate the placeholder tokens")
-
-        vision_mask = None
-        image_features = None
-        embed_columns = None
-        if input_ids is not None and decoding:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif input_ids is not None:
-            placeholders = (input_ids == self.config.video_token_id) | (input_ids == self.config.image_token_id)
-            if placeholders.any():
-                if not has_vision:
-                    raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
-                vision_mask = placeholders
-            vision_inputs = []  # (placeholder mask, features)
-            if pixel_values_videos is not None:
-                video_features = self.get_video_features(pixel_values_videos)
-            if video_features is not None:
-                mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, video_features, "videos")
-                vision_inputs.append((mask, video_features))
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)
-                mask = self.get_placeholder_mask(input_ids, self.config.image_token_id, image_features, "images")
-                vision_inputs.append((mask, image_features))
-            embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
-            if not chunked:
-                inputs_embeds = embed_columns(0, input_ids.shape[1])
-        elif chunked:
-            embed_columns = lambda start, end: inputs_embeds[:, start:end]  # noqa: E731
-
-        if chunked:
+        if pixel_values is not None or pixel_values_videos is not None or video_features is not None:
+            if decoding:
+                raise ValueError("pixel values can only be given with the first (prefill) call of a cache")
+            if input_ids is None:
+                raise ValueError("pixel values need input_ids to locate the placeholder tokens")
+        if input_ids is None or decoding:
+            embeds = inputs_embeds if input_ids is None else self.get_input_embeddings()(input_ids)
+            vision = VisionInputs(lambda start, end: embeds[:, start:end], None, video_features, None)
+        else:
+            vision = self.embed_with_vision(input_ids, pixel_values, pixel_values_videos, video_features)
+        all_hidden_states = None
+        if prefill_chunk_size is not None and not decoding:
             if output_hidden_states:
                 raise ValueError("output_hidden_states is not available with prefill_chunk_size")
             reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            valid = (
-                torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
-                if attention_mask is None else attention_mask.bool()
-            )
+            valid = torch.ones_like(reference, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             hidden_states, kept_positions = self.language_model.prefill_in_chunks(
-                embed_columns, valid, vision_mask, past_key_values, prefill_chunk_size,
+                vision.embed_columns, valid, vision.mask, cache, prefill_chunk_size,
                 compression_query_positions=compression_query_positions, keep_last=keep_last,
             )
-            return TimeViperModelOutputWithPast(
-                last_hidden_state=hidden_states,
-                kept_positions=kept_positions,
-                **{CACHE_NAME: past_key_values},
-                video_hidden_states=video_features,
-                image_hidden_states=image_features,
+        else:
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            hidden_states, kept_positions, all_hidden_states = self.language_model(
+                vision.embed_columns(0, length), attention_mask=attention_mask, vision_mask=vision.mask,
+                past_key_values=cache, compression_query_positions=compression_query_positions,
+                output_hidden_states=bool(output_hidden_states),
             )
-
-        hidden_states, kept_positions, all_hidden_states = self.language_model(
-            inputs_embeds,
-            attention_mask=attention_mask,
-            vision_mask=vision_mask,
-            past_key_values=past_key_values,
-            compression_query_positions=compression_query_positions,
-            output_hidden_states=bool(output_hidden_states),
-        )
         return TimeViperModelOutputWithPast(
             last_hidden_state=hidden_states,
             kept_positions=kept_positions,
-            **{CACHE_NAME: past_key_values},
+            **{CACHE_NAME: cache},
             hidden_states=all_hidden_states,
-            video_hidden_states=video_features,
-            image_hidden_states=image_features,
+            video_hidden_states=vision.video_features,
+            image_hidden_states=vision.image_features,
         )
+
+    def embed_with_vision(self, input_ids, pixel_values, pixel_values_videos, video_features) -> "VisionInputs":
+        """The prompt's input embeddings with the frame / image features in place of their placeholder tokens."""
+        config = self.config
+        placeholders = (input_ids == config.video_token_id) | (input_ids == config.image_token_id)
+        has_placeholders = bool(placeholders.any())
+        if has_placeholders and pixel_values is None and pixel_values_videos is None and video_features is None:
+            raise ValueError("input_ids contain video/image placeholder tokens but no pixel values were given")
+        vision_inputs, image_features = [], None  # (placeholder mask, features)
+        if pixel_values_videos is not None:
+            video_features = self.get_video_features(pixel_values_videos)
+        if video_features is not None:
+            mask = self.get_placeholder_mask(input_ids, config.video_token_id, video_features, "videos")
+            vision_inputs.append((mask, video_features))
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            mask = self.get_placeholder_mask(input_ids, config.image_token_id, image_features, "images")
+            vision_inputs.append((mask, image_features))
+        embed_columns = PlaceholderEmbedder(self.get_input_embeddings(), input_ids, placeholders, vision_inputs)
+        return VisionInputs(embed_columns, placeholders if has_placeholders else None, video_features, image_features)
+
+
+@dataclass
+class VisionInputs:
+    """A forward call's input embeddings and what they hold of the vision inputs."""
+
+    embed_columns: "PlaceholderEmbedder"  # (start, end) -> (batch, end - start, hidden) input embeddings
+    mask: torch.Tensor | None  # (batch, length) bool: the vision placeholder tokens, None if there are none
+    video_features: torch.Tensor | None
+    image_features: torch.Tensor | None
 
 
 class PlaceholderEmbedder:
     """Input embeddings of any range of positions: token embeddings, with each placeholder replaced by its feature
     row (the rows of a features tensor fill its placeholders in row-major order). The features may live on another
     device; only the rows of the asked range move. Rows are written through a boolean mask, not `masked_scatter`,
-    which builds an int64 index per element on CUDA (35 GiB at 1M tokens x 4480)."""
+    which builds an int64 index per element of the embeddings on CUDA."""
 
     def __init__(self, embeddings: nn.Embedding, input_ids, placeholders, vision_inputs):
         self.embeddings, self.input_ids, self.placeholders = embeddings, input_ids, placeholders
@@ -2298,6 +2045,13 @@ class StreamedVideoFeatures:
         return start, buffer
 
 
+def kept_for_logits(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are computed: the last N (an int N > 0), the given indices (a tensor), or all."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden_states[:, logits_to_keep]
+    return hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+
+
 def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Per row, the input index just before the first supervised label (the attention-guided selection query at
     training time); rows without supervision fall back to their last valid token."""
@@ -2310,59 +2064,7 @@ def first_supervised_query(labels: torch.Tensor, attention_mask: torch.Tensor | 
     return torch.where(supervised.any(-1) & (first >= 0), first, last_valid)
 
 
-def check_static_step_inputs(input_ids, **others) -> None:
-    """A static cache takes one new token id per row and step; anything else needs a dynamic cache."""
-    given = [name for name, value in others.items() if value is not None]
-    if input_ids is not None and input_ids.shape[1] == 1 and not given:
-        return
-    got = ", ".join(given) if given else f"input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
-    raise ValueError(
-        f"a static cache decodes one new token id per row and step, got {got}; for more, use a dynamic cache: "
-        "TimeViperHybridCache() or generate(..., cache_implementation='dynamic')"
-    )
-
-
-class DecodeStepGraph:
-    """One decode step of a static cache, captured as a CUDA graph and replayed for every later token.
-
-    Eager decoding issues ~2,000 small kernels per token from Python; at batch 32 and a 32k context on an H100 that
-    took 34-60 ms per step around 19 ms of GPU work. A replay launches them all at once. The graph reads and writes
-    only the static cache's fixed buffers, the input-id buffer below and the step counter on the device. Capture
-    needs one eager step of the same shapes before it (Triton compilation, cuBLAS workspaces): `first_step`."""
-
-    def __init__(self, model: "TimeViperForConditionalGeneration", cache: TimeViperHybridCache, input_ids):
-        self.cache = cache
-        self.input_ids = input_ids.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        seen_tokens = cache.seen_tokens
-        try:
-            with torch.cuda.graph(self.graph):
-                self.logits = model.eager_decode_step(self.input_ids, cache)
-        finally:
-            cache.seen_tokens = seen_tokens  # capture ran the step's Python (the count) but none of its kernels
-
-    @staticmethod
-    def first_step(model: "TimeViperForConditionalGeneration", cache: TimeViperHybridCache, input_ids):
-        """The first decode step, run eagerly on a side stream (where warm-up before a capture belongs)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            logits = model.eager_decode_step(input_ids, cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        return logits
-
-    def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        if input_ids.shape != self.input_ids.shape:
-            raise ValueError(
-                f"this static cache decodes a batch of shape {tuple(self.input_ids.shape)}, got {tuple(input_ids.shape)}"
-            )
-        self.input_ids.copy_(input_ids)
-        self.graph.replay()
-        self.cache.seen_tokens += input_ids.shape[1]
-        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
-
-
-class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixin):
+class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGenerationMixin):
     # The Trainer passes `num_items_in_batch` (the supervised-token count over all accumulation steps) to models that
     # say they take it; forward() names it explicitly rather than behind a **kwargs.
     accepts_loss_kwargs = True
@@ -2402,29 +2104,12 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         ignored); the video as `video_features` (`encode_video`, `streamed_video_features`) or pixel values."""
         return TimeViperVideoState.prefill(self, input_ids, video_features, pixel_values_videos, prefill_chunk_size)
 
-    def generate_from_video_state(self, state: TimeViperVideoState, input_ids, **generate_kwargs):
-        """`generate()` for the whole prompt `input_ids` (1, length), which starts with the state's prefix: only
-        the question's part is prefilled. Returns generate()'s output (the prompt followed by the new tokens)."""
-        inputs = state.question_inputs(input_ids)
-        return self.generate(
-            input_ids=input_ids, attention_mask=inputs["attention_mask"], past_key_values=inputs["past_key_values"],
-            **generate_kwargs,
-        )
-
     @torch.no_grad()
     def init_transfer_from_nearest_attention(self) -> None:
-        """Copy each TransV module's q/k/v/o from the first attention block at or after its stage (the reference's
-        `init_cross_attn_weights_from_nearest_self_attn`) and zero the gates, so TransV starts as plain dropping."""
-        text_model = self.model.language_model
-        for stage_index in text_model.transfer_slot:
-            stage = text_model.stages[stage_index]
-            source = next(
-                (layer.attention for layer in text_model.layers[stage.layer_idx :] if layer.attention is not None), None
-            )
-            if source is None:
-                raise ValueError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from")
-            transfer = text_model.merge_modules[str(stage_index)]
-            transfer.load_state_dict({**source.state_dict(), "alpha": torch.zeros_like(transfer.alpha)})
+        """Initialise every TransV module by `transfer_init_sources`, so that TransV starts as plain dropping."""
+        parameters = dict(self.model.language_model.named_parameters())
+        for target, source in transfer_init_sources(self.config).items():
+            parameters[target].copy_(parameters[source] if source is not None else torch.zeros_like(parameters[target]))
 
     def forward(
         self,
@@ -2459,8 +2144,7 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
         prefill_chunk_size: chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)` sets it
             for the prefill call.
-        output_attentions: attention weights are never materialised (O(L^2) for hour-long videos); only a false
-            value is accepted.
+        output_attentions: only False: attention weights are never materialised (O(L^2) for hour-long videos).
         return_dict: False returns the output's non-None fields as a tuple.
         num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
             accumulation steps) instead of averaged over this batch's supervised tokens.
@@ -2468,8 +2152,6 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         past_key_values = resolve_cache_argument(past_key_values, cache)
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
-        if compression_query_positions is None and labels is not None:
-            compression_query_positions = first_supervised_query(labels, attention_mask)
         if past_key_values is not None and past_key_values.is_static and past_key_values.is_prefilled:
             check_static_step_inputs(
                 input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
@@ -2478,16 +2160,12 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             return TimeViperCausalLMOutputWithPast(
                 logits=self.static_decode_step(input_ids, past_key_values), **{CACHE_NAME: past_key_values}
             )
-        if use_cache and past_key_values is None and not self.training:
+        if prefill_chunk_size is not None and labels is not None:
+            raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
+        if past_key_values is None and (prefill_chunk_size is not None or (use_cache and not self.training)):
             past_key_values = TimeViperHybridCache()
-        chunking = {} if prefill_chunk_size is None else {"prefill_chunk_size": prefill_chunk_size}
-        if chunking:
-            if labels is not None:
-                raise ValueError("prefill_chunk_size is an inference setting; it does not take labels")
-            if past_key_values is None:
-                past_key_values = TimeViperHybridCache()
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                chunking["keep_last"] = logits_to_keep
+        if compression_query_positions is None and labels is not None:
+            compression_query_positions = first_supervised_query(labels, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -2498,24 +2176,11 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
             compression_query_positions=compression_query_positions,
             output_hidden_states=output_hidden_states,
             video_features=video_features,
-            **chunking,
+            prefill_chunk_size=prefill_chunk_size,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else None,
         )
-        hidden_states = outputs.last_hidden_state
-        if labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif labels is None and isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            kept = outputs.kept_positions
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-            shift_labels = shift_labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
-            loss = ForCausalLMLoss(
-                logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
-                num_items_in_batch=num_items_in_batch,
-            )
+        logits = self.lm_head(kept_for_logits(outputs.last_hidden_state, 0 if labels is not None else logits_to_keep))
+        loss = None if labels is None else self.kept_token_loss(logits, labels, outputs.kept_positions, num_items_in_batch)
         output = TimeViperCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -2527,70 +2192,14 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, GenerationMixi
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def static_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
-        """Logits (b, 1, vocab) of one decode step on a static cache: a CUDA-graph replay on CUDA (captured at the
-        first step of this cache), the same computation run eagerly elsewhere. Every new token counts as valid, as
-        in generate(), which extends the attention mask with ones."""
-        cache.begin_static_step()
-        if not input_ids.is_cuda or cache.decode_graph is False:
-            return self.eager_decode_step(input_ids, cache)
-        if cache.decode_graph is not None:
-            return cache.decode_graph(input_ids)
-        logits = DecodeStepGraph.first_step(self, cache, input_ids)
-        try:
-            cache.decode_graph = DecodeStepGraph(self, cache, input_ids)
-        except RuntimeError as err:  # the output stays right, only slower: say so once, decode eagerly
-            logger.warning("CUDA-graph capture of the decode step failed (%s); decoding eagerly instead", err)
-            cache.decode_graph = False
-        return logits
-
-    def eager_decode_step(self, input_ids: torch.LongTensor, cache: TimeViperHybridCache) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
-        default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
-        elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
-        continuation. It goes into `model_kwargs` under the installed release's name (CACHE_NAME)."""
-        user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
-        implementation = generation_config.cache_implementation
-        if implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"cache_implementation={implementation!r} is not supported by TimeViper: use 'dynamic' (default) or "
-                "'static' (preallocated, CUDA-graph decoding)"
-            )
-        if user_cache is None and generation_config.use_cache is not False:
-            static = implementation == "static" or (implementation is None and self.device.type == "cuda")
-            user_cache = TimeViperHybridCache(max_cache_length if static else None)
-        if user_cache is not None:
-            model_kwargs[CACHE_NAME] = user_cache
-
-    def prepare_inputs_for_generation(self, input_ids, **model_kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **model_kwargs)
-        # Positions follow from the attention mask and are renumbered after each compression stage.
-        model_inputs.pop("position_ids", None)
-        cache = model_inputs.get(CACHE_NAME)
-        if cache is not None and cache.is_prefilled:
-            # The frames were encoded at prefill; decode steps feed only the new tokens (transformers < 5.15 passes
-            # every generate() keyword to every step).
-            model_inputs.pop("pixel_values", None)
-            model_inputs.pop("pixel_values_videos", None)
-            model_inputs.pop("video_features", None)
-        return model_inputs
-
-    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-        """generate(..., prefill_chunk_size=N): transformers would call forward on slices of the prompt, but a
-        compression stage selects among all of a row's vision tokens, so one forward call chunks the prefill inside
-        (`ChunkedPrefill`), with the same result as an unchunked prefill."""
-        chunk_size = generation_config.prefill_chunk_size
-        if chunk_size is None:
-            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
-        generation_config.prefill_chunk_size = None
-        try:
-            model_kwargs = {**model_kwargs, "prefill_chunk_size": chunk_size}
-            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
-        finally:
-            generation_config.prefill_chunk_size = chunk_size
+    def kept_token_loss(self, logits, labels, kept_positions, num_items_in_batch) -> torch.Tensor:
+        """Next-token loss of the kept positions: labels are shifted at the input positions, then gathered."""
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        shift_labels = shift_labels.gather(1, kept_positions.clamp(min=0)).masked_fill(kept_positions < 0, -100)
+        return ForCausalLMLoss(
+            logits, None, self.config.text_config.vocab_size, shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

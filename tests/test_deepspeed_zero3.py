@@ -4,7 +4,7 @@ input checkpoint's tensor names and reloads with no missing or unexpected keys.
 Regression test: transformers' ZeRO-3 loader (`from_pretrained` with zero3_init_flag) records every key conversion
 of its mappings on the model, used or not, and `save_pretrained` reverses them; SigLIP's unused
 `PrefixChange(prefix_to_remove="vision_model")` then renamed the whole frozen vision tower to
-`model.vision_tower.vision_model.*` (modeling_timeviper.forget_unused_weight_conversions, run by save_pretrained).
+`model.vision_tower.vision_model.*` (training.train.forget_unused_weight_conversions, run after loading).
 timeviper.sh installs DeepSpeed; elsewhere these tests are skipped where it is not installed.
 """
 

@@ -146,7 +146,7 @@ def test_attention_scoring_memory_is_linear_in_the_sequence_length():
         positions = torch.arange(length)[None]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with torch.no_grad():
-            state = text_model.compress(SequenceState(hidden, valid, vision, positions, vision.sum(-1), positions[:, -1]), 0, None)
+            state = text_model.compressors[0].compress(SequenceState(hidden, valid, vision, positions, vision.sum(-1), positions[:, -1]), None)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         print(state.hidden_states.shape[1], grown)
         """
@@ -158,3 +158,27 @@ def test_attention_scoring_memory_is_linear_in_the_sequence_length():
     kept, grown_kib = map(int, result.stdout.split())
     assert kept == 2 + int(19_994 * 0.1) + 4
     assert grown_kib < 300 * 1024  # far below the 1.6 GB an L x L matrix would take
+
+
+@pytest.mark.parametrize("gates, error", [((0.0, 0.0), None), ((0.0, 0.4), "open TransV gates")])
+def test_legacy_gate_vector_of_a_schedule_without_transfer_stages(tmp_path, gates, error, caplog):
+    """Folders of drop-only schedules written before each TransV module held its gate carry a legacy vector
+    `model.language_model.alpha` of closed gates: it loads with a warning. An open gate means the checkpoint was
+    trained with TransV, which this schedule would silently lose: an error."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(token_compression="unidrop_1_0.5-unidrop_2_0.25")
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.language_model.alpha"] = torch.tensor(gates)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            TimeViperForConditionalGeneration.from_pretrained(tmp_path)
+        return
+    with caplog.at_level("WARNING"):
+        loaded, info = TimeViperForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert "ignoring them" in caplog.text
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -189,6 +189,7 @@ def build_from_checkpoint(args: TimeViperArguments):
     model, loading_info = TimeViperForConditionalGeneration.from_pretrained(
         args.model, config=config, dtype=torch.float32, output_loading_info=True
     )
+    forget_unused_weight_conversions(model)
     # trust_remote_code: the image/video sub-processors load through their Auto classes, which read auto_map.
     processor = TimeViperProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.projector_type is not None:  # a new projector type embeds its own number of tokens per frame
@@ -199,6 +200,18 @@ def build_from_checkpoint(args: TimeViperArguments):
     missing = loading_info["missing_keys"]
     missing_transfer = any(".merge_modules." in key for key in missing)
     return model, processor, missing_transfer
+
+
+def forget_unused_weight_conversions(model) -> None:
+    """Keep only the checkpoint key renamings that loading applied, so that `save_pretrained` writes the keys it read.
+
+    transformers records the renamings on the model (`_weight_conversions`) and reverses them when saving. Its usual
+    loader records those that matched a key; its DeepSpeed ZeRO-3 loader (5.x) records all of them, among which
+    SigLIP's `PrefixChange(prefix_to_remove="vision_model")`, scoped to our `vision_tower`. Reversed at save, it
+    renamed every `model.vision_tower.X` of a ZeRO-3 fine-tuned checkpoint to `model.vision_tower.vision_model.X`."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
 
 
 def init_transfer_modules(model) -> None:
