@@ -10,6 +10,7 @@ every compression segment) lives in `TimeViperHybridCache`, which generation_tim
 generate()'s integration (cache choice, chunked prefill, CUDA-graph decode steps).
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -1750,12 +1751,33 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
+def vision_layers_to_run(config: TimeViperConfig) -> int:
+    """The SigLIP blocks before `vision_feature_layer`'s output (counted like `hidden_states`: 0 = embeddings)."""
+    layer = config.vision_feature_layer
+    return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
+
+
+def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
+    """SigLIP up to the block whose output TimeViper reads: the blocks after it and the post-layernorm would never
+    run, so they are not built."""
+    vision_config = copy.deepcopy(config.vision_config)
+    vision_config.num_hidden_layers = vision_layers_to_run(config)
+    tower = SiglipVisionModel(vision_config)
+    tower.post_layernorm = None
+    return tower
+
+
 class TimeViperModel(TimeViperPreTrainedModel):
     default_auto_class = "AutoModel"
 
     def __init__(self, config: TimeViperConfig):
         super().__init__(config)
-        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.vision_tower = build_vision_tower(config)
+        # Checkpoints of the whole SigLIP tower (converted ones, older folders) hold the parts left unbuilt.
+        unbuilt = [str(i) for i in range(self._vision_layers_to_run(), config.vision_config.num_hidden_layers)]
+        self._keys_to_ignore_on_load_unexpected = [r"vision_tower\.(vision_model\.)?post_layernorm\."] + (
+            [rf"vision_tower\.(vision_model\.)?encoder\.layers\.({'|'.join(unbuilt)})\."] if unbuilt else []
+        )
         self.multi_modal_projector = TimeViperMultiModalProjector(config)
         self.language_model = TimeViperTextModel(config)
         self.post_init()
@@ -1770,17 +1792,16 @@ class TimeViperModel(TimeViperPreTrainedModel):
             self.language_model.embeddings = value
 
     def _vision_layers_to_run(self) -> int:
-        layer = self.config.vision_feature_layer
-        return layer if layer >= 0 else self.config.vision_config.num_hidden_layers + 1 + layer
+        return vision_layers_to_run(self.config)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden). Runs only the vision blocks whose output is used."""
+        """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden)."""
         vision = self.vision_tower
         features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
         # SigLIP's embeddings come out as a transposed view of the patch conv; made contiguous once here, every
         # residual add and LayerNorm of the tower runs on the contiguous fast path.
         features = features.contiguous()
-        for layer in vision.encoder.layers[: self._vision_layers_to_run()]:
+        for layer in vision.encoder.layers:
             features = layer(features, None)
         if self.config.projector_type == "tome_mlp":
             features = merge_tokens(features, self.config.tokens_per_frame)
