@@ -484,7 +484,9 @@ inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
 batch = processor(text=[prompt, prompt], videos=[frames, frames[:2]], padding=True, padding_side="left", return_tensors="pt")
 with torch.no_grad():
     logits = model(input_ids=ids).logits
-    features = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    # The tower is built up to the block whose output TimeViper reads: its last hidden state is that feature.
+    tower = model.model.vision_tower
+    features = tower.encoder(inputs_embeds=tower.embeddings(pixels)).last_hidden_state
     generated = model.generate(**inputs, max_new_tokens=3)
 torch.save({"logits": logits, "features": features, "model_class": type(model).__name__,
             "prompt": prompt, "num_video_tokens": int((inputs["input_ids"] == model.config.video_token_id).sum()),
@@ -601,7 +603,9 @@ def test_raw_qwen_conversion_with_hf_siglip_and_projector(sources, tmp_path):
     written = read_tensors(output)
     assert len(list(output.glob("*.safetensors"))) == 1 and not (output / "model.safetensors.index.json").exists()
     assert torch.equal(written["model.multi_modal_projector.linear_2.weight"], projector["projector.projector.2.weight"])
-    assert torch.equal(written["model.vision_tower.encoder.layers.1.mlp.fc2.weight"], siglip.vision_model.encoder.layers[1].mlp.fc2.weight)
+    # The feature is block 0's output (second-to-last hidden state of 2 blocks): block 1 and the post-norm are not kept.
+    assert torch.equal(written["model.vision_tower.encoder.layers.0.mlp.fc2.weight"], siglip.vision_model.encoder.layers[0].mlp.fc2.weight)
+    assert not any(".layers.1." in name or "post_layernorm" in name for name in written if "vision_tower" in name)
     # Stage 0 transfers (TransV from block 1, Qwen's own layer, biases included); stage 1 only drops.
     for name in ("q_proj.weight", "q_proj.bias", "v_proj.bias", "o_proj.weight"):
         assert torch.equal(written[f"model.language_model.merge_modules.0.{name}"], written[f"model.language_model.layers.1.self_attn.{name}"])
