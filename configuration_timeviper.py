@@ -11,7 +11,7 @@ from packaging.specifiers import SpecifierSet
 
 # The transformers releases this code is proven on (tests/compat runs the oldest, one middle and the newest). Outside
 # them an import below can fail with a message about something else, or worse, the model can load and compute
-# something else, so importing any of the three remote-code files stops with this range instead.
+# something else, so importing any of the remote-code files stops with this range instead.
 SUPPORTED_TRANSFORMERS = ">=5.13,<5.26"
 
 

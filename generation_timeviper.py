@@ -5,6 +5,8 @@ picks the cache generate() runs on, passes a chunked prefill through, and decode
 replays (`DecodeStepGraph`).
 """
 
+from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin

@@ -181,7 +181,7 @@ def llm_flops(model, layer_tokens, extra=0):
 
 def tokens_per_block(model, vision_tokens: int, text_tokens: int) -> list[int]:
     """Tokens each LLM block processes under the compression schedule: the vision tokens kept from a stage's block
-    on are `int(vision tokens of the input x keep ratio)`, as `TimeViperModel._compress_row` keeps them."""
+    on are `int(vision tokens of the input x keep ratio)`, as `TokenCompressor.select` keeps them."""
     language_model = model.model.language_model
     tokens, vision = [], vision_tokens
     for layer_idx in range(len(language_model.layers)):

@@ -34,7 +34,8 @@ GUARD_SCRIPT = textwrap.dedent(
     """
     import importlib, sys, transformers
     for version, module in [("5.12.1", "configuration"), ("5.26.0", "modeling"), ("4.57.6", "processing"),
-                            ("5.26.0.dev0", "configuration"), ("5.13.0", "modeling"), ("5.25.0", "processing")]:
+                            ("5.26.0.dev0", "generation"), ("5.26.0", "video_processing"),
+                            ("5.13.0", "modeling"), ("5.25.0", "processing")]:
         transformers.__version__ = version
         for name in [name for name in sys.modules if name.startswith("timeviper")]:
             del sys.modules[name]
@@ -52,9 +53,9 @@ def test_the_version_guard_names_the_range_and_the_install_command():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     install = 'pip install "transformers>=5.13,<5.26"'
-    for line in lines[:4]:  # outside the range: refused by each of the three files, with the command to fix it
+    for line in lines[:5]:  # outside the range: refused by each of the remote-code files, with the command to fix it
         assert "refused:" in line and install in line and f"has transformers {line.split()[0]}" in line, line
-    assert lines[4:] == ["5.13.0 modeling imported", "5.25.0 processing imported"]
+    assert lines[5:] == ["5.13.0 modeling imported", "5.25.0 processing imported"]
 
 
 def video_inputs():

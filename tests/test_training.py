@@ -388,7 +388,7 @@ def test_resume_continues_the_same_loss_curve(runs, request):
 
 
 def test_saved_folders_are_self_contained(resumed_full):
-    """What --push_to_hub uploads: weights, config.json with auto_map, processor, tokenizer and the three code files."""
+    """What --push_to_hub uploads: weights, config.json with auto_map, processor, tokenizer and the remote-code files."""
     first, _ = resumed_full
     package = Path(train.timeviper.__file__).resolve().parent
     for folder in (Path(first.args.output_dir), Path(first.args.output_dir) / "checkpoint-5"):

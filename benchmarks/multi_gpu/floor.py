@@ -10,7 +10,7 @@ device from `prepared.json`, for one training sample (one per GPU per step):
 - LLM blocks: forward, the forward again under gradient checkpointing, backward (2x forward); `without_recompute`
   leaves the second forward out (the usual model-FLOPs count).
 The tokens each block processes follow the TransV schedule: vision tokens kept from a stage's block on are
-`int(vision tokens of the input x keep ratio)`, as `TimeViperModel._compress_row` keeps them.
+`int(vision tokens of the input x keep ratio)`, as `TokenCompressor.select` keeps them.
 """
 
 import functools

@@ -9,7 +9,7 @@ Writes under --work:
   TransV schedule's modules, random bf16 weights, built directly on the GPU. The processor uses the embedded
   byte-level tokenizer (inference/tiny_default.py: its 264 ids lie inside the vocabulary) and the Nemotron-H chat
   template; config and tokenizer agree on the placeholder and special ids. `config.json` and
-  `processor_config.json` carry `auto_map` and the three remote-code files sit beside them, so the folder is a normal
+  `processor_config.json` carry `auto_map` and the remote-code files sit beside them, so the folder is a normal
   `--model` for `python -m training.train` and loads with `trust_remote_code`.
 - `data/clip.mp4` (a 64x64 H.264 clip of --frames frames; the processor resizes to 384) and `data/train.jsonl`
   (--samples lines on that clip: content does not change the cost of a step, only the frame count does).
