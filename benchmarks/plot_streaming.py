@@ -1,69 +1,96 @@
-"""Plot benchmarks/results/streaming_video.json (from streaming_video.py) to a PNG: file -> first token of the
-streaming path against the one-shot path, split into phases, with host and GPU peaks.
+"""Plot the file -> first token benchmark (streaming_video.py) to a PNG: the 3,000-frame file (streaming path against
+the one-shot path, split into phases, with host and GPU peaks) and, when its JSON exists, the long file's points
+(streaming path, decode alone, GPU alone, and the streaming path's peaks).
 
-    python benchmarks/plot_streaming.py [--json benchmarks/results/streaming_video.json] [--out ...png]
+    python benchmarks/plot_streaming.py [--json ...streaming_video.json] [--long-json ...streaming_video_long.json]
 """
 
 import argparse
 import json
+import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+GIB = 2**30
+
+
+def streaming_row(stream):
+    """Decoding runs in a thread under the vision tower, so the vision bar spans it."""
+    return ("streaming", [("open (first chunk)", 0, stream["open_s"], "tab:gray"),
+                          ("vision, decode overlapped", stream["open_s"], stream["vision_s_overlapped_with_decode"],
+                           "tab:green"),
+                          ("chunked LLM prefill", stream["open_s"] + stream["vision_s_overlapped_with_decode"],
+                           stream["llm_prefill_s"], "tab:blue")])
+
+
+def one_shot_row(one_shot):
+    pixels_s = one_shot["file_to_first_token_s"] - one_shot["decode_and_preprocess_s"] - one_shot["vision_and_llm_s"]
+    return ("one-shot", [("decode + preprocess (all frames)", 0, one_shot["decode_and_preprocess_s"], "tab:orange"),
+                         ("float32 pixels to the GPU", one_shot["decode_and_preprocess_s"], pixels_s, "tab:red"),
+                         ("vision + LLM", one_shot["file_to_first_token_s"] - one_shot["vision_and_llm_s"],
+                          one_shot["vision_and_llm_s"], "tab:blue")])
+
+
+def alone_rows(record):
+    return [("decode alone", [("decode + resize", 0, record["decode_alone_s"], "tab:orange")]),
+            ("GPU alone", [("vision + LLM", 0, record["gpu_alone_s"], "tab:blue")])]
+
+
+def draw_times(ax, rows, title):
+    seen = set()
+    for y, (_, parts) in enumerate(rows):
+        for label, start, width, color in parts:
+            ax.barh(y, width, left=start, color=color, label=None if label in seen else label)
+            seen.add(label)
+        end = max(start + width for _, start, width, _ in parts)
+        ax.text(end, y, f" {end:.1f} s", va="center")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the file to the first answer token")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def draw_memory(ax, paths):
+    """paths: [(label, record with host_peak_rss_bytes and gpu_peak_bytes, colour)]."""
+    width = 0.8 / len(paths)
+    for i, (label, record, color) in enumerate(paths):
+        ax.bar([i * width, 2 + i * width], [record["host_peak_rss_bytes"] / GIB, record["gpu_peak_bytes"] / GIB],
+               width=width, color=color, label=label)
+    ax.set_xticks([0.4 - width / 2, 2.4 - width / 2], ["host peak RSS", "GPU peak"])
+    ax.set_ylabel("GiB")
+    ax.legend(fontsize=8)
+
+
+def file_title(frames, spec):
+    return f"{frames:,} frames: {spec['size']} H.264, {spec['seconds']} s at {spec['fps']} fps, GOP {spec['gop']}"
+
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="benchmarks/results/streaming_video.json")
+    p.add_argument("--long-json", default="benchmarks/results/streaming_video_long.json")
     p.add_argument("--out", default="benchmarks/results/streaming_video.png")
     args = p.parse_args()
     res = json.load(open(args.json))
+    long_points = json.load(open(args.long_json))["long_file"] if os.path.exists(args.long_json) else None
+    rows = 1 + (len(long_points["points"]) if long_points else 0)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), gridspec_kw={"width_ratios": [2.2, 1]}, squeeze=False)
+
     file = res["file"]
-    stream, one_shot = file["streaming"], file["one_shot"]
-    gib = 2**30
-    fig, (times, memory) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
-
-    # Streaming: decode runs in a thread under the vision tower, so its bar spans the vision phase.
-    rows = [
-        ("one-shot", [("decode + preprocess (all frames)", 0, one_shot["decode_and_preprocess_s"], "tab:orange"),
-                      ("float32 pixels to the GPU", one_shot["decode_and_preprocess_s"],
-                       one_shot["file_to_first_token_s"] - one_shot["decode_and_preprocess_s"]
-                       - one_shot["vision_and_llm_s"], "tab:red"),
-                      ("vision + LLM", one_shot["file_to_first_token_s"] - one_shot["vision_and_llm_s"],
-                       one_shot["vision_and_llm_s"], "tab:blue")]),
-        ("streaming", [("open (first chunk)", 0, stream["open_s"], "tab:gray"),
-                       ("vision, decode overlapped", stream["open_s"], stream["vision_s_overlapped_with_decode"],
-                        "tab:green"),
-                       ("chunked LLM prefill", stream["open_s"] + stream["vision_s_overlapped_with_decode"],
-                        stream["llm_prefill_s"], "tab:blue")]),
-        ("decode alone", [("decode + resize", 0, file["decode_alone_s"], "tab:orange")]),
-        ("GPU alone", [("vision + LLM", 0, file["gpu_alone_s"], "tab:blue")]),
-    ]
-    seen = set()
-    for y, (_, parts) in enumerate(rows):
-        for label, start, width, color in parts:
-            times.barh(y, width, left=start, color=color, label=None if label in seen else label)
-            seen.add(label)
-        end = max(start + width for _, start, width, _ in parts)
-        times.text(end + 0.3, y, f"{end:.1f} s", va="center")
-    times.set_yticks(range(len(rows)), [name for name, _ in rows])
-    times.invert_yaxis()
-    times.set_xlabel("seconds from the file to the first answer token")
-    spec = file["file"]
-    times.set_title(f"{file['frames']:,} frames: {spec['size']} H.264, {spec['seconds']} s at {spec['fps']} fps, "
-                    f"GOP {spec['gop']}")
-    times.legend(fontsize=8, loc="lower right")
-
-    labels = ["host peak RSS", "GPU peak"]
-    memory.bar([0, 2], [one_shot["host_peak_rss_bytes"] / gib, one_shot["gpu_peak_bytes"] / gib], color="tab:orange",
-               label="one-shot")
-    memory.bar([0.8, 2.8], [stream["host_peak_rss_bytes"] / gib, stream["gpu_peak_bytes"] / gib], color="tab:green",
-               label="streaming")
-    memory.set_xticks([0.4, 2.4], labels)
-    memory.set_ylabel("GiB")
-    memory.legend(fontsize=8)
-    memory.set_title("memory (same process, streaming first)")
+    draw_times(axes[0, 0], [one_shot_row(file["one_shot"]), streaming_row(file["streaming"])] + alone_rows(file),
+               file_title(file["frames"], file["file"]))
+    draw_memory(axes[0, 1], [("one-shot", file["one_shot"], "tab:orange"),
+                             ("streaming", file["streaming"], "tab:green")])
+    axes[0, 1].set_title("memory (same process, streaming first)", fontsize=10)
+    for row, point in enumerate(long_points["points"] if long_points else [], start=1):
+        draw_times(axes[row, 0], [streaming_row(point["streaming"])] + alone_rows(point),
+                   file_title(point["frames"], long_points["file"]) + f", sampled at {point['sample_fps']:g} fps")
+        draw_memory(axes[row, 1], [("streaming", point["streaming"], "tab:green")])
+        axes[row, 1].set_title("memory (streaming; no one-shot at this length)", fontsize=9)
     fig.suptitle(f"TimeViper file -> first token, {res['meta'].get('gpu', '?')}, Nano-9B-v2 + TransV (random weights)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
