@@ -1,38 +1,25 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """Video input for TimeViper: frame sampling, seek-based PyAV decoding, the frame transform, the video and image
-processors, and `VideoStream` for long videos.
-
-This is a Hub remote-code file (`processing_timeviper` imports it). It imports numpy, torch, PIL, transformers and
-(for its transformers version guard) configuration_timeviper at module level; PyAV is optional and imported inside
-``try``.
+processors, and `VideoStream` for long videos. A Hub remote-code file; PyAV is optional (imported inside ``try``).
 
 Data flow::
 
     video file / bytes / frames --decode_video_pyav--> uint8 frames (T, H, W, 3) + VideoMetadata
         --TimeViperVideoProcessor--> pixel_values_videos (sum T, 3, 384, 384), float32 in [-1, 1]
 
-Frame sampling rules (`sample_frame_indices`, pure functions of the video's frame count and frame rate):
+Frame sampling (`sample_frame_indices`, a pure function of the video's frame count and frame rate):
 
-* ``fps`` (default 1.0): one frame at the start of every ``1/fps`` second segment, counted from ``start``
-  (default 0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` while the time is before
-  ``end``. With ``start=0`` this is the reference's ``round(arange(0, total, video_fps / fps))``. An ``fps`` above
-  the video's frame rate (the mean rate for a variable one) is capped at that rate with a warning: every frame once,
-  not each frame repeated (``reference_eval`` keeps the reference's repeats, and warns). If more than
-  ``max_frames`` (default 256) result, ``max_frames`` of them are kept by uniform subsampling; if fewer than
-  ``min_frames`` (default: no minimum), ``min_frames`` uniform segment midpoints of the window are used instead.
-* ``num_frames``: ``num_frames`` uniform segment midpoints of the window (the reference's ``uniform_indices``); all
-  frames of the window when it holds fewer frames than that.
-* ``sampling="reference_eval"``: the reference evaluation rule (its ``fps_indices``) exactly: indices
-  ``round(arange(0, total, video_fps / fps))``, the first ``max_frames`` (256) kept, padded to a multiple of 4 by
-  repeating the last index, replaced by 32 (``min_frames``) uniform segment midpoints if fewer remain.
-* Variable frame rate (`decode_video_pyav` finds the real timestamps of every frame, ``metadata.frame_times``):
-  ``fps``, ``start`` and ``end`` work on those times. The sample at time ``t = start + k / fps`` is the frame on
-  screen at ``t`` (the last one with a presentation time ``<= t``), so a frame can repeat where the video is slower
-  than ``fps``; the window holds the frames on screen during ``[start, end)``. ``num_frames`` (uniform over frame
-  indices) and ``reference_eval`` (by index at the mean rate, as the reference) are unchanged.
+* ``fps`` (default 1.0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` before ``end``
+  (with ``start=0``, the reference's ``round(arange(0, total, video_fps / fps))``). An ``fps`` above the video's
+  rate is capped at it with a warning (every frame once, not repeated). More than ``max_frames`` (default 256):
+  uniformly subsampled; fewer than ``min_frames``: ``min_frames`` uniform segment midpoints instead.
+* ``num_frames``: that many uniform segment midpoints of the window (the reference's ``uniform_indices``).
+* ``sampling="reference_eval"``: the reference evaluation rule exactly (`reference_eval_indices`).
+* Variable frame rate (``metadata.frame_times``): ``fps``/``start``/``end`` work on the real timestamps; the
+  sample at time ``t`` is the frame on screen at ``t``, so a frame can repeat where the video is slower than ``fps``.
 
 Options come from three levels, each over the one before: the video processor's attributes, the call's kwargs, and
-a video's own dict (`merge_sampling`). Decoding: see `decode_video_pyav`.
+a video's own dict (`merge_sampling`).
 """
 
 import bisect
@@ -90,20 +77,24 @@ def merge_sampling(*levels: dict) -> dict:
     options = dict.fromkeys(SAMPLING_KEYS)
     for level in levels:
         level = {key: value for key, value in level.items() if key in SAMPLING_KEYS and value is not None}
-        num_frames = level.get("num_frames")
-        if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
-            raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
-        if "fps" in level and "num_frames" in level:
-            raise ValueError(
-                f"`fps` ({level['fps']}) and `num_frames` ({level['num_frames']}) are mutually exclusive: pass `fps` "
-                "to sample at a rate or `num_frames` for a fixed number of uniformly spaced frames, not both."
-            )
+        _check_rule(level.get("fps"), level.get("num_frames"))
         if "num_frames" in level:
             options["fps"] = None
         if "fps" in level:
             options["num_frames"] = None
         options.update(level)
     return options
+
+
+def _check_rule(fps, num_frames) -> None:
+    """``fps`` and ``num_frames`` are two rules for the same thing: at most one, and ``num_frames`` a count."""
+    if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
+        raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
+    if fps is not None and num_frames is not None:
+        raise ValueError(
+            f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample at a rate "
+            "or `num_frames` for a fixed number of uniformly spaced frames, not both."
+        )
 
 
 def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
@@ -213,18 +204,18 @@ def sample_frame_indices(
     return indices
 
 
+def _check_sampling_keys(options: dict, caller: str) -> None:
+    unknown = set(options) - set(SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"Unexpected sampling options {sorted(unknown)} for {caller}; valid: {list(SAMPLING_KEYS)}.")
+
+
 def _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling) -> None:
     if sampling not in _SAMPLING_MODES:
         raise ValueError(f"Unknown sampling {sampling!r}; expected one of {_SAMPLING_MODES}.")
     if total_frames is None or total_frames < 1:
         raise ValueError(f"The video has no frames (total_frames={total_frames}).")
-    if fps is not None and num_frames is not None:
-        raise ValueError(
-            f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample at a rate "
-            "or `num_frames` for a fixed number of uniformly spaced frames, not both."
-        )
-    if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
-        raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
+    _check_rule(fps, num_frames)
     if fps is not None and not fps > 0:
         raise ValueError(f"`fps` must be > 0, got {fps!r}.")
     if max_frames is not None and max_frames < 1:
@@ -1007,17 +998,13 @@ def _is_frame(x) -> bool:
     return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3
 
 
-def _is_video_source(x) -> bool:
-    return _is_file(x) or isinstance(x, dict)
-
-
 def _is_file(video) -> bool:
     return isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(video, "read")
 
 
 def _flatten_videos(videos) -> list:
     """Flatten a video, a batch of videos, or nested per-sample lists of videos into a list of single videos."""
-    if _is_video_source(videos):
+    if _is_file(videos) or isinstance(videos, dict):
         return [videos]
     if isinstance(videos, (np.ndarray, torch.Tensor)):
         if videos.ndim == 4:
@@ -1157,9 +1144,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
         ``duration`` for a variable frame rate (as `decode_video_pyav` gives it). `options` (`SAMPLING_KEYS`)
         override the processor's attributes.
         """
-        unknown = set(options) - set(SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"Unexpected sampling options {sorted(unknown)}; valid: {list(SAMPLING_KEYS)}.")
+        _check_sampling_keys(options, "sample_frames")
         return _metadata_indices(metadata, self.sampling_options(options))
 
     def preprocess(self, videos, **kwargs) -> BatchFeature:
@@ -1312,11 +1297,7 @@ class VideoStream:
 
     def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
                  resize_threads: int = 4, **sampling):
-        unknown = set(sampling) - set(SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(
-                f"Unexpected sampling kwargs {sorted(unknown)} for VideoStream; valid: {list(SAMPLING_KEYS)}."
-            )
+        _check_sampling_keys(sampling, "VideoStream")
         if chunk_frames < 1 or prefetch_chunks < 1:
             raise ValueError(
                 f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
