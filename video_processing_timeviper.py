@@ -423,13 +423,11 @@ class TimeViperVideoMetadata(VideoMetadata):
     """`VideoMetadata` with the real presentation times of the frames.
 
     Extra fields:
-        frames_timestamps: Presentation time in seconds (from the video stream's first frame) of each returned
-            frame; ``timestamps`` returns it. Set by `decode_video_pyav`.
-        frame_times: Presentation time in seconds of every frame of the video (presentation order) for a video with
-            a variable frame rate; ``None`` for a constant one (frame ``i`` is at ``i / fps``). ``fps`` is then the
-            mean frame rate. Sampling by ``fps`` / ``start`` / ``end`` uses these times.
-        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention, as
-            ``ffprobe`` prints it), already applied to the returned frames; ``width``/``height`` are theirs.
+        frames_timestamps: Presentation time in seconds (from the stream's first frame) of each returned frame.
+        frame_times: For a variable frame rate, the presentation time in seconds of every frame (``fps`` is then
+            the mean rate); ``None`` for a constant one (frame ``i`` is at ``i / fps``).
+        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention), already
+            applied to the returned frames.
     """
 
     frames_timestamps: list[float] | None = None
@@ -621,14 +619,11 @@ class _SeekLandedLate(Exception):
 class _IndexedDecode:
     """Decode the `wanted` frames (sorted, unique) of a stream numbered by its `_FrameIndex`.
 
-    Packets are read forward. Decoding starts at the keyframe at or before the next wanted frame and continues while
-    a wanted frame is still to come from the packets fed so far; then the packets up to the keyframe of the next
-    wanted frame are skipped (demuxed, not decoded), or, when more than `_SEEK_GOPS` groups of pictures lie
-    between, the demuxer seeks there. Every decoded frame is numbered by its pts, so where a seek lands does not
-    matter: a seek that lands after its keyframe is retried further back (MPEG-TS seeks by decoding timestamps, which
-    the index only approximates), and frames before the keyframe decoding started from (the leading pictures of an
-    open GOP, which need the previous one) are dropped. A wanted frame that never comes out is reported in
-    `missing`. With `skip_nonref`, unwanted non-reference frames are not decoded.
+    Decoding starts at the keyframe before the next wanted frame and goes on while a wanted frame is still to come;
+    then the packets up to the next wanted frame's keyframe are skipped, or sought past when more than `_SEEK_GOPS`
+    groups of pictures lie between. Frames are numbered by pts, so a seek may land anywhere: one that lands after its
+    keyframe is retried further back (MPEG-TS seeks by decoding timestamps), and the leading pictures of an open GOP
+    (before the keyframe decoding started from) are dropped. Wanted frames that never come out go to `missing`.
     """
 
     _SEEK_GOPS = 2
@@ -830,15 +825,11 @@ def decode_video_pyav(
 ) -> tuple[np.ndarray, TimeViperVideoMetadata]:
     """Decode selected frames of a video with PyAV.
 
-    Frame ``i`` is the ``i``-th frame in presentation order. One demux pass (no decoding) lists every frame's
-    presentation timestamp and the keyframes; it gives the frame count, the frame rate (constant when every frame
-    lies on one rate's grid, else ``metadata.frame_times`` holds the real times and ``fps`` the mean rate) and the
-    duration, all of the video stream (not the container, whose duration may be an audio stream's). Then the wanted
-    frames are decoded group of pictures by group of pictures (`_IndexedDecode`): seeking where a long stretch holds
-    no wanted frame, skipping the rest, and numbering every decoded frame by its timestamp, so the metadata always
-    describes the frames returned. Streams whose timestamps cannot number the frames (raw elementary streams) are
-    decoded from the start, numbering frames as they come. Frames are returned as displayed: pixels scaled to the
-    sample aspect ratio and turned by the display matrix's rotation. Non-seekable file objects are read into memory.
+    Frame ``i`` is the ``i``-th frame in presentation order. One demux pass (no decoding) gives the video stream's
+    frame count, frame rate (else, for a variable rate, ``metadata.frame_times``) and duration; then only the groups
+    of pictures holding wanted frames are decoded (`_IndexedDecode`), each frame numbered by its timestamp. Streams
+    whose timestamps cannot number the frames (raw elementary streams) are decoded from the start, in order. Frames
+    are returned as displayed (sample aspect ratio and display-matrix rotation applied).
 
     Args:
         source: A path (str or `os.PathLike`), raw bytes, or a binary file object.
@@ -846,12 +837,10 @@ def decode_video_pyav(
         sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
             frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
         stats: Optional dict that receives counts: ``scanned_packets`` (the demux pass), ``demuxed_packets``,
-            ``decoded_packets`` (sent to the decoder, which drops unwanted non-reference ones), ``seeks``.
-        progress: Show a progress bar over the frames to decode (for long videos).
-        tolerant: A wanted frame that cannot be decoded (damaged or truncated file) is replaced by the nearest
-            decoded one, with a warning naming the file and the frames (wanted -> used); the metadata then lists the
-            frames used. Default: a `VideoDecodeError`. Meant for training data, where one damaged second should not
-            drop a sample.
+            ``decoded_packets`` (sent to the decoder), ``seeks``.
+        progress: Show a progress bar over the frames to decode.
+        tolerant: Replace a wanted frame that cannot be decoded by the nearest decoded one, with a warning, instead
+            of raising `VideoDecodeError` (for training data, where one damaged second should not drop a sample).
 
     Returns:
         ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a
@@ -1066,9 +1055,13 @@ def _video_source(item: dict):
     return next((item[key] for key in _SOURCE_KEYS if item.get(key) is not None), None)
 
 
+def _option(processor, kwargs: dict, key: str):
+    """The call's kwarg over the processor's attribute."""
+    return kwargs[key] if kwargs.get(key) is not None else getattr(processor, key)
+
+
 def _transform_options(processor, kwargs: dict) -> dict:
-    """The frame transform's options: the call's kwargs over the processor's attributes."""
-    return {key: kwargs[key] if kwargs.get(key) is not None else getattr(processor, key) for key in _TRANSFORM_KEYS}
+    return {key: _option(processor, kwargs, key) for key in _TRANSFORM_KEYS}
 
 
 def _check_kwargs(processor, kwargs: dict) -> None:
@@ -1151,9 +1144,8 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
         """Decode/sample each video, then resize, rescale and normalise its frames (see the class docstring)."""
         _check_kwargs(self, kwargs)
         transform = _transform_options(self, kwargs)
-        do_sample_frames = bool(kwargs["do_sample_frames"] if kwargs.get("do_sample_frames") is not None
-                                else self.do_sample_frames)
-        progress = bool(kwargs["progress"] if kwargs.get("progress") is not None else self.progress)
+        do_sample_frames = bool(_option(self, kwargs, "do_sample_frames"))
+        progress = bool(_option(self, kwargs, "progress"))
         call_sampling = merge_sampling(kwargs)
         video_list = _flatten_videos(videos)
         hints = kwargs.get("video_metadata")
@@ -1276,13 +1268,11 @@ class TimeViperImageProcessor(BaseImageProcessor):
 class VideoStream:
     """One video file read lazily, `chunk_frames` sampled frames at a time (for `TimeViperModel.encode_video`).
 
-    Opening it decodes the first chunk, which fixes the sampled frames (`num_frames`, `metadata`: the same indices
-    the video processor samples with the same options). Iterating yields the frames as uint8 tensors (chunk, 3,
-    height, width), already resized to the processor's size, produced by a background thread that decodes at most
-    `prefetch_chunks` chunks ahead while the caller encodes; `pixel_chunks` moves them to the model's device and
-    normalises them there. Host memory is a few chunks, whatever the video's length. Each chunk is one
-    `decode_video_pyav` call, seeking to the keyframe before its first frame (containers without a frame count,
-    e.g. Matroska, are demuxed once per chunk to find the frames; prefer larger chunks for those).
+    Opening it decodes the first chunk and fixes the sampled frames (`num_frames`, `metadata`: the indices the video
+    processor samples with the same options). Iterating yields uint8 (chunk, 3, height, width) tensors at the
+    processor's size, decoded by a background thread at most `prefetch_chunks` ahead, so host memory is a few chunks
+    whatever the video's length; `pixel_chunks` normalises them on the model's device. Each chunk is one
+    `decode_video_pyav` call (which demuxes the whole file once: prefer larger chunks for long files).
 
     Args:
         video: a path or raw bytes, or a dict ``{"video"|"path"|"url": source, <sampling overrides>}`` as in a
