@@ -1,11 +1,8 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """The TimeViper processor: prompts and chat templates, placeholder expansion and labels, on transformers'
-`ProcessorMixin` (which merges the kwargs, tokenises and pads).
-
-This is a Hub remote-code file. It imports numpy, torch, PIL, transformers, configuration_timeviper (for its
-transformers version guard) and video_processing_timeviper (the video and image processors, decoding and sampling,
-re-exported here) at module level. Importing it registers nothing; ``TimeViperProcessor.save_pretrained`` registers
-the processors for their Auto classes, so that every saved folder has their ``auto_map`` and these files.
+`ProcessorMixin` (which merges the kwargs, tokenises and pads). A Hub remote-code file; it re-exports the video and
+image processors of video_processing_timeviper. ``TimeViperProcessor.save_pretrained`` registers the processors for
+their Auto classes, so that every saved folder has their ``auto_map`` and these files.
 
 Data flow::
 
@@ -119,12 +116,10 @@ def get_chat_template(backbone: str) -> str:
 
 
 def mcq_prompt(question: str, options: list[str], add_letters: bool | None = None) -> str:
-    """Build the reference multiple-choice question text.
+    """The reference multiple-choice question text: the question, the options and `MCQ_INSTRUCTION`, one per line.
 
-    Returns ``question + "\\n" + "\\n".join(options) + "\\nPlease provide your answer by stating the letter followed
-    by the full option."``. Options are prefixed with ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with
-    the default ``None`` they are prefixed unless every option already starts with its letter and a dot (VideoMME
-    style). Use it as the user text after the video, and start the answer with `MCQ_ANSWER_PROMPT`.
+    Options get ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with ``None``, unless every option already
+    starts with its letter and a dot (VideoMME style). Start the answer with `MCQ_ANSWER_PROMPT`.
     """
     if not options:
         raise ValueError("mcq_prompt needs at least one option.")
@@ -137,12 +132,10 @@ def mcq_prompt(question: str, options: list[str], add_letters: bool | None = Non
 
 
 def grounding_preamble(duration: float, num_frames: int) -> str:
-    """The reference's time sentence for grounding / dense-captioning prompts.
+    """The reference's time sentence for grounding / dense-captioning prompts (`GROUNDING_PREAMBLE`).
 
-    ``"The video lasts for {duration} seconds, and {num_frames} frames are uniformly sampled from it."``, with
-    ``duration`` formatted by ``str.format`` exactly as given (``12.5`` -> ``"12.5"``, ``12`` -> ``"12"``), as the
-    reference formats the dataset's duration field. Round it yourself if you want fewer digits. Eval prompts follow it
-    with a space and the instruction; the reference's training data concatenates without the space.
+    ``duration`` is formatted exactly as given (``12.5`` -> ``"12.5"``, ``12`` -> ``"12"``), as the reference
+    formats the dataset's field.
     """
     return GROUNDING_PREAMBLE.format(duration, num_frames)
 
@@ -162,22 +155,12 @@ def build_labels(
 ):
     """Labels that supervise only assistant turns (the reference's ``_create_labels``).
 
-    The sequence is expected to be a chat-template render: a system turn, then alternating user and assistant turns,
-    each closed by the separator token (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator
-    positions ``s_0, s_1, ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` are supervised: for Nemotron-H that is
-    ``<SPECIAL_11>Assistant\\n{answer}\\n<SPECIAL_12>``, for Qwen2 ``\\n<|im_start|>assistant\\n{answer}<|im_end|>``.
-    Everything else is ``ignore_index``, as are padding (``attention_mask == 0``) and any token in ``ignore_ids``
-    (placeholders). An unfinished assistant turn (a generation prompt) is not supervised.
-
-    Args:
-        input_ids: One sequence (list or 1-D tensor) or a batch (list of lists or 2-D tensor).
-        separator_id: Id of the turn separator token.
-        attention_mask: Same shape as ``input_ids``; positions with 0 are ignored (padding).
-        ignore_ids: Token ids never supervised (e.g. the ``<video>``/``<image>`` placeholder ids).
-        ignore_index: Label of unsupervised positions.
-
-    Returns:
-        Labels with the type and shape of ``input_ids`` (a tensor for tensor input, else lists).
+    The sequence is a chat-template render: a system turn, then alternating user and assistant turns, each closed by
+    `separator_id` (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator positions ``s_0, s_1,
+    ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` (the assistant turns, header included) are supervised; all
+    else is ``ignore_index``, as are padding (``attention_mask == 0``) and the tokens in ``ignore_ids``. An
+    unfinished assistant turn (a generation prompt) is not supervised. `input_ids` is one sequence or a batch, as
+    lists or a tensor; the labels have its type and shape.
     """
     as_tensor = isinstance(input_ids, torch.Tensor)
     ids = input_ids.tolist() if as_tensor else input_ids
@@ -214,17 +197,15 @@ class TimeViperProcessorKwargs(ProcessingKwargs, total=False):
 class TimeViperProcessor(ProcessorMixin):
     r"""TimeViper processor: tokenizer + `TimeViperVideoProcessor` + `TimeViperImageProcessor` + chat template.
 
-    Each ``<video>`` in the text stands for one video and is expanded to ``num_frames * tokens_per_frame`` copies of
-    ``<video>``; each ``<image>`` to ``tokens_per_frame`` copies of ``<image>``. The model replaces every placeholder
-    token with one vision embedding (``tokens_per_frame`` per frame after token merging).
+    Each ``<video>`` in the text is expanded to ``num_frames * tokens_per_frame`` copies, each ``<image>`` to
+    ``tokens_per_frame``: one per vision embedding the model puts in their place.
 
     Args:
         image_processor: Defaults to a `TimeViperImageProcessor` with the video processor's size.
         video_processor: Defaults to `TimeViperVideoProcessor()` (384x384, 1 fps, at most 256 frames).
         tokenizer: Must know ``video_token`` and ``image_token`` as tokens.
         chat_template: `NEMOTRON_H_CHAT_TEMPLATE` or `QWEN2_CHAT_TEMPLATE` (see `get_chat_template`).
-        tokens_per_frame: Vision embeddings per frame: the model config's ``vision_tokens_per_frame`` (16 for
-            TimeViper's ToMe projector). Converted and trained folders save it from the model config.
+        tokens_per_frame: The model config's ``vision_tokens_per_frame`` (16 for TimeViper's ToMe projector).
         video_token, image_token: Placeholder strings.
         turn_separator: Token closing each turn, for labels; inferred from the chat template when None.
     """
@@ -349,28 +330,17 @@ class TimeViperProcessor(ProcessorMixin):
     # -- main entry --------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
-        r"""Process text with ``<video>``/``<image>`` placeholders together with the videos and images they stand for.
+        r"""Process text with ``<video>``/``<image>`` placeholders together with the videos and images they stand for
+        (one per placeholder, in order across the batch; nested per-sample lists of videos are flattened).
 
-        Args:
-            images: Images (see `TimeViperImageProcessor`), one per ``<image>`` in the text, in order.
-            text: A string or a list of strings (a batch).
-            videos: Videos (see `TimeViperVideoProcessor`), one per ``<video>`` in the text, in order across the
-                batch; nested per-sample lists (as from `apply_chat_template`) are flattened.
-            **kwargs:
-                Video kwargs (``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``,
-                ``sampling``, ``size``, ``video_metadata``, ...) go to the video processor, ``size``/``resample``/...
-                also to the image processor; tokenizer kwargs (``padding``, ``padding_side`` ("left" for generation),
-                ``truncation``, ``max_length``, ``pad_to_multiple_of``, ``return_tensors``, ``add_special_tokens``
-                (default False: no BOS, as the reference)); or pass them grouped as ``text_kwargs``,
-                ``videos_kwargs``, ``images_kwargs`` dicts (transformers' `ProcessingKwargs`). Any other keyword is
-                an error.
-                ``return_labels=True`` adds ``labels`` (see `build_labels`; padding and placeholders are -100).
-                ``return_metadata=True`` adds ``video_metadata`` (list of `VideoMetadata`) and ``video_num_frames``.
+        `kwargs`: the video processor's (``fps``, ``num_frames``, ..., ``video_metadata``), the image processor's and
+        the tokenizer's (``padding``, ``padding_side``, ``return_tensors``, ...; ``add_special_tokens`` defaults to
+        False, as the reference), flat or grouped as ``text_kwargs``/``videos_kwargs``/``images_kwargs``; any other
+        keyword is an error. ``return_labels=True`` adds ``labels`` (`build_labels`); ``return_metadata=True`` adds
+        ``video_metadata`` and ``video_num_frames``.
 
-        Returns:
-            `BatchFeature` with ``input_ids``, ``attention_mask`` (when text is given), ``pixel_values_videos``
-            float32 (total frames, 3, H, W) when videos are given, ``pixel_values`` (num images, 3, H, W) when
-            images are given, and ``labels`` / ``video_metadata`` / ``video_num_frames`` on request.
+        Returns a `BatchFeature` with ``input_ids`` and ``attention_mask`` (for text), ``pixel_values_videos``
+        (total frames, 3, H, W) and ``pixel_values`` (images, 3, H, W) for the media given, and what was requested.
         """
         if text is None and isinstance(images, str) and "://" not in images and not os.path.isfile(images):
             images, text = None, images  # processor("some text"): a positional string is text, not an image
@@ -477,15 +447,11 @@ class TimeViperProcessor(ProcessorMixin):
     ):
         """Render conversations with the chat template and, with ``tokenize=True``, process them.
 
-        Content items: ``{"type": "text", "text": ...}``, ``{"type": "video", "video"|"path"|"url": ...}`` (a path,
-        bytes, frames, ...; per-item ``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``,
-        ``sampling`` override the call's), ``{"type": "image", "image"|"path"|"url": ...}``. Videos are decoded with
-        this package's PyAV decoder, not transformers' loaders (``ProcessorMixin.apply_chat_template`` would load
-        them itself), so the base class only renders. Processor kwargs go in ``processor_kwargs`` or directly as
-        keyword arguments (``fps=2``, ``padding=True``, ...); other keyword arguments are passed to the template.
-        ``return_labels=True`` adds ``labels`` for training (the conversation must end with an assistant answer).
-        Returns the rendered text (``tokenize=False``), ``input_ids`` (``tokenize=True``), or the whole
-        `BatchFeature` (``return_dict=True``).
+        Content items: ``{"type": "text", "text": ...}``, ``{"type": "video", "video"|"path"|"url": ..., <sampling
+        overrides>}``, ``{"type": "image", "image"|"path"|"url": ...}``. The base class only renders: videos are
+        decoded by this package's decoder, not transformers' loaders. Processor kwargs go in ``processor_kwargs`` or
+        directly (``fps=2``, ``padding=True``, ...); other keyword arguments go to the template. Returns the text
+        (``tokenize=False``), ``input_ids``, or the whole `BatchFeature` (``return_dict=True``).
         """
         if template_kwargs.get("return_assistant_tokens_mask"):
             raise ValueError("Use `return_labels=True` for assistant-only labels with TimeViper templates.")
@@ -503,14 +469,18 @@ class TimeViperProcessor(ProcessorMixin):
         )
         if not tokenize:
             return prompt
-        # Same batching rule as ProcessorMixin.apply_chat_template.
-        is_batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and (
-            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "content")
-        )
+        is_batched = _is_batched(conversation)
         videos, images = _conversation_media(conversation if is_batched else [conversation])
         out = self(text=prompt if is_batched else [prompt], videos=videos or None, images=images or None,
                    **processor_kwargs)
         return out if return_dict else out["input_ids"]
+
+
+def _is_batched(conversation) -> bool:
+    """Same batching rule as ProcessorMixin.apply_chat_template."""
+    return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and (
+        isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "content")
+    )
 
 
 def _supervised_spans(row_ids, row_labels, placeholders) -> list[list[int]]:
@@ -561,10 +531,7 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     text_kwargs = {key: options.pop(key) for key in list(options) if key in TextKwargs.__annotations__}
     if options:
         raise TypeError(f"Unexpected keyword argument(s) {sorted(options)} for streaming_chat_inputs.")
-    is_batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
-        conversation[0], (list, tuple)
-    )
-    conversations = conversation if is_batched else [conversation]
+    conversations = conversation if _is_batched(conversation) else [conversation]
     prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
     videos, images = _conversation_media(conversations)
     if images:
