@@ -136,6 +136,18 @@ class TimingStreamer(TextStreamer):
         super().put(value)
 
 
+def stream_answer(tokenizer, generate) -> tuple[float, float, int]:
+    """Run ``generate(streamer=...)`` printing the answer as it comes; returns the prefill and decode seconds and
+    the number of new tokens."""
+    streamer = TimingStreamer(tokenizer, lambda: print("[answer] ", end="", flush=True))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        generate(streamer=streamer)
+    t_end = time.perf_counter()
+    first_token = streamer.first_token_time or t_end
+    return first_token - t0, t_end - first_token, streamer.num_tokens
+
+
 def vision_progress(model, num_frames: int):
     """A progress bar over the frames the vision tower has encoded (it runs in chunks)."""
     bar = tqdm(total=num_frames, desc="[vision] encoding frames", unit="frame", leave=False, file=sys.stderr)
@@ -166,18 +178,15 @@ def ask_many(model, processor, video, questions, first_ids, video_features, num_
     for number, question in enumerate(questions, 1):
         ids = video_prompt_ids(processor, video_conversation(video, question), num_frames).to(model.device)
         print(f"[question {number}] {question}")
-        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate_from_video_state(
+        prefill, decode, num_tokens = stream_answer(
+            processor.tokenizer,
+            lambda streamer: model.generate_from_video_state(
                 state, ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer
-            )
-        t_end = time.perf_counter()
-        prefill = (streamer.first_token_time or t_end) - t0
+            ),
+        )
         print(
             f"[time] question {number}: prefill of its {ids.shape[1] - state.prefix_length} tokens "
-            f"{prefill:.2f} s | decode {t_end - (streamer.first_token_time or t_end):.2f} s "
-            f"({streamer.num_tokens} tokens)"
+            f"{prefill:.2f} s | decode {decode:.2f} s ({num_tokens} tokens)"
         )
 
 
@@ -223,21 +232,15 @@ def main(argv=None):
         if len(questions) > 1:
             ask_many(model, processor, video, questions, inputs["input_ids"], video_features, num_frames, args)
             return
-        streamer = TimingStreamer(processor.tokenizer, lambda: print("[answer] ", end="", flush=True))
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                **inputs.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS,
-                max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
-            )
-        t_end = time.perf_counter()
-        prefill = (streamer.first_token_time or t_end) - t0
-        decode = t_end - (streamer.first_token_time or t_end)
-        rate = (streamer.num_tokens - 1) / decode if decode > 0 and streamer.num_tokens > 1 else float("nan")
+        prefill, decode, num_tokens = stream_answer(processor.tokenizer, lambda streamer: model.generate(
+            **inputs.to(device), video_features=video_features, prefill_chunk_size=PREFILL_CHUNK_TOKENS,
+            max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+        ))
+        rate = (num_tokens - 1) / decode if decode > 0 and num_tokens > 1 else float("nan")
         print(
             f"[time] load {t_load:.2f} s | video open {t_open:.2f} s | frames decoded + resized in "
             f"{stream.decode_seconds:.2f} s, overlapped with vision {t_vision:.2f} s | prefill {prefill:.2f} s"
-            f" | decode {decode:.2f} s ({streamer.num_tokens} tokens, {rate:.1f} tokens/s) on {device} {str(dtype).removeprefix('torch.')}"
+            f" | decode {decode:.2f} s ({num_tokens} tokens, {rate:.1f} tokens/s) on {device} {str(dtype).removeprefix('torch.')}"
         )
 
 
