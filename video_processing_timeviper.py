@@ -1084,7 +1084,21 @@ class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
     progress: bool
 
 
-class TimeViperVideoProcessor(BaseVideoProcessor):
+class _FrameTransformDefaults:
+    """The frame transform of both processors: the reference's squash resize to 384x384 (bicubic), pixels to [-1, 1]."""
+
+    resample = PIL.Image.Resampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 384, "width": 384}
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+
+
+class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
     r"""Decode, sample and normalise videos for TimeViper.
 
     Accepts, per video: a path, raw bytes or a binary file object (decoded with PyAV, seeking to the sampled frames);
@@ -1101,16 +1115,7 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
     files, `TimeViperVideoMetadata` with the frames' real presentation times, also for a variable frame rate).
     """
 
-    resample = PIL.Image.Resampling.BICUBIC
-    image_mean = [0.5, 0.5, 0.5]
-    image_std = [0.5, 0.5, 0.5]
-    size = {"height": 384, "width": 384}
-    do_resize = True
     do_center_crop = False
-    do_rescale = True
-    rescale_factor = 1 / 255
-    do_normalize = True
-    do_convert_rgb = True
     do_sample_frames = True
     fps = 1.0
     num_frames = None
@@ -1190,15 +1195,9 @@ class TimeViperVideoProcessor(BaseVideoProcessor):
 def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sample_frames: bool):
     """Frames already decoded (an array or a list of frames) are sampled when their count can be: by
     ``num_frames``, or by their frame rate from `hint`; otherwise they are taken as already sampled."""
-    if isinstance(video, (list, tuple)):
-        if len(video) == 0:
-            raise ValueError("Got an empty list of frames.")
-        frames = list(video)
-    elif video.ndim != 4:
+    if not isinstance(video, (list, tuple)) and video.ndim != 4:
         raise ValueError(f"A video array must be 4-D (T, H, W, C) or (T, C, H, W), got {tuple(video.shape)}.")
-    else:
-        frames = video
-    total = len(frames)
+    total = len(video)
     if total == 0:
         raise ValueError("Got a video with no frames.")
     video_fps = dict(hint or {}).get("fps")
@@ -1213,7 +1212,7 @@ def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sampl
         )
     else:
         indices = list(range(total))
-    selected = [frames[i] for i in indices]
+    selected = [video[i] for i in indices]
     first = _to_pil(selected[0])
     metadata = VideoMetadata(
         total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
@@ -1222,22 +1221,13 @@ def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sampl
     return selected, metadata
 
 
-class TimeViperImageProcessor(BaseImageProcessor):
+class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
     """Images for TimeViper: the frame transform of `TimeViperVideoProcessor` applied to single images.
 
     Accepts PIL images, uint8 HWC/CHW arrays or tensors, paths/URLs, or (nested) lists of them. Returns
     ``pixel_values`` float32 ``(num_images, 3, H, W)``.
     """
 
-    resample = PIL.Image.Resampling.BICUBIC
-    image_mean = [0.5, 0.5, 0.5]
-    image_std = [0.5, 0.5, 0.5]
-    size = {"height": 384, "width": 384}
-    do_resize = True
-    do_rescale = True
-    rescale_factor = 1 / 255
-    do_normalize = True
-    do_convert_rgb = True
     valid_kwargs = ImagesKwargs
     model_input_names = ["pixel_values"]
 
