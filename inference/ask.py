@@ -119,11 +119,10 @@ def report_token_budget(model, num_vision: int, num_text: int) -> None:
 
 
 class TimingStreamer(TextStreamer):
-    """Streams the answer and records when the first new token arrived (the end of prefill)."""
+    """Streams the answer after an "[answer]" tag and records when its first token arrived (the end of prefill)."""
 
-    def __init__(self, tokenizer, on_first_token):
+    def __init__(self, tokenizer):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_first_token = on_first_token
         self.first_token_time = None
         self.num_tokens = 0
 
@@ -131,7 +130,7 @@ class TimingStreamer(TextStreamer):
         if not self.next_tokens_are_prompt:
             if self.first_token_time is None:
                 self.first_token_time = time.perf_counter()
-                self.on_first_token()
+                print("[answer] ", end="", flush=True)
             self.num_tokens += value.numel()
         super().put(value)
 
@@ -139,7 +138,7 @@ class TimingStreamer(TextStreamer):
 def stream_answer(tokenizer, generate) -> tuple[float, float, int]:
     """Run ``generate(streamer=...)`` printing the answer as it comes; returns the prefill and decode seconds and
     the number of new tokens."""
-    streamer = TimingStreamer(tokenizer, lambda: print("[answer] ", end="", flush=True))
+    streamer = TimingStreamer(tokenizer)
     t0 = time.perf_counter()
     with torch.inference_mode():
         generate(streamer=streamer)
