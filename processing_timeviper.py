@@ -162,12 +162,8 @@ def build_labels(
     unfinished assistant turn (a generation prompt) is not supervised. `input_ids` is one sequence or a batch, as
     lists or a tensor; the labels have its type and shape.
     """
-    as_tensor = isinstance(input_ids, torch.Tensor)
-    ids = input_ids.tolist() if as_tensor else input_ids
-    mask = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask
-    single = len(ids) == 0 or not isinstance(ids[0], (list, tuple))
-    rows = [list(ids)] if single else [list(r) for r in ids]
-    masks = [None] * len(rows) if mask is None else ([list(mask)] if single else [list(m) for m in mask])
+    rows, single = _as_rows(input_ids)
+    masks = [None] * len(rows) if attention_mask is None else _as_rows(attention_mask)[0]
     ignore = set(int(i) for i in ignore_ids if i is not None)
     labels = []
     for row, row_mask in zip(rows, masks):
@@ -180,7 +176,14 @@ def build_labels(
                     row_labels[p] = row[p]
         labels.append(row_labels)
     labels = labels[0] if single else labels
-    return torch.tensor(labels, dtype=torch.long) if as_tensor else labels
+    return torch.tensor(labels, dtype=torch.long) if isinstance(input_ids, torch.Tensor) else labels
+
+
+def _as_rows(values) -> tuple[list[list], bool]:
+    """One sequence or a batch (lists or a tensor) -> its rows as lists, and whether it was one sequence."""
+    values = values.tolist() if isinstance(values, torch.Tensor) else values
+    single = len(values) == 0 or not isinstance(values[0], (list, tuple))
+    return ([list(values)] if single else [list(row) for row in values]), single
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +391,7 @@ class TimeViperProcessor(ProcessorMixin):
 
     def _labels_for(self, input_ids, attention_mask):
         labels = self.build_labels(input_ids, attention_mask)
-        for i, row_labels in enumerate(labels.tolist() if isinstance(labels, torch.Tensor) else labels):
+        for i, row_labels in enumerate(_as_rows(labels)[0]):
             if all(label == IGNORE_INDEX for label in row_labels):
                 raise ValueError(
                     f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the assistant "
@@ -415,11 +418,7 @@ class TimeViperProcessor(ProcessorMixin):
         header = _ASSISTANT_HEADERS.get(self.turn_separator)
         if header is None:
             return labels
-        label_rows = labels.tolist() if isinstance(labels, torch.Tensor) else labels
-        id_rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
-        if label_rows and not isinstance(label_rows[0], list):
-            label_rows, id_rows = [label_rows], [id_rows]
-        for row_ids, row_labels in zip(id_rows, label_rows):
+        for row_ids, row_labels in zip(_as_rows(input_ids)[0], _as_rows(labels)[0]):
             for span in _supervised_spans(row_ids, row_labels, placeholders):
                 span_text = self.tokenizer.decode(span, skip_special_tokens=False)
                 if not span_text.startswith(header):
