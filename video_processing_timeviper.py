@@ -446,11 +446,10 @@ class TimeViperVideoMetadata(VideoMetadata):
 
 @dataclass
 class _FrameIndex:
-    """Every frame of a video stream from one demux pass (no decoding).
+    """Every frame of a video stream from one demux pass: frame ``i`` has the ``i``-th smallest pts, ``pts[i]``.
 
-    Frame ``i`` is the one with the ``i``-th smallest presentation timestamp ``pts[i]`` (stream time base).
-    ``keyframes`` lists the frame indices of the keyframes (ascending) and ``seek_targets`` the timestamp to seek to
-    for each: its decoding timestamp, since demuxers index and seek by it (MPEG-TS, MP4), else its pts.
+    ``keyframes`` lists the keyframes' frame indices (ascending) and ``seek_targets`` the timestamp to seek to for
+    each: its decoding timestamp, since demuxers index and seek by it (MPEG-TS, MP4), else its pts.
     """
 
     pts: list[int]
@@ -1136,12 +1135,8 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
         return merge_sampling(defaults, *levels)
 
     def sample_frames(self, metadata, **options) -> list[int]:
-        """`BaseVideoProcessor` hook: the frame indices of a video under this processor's sampling rules.
-
-        `metadata`: a `VideoMetadata` (or dict) with ``total_num_frames`` and ``fps``, and ``frame_times`` and
-        ``duration`` for a variable frame rate (as `decode_video_pyav` gives it). `options` (`SAMPLING_KEYS`)
-        override the processor's attributes.
-        """
+        """`BaseVideoProcessor` hook: the frame indices of a video (its `metadata` as `decode_video_pyav` gives it)
+        under this processor's sampling rules, `options` (`SAMPLING_KEYS`) over its attributes."""
         _check_sampling_keys(options, "sample_frames")
         return _metadata_indices(metadata, self.sampling_options(options))
 
@@ -1184,11 +1179,10 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
         given = merge_sampling(call_sampling, item)
         options = self.sampling_options(given)
         if _is_file(video):
-            if do_sample_frames:
-                return decode_video_pyav(video, sample_indices_fn=lambda meta: _metadata_indices(meta, options),
-                                         progress=progress)
-            return decode_video_pyav(video, sample_indices_fn=lambda meta: list(range(meta.total_num_frames)),
-                                     progress=progress)
+            def indices(meta):
+                return _metadata_indices(meta, options) if do_sample_frames else list(range(meta.total_num_frames))
+
+            return decode_video_pyav(video, sample_indices_fn=indices, progress=progress)
         return _sample_decoded_frames(video, options, given["fps"] is not None, hint, do_sample_frames)
 
 
