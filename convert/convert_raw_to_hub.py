@@ -1,16 +1,10 @@
 """Build a TimeViper Hub folder from raw parts: a base LLM, SigLIP weights and (optionally) a stage-1 projector.
 
-Sources, in the formats their publishers use:
-
-* `--llm`: NVIDIA-Nemotron-Nano-9B-v2(-Base) as NVIDIA publishes it (config.json with `hybrid_override_pattern`,
-  sharded safetensors with `backbone.*` and `lm_head.weight`, tokenizer, generation_config.json), or a Qwen2.5
-  folder (`model.*`, `lm_head.weight`).
-* `--vision`: a timm `vit_so400m_patch14_siglip_384` state dict (.bin/.pth/.safetensors: `patch_embed.proj.*`,
-  `pos_embed`, `blocks.{i}.*` with fused `attn.qkv`, `norm.*`, `attn_pool.*`; also under the reference's
-  `vision_backbone.featurizer.` prefix), or a transformers SigLIP folder (`SiglipVisionModel`, or a full
-  `SiglipModel` whose text tower is skipped).
-* `--projector`: a stage-1 checkpoint (the reference's flat state dict with `projector.projector.*`, or one of our
-  Hub folders); without it the projector is freshly initialised from `--seed`.
+* `--llm`: NVIDIA-Nemotron-Nano-9B-v2(-Base) as NVIDIA publishes it (`backbone.*`), or a Qwen2.5 folder (`model.*`).
+* `--vision`: a timm `vit_so400m_patch14_siglip_384` state dict (also under the reference's
+  `vision_backbone.featurizer.` prefix), or a transformers SigLIP folder (`SiglipVisionModel` or `SiglipModel`).
+* `--projector`: a stage-1 checkpoint (the reference's `projector.projector.*`, or one of our Hub folders); without
+  it the projector is freshly initialised from `--seed`.
 
 TransV modules of the transfer stages in `--token-compression` start as copies of the nearest attention block at or
 after their layer, with `alpha = 0` (plain dropping until trained).
@@ -83,7 +77,7 @@ def plan_vision(path: Path, num_heads: int | None = None, image_size: int | None
 
 
 def hf_siglip_vision_config(folder: Path, image_size: int | None):
-    """The `SiglipVisionConfig` of a transformers SigLIP folder (`SiglipVisionModel`, or a `SiglipModel`'s vision half)."""
+    """The `SiglipVisionConfig` of a transformers SigLIP folder (of a `SiglipVisionModel` or a `SiglipModel`)."""
     from transformers import SiglipVisionConfig
 
     config_path = folder / "config.json"
@@ -123,7 +117,7 @@ def plan_projector_checkpoint(path: Path) -> tuple[ConversionPlan, TensorSource]
 
 
 class RawConverter(Converter):
-    """A base LLM folder, SigLIP weights and an optional stage-1 projector (see the module docstring)."""
+    """A base LLM folder, SigLIP weights and an optional stage-1 projector."""
 
     def __init__(self, llm: Path, vision: Path, projector: Path | None, seed: int | None, vision_num_heads: int | None,
                  image_size: int | None):
@@ -189,8 +183,8 @@ def convert_raw_to_hub(
     seed: int | None = None,
     options: ConversionOptions | None = None,
 ) -> Path:
-    """Convert raw sources into a TimeViper Hub folder at `output` and return its path (see the module docstring).
-    `seed` seeds a fresh projector (default: the vision width, as the reference does)."""
+    """Convert raw sources into a TimeViper Hub folder at `output` and return its path. `seed` seeds a fresh projector
+    (default: the vision width, as the reference does)."""
     options = options or ConversionOptions()
     projector = Path(projector) if projector is not None else None
     converter = RawConverter(Path(llm), Path(vision), projector, seed, options.vision_num_heads, options.image_size)
