@@ -64,9 +64,7 @@ def plan_vision(path: Path, num_heads: int | None = None, image_size: int | None
         if prefix + "patch_embed.proj.weight" in keys:
             vision_config = vision_config_from_timm(source, prefix=prefix, num_heads=num_heads, image_size=image_size)
             plan = plan_timm_siglip(source, prefix=prefix)
-            for key in keys:
-                if not key.startswith(prefix):
-                    plan.skip(source.label(key), "not needed: only the vision tower is taken from --vision")
+            plan.account_for(source, unused_reason="not needed: only the vision tower is taken from --vision")
             return plan, vision_config, source
     if any(key.startswith("vision_model.") for key in keys):
         raise ConversionError(f"{path} holds transformers SigLIP weights; pass its folder (with config.json) instead")
@@ -109,11 +107,7 @@ def plan_projector_checkpoint(path: Path) -> tuple[ConversionPlan, TensorSource]
             f"{path} holds no projector tensors (projector.projector.* or model.multi_modal_projector.*)",
             sorted(source.keys())[:10],
         )
-    for key in source.keys():
-        label = source.label(key)
-        if label not in plan.used and label not in plan.unexpected:
-            plan.skip(label, "not needed: only the projector is taken from --projector")
-    return plan, source
+    return plan.account_for(source, unused_reason="not needed: only the projector is taken from --projector"), source
 
 
 class RawConverter(Converter):
