@@ -1155,6 +1155,13 @@ def compare_vision_features(model, reference_tower, layers_used: int, image_size
     return (ours.float() - theirs.float()).abs().max().item()
 
 
+def text_model_class(family: str):
+    """transformers' own causal-LM class of a backbone family."""
+    from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
+
+    return NemotronHForCausalLM if family == "nemotron_h" else Qwen2ForCausalLM
+
+
 def match_checkpoint_time_step_limit(reference):
     """transformers' Nemotron-H clamps dt at `time_step_min`; the checkpoint (and TimeViper, like the reference) clamps
     at `time_step_limit` = (0, inf). Give the native reference model the checkpoint's limit."""
@@ -1192,9 +1199,12 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     """Compare text logits with the converter's reference LLM (TransV is idle without vision tokens) and vision
     features with `SiglipVisionModel`; stop when either differs by more than `atol`."""
     model = load_converted_model(folder)
+    text_reference = round_trip_dtype(converter.text_reference(config.text_config).eval(), dtype)
+    if config.text_config.model_type == "nemotron_h":
+        match_checkpoint_time_step_limit(text_reference)
     results = {
         "text logits": compare_text_logits(
-            model, converter.text_reference(config.text_config, dtype), config.text_config.vocab_size,
+            model, text_reference, config.text_config.vocab_size,
             avoid_ids=(config.image_token_id, config.video_token_id),
         ),
         "vision features": compare_vision_features(
@@ -1220,7 +1230,7 @@ class Converter(abc.ABC):
     sources: list[Path]  # every path read, which the output must never replace
 
     @abc.abstractmethod
-    def vision_config(self, text_config):
+    def vision_config(self, text_config, num_heads: int | None, image_size: int | None):
         """The `SiglipVisionConfig` of the vision weights (`text_config` lets a converter check the LLM first)."""
 
     @abc.abstractmethod
@@ -1236,8 +1246,8 @@ class Converter(abc.ABC):
         """The model card's account of where each part comes from."""
 
     @abc.abstractmethod
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
-        """The source LLM in transformers' own class, fp32, its weights rounded through `dtype`."""
+    def text_reference(self, text_config) -> torch.nn.Module:
+        """The source LLM in transformers' own class (`text_model_class`), in fp32."""
 
 
 @dataclass
@@ -1274,7 +1284,8 @@ def convert_to_hub(converter: Converter, output: str | Path, options: Conversion
     check_output_available(output, options.force, sources=converter.sources)
     text_config = load_text_config(converter.llm_folder)
     tokenizer = load_tokenizer(converter.llm_folder)
-    config = build_timeviper_config(text_config, converter.vision_config(text_config), tokenizer, options, dtype)
+    vision_config = converter.vision_config(text_config, options.vision_num_heads, options.image_size)
+    config = build_timeviper_config(text_config, vision_config, tokenizer, options, dtype)
     plan, expected = fit_plan_to_model(converter.plan(config), config)
     base_models = options.base_models if options.base_models is not None else converter.base_models()
     with atomic_output_dir(output, options.force) as folder:

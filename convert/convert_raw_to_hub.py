@@ -34,7 +34,6 @@ from .common import (
     converter_parser,
     convert_to_hub,
     guess_base_model,
-    match_checkpoint_time_step_limit,
     open_tensor_source,
     plan_fresh_projector,
     plan_hf_siglip,
@@ -42,8 +41,8 @@ from .common import (
     plan_projector,
     plan_timm_siglip,
     plan_transfer_init,
-    round_trip_dtype,
     run_cli,
+    text_model_class,
     vision_config_from_timm,
 )
 
@@ -113,14 +112,12 @@ def plan_projector_checkpoint(path: Path) -> tuple[ConversionPlan, TensorSource]
 class RawConverter(Converter):
     """A base LLM folder, SigLIP weights and an optional stage-1 projector."""
 
-    def __init__(self, llm: Path, vision: Path, projector: Path | None, seed: int | None, vision_num_heads: int | None,
-                 image_size: int | None):
+    def __init__(self, llm: Path, vision: Path, projector: Path | None, seed: int | None):
         self.llm_folder, self.vision, self.projector, self.seed = llm, vision, projector, seed
-        self.vision_num_heads, self.image_size = vision_num_heads, image_size
         self.sources = [path for path in (llm, vision, projector) if path is not None]
 
-    def vision_config(self, text_config):
-        self.vision_plan, vision_config, self.vision_source = plan_vision(self.vision, self.vision_num_heads, self.image_size)
+    def vision_config(self, text_config, num_heads, image_size):
+        self.vision_plan, vision_config, self.vision_source = plan_vision(self.vision, num_heads, image_size)
         return vision_config
 
     def plan(self, config) -> ConversionPlan:
@@ -158,15 +155,8 @@ class RawConverter(Converter):
             lines.append("Each TransV module starts as a copy of the nearest attention block, with alpha = 0 (untrained).")
         return " ".join(lines)
 
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
-
-        if text_config.model_type == "nemotron_h":
-            reference = NemotronHForCausalLM.from_pretrained(str(self.llm_folder), dtype=torch.float32)
-            reference = match_checkpoint_time_step_limit(reference)
-        else:
-            reference = Qwen2ForCausalLM.from_pretrained(str(self.llm_folder), dtype=torch.float32)
-        return round_trip_dtype(reference.eval(), dtype)
+    def text_reference(self, text_config) -> torch.nn.Module:
+        return text_model_class(text_config.model_type).from_pretrained(str(self.llm_folder), dtype=torch.float32)
 
 
 def convert_raw_to_hub(
@@ -181,8 +171,7 @@ def convert_raw_to_hub(
     (default: the vision width, as the reference does)."""
     options = options or ConversionOptions()
     projector = Path(projector) if projector is not None else None
-    converter = RawConverter(Path(llm), Path(vision), projector, seed, options.vision_num_heads, options.image_size)
-    return convert_to_hub(converter, output, options)
+    return convert_to_hub(RawConverter(Path(llm), Path(vision), projector, seed), output, options)
 
 
 def build_parser():

@@ -35,14 +35,13 @@ from .common import (
     convert_to_hub,
     guess_base_model,
     logger,
-    match_checkpoint_time_step_limit,
     open_tensor_source,
     plan_llm,
     plan_projector,
     plan_timm_siglip,
-    round_trip_dtype,
     run_cli,
     split_transfer_gates,
+    text_model_class,
     vision_config_from_timm,
 )
 
@@ -71,15 +70,14 @@ def warn_on_unrunnable_schedule(config) -> None:
 class ReferenceConverter(Converter):
     """One flat state dict of the reference code, plus the base LLM folder it was trained from."""
 
-    def __init__(self, checkpoint: Path, llm_config: Path, vision_num_heads: int | None, image_size: int | None):
+    def __init__(self, checkpoint: Path, llm_config: Path):
         self.checkpoint, self.llm_folder = checkpoint, llm_config
-        self.vision_num_heads, self.image_size = vision_num_heads, image_size
         self.sources = [checkpoint, llm_config]
 
-    def vision_config(self, text_config):
+    def vision_config(self, text_config, num_heads, image_size):
         self.source = open_tensor_source(self.checkpoint)
         check_llm_family(self.source, text_config.model_type)
-        return vision_config_from_timm(self.source, prefix=VISION_PREFIX, num_heads=self.vision_num_heads, image_size=self.image_size)
+        return vision_config_from_timm(self.source, prefix=VISION_PREFIX, num_heads=num_heads, image_size=image_size)
 
     def plan(self, config) -> ConversionPlan:
         family = config.text_config.model_type
@@ -105,20 +103,16 @@ class ReferenceConverter(Converter):
             f"`{stages}`)."
         )
 
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
+    def text_reference(self, text_config) -> torch.nn.Module:
         """transformers' own LLM class holding the checkpoint's LLM tensors."""
-        from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
-
         family = text_config.model_type
-        model = (NemotronHForCausalLM if family == "nemotron_h" else Qwen2ForCausalLM)(text_config).float().eval()
+        model = text_model_class(family)(text_config).float()
         plan = plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY)
         state = {name.replace(TEXT_PREFIX, "model.", 1): tensor.load() for name, tensor in plan.tensors.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [key for key in missing if not (key == "lm_head.weight" and text_config.tie_word_embeddings)]:
             raise ConversionError("the checkpoint's LLM does not load into transformers' own class", [*missing, *unexpected])
-        if family == "nemotron_h":
-            match_checkpoint_time_step_limit(model)
-        return round_trip_dtype(model, dtype)
+        return model
 
 
 def convert_reference_checkpoint(
@@ -127,8 +121,7 @@ def convert_reference_checkpoint(
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
     `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
     options = options or ConversionOptions()
-    converter = ReferenceConverter(Path(checkpoint), Path(llm_config), options.vision_num_heads, options.image_size)
-    return convert_to_hub(converter, output, options)
+    return convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
 
 
 def build_parser():

@@ -747,7 +747,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
 
 
 def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):
-    monkeypatch.setattr(raw_module, "round_trip_dtype", lambda module, dtype: _perturb(module))
+    monkeypatch.setattr(common, "round_trip_dtype", lambda module, dtype: _perturb(module))
     output = tmp_path / "out"
     with pytest.raises(ConversionError, match="does not reproduce the source"):
         convert_raw(sources, verify=True, output=output, verify_atol=ATOL)
