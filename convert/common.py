@@ -93,10 +93,8 @@ def parse_token_compression(value: str | None):
 
 def parse_projector_type(value: str) -> tuple[str, int | None]:
     """Our names (`tome_mlp`, `mlp`) or the reference's (`tome_mlp-N`, `gelu_mlp`) -> (type, N or None)."""
-    if value in ("tome_mlp", "mlp"):
-        return value, None
-    if value == "gelu_mlp":
-        return "mlp", None
+    if value in ("tome_mlp", "mlp", "gelu_mlp"):
+        return ("mlp" if value == "gelu_mlp" else value), None
     match = re.fullmatch(r"tome_mlp-(\d+)", value)
     if match:
         return "tome_mlp", int(match.group(1))
@@ -808,7 +806,7 @@ def _size(folder: Path) -> str:
 
 
 def recover_interrupted_conversion(output: Path) -> None:
-    """Finish what a killed conversion left next to `output` (call with the output's lock held).
+    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held).
 
     A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
     `.{name}.replaced-*/old`: it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders
@@ -832,7 +830,8 @@ def recover_interrupted_conversion(output: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """An exclusive lock on `.{name}.lock` next to `output`: one conversion at a time writes (or recovers) it."""
+    """An exclusive lock on `.{name}.lock` next to `output`, under which what a killed conversion left is recovered
+    first: one conversion at a time writes `output`."""
     import fcntl
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -842,6 +841,7 @@ def output_lock(output: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConversionError(f"another conversion is writing {output} (it holds {path}); wait for it to end") from None
+        recover_interrupted_conversion(output)
         yield  # the lock goes with the file handle, also when the process is killed
 
 
@@ -864,7 +864,6 @@ def check_output_available(output: Path, force: bool, sources: Iterable[str | Pa
     that exists (without `force`; with it, unless a previous output of this converter)."""
     output = Path(output).absolute()
     with output_lock(output):
-        recover_interrupted_conversion(output)
         _check_output(output, force, sources)
 
 
@@ -877,7 +876,6 @@ def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]
     """
     output = Path(output).absolute()
     with output_lock(output):
-        recover_interrupted_conversion(output)
         _check_output(output, force)
         temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         umask = os.umask(0)

@@ -26,7 +26,6 @@ if str(REPO) not in sys.path:  # `convert` is a folder of the repository, not pa
     sys.path.insert(0, str(REPO))
 
 from convert import common  # noqa: E402
-from convert import convert_raw_to_hub as raw_module  # noqa: E402
 from convert.common import ConversionError, ConversionOptions, ConversionPlan, DictSource  # noqa: E402
 from convert.convert_raw_to_hub import convert_raw_to_hub  # noqa: E402
 from convert.convert_reference_checkpoint import convert_reference_checkpoint  # noqa: E402
