@@ -1,21 +1,14 @@
 """Machinery shared by the checkpoint converters in `convert/`.
 
-A converter (`Converter`) names its sources and maps their keys; `convert_to_hub` does the rest, planning before any
-byte is written:
+A `Converter` names its sources and maps their keys; `convert_to_hub` does the rest, planning before any byte is
+written: sources are opened lazily (`open_tensor_source`), their keys become a `ConversionPlan` (every source tensor is
+used, skipped with a reason, or rejected), `fit_plan_to_model` checks the plan against the state dict of the model
+built on the meta device, and `write_safetensors_shards` streams the tensors one at a time into a temporary folder
+that `atomic_output_dir` renames into place only when everything, verification included, succeeded.
 
-1. Open every source lazily (`open_tensor_source`): safetensors through `safe_open`, torch files with `mmap=True`.
-2. Turn source keys into a `ConversionPlan` with the explicit key maps below (`plan_*`). Each planned tensor knows its
-   target name, its shape and how to load itself; each source key is either used or recorded as skipped with a
-   reason. A key that no rule understands is recorded as unexpected.
-3. `fit_plan_to_model` compares the plan with the state dict of the TimeViper model built on the meta device and
-   stops with one message listing every missing, unexpected, conflicting or mis-shaped tensor.
-4. `write_safetensors_shards` streams the tensors, one at a time, into shards inside a temporary folder next to the
-   target (`atomic_output_dir`), which is renamed into place only when everything, verification included, succeeded.
-
-Target names are the state-dict keys of `TimeViperForConditionalGeneration`:
-`model.vision_tower.*` (transformers' SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`,
-`model.language_model.*` (the LLM body under its native sub-names, plus `merge_modules.{stage}.*`, gate `alpha`
-included, for TransV) and `lm_head.weight`.
+Target names are the state-dict keys of `TimeViperForConditionalGeneration`: `model.vision_tower.*` (transformers'
+SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*` (the LLM body under its native
+names, plus `merge_modules.{stage}.*` for TransV) and `lm_head.weight`.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -77,9 +70,7 @@ class ConversionError(ValueError):
         super().__init__(message)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Small parsers
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -101,14 +92,9 @@ def parse_token_compression(value: str | None):
 
 
 def parse_projector_type(value: str) -> tuple[str, int | None]:
-    """Our names (`tome_mlp`, `mlp`) or the reference's arch specifiers (`tome_mlp-16`, `gelu_mlp`).
-
-    Returns the projector type and, for `tome_mlp-N`, the tokens per frame N (else None).
-    """
-    if value in ("tome_mlp", "mlp"):
-        return value, None
-    if value == "gelu_mlp":
-        return "mlp", None
+    """Our names (`tome_mlp`, `mlp`) or the reference's (`tome_mlp-N`, `gelu_mlp`) -> (type, N or None)."""
+    if value in ("tome_mlp", "mlp", "gelu_mlp"):
+        return ("mlp" if value == "gelu_mlp" else value), None
     match = re.fullmatch(r"tome_mlp-(\d+)", value)
     if match:
         return "tome_mlp", int(match.group(1))
@@ -117,33 +103,27 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown projector type {value!r}; use tome_mlp, tome_mlp-N, mlp or gelu_mlp")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Tensor sources: lazy, one tensor in memory at a time
-# ---------------------------------------------------------------------------------------------------------------------
 
 
-class TensorSource(abc.ABC):
-    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand."""
+class TensorSource:
+    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand through `load`."""
 
-    name: str = "source"
+    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], load: Callable[[str], torch.Tensor]):
+        self.name, self._shapes, self._load = name, shapes, load
+        self._last: tuple[str, torch.Tensor] | None = None
 
-    @abc.abstractmethod
-    def keys(self) -> list[str]: ...
+    def keys(self) -> list[str]:
+        return list(self._shapes)
 
-    @abc.abstractmethod
-    def shape(self, key: str) -> tuple[int, ...]: ...
-
-    @abc.abstractmethod
-    def _load(self, key: str) -> torch.Tensor: ...
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
         # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.
-        cached = getattr(self, "_last", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        tensor = self._load(key)
-        self._last = (key, tensor)
-        return tensor
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._load(key))
+        return self._last[1]
 
     def label(self, key: str) -> str:
         return f"{self.name}:{key}"
@@ -151,49 +131,32 @@ class TensorSource(abc.ABC):
 
 class DictSource(TensorSource):
     def __init__(self, tensors: dict[str, torch.Tensor], name: str = "dict"):
-        self.tensors, self.name = tensors, name
-
-    def keys(self):
-        return list(self.tensors)
-
-    def shape(self, key):
-        return tuple(self.tensors[key].shape)
-
-    def _load(self, key):
-        return self.tensors[key]
+        super().__init__(name, {key: tuple(tensor.shape) for key, tensor in tensors.items()}, tensors.__getitem__)
 
 
-class SafetensorsSource(TensorSource):
-    """One or several safetensors files, opened with `safe_open` (headers only until a tensor is asked for)."""
+def open_safetensors(files: list[Path], name: str) -> TensorSource:
+    """One or several safetensors files, opened with `safe_open`: headers only until a tensor is asked for."""
+    from safetensors import safe_open
 
-    def __init__(self, files: list[Path], name: str):
-        from safetensors import safe_open
-
-        self.name = name
-        self._handles = {}
-        self._file_of = {}
-        for path in files:
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as error:  # safetensors raises its own SafetensorError, which never names the file
-                raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
-            self._handles[path] = handle
-            for key in handle.keys():
-                if key in self._file_of:
-                    raise ConversionError(f"tensor {key!r} appears in both {self._file_of[key]} and {path}")
-                self._file_of[key] = path
-
-    def keys(self):
-        return list(self._file_of)
-
-    def shape(self, key):
-        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
-
-    def _load(self, key):
+    handles, file_of = {}, {}
+    for path in files:
         try:
-            return self._handles[self._file_of[key]].get_tensor(key)
+            handles[path] = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own SafetensorError, which never names the file
+            raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+        for key in handles[path].keys():
+            if key in file_of:
+                raise ConversionError(f"tensor {key!r} appears in both {file_of[key]} and {path}")
+            file_of[key] = path
+
+    def load(key):
+        try:
+            return handles[file_of[key]].get_tensor(key)
         except Exception as error:
-            raise ConversionError(f"{self._file_of[key]}: cannot read tensor {key!r}: {error}") from error
+            raise ConversionError(f"{file_of[key]}: cannot read tensor {key!r}: {error}") from error
+
+    shapes = {key: tuple(handles[path].get_slice(key).get_shape()) for key, path in file_of.items()}
+    return TensorSource(name, shapes, load)
 
 
 def load_torch_file(path: Path) -> DictSource:
@@ -236,27 +199,25 @@ def open_tensor_source(path: str | Path) -> TensorSource:
             missing = [str(file) for file in files if not file.is_file()]
             if missing:
                 raise ConversionError(f"{index} names shards that do not exist", missing)
-            return SafetensorsSource(files, name=path.name)
+            return open_safetensors(files, name=path.name)
         if (path / "model.safetensors").is_file():
-            return SafetensorsSource([path / "model.safetensors"], name=path.name)
+            return open_safetensors([path / "model.safetensors"], name=path.name)
         files = sorted(path.glob("*.safetensors"))
         if files:
-            return SafetensorsSource(files, name=path.name)
+            return open_safetensors(files, name=path.name)
         if (path / "pytorch_model.bin").is_file():
             return load_torch_file(path / "pytorch_model.bin")
         raise ConversionError(f"{path} holds no model.safetensors(.index.json), *.safetensors or pytorch_model.bin")
     if not path.is_file():
         raise ConversionError(f"{path} does not exist")
     if path.suffix == ".safetensors":
-        return SafetensorsSource([path], name=path.name)
+        return open_safetensors([path], name=path.name)
     if path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
         return load_torch_file(path)
     raise ConversionError(f"cannot read {path}: expected .safetensors, .bin, .pth, .pt or .ckpt")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Conversion plans and the key maps
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -285,12 +246,6 @@ class ConversionPlan:
             return
         self.tensors[name] = PlannedTensor(name, tuple(int(size) for size in shape), load, sources)
 
-    def skip(self, label: str, reason: str) -> None:
-        self.skipped[label] = reason
-
-    def reject(self, label: str, reason: str) -> None:
-        self.unexpected[label] = reason
-
     def merge(self, other: "ConversionPlan") -> "ConversionPlan":
         for tensor in other.tensors.values():
             self.add(tensor.name, tensor.shape, tensor.load, tensor.sources)
@@ -307,13 +262,15 @@ class ConversionPlan:
             plan.add(tensor.name, tensor.shape, tensor.load, tensor.sources)
         return plan
 
-    def account_for(self, *sources: TensorSource) -> "ConversionPlan":
-        """Record every source tensor that no key map claimed as unexpected: nothing is dropped silently."""
+    def account_for(self, *sources: TensorSource, unused_reason: str | None = None) -> "ConversionPlan":
+        """Record every source tensor that no key map claimed, as skipped for `unused_reason` or else as unexpected:
+        nothing is dropped silently."""
         seen = self.used | set(self.skipped) | set(self.unexpected)
-        for source in sources:
-            for key in source.keys():
-                if source.label(key) not in seen:
-                    self.reject(source.label(key), "no rule maps this tensor")
+        unclaimed = [source.label(key) for source in sources for key in source.keys() if source.label(key) not in seen]
+        if unused_reason is None:
+            self.unexpected.update(dict.fromkeys(unclaimed, "no rule maps this tensor"))
+        else:
+            self.skipped.update(dict.fromkeys(unclaimed, unused_reason))
         return self
 
     def num_parameters(self) -> int:
@@ -338,9 +295,8 @@ _TIMM_BLOCK_RENAMES = {
 def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
     """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `VISION_PREFIX`).
 
-    The fused `attn.qkv` rows are [q; k; v] (timm reshapes qkv output to (B, N, 3, heads, head_dim)), so each third
-    becomes one HF projection. `pos_embed` (1, N, D) loses its batch axis. `attn_pool.*` (timm's MAP head) is not
-    used by TimeViper, which reads block outputs before any head.
+    The fused `attn.qkv` rows are [q; k; v] (timm reshapes its output to (B, N, 3, heads, head_dim)), so each third
+    becomes one HF projection; `pos_embed` (1, N, D) loses its batch axis.
     """
     plan = ConversionPlan()
     for key in (key for key in source.keys() if key.startswith(prefix)):
@@ -349,7 +305,7 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
             plan.add(f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
         elif name == "pos_embed":
             if len(shape) != 3 or shape[0] != 1:
-                plan.reject(label, f"pos_embed should have shape (1, num_patches, hidden), got {shape}")
+                plan.unexpected[label] = f"pos_embed should have shape (1, num_patches, hidden), got {shape}"
                 continue
             plan.add(
                 f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
@@ -357,7 +313,7 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
         elif match := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name):
             layer, kind = match[1], match[2]
             if shape[0] % 3:
-                plan.reject(label, f"fused qkv has {shape[0]} rows, not a multiple of 3")
+                plan.unexpected[label] = f"fused qkv has {shape[0]} rows, not a multiple of 3"
                 continue
             rows = shape[0] // 3
             for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -373,9 +329,9 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
             plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
         elif name.startswith("attn_pool."):
-            plan.skip(label, "unused by TimeViper: timm attention-pool head (vision_use_head=False)")
+            plan.skipped[label] = "unused by TimeViper: timm attention-pool head (vision_use_head=False)"
         else:
-            plan.reject(label, "not a timm SigLIP parameter that TimeViper knows how to map")
+            plan.unexpected[label] = "not a timm SigLIP parameter that TimeViper knows how to map"
     return plan
 
 
@@ -386,9 +342,8 @@ TIMM_SIGLIP_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
 def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: int | None = None, image_size: int | None = None):
     """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes.
 
-    timm's ViT uses exact GELU and LayerNorm eps 1e-6, which the config states (HF's SigLIP default is tanh-GELU).
-    The image size defaults to 384 when that gives the checkpoint's patch grid (so400m/14: 384 // 14 = 27, the
-    resize target the reference uses), else to grid * patch.
+    timm's ViT uses exact GELU and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to
+    384, the reference's resize target, when that gives the checkpoint's patch grid, else to grid * patch.
     """
     from transformers import SiglipVisionConfig
 
@@ -434,15 +389,15 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
         label, shape = source.label(key), source.shape(key)
         name = key.removeprefix("vision_model.")
         if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
-            plan.skip(label, "unused by TimeViper: SigLIP text tower")
+            plan.skipped[label] = "unused by TimeViper: SigLIP text tower"
         elif name.startswith("head."):
-            plan.skip(label, "unused by TimeViper: SigLIP pooling head (vision_use_head=False)")
+            plan.skipped[label] = "unused by TimeViper: SigLIP pooling head (vision_use_head=False)"
         elif name == "embeddings.position_ids":
-            plan.skip(label, "buffer recomputed by the model")
+            plan.skipped[label] = "buffer recomputed by the model"
         elif re.fullmatch(r"(embeddings|encoder|post_layernorm)\..+", name):
             plan.add(VISION_PREFIX + name, shape, _loader(source, key), [label])
         else:
-            plan.reject(label, "not a SigLIP vision parameter")
+            plan.unexpected[label] = "not a SigLIP vision parameter"
     return plan
 
 
@@ -457,12 +412,12 @@ def plan_projector(source: TensorSource, prefix: str = "projector.projector.") -
                 linear = "linear_1" if match[1] == "0" else "linear_2"
                 plan.add(f"{PROJECTOR_PREFIX}{linear}.{match[2]}", shape, _loader(source, key), [label])
             else:
-                plan.reject(label, "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)")
+                plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
         elif key.startswith(PROJECTOR_PREFIX):
             if re.fullmatch(r"linear_[12]\.(weight|bias)", key[len(PROJECTOR_PREFIX) :]):
                 plan.add(key, shape, _loader(source, key), [label])
             else:
-                plan.reject(label, "not a parameter of the TimeViper projector")
+                plan.unexpected[label] = "not a parameter of the TimeViper projector"
     return plan
 
 
@@ -492,10 +447,9 @@ def plan_llm(
 ) -> ConversionPlan:
     """LLM body keys under `body_prefix` -> `model.language_model.*`, `lm_head_key` -> `lm_head.weight`.
 
-    Nemotron-H bodies keep NVIDIA's sub-names (`embeddings`, `layers.{i}.mixer.*`, `norm_f`), except the legacy
-    `embedding.weight`. Qwen2 bodies keep HF's (`embed_tokens`, `layers.{i}.self_attn.*`, `norm`). TransV tensors
-    (`merge_modules.*`, `alpha`) are accepted only from a TimeViper checkpoint (`allow_transfer`). Whether every name
-    fits the model is decided later by `check_plan`. A tied source (no lm_head) gets a copy of the embeddings.
+    Bodies keep their native sub-names, except Nemotron-H's legacy `embedding.weight`. TransV tensors (`merge_modules.*`,
+    `alpha`) are accepted only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy
+    of the embeddings.
     """
     plan = ConversionPlan()
     for key in source.keys():
@@ -509,9 +463,9 @@ def plan_llm(
         if family == "nemotron_h" and name == "embedding.weight":
             name = "embeddings.weight"
         if (name.startswith("merge_modules.") or name == "alpha") and not allow_transfer:
-            plan.reject(label, "TransV tensors cannot come from a base LLM checkpoint")
+            plan.unexpected[label] = "TransV tensors cannot come from a base LLM checkpoint"
         elif re.fullmatch(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
-            plan.skip(label, "buffer recomputed by the model")
+            plan.skipped[label] = "buffer recomputed by the model"
         else:
             plan.add(TEXT_PREFIX + name, shape, _loader(source, key), [label])
     if LM_HEAD not in plan.tensors and tie_word_embeddings:
@@ -524,8 +478,8 @@ def plan_llm(
 
 
 def transfer_init_blocks(config) -> dict[int, int]:
-    """TransV's initialisation rule, {transfer stage index: LLM block index}: each TransV module starts as a copy of
-    the first attention block at or after its stage's layer (every Qwen2 layer is one)."""
+    """{transfer stage index: LLM block index}: each TransV module starts as a copy of the first attention block at or
+    after its stage's layer (every Qwen2 layer is one)."""
     attention_blocks = [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"]
     blocks = {}
     for stage_index, stage in enumerate(config.compression_stages):
@@ -559,8 +513,8 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
 
 
 def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
-    """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) as each TransV module's own gate
-    `merge_modules.{stage}.alpha`, once `check_transfer_tensors` found the TransV tensors to match the schedule."""
+    """The reference's one gate vector `alpha` (entry j: the j-th transfer stage) split into each TransV module's own
+    `merge_modules.{stage}.alpha`, once the TransV tensors were found to match the schedule."""
     check_transfer_tensors(plan, config)
     vector = plan.tensors.get(f"{TEXT_PREFIX}alpha")
     if vector is None:
@@ -607,14 +561,12 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # What the model expects
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict, in its order: the model built on
-    the meta device (no memory) is the truth the output must load into."""
+    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict, in its order (built on the meta
+    device: no memory)."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     with torch.device("meta"):
@@ -629,8 +581,8 @@ def vision_layers_used(config) -> int:
 
 
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
-    """Why a SigLIP tensor (target name) feeds nothing TimeViper reads, or None: blocks after the feature layer, the
-    final norm and the pooling head only shape outputs that the projector never sees."""
+    """Why a SigLIP tensor (target name) feeds nothing TimeViper reads (blocks after the feature layer, the final norm,
+    the pooling head), or None."""
     match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
     if match is None or (match[2] is not None and int(match[2]) < layers_used):
         return None
@@ -650,8 +602,7 @@ def align_vision_prefix(plan: ConversionPlan, expected: dict[str, tuple[int, ...
 
 
 def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[int, ...]], layers_used: int) -> ConversionPlan:
-    """Planned SigLIP tensors that the model does not hold because they feed nothing it reads (`unused_vision_reason`)
-    are reported as skipped; any other tensor the model lacks stays an error for `check_plan`."""
+    """Report planned SigLIP tensors that the model leaves out (`unused_vision_reason`) as skipped."""
     kept = []
     for name, tensor in plan.tensors.items():
         reason = None if name in expected else unused_vision_reason(name, layers_used)
@@ -659,7 +610,7 @@ def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[i
             kept.append(tensor)
             continue
         for source in tensor.sources:
-            plan.skip(source, reason)
+            plan.skipped[source] = reason
     return plan.with_tensors(kept)
 
 
@@ -696,9 +647,8 @@ def summarize_skipped(skipped: dict[str, str]) -> list[str]:
 
 
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
-    """The plan under the model's own vision prefix and without the SigLIP parts the model leaves out; stops on any
-    missing / unexpected / mis-shaped tensor and logs what will be written and skipped. Returns the plan and the
-    model's expected shapes (in state-dict order)."""
+    """(plan fitted to the model's names, the model's expected shapes in state-dict order); stops on any missing,
+    unexpected or mis-shaped tensor."""
     expected = expected_state_dict_shapes(config)
     plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
     check_plan(plan, expected)
@@ -708,9 +658,7 @@ def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dic
     return plan, expected
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Writing
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def write_safetensors_shards(
@@ -723,16 +671,13 @@ def write_safetensors_shards(
 ) -> dict:
     """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict.
 
-    huggingface_hub's `split_torch_state_dict_into_shards` assigns the tensors (as meta tensors: shapes only) to
-    shards exactly as `save_pretrained` does, with the same file names and index file; `max_shard_size` is its
-    `"5GB"` notation or bytes. `order` (default: the plan's) is the order within the shards.
+    Shards are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as
+    `save_pretrained` does; `max_shard_size` is its `"5GB"` notation or bytes.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
     names = list(order) if order is not None else list(plan.tensors)
-    if sorted(names) != sorted(plan.tensors):
-        raise ConversionError("internal error: the write order does not list every planned tensor exactly once")
     shapes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype, device="meta") for name in names}
     try:
         split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
@@ -750,9 +695,8 @@ def write_safetensors_shards(
 def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]) -> None:
     """One safetensors file holding the planned tensors `shapes` (meta tensors of the output dtype), in their order.
 
-    safetensors' own writers take every tensor of a file at once, so a 5 GB shard would sit in memory whole. The header
-    here comes from the planned shapes, so each tensor is loaded, cast, written and dropped before the next one: peak
-    memory is one tensor (plus its cast copy).
+    safetensors' own writers take every tensor of a file at once; here the header comes from the planned shapes, so
+    each tensor is loaded, cast, written and dropped before the next one.
     """
     if sys.byteorder != "little":
         raise ConversionError("safetensors files are little-endian; this writer runs on little-endian hosts only")
@@ -788,8 +732,7 @@ FINITE_CHECK_CHUNK = 1 << 24
 
 
 def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tensor) -> None:
-    """Stop on NaN/Inf in a written tensor. Always on (verification is off by default for large models): one pass over
-    each tensor, in chunks, while it is in memory anyway."""
+    """Stop on NaN/Inf in a written tensor; always on, as verification is off by default for large models."""
     flat = cast.reshape(-1)
     bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(FINITE_CHECK_CHUNK))
     if bad:
@@ -800,9 +743,7 @@ def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tenso
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The output folder: written atomically, replaced only when the converter wrote it
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 # Written by the converter into every folder it makes: what `--force` may replace. In a temporary folder it says
@@ -825,8 +766,8 @@ def read_output_marker(folder: Path) -> dict | None:
 
 
 def protected_folder(output: Path) -> str | None:
-    """Why `--force` must never replace `output`, whatever it holds: the working directory, the home folder, a folder
-    above either, the file system root, or a git checkout."""
+    """Why `--force` must never replace `output`: it is or holds the working directory or home folder, or is a git
+    checkout."""
     resolved = output.resolve()
     for what, place in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
         place = place.resolve()
@@ -838,8 +779,7 @@ def protected_folder(output: Path) -> str | None:
 
 
 def foreign_content(output: Path) -> str | None:
-    """Why an existing `output` is not a finished output of this converter (so `--force` may not delete it), or None.
-    An empty folder holds nothing to lose."""
+    """Why an existing `output` is not a finished output of this converter (so `--force` may not delete it), or None."""
     if output.is_symlink() or not output.is_dir():
         return "it is not a folder" if not output.is_symlink() else "it is a symbolic link"
     if not any(output.iterdir()):
@@ -866,12 +806,11 @@ def _size(folder: Path) -> str:
 
 
 def recover_interrupted_conversion(output: Path) -> None:
-    """Finish what a killed conversion left next to `output` (call with the output's lock held).
+    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held).
 
     A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
-    `.{name}.replaced-*/old`: it is put back. A replaced copy next to an existing `output` was superseded and is
-    deleted. `.{name}.partial-*` folders that carry the converter's marker are cut-short writes and are deleted; others
-    are only reported.
+    `.{name}.replaced-*/old`: it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders
+    with the converter's marker are cut-short writes and are deleted; others are only reported.
     """
     for backup in _siblings(output, "replaced"):
         old = backup / "old"
@@ -891,7 +830,8 @@ def recover_interrupted_conversion(output: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """An exclusive lock on `.{name}.lock` next to `output`: one conversion at a time writes (or recovers) it."""
+    """An exclusive lock on `.{name}.lock` next to `output`, under which what a killed conversion left is recovered
+    first: one conversion at a time writes `output`."""
     import fcntl
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -901,6 +841,7 @@ def output_lock(output: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConversionError(f"another conversion is writing {output} (it holds {path}); wait for it to end") from None
+        recover_interrupted_conversion(output)
         yield  # the lock goes with the file handle, also when the process is killed
 
 
@@ -919,11 +860,10 @@ def _check_output(output: Path, force: bool, sources: Iterable[str | Path] = ())
 
 
 def check_output_available(output: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
-    """Before any work: finish what a killed conversion left next to `output`, then refuse an output that is, or holds,
-    a source, an existing output without `force`, and with `force` anything but a previous output of this converter."""
+    """Before any work: recover what a killed conversion left, then refuse an output that is or holds a source, or
+    that exists (without `force`; with it, unless a previous output of this converter)."""
     output = Path(output).absolute()
     with output_lock(output):
-        recover_interrupted_conversion(output)
         _check_output(output, force, sources)
 
 
@@ -931,13 +871,11 @@ def check_output_available(output: Path, force: bool, sources: Iterable[str | Pa
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it.
 
-    An existing `output` is replaced only with `force`, only when this converter wrote it (`OUTPUT_MARKER`), and only
-    once the new folder is complete. The whole write holds the output's lock; a kill at any point leaves state that the
-    next conversion into `output` recovers from (`recover_interrupted_conversion`).
+    An existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
+    is complete. The write holds the output's lock; a kill at any point leaves state that the next conversion recovers.
     """
     output = Path(output).absolute()
     with output_lock(output):
-        recover_interrupted_conversion(output)
         _check_output(output, force)
         temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         umask = os.umask(0)
@@ -960,9 +898,7 @@ def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]
             raise
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Config, tokenizer, processor, generation config, model card
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_text_config(llm_folder: Path):
@@ -998,8 +934,8 @@ def load_tokenizer(llm_folder: Path):
 
 
 def set_pad_token(tokenizer, text_config) -> None:
-    """Give a tokenizer without a pad token the LLM's own pad id (Nemotron-H: 0), so that `padding=True` batches work.
-    The pad id must lie inside the embedding table: padded positions are embedded, then masked."""
+    """Give a tokenizer without a pad token the LLM's own pad id (Nemotron-H: 0), so that `padding=True` batches work;
+    padded positions are embedded (then masked), so the id must lie inside the vocabulary."""
     if tokenizer.pad_token is not None:
         return
     pad_id = text_config.pad_token_id
@@ -1106,9 +1042,8 @@ def card_license(family: str, source_folder: Path | None) -> dict:
 def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
                library_name: str = "transformers", language: str | list[str] | None = None,
                datasets: str | list[str] | None = None):
-    """The `huggingface_hub.ModelCard` of a TimeViper folder (converted or fine-tuned): metadata (license, base_model,
-    pipeline_tag, library_name, tags, language, datasets) and `model_card.md` filled in with the architecture and
-    `notes`."""
+    """The `huggingface_hub.ModelCard` of a TimeViper folder (converted or fine-tuned): Hub metadata and
+    `model_card.md` filled in with the architecture and `notes`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     text = config.text_config
@@ -1160,9 +1095,7 @@ def save_hub_folder(folder: Path, config, tokenizer, llm_folder: Path, base_mode
     card.save(folder / "README.md")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Verification
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def should_verify(flag: bool | None, num_parameters: int) -> bool:
@@ -1175,8 +1108,7 @@ def should_verify(flag: bool | None, num_parameters: int) -> bool:
 
 
 def load_converted_model(folder: Path):
-    """Load the converted folder in fp32 on CPU, with the package's classes (the folder holds copies of their files),
-    and stop unless every weight of the model came from the folder."""
+    """The converted folder in fp32 on CPU; stops unless every weight of the model came from the folder."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     model, info = TimeViperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
@@ -1204,15 +1136,13 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
         ids[ids == token_id] = 0
     ours = model(input_ids=ids).logits.float()
     theirs = reference(input_ids=ids).logits.float()
-    if ours.shape != theirs.shape:
-        raise ConversionError(f"logit shapes differ: converted {tuple(ours.shape)}, source {tuple(theirs.shape)}")
     return (ours - theirs).abs().max().item()
 
 
 @torch.no_grad()
 def compare_vision_features(model, reference_tower, layers_used: int, image_size: int, seed: int = 0) -> float:
     """Max difference of the features the projector reads (the output of the first `layers_used` SigLIP blocks)
-    between our vision tower, run block by block as the model does, and a reference `SiglipVisionModel`."""
+    between our vision tower and a reference `SiglipVisionModel`."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
@@ -1221,6 +1151,13 @@ def compare_vision_features(model, reference_tower, layers_used: int, image_size
         ours = layer(ours, None)
     theirs = reference_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layers_used]
     return (ours.float() - theirs.float()).abs().max().item()
+
+
+def text_model_class(family: str):
+    """transformers' own causal-LM class of a backbone family."""
+    from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
+
+    return NemotronHForCausalLM if family == "nemotron_h" else Qwen2ForCausalLM
 
 
 def match_checkpoint_time_step_limit(reference):
@@ -1233,8 +1170,7 @@ def match_checkpoint_time_step_limit(reference):
 
 
 def native_vision_reference(plan: ConversionPlan, config, dtype: torch.dtype):
-    """transformers' `SiglipVisionModel` holding the planned vision weights (rounded through `dtype`), in fp32. The
-    parts the features do not pass through may be absent from the plan; nothing else may."""
+    """transformers' `SiglipVisionModel` holding the planned vision weights (rounded through `dtype`), in fp32."""
     from transformers import SiglipVisionModel
 
     reference = SiglipVisionModel(config.vision_config).float().eval()
@@ -1258,12 +1194,15 @@ def vision_state_dict(plan: ConversionPlan) -> dict[str, torch.Tensor]:
 
 
 def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan, config, dtype: torch.dtype, atol: float) -> dict:
-    """Text logits against the converter's reference LLM (TransV is idle without vision tokens), vision features
-    against `SiglipVisionModel` with the mapped weights; stops when either differs by more than `atol`."""
+    """Compare text logits with the converter's reference LLM (TransV is idle without vision tokens) and vision
+    features with `SiglipVisionModel`; stop when either differs by more than `atol`."""
     model = load_converted_model(folder)
+    text_reference = round_trip_dtype(converter.text_reference(config.text_config).eval(), dtype)
+    if config.text_config.model_type == "nemotron_h":
+        match_checkpoint_time_step_limit(text_reference)
     results = {
         "text logits": compare_text_logits(
-            model, converter.text_reference(config.text_config, dtype), config.text_config.vocab_size,
+            model, text_reference, config.text_config.vocab_size,
             avoid_ids=(config.image_token_id, config.video_token_id),
         ),
         "vision features": compare_vision_features(
@@ -1278,21 +1217,18 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     return results
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The conversion flow both converters share
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class Converter(abc.ABC):
-    """One source format: the paths it reads, the vision config and key map of its tensors, the LLM to verify against.
-    `convert_to_hub` runs everything else, calling `vision_config` (where a converter opens its sources) before
-    `plan`."""
+    """One source format: the paths it reads, its vision config and key map, the LLM to verify against.
+    `convert_to_hub` runs everything else, calling `vision_config` before `plan`."""
 
     llm_folder: Path  # the base LLM's Hub folder: config.json, tokenizer, generation_config.json, README.md
     sources: list[Path]  # every path read, which the output must never replace
 
     @abc.abstractmethod
-    def vision_config(self, text_config):
+    def vision_config(self, text_config, num_heads: int | None, image_size: int | None):
         """The `SiglipVisionConfig` of the vision weights (`text_config` lets a converter check the LLM first)."""
 
     @abc.abstractmethod
@@ -1308,19 +1244,15 @@ class Converter(abc.ABC):
         """The model card's account of where each part comes from."""
 
     @abc.abstractmethod
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
-        """The source LLM in transformers' own class, fp32, its weights rounded through `dtype`."""
+    def text_reference(self, text_config) -> torch.nn.Module:
+        """The source LLM in transformers' own class (`text_model_class`), in fp32."""
 
 
 @dataclass
 class ConversionOptions:
-    """How a conversion lays out and writes the model: the options both converters (and their CLIs) share.
-
-    `token_compression` is a reference string (`uni_7_0.5-attn_39_0.05`), a list of stage dicts, or None;
-    `projector_type` may be the reference's arch specifier (`tome_mlp-N` sets the tokens per frame to N);
-    `shard_size` is `save_pretrained`'s notation (`"5GB"`) or bytes; `verify=None` verifies models up to
-    `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter guess the card's base models.
-    """
+    """The options both converters (and their CLIs) share; `add_shared_arguments` documents each.
+    `verify=None` verifies models up to `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter
+    guess the card's base models."""
 
     token_compression: str | list[dict] | None = None
     projector_type: str = "tome_mlp"
@@ -1339,13 +1271,9 @@ class ConversionOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ConversionOptions":
         """The options `add_shared_arguments` parsed."""
-        return cls(
-            token_compression=parse_token_compression(args.token_compression), projector_type=args.projector_type,
-            tokens_per_frame=args.tokens_per_frame, vision_feature_layer=args.vision_feature_layer,
-            vision_num_heads=args.vision_num_heads, image_size=args.image_size, dtype=args.dtype,
-            shard_size=args.shard_size, force=args.force, verify=args.verify, verify_atol=args.verify_atol,
-            base_models=args.base_models, progress=not args.no_progress,
-        )
+        options = cls(**{option.name: getattr(args, option.name) for option in fields(cls)})
+        options.token_compression = parse_token_compression(options.token_compression)
+        return options
 
 
 def convert_to_hub(converter: Converter, output: str | Path, options: ConversionOptions) -> Path:
@@ -1354,7 +1282,8 @@ def convert_to_hub(converter: Converter, output: str | Path, options: Conversion
     check_output_available(output, options.force, sources=converter.sources)
     text_config = load_text_config(converter.llm_folder)
     tokenizer = load_tokenizer(converter.llm_folder)
-    config = build_timeviper_config(text_config, converter.vision_config(text_config), tokenizer, options, dtype)
+    vision_config = converter.vision_config(text_config, options.vision_num_heads, options.image_size)
+    config = build_timeviper_config(text_config, vision_config, tokenizer, options, dtype)
     plan, expected = fit_plan_to_model(converter.plan(config), config)
     base_models = options.base_models if options.base_models is not None else converter.base_models()
     with atomic_output_dir(output, options.force) as folder:
@@ -1392,7 +1321,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help
         help="load the result and compare it with the sources (default: on up to 2B parameters)",
     )
     parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 
 def run_cli(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv: list[str] | None) -> int:

@@ -1,16 +1,10 @@
 """Build a TimeViper Hub folder from raw parts: a base LLM, SigLIP weights and (optionally) a stage-1 projector.
 
-Sources, in the formats their publishers use:
-
-* `--llm`: NVIDIA-Nemotron-Nano-9B-v2(-Base) as NVIDIA publishes it (config.json with `hybrid_override_pattern`,
-  sharded safetensors with `backbone.*` and `lm_head.weight`, tokenizer, generation_config.json), or a Qwen2.5
-  folder (`model.*`, `lm_head.weight`).
-* `--vision`: a timm `vit_so400m_patch14_siglip_384` state dict (.bin/.pth/.safetensors: `patch_embed.proj.*`,
-  `pos_embed`, `blocks.{i}.*` with fused `attn.qkv`, `norm.*`, `attn_pool.*`; also under the reference's
-  `vision_backbone.featurizer.` prefix), or a transformers SigLIP folder (`SiglipVisionModel`, or a full
-  `SiglipModel` whose text tower is skipped).
-* `--projector`: a stage-1 checkpoint (the reference's flat state dict with `projector.projector.*`, or one of our
-  Hub folders); without it the projector is freshly initialised from `--seed`.
+* `--llm`: NVIDIA-Nemotron-Nano-9B-v2(-Base) as NVIDIA publishes it (`backbone.*`), or a Qwen2.5 folder (`model.*`).
+* `--vision`: a timm `vit_so400m_patch14_siglip_384` state dict (also under the reference's
+  `vision_backbone.featurizer.` prefix), or a transformers SigLIP folder (`SiglipVisionModel` or `SiglipModel`).
+* `--projector`: a stage-1 checkpoint (the reference's `projector.projector.*`, or one of our Hub folders); without
+  it the projector is freshly initialised from `--seed`.
 
 TransV modules of the transfer stages in `--token-compression` start as copies of the nearest attention block at or
 after their layer, with `alpha = 0` (plain dropping until trained).
@@ -40,7 +34,6 @@ from .common import (
     converter_parser,
     convert_to_hub,
     guess_base_model,
-    match_checkpoint_time_step_limit,
     open_tensor_source,
     plan_fresh_projector,
     plan_hf_siglip,
@@ -48,8 +41,8 @@ from .common import (
     plan_projector,
     plan_timm_siglip,
     plan_transfer_init,
-    round_trip_dtype,
     run_cli,
+    text_model_class,
     vision_config_from_timm,
 )
 
@@ -70,9 +63,7 @@ def plan_vision(path: Path, num_heads: int | None = None, image_size: int | None
         if prefix + "patch_embed.proj.weight" in keys:
             vision_config = vision_config_from_timm(source, prefix=prefix, num_heads=num_heads, image_size=image_size)
             plan = plan_timm_siglip(source, prefix=prefix)
-            for key in keys:
-                if not key.startswith(prefix):
-                    plan.skip(source.label(key), "not needed: only the vision tower is taken from --vision")
+            plan.account_for(source, unused_reason="not needed: only the vision tower is taken from --vision")
             return plan, vision_config, source
     if any(key.startswith("vision_model.") for key in keys):
         raise ConversionError(f"{path} holds transformers SigLIP weights; pass its folder (with config.json) instead")
@@ -83,7 +74,7 @@ def plan_vision(path: Path, num_heads: int | None = None, image_size: int | None
 
 
 def hf_siglip_vision_config(folder: Path, image_size: int | None):
-    """The `SiglipVisionConfig` of a transformers SigLIP folder (`SiglipVisionModel`, or a `SiglipModel`'s vision half)."""
+    """The `SiglipVisionConfig` of a transformers SigLIP folder (of a `SiglipVisionModel` or a `SiglipModel`)."""
     from transformers import SiglipVisionConfig
 
     config_path = folder / "config.json"
@@ -115,24 +106,18 @@ def plan_projector_checkpoint(path: Path) -> tuple[ConversionPlan, TensorSource]
             f"{path} holds no projector tensors (projector.projector.* or model.multi_modal_projector.*)",
             sorted(source.keys())[:10],
         )
-    for key in source.keys():
-        label = source.label(key)
-        if label not in plan.used and label not in plan.unexpected:
-            plan.skip(label, "not needed: only the projector is taken from --projector")
-    return plan, source
+    return plan.account_for(source, unused_reason="not needed: only the projector is taken from --projector"), source
 
 
 class RawConverter(Converter):
-    """A base LLM folder, SigLIP weights and an optional stage-1 projector (see the module docstring)."""
+    """A base LLM folder, SigLIP weights and an optional stage-1 projector."""
 
-    def __init__(self, llm: Path, vision: Path, projector: Path | None, seed: int | None, vision_num_heads: int | None,
-                 image_size: int | None):
+    def __init__(self, llm: Path, vision: Path, projector: Path | None, seed: int | None):
         self.llm_folder, self.vision, self.projector, self.seed = llm, vision, projector, seed
-        self.vision_num_heads, self.image_size = vision_num_heads, image_size
         self.sources = [path for path in (llm, vision, projector) if path is not None]
 
-    def vision_config(self, text_config):
-        self.vision_plan, vision_config, self.vision_source = plan_vision(self.vision, self.vision_num_heads, self.image_size)
+    def vision_config(self, text_config, num_heads, image_size):
+        self.vision_plan, vision_config, self.vision_source = plan_vision(self.vision, num_heads, image_size)
         return vision_config
 
     def plan(self, config) -> ConversionPlan:
@@ -170,15 +155,8 @@ class RawConverter(Converter):
             lines.append("Each TransV module starts as a copy of the nearest attention block, with alpha = 0 (untrained).")
         return " ".join(lines)
 
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
-
-        if text_config.model_type == "nemotron_h":
-            reference = NemotronHForCausalLM.from_pretrained(str(self.llm_folder), dtype=torch.float32)
-            reference = match_checkpoint_time_step_limit(reference)
-        else:
-            reference = Qwen2ForCausalLM.from_pretrained(str(self.llm_folder), dtype=torch.float32)
-        return round_trip_dtype(reference.eval(), dtype)
+    def text_reference(self, text_config) -> torch.nn.Module:
+        return text_model_class(text_config.model_type).from_pretrained(str(self.llm_folder), dtype=torch.float32)
 
 
 def convert_raw_to_hub(
@@ -189,12 +167,11 @@ def convert_raw_to_hub(
     seed: int | None = None,
     options: ConversionOptions | None = None,
 ) -> Path:
-    """Convert raw sources into a TimeViper Hub folder at `output` and return its path (see the module docstring).
-    `seed` seeds a fresh projector (default: the vision width, as the reference does)."""
+    """Convert raw sources into a TimeViper Hub folder at `output` and return its path. `seed` seeds a fresh projector
+    (default: the vision width, as the reference does)."""
     options = options or ConversionOptions()
     projector = Path(projector) if projector is not None else None
-    converter = RawConverter(Path(llm), Path(vision), projector, seed, options.vision_num_heads, options.image_size)
-    return convert_to_hub(converter, output, options)
+    return convert_to_hub(RawConverter(Path(llm), Path(vision), projector, seed), output, options)
 
 
 def build_parser():

@@ -1,17 +1,13 @@
 """Convert a checkpoint of the reference TimeViper code (xiaomi-research/timeviper) into a TimeViper Hub folder.
 
-The reference saves the whole VLM as one flat state dict (`pytorch_model.bin` through `torch.save`, or the trainer's
-`model.safetensors`):
+The reference saves the whole VLM as one flat state dict (`pytorch_model.bin` or the trainer's `model.safetensors`):
+`vision_backbone.featurizer.*` (timm SigLIP), `projector.projector.{0,2}.*` (Linear-GELU-Linear), and
+`llm_backbone.llm.{backbone,model}.*` (Nemotron-H / Qwen2, with `merge_modules.{stage}.*` and `alpha` when TransV was
+trained) plus `llm_backbone.llm.lm_head.weight`.
 
-* `vision_backbone.featurizer.*`: timm SigLIP (`patch_embed.proj.*`, `pos_embed`, `blocks.{i}.*` with fused qkv,
-  `norm.*`, `attn_pool.*`, the last unused);
-* `projector.projector.{0,2}.*`: Linear-GELU-Linear;
-* `llm_backbone.llm.backbone.*` (Nemotron-H) or `llm_backbone.llm.model.*` (Qwen2), with `merge_modules.{stage}.*`
-  and `alpha` when TransV was trained; `llm_backbone.llm.lm_head.weight`.
-
-The checkpoint carries no config: `--llm-config` is the base LLM folder it was trained from (config.json and
-tokenizer), and `--token-compression` the `pdrop_type` string it was trained with. TransV tensors that do not match
-the transfer stages of that schedule stop the conversion.
+The checkpoint carries no config: `--llm-config` is the base LLM folder it was trained from, and
+`--token-compression` the `pdrop_type` string it was trained with; TransV tensors that do not match that schedule
+stop the conversion.
 
 Example::
 
@@ -32,25 +28,24 @@ from .common import (
     ConversionOptions,
     ConversionPlan,
     Converter,
+    TEXT_PREFIX,
     TensorSource,
     add_shared_arguments,
     converter_parser,
     convert_to_hub,
     guess_base_model,
     logger,
-    match_checkpoint_time_step_limit,
     open_tensor_source,
     plan_llm,
     plan_projector,
     plan_timm_siglip,
-    round_trip_dtype,
     run_cli,
     split_transfer_gates,
+    text_model_class,
     vision_config_from_timm,
 )
 
 VISION_PREFIX = "vision_backbone.featurizer."
-PROJECTOR_PREFIX = "projector.projector."
 LLM_BODY_PREFIX = {"nemotron_h": "llm_backbone.llm.backbone.", "qwen2": "llm_backbone.llm.model."}
 LM_HEAD_KEY = "llm_backbone.llm.lm_head.weight"
 
@@ -73,26 +68,20 @@ def warn_on_unrunnable_schedule(config) -> None:
 
 
 class ReferenceConverter(Converter):
-    """One flat state dict of the reference code, plus the base LLM folder it was trained from (see the module
-    docstring)."""
+    """One flat state dict of the reference code, plus the base LLM folder it was trained from."""
 
-    def __init__(self, checkpoint: Path, llm_config: Path, vision_num_heads: int | None, image_size: int | None):
+    def __init__(self, checkpoint: Path, llm_config: Path):
         self.checkpoint, self.llm_folder = checkpoint, llm_config
-        self.vision_num_heads, self.image_size = vision_num_heads, image_size
         self.sources = [checkpoint, llm_config]
 
-    def vision_config(self, text_config):
+    def vision_config(self, text_config, num_heads, image_size):
         self.source = open_tensor_source(self.checkpoint)
         check_llm_family(self.source, text_config.model_type)
-        return vision_config_from_timm(self.source, prefix=VISION_PREFIX, num_heads=self.vision_num_heads, image_size=self.image_size)
+        return vision_config_from_timm(self.source, prefix=VISION_PREFIX, num_heads=num_heads, image_size=image_size)
 
     def plan(self, config) -> ConversionPlan:
-        """Every tensor of the checkpoint mapped to TimeViper names, skipped with a reason, or rejected; its one TransV
-        gate vector checked against the schedule and split into the stages' own gates."""
         family = config.text_config.model_type
-        plan = ConversionPlan()
-        plan.merge(plan_timm_siglip(self.source, prefix=VISION_PREFIX))
-        plan.merge(plan_projector(self.source, prefix=PROJECTOR_PREFIX))
+        plan = plan_timm_siglip(self.source, prefix=VISION_PREFIX).merge(plan_projector(self.source))
         plan.merge(
             plan_llm(
                 self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY, allow_transfer=True,
@@ -114,28 +103,16 @@ class ReferenceConverter(Converter):
             f"`{stages}`)."
         )
 
-    def text_reference(self, text_config, dtype: torch.dtype) -> torch.nn.Module:
-        """transformers' own LLM class holding the checkpoint's LLM tensors (read straight from the checkpoint)."""
-        from transformers import NemotronHForCausalLM, Qwen2ForCausalLM
-
+    def text_reference(self, text_config) -> torch.nn.Module:
+        """transformers' own LLM class holding the checkpoint's LLM tensors."""
         family = text_config.model_type
-        body_prefix = LLM_BODY_PREFIX[family]
-        model = (NemotronHForCausalLM if family == "nemotron_h" else Qwen2ForCausalLM)(text_config).float().eval()
-        state = {}
-        for key in self.source.keys():
-            if key == LM_HEAD_KEY:
-                state["lm_head.weight"] = self.source.get(key)
-            elif key.startswith(body_prefix):
-                name = key[len(body_prefix) :]
-                if name.startswith("merge_modules.") or name == "alpha":
-                    continue
-                state["model." + ("embeddings.weight" if name == "embedding.weight" else name)] = self.source.get(key)
+        model = text_model_class(family)(text_config).float()
+        plan = plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY)
+        state = {name.replace(TEXT_PREFIX, "model.", 1): tensor.load() for name, tensor in plan.tensors.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [key for key in missing if not (key == "lm_head.weight" and text_config.tie_word_embeddings)]:
             raise ConversionError("the checkpoint's LLM does not load into transformers' own class", [*missing, *unexpected])
-        if family == "nemotron_h":
-            match_checkpoint_time_step_limit(model)
-        return round_trip_dtype(model, dtype)
+        return model
 
 
 def convert_reference_checkpoint(
@@ -144,8 +121,7 @@ def convert_reference_checkpoint(
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
     `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
     options = options or ConversionOptions()
-    converter = ReferenceConverter(Path(checkpoint), Path(llm_config), options.vision_num_heads, options.image_size)
-    return convert_to_hub(converter, output, options)
+    return convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
 
 
 def build_parser():

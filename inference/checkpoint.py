@@ -1,6 +1,5 @@
-"""Loading a TimeViper checkpoint for inference (the ask CLI and the evaluation harness) so that its weights cover the
-model. transformers only warns about tensors a checkpoint lacks and fills them with random values, so a folder whose
-index drops or redirects a shard would otherwise generate noise without a word."""
+"""Loading a TimeViper checkpoint for inference so that its weights cover the model: transformers only warns about
+tensors a checkpoint lacks and fills them with random values, which would generate noise without a word."""
 
 from __future__ import annotations
 
@@ -33,9 +32,8 @@ def _tensor_names(path: Path) -> set[str]:
 
 
 def check_checkpoint_files(folder: Path) -> None:
-    """For a local folder: every shard that `model.safetensors.index.json` names exists, is readable and holds the
-    tensors the index assigns to it, and every `model-*-of-*.safetensors` shard in the folder is named by the index.
-    Only the shards' headers are read."""
+    """Check (from the headers) that every shard the index names exists and holds the tensors assigned to it, and
+    that the index names every `model-*-of-*.safetensors` shard in `folder`."""
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         if (folder / "model.safetensors").is_file():
@@ -69,20 +67,14 @@ def closed_transfer_stages(model) -> set[str]:
     return {stage for stage, module in modules.items() if float(module.alpha.detach()) == 0.0}
 
 
-def transfer_stage_of(key: str) -> str | None:
-    return key[len(TRANSFER_PREFIX) :].split(".")[0] if key.startswith(TRANSFER_PREFIX) else None
-
-
 def check_loading_info(model, info: dict, source: str, transfer_initialised: bool = False) -> None:
     """Raise on tensors the checkpoint lacked (or held in another shape), which transformers filled with random values.
 
-    Tolerated: a TransV module missing whole (gate included, so the gate stays closed at 0), i.e. a stage that a
-    `token_compression` override adds without weights; it only drops tokens. A module that lost only some tensors
-    (its gate, say) is an error: its stage would run with other weights than were trained. With
-    `transfer_initialised` (training: the caller initialises missing TransV modules) every TransV tensor is tolerated.
+    Tolerated: a TransV module missing whole (its gate stays closed at 0, so the stage only drops tokens), as when a
+    `token_compression` override adds a stage. A module that lost only some tensors would run with other weights than
+    were trained. With `transfer_initialised` (training initialises missing TransV modules itself, and under ZeRO-3 a
+    gate's values are not on this rank to be read) every TransV tensor is tolerated.
     """
-    # Training initialises every missing TransV module itself (and under DeepSpeed ZeRO-3 a gate's values are not on
-    # this rank to be read), so there nothing about the gates is looked at.
     closed = set() if transfer_initialised else closed_transfer_stages(model)
     missing_keys = set(info["missing_keys"])
     loaded_stages = {  # stages of which the checkpoint held at least one tensor
@@ -93,9 +85,9 @@ def check_loading_info(model, info: dict, source: str, transfer_initialised: boo
     }
 
     def tolerated(key: str) -> bool:
-        stage = transfer_stage_of(key)
-        if stage is None:
+        if not key.startswith(TRANSFER_PREFIX):
             return False
+        stage = key[len(TRANSFER_PREFIX) :].split(".")[0]
         return transfer_initialised or (stage in closed and stage not in loaded_stages)
 
     missing = {key for key in info["missing_keys"] if not tolerated(key)}

@@ -26,7 +26,6 @@ if str(REPO) not in sys.path:  # `convert` is a folder of the repository, not pa
     sys.path.insert(0, str(REPO))
 
 from convert import common  # noqa: E402
-from convert import convert_raw_to_hub as raw_module  # noqa: E402
 from convert.common import ConversionError, ConversionOptions, ConversionPlan, DictSource  # noqa: E402
 from convert.convert_raw_to_hub import convert_raw_to_hub  # noqa: E402
 from convert.convert_reference_checkpoint import convert_reference_checkpoint  # noqa: E402
@@ -747,7 +746,7 @@ def test_failure_midway_leaves_nothing(sources, tmp_path, monkeypatch):
 
 
 def test_verification_failure_leaves_nothing(sources, tmp_path, monkeypatch):
-    monkeypatch.setattr(raw_module, "round_trip_dtype", lambda module, dtype: _perturb(module))
+    monkeypatch.setattr(common, "round_trip_dtype", lambda module, dtype: _perturb(module))
     output = tmp_path / "out"
     with pytest.raises(ConversionError, match="does not reproduce the source"):
         convert_raw(sources, verify=True, output=output, verify_atol=ATOL)
