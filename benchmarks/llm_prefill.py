@@ -10,16 +10,15 @@ prefill does) and of the whole LLM's last-token logits.
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import time
+from statistics import median_high
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import log, meta  # noqa: E402
+from common import TINY_NANO, TINY_VISION, log, meta, save, timed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,11 +38,8 @@ def models(tiny, device):
     from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
-    small = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                 mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
-    text = nano_9b_v2_text_config(**(small if tiny else {}))
-    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=56, patch_size=8)
+    text = nano_9b_v2_text_config(**(TINY_NANO if tiny else {}))
+    vision = so400m_vision_config(**TINY_VISION)
     torch.manual_seed(0)
     with torch.device(device):
         plain = NemotronHForCausalLM._from_config(text, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
@@ -80,16 +76,14 @@ def conv_kernel(enabled):
 
 
 def timed_prefill(model, embeds, repeats):
-    times, logits = [], None
+    """Median seconds of `repeats` prefills after a warm-up one, and the last one's last-token logits."""
+    times = []
     for _ in range(repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = model(inputs_embeds=embeds, logits_to_keep=1, use_cache=False)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        seconds, out = timed(embeds.device, lambda: model(inputs_embeds=embeds, logits_to_keep=1, use_cache=False))
+        times.append(seconds)
         logits = out.logits[:, -1].float()
         del out
-    return sorted(times[1:])[len(times[1:]) // 2], logits
+    return median_high(times[1:]), logits
 
 
 def conv_parity(ours, device, tokens=4096):
@@ -146,14 +140,13 @@ def main(argv=None):
         base = logits.get("ours_torch_conv")
         point["last_logits_max_abs_diff_vs_ours_torch_conv"] = {
             k: (v - base).abs().max().item() for k, v in logits.items() if base is not None}
-        if "s" in point.get("plain_torch_conv", {}) and "s" in point.get("ours_causal_conv1d", {}):
-            point["speedup_ours_kernel_vs_plain_torch_conv"] = point["plain_torch_conv"]["s"] / point["ours_causal_conv1d"]["s"]
-        if "s" in point.get("plain_causal_conv1d", {}) and "s" in point.get("ours_causal_conv1d", {}):
-            point["speedup_ours_kernel_vs_plain_kernel"] = point["plain_causal_conv1d"]["s"] / point["ours_causal_conv1d"]["s"]
+        for plain_label, key in (("plain_torch_conv", "speedup_ours_kernel_vs_plain_torch_conv"),
+                                 ("plain_causal_conv1d", "speedup_ours_kernel_vs_plain_kernel")):
+            if "s" in point.get(plain_label, {}) and "s" in point.get("ours_causal_conv1d", {}):
+                point[key] = point[plain_label]["s"] / point["ours_causal_conv1d"]["s"]
         log("point", {k: v for k, v in point.items() if k.startswith(("speedup", "last"))})
         results["points"].append(point)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        save(results, args)
     log("done")
 
 

@@ -17,6 +17,7 @@ rate (vision chunks are independent and identical in cost, so its time is exactl
 """
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from statistics import linear_regression, median_high
 
 import torch
 from torch import nn
@@ -293,7 +295,6 @@ def install_frame_source(model, mode, device, seed=0):
     """Replace get_video_features: placeholder `pixel_values_videos` of shape (F, 1) stands for F frames."""
     inner = model.model
     cfg = inner.config
-    vcfg = cfg.vision_config
     dtype = inner.vision_tower.embeddings.patch_embedding.weight.dtype
 
     def get_video_features(pixel_values_videos):
@@ -303,8 +304,7 @@ def install_frame_source(model, mode, device, seed=0):
         for start in range(0, frames, cfg.vision_chunk_size):
             n = min(cfg.vision_chunk_size, frames - start)
             if mode == "e2e":
-                pixels = torch.randn(n, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype, generator=gen)
-                chunks.append(inner.encode_frames(pixels))
+                chunks.append(inner.encode_frames(random_pixels(model, n, device, gen)))
             else:
                 chunks.append(random_features(cfg, n, device, dtype, gen))
         return torch.cat(chunks)
@@ -427,7 +427,7 @@ def vision_microbench(model, device, args, results, repeats=3, label="vision_mic
     timer.remove()
     peak = mem(device)["peak"]
     vf, tf = vision_flops_per_frame(model), tome_proj_flops_per_frame(model)
-    vis_med, tp_med = median(vis), median(tp)
+    vis_med, tp_med = median_high(vis), median_high(tp)
     rec = {
         "chunk_frames": n, "vision_s_per_chunk": vis, "tome_proj_s_per_chunk": tp,
         "vision_s_per_frame": vis_med / n, "tome_proj_s_per_frame": tp_med / n,
@@ -466,22 +466,18 @@ def compiled_tower_bench(model, device, args, results, repeats=3):
         rec["compiled_tower_compile_s"], _ = timed(device, run_compiled)
         times = [timed(device, run_compiled)[0] for _ in range(repeats)]
         rec["compiled_tower_s_per_chunk"] = times
-        rec["compiled_tower_ratio_to_floor"] = median(times) / (n * vision_flops_per_frame(model) / PEAK_FLOPS)
-        log(f"torch.compile'd tower: {median(times) * 1e3:.1f} ms per chunk ({rec['compiled_tower_ratio_to_floor']:.2f}x)")
+        rec["compiled_tower_ratio_to_floor"] = median_high(times) / (n * vision_flops_per_frame(model) / PEAK_FLOPS)
+        log(f"torch.compile'd tower: {median_high(times) * 1e3:.1f} ms per chunk ({rec['compiled_tower_ratio_to_floor']:.2f}x)")
     except Exception as err:  # noqa: BLE001 - a failed compile is a result of this A/B, not the end of the run
         rec["compiled_tower_error"] = repr(err)[:300]
     del pixels
     free(device)
 
 
-def random_pixels(model, frames, device):
+def random_pixels(model, frames, device, generator=None):
     vcfg = model.config.vision_config
     dtype = model.model.vision_tower.embeddings.patch_embedding.weight.dtype
-    return torch.randn(frames, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
-
-
-def median(values):
-    return sorted(values)[len(values) // 2]
+    return torch.randn(frames, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype, generator=generator)
 
 
 def profiling(args, device):
@@ -522,21 +518,20 @@ def profile_region(label, fn, device, results, args, repeats=1):
               and not e.key.startswith(("Command Buffer", "Activity Buffer"))]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in events)
-    cats = {}
+    cats = collections.Counter()
     for e in events:
-        c = categorize(e.key)
-        cats[c] = cats.get(c, 0) + e.self_device_time_total
+        cats[categorize(e.key)] += e.self_device_time_total
     top = [{"name": e.key[:160], "ms": e.self_device_time_total / 1e3 / repeats, "calls": e.count // repeats,
             "category": categorize(e.key)} for e in events[:15]]
     results.setdefault("profiles", {})[label] = {
-        "device_ms": total / 1e3 / repeats, "by_category_ms": {k: v / 1e3 / repeats for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "device_ms": total / 1e3 / repeats, "by_category_ms": {k: v / 1e3 / repeats for k, v in cats.most_common()},
         "top_kernels": top,
     }
     with open(args.profile_out, "a") as f:
         f.write(f"\n===== {label} =====\n")
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90))
     log(f"profile {label}: {total / 1e3 / repeats:.1f} ms device; "
-        + ", ".join(f"{k} {v / 1e3 / repeats:.1f}" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
+        + ", ".join(f"{k} {v / 1e3 / repeats:.1f}" for k, v in cats.most_common()))
 
 
 def decode_bench(model, name, device, args, results, label):
@@ -583,7 +578,7 @@ def decode_batch(model, name, ids, batch, device, args, results, label):
         tokens.append(int(token[-1, 0]))
     first_step_s = steps[0]  # includes the graph capture of a static cache
     steps = steps[2:]
-    step_s = median(steps)
+    step_s = median_high(steps)
     bytes_ = decode_bytes(model, cache)
     floor_s = bytes_["total"] / PEAK_BYTES
     rec = dict(prefill_s=prefill_s, first_step_s=first_step_s, oom=False, tokens=tokens, step_s_median=step_s,
@@ -694,12 +689,11 @@ def kernel_check_config(small):
     """A 6-block hybrid at the real Mamba head layout (`small`: tiny widths, for the CPU smoke test)."""
     from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 
-    text = nano_9b_v2_text_config(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128,
-                                  num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
+    widths = dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, head_dim=128)
     if small:
-        text = nano_9b_v2_text_config(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16,
-                                      num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096,
-                                      mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2)
+        widths = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, head_dim=16, mamba_num_heads=4,
+                      mamba_head_dim=16, ssm_state_size=16, n_groups=2)
+    text = nano_9b_v2_text_config(**widths, num_key_value_heads=2, hybrid_override_pattern="M-M*-M", vocab_size=4096)
     vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     return TimeViperConfig(vision_config=vision, text_config=text, image_token_id=4096, video_token_id=4097)
 
@@ -782,12 +776,7 @@ def fit_memory(points, cap):
     pts = [(r["frames"], r["peak_bytes"]) for r in points]
     if len(pts) < 2:
         return None
-    n = len(pts)
-    mx = sum(p[0] for p in pts) / n
-    my = sum(p[1] for p in pts) / n
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-    intercept = my - slope * mx
+    slope, intercept = linear_regression(*zip(*pts))
     if slope <= 0:
         return None
     return {"points": pts, "bytes_per_frame": slope, "intercept_bytes": intercept,

@@ -81,10 +81,6 @@ def parse_args(argv=None):
     return args
 
 
-def gpu_peak(device):
-    return mem(device)["peak"]
-
-
 def host_peak_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -157,26 +153,32 @@ def write_video(path, seconds, fps, size, gop):
     return path
 
 
-def tiny_processor(model, size):
+def generated_file(size, seconds, fps, gop):
+    """A new H.264 file (`write_video`, size "WxH") in a temporary folder: its path and its record."""
+    path = os.path.join(tempfile.mkdtemp(), "long.mp4")
+    write_s, _ = timed("cpu", lambda: write_video(path, seconds, fps, tuple(int(v) for v in size.split("x")), gop))
+    return path, {"size": size, "seconds": seconds, "fps": fps, "gop": gop, "codec": "H.264 (libx264 veryfast, crf 23)",
+                  "bytes": os.path.getsize(path), "write_s": write_s}
+
+
+def tiny_processor(model, path):
+    """A processor with a tiny tokenizer (the model takes its ids) and a one-question conversation about `path`."""
     from inference.tiny_default import make_processor, make_tiny_tokenizer, use_tokenizer_ids
 
-    processor = make_processor(make_tiny_tokenizer(), "nemotron_h", model.config.vision_tokens_per_frame, size)
+    processor = make_processor(make_tiny_tokenizer(), "nemotron_h", model.config.vision_tokens_per_frame,
+                               model.config.vision_config.image_size)
     model.config.video_token_id = processor.video_token_id
     use_tokenizer_ids(model, processor)
-    return processor
+    messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
+    return processor, messages
 
 
 def step_file(model, device, args, results):
     """A generated H.264 file to the first token: decode alone, the streaming path, the GPU alone, the one-shot path."""
-    size = tuple(int(v) for v in args.file_size.split("x"))
-    path = os.path.join(tempfile.mkdtemp(), "long.mp4")
-    write_s, _ = timed("cpu", lambda: write_video(path, args.file_seconds, args.file_fps, size, args.gop))
-    record = {"file": {"size": args.file_size, "seconds": args.file_seconds, "fps": args.file_fps, "gop": args.gop,
-                       "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
-                       "write_s": write_s}}
-    log("file written", record["file"])
-    processor = tiny_processor(model, model.config.vision_config.image_size)
-    messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
+    path, spec = generated_file(args.file_size, args.file_seconds, args.file_fps, args.gop)
+    record = {"file": spec}
+    log("file written", spec)
+    processor, messages = tiny_processor(model, path)
     sampling = {"fps": float(args.file_fps), "max_frames": args.file_seconds * args.file_fps}
     record.update(decode_alone(path, processor, args, sampling))
     inputs, first_logits = streaming_path(model, device, args, processor, messages, sampling, record)
@@ -220,7 +222,7 @@ def streaming_path(model, device, args, processor, messages, sampling, record):
     record["streaming"] = {
         "file_to_first_token_s": time.perf_counter() - started, "open_s": opened - started,
         "vision_s_overlapped_with_decode": encoded - opened, "decode_thread_s": stream.decode_seconds,
-        "llm_prefill_s": llm_s, "gpu_peak_bytes": gpu_peak(device),
+        "llm_prefill_s": llm_s, "gpu_peak_bytes": mem(device)["peak"],
         "host_peak_rss_bytes": host_peak_bytes(), "host_peak_rss_before_bytes": host_before,
         "tokens_in": int(inputs["input_ids"].shape[1]), "first_token": int(out.sequences[0, -1]),
     }
@@ -259,7 +261,7 @@ def one_shot_path(model, device, processor, messages, sampling, first_logits, re
                              attention_mask=batch["attention_mask"].to(device), pixel_values_videos=pixels)
     record["one_shot"] = {
         "file_to_first_token_s": time.perf_counter() - started, "decode_and_preprocess_s": processed - started,
-        "vision_and_llm_s": gpu_s, "gpu_peak_bytes": gpu_peak(device), "host_peak_rss_bytes": host_peak_bytes(),
+        "vision_and_llm_s": gpu_s, "gpu_peak_bytes": mem(device)["peak"], "host_peak_rss_bytes": host_peak_bytes(),
         "first_token": int(out.sequences[0, -1]),
     }
     record["first_logits_max_abs_diff_vs_streaming"] = (out.logits[0].float() - first_logits).abs().max().item()
@@ -271,16 +273,10 @@ def step_long_file(model, device, args, results):
     streaming path first (host peak RSS only grows, so it is read before anything else held frames), then decode
     alone and the GPU alone. No one-shot run: its host memory (1.77 MB of float32 pixels per frame next to the
     decoded frames) exceeds the machine's at these lengths."""
-    size = tuple(int(v) for v in args.long_file_size.split("x"))
-    path = os.path.join(tempfile.mkdtemp(), "long.mp4")
-    write_s, _ = timed("cpu", lambda: write_video(path, args.long_file_seconds, args.long_file_fps, size, args.long_gop))
-    spec = {"size": args.long_file_size, "seconds": args.long_file_seconds, "fps": args.long_file_fps,
-            "gop": args.long_gop, "codec": "H.264 (libx264 veryfast, crf 23)", "bytes": os.path.getsize(path),
-            "write_s": write_s}
+    path, spec = generated_file(args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop)
     log("long file written", spec)
     results["long_file"] = {"file": spec, "points": []}
-    processor = tiny_processor(model, model.config.vision_config.image_size)
-    messages = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What?"}]}]
+    processor, messages = tiny_processor(model, path)
     for fps in [float(f) for f in args.long_sample_fps.split(",")]:
         sampling = {"fps": fps, "max_frames": 10**7}
         point = {"sample_fps": fps}
@@ -321,10 +317,10 @@ def step_llm(model, device, args, results):
         try:
             seconds, _ = first_token(model, device, input_ids=ids, video_features=features,
                                      prefill_chunk_size=args.prefill_chunk)
-            record.update(oom=False, prefill_and_first_token_s=seconds, gpu_peak_bytes=gpu_peak(device),
+            record.update(oom=False, prefill_and_first_token_s=seconds, gpu_peak_bytes=mem(device)["peak"],
                           gpu_reserved_peak_bytes=mem(device)["reserved_peak"])
         except torch.OutOfMemoryError as err:
-            record.update(oom=True, error=str(err).splitlines()[0][:300], gpu_peak_bytes=gpu_peak(device))
+            record.update(oom=True, error=str(err).splitlines()[0][:300], gpu_peak_bytes=mem(device)["peak"])
         log("llm", record)
         results.setdefault("llm", []).append(record)
         save(results, args)

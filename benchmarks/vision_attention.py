@@ -8,17 +8,16 @@ order of their sums).
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import time
+from statistics import median_high
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import log, meta  # noqa: E402
+from common import log, meta, save, timed  # noqa: E402
 from long_video import PEAK_FLOPS, vision_flops_per_frame  # noqa: E402
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -49,18 +48,6 @@ def build(device):
     return model.eval().requires_grad_(False)
 
 
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda")
@@ -76,7 +63,9 @@ def main(argv=None):
         context = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         try:
             with context:
-                seconds = timed(lambda: model.model.encode_frames(pixels), args.repeats)
+                model.model.encode_frames(pixels)  # warm-up
+                seconds = median_high([timed(device, lambda: model.model.encode_frames(pixels))[0]
+                                       for _ in range(args.repeats)])
                 features = model.model.encode_frames(pixels).float()
             record = {"s_per_call": seconds, "ms_per_frame": 1e3 * seconds / args.frames,
                       "ratio_to_floor": seconds / (args.frames * floor_per_frame)}
@@ -89,8 +78,7 @@ def main(argv=None):
         results["backends"][name] = record
         log(name, record)
     results["floor_ms_per_frame"] = 1e3 * floor_per_frame
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save(results, args)
     log("done")
 
 

@@ -265,11 +265,9 @@ def run(args: argparse.Namespace, answer_fn: AnswerFn | None = None) -> dict | N
     output_path = shard_output_path(args.output_dir, name, args.shard_index, args.num_shards)
 
     if answer_fn is None:
-        device = args.device
-        if device is None:
-            import torch
+        import torch
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         answer_fn = build_model_answer_fn(
             args.model,
             args.task,

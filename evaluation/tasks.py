@@ -17,6 +17,7 @@ metrics; all metrics are percentages in [0, 100].
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import math
 import os
@@ -722,15 +723,11 @@ def compute_metrics(task: str, predictions: Iterable[dict]) -> dict:
 def find_shard_files(output_dir: str | os.PathLike, name: str) -> list[Path]:
     """Every ``{name}.shard{i}of{K}.jsonl`` in ``output_dir``, ordered by (K, i)."""
     found = []
-    for path in Path(output_dir).glob(f"{_glob_escape(name)}.shard*of*.jsonl"):
+    for path in Path(output_dir).glob(f"{glob.escape(name)}.shard*of*.jsonl"):
         m = _SHARD_FILE.match(path.name)
         if m and m.group("name") == name:
             found.append((int(m.group("total")), int(m.group("index")), path))
     return [path for _, _, path in sorted(found)]
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
