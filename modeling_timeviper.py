@@ -747,11 +747,6 @@ def select_uniform(num_tokens: int, num_keep: int, device=None) -> torch.Tensor:
     return torch.linspace(0, num_tokens - 1, num_keep, dtype=torch.long, device=device)
 
 
-def select_by_attention(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """The `num_keep` highest-scoring indices, in their original order."""
-    return scores.topk(num_keep).indices.sort().values
-
-
 @dataclass
 class SequenceState:
     """The token sequence as it flows through the compression stages of one forward pass."""
@@ -823,7 +818,8 @@ class TokenCompressor:
         if self.stage.method == "uniform":
             selected = select_uniform(num_present, num_keep, vision.device)
         else:
-            selected = select_by_attention(self.score(state, b)[vision_index], num_keep)
+            # the highest-scoring tokens, in their original order
+            selected = self.score(state, b)[vision_index].topk(num_keep).indices.sort().values
         dropped_mask = vision.clone()
         dropped_mask[vision_index[selected]] = False
         return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
@@ -1053,11 +1049,11 @@ def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
     return sources
 
 
-def input_validity(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
-    """(batch, length) bool validity of the new tokens."""
-    batch, length = inputs_embeds.shape[:2]
+def input_validity(inputs: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
+    """(batch, length) bool validity of the new tokens; `inputs`: their ids or embeddings."""
+    batch, length = inputs.shape[:2]
     if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        return torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
     if decoding:  # generate() passes the mask of the whole sequence so far; only the new tokens' part is new
         return attention_mask[:, -length:].bool()
     if attention_mask.shape != (batch, length):
@@ -1840,8 +1836,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         if prefill_chunk_size is not None and not decoding:
             if output_hidden_states:
                 raise ValueError("output_hidden_states is not available with prefill_chunk_size")
-            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            valid = torch.ones_like(reference, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            valid = input_validity(input_ids if input_ids is not None else inputs_embeds, attention_mask, False)
             hidden_states, kept_positions = self.language_model.prefill_in_chunks(
                 vision.embed_columns, valid, vision.mask, cache, prefill_chunk_size,
                 compression_query_positions=compression_query_positions, keep_last=keep_last,
