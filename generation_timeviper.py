@@ -240,7 +240,8 @@ class TimeViperHybridCache(Cache):
 
     def fork(self, resume=None) -> "TimeViperHybridCache":
         """A dynamic cache that continues from this one: it shares the keys/values, validity and TransV memory, which
-        it never writes in place, and copies the Mamba states, which a fused decode kernel updates in place."""
+        it never writes in place, and copies the Mamba states, which a fused decode kernel updates in place.
+        `resume`: see `TimeViperVideoState`."""
         fork = TimeViperHybridCache()
         mamba = tuple(f"{store}." for store in MAMBA_STORES)
         named = {name: t.clone() if name.startswith(mamba) else t for name, t in self.named_tensors().items()}
@@ -412,7 +413,6 @@ class TimeViperGenerationMixin(GenerationMixin):
         """generate()'s cache: static (CUDA-graph decode steps) by default on CUDA or with
         `cache_implementation="static"`; dynamic elsewhere or with `cache_implementation="dynamic"`, which a returned
         cache needs to take a multi-token continuation."""
-
         user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
         implementation = generation_config.cache_implementation
         if implementation not in (None, "dynamic", "static"):

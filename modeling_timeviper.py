@@ -298,7 +298,9 @@ def ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state=None):
     x, dt, A = x.float(), dt.float(), A.float()
     B = B.float().repeat_interleave(heads_per_group, dim=2)
     C = C.float().repeat_interleave(heads_per_group, dim=2)
-    state = initial_state.float() if initial_state is not None else x.new_zeros(batch, heads, head_dim, B.shape[-1])
+    if initial_state is None:
+        initial_state = x.new_zeros(batch, heads, head_dim, B.shape[-1])
+    state = initial_state.float()
     outputs = []
     for start in range(0, length, chunk_size):
         xc, dtc = x[:, start : start + chunk_size], dt[:, start : start + chunk_size]
@@ -1014,7 +1016,9 @@ class TimeViperTextModel(nn.Module):
         """The prefill of `forward`, `chunk_size` tokens at a time (`ChunkedPrefill`); embed_columns(start, end)
         gives the input embeddings of positions [start, end)."""
         if torch.is_grad_enabled():
-            raise ValueError("prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)")
+            raise ValueError(
+                "prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)"
+            )
         if past_key_values is None or past_key_values.is_prefilled:
             raise ValueError("chunked prefill fills a new cache: pass an empty TimeViperHybridCache")
         if chunk_size < 1:
