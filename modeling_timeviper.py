@@ -1209,7 +1209,6 @@ class StreamedStage:
         first = torch.where(kept, self.source, state.valid.shape[1]).min(dim=0).values
         self.first_needed = first.flip(0).cummin(dim=0).values.flip(0).tolist()
         # TransV: the dropped tokens' memory, and the kept positions after each row's vision span that absorb it.
-        self.transfer = stage.transfer
         self.dropped = [dropped if stage.transfer else None for _, dropped in rows]
         # Row b's TransV keys/values, written as its dropped tokens arrive (allocated at the first of them).
         self.memories: list[tuple[torch.Tensor, torch.Tensor] | None] = [None for _ in rows]
