@@ -104,15 +104,10 @@ def so400m_vision_config(**overrides) -> SiglipVisionConfig:
 
 @dataclass(frozen=True)
 class TimeViperCompressionStage:
-    """One in-LLM compression stage.
-
-    Before block `layer_idx` runs, the vision tokens of each sample are reduced to `keep_ratio` of the ORIGINAL
-    number of vision tokens (not of the previous stage), chosen by `method`. With `transfer=True` the dropped
-    tokens are absorbed by the text after the vision span through a gated cross-attention (TransV); with
-    `transfer=False` they are simply dropped.
-
-    The paper writes drop rates, the reference code's strings write keep ratios: `from_drop_ratio` takes the
-    former (`drop_ratio = 1 - keep_ratio`, also relative to the original count).
+    """One in-LLM compression stage: before block `layer_idx` runs, each sample's vision tokens are reduced to
+    `keep_ratio` of the ORIGINAL number of vision tokens (not of the previous stage), chosen by `method`. With
+    `transfer=True` the text after the vision span absorbs the dropped tokens through a gated cross-attention
+    (TransV). The paper writes drop rates (`from_drop_ratio`), the reference code's strings keep ratios.
     """
 
     layer_idx: int
@@ -152,11 +147,8 @@ class TimeViperCompressionStage:
 
 
 def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
-    """Parse the reference code's schedule string, e.g. `uni_7_0.5-attn_39_0.05` or `unidrop_7_0.5`.
-
-    Each `-`-separated stage is `type_layer_keepratio`. `uni`/`attn` select uniformly or by attention; a type that
-    contains `drop` drops without TransV. The ratios are KEEP fractions of the original vision tokens.
-    """
+    """Parse the reference code's schedule string, e.g. `uni_7_0.5-attn_39_0.05` or `unidrop_7_0.5`: stages
+    `type_layer_keepratio`, where a `drop` type drops without TransV and the ratios are KEEP fractions."""
     stages = []
     for part in spec.split("-"):
         fields = part.split("_")
@@ -194,10 +186,9 @@ def normalize_compression(value) -> list[TimeViperCompressionStage]:
 
 
 def text_layer_types(text_config) -> list[str]:
-    """Per-block mixer type of the LLM: `linear_attention` (Mamba-2), `full_attention` or `mlp`.
+    """Per-block mixer type of the LLM: `linear_attention` (Mamba-2), `full_attention` or `mlp`; a Qwen2 decoder
+    layer (attention and MLP together) counts as one `full_attention` block."""
 
-    A Qwen2 decoder layer holds attention and MLP together; it counts as one `full_attention` block.
-    """
     if text_config.model_type == "qwen2":
         return ["full_attention"] * text_config.num_hidden_layers
     return list(text_config.layer_types)

@@ -38,10 +38,9 @@ class TimeViperHybridCache(Cache):
       tokens absorb them as the prompt's text did.
     - `seen_tokens`: input tokens consumed so far (uncompressed), which `generate()` uses to slice new inputs.
 
-    The methods below are the only writers of this state. It derives from `Cache` for generate()'s checks but not
-    from transformers' per-layer cache classes: here attention blocks of one model hold keys of different lengths
-    that grow in shared spare-room buffers, a Mamba block's state is no key/value pair, and the cache-layer interface
-    changed within the supported transformers releases (5.13-5.25; its length query was renamed in 5.16).
+    The methods below are the only writers of this state. It derives from `Cache` for generate()'s checks, not from
+    transformers' per-layer caches: attention blocks here hold keys of different lengths, a Mamba state is no
+    key/value pair, and the cache-layer interface changed within transformers 5.13-5.25.
     """
 
     is_compileable = False
@@ -51,10 +50,9 @@ class TimeViperHybridCache(Cache):
     KV_SPARE_TOKENS = 256
 
     def __init__(self, max_length: int | None = None):
-        """max_length: None grows the cache as tokens come. An int makes it static (`generate(...,
-        cache_implementation="static")`): at the first decode step every growing tensor moves into a buffer of room
-        for `max_length` tokens in all, written in place from then on, so that no tensor changes shape or address
-        and a decode step on CUDA can be captured once as a CUDA graph and replayed (see `DecodeStepGraph`)."""
+        """max_length: None grows the cache as tokens come. An int makes it static: at the first decode step every
+        growing tensor moves into a buffer of room for `max_length` tokens, written in place from then on, so that
+        a decode step on CUDA can be captured once as a CUDA graph and replayed (`DecodeStepGraph`)."""
         super().__init__(layers=[])
         self.max_length = max_length
         self.conv_states: dict[int, torch.Tensor] = {}
@@ -90,7 +88,6 @@ class TimeViperHybridCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
 
-    # -- the token layout -------------------------------------------------------------------------------------------
     def add_prompt_tokens(self, length: int) -> None:
         self.seen_tokens += length
 
@@ -125,7 +122,6 @@ class TimeViperHybridCache(Cache):
         if any(memory is not None for memory in memories):
             self.transfer_memory[stage_index] = stack_memories(memories)
 
-    # -- per-block state ----------------------------------------------------------------------------------------------
     def mamba_state(self, layer_idx: int):
         if layer_idx not in self.ssm_states:
             return None
@@ -165,7 +161,6 @@ class TimeViperHybridCache(Cache):
         self.values[layer_idx] = buffers[1][..., : length + new, :]
         return self.keys[layer_idx], self.values[layer_idx]
 
-    # -- static decoding ------------------------------------------------------------------------------------------
     @property
     def is_static(self) -> bool:
         return self.max_length is not None
@@ -215,7 +210,6 @@ class TimeViperHybridCache(Cache):
                 return grown
         return F.pad(tensor, (0, 0, 0, room))
 
-    # -- the state as named tensors: saving, forking and batch surgery --------------------------------------------
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the state under a stable name (a saved video state's file uses these names)."""
         named = {f"{store}.{i}": t for store in (*MAMBA_STORES, *KV_STORES) for i, t in getattr(self, store).items()}
@@ -246,8 +240,8 @@ class TimeViperHybridCache(Cache):
 
     def fork(self, resume=None) -> "TimeViperHybridCache":
         """A dynamic cache that continues from this one: it shares the keys/values, validity and TransV memory, which
-        it never writes in place (its first key/value append copies into a new buffer), and copies the Mamba states,
-        which a fused decode kernel updates in place. `resume`: see `TimeViperVideoState`."""
+        it never writes in place, and copies the Mamba states, which a fused decode kernel updates in place.
+        `resume`: see `TimeViperVideoState`."""
         fork = TimeViperHybridCache()
         mamba = tuple(f"{store}." for store in MAMBA_STORES)
         named = {name: t.clone() if name.startswith(mamba) else t for name, t in self.named_tensors().items()}
@@ -324,9 +318,7 @@ def resolve_cache_argument(past_key_values, cache):
     return cache
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Static decoding: one decode step captured as a CUDA graph
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def check_static_step_inputs(input_ids, **others) -> None:
@@ -381,9 +373,7 @@ class DecodeStepGraph:
         return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # generate()
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TimeViperGenerationMixin(GenerationMixin):
@@ -420,10 +410,9 @@ class TimeViperGenerationMixin(GenerationMixin):
         return self.lm_head(self.model(input_ids=input_ids, past_key_values=cache).last_hidden_state)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        """generate()'s cache. Static (preallocated for the whole generation; decode steps replay one CUDA graph) by
-        default on CUDA, or with `cache_implementation="static"`; dynamic (grows as tokens come) by default
-        elsewhere, or with `cache_implementation="dynamic"`, which a returned cache needs to take a multi-token
-        continuation. It goes into `model_kwargs` under the installed release's name (CACHE_NAME)."""
+        """generate()'s cache: static (CUDA-graph decode steps) by default on CUDA or with
+        `cache_implementation="static"`; dynamic elsewhere or with `cache_implementation="dynamic"`, which a returned
+        cache needs to take a multi-token continuation."""
         user_cache = resolve_cache_argument(model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None))
         implementation = generation_config.cache_implementation
         if implementation not in (None, "dynamic", "static"):

@@ -1,15 +1,12 @@
 """TimeViper: a hybrid Mamba-Transformer video-language model for hour-long videos.
 
 Data flow: frames -> SigLIP (second-to-last block, no post-norm) -> ToMe merging per frame -> MLP projector ->
-the embeddings of the placeholder tokens -> the LLM blocks, where compression stages drop vision tokens (and TransV
-folds the dropped ones into the text after the vision span) -> final norm -> lm_head.
-
-The LLM is either Nemotron-H (Mamba-2, attention and MLP blocks) or Qwen2 (attention + MLP decoder layers). All
-per-sequence state of a generation (Mamba conv/SSM states, per-block KV of different lengths, the token layout of
-every compression segment) lives in `TimeViperHybridCache`, which generation_timeviper.py defines together with
-generate()'s integration (cache choice, chunked prefill, CUDA-graph decode steps).
+the embeddings of the placeholder tokens -> the LLM blocks (Nemotron-H: Mamba-2, attention and MLP blocks; or
+Qwen2), where compression stages drop vision tokens (and TransV folds the dropped ones into the text after the
+vision span) -> final norm -> lm_head. The generation state lives in generation_timeviper.py.
 """
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-# First: importing the configuration runs its transformers version guard, before the imports an unsupported release
-# may lack.
+# First: the configuration's transformers version guard, before imports an unsupported release may lack.
 from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
 
 from .generation_timeviper import (  # isort: skip
@@ -65,11 +62,10 @@ logger = logging.get_logger(__name__)
 
 # softplus(dt) of a padded position must be 0 so that the SSM state passes it unchanged: exp(0 * A) = 1, 0 * x = 0.
 PADDING_DT = -1.0e4
+NON_CUDNN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Outputs
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def with_cache_field(cls):
@@ -83,11 +79,8 @@ def with_cache_field(cls):
 
 @with_cache_field
 class TimeViperModelOutputWithPast(ModelOutput):
-    """
-    last_hidden_state: (batch, kept_length, hidden) after all compression stages.
-    kept_positions: (batch, kept_length) index of each output position in the input sequence, -1 for padding.
-    cache: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24).
-    """
+    """`kept_positions`: (batch, kept_length) input index of each output position after compression, -1 for
+    padding. `cache`: the `TimeViperHybridCache` (named `past_key_values` before transformers 5.24)."""
 
     last_hidden_state: torch.FloatTensor | None = None
     kept_positions: torch.LongTensor | None = None
@@ -110,9 +103,7 @@ class TimeViperCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Token layout: masks and positions shared by every block of one compression segment
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -121,7 +112,7 @@ class TokenLayout:
     and the RoPE positions of the queries."""
 
     valid: torch.Tensor | None  # (batch, query_len) bool, None when every token is valid
-    attention_mask: torch.Tensor | None  # (batch, 1, query_len, key_len) bool, or None
+    attention_mask: torch.Tensor | None  # (batch, 1, query_len, key_len) bool
     is_causal: bool
     position_ids: torch.Tensor  # (batch, query_len)
     # Prefill of a padded batch whose rows each hold one run of valid tokens: (start, end) per row. Attention then
@@ -155,7 +146,6 @@ class TokenLayout:
         mask = mask | (key_index == query_index)[None, None]
         return cls(query_valid, mask, False, position_ids)
 
-
     @classmethod
     def static_step(cls, key_valid: torch.Tensor) -> "TokenLayout":
         """One decode step on a static cache's buffer `key_valid`, whose unwritten slots are invalid: attention over
@@ -179,9 +169,7 @@ def contiguous_spans(valid: torch.Tensor) -> list[tuple[int, int]] | None:
     return list(zip(start.tolist(), end.tolist()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Vision side: ToMe merging and the projector
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def tome_schedule(num_tokens: int, target: int) -> list[int]:
@@ -197,9 +185,8 @@ def tome_schedule(num_tokens: int, target: int) -> list[int]:
 
 def match_tokens(features: torch.Tensor, r: int, metric_heads: int = 16):
     """ToMe's matching on (frames, p, c) features: each even position (set A) is paired with its most similar odd
-    position (set B), by the cosine of the features averaged over `metric_heads` channel groups. Returns the A
-    indices kept and merged (each (frames, n, 1): the unmerged by descending match score, and the `r` best matched)
-    and the B partner of each merged one."""
+    position (set B) by the cosine of the features averaged over `metric_heads` channel groups. Returns the A
+    indices left unmerged (by descending score) and the `r` best matched, each (frames, n, 1), and their B partners."""
     frames, p, channels = features.shape
     with torch.no_grad():
         metric = features.view(frames, p, metric_heads, channels // metric_heads).mean(dim=2)
@@ -212,12 +199,9 @@ def match_tokens(features: torch.Tensor, r: int, metric_heads: int = 16):
 
 
 def bipartite_soft_matching(features: torch.Tensor, sizes: torch.Tensor, r: int, metric_heads: int = 16):
-    """One size-weighted ToMe round on (frames, p, c) features: removes `r` tokens.
-
-    The `r` best-matched A tokens (`match_tokens`) are averaged into their B partners, weighted by how many patches
-    each token already stands for. Output order: the unmerged A tokens by descending match score, then all B tokens
-    in order.
-    """
+    """One ToMe round on (frames, p, c) features: the `r` best-matched A tokens (`match_tokens`) are averaged into
+    their B partners, weighted by how many patches each token stands for. Output: the unmerged A tokens by
+    descending match score, then all B tokens in order."""
     frames, p, _ = features.shape
     unmerged, merged, partner = match_tokens(features, r, metric_heads)
     # (frames, |B|, r) 0/1 matrix: merged A token j goes to B token partner[j]. Summing through a matmul, not
@@ -256,9 +240,7 @@ class TimeViperMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # LLM building blocks
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TimeViperRMSNorm(nn.Module):
@@ -308,22 +290,17 @@ class TimeViperRMSNormGated(nn.Module):
 
 
 def ssd_scan(x, dt, A, B, C, D, chunk_size, initial_state=None):
-    """Mamba-2 SSD in PyTorch, chunk by chunk so memory stays O(chunk^2) per head whatever the length.
-
-    x: (b, l, h, p); dt: (b, l, h) after softplus and clamping; A, D: (h,); B, C: (b, l, g, n).
-    Computes h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t + D x_t, in float32.
-    Returns y (b, l, h, p) float32 and the final state (b, h, p, n) float32.
-    """
+    """Mamba-2 SSD in PyTorch, chunk by chunk so memory stays O(chunk^2) per head whatever the length: in float32,
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T and y_t = h_t C_t + D x_t. x: (b, l, h, p); dt: (b, l, h) after
+    softplus and clamping; A, D: (h,); B, C: (b, l, g, n). Returns y (b, l, h, p) and the final state (b, h, p, n)."""
     batch, length, heads, head_dim = x.shape
     heads_per_group = heads // B.shape[2]
     x, dt, A = x.float(), dt.float(), A.float()
     B = B.float().repeat_interleave(heads_per_group, dim=2)
     C = C.float().repeat_interleave(heads_per_group, dim=2)
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else x.new_zeros(batch, heads, head_dim, B.shape[-1])
-    )
+    if initial_state is None:
+        initial_state = x.new_zeros(batch, heads, head_dim, B.shape[-1])
+    state = initial_state.float()
     outputs = []
     for start in range(0, length, chunk_size):
         xc, dtc = x[:, start : start + chunk_size], dt[:, start : start + chunk_size]
@@ -533,15 +510,12 @@ def sdpa_attention(query, key, value, mask, is_causal, scale):
     fewer queries than keys aligns the queries with the last keys (a chunk after the cached tokens)."""
     if is_causal and query.shape[2] != key.shape[2]:
         mask, is_causal = causal_lower_right(query.shape[2], key.shape[2]), False
-    if query.is_cuda:
-        # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
-            )
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+    # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
+    backends = sdpa_kernel(NON_CUDNN_BACKENDS) if query.is_cuda else contextlib.nullcontext()
+    with backends:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )
 
 
 def eager_attention(query, key, value, mask, is_causal, scale):
@@ -590,11 +564,9 @@ def attend(config, query, key, value, mask, is_causal, scale):
 
 
 def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=0):
-    """Causal attention of each row over its own run of valid tokens; padding positions get zeros. Memory stays
-    O(L) (flash / memory-efficient kernels), where a padded batch's dense mask would be O(L^2).
-
-    The queries are the tokens [query_offset, query_offset + q) of the sequence whose keys are [0, key_len) (a chunk
-    of a chunked prefill; 0 and q = key_len otherwise); `row_spans` index the keys."""
+    """Causal attention of each row over its own run of valid tokens (`row_spans`, in key coordinates); padding
+    gets zeros. Memory stays O(L), where a padded batch's dense mask would be O(L^2). The queries are the keys
+    [query_offset, query_offset + q) (a chunk of a chunked prefill)."""
     length = query.shape[2]
     rows = []
     for b, (start, end) in enumerate(row_spans):
@@ -611,10 +583,8 @@ def attend_per_row(attention, query, key, value, row_spans, scale, query_offset=
 
 class TimeViperTransV(TimeViperAttentionProjections):
     """TransV cross-attention: text tokens (queries) attend to the dropped vision tokens (memory), with no causal
-    mask and no positions. The text model adds the output gated by this module's `tanh(alpha)`, so at alpha = 0
-    this is plain dropping. The gate is a parameter of this module so that the module is the whole trainable unit
-    (PEFT's `modules_to_save`, per-module learning rates).
-    The memory's keys/values are computed once per sample and cached, so decode steps enrich new tokens too."""
+    mask and no positions; the output is added gated by `tanh(alpha)`, so at alpha = 0 this is plain dropping. The
+    gate lives here so that the module is the whole trainable unit (PEFT's `modules_to_save`, per-module rates)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -662,18 +632,18 @@ def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int, dim: int = 1
 
 
 class ChunkedOutput:
-    """Concatenates per-chunk outputs along `dim`. Without autograd each chunk is written into one preallocated
-    tensor as it comes, instead of keeping every chunk and then a torch.cat copy of them all (one full-sequence
-    activation less at the peak of a long prefill)."""
+    """Concatenates per-chunk outputs along `dim`, `length` in all (None: not known ahead). Without autograd and
+    with a known length each chunk is written into one preallocated tensor as it comes, instead of keeping every
+    chunk and then a torch.cat copy of them all (one full-sequence activation less at the peak of a long prefill)."""
 
-    def __init__(self, length: int, dim: int = 1):
+    def __init__(self, length: int | None, dim: int = 1):
         self.length, self.dim, self.parts, self.out, self.filled = length, dim, [], None, 0
 
     def add(self, part: torch.Tensor) -> None:
         if self.out is None and not self.parts and part.shape[self.dim] == self.length:
             self.out = part  # the whole sequence came as one chunk: nothing to copy
             return
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.length is None:
             self.parts.append(part)
             return
         if self.out is None:
@@ -771,19 +741,12 @@ class TimeViperQwen2Layer(GradientCheckpointingLayer):
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Token compression (dropping + TransV)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def select_uniform(num_tokens: int, num_keep: int, device=None) -> torch.Tensor:
     """Evenly spaced keep indices, exactly the reference's integer linspace (global over all frames)."""
     return torch.linspace(0, num_tokens - 1, num_keep, dtype=torch.long, device=device)
-
-
-def select_by_attention(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """The `num_keep` highest-scoring indices, in their original order."""
-    return scores.topk(num_keep).indices.sort().values
 
 
 @dataclass
@@ -837,11 +800,9 @@ def left_pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
 
 
 class TokenCompressor:
-    """One compression stage of the text model: which vision tokens each row keeps (`select`: evenly spaced, or
-    those its query token attends to most in the stage's block, `score`), what the text after the vision span
-    absorbs of the dropped ones (`transfer`, through the stage's TransV module when the stage has one), and the
-    kept sequence (`compress`). It holds no weights: it reads the text model's blocks and TransV modules when
-    called, so that wrappers which replace them (FSDP) are honoured."""
+    """One compression stage: which vision tokens each row keeps (`select`), what the text after the vision span
+    absorbs of the dropped ones (`transfer`, TransV) and the kept sequence (`compress`). It holds no weights but
+    reads the text model's blocks and TransV modules when called, so that wrappers replacing them (FSDP) count."""
 
     def __init__(self, text_model: "TimeViperTextModel", stage_index: int):
         self.text_model, self.stage_index = text_model, stage_index
@@ -859,7 +820,8 @@ class TokenCompressor:
         if self.stage.method == "uniform":
             selected = select_uniform(num_present, num_keep, vision.device)
         else:
-            selected = select_by_attention(self.score(state, b)[vision_index], num_keep)
+            # the highest-scoring tokens, in their original order
+            selected = self.score(state, b)[vision_index].topk(num_keep).indices.sort().values
         dropped_mask = vision.clone()
         dropped_mask[vision_index[selected]] = False
         return (valid & ~dropped_mask).nonzero().squeeze(1), dropped_mask
@@ -928,9 +890,8 @@ class TokenCompressor:
 
 
 class TimeViperTextModel(nn.Module):
-    """The LLM body: embeddings, blocks, compression stages, final norm. Parameter names follow the native
-    checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`, `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`,
-    `norm`), plus `merge_modules.{stage}` (with its gate `alpha`) for TransV."""
+    """The LLM body. Parameter names follow the native checkpoints (Nemotron-H: `embeddings`, `layers.i.norm/mixer`,
+    `norm_f`; Qwen2: `embed_tokens`, `layers.i.*`, `norm`), plus `merge_modules.{stage}` for TransV."""
 
     # Mamba / MLP work is split along the sequence beyond this many tokens (bounds activation memory).
     sequence_chunk_size = 16384
@@ -999,9 +960,7 @@ class TimeViperTextModel(nn.Module):
             state = input_state(inputs_embeds, valid, vision_mask, compression_query_positions)
             hidden_states, kept_positions = self.prefill(state, cache, all_hidden_states)
         hidden_states = self.final_norm(hidden_states)
-        if output_hidden_states:
-            return hidden_states, kept_positions, (*all_hidden_states, hidden_states)
-        return hidden_states, kept_positions, None
+        return hidden_states, kept_positions, None if all_hidden_states is None else (*all_hidden_states, hidden_states)
 
     def prefill(self, state: SequenceState, cache: TimeViperHybridCache | None, all_hidden_states: list | None):
         """Every block on the whole prompt, compressing at each stage. Returns the last block's output and the
@@ -1054,9 +1013,8 @@ class TimeViperTextModel(nn.Module):
         compression_query_positions: torch.Tensor | None = None,
         keep_last: int | None = None,
     ):
-        """The prefill of `forward`, `chunk_size` tokens at a time (see `ChunkedPrefill`). embed_columns(start, end)
-        gives the input embeddings of positions [start, end); valid: (batch, length) bool. Returns the final hidden
-        states of the last `keep_last` kept positions (all if None) and the kept positions."""
+        """The prefill of `forward`, `chunk_size` tokens at a time (`ChunkedPrefill`); embed_columns(start, end)
+        gives the input embeddings of positions [start, end)."""
         if torch.is_grad_enabled():
             raise ValueError(
                 "prefill_chunk_size is an inference setting: run it under torch.no_grad() (generate() does)"
@@ -1071,9 +1029,8 @@ class TimeViperTextModel(nn.Module):
 
 
 def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
-    """How TransV starts without trained weights: each transfer stage's module copies q/k/v/o from the first
-    attention block at or after the stage's layer, and its gate `alpha` is 0 (source None), so that the stage starts
-    as plain dropping. Returns {TransV parameter: source parameter}, named as in `TimeViperTextModel`."""
+    """{TransV parameter: source parameter} to start TransV without trained weights: q/k/v/o from the first attention
+    block at or after the stage's layer, and the gate `alpha` 0 (source None), so the stage starts as plain dropping."""
     text_config = config.text_config
     layer_types = text_layer_types(text_config)
     attention = "self_attn" if text_config.model_type == "qwen2" else "mixer"
@@ -1096,11 +1053,11 @@ def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
     return sources
 
 
-def input_validity(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
-    """(batch, length) bool validity of the new tokens."""
-    batch, length = inputs_embeds.shape[:2]
+def input_validity(inputs: torch.Tensor, attention_mask: torch.Tensor | None, decoding: bool) -> torch.Tensor:
+    """(batch, length) bool validity of the new tokens; `inputs`: their ids or embeddings."""
+    batch, length = inputs.shape[:2]
     if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        return torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
     if decoding:  # generate() passes the mask of the whole sequence so far; only the new tokens' part is new
         return attention_mask[:, -length:].bool()
     if attention_mask.shape != (batch, length):
@@ -1108,9 +1065,7 @@ def input_validity(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | N
     return attention_mask.bool()
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Chunked prefill: the prompt consumed a chunk of tokens at a time
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class ChunkedPrefill:
@@ -1129,9 +1084,6 @@ class ChunkedPrefill:
     - attention-guided (`HeldStage`): the scores need the query token, which comes after the video, so the stage
       holds its whole input, (batch, segment length, hidden), until the last chunk has arrived, then runs the
       one-shot `compress` on it; the next segment runs chunk by chunk over the kept tokens (kept length x hidden).
-
-    Peak memory: weights + cached keys/values (reserved at their final length) + Mamba states + one chunk's
-    activations + what the stages hold (above) + the final hidden states of the last `keep_last` positions.
     """
 
     def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
@@ -1149,9 +1101,8 @@ class ChunkedPrefill:
         return len(self.bounds) - 2
 
     def run(self, embed_columns, state: SequenceState):
-        """embed_columns(start, end) -> (batch, end - start, hidden): the input embeddings of those positions.
-        Returns the final-normed hidden states of the last `keep_last` positions (all if None) and the input index
-        of every kept position."""
+        """The final-normed hidden states of the last `keep_last` positions (all if None) and the input index of
+        every kept position; embed_columns(start, end) -> (batch, end - start, hidden) input embeddings."""
         self.consume(embed_columns, state)
         return self.output.result(), self.segments[-1].state.positions
 
@@ -1258,7 +1209,6 @@ class StreamedStage:
         first = torch.where(kept, self.source, state.valid.shape[1]).min(dim=0).values
         self.first_needed = first.flip(0).cummin(dim=0).values.flip(0).tolist()
         # TransV: the dropped tokens' memory, and the kept positions after each row's vision span that absorb it.
-        self.transfer = stage.transfer
         self.dropped = [dropped if stage.transfer else None for _, dropped in rows]
         # Row b's TransV keys/values, written as its dropped tokens arrive (allocated at the first of them).
         self.memories: list[tuple[torch.Tensor, torch.Tensor] | None] = [None for _ in rows]
@@ -1308,7 +1258,7 @@ class StreamedStage:
         absorbs = self.absorbs[:, start:end]
         for b in range(out.shape[0]):
             if bool(absorbs[b].any()):  # all of row b's dropped tokens precede its text: its memory is complete
-                key, value = self.row_memory(b)
+                key, value = self.memories[b]
                 out[b, absorbs[b]] = self.compressor.transfer(out[b, absorbs[b]][None], key[None], value[None])[0]
         return out
 
@@ -1323,13 +1273,10 @@ class StreamedStage:
         self.memories[b][1][:, start : start + key.shape[1]] = value
         self.memory_filled[b] = start + key.shape[1]
 
-    def row_memory(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.memories[b]
-
     def finish(self, cache: TimeViperHybridCache) -> list[tuple[torch.Tensor, int]]:
         """All stage inputs have arrived: the remaining chunks; the TransV memory goes into the cache."""
         chunks = self.emit()
-        memories = [self.row_memory(b) if dropped is not None else None for b, dropped in enumerate(self.dropped)]
+        memories = [self.memories[b] if dropped is not None else None for b, dropped in enumerate(self.dropped)]
         cache.store_transfer_memory(self.compressor.stage_index, memories)
         return chunks
 
@@ -1354,28 +1301,24 @@ class HeldStage:
         return state
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Video state: a video prefilled once, then any number of questions about it
-# ----------------------------------------------------------------------------------------------------------------
 
 VIDEO_STATE_FORMAT = 1
 VIDEO_STATE_TENSORS = "video_state.safetensors"
 VIDEO_STATE_METADATA = "video_state.json"
-HELD_FIELDS = ("hidden_states", "valid", "vision", "positions", "num_vision", "query_positions")
+
 
 
 def first_question_stage(stages: list[TimeViperCompressionStage]) -> int | None:
-    """The first compression stage whose result depends on the text after the video: attention-guided selection
-    scores with the question's last token. A uniform stage selects from the token layout alone, and its TransV
-    enriches each text token independently of the others, so a question passes it the way decoded tokens do."""
+    """The first stage whose result depends on the text after the video: attention-guided selection scores with the
+    question's last token. A uniform stage (with its TransV) treats a question like decoded tokens."""
     return next((index for index, stage in enumerate(stages) if stage.method != "uniform"), None)
 
 
 @dataclass
 class VideoStateResume:
-    """Where a question's prefill picks up a video state: the first question-dependent stage (None: there is none,
-    the question continues through every block) and that stage's input over the prefix (the prompt up to the end
-    of the video), which the stage re-selects from once the question's last token is known."""
+    """Where a question's prefill picks up a video state: the first question-dependent stage (None: none) and its
+    input over the prefix, which it selects from once the question's last token is known."""
 
     stage_index: int | None
     held: SequenceState | None
@@ -1399,8 +1342,7 @@ class PrefixPrefill(ChunkedPrefill):
 
 
 class ResumedPrefill(ChunkedPrefill):
-    """A question's prefill from the input of stage `stage_index` on: the segments before the stage are in the
-    cache (the question continued them), the stage input over prefix + question is given whole."""
+    """A question's prefill from stage `stage_index` on, given its whole input over prefix + question."""
 
     def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
         self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
@@ -1413,10 +1355,9 @@ class ResumedPrefill(ChunkedPrefill):
 
 def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
                        query_positions):
-    """The prefill of the text after the video on a cache forked from a `TimeViperVideoState`: the question's
-    tokens run through the blocks before the first question-dependent stage, then that stage selects among the
-    held prefix inputs + the question's, and the blocks after it run on what it keeps (`ResumedPrefill`).
-    Returns the final-normed hidden states of the question's tokens."""
+    """The final-normed hidden states of the question after a video state: its tokens run through the blocks before
+    the first question-dependent stage, which then selects among the held prefix inputs + the question's, and the
+    blocks after it run on what it keeps (`ResumedPrefill`)."""
     resume = cache.take_resume()
     batch, length = valid.shape
     if batch != 1 or not bool(valid.all()):
@@ -1485,19 +1426,14 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class TimeViperVideoState:
-    """A video and the prompt before it, prefilled once, answering any number of questions that follow it.
+    """A video and the prompt before it, prefilled once, answering any number of questions that follow it
+    (`TimeViperForConditionalGeneration.encode_video_state`).
 
-    Made by `TimeViperForConditionalGeneration.encode_video_state`. It holds the hybrid cache of the prefix (the
-    prompt up to the video's last placeholder): Mamba conv/SSM states and attention keys/values of the blocks
-    before the first question-dependent stage (`first_question_stage`), the TransV memory of the uniform stages
-    before it, and, when there is such a stage, its input hidden states over the prefix (`resume.held`), which the
-    stage selects from with each question's last token. Without such a stage (no compression, uniform stages with
-    or without TransV) the cache covers every block and a question costs only its own tokens.
-
-    A question runs on a fork (`fork`, `question_inputs`, `generate_from_video_state`): the fork shares the
-    prefix's keys/values and TransV memory, copies the Mamba states, and never writes into the shared tensors
-    (the first key/value append copies into a new buffer), so the state serves any number of questions. The
-    result equals the full prompt's one-shot forward: same kept tokens, same logits up to the order of sums.
+    It holds the cache of the prefix (the prompt up to the video's last placeholder) for the blocks before the
+    first question-dependent stage (`first_question_stage`) and, when there is one, that stage's input over the
+    prefix (`resume.held`), which the stage selects from with each question's last token. A question runs on a
+    fork that shares the prefix's keys/values and copies the Mamba states, so the state serves any number of
+    questions; the result equals the full prompt's one-shot forward.
     """
 
     def __init__(self, cache: TimeViperHybridCache, prefix_ids: torch.Tensor, resume: VideoStateResume,
@@ -1509,7 +1445,6 @@ class TimeViperVideoState:
     def prefix_length(self) -> int:
         return self.prefix_ids.shape[1]
 
-    # -- making one ------------------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
     def prefill(cls, model: "TimeViperForConditionalGeneration", input_ids, video_features, pixel_values_videos,
@@ -1537,7 +1472,6 @@ class TimeViperVideoState:
         resume = VideoStateResume(stop, prefill.held, chunk_size)
         return cls(cache, prefix_ids, resume, num_frames, state_fingerprint(model))
 
-    # -- asking ----------------------------------------------------------------------------------------------------
     def fork(self) -> TimeViperHybridCache:
         """A cache whose next forward call takes the tokens after the prefix (see the class docstring)."""
         return self.cache.fork(resume=self.resume)
@@ -1567,20 +1501,18 @@ class TimeViperVideoState:
             "past_key_values": self.fork(),
         }
 
-    # -- size ------------------------------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         """Bytes of the tensors a question reads: cached states, keys/values, TransV memory, held stage input."""
         held = self.resume.held
         return self.cache.memory_bytes() + (0 if held is None else held.hidden_states.nbytes)
 
-    # -- disk ------------------------------------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """Writes `video_state.safetensors` and `video_state.json` (what the state must match to be loaded)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"prefix_ids": self.prefix_ids, **self.cache.named_tensors()}
         if self.resume.held is not None:
-            tensors.update({f"held.{field}": getattr(self.resume.held, field) for field in HELD_FIELDS})
+            tensors.update({f"held.{name}": tensor for name, tensor in vars(self.resume.held).items()})
         save_file(unshared(tensors), directory / VIDEO_STATE_TENSORS)
         metadata = {
             "format": VIDEO_STATE_FORMAT,
@@ -1626,9 +1558,7 @@ class TimeViperVideoState:
         return cls(cache, prefix_ids, resume, metadata["num_frames"], expected)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Pretrained wrappers
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def is_legacy_gate_key(key: str) -> bool:
@@ -1786,10 +1716,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return self.language_model.embed
 
     def set_input_embeddings(self, value):
-        if self.language_model.is_qwen:
-            self.language_model.embed_tokens = value
-        else:
-            self.language_model.embeddings = value
+        setattr(self.language_model, "embed_tokens" if self.language_model.is_qwen else "embeddings", value)
+
 
     def _vision_layers_to_run(self) -> int:
         return vision_layers_to_run(self.config)
@@ -1808,9 +1736,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return self.multi_modal_projector(features)
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, name: str = "pixel_values_videos") -> torch.Tensor:
-        """Frames of all videos, (frames, 3, h, w) or (videos, frames, 3, h, w), encoded `vision_chunk_size` at a
-        time so that 10k frames never hold all patch activations at once. Returns (frames, tokens, hidden). `name` is
-        the input's name in error messages."""
+        """(frames, 3, h, w) or (videos, frames, 3, h, w) -> (frames, tokens, hidden), `vision_chunk_size` frames at a
+        time so that 10k frames never hold all patch activations at once."""
         size = self.config.vision_config.image_size
         if pixel_values_videos.dim() not in (4, 5) or pixel_values_videos.shape[-3:] != (3, size, size):
             raise ValueError(
@@ -1832,9 +1759,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
         return self.get_video_features(pixel_values, name="pixel_values")
 
     def streamed_video_features(self, streams) -> "StreamedVideoFeatures":
-        """`video_features` for `generate()` that encode each video while the prefill consumes it: decode, vision
-        and LLM then overlap and only one chunk of frames and features exists at a time. `streams`: objects with
-        `pixel_chunks(device, dtype)` and `num_frames` (`VideoStream`), in the order of the videos' placeholders."""
+        """`video_features` for `generate()` that encode each video while the prefill consumes it (`VideoStream`s,
+        in the order of the videos' placeholders): only one chunk of frames and features exists at a time."""
         videos = [(stream.pixel_chunks(self.device, self.dtype), stream.num_frames) for stream in streams]
         return StreamedVideoFeatures(
             self.get_video_features, videos, self.config.vision_tokens_per_frame, self.config.text_config.hidden_size
@@ -1842,28 +1768,20 @@ class TimeViperModel(TimeViperPreTrainedModel):
 
     @torch.no_grad()
     def encode_video(self, pixel_chunks, num_frames: int | None = None, features_device=None) -> torch.Tensor:
-        """Streaming `get_video_features`: encodes an iterable of normalised pixel chunks (f, 3, h, w) as they come
-        (e.g. `VideoStream.pixel_chunks(model.device, model.dtype)`, whose decoding runs ahead in a thread) and
-        keeps only their features, (frames, tokens_per_frame, hidden), on `features_device` (default: the model's
-        device), preallocated when `num_frames` is given. Pass them as `generate(video_features=...)`."""
+        """Streaming `get_video_features` over pixel chunks (f, 3, h, w) as they come (`VideoStream.pixel_chunks`),
+        keeping only the features on `features_device` (default: the model's), for `generate(video_features=...)`."""
         device = torch.device(features_device) if features_device is not None else self.device
-        features = ChunkedOutput(num_frames, dim=0) if num_frames is not None else None
-        parts, seen = [], 0
+        features, seen = ChunkedOutput(num_frames, dim=0), 0
         for pixels in pixel_chunks:
             part = self.get_video_features(pixels.to(self.device)).to(device)
             seen += part.shape[0]
-            if features is not None:
-                if seen > num_frames:
-                    raise ValueError(f"encode_video: the chunks hold more than num_frames={num_frames} frames")
-                features.add(part)
-            else:
-                parts.append(part)
-        if features is None:
-            if not parts:
-                raise ValueError("encode_video got no frames")
-            return torch.cat(parts)
-        if seen != num_frames:
+            if num_frames is not None and seen > num_frames:
+                raise ValueError(f"encode_video: the chunks hold more than num_frames={num_frames} frames")
+            features.add(part)
+        if num_frames is not None and seen != num_frames:
             raise ValueError(f"encode_video: the chunks held {seen} frames, num_frames={num_frames}")
+        if seen == 0:
+            raise ValueError("encode_video got no frames")
         return features.result()
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, token_id: int, features: torch.Tensor, name: str):
@@ -1894,10 +1812,10 @@ class TimeViperModel(TimeViperPreTrainedModel):
         cache: TimeViperHybridCache | None = None,
     ) -> TimeViperModelOutputWithPast:
         r"""
-        video_features: (frames, tokens_per_frame, hidden) projected frame features (`encode_video`), in place of
-            `pixel_values_videos`; they may stay on another device (the host) and move a chunk at a time.
-        prefill_chunk_size: run the prefill this many tokens at a time (`TimeViperTextModel.prefill_in_chunks`):
-            the same result, with activation memory for one chunk instead of the whole prompt.
+        video_features: projected frame features (`encode_video`) in place of `pixel_values_videos`; they may stay
+            on another device (the host) and move a chunk at a time.
+        prefill_chunk_size: run the prefill this many tokens at a time: the same result, with activation memory for
+            one chunk instead of the whole prompt.
         keep_last: with `prefill_chunk_size`, return the hidden states of only the last N positions.
         past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
         """
@@ -1921,8 +1839,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         if prefill_chunk_size is not None and not decoding:
             if output_hidden_states:
                 raise ValueError("output_hidden_states is not available with prefill_chunk_size")
-            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            valid = torch.ones_like(reference, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            valid = input_validity(input_ids if input_ids is not None else inputs_embeds, attention_mask, False)
             hidden_states, kept_positions = self.language_model.prefill_in_chunks(
                 vision.embed_columns, valid, vision.mask, cache, prefill_chunk_size,
                 compression_query_positions=compression_query_positions, keep_last=keep_last,
@@ -1975,10 +1892,9 @@ class VisionInputs:
 
 
 class PlaceholderEmbedder:
-    """Input embeddings of any range of positions: token embeddings, with each placeholder replaced by its feature
-    row (the rows of a features tensor fill its placeholders in row-major order). The features may live on another
-    device; only the rows of the asked range move. Rows are written through a boolean mask, not `masked_scatter`,
-    which builds an int64 index per element of the embeddings on CUDA."""
+    """Input embeddings of any range of positions, each placeholder replaced by its feature row (in row-major
+    order). Features may live on another device; only the asked rows move. Rows are written through a boolean mask,
+    not `masked_scatter`, which builds an int64 index per element of the embeddings on CUDA."""
 
     def __init__(self, embeddings: nn.Embedding, input_ids, placeholders, vision_inputs):
         self.embeddings, self.input_ids, self.placeholders = embeddings, input_ids, placeholders
@@ -2014,13 +1930,8 @@ class PlaceholderEmbedder:
 class StreamedVideoFeatures:
     """Video features computed while the prefill consumes them (`TimeViperModel.streamed_video_features`): each
     video's frames are encoded a chunk at a time when the prefill reaches their placeholders and dropped once it
-    has passed them, so neither the pixels nor the features of a whole video exist at once. The prefill visits each
-    video's placeholders in order (chunked or not); the features can be consumed once.
-
-    Args:
-        encode: pixels (f, 3, h, w) -> features (f, tokens_per_frame, hidden).
-        videos: per video, (an iterable of pixel chunks, its number of frames), in the order of the placeholders.
-    """
+    has passed them, so neither the pixels nor the features of a whole video exist at once; consumable once.
+    `encode`: pixels (f, 3, h, w) -> features (f, tokens, hidden); `videos`: per video, (pixel chunks, frame count)."""
 
     def __init__(self, encode, videos, tokens_per_frame: int, hidden_size: int):
         self.encode = encode
@@ -2155,21 +2066,18 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
     ) -> TimeViperCausalLMOutputWithPast:
         r"""
         position_ids: ignored; positions follow from `attention_mask` and are renumbered after each compression.
-        past_key_values / cache: the `TimeViperHybridCache`, under either name (transformers >= 5.24 passes `cache`).
-        labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised. They are shifted
-            at the input positions and then follow the tokens that compression keeps.
-        logits_to_keep: compute logits only for the last N positions (1 at inference: full-vocabulary logits of a
-            long video would be tens of GB); 0 keeps all. Ignored when `labels` are given.
+        labels: (batch, seq) next-token targets at the input positions, -100 where unsupervised; shifted at the input
+            positions, then following the tokens that compression keeps.
+        logits_to_keep: logits of the last N positions only (full-vocabulary logits of a long video would be tens of
+            GB); 0 keeps all. Ignored with `labels`.
         compression_query_positions: (batch,) input index of the query token of attention-guided selection.
             Default: the token before the first supervised label when `labels` are given, else the last token.
-        video_features: precomputed frame features in place of `pixel_values_videos` (see `TimeViperModel.forward`).
-        prefill_chunk_size: chunked prefill (see `TimeViperModel.forward`); `generate(prefill_chunk_size=N)` sets it
-            for the prefill call.
         output_attentions: only False: attention weights are never materialised (O(L^2) for hour-long videos).
-        return_dict: False returns the output's non-None fields as a tuple.
         num_items_in_batch: the loss is summed and divided by this (the Trainer's count over all gradient
             accumulation steps) instead of averaged over this batch's supervised tokens.
+        Other arguments: see `TimeViperModel.forward`.
         """
+
         past_key_values = resolve_cache_argument(past_key_values, cache)
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")
@@ -2223,18 +2131,15 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Pipeline
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TimeViperImageTextToTextPipeline(ImageTextToTextPipeline):
     """`pipeline("image-text-to-text")` for TimeViper (the config's `custom_pipelines` names this class).
 
-    The processor gives the frames of all videos as one flat (frames, 3, H, W) tensor. The stock batching pads
-    dim 1 of every tensor as if it were the sequence, which cuts each sample to its first frame. Here each sample's
-    frames travel as (1, frames, 3, H, W), so batching pads them along the frames on the text's padding side, and
-    each row's own frames (its placeholders / tokens per frame) are taken back out before generate()."""
+    The stock batching pads dim 1 of every tensor as if it were the sequence, which would cut the processor's flat
+    (frames, 3, H, W) tensor to one frame. Here each sample's frames travel as (1, frames, 3, H, W), are padded
+    along the frames, and each row's own frames are taken back out before generate()."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
