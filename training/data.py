@@ -339,7 +339,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
     """Supervised fine-tuning samples processed by a `TimeViperProcessor`.
 
     Args:
-        data_files: One or more JSONL files (see the module docstring).
+        data_files: One or more JSONL files (training/README.md, "Data format").
         processor: A `TimeViperProcessor` with a TimeViper chat template (it supplies the decoder, the sampling rule,
             the frame transform, the placeholder expansion and the labels).
         video_root: Folder that relative media paths are resolved against.
@@ -493,12 +493,8 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
         except Exception as err:
             raise SampleLoadError(f"{sample.where}: {type(err).__name__}: {err}") from err
         self.check_length(sample, encoded["input_ids"].shape[1], num_frames)
-        item = {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0]}
-        if videos is not None:
-            item["pixel_values_videos"] = encoded["pixel_values_videos"]
-        if images is not None:
-            item["pixel_values"] = encoded["pixel_values"]
-        return item
+        pixels = {key: encoded[key] for key in ("pixel_values_videos", "pixel_values") if key in encoded}
+        return {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0], **pixels}
 
 
 @dataclass

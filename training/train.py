@@ -180,9 +180,7 @@ def build_from_checkpoint(args: TimeViperArguments):
     processor.check_model_config(config)
     # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
     check_loading_info(model, loading_info, args.model, transfer_initialised=True)
-    missing = loading_info["missing_keys"]
-    missing_transfer = any(".merge_modules." in key for key in missing)
-    return model, processor, missing_transfer
+    return model, processor, any(".merge_modules." in key for key in loading_info["missing_keys"])
 
 
 def forget_unused_weight_conversions(model) -> None:
@@ -302,7 +300,9 @@ class TimeViperTrainer(Trainer):
         lora = is_peft_model(model)
         base_models = [finetuned_from] if finetuned_from else card_base_models(self.base_model_path)
         config = model.config
-        license_fields = {"license": license} if license else base_license(config, self.base_model_path)
+        # The license of --model's own card when it is a local folder with one, else the backbone's.
+        family = config.text_config.model_type
+        license_fields = {"license": license} if license else card_license(family, self.base_model_path)
         extra_tags = ["fine-tuned", *(["lora"] if lora else []), *([tags] if isinstance(tags, str) else tags or [])]
         metadata = {key: value for key, value in (("language", language), ("datasets", dataset)) if value}
         card = model_card(config, base_models, license_fields, extra_tags, self.card_notes,
@@ -360,12 +360,6 @@ def card_base_models(model_path: str | None) -> list[str]:
     return [base] if isinstance(base, str) else list(base or [])
 
 
-def base_license(config, model_path: str | None) -> dict:
-    """The license of the base model's card when `--model` is a local folder with one, else the backbone's."""
-    folder = model_path if model_path is not None and os.path.isdir(model_path) else None
-    return card_license(config.text_config.model_type, folder)
-
-
 def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -> str:
     method = f"LoRA (r={args.lora_r}, alpha={args.lora_alpha}) on the language model" if args.lora else "full fine-tuning"
     base = "the embedded tiny random-weight model" if args.tiny else f"`{args.model}`"
@@ -420,25 +414,16 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--merge-lora-and-save needs --lora")
     if args.token_compression not in (None, "", "none"):
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
-    overlap = output_overlaps_model(args.model, training_args.output_dir)
-    if overlap:
-        parser.error(overlap)
+    # Saving into the source folder (or one inside it) rewrites the only copy of the weights in place, so a kill
+    # during that save would leave nothing loadable.
+    if args.model is not None and os.path.isdir(args.model):
+        source, output = Path(args.model).resolve(), Path(training_args.output_dir).resolve()
+        if output == source or source in output.parents:
+            parser.error(
+                f"--output_dir {training_args.output_dir} is {'' if output == source else 'inside '}the --model folder "
+                f"{args.model}: the saves would overwrite the model being trained from; choose another output folder"
+            )
     return args, training_args
-
-
-def output_overlaps_model(model: str | None, output_dir: str) -> str | None:
-    """Why `--output_dir` may not be used with the local `--model` folder, or None. Saving into the source folder (or a
-    folder inside it) rewrites the only copy of the weights in place, so a kill during that save leaves nothing
-    loadable."""
-    if model is None or not os.path.isdir(model):
-        return None
-    source, output = Path(model).resolve(), Path(output_dir).resolve()
-    if output == source or source in output.parents:
-        return (
-            f"--output_dir {output_dir} is {'' if output == source else 'inside '}the --model folder {model}: the saves "
-            "would overwrite the model being trained from; choose another output folder"
-        )
-    return None
 
 
 def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -564,7 +549,7 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         processor.save_pretrained(merged_dir)
         copy_remote_code(merged_dir)
         model_card(
-            merged.config, card_base_models(args.model), base_license(merged.config, args.model),
+            merged.config, card_base_models(args.model), card_license(merged.config.text_config.model_type, args.model),
             ["fine-tuned", "lora-merged"], trainer.card_notes,
         ).save(os.path.join(merged_dir, "README.md"))
         logger.info("merged model saved to %s", merged_dir)
