@@ -1,32 +1,11 @@
-"""Training data for TimeViper: the JSONL sample format, its validation, a `Dataset` and a padding collator.
+"""Training data for TimeViper: the JSONL sample format (training/README.md, "Data format"), its validation, a
+`Dataset` and a padding collator.
 
-One JSON object per line (blank lines are skipped; `#` never starts a comment):
-
-    {"id": "vid-0001", "video": "clips/0001.mp4", "start": 3.0, "end": 40.0,
-     "conversations": [{"role": "user", "content": "<video>What happens?"},
-                       {"role": "assistant", "content": "A man opens a door."}]}
-
-- Media: `"video"` (a file PyAV can read) or `"image"`, or neither (a text-only sample). Relative paths are
-  resolved against `video_root`. A video given under `"image"` (reference-style data) is recognised by its
-  extension. `"start"`/`"end"` (seconds) restrict a video to a window.
-- Turns: `{"role": "user"|"assistant"|"system", "content": str}` or the reference's
-  `{"from": "human"|"gpt"|"system", "value": str}`. An optional system turn comes first, then user and assistant
-  turns alternate, starting with a user turn and ending with an assistant answer. Only assistant turns are
-  supervised (the processor's label builder).
-- The media goes where the first user turn writes `<video>` (or `<image>`; the reference wrote `<image>` for videos
-  too), or in front of the first user turn's text when no placeholder is written.
-- Grounding samples replace `conversations` with `"query": str` and `"timestamps": [start_s, end_s]` (seconds from
-  the start of the clip, i.e. from `start` when given). They are rendered with the evaluation's grounding prompt
-  (`evaluation.tasks.build_grounding_prompt`: the time sentence with the clip's duration and the number of sampled
-  frames, then the grounding instruction), and answered with `"{start} to {end} seconds"`. `"duration"` overrides
-  the duration read from the video.
-- Optional per-sample frame sampling: `"fps"`, `"num_frames"`, `"max_frames"`, `"min_frames"`.
-
-`load_samples` checks every line when the dataset is built and raises one `DataFormatError` that lists each bad
-line as `file:line (id ...): problem`. `TimeViperSFTDataset.__getitem__` decodes and samples frames with the
-processor's PyAV decoder and sampling rule, renders the chat template and tokenizes with `return_labels=True`.
-`TimeViperDataCollator` right-pads and concatenates the frames of all samples in batch order, which is the order
-in which the model fills the placeholder tokens.
+`load_samples` checks every line up front and raises one `DataFormatError` listing each bad line as
+`file:line (id ...): problem`. `TimeViperSFTDataset.__getitem__` decodes and samples frames with the processor's PyAV
+decoder and sampling rule, renders the chat template and tokenizes with `return_labels=True`.
+`TimeViperDataCollator` right-pads and concatenates the frames of all samples in batch order, the order in which the
+model fills the placeholder tokens.
 """
 
 from __future__ import annotations
@@ -60,6 +39,13 @@ MAX_LISTED_PROBLEMS = 50
 
 class DataFormatError(ValueError):
     """Training data that cannot be used; the message names each bad sample as ``file:line (id ...)``."""
+
+    @classmethod
+    def listing(cls, headline: str, problems: list[str]) -> "DataFormatError":
+        """`headline`, then the first `MAX_LISTED_PROBLEMS` problems one per line (and how many more there are)."""
+        listed = "".join(f"\n  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        return cls(f"{headline}:{listed}" + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
 class SampleLoadError(RuntimeError):
@@ -336,9 +322,7 @@ def load_samples(
             if sample is not None:
                 samples.append(sample)
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise DataFormatError(f"{len(problems)} problem(s) in the training data:\n  {listed}{more}")
+        raise DataFormatError.listing(f"{len(problems)} problem(s) in the training data", problems)
     if not samples:
         raise DataFormatError(f"the training data {[os.fspath(p) for p in paths]} holds no samples")
     return samples
@@ -355,7 +339,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
     """Supervised fine-tuning samples processed by a `TimeViperProcessor`.
 
     Args:
-        data_files: One or more JSONL files (see the module docstring).
+        data_files: One or more JSONL files (training/README.md, "Data format").
         processor: A `TimeViperProcessor` with a TimeViper chat template (it supplies the decoder, the sampling rule,
             the frame transform, the placeholder expansion and the labels).
         video_root: Folder that relative media paths are resolved against.
@@ -391,32 +375,27 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _sampling_for(self, sample: TrainingSample) -> dict:
-        """The dataset's sampling with the sample's own keys and window over it."""
+    def load_video(self, sample: TrainingSample, first_frame_only: bool = False):
+        """`(frames, metadata, sampled indices)` of a sample's video: uint8 (frames, H, W, 3) and `VideoMetadata`.
+        `first_frame_only` decodes just the first sampled frame, which proves the file a readable, non-empty video and
+        gives the frame count without decoding the frames."""
         window = {"start": sample.start, "end": sample.end}
-        options = merge_sampling(self.sampling, sample.sampling, window)
-        return {key: value for key, value in options.items() if value is not None}
-
-    def probe_video(self, sample: TrainingSample):
-        """Open a sample's video and decode only its first sampled frame: `(metadata, sampled frame indices)`. This
-        proves the file a readable, non-empty video and gives the frame count without decoding the frames."""
-        options = self._sampling_for(sample)
-        video_processor = self.processor.video_processor
+        options = {k: v for k, v in merge_sampling(self.sampling, sample.sampling, window).items() if v is not None}
         sampled: list[int] = []
 
-        def first_sampled(metadata):
-            sampled[:] = video_processor.sample_frames(metadata, **options)
-            return sampled[:1]
+        def sample_indices(metadata):
+            sampled[:] = self.processor.video_processor.sample_frames(metadata, **options)
+            return sampled[:1] if first_frame_only else sampled
 
-        _, metadata = decode_video_pyav(sample.media_path, sample_indices_fn=first_sampled)
-        return metadata, list(sampled)
+        frames, metadata = decode_video_pyav(sample.media_path, sample_indices_fn=sample_indices)
+        return frames, metadata, list(sampled)
 
     def probe_media(self, sample: TrainingSample) -> tuple[int, float | None]:
         """`(frames, video duration)` of a sample's media, opened as `__getitem__` would but without decoding the
         frames (an image is opened and verified). Raises `SampleLoadError` naming the sample."""
         try:
             if sample.media_type == "video":
-                metadata, sampled = self.probe_video(sample)
+                _, metadata, sampled = self.load_video(sample, first_frame_only=True)
                 return len(sampled), metadata.duration
             if sample.media_type == "image":
                 from PIL import Image
@@ -475,22 +454,11 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
             except Exception as err:
                 problems.append(f"{sample.where}: {type(err).__name__}: {err}")
         if problems and not skip_bad_samples:
-            listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-            more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-            raise DataFormatError(f"{len(problems)} sample(s) cannot be trained on:\n  {listed}{more}")
+            raise DataFormatError.listing(f"{len(problems)} sample(s) cannot be trained on", problems)
         if not kept:
-            listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
-            raise DataFormatError(f"no sample of the training data can be trained on:\n  {listed}")
+            raise DataFormatError.listing("no sample of the training data can be trained on", problems)
         self.samples = kept
         return problems
-
-    def load_video(self, sample: TrainingSample):
-        """Decode the sampled frames of a sample's video: uint8 (frames, H, W, 3) and `VideoMetadata`."""
-        options = self._sampling_for(sample)
-        video_processor = self.processor.video_processor
-        return decode_video_pyav(
-            sample.media_path, sample_indices_fn=lambda metadata: video_processor.sample_frames(metadata, **options)
-        )
 
     def render(self, sample: TrainingSample, num_frames: int = 0, video_duration: float | None = None) -> str:
         """The chat-template text of a sample, with one placeholder for its media."""
@@ -511,7 +479,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
             videos = images = None
             num_frames, video_duration = 0, None
             if sample.media_type == "video":
-                frames, metadata = self.load_video(sample)
+                frames, metadata, _ = self.load_video(sample)
                 videos, num_frames, video_duration = [frames], len(frames), metadata.duration
             elif sample.media_type == "image":
                 images = [sample.media_path]
@@ -525,12 +493,8 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
         except Exception as err:
             raise SampleLoadError(f"{sample.where}: {type(err).__name__}: {err}") from err
         self.check_length(sample, encoded["input_ids"].shape[1], num_frames)
-        item = {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0]}
-        if videos is not None:
-            item["pixel_values_videos"] = encoded["pixel_values_videos"]
-        if images is not None:
-            item["pixel_values"] = encoded["pixel_values"]
-        return item
+        pixels = {key: encoded[key] for key in ("pixel_values_videos", "pixel_values") if key in encoded}
+        return {"input_ids": encoded["input_ids"][0], "labels": encoded["labels"][0], **pixels}
 
 
 @dataclass

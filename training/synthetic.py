@@ -70,7 +70,8 @@ class NeedleClip:
 
     def frames(self) -> np.ndarray:
         """(num_frames, FRAME_SIZE, FRAME_SIZE, 3) uint8 RGB."""
-        rng = np.random.default_rng([seed_stream(self.seed), self.num_frames])
+        # A second stream for the pixels, independent of the one that places and colours the needle.
+        rng = np.random.default_rng([self.seed + 0x5EED, self.num_frames])
         size = FRAME_SIZE
         video = np.full((self.num_frames, size, size, 3), 24, np.uint8)
         side = size // 4
@@ -131,11 +132,6 @@ class NeedleClip:
                 {"role": "assistant", "content": self.answer_text},
             ],
         }
-
-
-def seed_stream(seed: int) -> int:
-    """A second stream for the pixels, independent of the one that places and colours the needle."""
-    return seed + 0x5EED
 
 
 def write_split(out: Path, seeds, frame_counts) -> list[NeedleClip]:

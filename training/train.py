@@ -6,30 +6,18 @@ r"""Fine-tune TimeViper with the Hugging Face `Trainer` (full fine-tuning or LoR
 
     accelerate launch --config_file training/accelerate_configs/deepspeed_zero3.yaml -m training.train ...
 
-Stages (the paper's recipe, as the reference trains it):
-
-- `--stage 1` trains the projector only (vision tower and LLM frozen); token compression is off unless
-  `--token-compression` says otherwise, and `--projector-type mlp` trains the per-patch projector of the paper's
-  alignment stage.
-- `--stage 2` trains the projector, the LLM (embeddings, blocks, final norm, lm_head) and the TransV modules of the
-  compression schedule (`merge_modules`, `alpha`); the vision tower stays frozen. TransV gets `--transfer-lr`
-  (default 5x the LLM's learning rate, as in the paper). TransV modules missing from the checkpoint are initialised
-  from the nearest attention block with a zero gate.
-
-Every `TrainingArguments` option works (`--learning_rate`, `--bf16`, `--gradient_checkpointing`, `--save_steps`,
-`--resume_from_checkpoint`, `--push_to_hub`, `--deepspeed`, ...). The defaults follow the paper: learning rate 1e-5,
-AdamW, weight decay 0.01, cosine schedule, 3% warmup. Saved folders (the output folder and every checkpoint) hold
-the weights, `config.json` with `auto_map`, the processor and the remote-code files, so they load with
-`AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`. With `--lora` they hold the adapter
-instead (each TransV module, gate included, as a PEFT `modules_to_save`); `--merge-lora-and-save` writes the merged
-model to `<output_dir>/merged`. See training/README.md.
+`--stage 1` trains the projector only (no token compression unless `--token-compression` gives one); `--stage 2`
+trains the projector, the LLM and the TransV modules (`--transfer-lr`, default 5x the LLM's learning rate); the
+vision tower stays frozen. TransV modules missing from the checkpoint start from the nearest attention block with a
+zero gate. Every `TrainingArguments` option works; the defaults follow the paper (learning rate 1e-5, weight decay
+0.01, cosine schedule, 3% warmup). Every saved folder loads with `trust_remote_code=True` (with `--lora` it holds
+the adapter; `--merge-lora-and-save` also writes the merged model). See training/README.md.
 """
 
 import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -151,11 +139,6 @@ class TimeViperArguments:
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model and processor
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def compression_override(args: TimeViperArguments):
     """The schedule to build the model with, or None to keep the checkpoint's."""
     if args.token_compression is not None:
@@ -197,9 +180,7 @@ def build_from_checkpoint(args: TimeViperArguments):
     processor.check_model_config(config)
     # Only TransV modules may be missing: `build_model_and_processor` initialises them from the nearest attention.
     check_loading_info(model, loading_info, args.model, transfer_initialised=True)
-    missing = loading_info["missing_keys"]
-    missing_transfer = any(".merge_modules." in key for key in missing)
-    return model, processor, missing_transfer
+    return model, processor, any(".merge_modules." in key for key in loading_info["missing_keys"])
 
 
 def forget_unused_weight_conversions(model) -> None:
@@ -256,18 +237,13 @@ def configure_trainable(model, stage: int) -> None:
         model.lm_head.requires_grad_(True)
 
 
-def transfer_module_names(model) -> list[str]:
-    """Module names of the TransV cross-attentions, e.g. `model.language_model.merge_modules.0`."""
-    parent = "language_model.merge_modules"
-    return [name for name, _ in model.named_modules() if name.rpartition(".")[0].endswith(parent)]
-
-
 def apply_lora(model, args: TimeViperArguments):
     """Wrap with PEFT: LoRA on the LLM's projections; the projector and the TransV modules (each with its gate
     `alpha`) are trained fully (`modules_to_save`), so the adapter folder holds every trained tensor."""
     from peft import LoraConfig, get_peft_model
 
-    transfer = [name.split("language_model.")[-1] for name in transfer_module_names(model)]  # merge_modules.<i>
+    # merge_modules exists only when the schedule has TransV stages; iterating a ModuleDict yields its keys.
+    transfer = [f"merge_modules.{stage}" for stage in getattr(model.model.language_model, "merge_modules", ())]
     lora_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -277,11 +253,6 @@ def apply_lora(model, args: TimeViperArguments):
         bias="none",
     )
     return get_peft_model(model, lora_config)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer: per-module learning rates, remote code in every saved folder
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def parameter_group(name: str) -> str:
@@ -319,18 +290,19 @@ class TimeViperTrainer(Trainer):
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
-        """The output folder's README.md as a `huggingface_hub.ModelCard` (push_to_hub calls this, so the card it
-        uploads is this one). `license`, `tags` and `finetuned_from` override or add to what the base model gives;
-        `language` and `dataset` become card metadata. The title stays TimeViper's (`model_name` is the repo name
-        push_to_hub passes) and the pipeline tag `image-text-to-text` (`tasks`, `dataset_tags` and `dataset_args`
-        describe the Trainer's own evaluation table, which this card does not have)."""
+        """The output folder's README.md as a `huggingface_hub.ModelCard` (push_to_hub uploads this one). `license`,
+        `tags` and `finetuned_from` override or add to the base model's; `language` and `dataset` become metadata.
+        `model_name`, `tasks`, `dataset_tags` and `dataset_args` are ignored: the title stays TimeViper's, and they
+        describe the Trainer's evaluation table, which this card does not have."""
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
         lora = is_peft_model(model)
         base_models = [finetuned_from] if finetuned_from else card_base_models(self.base_model_path)
         config = model.config
-        license_fields = {"license": license} if license else base_license(config, self.base_model_path)
+        # The license of --model's own card when it is a local folder with one, else the backbone's.
+        family = config.text_config.model_type
+        license_fields = {"license": license} if license else card_license(family, self.base_model_path)
         extra_tags = ["fine-tuned", *(["lora"] if lora else []), *([tags] if isinstance(tags, str) else tags or [])]
         metadata = {key: value for key, value in (("language", language), ("datasets", dataset)) if value}
         card = model_card(config, base_models, license_fields, extra_tags, self.card_notes,
@@ -388,12 +360,6 @@ def card_base_models(model_path: str | None) -> list[str]:
     return [base] if isinstance(base, str) else list(base or [])
 
 
-def base_license(config, model_path: str | None) -> dict:
-    """The license of the base model's card when `--model` is a local folder with one, else the backbone's."""
-    folder = model_path if model_path is not None and os.path.isdir(model_path) else None
-    return card_license(config.text_config.model_type, folder)
-
-
 def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -> str:
     method = f"LoRA (r={args.lora_r}, alpha={args.lora_alpha}) on the language model" if args.lora else "full fine-tuning"
     base = "the embedded tiny random-weight model" if args.tiny else f"`{args.model}`"
@@ -425,11 +391,6 @@ class SaveRemoteCodeCallback(TrainerCallback):
             copy_remote_code(checkpoint)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
     parser = HfArgumentParser(
         (TimeViperArguments, TrainingArguments),
@@ -453,25 +414,16 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--merge-lora-and-save needs --lora")
     if args.token_compression not in (None, "", "none"):
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
-    overlap = output_overlaps_model(args.model, training_args.output_dir)
-    if overlap:
-        parser.error(overlap)
+    # Saving into the source folder (or one inside it) rewrites the only copy of the weights in place, so a kill
+    # during that save would leave nothing loadable.
+    if args.model is not None and os.path.isdir(args.model):
+        source, output = Path(args.model).resolve(), Path(training_args.output_dir).resolve()
+        if output == source or source in output.parents:
+            parser.error(
+                f"--output_dir {training_args.output_dir} is {'' if output == source else 'inside '}the --model folder "
+                f"{args.model}: the saves would overwrite the model being trained from; choose another output folder"
+            )
     return args, training_args
-
-
-def output_overlaps_model(model: str | None, output_dir: str) -> str | None:
-    """Why `--output_dir` may not be used with the local `--model` folder, or None. Saving into the source folder (or a
-    folder inside it) rewrites the only copy of the weights in place, so a kill during that save leaves nothing
-    loadable."""
-    if model is None or not os.path.isdir(model):
-        return None
-    source, output = Path(model).resolve(), Path(output_dir).resolve()
-    if output == source or source in output.parents:
-        return (
-            f"--output_dir {output_dir} is {'' if output == source else 'inside '}the --model folder {model}: the saves "
-            "would overwrite the model being trained from; choose another output folder"
-        )
-    return None
 
 
 def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -491,15 +443,15 @@ def incomplete_checkpoint(folder: str | os.PathLike) -> str | None:
 def newest_complete_checkpoint(output_dir: str) -> str:
     """The newest `checkpoint-N` of `output_dir` whose save finished; newer, half-written ones are skipped (and named
     in a warning), not deleted."""
-    found = [name for name in os.listdir(output_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)]
-    found = [os.path.join(output_dir, name) for name in found if os.path.isdir(os.path.join(output_dir, name))]
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    found = [path for path in Path(output_dir).glob(prefix + "*") if path.name.removeprefix(prefix).isdigit()]
     skipped = []
-    for folder in sorted(found, key=lambda path: int(path.rpartition("-")[2]), reverse=True):
+    for folder in sorted(found, key=lambda path: int(path.name.removeprefix(prefix)), reverse=True):
         problem = incomplete_checkpoint(folder)
         if problem is None:
             if skipped:
                 logger.warning("resuming from %s; skipped the incomplete newer %s", folder, "; ".join(skipped))
-            return folder
+            return str(folder)
         skipped.append(f"{folder} ({problem})")
     if skipped:
         raise FileNotFoundError(f"no complete checkpoint in {output_dir} to resume from: " + "; ".join(skipped))
@@ -513,8 +465,6 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if value is None or value.lower() in ("", "false", "no"):
         return None
     if value.lower() in ("latest", "last", "true", "yes"):
-        if not os.path.isdir(training_args.output_dir):
-            raise FileNotFoundError(f"no {PREFIX_CHECKPOINT_DIR}-* folder in {training_args.output_dir} to resume from")
         return newest_complete_checkpoint(training_args.output_dir)
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
@@ -599,7 +549,7 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
         processor.save_pretrained(merged_dir)
         copy_remote_code(merged_dir)
         model_card(
-            merged.config, card_base_models(args.model), base_license(merged.config, args.model),
+            merged.config, card_base_models(args.model), card_license(merged.config.text_config.model_type, args.model),
             ["fine-tuned", "lora-merged"], trainer.card_notes,
         ).save(os.path.join(merged_dir, "README.md"))
         logger.info("merged model saved to %s", merged_dir)
