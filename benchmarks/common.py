@@ -150,7 +150,8 @@ def meta(device, args):
 
     info = {"gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None) is not None, "argv": sys.argv,
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device), "tiny": args.tiny,
+            # (a script without a tiny mode has no --tiny)
+            "transformers": transformers.__version__, "device": str(device), "tiny": getattr(args, "tiny", False),
             "mamba_chunk_scan_combined": tm.mamba_chunk_scan_combined is not None,
             "selective_state_update": tm.selective_state_update is not None,
             "causal_conv": ("causal-conv1d's CUDA kernel (prefill; F.conv1d for single-token steps)"

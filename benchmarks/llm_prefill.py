@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/llm_prefill.json")
     p.add_argument("--tokens", default="16384,65536")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (after one warm-up); the median counts")
-    p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test; the conv kernel is CUDA-only)")
+    p.add_argument("--tiny", action="store_true", help="tiny dims: a quick check of the script (it needs CUDA: the conv kernel is CUDA-only)")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
     return p.parse_args(argv)
 

@@ -6,7 +6,7 @@ Steps (each writes its record into the JSON as it finishes):
   and the first token's logits, with the schedule and with compression switched off.
 - file: an H.264 file generated here (PyAV's libx264), sampled at its full frame rate; the streaming path
   (`streaming_chat_inputs` -> `encode_video` -> `generate(video_features=..., prefill_chunk_size=...)`) timed from
-  the file to the first token, split into decode (background thread), vision and LLM; decode alone and GPU
+  the file to the first token, split into decode (background thread), vision and LLM; then decode alone and GPU
   alone measured separately; then the one-shot path (`apply_chat_template` -> `generate(pixel_values_videos=...)`).
   Host peak RSS of each path (the streaming path runs first: ru_maxrss only grows) and GPU peak.
 - long_file: a long H.264 file (default 1 h of 1280x720 at 3 fps, 10 s GOPs) sampled at several rates: the
@@ -174,23 +174,31 @@ def tiny_processor(model, path):
 
 
 def step_file(model, device, args, results):
-    """A generated H.264 file to the first token: decode alone, the streaming path, the GPU alone, the one-shot path."""
+    """A generated H.264 file to the first token: the streaming path, decode alone, the GPU alone, the one-shot path."""
     path, spec = generated_file(args.file_size, args.file_seconds, args.file_fps, args.gop)
     record = {"file": spec}
     log("file written", spec)
     processor, messages = tiny_processor(model, path)
     sampling = {"fps": float(args.file_fps), "max_frames": args.file_seconds * args.file_fps}
-    record.update(decode_alone(path, processor, args, sampling))
+    inputs, first_logits = streaming_and_alone(model, device, args, path, processor, messages, sampling, record)
+    results["file"] = record
+    save(results, args)
+    one_shot_path(model, device, processor, messages, sampling, first_logits, record)
+    results["file"] = record
+
+
+def streaming_and_alone(model, device, args, path, processor, messages, sampling, record):
+    """The streaming path first (host peak RSS only grows, so it is read before anything else held frames), then
+    decode alone and the GPU alone, and the streaming path's time over the slower of those two. Returns the streaming
+    path's processor inputs and first-token logits."""
     inputs, first_logits = streaming_path(model, device, args, processor, messages, sampling, record)
+    record.update(decode_alone(path, processor, args, sampling))
     record["gpu_alone_s"] = gpu_alone(model, device, args, path, processor, sampling, inputs, record["frames"])
     bound = max(record["decode_alone_s"], record["gpu_alone_s"])
     record["streaming"]["over_max_of_decode_and_gpu"] = record["streaming"]["file_to_first_token_s"] / bound
     log(f"gpu alone {record['gpu_alone_s']:.1f} s; streaming / max(decode, gpu) = "
         f"{record['streaming']['over_max_of_decode_and_gpu']:.2f}")
-    results["file"] = record
-    save(results, args)
-    one_shot_path(model, device, processor, messages, sampling, first_logits, record)
-    results["file"] = record
+    return inputs, first_logits
 
 
 def decode_alone(path, processor, args, sampling):
@@ -270,9 +278,8 @@ def one_shot_path(model, device, processor, messages, sampling, first_logits, re
 
 def step_long_file(model, device, args, results):
     """A long file (`--long-file-seconds` at `--long-file-fps`), sampled at each rate of `--long-sample-fps`: the
-    streaming path first (host peak RSS only grows, so it is read before anything else held frames), then decode
-    alone and the GPU alone. No one-shot run: its host memory (1.77 MB of float32 pixels per frame next to the
-    decoded frames) exceeds the machine's at these lengths."""
+    streaming path, decode alone and the GPU alone (`streaming_and_alone`). No one-shot run: its host memory (1.77 MB
+    of float32 pixels per frame next to the decoded frames) exceeds the machine's at these lengths."""
     path, spec = generated_file(args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop)
     log("long file written", spec)
     results["long_file"] = {"file": spec, "points": []}
@@ -280,12 +287,7 @@ def step_long_file(model, device, args, results):
     for fps in [float(f) for f in args.long_sample_fps.split(",")]:
         sampling = {"fps": fps, "max_frames": 10**7}
         point = {"sample_fps": fps}
-        inputs, _ = streaming_path(model, device, args, processor, messages, sampling, point)
-        point.update(decode_alone(path, processor, args, sampling))
-        point["gpu_alone_s"] = gpu_alone(model, device, args, path, processor, sampling, inputs, point["frames"])
-        bound = max(point["decode_alone_s"], point["gpu_alone_s"])
-        point["streaming"]["over_max_of_decode_and_gpu"] = point["streaming"]["file_to_first_token_s"] / bound
-        log("long file", {k: v for k, v in point.items() if k != "streaming"})
+        streaming_and_alone(model, device, args, path, processor, messages, sampling, point)
         results["long_file"]["points"].append(point)
         save(results, args)
 

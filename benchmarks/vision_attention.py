@@ -29,7 +29,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/vision_attention.json")
     p.add_argument("--frames", type=int, default=256, help="frames per tower call (the model's vision chunk)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tiny", action="store_true")
     p.add_argument("--memory-cap-gib", type=float, default=79.0)
     return p.parse_args(argv)
 
