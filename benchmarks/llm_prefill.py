@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import TINY_NANO, TINY_VISION, log, meta, save, timed  # noqa: E402
+from long_video import profile_region  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -28,7 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (after one warm-up); the median counts")
     p.add_argument("--tiny", action="store_true", help="tiny dims: a quick check of the script (it needs CUDA: the conv kernel is CUDA-only)")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
-    return p.parse_args(argv)
+    p.add_argument("--profile-tokens", type=int, default=16384,
+                   help="profile one prefill of ours (causal-conv1d) at this length into the JSON; 0: none")
+    p.add_argument("--profile-out", default=None, help="text file for the profiler table (default: next to --out)")
+    args = p.parse_args(argv)
+    args.profile_out = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
+    return args
 
 
 def models(tiny, device):
@@ -146,6 +152,12 @@ def main(argv=None):
                 point[key] = point[plain_label]["s"] / point["ours_causal_conv1d"]["s"]
         log("point", {k: v for k, v in point.items() if k.startswith(("speedup", "last"))})
         results["points"].append(point)
+        save(results, args)
+    if args.profile_tokens:
+        embeds = 0.02 * torch.randn(1, args.profile_tokens, hidden, device=device, dtype=torch.bfloat16)
+        with conv_kernel(True):
+            profile_region(f"ours_causal_conv1d_{args.profile_tokens}",
+                           lambda: ours(inputs_embeds=embeds, logits_to_keep=1, use_cache=False), device, results, args)
         save(results, args)
     log("done")
 

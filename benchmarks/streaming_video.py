@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--long-file-seconds", type=int, default=3600)
     p.add_argument("--long-file-fps", type=int, default=3)
     p.add_argument("--long-gop", type=int, default=30, help="keyframe interval of the long file (frames)")
+    p.add_argument("--long-file", default=None,
+                   help="use this file, written earlier by write_video with the --long-file-* settings given here")
     p.add_argument("--long-sample-fps", default="3,1", help="sampling rates of the long file (one run each)")
     p.add_argument("--llm-frames", default="200000")
     args = p.parse_args(argv)
@@ -127,6 +129,9 @@ def step_exact(model, device, args, results):
     results["exact"] = records
 
 
+CODEC = "H.264 (libx264 veryfast, crf 23)"
+
+
 def write_video(path, seconds, fps, size, gop):
     """An H.264 file of moving gradients and a moving square (content the encoder cannot skip)."""
     import av
@@ -157,7 +162,7 @@ def generated_file(size, seconds, fps, gop):
     """A new H.264 file (`write_video`, size "WxH") in a temporary folder: its path and its record."""
     path = os.path.join(tempfile.mkdtemp(), "long.mp4")
     write_s, _ = timed("cpu", lambda: write_video(path, seconds, fps, tuple(int(v) for v in size.split("x")), gop))
-    return path, {"size": size, "seconds": seconds, "fps": fps, "gop": gop, "codec": "H.264 (libx264 veryfast, crf 23)",
+    return path, {"size": size, "seconds": seconds, "fps": fps, "gop": gop, "codec": CODEC,
                   "bytes": os.path.getsize(path), "write_s": write_s}
 
 
@@ -280,8 +285,13 @@ def step_long_file(model, device, args, results):
     """A long file (`--long-file-seconds` at `--long-file-fps`), sampled at each rate of `--long-sample-fps`: the
     streaming path, decode alone and the GPU alone (`streaming_and_alone`). No one-shot run: its host memory (1.77 MB
     of float32 pixels per frame next to the decoded frames) exceeds the machine's at these lengths."""
-    path, spec = generated_file(args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop)
-    log("long file written", spec)
+    if args.long_file:
+        path, spec = args.long_file, {"size": args.long_file_size, "seconds": args.long_file_seconds,
+                                      "fps": args.long_file_fps, "gop": args.long_gop, "codec": CODEC,
+                                      "bytes": os.path.getsize(args.long_file), "written": "before this run"}
+    else:
+        path, spec = generated_file(args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop)
+    log("long file", spec)
     results["long_file"] = {"file": spec, "points": []}
     processor, messages = tiny_processor(model, path)
     for fps in [float(f) for f in args.long_sample_fps.split(",")]:
