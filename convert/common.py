@@ -1,19 +1,13 @@
 """Machinery shared by the checkpoint converters in `convert/`.
 
-A `Converter` names its sources and maps their keys; `convert_to_hub` does the rest, planning before any byte is
-written: sources are opened lazily (`open_tensor_source`), their keys become a `ConversionPlan` (every source tensor is
-used, skipped with a reason, or rejected), `fit_plan_to_model` checks the plan against the state dict of the model
-built on the meta device, and `write_safetensors_shards` streams the tensors one at a time into a temporary folder
-that `atomic_output_dir` renames into place only when everything, verification included, succeeded.
-
-Target names are the state-dict keys of `TimeViperForConditionalGeneration`: `model.vision_tower.*` (transformers'
-SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*` (the LLM body under its native
-names, plus `merge_modules.{stage}.*` for TransV) and `lm_head.weight`.
+A `Converter` names its sources and maps their keys into a `ConversionPlan` (every source tensor is used, skipped with
+a reason, or rejected); `convert_to_hub` checks the plan against the model's state dict before any byte is written,
+streams the tensors one at a time into a temporary folder, and renames it into place once everything, verification
+included, succeeded. Target names are `TimeViperForConditionalGeneration`'s state-dict keys (the prefixes below).
 """
 
 from __future__ import annotations
 
-import abc
 import argparse
 import contextlib
 import json
@@ -82,9 +76,9 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 def parse_token_compression(value: str | None):
     """The reference's schedule string (`uni_7_0.5-attn_39_0.05`) or a JSON list of stage dicts; None/'' for none."""
-    if value is None or value.strip() in ("", "none", "None"):
+    text = (value or "").strip()
+    if text in ("", "none", "None"):
         return None
-    text = value.strip()
     if text[0] in "[{":
         parsed = json.loads(text)
         return [parsed] if isinstance(parsed, dict) else parsed
@@ -263,8 +257,7 @@ class ConversionPlan:
         return plan
 
     def account_for(self, *sources: TensorSource, unused_reason: str | None = None) -> "ConversionPlan":
-        """Record every source tensor that no key map claimed, as skipped for `unused_reason` or else as unexpected:
-        nothing is dropped silently."""
+        """Record every source tensor no key map claimed (skipped for `unused_reason`, else unexpected)."""
         seen = self.used | set(self.skipped) | set(self.unexpected)
         unclaimed = [source.label(key) for source in sources for key in source.keys() if source.label(key) not in seen]
         if unused_reason is None:
@@ -278,26 +271,17 @@ class ConversionPlan:
 
 
 def _loader(source: TensorSource, key: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    if transform is None:
-        return lambda: source.get(key)
-    return lambda: transform(source.get(key))
+    return lambda: source.get(key) if transform is None else transform(source.get(key))
 
 
-_TIMM_BLOCK_RENAMES = {
-    "norm1": "layer_norm1",
-    "norm2": "layer_norm2",
-    "attn.proj": "self_attn.out_proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
+# timm block parts whose transformers names differ (the MLP's `mlp.fc1` / `mlp.fc2` keep theirs).
+_TIMM_BLOCK_RENAMES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj"}
 
 
 def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
     """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `VISION_PREFIX`).
-
     The fused `attn.qkv` rows are [q; k; v] (timm reshapes its output to (B, N, 3, heads, head_dim)), so each third
-    becomes one HF projection; `pos_embed` (1, N, D) loses its batch axis.
-    """
+    becomes one HF projection; `pos_embed` (1, N, D) loses its batch axis."""
     plan = ConversionPlan()
     for key in (key for key in source.keys() if key.startswith(prefix)):
         name, label, shape = key[len(prefix) :], source.label(key), source.shape(key)
@@ -323,9 +307,9 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
                     _loader(source, key, lambda t, i=index, n=rows: t[i * n : (i + 1) * n]),
                     [label],
                 )
-        elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", name):
-            target = f"{VISION_PREFIX}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
-            plan.add(target, shape, _loader(source, key), [label])
+        elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc[12])\.(weight|bias)", name):
+            part = _TIMM_BLOCK_RENAMES.get(match[2], match[2])
+            plan.add(f"{VISION_PREFIX}encoder.layers.{match[1]}.{part}.{match[3]}", shape, _loader(source, key), [label])
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
             plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
         elif name.startswith("attn_pool."):
@@ -340,11 +324,9 @@ TIMM_SIGLIP_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
 
 
 def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: int | None = None, image_size: int | None = None):
-    """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes.
-
-    timm's ViT uses exact GELU and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to
-    384, the reference's resize target, when that gives the checkpoint's patch grid, else to grid * patch.
-    """
+    """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes. timm's ViT uses exact GELU
+    and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to 384, the reference's resize
+    target, when that gives the checkpoint's patch grid, else to grid * patch."""
     from transformers import SiglipVisionConfig
 
     def shape(name):
@@ -369,16 +351,9 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
             raise ConversionError(f"cannot tell the head count of a width-{width} SigLIP; pass --vision-num-heads")
         num_heads = TIMM_SIGLIP_HEADS[width]
     return SiglipVisionConfig(
-        hidden_size=width,
-        intermediate_size=shape("blocks.0.mlp.fc1.weight")[0],
-        num_hidden_layers=len(layers),
-        num_attention_heads=num_heads,
-        num_channels=channels,
-        image_size=image_size,
-        patch_size=patch,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
+        hidden_size=width, intermediate_size=shape("blocks.0.mlp.fc1.weight")[0], num_hidden_layers=len(layers),
+        num_attention_heads=num_heads, num_channels=channels, image_size=image_size, patch_size=patch,
+        hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=False,
     )
 
 
@@ -401,32 +376,27 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     return plan
 
 
-def plan_projector(source: TensorSource, prefix: str = "projector.projector.") -> ConversionPlan:
+def plan_projector(source: TensorSource) -> ConversionPlan:
     """The reference's `projector.projector.{0,2}.*` (Linear, GELU, Linear) or our own `model.multi_modal_projector.*`."""
     plan = ConversionPlan()
     for key in source.keys():
         label, shape = source.label(key), source.shape(key)
-        if key.startswith(prefix):
-            match = re.fullmatch(r"(\d+)\.(weight|bias)", key[len(prefix) :])
-            if match and match[1] in ("0", "2"):
-                linear = "linear_1" if match[1] == "0" else "linear_2"
-                plan.add(f"{PROJECTOR_PREFIX}{linear}.{match[2]}", shape, _loader(source, key), [label])
-            else:
-                plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
+        if match := re.fullmatch(r"projector\.projector\.([02])\.(weight|bias)", key):
+            linear = "linear_1" if match[1] == "0" else "linear_2"
+            plan.add(f"{PROJECTOR_PREFIX}{linear}.{match[2]}", shape, _loader(source, key), [label])
+        elif re.fullmatch(re.escape(PROJECTOR_PREFIX) + r"linear_[12]\.(weight|bias)", key):
+            plan.add(key, shape, _loader(source, key), [label])
+        elif key.startswith("projector.projector."):
+            plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
         elif key.startswith(PROJECTOR_PREFIX):
-            if re.fullmatch(r"linear_[12]\.(weight|bias)", key[len(PROJECTOR_PREFIX) :]):
-                plan.add(key, shape, _loader(source, key), [label])
-            else:
-                plan.unexpected[label] = "not a parameter of the TimeViper projector"
+            plan.unexpected[label] = "not a parameter of the TimeViper projector"
     return plan
 
 
 def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> ConversionPlan:
     """A new projector, initialised as `nn.Linear` does, from its own seeded RNG (the global RNG is left untouched).
-
     With `seed = vision_hidden` (1152 for SigLIP so400m) this reproduces the reference, which calls
-    `torch.manual_seed(vision_embed_dim)` right before building the same two linears.
-    """
+    `torch.manual_seed(vision_embed_dim)` right before building the same two linears."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         linears = {"linear_1": torch.nn.Linear(vision_hidden, text_hidden), "linear_2": torch.nn.Linear(text_hidden, text_hidden)}
@@ -437,20 +407,11 @@ def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> Con
     return plan
 
 
-def plan_llm(
-    source: TensorSource,
-    family: str,
-    body_prefix: str,
-    lm_head_key: str,
-    allow_transfer: bool = False,
-    tie_word_embeddings: bool = False,
-) -> ConversionPlan:
-    """LLM body keys under `body_prefix` -> `model.language_model.*`, `lm_head_key` -> `lm_head.weight`.
-
-    Bodies keep their native sub-names, except Nemotron-H's legacy `embedding.weight`. TransV tensors (`merge_modules.*`,
-    `alpha`) are accepted only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy
-    of the embeddings.
-    """
+def plan_llm(source: TensorSource, family: str, body_prefix: str, lm_head_key: str, allow_transfer: bool = False,
+             tie_word_embeddings: bool = False) -> ConversionPlan:
+    """LLM body keys under `body_prefix` -> `model.language_model.*` (native sub-names, except Nemotron-H's legacy
+    `embedding.weight`), `lm_head_key` -> `lm_head.weight`. TransV tensors (`merge_modules.*`, `alpha`) are accepted
+    only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy of the embeddings."""
     plan = ConversionPlan()
     for key in source.keys():
         label, shape = source.label(key), source.shape(key)
@@ -477,11 +438,13 @@ def plan_llm(
     return plan
 
 
-def transfer_init_blocks(config) -> dict[int, int]:
-    """{transfer stage index: LLM block index}: each TransV module starts as a copy of the first attention block at or
-    after its stage's layer (every Qwen2 layer is one)."""
+def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
+    """TransV for a fresh model: each transfer stage's module is a copy of every planned tensor (q/k/v/o, Qwen2's
+    biases too) of the first attention block at or after its layer (every Qwen2 layer is one), with `alpha = 0`, so
+    that every stage starts as plain dropping."""
+    attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
     attention_blocks = [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"]
-    blocks = {}
+    new = ConversionPlan()
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
             continue
@@ -491,16 +454,6 @@ def transfer_init_blocks(config) -> dict[int, int]:
                 f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; attention blocks "
                 f"are at {attention_blocks}"
             )
-        blocks[stage_index] = block
-    return blocks
-
-
-def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
-    """TransV for a fresh model: every planned tensor of the chosen attention module (q/k/v/o, Qwen2's biases too)
-    copied into the stage's module, and `alpha = 0`, so that every stage starts as plain dropping."""
-    attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
-    new = ConversionPlan()
-    for stage_index, block in transfer_init_blocks(config).items():
         source_prefix = f"{TEXT_PREFIX}layers.{block}.{attention}."
         copied = [tensor for name, tensor in plan.tensors.items() if name.startswith(source_prefix)]
         if not copied:
@@ -554,19 +507,15 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
         problems.append("alpha is missing but token_compression has transfer stages")
     if problems:
         stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
-        raise ConversionError(
-            f"the checkpoint's TransV tensors do not match --token-compression ({stages}); pass the schedule the "
-            "checkpoint was trained with",
-            problems,
-        )
+        raise ConversionError(f"the checkpoint's TransV tensors do not match --token-compression ({stages}); pass the "
+                              "schedule the checkpoint was trained with", problems)
 
 
 # What the model expects
 
 
 def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict, in its order (built on the meta
-    device: no memory)."""
+    """Names and shapes of the model's state dict, in its order (built on the meta device: no memory)."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     with torch.device("meta"):
@@ -616,9 +565,7 @@ def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[i
 
 def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> None:
     """Stop, listing every problem, unless the plan produces exactly the expected tensors with the expected shapes."""
-    problems = []
-    for label, reason in sorted(plan.unexpected.items()):
-        problems.append(f"unexpected source tensor {label}: {reason}")
+    problems = [f"unexpected source tensor {label}: {reason}" for label, reason in sorted(plan.unexpected.items())]
     problems.extend(f"conflict: {line}" for line in plan.conflicts)
     for name in sorted(set(plan.tensors) - set(expected)):
         problems.append(f"unexpected tensor {name} (from {', '.join(plan.tensors[name].sources)}): the model has no such parameter")
@@ -634,46 +581,30 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
         raise ConversionError(f"the sources do not fit the TimeViper model ({len(problems)} problems)", problems)
 
 
-def summarize_skipped(skipped: dict[str, str]) -> list[str]:
-    """One line per reason: `reason: count tensors (first, ...)`."""
-    by_reason: dict[str, list[str]] = {}
-    for label, reason in skipped.items():
-        by_reason.setdefault(reason, []).append(label)
-    lines = []
-    for reason, labels in by_reason.items():
-        example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
-        lines.append(f"{len(labels)} tensors skipped, {reason} ({example})")
-    return lines
-
-
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
     """(plan fitted to the model's names, the model's expected shapes in state-dict order); stops on any missing,
-    unexpected or mis-shaped tensor."""
+    unexpected or mis-shaped tensor, and logs the skipped source tensors, one line per reason."""
     expected = expected_state_dict_shapes(config)
     plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
     check_plan(plan, expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
-    for line in summarize_skipped(plan.skipped):
-        logger.info(line)
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in plan.skipped.items():
+        by_reason.setdefault(reason, []).append(label)
+    for reason, labels in by_reason.items():
+        example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+        logger.info("%d tensors skipped, %s (%s)", len(labels), reason, example)
     return plan, expected
 
 
 # Writing
 
 
-def write_safetensors_shards(
-    plan: ConversionPlan,
-    folder: Path,
-    dtype: torch.dtype,
-    max_shard_size: int | str,
-    order: Iterable[str] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict.
-
-    Shards are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as
-    `save_pretrained` does; `max_shard_size` is its `"5GB"` notation or bytes.
-    """
+def write_safetensors_shards(plan: ConversionPlan, folder: Path, dtype: torch.dtype, max_shard_size: int | str,
+                             order: Iterable[str] | None = None, progress: bool = True) -> dict:
+    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict. Shards
+    are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as `save_pretrained`
+    does; `max_shard_size` is its `"5GB"` notation or bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
@@ -694,10 +625,8 @@ def write_safetensors_shards(
 
 def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]) -> None:
     """One safetensors file holding the planned tensors `shapes` (meta tensors of the output dtype), in their order.
-
     safetensors' own writers take every tensor of a file at once; here the header comes from the planned shapes, so
-    each tensor is loaded, cast, written and dropped before the next one.
-    """
+    each tensor is loaded, cast, written and dropped before the next one."""
     if sys.byteorder != "little":
         raise ConversionError("safetensors files are little-endian; this writer runs on little-endian hosts only")
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -806,12 +735,10 @@ def _size(folder: Path) -> str:
 
 
 def recover_interrupted_conversion(output: Path) -> None:
-    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held).
-
-    A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
-    `.{name}.replaced-*/old`: it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders
-    with the converter's marker are cut-short writes and are deleted; others are only reported.
-    """
+    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held). A kill
+    between the two renames of a `--force` swap leaves `output` missing and the old copy in `.{name}.replaced-*/old`:
+    it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders with the converter's marker
+    are cut-short writes and are deleted; others are only reported."""
     for backup in _siblings(output, "replaced"):
         old = backup / "old"
         if old.exists() and not (output.exists() or output.is_symlink()):
@@ -869,9 +796,8 @@ def check_output_available(output: Path, force: bool, sources: Iterable[str | Pa
 
 @contextlib.contextmanager
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it.
-
-    An existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
+    """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it. An
+    existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
     is complete. The write holds the output's lock; a kill at any point leaves state that the next conversion recovers.
     """
     output = Path(output).absolute()
@@ -957,37 +883,23 @@ def build_timeviper_config(text_config, vision_config, tokenizer, options: "Conv
     for sub_config in (text_config, vision_config):
         sub_config.dtype = dtype
     return TimeViperConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        projector_type=projector_type,
-        tokens_per_frame=tokens_from_type or options.tokens_per_frame,
-        vision_feature_layer=options.vision_feature_layer,
-        token_compression=options.token_compression,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        dtype=dtype,
+        vision_config=vision_config, text_config=text_config, projector_type=projector_type,
+        tokens_per_frame=tokens_from_type or options.tokens_per_frame, vision_feature_layer=options.vision_feature_layer,
+        token_compression=options.token_compression, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), dtype=dtype,
     )
 
 
-def build_generation_config(family: str, tokenizer, text_config, llm_folder: Path | None):
-    """Greedy decoding that stops at the backbone's end-of-turn tokens (plus whatever the source generation config lists)."""
+def build_generation_config(family: str, tokenizer, text_config, llm_folder: Path):
+    """Greedy decoding that stops at the backbone's end-of-turn tokens (and those the source generation config lists)."""
     from transformers import GenerationConfig
 
-    eos_ids: list[int] = []
-
-    def add(ids):
-        for token_id in ids if isinstance(ids, (list, tuple)) else [ids]:
-            if token_id is not None and token_id not in eos_ids:
-                eos_ids.append(int(token_id))
-
-    source = Path(llm_folder) / "generation_config.json" if llm_folder is not None else None
-    if source is not None and source.is_file():
-        add(json.loads(source.read_text()).get("eos_token_id"))
-    add(tokenizer.eos_token_id)
+    source = Path(llm_folder) / "generation_config.json"
+    listed = json.loads(source.read_text()).get("eos_token_id") if source.is_file() else None
     vocabulary = tokenizer.get_vocab()
-    for token in STOP_TOKENS[family]:
-        if token in vocabulary:
-            add(vocabulary[token])
+    candidates = [*(listed if isinstance(listed, (list, tuple)) else [listed]), tokenizer.eos_token_id,
+                  *(vocabulary[token] for token in STOP_TOKENS[family] if token in vocabulary)]
+    eos_ids = list(dict.fromkeys(int(token_id) for token_id in candidates if token_id is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_config.bos_token_id
     return GenerationConfig(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=pad, do_sample=False)
@@ -1065,10 +977,8 @@ def model_card(config, base_models: list[str], license_fields: dict, extra_tags:
     )
 
 
-def guess_base_model(path: Path | None) -> str | None:
+def guess_base_model(path: Path) -> str | None:
     """A Hub id for the model card from a local folder or file name, when the name is a known upstream one."""
-    if path is None:
-        return None
     name = Path(path).name if Path(path).is_dir() else Path(path).stem
     if name.lower().startswith("nvidia-nemotron"):
         return f"nvidia/{name}"
@@ -1200,15 +1110,10 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     text_reference = round_trip_dtype(converter.text_reference(config.text_config).eval(), dtype)
     if config.text_config.model_type == "nemotron_h":
         match_checkpoint_time_step_limit(text_reference)
-    results = {
-        "text logits": compare_text_logits(
-            model, text_reference, config.text_config.vocab_size,
-            avoid_ids=(config.image_token_id, config.video_token_id),
-        ),
-        "vision features": compare_vision_features(
-            model, native_vision_reference(plan, config, dtype), vision_layers_used(config), config.vision_config.image_size
-        ),
-    }
+    results = {"text logits": compare_text_logits(model, text_reference, config.text_config.vocab_size,
+                                                  avoid_ids=(config.image_token_id, config.video_token_id))}
+    results["vision features"] = compare_vision_features(model, native_vision_reference(plan, config, dtype),
+                                                         vision_layers_used(config), config.vision_config.image_size)
     for what, diff in results.items():
         logger.info("verify: %s max abs diff %.3e (tolerance %.0e)", what, diff, atol)
     failed = [f"{what}: max abs diff {diff:.3e} > {atol:.0e}" for what, diff in results.items() if not diff <= atol]
@@ -1220,32 +1125,18 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
 # The conversion flow both converters share
 
 
-class Converter(abc.ABC):
-    """One source format: the paths it reads, its vision config and key map, the LLM to verify against.
-    `convert_to_hub` runs everything else, calling `vision_config` before `plan`."""
+class Converter:
+    """One source format. `convert_to_hub` runs everything else, calling the subclass's methods in this order:
+    - `vision_config(text_config, num_heads, image_size)`: the `SiglipVisionConfig` of the vision weights
+      (`text_config` lets a converter check the LLM first);
+    - `plan(config)`: every source tensor mapped to a TimeViper name, skipped with a reason, or rejected;
+    - `base_models()`: Hub ids for the card's `base_model` when the caller gives none;
+    - `conversion_note(config)`: the model card's account of where each part comes from;
+    - `text_reference(text_config)`: for verification, the source LLM in transformers' own class, in fp32.
+    """
 
     llm_folder: Path  # the base LLM's Hub folder: config.json, tokenizer, generation_config.json, README.md
     sources: list[Path]  # every path read, which the output must never replace
-
-    @abc.abstractmethod
-    def vision_config(self, text_config, num_heads: int | None, image_size: int | None):
-        """The `SiglipVisionConfig` of the vision weights (`text_config` lets a converter check the LLM first)."""
-
-    @abc.abstractmethod
-    def plan(self, config) -> ConversionPlan:
-        """Every source tensor mapped to a TimeViper name, skipped with a reason, or rejected."""
-
-    @abc.abstractmethod
-    def base_models(self) -> list[str]:
-        """Hub ids for the card's `base_model` when the caller gives none."""
-
-    @abc.abstractmethod
-    def conversion_note(self, config) -> str:
-        """The model card's account of where each part comes from."""
-
-    @abc.abstractmethod
-    def text_reference(self, text_config) -> torch.nn.Module:
-        """The source LLM in transformers' own class (`text_model_class`), in fp32."""
 
 
 @dataclass
