@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -89,9 +90,8 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
     """Our names (`tome_mlp`, `mlp`) or the reference's (`tome_mlp-N`, `gelu_mlp`) -> (type, N or None)."""
     if value in ("tome_mlp", "mlp", "gelu_mlp"):
         return ("mlp" if value == "gelu_mlp" else value), None
-    match = re.fullmatch(r"tome_mlp-(\d+)", value)
-    if match:
-        return "tome_mlp", int(match.group(1))
+    if match := re.fullmatch(r"tome_mlp-(\d+)", value):
+        return "tome_mlp", int(match[1])
     if "fused" in value:
         raise ValueError(f"projector type {value!r} (three linears) has no TimeViper equivalent")
     raise ValueError(f"unknown projector type {value!r}; use tome_mlp, tome_mlp-N, mlp or gelu_mlp")
@@ -101,23 +101,18 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
 
 
 class TensorSource:
-    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand through `load`."""
+    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand through `get`."""
 
     def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], load: Callable[[str], torch.Tensor]):
-        self.name, self._shapes, self._load = name, shapes, load
-        self._last: tuple[str, torch.Tensor] | None = None
+        self.name, self._shapes = name, shapes
+        # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.
+        self.get: Callable[[str], torch.Tensor] = functools.lru_cache(maxsize=1)(load)
 
     def keys(self) -> list[str]:
         return list(self._shapes)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
-
-    def get(self, key: str) -> torch.Tensor:
-        # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self._load(key))
-        return self._last[1]
 
     def label(self, key: str) -> str:
         return f"{self.name}:{key}"
@@ -1215,12 +1210,12 @@ def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help
     parser.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 
-def run_cli(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv: list[str] | None) -> int:
-    """Parse `argv`, run `convert`, and report a bad input as one `error:` line (exit code 1) instead of a traceback."""
+def run_cli(parser: argparse.ArgumentParser, convert: Callable[..., Path], argv: list[str] | None) -> int:
+    """Parse `argv`, run `convert(args, options)`; a bad input is one `error:` line (exit code 1), not a traceback."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args)
+        convert(args, ConversionOptions.from_args(args))
     except ValueError as error:  # ConversionError, or a config value that TimeViperConfig rejects
         print(f"error: {error}", file=sys.stderr)
         return 1

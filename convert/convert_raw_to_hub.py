@@ -52,7 +52,6 @@ REFERENCE_VISION_PREFIX = "vision_backbone.featurizer."
 
 def plan_vision(path: Path, num_heads: int | None = None, image_size: int | None = None):
     """(plan, SiglipVisionConfig, source) for `--vision`: a timm state-dict file or a transformers SigLIP folder."""
-    path = Path(path)
     if path.is_dir():
         vision_config = hf_siglip_vision_config(path, image_size)
         source = open_tensor_source(path)
@@ -80,18 +79,14 @@ def hf_siglip_vision_config(folder: Path, image_size: int | None):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{folder} has no config.json; a transformers SigLIP folder needs one")
-    values = json.loads(config_path.read_text())
-    model_type = values.get("model_type")
-    if model_type == "siglip":
-        values = values.get("vision_config", {})
-    elif model_type != "siglip_vision_model":
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type not in ("siglip", "siglip_vision_model"):
         raise ConversionError(
             f"{config_path}: model_type {model_type!r} is not a SigLIP with a convolutional patch embedding "
             "(siglip / siglip_vision_model). For SigLIP 2 use a fixed-resolution checkpoint such as "
             "google/siglip2-so400m-patch14-384, or the timm weights."
         )
-    values = {key: value for key, value in values.items() if key not in ("model_type", "architectures", "transformers_version")}
-    vision_config = SiglipVisionConfig(**{**values, "vision_use_head": False})
+    vision_config = SiglipVisionConfig.from_pretrained(str(folder), vision_use_head=False)  # a SiglipModel's vision part
     if image_size is not None and image_size != vision_config.image_size:
         raise ConversionError(f"--image-size {image_size} differs from the folder's image_size {vision_config.image_size}")
     return vision_config
@@ -133,9 +128,8 @@ class RawConverter(Converter):
             self.seed = config.vision_config.hidden_size if self.seed is None else self.seed
             plan.merge(plan_fresh_projector(config.vision_config.hidden_size, text_config.hidden_size, self.seed))
         family = text_config.model_type
-        plan.merge(
-            plan_llm(llm_source, family, LLM_BODY_PREFIX[family], "lm_head.weight", tie_word_embeddings=text_config.tie_word_embeddings)
-        )
+        plan.merge(plan_llm(llm_source, family, LLM_BODY_PREFIX[family], "lm_head.weight",
+                            tie_word_embeddings=text_config.tie_word_embeddings))
         plan.merge(plan_transfer_init(plan, config))
         return plan.account_for(*sources)
 
@@ -159,14 +153,8 @@ class RawConverter(Converter):
         return text_model_class(text_config.model_type).from_pretrained(str(self.llm_folder), dtype=torch.float32)
 
 
-def convert_raw_to_hub(
-    llm: str | Path,
-    vision: str | Path,
-    output: str | Path,
-    projector: str | Path | None = None,
-    seed: int | None = None,
-    options: ConversionOptions | None = None,
-) -> Path:
+def convert_raw_to_hub(llm: str | Path, vision: str | Path, output: str | Path, projector: str | Path | None = None,
+                       seed: int | None = None, options: ConversionOptions | None = None) -> Path:
     """Convert raw sources into a TimeViper Hub folder at `output` and return its path. `seed` seeds a fresh projector
     (default: the vision width, as the reference does)."""
     options = options or ConversionOptions()
@@ -192,13 +180,10 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        build_parser(),
-        lambda args: convert_raw_to_hub(
-            args.llm, args.vision, args.output, args.projector, args.seed, ConversionOptions.from_args(args)
-        ),
-        argv,
-    )
+    def convert(args, options: ConversionOptions) -> Path:
+        return convert_raw_to_hub(args.llm, args.vision, args.output, args.projector, args.seed, options)
+
+    return run_cli(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

@@ -82,12 +82,8 @@ class ReferenceConverter(Converter):
     def plan(self, config) -> ConversionPlan:
         family = config.text_config.model_type
         plan = plan_timm_siglip(self.source, prefix=VISION_PREFIX).merge(plan_projector(self.source))
-        plan.merge(
-            plan_llm(
-                self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY, allow_transfer=True,
-                tie_word_embeddings=config.text_config.tie_word_embeddings,
-            )
-        )
+        plan.merge(plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY, allow_transfer=True,
+                            tie_word_embeddings=config.text_config.tie_word_embeddings))
         plan.account_for(self.source)
         warn_on_unrunnable_schedule(config)
         return split_transfer_gates(plan, config)
@@ -139,11 +135,10 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        build_parser(),
-        lambda args: convert_reference_checkpoint(args.checkpoint, args.llm_config, args.output, ConversionOptions.from_args(args)),
-        argv,
-    )
+    def convert(args, options: ConversionOptions) -> Path:
+        return convert_reference_checkpoint(args.checkpoint, args.llm_config, args.output, options)
+
+    return run_cli(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":
