@@ -525,8 +525,7 @@ def vision_layers_used(config) -> int:
 
 
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
-    """Why a SigLIP tensor (target name) feeds nothing TimeViper reads (blocks after the feature layer, the final norm,
-    the pooling head), or None."""
+    """Why a SigLIP target tensor feeds nothing the projector reads (later blocks, final norm, head), or None."""
     match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
     if match is None or (match[2] is not None and int(match[2]) < layers_used):
         return None
@@ -577,8 +576,7 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
 
 
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
-    """(plan fitted to the model's names, the model's expected shapes in state-dict order); stops on any missing,
-    unexpected or mis-shaped tensor, and logs the skipped source tensors, one line per reason."""
+    """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
     plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
     check_plan(plan, expected)
@@ -690,8 +688,7 @@ def read_output_marker(folder: Path) -> dict | None:
 
 
 def protected_folder(output: Path) -> str | None:
-    """Why `--force` must never replace `output`: it is or holds the working directory or home folder, or is a git
-    checkout."""
+    """Why `--force` must never replace `output`: it is or holds the cwd or the home folder, or is a git checkout."""
     resolved = output.resolve()
     for what, place in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
         place = place.resolve()
@@ -752,8 +749,7 @@ def recover_interrupted_conversion(output: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """An exclusive lock on `.{name}.lock` next to `output`, under which what a killed conversion left is recovered
-    first: one conversion at a time writes `output`."""
+    """Lock `.{name}.lock` next to `output` (one conversion at a time), then recover what a killed one left."""
     import fcntl
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -793,8 +789,7 @@ def check_output_available(output: Path, force: bool, sources: Iterable[str | Pa
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it. An
     existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
-    is complete. The write holds the output's lock; a kill at any point leaves state that the next conversion recovers.
-    """
+    is complete. The write holds the output's lock; the next conversion recovers from a kill at any point."""
     output = Path(output).absolute()
     with output_lock(output):
         _check_output(output, force)
@@ -949,8 +944,7 @@ def card_license(family: str, source_folder: Path | None) -> dict:
 def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
                library_name: str = "transformers", language: str | list[str] | None = None,
                datasets: str | list[str] | None = None):
-    """The `huggingface_hub.ModelCard` of a TimeViper folder (converted or fine-tuned): Hub metadata and
-    `model_card.md` filled in with the architecture and `notes`."""
+    """The `ModelCard` of a TimeViper folder (converted or fine-tuned): metadata, `model_card.md` filled in, `notes`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     text = config.text_config
@@ -1046,8 +1040,7 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
 
 @torch.no_grad()
 def compare_vision_features(model, reference_tower, layers_used: int, image_size: int, seed: int = 0) -> float:
-    """Max difference of the features the projector reads (the output of the first `layers_used` SigLIP blocks)
-    between our vision tower and a reference `SiglipVisionModel`."""
+    """Max difference of the projector's input (the first `layers_used` blocks' output) from `reference_tower`."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
