@@ -261,12 +261,13 @@ class ConversionPlan:
             self.skipped.update(dict.fromkeys(unclaimed, unused_reason))
         return self
 
+    def take(self, source: TensorSource, key: str, name: str, shape=None, transform=None) -> None:
+        """Plan `name` as the source tensor `key`, or as `transform` of it (which gives `shape`)."""
+        load = (lambda: source.get(key)) if transform is None else (lambda: transform(source.get(key)))
+        self.add(name, source.shape(key) if shape is None else shape, load, [source.label(key)])
+
     def num_parameters(self) -> int:
         return sum(math.prod(tensor.shape) for tensor in self.tensors.values())
-
-
-def _loader(source: TensorSource, key: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    return lambda: source.get(key) if transform is None else transform(source.get(key))
 
 
 # timm block parts whose transformers names differ (the MLP's `mlp.fc1` / `mlp.fc2` keep theirs).
@@ -281,14 +282,12 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
     for key in (key for key in source.keys() if key.startswith(prefix)):
         name, label, shape = key[len(prefix) :], source.label(key), source.shape(key)
         if match := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", name):
-            plan.add(f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}")
         elif name == "pos_embed":
             if len(shape) != 3 or shape[0] != 1:
                 plan.unexpected[label] = f"pos_embed should have shape (1, num_patches, hidden), got {shape}"
                 continue
-            plan.add(
-                f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
-            )
+            plan.take(source, key, f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], lambda t: t[0])
         elif match := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name):
             layer, kind = match[1], match[2]
             if shape[0] % 3:
@@ -296,17 +295,13 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
                 continue
             rows = shape[0] // 3
             for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-                plan.add(
-                    f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
-                    (rows, *shape[1:]),
-                    _loader(source, key, lambda t, i=index, n=rows: t[i * n : (i + 1) * n]),
-                    [label],
-                )
+                plan.take(source, key, f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
+                          (rows, *shape[1:]), lambda t, i=index, n=rows: t[i * n : (i + 1) * n])
         elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc[12])\.(weight|bias)", name):
             part = _TIMM_BLOCK_RENAMES.get(match[2], match[2])
-            plan.add(f"{VISION_PREFIX}encoder.layers.{match[1]}.{part}.{match[3]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{VISION_PREFIX}encoder.layers.{match[1]}.{part}.{match[3]}")
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
-            plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{VISION_PREFIX}post_layernorm.{match[1]}")
         elif name.startswith("attn_pool."):
             plan.skipped[label] = "unused by TimeViper: timm attention-pool head (vision_use_head=False)"
         else:
@@ -356,7 +351,7 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     """transformers `SiglipVisionModel` / `SiglipModel` keys -> our vision keys (the vision names are kept)."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
+        label = source.label(key)
         name = key.removeprefix("vision_model.")
         if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
             plan.skipped[label] = "unused by TimeViper: SigLIP text tower"
@@ -365,7 +360,7 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
         elif name == "embeddings.position_ids":
             plan.skipped[label] = "buffer recomputed by the model"
         elif re.fullmatch(r"(embeddings|encoder|post_layernorm)\..+", name):
-            plan.add(VISION_PREFIX + name, shape, _loader(source, key), [label])
+            plan.take(source, key, VISION_PREFIX + name)
         else:
             plan.unexpected[label] = "not a SigLIP vision parameter"
     return plan
@@ -375,12 +370,12 @@ def plan_projector(source: TensorSource) -> ConversionPlan:
     """The reference's `projector.projector.{0,2}.*` (Linear, GELU, Linear) or our own `model.multi_modal_projector.*`."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
+        label = source.label(key)
         if match := re.fullmatch(r"projector\.projector\.([02])\.(weight|bias)", key):
             linear = "linear_1" if match[1] == "0" else "linear_2"
-            plan.add(f"{PROJECTOR_PREFIX}{linear}.{match[2]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{PROJECTOR_PREFIX}{linear}.{match[2]}")
         elif re.fullmatch(re.escape(PROJECTOR_PREFIX) + r"linear_[12]\.(weight|bias)", key):
-            plan.add(key, shape, _loader(source, key), [label])
+            plan.take(source, key, key)
         elif key.startswith("projector.projector."):
             plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
         elif key.startswith(PROJECTOR_PREFIX):
@@ -409,9 +404,9 @@ def plan_llm(source: TensorSource, family: str, body_prefix: str, lm_head_key: s
     only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy of the embeddings."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
+        label = source.label(key)
         if key == lm_head_key:
-            plan.add(LM_HEAD, shape, _loader(source, key), [label])
+            plan.take(source, key, LM_HEAD)
             continue
         if not key.startswith(body_prefix):
             continue
@@ -423,7 +418,7 @@ def plan_llm(source: TensorSource, family: str, body_prefix: str, lm_head_key: s
         elif re.fullmatch(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
             plan.skipped[label] = "buffer recomputed by the model"
         else:
-            plan.add(TEXT_PREFIX + name, shape, _loader(source, key), [label])
+            plan.take(source, key, TEXT_PREFIX + name)
     if LM_HEAD not in plan.tensors and tie_word_embeddings:
         embeddings = TEXT_PREFIX + ("embeddings.weight" if family == "nemotron_h" else "embed_tokens.weight")
         if embeddings in plan.tensors:
@@ -1027,10 +1022,9 @@ def round_trip_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
 
 
 @torch.no_grad()
-def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[int] = (), seq_len: int = 24, seed: int = 0) -> float:
+def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[int]) -> float:
     """Max |logits| difference between the TimeViper model and the source LLM on a random text-only prompt."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
+    ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     for token_id in avoid_ids:
         ids[ids == token_id] = 0
     ours = model(input_ids=ids).logits.float()
@@ -1039,10 +1033,9 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
 
 
 @torch.no_grad()
-def compare_vision_features(model, reference_tower, layers_used: int, image_size: int, seed: int = 0) -> float:
+def compare_vision_features(model, reference_tower, layers_used: int, image_size: int) -> float:
     """Max difference of the projector's input (the first `layers_used` blocks' output) from `reference_tower`."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
+    pixels = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
     ours = tower.embeddings(pixels)
     for layer in tower.encoder.layers[:layers_used]:
@@ -1099,7 +1092,7 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     if config.text_config.model_type == "nemotron_h":
         match_checkpoint_time_step_limit(text_reference)
     results = {"text logits": compare_text_logits(model, text_reference, config.text_config.vocab_size,
-                                                  avoid_ids=(config.image_token_id, config.video_token_id))}
+                                                  (config.image_token_id, config.video_token_id))}
     results["vision features"] = compare_vision_features(model, native_vision_reference(plan, config, dtype),
                                                          vision_layers_used(config), config.vision_config.image_size)
     for what, diff in results.items():
