@@ -440,10 +440,8 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
             continue
         block = next((index for index in attention_blocks if index >= stage.layer_idx), None)
         if block is None:
-            raise ConversionError(
-                f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; attention blocks "
-                f"are at {attention_blocks}"
-            )
+            raise ConversionError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; "
+                                  f"attention blocks are at {attention_blocks}")
         source_prefix = f"{TEXT_PREFIX}layers.{block}.{attention}."
         copied = [tensor for name, tensor in plan.tensors.items() if name.startswith(source_prefix)]
         if not copied:
@@ -464,16 +462,12 @@ def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
         return plan
     transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
     if tuple(vector.shape) != (len(transfer_stages),):
-        raise ConversionError(
-            f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression has "
-            f"{len(transfer_stages)} transfer stages"
-        )
+        raise ConversionError(f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression "
+                              f"has {len(transfer_stages)} transfer stages")
     split = plan.with_tensors(tensor for name, tensor in plan.tensors.items() if name != vector.name)
     for slot, stage_index in enumerate(transfer_stages):
-        split.add(
-            f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
-            lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources],
-        )
+        split.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
+                  lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources])
     return split
 
 
@@ -562,10 +556,8 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
         problems.append(f"missing tensor {name} {tuple(expected[name])}: no source provides it")
     for name in sorted(set(expected) & set(plan.tensors)):
         if tuple(plan.tensors[name].shape) != tuple(expected[name]):
-            problems.append(
-                f"shape mismatch for {name}: the model expects {tuple(expected[name])}, "
-                f"{', '.join(plan.tensors[name].sources)} gives {plan.tensors[name].shape}"
-            )
+            problems.append(f"shape mismatch for {name}: the model expects {tuple(expected[name])}, "
+                            f"{', '.join(plan.tensors[name].sources)} gives {plan.tensors[name].shape}")
     if problems:
         raise ConversionError(f"the sources do not fit the TimeViper model ({len(problems)} problems)", problems)
 
