@@ -109,8 +109,8 @@ class RawConverter(common.Converter):
             plan.merge(projector_plan)
             sources.append(projector_source)
         else:
-            self.seed = config.vision_config.hidden_size if self.seed is None else self.seed
             vision_hidden = config.vision_config.hidden_size
+            self.seed = vision_hidden if self.seed is None else self.seed
             plan.merge(common.plan_fresh_projector(vision_hidden, text_config.hidden_size, self.seed))
         family = text_config.model_type
         plan.merge(common.plan_llm(llm_source, family, LLM_BODY_PREFIX[family], "lm_head.weight",
