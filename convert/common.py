@@ -1,21 +1,16 @@
 """Machinery shared by the checkpoint converters in `convert/`.
 
-A `Converter` names its sources and maps their keys; `convert_to_hub` does the rest, planning before any byte is
-written: sources are opened lazily (`open_tensor_source`), their keys become a `ConversionPlan` (every source tensor is
-used, skipped with a reason, or rejected), `fit_plan_to_model` checks the plan against the state dict of the model
-built on the meta device, and `write_safetensors_shards` streams the tensors one at a time into a temporary folder
-that `atomic_output_dir` renames into place only when everything, verification included, succeeded.
-
-Target names are the state-dict keys of `TimeViperForConditionalGeneration`: `model.vision_tower.*` (transformers'
-SigLIP names), `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*` (the LLM body under its native
-names, plus `merge_modules.{stage}.*` for TransV) and `lm_head.weight`.
+A `Converter` names its sources and maps their keys into a `ConversionPlan` (every source tensor is used, skipped with
+a reason, or rejected); `convert_to_hub` checks the plan against the model's state dict before any byte is written,
+streams the tensors one at a time into a temporary folder, and renames it into place once everything, verification
+included, succeeded. Target names are `TimeViperForConditionalGeneration`'s state-dict keys (the prefixes below).
 """
 
 from __future__ import annotations
 
-import abc
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -82,9 +77,9 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 def parse_token_compression(value: str | None):
     """The reference's schedule string (`uni_7_0.5-attn_39_0.05`) or a JSON list of stage dicts; None/'' for none."""
-    if value is None or value.strip() in ("", "none", "None"):
+    text = (value or "").strip()
+    if text in ("", "none", "None"):
         return None
-    text = value.strip()
     if text[0] in "[{":
         parsed = json.loads(text)
         return [parsed] if isinstance(parsed, dict) else parsed
@@ -95,9 +90,8 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
     """Our names (`tome_mlp`, `mlp`) or the reference's (`tome_mlp-N`, `gelu_mlp`) -> (type, N or None)."""
     if value in ("tome_mlp", "mlp", "gelu_mlp"):
         return ("mlp" if value == "gelu_mlp" else value), None
-    match = re.fullmatch(r"tome_mlp-(\d+)", value)
-    if match:
-        return "tome_mlp", int(match.group(1))
+    if match := re.fullmatch(r"tome_mlp-(\d+)", value):
+        return "tome_mlp", int(match[1])
     if "fused" in value:
         raise ValueError(f"projector type {value!r} (three linears) has no TimeViper equivalent")
     raise ValueError(f"unknown projector type {value!r}; use tome_mlp, tome_mlp-N, mlp or gelu_mlp")
@@ -107,23 +101,18 @@ def parse_projector_type(value: str) -> tuple[str, int | None]:
 
 
 class TensorSource:
-    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand through `load`."""
+    """Read-only view of a checkpoint: key names and shapes without loading, tensors on demand through `get`."""
 
     def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], load: Callable[[str], torch.Tensor]):
-        self.name, self._shapes, self._load = name, shapes, load
-        self._last: tuple[str, torch.Tensor] | None = None
+        self.name, self._shapes = name, shapes
+        # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.
+        self.get: Callable[[str], torch.Tensor] = functools.lru_cache(maxsize=1)(load)
 
     def keys(self) -> list[str]:
         return list(self._shapes)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
-
-    def get(self, key: str) -> torch.Tensor:
-        # Keep the last tensor: a fused tensor (timm qkv) is read once for its three slices.
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self._load(key))
-        return self._last[1]
 
     def label(self, key: str) -> str:
         return f"{self.name}:{key}"
@@ -263,8 +252,7 @@ class ConversionPlan:
         return plan
 
     def account_for(self, *sources: TensorSource, unused_reason: str | None = None) -> "ConversionPlan":
-        """Record every source tensor that no key map claimed, as skipped for `unused_reason` or else as unexpected:
-        nothing is dropped silently."""
+        """Record every source tensor no key map claimed (skipped for `unused_reason`, else unexpected)."""
         seen = self.used | set(self.skipped) | set(self.unexpected)
         unclaimed = [source.label(key) for source in sources for key in source.keys() if source.label(key) not in seen]
         if unused_reason is None:
@@ -273,43 +261,33 @@ class ConversionPlan:
             self.skipped.update(dict.fromkeys(unclaimed, unused_reason))
         return self
 
+    def take(self, source: TensorSource, key: str, name: str, shape=None, transform=None) -> None:
+        """Plan `name` as the source tensor `key`, or as `transform` of it (which gives `shape`)."""
+        load = (lambda: source.get(key)) if transform is None else (lambda: transform(source.get(key)))
+        self.add(name, source.shape(key) if shape is None else shape, load, [source.label(key)])
+
     def num_parameters(self) -> int:
         return sum(math.prod(tensor.shape) for tensor in self.tensors.values())
 
 
-def _loader(source: TensorSource, key: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-    if transform is None:
-        return lambda: source.get(key)
-    return lambda: transform(source.get(key))
-
-
-_TIMM_BLOCK_RENAMES = {
-    "norm1": "layer_norm1",
-    "norm2": "layer_norm2",
-    "attn.proj": "self_attn.out_proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
+# timm block parts whose transformers names differ (the MLP's `mlp.fc1` / `mlp.fc2` keep theirs).
+_TIMM_BLOCK_RENAMES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj"}
 
 
 def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
     """timm `vit_so400m_patch14_siglip_384` keys (under `prefix`) -> HF SigLIP vision keys (under `VISION_PREFIX`).
-
     The fused `attn.qkv` rows are [q; k; v] (timm reshapes its output to (B, N, 3, heads, head_dim)), so each third
-    becomes one HF projection; `pos_embed` (1, N, D) loses its batch axis.
-    """
+    becomes one HF projection; `pos_embed` (1, N, D) loses its batch axis."""
     plan = ConversionPlan()
     for key in (key for key in source.keys() if key.startswith(prefix)):
         name, label, shape = key[len(prefix) :], source.label(key), source.shape(key)
         if match := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", name):
-            plan.add(f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{VISION_PREFIX}embeddings.patch_embedding.{match[1]}")
         elif name == "pos_embed":
             if len(shape) != 3 or shape[0] != 1:
                 plan.unexpected[label] = f"pos_embed should have shape (1, num_patches, hidden), got {shape}"
                 continue
-            plan.add(
-                f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], _loader(source, key, lambda t: t[0]), [label]
-            )
+            plan.take(source, key, f"{VISION_PREFIX}embeddings.position_embedding.weight", shape[1:], lambda t: t[0])
         elif match := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name):
             layer, kind = match[1], match[2]
             if shape[0] % 3:
@@ -317,17 +295,13 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
                 continue
             rows = shape[0] // 3
             for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-                plan.add(
-                    f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
-                    (rows, *shape[1:]),
-                    _loader(source, key, lambda t, i=index, n=rows: t[i * n : (i + 1) * n]),
-                    [label],
-                )
-        elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", name):
-            target = f"{VISION_PREFIX}encoder.layers.{match[1]}.{_TIMM_BLOCK_RENAMES[match[2]]}.{match[3]}"
-            plan.add(target, shape, _loader(source, key), [label])
+                plan.take(source, key, f"{VISION_PREFIX}encoder.layers.{layer}.self_attn.{projection}.{kind}",
+                          (rows, *shape[1:]), lambda t, i=index, n=rows: t[i * n : (i + 1) * n])
+        elif match := re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc[12])\.(weight|bias)", name):
+            part = _TIMM_BLOCK_RENAMES.get(match[2], match[2])
+            plan.take(source, key, f"{VISION_PREFIX}encoder.layers.{match[1]}.{part}.{match[3]}")
         elif match := re.fullmatch(r"norm\.(weight|bias)", name):
-            plan.add(f"{VISION_PREFIX}post_layernorm.{match[1]}", shape, _loader(source, key), [label])
+            plan.take(source, key, f"{VISION_PREFIX}post_layernorm.{match[1]}")
         elif name.startswith("attn_pool."):
             plan.skipped[label] = "unused by TimeViper: timm attention-pool head (vision_use_head=False)"
         else:
@@ -340,11 +314,9 @@ TIMM_SIGLIP_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
 
 
 def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: int | None = None, image_size: int | None = None):
-    """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes.
-
-    timm's ViT uses exact GELU and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to
-    384, the reference's resize target, when that gives the checkpoint's patch grid, else to grid * patch.
-    """
+    """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes. timm's ViT uses exact GELU
+    and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to 384, the reference's resize
+    target, when that gives the checkpoint's patch grid, else to grid * patch."""
     from transformers import SiglipVisionConfig
 
     def shape(name):
@@ -369,16 +341,9 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
             raise ConversionError(f"cannot tell the head count of a width-{width} SigLIP; pass --vision-num-heads")
         num_heads = TIMM_SIGLIP_HEADS[width]
     return SiglipVisionConfig(
-        hidden_size=width,
-        intermediate_size=shape("blocks.0.mlp.fc1.weight")[0],
-        num_hidden_layers=len(layers),
-        num_attention_heads=num_heads,
-        num_channels=channels,
-        image_size=image_size,
-        patch_size=patch,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        vision_use_head=False,
+        hidden_size=width, intermediate_size=shape("blocks.0.mlp.fc1.weight")[0], num_hidden_layers=len(layers),
+        num_attention_heads=num_heads, num_channels=channels, image_size=image_size, patch_size=patch,
+        hidden_act="gelu", layer_norm_eps=1e-6, vision_use_head=False,
     )
 
 
@@ -386,7 +351,7 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     """transformers `SiglipVisionModel` / `SiglipModel` keys -> our vision keys (the vision names are kept)."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
+        label = source.label(key)
         name = key.removeprefix("vision_model.")
         if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
             plan.skipped[label] = "unused by TimeViper: SigLIP text tower"
@@ -395,38 +360,33 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
         elif name == "embeddings.position_ids":
             plan.skipped[label] = "buffer recomputed by the model"
         elif re.fullmatch(r"(embeddings|encoder|post_layernorm)\..+", name):
-            plan.add(VISION_PREFIX + name, shape, _loader(source, key), [label])
+            plan.take(source, key, VISION_PREFIX + name)
         else:
             plan.unexpected[label] = "not a SigLIP vision parameter"
     return plan
 
 
-def plan_projector(source: TensorSource, prefix: str = "projector.projector.") -> ConversionPlan:
+def plan_projector(source: TensorSource) -> ConversionPlan:
     """The reference's `projector.projector.{0,2}.*` (Linear, GELU, Linear) or our own `model.multi_modal_projector.*`."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
-        if key.startswith(prefix):
-            match = re.fullmatch(r"(\d+)\.(weight|bias)", key[len(prefix) :])
-            if match and match[1] in ("0", "2"):
-                linear = "linear_1" if match[1] == "0" else "linear_2"
-                plan.add(f"{PROJECTOR_PREFIX}{linear}.{match[2]}", shape, _loader(source, key), [label])
-            else:
-                plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
+        label = source.label(key)
+        if match := re.fullmatch(r"projector\.projector\.([02])\.(weight|bias)", key):
+            linear = "linear_1" if match[1] == "0" else "linear_2"
+            plan.take(source, key, f"{PROJECTOR_PREFIX}{linear}.{match[2]}")
+        elif re.fullmatch(re.escape(PROJECTOR_PREFIX) + r"linear_[12]\.(weight|bias)", key):
+            plan.take(source, key, key)
+        elif key.startswith("projector.projector."):
+            plan.unexpected[label] = "the TimeViper projector is Linear-GELU-Linear (indices 0 and 2 only)"
         elif key.startswith(PROJECTOR_PREFIX):
-            if re.fullmatch(r"linear_[12]\.(weight|bias)", key[len(PROJECTOR_PREFIX) :]):
-                plan.add(key, shape, _loader(source, key), [label])
-            else:
-                plan.unexpected[label] = "not a parameter of the TimeViper projector"
+            plan.unexpected[label] = "not a parameter of the TimeViper projector"
     return plan
 
 
 def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> ConversionPlan:
     """A new projector, initialised as `nn.Linear` does, from its own seeded RNG (the global RNG is left untouched).
-
     With `seed = vision_hidden` (1152 for SigLIP so400m) this reproduces the reference, which calls
-    `torch.manual_seed(vision_embed_dim)` right before building the same two linears.
-    """
+    `torch.manual_seed(vision_embed_dim)` right before building the same two linears."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         linears = {"linear_1": torch.nn.Linear(vision_hidden, text_hidden), "linear_2": torch.nn.Linear(text_hidden, text_hidden)}
@@ -437,25 +397,16 @@ def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> Con
     return plan
 
 
-def plan_llm(
-    source: TensorSource,
-    family: str,
-    body_prefix: str,
-    lm_head_key: str,
-    allow_transfer: bool = False,
-    tie_word_embeddings: bool = False,
-) -> ConversionPlan:
-    """LLM body keys under `body_prefix` -> `model.language_model.*`, `lm_head_key` -> `lm_head.weight`.
-
-    Bodies keep their native sub-names, except Nemotron-H's legacy `embedding.weight`. TransV tensors (`merge_modules.*`,
-    `alpha`) are accepted only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy
-    of the embeddings.
-    """
+def plan_llm(source: TensorSource, family: str, body_prefix: str, lm_head_key: str, allow_transfer: bool = False,
+             tie_word_embeddings: bool = False) -> ConversionPlan:
+    """LLM body keys under `body_prefix` -> `model.language_model.*` (native sub-names, except Nemotron-H's legacy
+    `embedding.weight`), `lm_head_key` -> `lm_head.weight`. TransV tensors (`merge_modules.*`, `alpha`) are accepted
+    only from a TimeViper checkpoint (`allow_transfer`). A tied source (no lm_head) gets a copy of the embeddings."""
     plan = ConversionPlan()
     for key in source.keys():
-        label, shape = source.label(key), source.shape(key)
+        label = source.label(key)
         if key == lm_head_key:
-            plan.add(LM_HEAD, shape, _loader(source, key), [label])
+            plan.take(source, key, LM_HEAD)
             continue
         if not key.startswith(body_prefix):
             continue
@@ -467,7 +418,7 @@ def plan_llm(
         elif re.fullmatch(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
             plan.skipped[label] = "buffer recomputed by the model"
         else:
-            plan.add(TEXT_PREFIX + name, shape, _loader(source, key), [label])
+            plan.take(source, key, TEXT_PREFIX + name)
     if LM_HEAD not in plan.tensors and tie_word_embeddings:
         embeddings = TEXT_PREFIX + ("embeddings.weight" if family == "nemotron_h" else "embed_tokens.weight")
         if embeddings in plan.tensors:
@@ -477,30 +428,20 @@ def plan_llm(
     return plan
 
 
-def transfer_init_blocks(config) -> dict[int, int]:
-    """{transfer stage index: LLM block index}: each TransV module starts as a copy of the first attention block at or
-    after its stage's layer (every Qwen2 layer is one)."""
+def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
+    """TransV for a fresh model: each transfer stage's module is a copy of every planned tensor (q/k/v/o, Qwen2's
+    biases too) of the first attention block at or after its layer (every Qwen2 layer is one), with `alpha = 0`, so
+    that every stage starts as plain dropping."""
+    attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
     attention_blocks = [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"]
-    blocks = {}
+    new = ConversionPlan()
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
             continue
         block = next((index for index in attention_blocks if index >= stage.layer_idx), None)
         if block is None:
-            raise ConversionError(
-                f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; attention blocks "
-                f"are at {attention_blocks}"
-            )
-        blocks[stage_index] = block
-    return blocks
-
-
-def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
-    """TransV for a fresh model: every planned tensor of the chosen attention module (q/k/v/o, Qwen2's biases too)
-    copied into the stage's module, and `alpha = 0`, so that every stage starts as plain dropping."""
-    attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
-    new = ConversionPlan()
-    for stage_index, block in transfer_init_blocks(config).items():
+            raise ConversionError(f"no attention block at or after layer {stage.layer_idx} to initialise TransV from; "
+                                  f"attention blocks are at {attention_blocks}")
         source_prefix = f"{TEXT_PREFIX}layers.{block}.{attention}."
         copied = [tensor for name, tensor in plan.tensors.items() if name.startswith(source_prefix)]
         if not copied:
@@ -521,16 +462,12 @@ def split_transfer_gates(plan: ConversionPlan, config) -> ConversionPlan:
         return plan
     transfer_stages = [index for index, stage in enumerate(config.compression_stages) if stage.transfer]
     if tuple(vector.shape) != (len(transfer_stages),):
-        raise ConversionError(
-            f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression has "
-            f"{len(transfer_stages)} transfer stages"
-        )
+        raise ConversionError(f"{', '.join(vector.sources)}: alpha has shape {tuple(vector.shape)}, token_compression "
+                              f"has {len(transfer_stages)} transfer stages")
     split = plan.with_tensors(tensor for name, tensor in plan.tensors.items() if name != vector.name)
     for slot, stage_index in enumerate(transfer_stages):
-        split.add(
-            f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
-            lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources],
-        )
+        split.add(f"{TEXT_PREFIX}merge_modules.{stage_index}.alpha", (1,),
+                  lambda slot=slot: vector.load()[slot : slot + 1], [f"{source}[{slot}]" for source in vector.sources])
     return split
 
 
@@ -554,19 +491,15 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
         problems.append("alpha is missing but token_compression has transfer stages")
     if problems:
         stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
-        raise ConversionError(
-            f"the checkpoint's TransV tensors do not match --token-compression ({stages}); pass the schedule the "
-            "checkpoint was trained with",
-            problems,
-        )
+        raise ConversionError(f"the checkpoint's TransV tensors do not match --token-compression ({stages}); pass the "
+                              "schedule the checkpoint was trained with", problems)
 
 
 # What the model expects
 
 
 def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `TimeViperForConditionalGeneration(config)`'s state dict, in its order (built on the meta
-    device: no memory)."""
+    """Names and shapes of the model's state dict, in its order (built on the meta device: no memory)."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     with torch.device("meta"):
@@ -581,8 +514,7 @@ def vision_layers_used(config) -> int:
 
 
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
-    """Why a SigLIP tensor (target name) feeds nothing TimeViper reads (blocks after the feature layer, the final norm,
-    the pooling head), or None."""
+    """Why a SigLIP target tensor feeds nothing the projector reads (later blocks, final norm, head), or None."""
     match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
     if match is None or (match[2] is not None and int(match[2]) < layers_used):
         return None
@@ -616,9 +548,7 @@ def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[i
 
 def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> None:
     """Stop, listing every problem, unless the plan produces exactly the expected tensors with the expected shapes."""
-    problems = []
-    for label, reason in sorted(plan.unexpected.items()):
-        problems.append(f"unexpected source tensor {label}: {reason}")
+    problems = [f"unexpected source tensor {label}: {reason}" for label, reason in sorted(plan.unexpected.items())]
     problems.extend(f"conflict: {line}" for line in plan.conflicts)
     for name in sorted(set(plan.tensors) - set(expected)):
         problems.append(f"unexpected tensor {name} (from {', '.join(plan.tensors[name].sources)}): the model has no such parameter")
@@ -626,54 +556,35 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
         problems.append(f"missing tensor {name} {tuple(expected[name])}: no source provides it")
     for name in sorted(set(expected) & set(plan.tensors)):
         if tuple(plan.tensors[name].shape) != tuple(expected[name]):
-            problems.append(
-                f"shape mismatch for {name}: the model expects {tuple(expected[name])}, "
-                f"{', '.join(plan.tensors[name].sources)} gives {plan.tensors[name].shape}"
-            )
+            problems.append(f"shape mismatch for {name}: the model expects {tuple(expected[name])}, "
+                            f"{', '.join(plan.tensors[name].sources)} gives {plan.tensors[name].shape}")
     if problems:
         raise ConversionError(f"the sources do not fit the TimeViper model ({len(problems)} problems)", problems)
 
 
-def summarize_skipped(skipped: dict[str, str]) -> list[str]:
-    """One line per reason: `reason: count tensors (first, ...)`."""
-    by_reason: dict[str, list[str]] = {}
-    for label, reason in skipped.items():
-        by_reason.setdefault(reason, []).append(label)
-    lines = []
-    for reason, labels in by_reason.items():
-        example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
-        lines.append(f"{len(labels)} tensors skipped, {reason} ({example})")
-    return lines
-
-
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
-    """(plan fitted to the model's names, the model's expected shapes in state-dict order); stops on any missing,
-    unexpected or mis-shaped tensor."""
+    """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
     plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
     check_plan(plan, expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
-    for line in summarize_skipped(plan.skipped):
-        logger.info(line)
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in plan.skipped.items():
+        by_reason.setdefault(reason, []).append(label)
+    for reason, labels in by_reason.items():
+        example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+        logger.info("%d tensors skipped, %s (%s)", len(labels), reason, example)
     return plan, expected
 
 
 # Writing
 
 
-def write_safetensors_shards(
-    plan: ConversionPlan,
-    folder: Path,
-    dtype: torch.dtype,
-    max_shard_size: int | str,
-    order: Iterable[str] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict.
-
-    Shards are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as
-    `save_pretrained` does; `max_shard_size` is its `"5GB"` notation or bytes.
-    """
+def write_safetensors_shards(plan: ConversionPlan, folder: Path, dtype: torch.dtype, max_shard_size: int | str,
+                             order: Iterable[str] | None = None, progress: bool = True) -> dict:
+    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict. Shards
+    are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as `save_pretrained`
+    does; `max_shard_size` is its `"5GB"` notation or bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
@@ -694,10 +605,8 @@ def write_safetensors_shards(
 
 def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]) -> None:
     """One safetensors file holding the planned tensors `shapes` (meta tensors of the output dtype), in their order.
-
     safetensors' own writers take every tensor of a file at once; here the header comes from the planned shapes, so
-    each tensor is loaded, cast, written and dropped before the next one.
-    """
+    each tensor is loaded, cast, written and dropped before the next one."""
     if sys.byteorder != "little":
         raise ConversionError("safetensors files are little-endian; this writer runs on little-endian hosts only")
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -766,8 +675,7 @@ def read_output_marker(folder: Path) -> dict | None:
 
 
 def protected_folder(output: Path) -> str | None:
-    """Why `--force` must never replace `output`: it is or holds the working directory or home folder, or is a git
-    checkout."""
+    """Why `--force` must never replace `output`: it is or holds the cwd or the home folder, or is a git checkout."""
     resolved = output.resolve()
     for what, place in (("the current directory", Path.cwd()), ("the home folder", Path.home())):
         place = place.resolve()
@@ -806,12 +714,10 @@ def _size(folder: Path) -> str:
 
 
 def recover_interrupted_conversion(output: Path) -> None:
-    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held).
-
-    A kill between the two renames of a `--force` swap leaves `output` missing and the old copy in
-    `.{name}.replaced-*/old`: it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders
-    with the converter's marker are cut-short writes and are deleted; others are only reported.
-    """
+    """Finish what a killed conversion left next to `output` (`output_lock` calls it with the lock held). A kill
+    between the two renames of a `--force` swap leaves `output` missing and the old copy in `.{name}.replaced-*/old`:
+    it is put back; next to an existing `output` it is deleted. `.{name}.partial-*` folders with the converter's marker
+    are cut-short writes and are deleted; others are only reported."""
     for backup in _siblings(output, "replaced"):
         old = backup / "old"
         if old.exists() and not (output.exists() or output.is_symlink()):
@@ -830,8 +736,7 @@ def recover_interrupted_conversion(output: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """An exclusive lock on `.{name}.lock` next to `output`, under which what a killed conversion left is recovered
-    first: one conversion at a time writes `output`."""
+    """Lock `.{name}.lock` next to `output` (one conversion at a time), then recover what a killed one left."""
     import fcntl
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -869,11 +774,9 @@ def check_output_available(output: Path, force: bool, sources: Iterable[str | Pa
 
 @contextlib.contextmanager
 def atomic_output_dir(output: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it.
-
-    An existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
-    is complete. The write holds the output's lock; a kill at any point leaves state that the next conversion recovers.
-    """
+    """Yield a fresh temporary folder next to `output`; on success rename it to `output`, on failure delete it. An
+    existing `output` is replaced only with `force`, only when this converter wrote it, and only once the new folder
+    is complete. The write holds the output's lock; the next conversion recovers from a kill at any point."""
     output = Path(output).absolute()
     with output_lock(output):
         _check_output(output, force)
@@ -957,37 +860,23 @@ def build_timeviper_config(text_config, vision_config, tokenizer, options: "Conv
     for sub_config in (text_config, vision_config):
         sub_config.dtype = dtype
     return TimeViperConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        projector_type=projector_type,
-        tokens_per_frame=tokens_from_type or options.tokens_per_frame,
-        vision_feature_layer=options.vision_feature_layer,
-        token_compression=options.token_compression,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        dtype=dtype,
+        vision_config=vision_config, text_config=text_config, projector_type=projector_type,
+        tokens_per_frame=tokens_from_type or options.tokens_per_frame, vision_feature_layer=options.vision_feature_layer,
+        token_compression=options.token_compression, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), dtype=dtype,
     )
 
 
-def build_generation_config(family: str, tokenizer, text_config, llm_folder: Path | None):
-    """Greedy decoding that stops at the backbone's end-of-turn tokens (plus whatever the source generation config lists)."""
+def build_generation_config(family: str, tokenizer, text_config, llm_folder: Path):
+    """Greedy decoding that stops at the backbone's end-of-turn tokens (and those the source generation config lists)."""
     from transformers import GenerationConfig
 
-    eos_ids: list[int] = []
-
-    def add(ids):
-        for token_id in ids if isinstance(ids, (list, tuple)) else [ids]:
-            if token_id is not None and token_id not in eos_ids:
-                eos_ids.append(int(token_id))
-
-    source = Path(llm_folder) / "generation_config.json" if llm_folder is not None else None
-    if source is not None and source.is_file():
-        add(json.loads(source.read_text()).get("eos_token_id"))
-    add(tokenizer.eos_token_id)
+    source = Path(llm_folder) / "generation_config.json"
+    listed = json.loads(source.read_text()).get("eos_token_id") if source.is_file() else None
     vocabulary = tokenizer.get_vocab()
-    for token in STOP_TOKENS[family]:
-        if token in vocabulary:
-            add(vocabulary[token])
+    candidates = [*(listed if isinstance(listed, (list, tuple)) else [listed]), tokenizer.eos_token_id,
+                  *(vocabulary[token] for token in STOP_TOKENS[family] if token in vocabulary)]
+    eos_ids = list(dict.fromkeys(int(token_id) for token_id in candidates if token_id is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else text_config.pad_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_config.bos_token_id
     return GenerationConfig(bos_token_id=bos, eos_token_id=eos_ids, pad_token_id=pad, do_sample=False)
@@ -1042,8 +931,7 @@ def card_license(family: str, source_folder: Path | None) -> dict:
 def model_card(config, base_models: list[str], license_fields: dict, extra_tags: Iterable[str], notes: str,
                library_name: str = "transformers", language: str | list[str] | None = None,
                datasets: str | list[str] | None = None):
-    """The `huggingface_hub.ModelCard` of a TimeViper folder (converted or fine-tuned): Hub metadata and
-    `model_card.md` filled in with the architecture and `notes`."""
+    """The `ModelCard` of a TimeViper folder (converted or fine-tuned): metadata, `model_card.md` filled in, `notes`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     text = config.text_config
@@ -1065,10 +953,8 @@ def model_card(config, base_models: list[str], license_fields: dict, extra_tags:
     )
 
 
-def guess_base_model(path: Path | None) -> str | None:
+def guess_base_model(path: Path) -> str | None:
     """A Hub id for the model card from a local folder or file name, when the name is a known upstream one."""
-    if path is None:
-        return None
     name = Path(path).name if Path(path).is_dir() else Path(path).stem
     if name.lower().startswith("nvidia-nemotron"):
         return f"nvidia/{name}"
@@ -1128,10 +1014,9 @@ def round_trip_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
 
 
 @torch.no_grad()
-def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[int] = (), seq_len: int = 24, seed: int = 0) -> float:
+def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[int]) -> float:
     """Max |logits| difference between the TimeViper model and the source LLM on a random text-only prompt."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
+    ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     for token_id in avoid_ids:
         ids[ids == token_id] = 0
     ours = model(input_ids=ids).logits.float()
@@ -1140,11 +1025,9 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
 
 
 @torch.no_grad()
-def compare_vision_features(model, reference_tower, layers_used: int, image_size: int, seed: int = 0) -> float:
-    """Max difference of the features the projector reads (the output of the first `layers_used` SigLIP blocks)
-    between our vision tower and a reference `SiglipVisionModel`."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(2, 3, image_size, image_size, generator=generator) * 2 - 1
+def compare_vision_features(model, reference_tower, layers_used: int, image_size: int) -> float:
+    """Max difference of the projector's input (the first `layers_used` blocks' output) from `reference_tower`."""
+    pixels = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
     ours = tower.embeddings(pixels)
     for layer in tower.encoder.layers[:layers_used]:
@@ -1200,15 +1083,10 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     text_reference = round_trip_dtype(converter.text_reference(config.text_config).eval(), dtype)
     if config.text_config.model_type == "nemotron_h":
         match_checkpoint_time_step_limit(text_reference)
-    results = {
-        "text logits": compare_text_logits(
-            model, text_reference, config.text_config.vocab_size,
-            avoid_ids=(config.image_token_id, config.video_token_id),
-        ),
-        "vision features": compare_vision_features(
-            model, native_vision_reference(plan, config, dtype), vision_layers_used(config), config.vision_config.image_size
-        ),
-    }
+    results = {"text logits": compare_text_logits(model, text_reference, config.text_config.vocab_size,
+                                                  (config.image_token_id, config.video_token_id))}
+    results["vision features"] = compare_vision_features(model, native_vision_reference(plan, config, dtype),
+                                                         vision_layers_used(config), config.vision_config.image_size)
     for what, diff in results.items():
         logger.info("verify: %s max abs diff %.3e (tolerance %.0e)", what, diff, atol)
     failed = [f"{what}: max abs diff {diff:.3e} > {atol:.0e}" for what, diff in results.items() if not diff <= atol]
@@ -1220,32 +1098,18 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
 # The conversion flow both converters share
 
 
-class Converter(abc.ABC):
-    """One source format: the paths it reads, its vision config and key map, the LLM to verify against.
-    `convert_to_hub` runs everything else, calling `vision_config` before `plan`."""
+class Converter:
+    """One source format. `convert_to_hub` runs everything else, calling the subclass's methods in this order:
+    - `vision_config(text_config, num_heads, image_size)`: the `SiglipVisionConfig` of the vision weights
+      (`text_config` lets a converter check the LLM first);
+    - `plan(config)`: every source tensor mapped to a TimeViper name, skipped with a reason, or rejected;
+    - `base_models()`: Hub ids for the card's `base_model` when the caller gives none;
+    - `conversion_note(config)`: the model card's account of where each part comes from;
+    - `text_reference(text_config)`: for verification, the source LLM in transformers' own class, in fp32.
+    """
 
     llm_folder: Path  # the base LLM's Hub folder: config.json, tokenizer, generation_config.json, README.md
     sources: list[Path]  # every path read, which the output must never replace
-
-    @abc.abstractmethod
-    def vision_config(self, text_config, num_heads: int | None, image_size: int | None):
-        """The `SiglipVisionConfig` of the vision weights (`text_config` lets a converter check the LLM first)."""
-
-    @abc.abstractmethod
-    def plan(self, config) -> ConversionPlan:
-        """Every source tensor mapped to a TimeViper name, skipped with a reason, or rejected."""
-
-    @abc.abstractmethod
-    def base_models(self) -> list[str]:
-        """Hub ids for the card's `base_model` when the caller gives none."""
-
-    @abc.abstractmethod
-    def conversion_note(self, config) -> str:
-        """The model card's account of where each part comes from."""
-
-    @abc.abstractmethod
-    def text_reference(self, text_config) -> torch.nn.Module:
-        """The source LLM in transformers' own class (`text_model_class`), in fp32."""
 
 
 @dataclass
@@ -1324,12 +1188,12 @@ def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help
     parser.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 
-def run_cli(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv: list[str] | None) -> int:
-    """Parse `argv`, run `convert`, and report a bad input as one `error:` line (exit code 1) instead of a traceback."""
+def run_cli(parser: argparse.ArgumentParser, convert: Callable[..., Path], argv: list[str] | None) -> int:
+    """Parse `argv`, run `convert(args, options)`; a bad input is one `error:` line (exit code 1), not a traceback."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args)
+        convert(args, ConversionOptions.from_args(args))
     except ValueError as error:  # ConversionError, or a config value that TimeViperConfig rejects
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -23,40 +23,22 @@ from pathlib import Path
 
 import torch
 
-from .common import (
-    ConversionError,
-    ConversionOptions,
-    ConversionPlan,
-    Converter,
-    TEXT_PREFIX,
-    TensorSource,
-    add_shared_arguments,
-    converter_parser,
-    convert_to_hub,
-    guess_base_model,
-    logger,
-    open_tensor_source,
-    plan_llm,
-    plan_projector,
-    plan_timm_siglip,
-    run_cli,
-    split_transfer_gates,
-    text_model_class,
-    vision_config_from_timm,
-)
+from . import common
 
 VISION_PREFIX = "vision_backbone.featurizer."
 LLM_BODY_PREFIX = {"nemotron_h": "llm_backbone.llm.backbone.", "qwen2": "llm_backbone.llm.model."}
 LM_HEAD_KEY = "llm_backbone.llm.lm_head.weight"
 
 
-def check_llm_family(source: TensorSource, family: str) -> None:
+def check_llm_family(source: common.TensorSource, family: str) -> None:
     """The checkpoint's LLM prefix must be the one of `--llm-config`'s model type."""
     body_prefix = LLM_BODY_PREFIX[family]
     if not any(key.startswith(body_prefix) for key in source.keys()):
         found = [name for name, prefix in LLM_BODY_PREFIX.items() if any(key.startswith(prefix) for key in source.keys())]
         hint = f"; it holds a {found[0]} LLM ({LLM_BODY_PREFIX[found[0]]}*)" if found else ""
-        raise ConversionError(f"{source.name} has no {body_prefix}* tensors although --llm-config is a {family} model{hint}")
+        raise common.ConversionError(
+            f"{source.name} has no {body_prefix}* tensors although --llm-config is a {family} model{hint}"
+        )
 
 
 def warn_on_unrunnable_schedule(config) -> None:
@@ -64,10 +46,12 @@ def warn_on_unrunnable_schedule(config) -> None:
     schedule where a drop-only stage precedes a transfer stage; here alpha[j] is the gate of the j-th transfer stage."""
     kinds = [stage.transfer for stage in config.compression_stages]
     if True in kinds and False in kinds[: len(kinds) - 1 - kinds[::-1].index(True)]:
-        logger.warning("a drop-only stage precedes a transfer stage: the reference code could not have run this schedule")
+        common.logger.warning(
+            "a drop-only stage precedes a transfer stage: the reference code could not have run this schedule"
+        )
 
 
-class ReferenceConverter(Converter):
+class ReferenceConverter(common.Converter):
     """One flat state dict of the reference code, plus the base LLM folder it was trained from."""
 
     def __init__(self, checkpoint: Path, llm_config: Path):
@@ -75,25 +59,21 @@ class ReferenceConverter(Converter):
         self.sources = [checkpoint, llm_config]
 
     def vision_config(self, text_config, num_heads, image_size):
-        self.source = open_tensor_source(self.checkpoint)
+        self.source = common.open_tensor_source(self.checkpoint)
         check_llm_family(self.source, text_config.model_type)
-        return vision_config_from_timm(self.source, prefix=VISION_PREFIX, num_heads=num_heads, image_size=image_size)
+        return common.vision_config_from_timm(self.source, VISION_PREFIX, num_heads, image_size)
 
-    def plan(self, config) -> ConversionPlan:
+    def plan(self, config) -> common.ConversionPlan:
         family = config.text_config.model_type
-        plan = plan_timm_siglip(self.source, prefix=VISION_PREFIX).merge(plan_projector(self.source))
-        plan.merge(
-            plan_llm(
-                self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY, allow_transfer=True,
-                tie_word_embeddings=config.text_config.tie_word_embeddings,
-            )
-        )
+        plan = common.plan_timm_siglip(self.source, prefix=VISION_PREFIX).merge(common.plan_projector(self.source))
+        plan.merge(common.plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY, allow_transfer=True,
+                                   tie_word_embeddings=config.text_config.tie_word_embeddings))
         plan.account_for(self.source)
         warn_on_unrunnable_schedule(config)
-        return split_transfer_gates(plan, config)
+        return common.split_transfer_gates(plan, config)
 
     def base_models(self) -> list[str]:
-        return [model for model in (guess_base_model(self.llm_folder),) if model]
+        return [model for model in (common.guess_base_model(self.llm_folder),) if model]
 
     def conversion_note(self, config) -> str:
         stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
@@ -106,44 +86,44 @@ class ReferenceConverter(Converter):
     def text_reference(self, text_config) -> torch.nn.Module:
         """transformers' own LLM class holding the checkpoint's LLM tensors."""
         family = text_config.model_type
-        model = text_model_class(family)(text_config).float()
-        plan = plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY)
-        state = {name.replace(TEXT_PREFIX, "model.", 1): tensor.load() for name, tensor in plan.tensors.items()}
+        model = common.text_model_class(family)(text_config).float()
+        plan = common.plan_llm(self.source, family, LLM_BODY_PREFIX[family], LM_HEAD_KEY)
+        state = {name.replace(common.TEXT_PREFIX, "model.", 1): tensor.load() for name, tensor in plan.tensors.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [key for key in missing if not (key == "lm_head.weight" and text_config.tie_word_embeddings)]:
-            raise ConversionError("the checkpoint's LLM does not load into transformers' own class", [*missing, *unexpected])
+            problems = [*missing, *unexpected]
+            raise common.ConversionError("the checkpoint's LLM does not load into transformers' own class", problems)
         return model
 
 
 def convert_reference_checkpoint(
-    checkpoint: str | Path, llm_config: str | Path, output: str | Path, options: ConversionOptions | None = None
+    checkpoint: str | Path, llm_config: str | Path, output: str | Path, options: common.ConversionOptions | None = None
 ) -> Path:
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
     `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
-    options = options or ConversionOptions()
-    return convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
+    options = options or common.ConversionOptions()
+    return common.convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
 
 
 def build_parser():
-    parser = converter_parser(
+    parser = common.converter_parser(
         "python -m convert.convert_reference_checkpoint",
         "Convert a reference TimeViper training checkpoint (one flat state dict) into a TimeViper Hub folder.",
         __doc__,
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="the reference's state dict (.bin/.pth or .safetensors)")
     parser.add_argument("--llm-config", required=True, type=Path, help="base LLM folder the checkpoint was trained from (config.json, tokenizer)")
-    add_shared_arguments(
+    common.add_shared_arguments(
         parser, "the checkpoint's pdrop_type, e.g. uni_7_0.5-attn_39_0.05 (or a JSON list of stage dicts); none if unused"
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        build_parser(),
-        lambda args: convert_reference_checkpoint(args.checkpoint, args.llm_config, args.output, ConversionOptions.from_args(args)),
-        argv,
-    )
+    def convert(args, options: common.ConversionOptions) -> Path:
+        return convert_reference_checkpoint(args.checkpoint, args.llm_config, args.output, options)
+
+    return common.run_cli(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":
