@@ -28,10 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-# The prompt texts and the frame sampler live with the processor (MCQ_INSTRUCTION: re-exported).
-from timeviper.processing_timeviper import (  # noqa: F401
-    MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt, sample_frame_indices,
-)
+from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT, grounding_preamble, mcq_prompt, sample_frame_indices
 
 TASKS = ("mcq", "grounding")
 
@@ -55,7 +52,6 @@ class PredictionFileError(ValueError):
     """A predictions JSONL file is corrupt somewhere other than its last line."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Prompts
 
 
@@ -170,7 +166,6 @@ def build_prompt(task: str, record: dict, sampling: FrameSampling = FrameSamplin
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Parsing model outputs
 
 # A letter that opens the output: "B", "(B)", "B)", "B.", "b", "[B]", "B: text", "B, text".
@@ -318,20 +313,28 @@ def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
     return intersection / union
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Annotations
 
 
-def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
-    """``(line number, text, problem)`` for each line of a UTF-8 text file. The file is read as bytes and decoded line
-    by line, so a line that is not valid UTF-8 comes back as a problem that its caller reports with the line number
-    (text None) instead of one `UnicodeDecodeError` for the whole file."""
+def read_json_lines(
+    path: str | os.PathLike, skip_comments: bool = False, invalid: str = "invalid JSON"
+) -> Iterator[tuple[int, object, str | None]]:
+    """``(line number, value, problem)`` for each non-blank line of a UTF-8 JSONL file (and not a ``#`` line, with
+    ``skip_comments``). A line that is not valid UTF-8 or not JSON (``invalid`` names the latter) comes back as a
+    problem (value None) that the caller reports with its line number, instead of one error for the whole file."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                yield line_no, raw.decode("utf-8"), None
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                continue
+            if not line.strip() or (skip_comments and line.lstrip().startswith("#")):
+                continue
+            try:
+                yield line_no, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"{invalid} ({e.msg} at column {e.colno})"
 
 
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
@@ -352,7 +355,7 @@ def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
     return None
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -372,8 +375,6 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
     The record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against
     ``video_root`` when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if not isinstance(raw, dict):
         return None, [f"expected a JSON object, got {type(raw).__name__}"]
     problems: list[str] = []
@@ -390,9 +391,9 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
         record["video"] = os.path.join(os.fspath(video_root), video)
 
     for key in ("start", "end", "duration"):
-        if key in raw and raw[key] is not None and not (_is_number(raw[key]) and raw[key] >= 0):
+        if key in raw and raw[key] is not None and not (is_number(raw[key]) and raw[key] >= 0):
             problems.append(f"{key!r} must be a non-negative number, got {raw[key]!r}")
-    if _is_number(raw.get("start")) and _is_number(raw.get("end")) and raw["start"] >= raw["end"]:
+    if is_number(raw.get("start")) and is_number(raw.get("end")) and raw["start"] >= raw["end"]:
         problems.append(f"'start' ({raw['start']}) must be before 'end' ({raw['end']})")
 
     if task == "mcq":
@@ -417,21 +418,17 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
         if not isinstance(raw.get("query"), str) or not raw["query"].strip():
             problems.append("missing or empty 'query' (a string)")
         stamps = raw.get("timestamps")
-        if not (isinstance(stamps, list) and len(stamps) == 2 and all(_is_number(t) and t >= 0 for t in stamps)):
+        if not (isinstance(stamps, list) and len(stamps) == 2 and all(is_number(t) and t >= 0 for t in stamps)):
             problems.append(f"'timestamps' must be [start, end] in seconds (non-negative numbers), got {stamps!r}")
         else:
             record["timestamps"] = sorted(float(t) for t in stamps)
-        if raw.get("duration") is not None and _is_number(raw["duration"]) and raw["duration"] <= 0:
+        if raw.get("duration") is not None and is_number(raw["duration"]) and raw["duration"] <= 0:
             problems.append(f"'duration' must be positive, got {raw['duration']}")
     return (None if problems else record), problems
 
 
-def load_annotations(
-    path: str | os.PathLike,
-    task: str,
-    video_root: str | os.PathLike | None = None,
-    check_videos: bool = True,
-) -> list[dict]:
+def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.PathLike | None = None,
+                     check_videos: bool = True) -> list[dict]:
     """Read and validate a benchmark JSONL file (one record per line; blank lines and ``#`` lines are skipped).
 
     Every line is checked before anything is returned; all problems are raised together in one
@@ -448,16 +445,9 @@ def load_annotations(
     records: list[dict] = []
     errors: list[str] = []
     first_line_of: dict[str, int] = {}
-    for line_no, line, undecodable in read_text_lines(path):
-        if undecodable:
-            errors.append(f"{path}:{line_no}: {undecodable}")
-            continue
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    for line_no, raw, unreadable in read_json_lines(path, skip_comments=True):
+        if unreadable:
+            errors.append(f"{path}:{line_no}: {unreadable}")
             continue
         record, problems = validate_record(task, raw, root)
         if record is not None:
@@ -480,7 +470,6 @@ def load_annotations(
     return records
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Sharding
 
 
@@ -503,9 +492,7 @@ def shard_indices(num_items: int, num_shards: int, shard_index: int) -> list[int
     sizes = [(q + 1) // 2 for q in quotas] + [q // 2 for q in reversed(quotas)]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     first, second = shard_index, 2 * num_shards - 1 - shard_index
-    return list(range(starts[first], starts[first] + sizes[first])) + list(
-        range(starts[second], starts[second] + sizes[second])
-    )
+    return [*range(starts[first], starts[first] + sizes[first]), *range(starts[second], starts[second] + sizes[second])]
 
 
 def shard_items(items: Sequence, num_shards: int, shard_index: int) -> list:
@@ -530,7 +517,6 @@ def shard_output_path(output_dir: str | os.PathLike, name: str, shard_index: int
 _SHARD_FILE = re.compile(r"^(?P<name>.+)\.shard(?P<index>\d+)of(?P<total>\d+)\.jsonl$")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Resumable predictions
 
 
@@ -576,26 +562,15 @@ def make_prediction(task: str, record: dict, output: str, sampling: FrameSamplin
     line = {"id": record["id"], "task": task, "video": record["video"]}
     if task == "mcq":
         parsed = parse_mcq_answer(output, len(record["options"]), record["options"])
-        line.update(
-            options=record["options"],
-            answer=record["answer"],
-            category=record.get("category"),
-            duration_group=record.get("duration_group"),
-            prediction=output,
-            parsed=parsed,
-            correct=parsed == record["answer"],
-        )
+        line.update(options=record["options"], answer=record["answer"], category=record.get("category"),
+                    duration_group=record.get("duration_group"), prediction=output, parsed=parsed,
+                    correct=parsed == record["answer"])
     else:
         predicted = parse_timestamps(output)
-        line.update(
-            query=record["query"],
-            timestamps=record["timestamps"],
-            duration=record["duration"],
-            num_frames=sampling.num_frames(record["duration"]),
-            prediction=output,
-            pred_timestamps=list(predicted) if predicted is not None else None,
-            iou=temporal_iou(predicted, record["timestamps"]) if predicted is not None else 0.0,
-        )
+        line.update(query=record["query"], timestamps=record["timestamps"], duration=record["duration"],
+                    num_frames=sampling.num_frames(record["duration"]), prediction=output,
+                    pred_timestamps=list(predicted) if predicted is not None else None,
+                    iou=temporal_iou(predicted, record["timestamps"]) if predicted is not None else 0.0)
     return line
 
 
@@ -609,14 +584,9 @@ class RunSummary:
     num_answered: int
 
 
-def run_items(
-    items: Sequence[dict],
-    answer_fn: AnswerFn,
-    output_path: str | os.PathLike,
-    task: str,
-    sampling: FrameSampling = FrameSampling(),
-    on_item: Callable[[dict, dict], None] | None = None,
-) -> RunSummary:
+def run_items(items: Sequence[dict], answer_fn: AnswerFn, output_path: str | os.PathLike, task: str,
+              sampling: FrameSampling = FrameSampling(), on_item: Callable[[dict, dict], None] | None = None
+              ) -> RunSummary:
     """Answer every item not yet in ``output_path``, appending one JSON line per item (flushed at once).
 
     ``sampling`` sets the frame count stated in grounding prompts; it must match the sampling of ``answer_fn``.
@@ -658,7 +628,6 @@ def run_items(
     return RunSummary(output_path, len(items), len(items) - len(todo), len(todo))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -716,7 +685,6 @@ def compute_metrics(task: str, predictions: Iterable[dict]) -> dict:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Merging shards
 
 
@@ -751,19 +719,14 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
                 continue
             ids.add(key)
             predictions.append(line)
-    missing = [
-        f"{name}.shard{i}of{total}.jsonl"
-        for total, indices in sorted(seen.items())
-        for i in range(total)
-        if i not in indices
-    ]
+    missing = [f"{name}.shard{i}of{total}.jsonl" for total, indices in sorted(seen.items())
+               for i in range(total) if i not in indices]
     info = {"files": [p.name for p in files], "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
     return predictions, info
 
 
-def score_output_dir(
-    output_dir: str | os.PathLike, name: str, task: str, expected_ids: Iterable[str] | None = None
-) -> dict:
+def score_output_dir(output_dir: str | os.PathLike, name: str, task: str,
+                     expected_ids: Iterable[str] | None = None) -> dict:
     """Merge the shard files of ``name``, write ``{name}.merged.jsonl`` and update ``metrics.json``; return metrics.
 
     ``metrics.json`` maps each ``name`` scored in this folder to its metrics. With ``expected_ids`` (the annotation

@@ -124,23 +124,32 @@ def use_tokenizer_ids(model, processor) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
 
 
-def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:
-    """A short synthetic clip (a square moving across a colour gradient), written with PyAV as H.264 / MPEG-4."""
+def write_video(path, frames, fps: int, crf: str | None = None) -> Path:
+    """RGB uint8 frames (a sequence of (H, W, 3) arrays) as an H.264 file (MPEG-4 Part 2 where PyAV has no libx264),
+    with `crf` as the H.264 quality when given."""
     import av
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
-        stream.width = stream.height = size
+        stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        ramp = np.linspace(0, 255, size, dtype=np.uint8)
-        for i in range(seconds * fps):
-            frame = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
-            x = int((size - 16) * i / max(1, seconds * fps - 1))
-            frame[40:56, x : x + 16] = (255, 32, 32)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        if crf is not None and codec == "libx264":
+            stream.options = {"crf": crf}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
+
+
+def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:
+    """A short synthetic clip (a square moving across a colour gradient), written with PyAV as H.264 / MPEG-4."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    gradient = np.stack(np.broadcast_arrays(ramp, ramp[:, None], np.uint8(128)), -1)  # red: x, green: y, blue: 128
+    frames = np.repeat(gradient[None], seconds * fps, axis=0)
+    for i, frame in enumerate(frames):
+        x = int((size - 16) * i / max(1, seconds * fps - 1))
+        frame[40:56, x : x + 16] = (255, 32, 32)
+    return write_video(path, frames, fps)
