@@ -1,16 +1,11 @@
-"""Evaluate a TimeViper checkpoint on a local benchmark file, or score finished predictions.
-
-Run (one process per shard; every shard writes ``{output_dir}/{name}.shard{i}of{K}.jsonl`` and can be restarted):
+"""Evaluate a TimeViper checkpoint on a local benchmark file, or score finished predictions (evaluation/README.md).
 
     python -m evaluation.run_eval --model PATH --task mcq --annotations videomme.jsonl --video-root videos/ \\
-        --output-dir out/videomme --num-shards 8 --shard-index 0
+        --output-dir out/videomme --num-shards 8 --shard-index 0   # one resumable process per shard
+    python -m evaluation.run_eval score --task mcq --output-dir out/videomme   # merge the shards, write metrics
 
-Score (merge the shard files, write ``{name}.merged.jsonl`` and ``metrics.json``):
-
-    python -m evaluation.run_eval score --task mcq --output-dir out/videomme [--annotations videomme.jsonl]
-
-``--merge`` on the run command line does the same as ``score``. The input format is in evaluation/README.md.
-The model enters only through `build_model_answer_fn`; `run(args, answer_fn)` accepts any other callable.
+``--merge`` on the run command line does the same as ``score``. The model enters only through
+`build_model_answer_fn`; `run(args, answer_fn)` accepts any other callable.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""Benchmark logic for TimeViper evaluation, with no model inside.
-
-Two task types are covered, with the prompts of the reference implementation:
-
-- ``mcq``: multiple-choice video QA (VideoMME, MLVU, LongVideoBench, LVBench, MVBench, ...). The user prompt is the
-  question, the lettered options and a fixed instruction; ``Best Option: (`` is appended after the assistant header,
-  and the letter is parsed from the model's continuation.
-- ``grounding``: temporal video grounding (Charades-STA, ...). The prompt states the duration and the number of
-  sampled frames, then asks for ``'start to end' seconds``; the last seconds pair in the output is scored by IoU.
-
-The model enters only through ``answer_fn(record, prompt_text, answer_prompt) -> str``, so everything here runs
-without weights. Predictions are appended to JSONL files one line per item, so a run can be resumed, and items are
-split into shards with the reference's zigzag rule. ``score_output_dir`` merges the shard files and computes the
-metrics; all metrics are percentages in [0, 100].
+"""Benchmark logic for TimeViper evaluation, with no model inside: the reference's prompts for multiple-choice video QA
+(``mcq``) and temporal grounding (``grounding``), answer parsing, metrics (percentages in [0, 100]), resumable JSONL
+predictions and the reference's zigzag sharding (formats: evaluation/README.md). The model enters only through
+``answer_fn(record, prompt_text, answer_prompt) -> str``, so everything here runs without weights.
 """
 
 from __future__ import annotations
@@ -216,19 +206,12 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
        skipped as English words).
     A letter found by rules 2, 3 or 5 that is not offered is treated as no answer.
     """
-    if not isinstance(text, str):
-        return None
-    letters = set(option_letters(num_options))
-    stripped = text.strip()
+    stripped = text.strip() if isinstance(text, str) else ""
     if not stripped:
         return None
+    letters = set(option_letters(num_options))
 
-    m = _LEADING_LETTER.match(stripped)
-    if m:
-        letter = m.group(1).upper()
-        return letter if letter in letters else None
-
-    m = _ANSWER_PHRASE.search(stripped)
+    m = _LEADING_LETTER.match(stripped) or _ANSWER_PHRASE.search(stripped)  # rules 1 and 2 decide
     if m:
         letter = m.group(1).upper()
         return letter if letter in letters else None
@@ -688,30 +671,23 @@ def compute_metrics(task: str, predictions: Iterable[dict]) -> dict:
 # Merging shards
 
 
-def find_shard_files(output_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Every ``{name}.shard{i}of{K}.jsonl`` in ``output_dir``, ordered by (K, i)."""
-    found = []
-    for path in Path(output_dir).glob(f"{glob.escape(name)}.shard*of*.jsonl"):
-        m = _SHARD_FILE.match(path.name)
-        if m and m.group("name") == name:
-            found.append((int(m.group("total")), int(m.group("index")), path))
-    return [path for _, _, path in sorted(found)]
-
-
 def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
     """All predictions of ``name`` across its shard files, each id once (first file in (K, i) order wins).
 
     Returns ``(predictions, info)``; ``info`` lists the files read, shard files missing for a shard count seen
     (e.g. ``x.shard1of4.jsonl`` when only 0, 2 and 3 of 4 exist) and the number of duplicate ids dropped.
     """
-    files = find_shard_files(output_dir, name)
-    if not files:
+    shards = []  # (K, i, path) of every {name}.shard{i}of{K}.jsonl
+    for path in Path(output_dir).glob(f"{glob.escape(name)}.shard*of*.jsonl"):
+        m = _SHARD_FILE.match(path.name)
+        if m and m.group("name") == name:
+            shards.append((int(m.group("total")), int(m.group("index")), path))
+    if not shards:
         raise FileNotFoundError(f"no prediction files {name}.shard*of*.jsonl in {output_dir}")
     seen: dict[int, set[int]] = defaultdict(set)
     predictions, ids, duplicates = [], set(), 0
-    for path in files:
-        m = _SHARD_FILE.match(path.name)
-        seen[int(m.group("total"))].add(int(m.group("index")))
+    for total, index, path in sorted(shards):
+        seen[total].add(index)
         for line in read_predictions(path):
             key = str(line["id"])
             if key in ids:
@@ -721,7 +697,8 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
             predictions.append(line)
     missing = [f"{name}.shard{i}of{total}.jsonl" for total, indices in sorted(seen.items())
                for i in range(total) if i not in indices]
-    info = {"files": [p.name for p in files], "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
+    files = [path.name for _, _, path in sorted(shards)]
+    info = {"files": files, "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
     return predictions, info
 
 

@@ -66,25 +66,6 @@ def tiny_text_config(backbone: str, vocab_size: int) -> dict:
     )
 
 
-def tiny_default_config(
-    tokenizer, backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp"
-) -> TimeViperConfig:
-    text = {
-        **tiny_text_config(backbone, len(tokenizer)),
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    return TimeViperConfig(
-        vision_config=tiny_vision_config(),
-        text_config=text,
-        projector_type=projector_type,
-        tokens_per_frame=4,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        token_compression=token_compression,
-    )
-
-
 def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp", seed: int | None = 0):
     """(model, processor) with random weights: the pipeline end to end, nothing downloaded. `seed=None` leaves the
     global RNG as the caller set it."""
@@ -93,7 +74,13 @@ def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, pro
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     tokenizer = make_tiny_tokenizer(backbone)
-    config = tiny_default_config(tokenizer, backbone, token_compression, projector_type)
+    text = {**tiny_text_config(backbone, len(tokenizer)), "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    config = TimeViperConfig(
+        vision_config=tiny_vision_config(), text_config=text, projector_type=projector_type, tokens_per_frame=4,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), token_compression=token_compression,
+    )
     if seed is not None:
         torch.manual_seed(seed)
     model = TimeViperForConditionalGeneration(config).eval()

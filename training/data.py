@@ -1,12 +1,6 @@
-"""Training data for TimeViper: the JSONL sample format (training/README.md, "Data format"), its validation, a
-`Dataset` and a padding collator.
-
-`load_samples` checks every line up front and raises one `DataFormatError` listing each bad line as
-`file:line (id ...): problem`. `TimeViperSFTDataset.__getitem__` decodes and samples frames with the processor's PyAV
-decoder and sampling rule, renders the chat template and tokenizes with `return_labels=True`.
-`TimeViperDataCollator` right-pads and concatenates the frames of all samples in batch order, the order in which the
-model fills the placeholder tokens.
-"""
+"""Training data for TimeViper: the JSONL sample format (training/README.md, "Data format"), its validation
+(`load_samples`: one `DataFormatError` listing every bad line as `file:line (id ...): problem`), a `Dataset` that
+decodes and tokenises with the processor, and a padding collator."""
 
 from __future__ import annotations
 
