@@ -50,7 +50,6 @@ class VideoStateAnswerer:
     def __init__(self, model, processor, task: str, sampling: FrameSampling, max_new_tokens: int, device: str):
         self.model, self.processor, self.task, self.sampling = model, processor, task, sampling
         self.max_new_tokens, self.device = max_new_tokens, device
-        self.answer_prompt_ids = {}
         # The state of the last video asked about, reused while its questions come.
         self.video_key = self.state = self.num_frames = None
 
@@ -59,7 +58,8 @@ class VideoStateAnswerer:
 
         input_ids = self.prompt_ids(record, prompt_text)
         if answer_prompt:
-            input_ids = torch.cat([input_ids, self.tokenized(answer_prompt).to(input_ids.dtype)], dim=1)
+            answer_ids = self.processor.tokenizer(answer_prompt, add_special_tokens=False, return_tensors="pt")
+            input_ids = torch.cat([input_ids, answer_ids["input_ids"].to(input_ids.dtype)], dim=1)
         input_ids = input_ids.to(self.device)
         with torch.inference_mode():
             output_ids = self.model.generate_from_video_state(self.state, input_ids, max_new_tokens=self.max_new_tokens,
@@ -109,12 +109,6 @@ class VideoStateAnswerer:
                 "sampled (does the annotated duration match the video?)",
                 file=sys.stderr,
             )
-
-    def tokenized(self, answer_prompt: str):
-        if answer_prompt not in self.answer_prompt_ids:
-            tokenized = self.processor.tokenizer(answer_prompt, add_special_tokens=False, return_tensors="pt")
-            self.answer_prompt_ids[answer_prompt] = tokenized["input_ids"]
-        return self.answer_prompt_ids[answer_prompt]
 
 
 def probe_duration(video_path: str) -> float:

@@ -61,13 +61,6 @@ def options_are_lettered(options: Sequence[str]) -> bool:
     return all(_option_prefix_length(opt, letter) for opt, letter in zip(options, option_letters(len(options))))
 
 
-def format_options(options: Sequence[str]) -> list[str]:
-    """Options as shown in the prompt: kept as given when all are lettered in order, else prefixed ``"A. "`` etc."""
-    if options_are_lettered(options):
-        return [opt.strip() for opt in options]
-    return [f"{letter}. {opt.strip()}" for letter, opt in zip(option_letters(len(options)), options)]
-
-
 def option_texts(options: Sequence[str]) -> list[str]:
     """Options without their letter labels (the text a model might repeat instead of a letter)."""
     if not options_are_lettered(options):
@@ -77,8 +70,9 @@ def option_texts(options: Sequence[str]) -> list[str]:
 
 
 def build_mcq_prompt(question: str, options: Sequence[str]) -> str:
-    """The reference MCQ user prompt: question, one option per line, then the answer instruction."""
-    return mcq_prompt(question, format_options(options), add_letters=False)
+    """The reference MCQ user prompt: question, one option per line (kept as given when all are lettered in order,
+    else prefixed ``"A. "`` etc.), then the answer instruction."""
+    return mcq_prompt(question, [opt.strip() for opt in options], add_letters=not options_are_lettered(options))
 
 
 def format_seconds(seconds: float) -> str:
@@ -99,15 +93,10 @@ SAMPLING_RULES = ("reference_eval", "auto")
 def eval_num_frames(
     duration: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32, rule: str = "reference_eval"
 ) -> int:
-    """How many frames the video processor samples from a video of ``duration`` seconds (``rule`` as there).
-
-    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first
-    ``max_frames`` kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames``
-    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and
-    no padding. The grounding prompt states this number. The rules are the sampler's own: it samples a constant-rate
-    video of this duration whose rate is a whole multiple of ``fps`` (each sample lands on a frame) and which has at
-    least ``min_frames`` frames (a real video's count differs only where its true duration or rate does).
-    """
+    """How many frames the video processor samples from a video of ``duration`` seconds under ``rule`` (the number
+    the grounding prompt states). It runs the processor's own sampler on a constant-rate video of that duration whose
+    rate is a whole multiple of ``fps`` (each sample lands on a frame) and which has at least ``min_frames`` frames; a
+    real video's count differs only where its true duration or rate does."""
     if not duration or duration <= 0 or fps <= 0:
         raise ValueError(f"duration and fps must be positive, got duration={duration}, fps={fps}")
     if rule not in SAMPLING_RULES:
@@ -265,12 +254,9 @@ def _answer_blocks(text: str) -> list[str]:
 
 
 def parse_timestamps(text: str) -> tuple[float, float] | None:
-    """The predicted ``(start, end)`` in seconds, or None when the output has no seconds pair.
-
-    Takes the last ``"S to E"``, ``"S and E"`` or ``"S - E"`` pair (units such as ``s``/``seconds`` and ``mm:ss``
-    times are accepted), searching the last ``<answer>...</answer>`` block first when there is one. A reversed
-    pair is swapped.
-    """
+    """The predicted ``(start, end)`` in seconds, or None when the output has no seconds pair: the last ``"S to E"``,
+    ``"S and E"`` or ``"S - E"`` pair (units such as ``s``/``seconds`` and ``mm:ss`` times are accepted), searched in
+    the last ``<answer>...</answer>`` block first when there is one. A reversed pair is swapped."""
     if not isinstance(text, str):
         return None
     blocks = _answer_blocks(text)
@@ -283,10 +269,8 @@ def parse_timestamps(text: str) -> tuple[float, float] | None:
 
 
 def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
-    """Intersection over union of two ``(start, end)`` segments (each is sorted first).
-
-    Two zero-length segments give 1.0 when identical and 0.0 otherwise.
-    """
+    """Intersection over union of two ``(start, end)`` segments (each is sorted first); two zero-length segments give
+    1.0 when identical and 0.0 otherwise."""
     ps, pe = sorted(float(t) for t in prediction)
     ts, te = sorted(float(t) for t in target)
     intersection = max(0.0, min(pe, te) - max(ps, ts))

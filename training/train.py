@@ -57,15 +57,8 @@ DEFAULT_LORA_TARGETS = (
     r"|mlp\.(gate_proj|up_proj|down_proj))"
 )
 # TrainingArguments defaults of the paper's recipe, and what this model's inputs need.
-TRAINING_DEFAULTS = dict(
-    learning_rate=1e-5,
-    weight_decay=0.01,
-    warmup_steps=0.03,
-    lr_scheduler_type="cosine",
-    logging_steps=10,
-    remove_unused_columns=False,
-    label_names=["labels"],
-)
+TRAINING_DEFAULTS = dict(learning_rate=1e-5, weight_decay=0.01, warmup_steps=0.03, lr_scheduler_type="cosine",
+                         logging_steps=10, remove_unused_columns=False, label_names=["labels"])
 
 
 def option(default, help: str):
@@ -367,12 +360,8 @@ class SaveRemoteCodeCallback(TrainerCallback):
 
 
 def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
-    parser = HfArgumentParser(
-        (TimeViperArguments, TrainingArguments),
-        prog="python -m training.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = HfArgumentParser((TimeViperArguments, TrainingArguments), prog="python -m training.train",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(**TRAINING_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if (args.model is None) == (not args.tiny):
