@@ -337,11 +337,9 @@ def _optional_label(raw: dict, key: str, problems: list[str]) -> str | None:
 
 
 def validate_record(task: str, raw, video_root: str | os.PathLike | None = None) -> tuple[dict | None, list[str]]:
-    """Check one parsed annotation line. Returns ``(record, problems)``; ``record`` is None when there are problems.
-
-    The record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against
-    ``video_root`` when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding.
-    """
+    """Check one parsed annotation line. Returns ``(record, problems)``; ``record`` is None when there are problems. The
+    record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against ``video_root``
+    when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding."""
     if not isinstance(raw, dict):
         return None, [f"expected a JSON object, got {type(raw).__name__}"]
     problems: list[str] = []
@@ -396,13 +394,11 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
 
 def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.PathLike | None = None,
                      check_videos: bool = True) -> list[dict]:
-    """Read and validate a benchmark JSONL file (one record per line; blank lines and ``#`` lines are skipped).
-
-    Every line is checked before anything is returned; all problems are raised together in one
-    ``AnnotationError``, each as ``file:line: problem``. Relative ``video`` paths are joined to ``video_root``
-    (default: the annotation file's folder); with ``check_videos`` a missing video file is a problem too. Ids must
-    be unique. Grounding records may lack ``duration``; the caller must fill it before building prompts.
-    """
+    """Read and validate a benchmark JSONL file (one record per line; blank lines and ``#`` lines are skipped). Every
+    line is checked before anything is returned; all problems are raised together in one ``AnnotationError``, each as
+    ``file:line: problem``. Relative ``video`` paths are joined to ``video_root`` (default: the annotation file's
+    folder); with ``check_videos`` a missing video file is a problem too. Ids must be unique. Grounding records may lack
+    ``duration``; the caller must fill it before building prompts."""
     path = Path(path)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -441,13 +437,10 @@ def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.Pa
 
 
 def shard_indices(num_items: int, num_shards: int, shard_index: int) -> list[int]:
-    """Item indices of one shard, by the reference's zigzag rule with balanced chunk sizes.
-
-    The items are cut into ``2 * num_shards`` contiguous chunks; shard ``i`` takes chunks ``i`` and
-    ``2 * num_shards - 1 - i``, so when items are sorted by length every shard gets a similar mix. Chunk sizes are
-    chosen so that shard sizes differ by at most one. Every item lands in exactly one shard, and the split depends
-    only on the three numbers.
-    """
+    """Item indices of one shard, by the reference's zigzag rule with balanced chunk sizes. The items are cut into
+    ``2 * num_shards`` contiguous chunks; shard ``i`` takes chunks ``i`` and ``2 * num_shards - 1 - i``, so when items
+    are sorted by length every shard gets a similar mix. Chunk sizes are chosen so that shard sizes differ by at most
+    one. Every item lands in exactly one shard, and the split depends only on the three numbers."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_index < num_shards:
@@ -488,12 +481,10 @@ _SHARD_FILE = re.compile(r"^(?P<name>.+)\.shard(?P<index>\d+)of(?P<total>\d+)\.j
 
 
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """The prediction records of a JSONL file (an empty list when it does not exist).
-
-    A last line that is not valid JSON is taken as a write cut short by a crash: it is ignored, and with
-    ``repair`` it is cut off the file so that later appends start on a clean line (a valid last line that lacks its
-    newline gets one). A bad line anywhere else raises ``PredictionFileError`` naming the line.
-    """
+    """The prediction records of a JSONL file (an empty list when it does not exist). A last line that is not valid JSON
+    is taken as a write cut short by a crash: it is ignored, and with ``repair`` it is cut off the file so that later
+    appends start on a clean line (a valid last line that lacks its newline gets one). A bad line anywhere else raises
+    ``PredictionFileError`` naming the line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -554,13 +545,11 @@ class RunSummary:
 def run_items(items: Sequence[dict], answer_fn: AnswerFn, output_path: str | os.PathLike, task: str,
               sampling: FrameSampling = FrameSampling(), on_item: Callable[[dict, dict], None] | None = None
               ) -> RunSummary:
-    """Answer every item not yet in ``output_path``, appending one JSON line per item (flushed at once).
-
-    ``sampling`` sets the frame count stated in grounding prompts; it must match the sampling of ``answer_fn``.
-    Items whose ``id`` is already in the file are skipped, so an interrupted run continues where it stopped; a
-    line cut short by a crash is dropped and its item redone. ``on_item(record, prediction_line)`` is called after
-    each write (progress reporting). Exceptions from ``answer_fn`` propagate, naming the item.
-    """
+    """Answer every item not yet in ``output_path``, appending one JSON line per item (flushed at once). ``sampling``
+    sets the frame count stated in grounding prompts; it must match the sampling of ``answer_fn``. Items whose ``id`` is
+    already in the file are skipped, so an interrupted run continues where it stopped; a line cut short by a crash is
+    dropped and its item redone. ``on_item(record, prediction_line)`` is called after each write (progress reporting).
+    Exceptions from ``answer_fn`` propagate, naming the item."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "grounding":
@@ -603,11 +592,9 @@ def _accuracy_block(correct: int, total: int) -> dict:
 
 
 def compute_mcq_metrics(predictions: Iterable[dict]) -> dict:
-    """Accuracy (percent) overall, per ``category`` and per ``duration_group``.
-
-    Each prediction's raw output is parsed again (so the current parsing rules apply); an unparsed output is
-    wrong and counted in ``num_unparsed``. Items without a category or duration group are left out of that table.
-    """
+    """Accuracy (percent) overall, per ``category`` and per ``duration_group``. Each prediction's raw output is parsed
+    again (so the current parsing rules apply); an unparsed output is wrong and counted in ``num_unparsed``. Items
+    without a category or duration group are left out of that table."""
     total = correct = unparsed = 0
     # key -> label -> [correct, total]
     groups = {key: defaultdict(lambda: [0, 0]) for key in ("category", "duration_group")}
@@ -656,11 +643,9 @@ def compute_metrics(task: str, predictions: Iterable[dict]) -> dict:
 
 
 def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
-    """All predictions of ``name`` across its shard files, each id once (first file in (K, i) order wins).
-
-    Returns ``(predictions, info)``; ``info`` lists the files read, shard files missing for a shard count seen
-    (e.g. ``x.shard1of4.jsonl`` when only 0, 2 and 3 of 4 exist) and the number of duplicate ids dropped.
-    """
+    """All predictions of ``name`` across its shard files, each id once (first file in (K, i) order wins). Returns
+    ``(predictions, info)``; ``info`` lists the files read, shard files missing for a shard count seen (e.g.
+    ``x.shard1of4.jsonl`` when only 0, 2 and 3 of 4 exist) and the number of duplicate ids dropped."""
     shards = []  # (K, i, path) of every {name}.shard{i}of{K}.jsonl
     for path in Path(output_dir).glob(f"{glob.escape(name)}.shard*of*.jsonl"):
         m = _SHARD_FILE.match(path.name)
@@ -689,10 +674,8 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
 def score_output_dir(output_dir: str | os.PathLike, name: str, task: str,
                      expected_ids: Iterable[str] | None = None) -> dict:
     """Merge the shard files of ``name``, write ``{name}.merged.jsonl`` and update ``metrics.json``; return metrics.
-
     ``metrics.json`` maps each ``name`` scored in this folder to its metrics. With ``expected_ids`` (the annotation
-    ids), predictions for other ids are left out and ``num_missing`` counts ids with no prediction.
-    """
+    ids), predictions for other ids are left out and ``num_missing`` counts ids with no prediction."""
     output_dir = Path(output_dir)
     predictions, info = merge_shards(output_dir, name)
     for line in predictions:

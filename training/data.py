@@ -249,23 +249,16 @@ def _parse_text(raw: dict, media_type: str | None, problems: list[str]):
         problems.append("a grounding sample needs a 'video'")
     if not isinstance(query, str) or not query.strip():
         problems.append(f"'query' must be a non-empty string, got {query!r}")
-    if (
-        not isinstance(timestamps, (list, tuple))
-        or len(timestamps) != 2
-        or not all(is_number(t) and t >= 0 for t in timestamps)
-        or timestamps[0] > timestamps[1]
-    ):
+    if not (isinstance(timestamps, (list, tuple)) and len(timestamps) == 2
+            and all(is_number(t) and t >= 0 for t in timestamps) and timestamps[0] <= timestamps[1]):
         problems.append(f"'timestamps' must be [start, end] in seconds with 0 <= start <= end, got {timestamps!r}")
     else:
         timestamps = (float(timestamps[0]), float(timestamps[1]))
     return [], query, timestamps
 
 
-def load_samples(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    video_root: str | os.PathLike | None = None,
-    check_files: bool = True,
-) -> list[TrainingSample]:
+def load_samples(paths: str | os.PathLike | Sequence[str | os.PathLike], video_root: str | os.PathLike | None = None,
+                 check_files: bool = True) -> list[TrainingSample]:
     """Read and validate JSONL files. Raises `DataFormatError` listing every bad line (up to 50 of them)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -392,11 +385,9 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
     def preflight(self, skip_bad_samples: bool = False) -> list[str]:
         """Check every sample before training, so that a bad one stops the run before step 1 rather than at its step:
         each video is opened and its first sampled frame decoded (an unreadable, non-video or zero-frame file fails),
-        each image opened, and each sample's length measured against `max_length`.
-
-        Every bad sample is listed as ``file:line (id ...): problem``. By default they raise one `DataFormatError`;
-        with `skip_bad_samples` they are dropped from the dataset (and returned, for the caller to report). Media are
-        probed on up to 8 threads."""
+        each image opened, and each sample's length measured against `max_length`. Every bad sample is listed as
+        ``file:line (id ...): problem``. By default they raise one `DataFormatError`; with `skip_bad_samples` they are
+        dropped from the dataset (and returned, for the caller to report). Media are probed on up to 8 threads."""
         from concurrent.futures import ThreadPoolExecutor
 
         def probe(sample):
