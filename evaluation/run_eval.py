@@ -104,11 +104,8 @@ class VideoStateAnswerer:
         """A grounding prompt states the number of frames from the annotated duration: warn when it differs."""
         stated = self.sampling.num_frames(record["duration"])
         if self.num_frames != stated:
-            print(
-                f"warning: item {record['id']!r}: the prompt states {stated} frames but {self.num_frames} were "
-                "sampled (does the annotated duration match the video?)",
-                file=sys.stderr,
-            )
+            print(f"warning: item {record['id']!r}: the prompt states {stated} frames but {self.num_frames} were "
+                  "sampled (does the annotated duration match the video?)", file=sys.stderr)
 
 
 def probe_duration(video_path: str) -> float:
@@ -241,11 +238,8 @@ def run(args: argparse.Namespace, answer_fn: AnswerFn | None = None) -> dict | N
         print(f"[{count[0]}] {record['id']}: {line['prediction']!r} ({elapsed / count[0]:.1f} s/item)", flush=True)
 
     summary = run_items(items, answer_fn, output_path, args.task, sampling, on_item=progress)
-    print(
-        f"shard {args.shard_index}/{args.num_shards}: {summary.num_items} items, {summary.num_skipped} already done, "
-        f"{summary.num_answered} answered now -> {output_path}",
-        flush=True,
-    )
+    print(f"shard {args.shard_index}/{args.num_shards}: {summary.num_items} items, {summary.num_skipped} already done, "
+          f"{summary.num_answered} answered now -> {output_path}", flush=True)
     if args.num_shards == 1:
         return score(args)
     print("run `python -m evaluation.run_eval score ...` once every shard has finished", flush=True)

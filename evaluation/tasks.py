@@ -122,10 +122,8 @@ class FrameSampling:
         if self.rule not in SAMPLING_RULES:
             raise ValueError(f"unknown sampling rule {self.rule!r}; expected one of {SAMPLING_RULES}")
         if not self.fps > 0 or self.max_frames < 1 or not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError(
-                f"need fps > 0 and 1 <= min_frames <= max_frames, got fps={self.fps}, "
-                f"min_frames={self.min_frames}, max_frames={self.max_frames}"
-            )
+            raise ValueError(f"need fps > 0 and 1 <= min_frames <= max_frames, got fps={self.fps}, "
+                             f"min_frames={self.min_frames}, max_frames={self.max_frames}")
 
     def num_frames(self, duration: float) -> int:
         return eval_num_frames(duration, self.fps, self.max_frames, self.min_frames, self.rule)
@@ -307,9 +305,7 @@ def read_json_lines(
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
     """The ground-truth letter from ``"B"``, ``"(B)"``, ``"b"``, ``"B. text"``, an int index or an option's text."""
     letters = option_letters(len(options))
-    if isinstance(answer, bool):
-        return None
-    if isinstance(answer, int):
+    if isinstance(answer, int) and not isinstance(answer, bool):
         return letters[answer] if 0 <= answer < len(letters) else None
     if not isinstance(answer, str):
         return None
