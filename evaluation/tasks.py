@@ -319,6 +319,7 @@ def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
 
 
 def is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
