@@ -33,11 +33,6 @@ def series(results: dict) -> dict:
     return {key: sorted(grouped[key], key=lambda r: r["num_frames"]) for key in keys}
 
 
-def ratio_index(all_series: dict, keep_ratios) -> int:
-    pairs = list(dict.fromkeys(k[1] for k in all_series if k[1] is not None))
-    return 0 if keep_ratios is None else pairs.index(keep_ratios) % len(DASHES)
-
-
 def series_label(key) -> str:
     method, keep_ratios = key
     return STYLE[method][1] if keep_ratios is None else f"{STYLE[method][1]} {'/'.join(map(str, keep_ratios))}"
@@ -74,10 +69,11 @@ def render(results: dict) -> str:
     parts.append(f'<text x="{(LEFT + plot_right) / 2}" y="{HEIGHT - 15}" text-anchor="middle">clip length (frames, 1 fps; 4 vision tokens each)</text>')
     parts.append(f'<text x="18" y="{(TOP + plot_bottom) / 2}" text-anchor="middle" transform="rotate(-90 18 {(TOP + plot_bottom) / 2})">accuracy (%)</text>')
     all_series = series(results)
+    pairs = list(dict.fromkeys(k[1] for k in all_series if k[1] is not None))
     for row, (key, runs) in enumerate(all_series.items()):
         method, keep_ratios = key
         color = STYLE[method][0]
-        dash = DASHES[ratio_index(all_series, keep_ratios)]
+        dash = DASHES[0 if keep_ratios is None else pairs.index(keep_ratios) % len(DASHES)]
         offset = (row - (len(all_series) - 1) / 2) * 3  # spread the series' markers apart where they coincide
         points = [(x_of(r["num_frames"]) + offset, y_of(r["mean"])) for r in runs]
         parts.append(

@@ -1,16 +1,11 @@
-"""Evaluate a TimeViper checkpoint on a local benchmark file, or score finished predictions.
-
-Run (one process per shard; every shard writes ``{output_dir}/{name}.shard{i}of{K}.jsonl`` and can be restarted):
+"""Evaluate a TimeViper checkpoint on a local benchmark file, or score finished predictions (evaluation/README.md).
 
     python -m evaluation.run_eval --model PATH --task mcq --annotations videomme.jsonl --video-root videos/ \\
-        --output-dir out/videomme --num-shards 8 --shard-index 0
+        --output-dir out/videomme --num-shards 8 --shard-index 0   # one resumable process per shard
+    python -m evaluation.run_eval score --task mcq --output-dir out/videomme   # merge the shards, write metrics
 
-Score (merge the shard files, write ``{name}.merged.jsonl`` and ``metrics.json``):
-
-    python -m evaluation.run_eval score --task mcq --output-dir out/videomme [--annotations videomme.jsonl]
-
-``--merge`` on the run command line does the same as ``score``. The input format is in evaluation/README.md.
-The model enters only through `build_model_answer_fn`; `run(args, answer_fn)` accepts any other callable.
+``--merge`` on the run command line does the same as ``score``. The model enters only through
+`build_model_answer_fn`; `run(args, answer_fn)` accepts any other callable.
 """
 
 from __future__ import annotations
@@ -23,32 +18,15 @@ import time
 from inference.checkpoint import CheckpointError, load_checkpoint
 
 from .tasks import (
-    SAMPLING_RULES,
-    TASKS,
-    AnnotationError,
-    AnswerFn,
-    FrameSampling,
-    PredictionFileError,
-    group_by_video,
-    load_annotations,
-    run_items,
-    score_output_dir,
-    shard_items,
-    shard_output_path,
+    SAMPLING_RULES, TASKS, AnnotationError, AnswerFn, FrameSampling, PredictionFileError, group_by_video,
+    load_annotations, run_items, score_output_dir, shard_items, shard_output_path,
 )
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 
 
-def build_model_answer_fn(
-    model_path: str,
-    task: str,
-    sampling: FrameSampling,
-    *,
-    max_new_tokens: int,
-    device: str,
-    dtype: str,
-) -> AnswerFn:
+def build_model_answer_fn(model_path: str, task: str, sampling: FrameSampling, *, max_new_tokens: int, device: str,
+                          dtype: str) -> AnswerFn:
     """Load a Hub-format TimeViper checkpoint and return ``answer_fn(record, prompt_text, answer_prompt) -> str``
     (a `VideoStateAnswerer`). This is the only code that touches the model."""
     import torch
@@ -72,7 +50,6 @@ class VideoStateAnswerer:
     def __init__(self, model, processor, task: str, sampling: FrameSampling, max_new_tokens: int, device: str):
         self.model, self.processor, self.task, self.sampling = model, processor, task, sampling
         self.max_new_tokens, self.device = max_new_tokens, device
-        self.answer_prompt_ids = {}
         # The state of the last video asked about, reused while its questions come.
         self.video_key = self.state = self.num_frames = None
 
@@ -81,12 +58,12 @@ class VideoStateAnswerer:
 
         input_ids = self.prompt_ids(record, prompt_text)
         if answer_prompt:
-            input_ids = torch.cat([input_ids, self.tokenized(answer_prompt).to(input_ids.dtype)], dim=1)
+            answer_ids = self.processor.tokenizer(answer_prompt, add_special_tokens=False, return_tensors="pt")
+            input_ids = torch.cat([input_ids, answer_ids["input_ids"].to(input_ids.dtype)], dim=1)
         input_ids = input_ids.to(self.device)
         with torch.inference_mode():
-            output_ids = self.model.generate_from_video_state(
-                self.state, input_ids, max_new_tokens=self.max_new_tokens, do_sample=False
-            )
+            output_ids = self.model.generate_from_video_state(self.state, input_ids, max_new_tokens=self.max_new_tokens,
+                                                              do_sample=False)
         return self.processor.tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True)
 
     def prompt_ids(self, record: dict, prompt_text: str):
@@ -117,13 +94,9 @@ class VideoStateAnswerer:
 
         self.video_key = self.state = None  # the previous state's memory goes before this one is built
         with torch.inference_mode():
-            inputs, video_features, streams = stream_conversation(
-                self.model, self.processor, conversation, **video_kwargs
-            )
-            self.state = self.model.encode_video_state(
-                inputs["input_ids"].to(self.device), video_features=video_features,
-                prefill_chunk_size=PREFILL_CHUNK_TOKENS,
-            )
+            inputs, features, streams = stream_conversation(self.model, self.processor, conversation, **video_kwargs)
+            self.state = self.model.encode_video_state(inputs["input_ids"].to(self.device), video_features=features,
+                                                       prefill_chunk_size=PREFILL_CHUNK_TOKENS)
         self.num_frames = streams[0].num_frames
         return inputs["input_ids"]
 
@@ -131,18 +104,8 @@ class VideoStateAnswerer:
         """A grounding prompt states the number of frames from the annotated duration: warn when it differs."""
         stated = self.sampling.num_frames(record["duration"])
         if self.num_frames != stated:
-            print(
-                f"warning: item {record['id']!r}: the prompt states {stated} frames but {self.num_frames} were "
-                "sampled (does the annotated duration match the video?)",
-                file=sys.stderr,
-            )
-
-    def tokenized(self, answer_prompt: str):
-        if answer_prompt not in self.answer_prompt_ids:
-            self.answer_prompt_ids[answer_prompt] = self.processor.tokenizer(
-                answer_prompt, add_special_tokens=False, return_tensors="pt"
-            )["input_ids"]
-        return self.answer_prompt_ids[answer_prompt]
+            print(f"warning: item {record['id']!r}: the prompt states {stated} frames but {self.num_frames} were "
+                  "sampled (does the annotated duration match the video?)", file=sys.stderr)
 
 
 def probe_duration(video_path: str) -> float:
@@ -177,9 +140,7 @@ def fill_durations(records: list[dict], annotations: str) -> None:
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=TASKS, required=True, help="mcq: multiple-choice QA; grounding: TVG")
     parser.add_argument("--output-dir", required=True, help="folder for the prediction JSONL files and metrics.json")
-    parser.add_argument(
-        "--name", default=None, help="prefix of the output files (default: the task name); one per benchmark"
-    )
+    parser.add_argument("--name", help="prefix of the output files (default: the task name); one per benchmark")
     parser.add_argument("--annotations", help="benchmark JSONL file (format: evaluation/README.md)")
     parser.add_argument("--video-root", help="folder that relative 'video' paths start from (default: the file's)")
 
@@ -198,18 +159,16 @@ def build_run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frames", type=int, default=256, help="keep at most the first N frames (default 256)")
     parser.add_argument("--min-frames", type=int, default=32, help="fewer frames are replaced by N uniform ones (32)")
     parser.add_argument(
-        "--sampling",
-        choices=SAMPLING_RULES,
-        default="reference_eval",
+        "--sampling", choices=SAMPLING_RULES, default="reference_eval",
         help="frame rule: reference_eval (default; first max-frames frames, padded to a multiple of 4, whole video) "
         "or auto (uniform subsampling to max-frames; honours per-item start/end)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation length (default 128)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="model dtype (default bfloat16)")
     parser.add_argument("--num-shards", type=int, default=1, help="split the items over K processes (default 1)")
     parser.add_argument("--shard-index", type=int, default=0, help="which shard this process runs, 0..K-1")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N annotation records (before sharding)")
+    parser.add_argument("--limit", type=int, help="only the first N annotation records (before sharding)")
     parser.add_argument("--merge", action="store_true", help="do not run the model; merge shard files and score")
     return parser
 
@@ -222,7 +181,7 @@ def build_score_parser() -> argparse.ArgumentParser:
         "Writes {name}.merged.jsonl and updates metrics.json.",
     )
     _add_common_arguments(parser)
-    parser.add_argument("--limit", type=int, default=None, help="with --annotations: expect only the first N records")
+    parser.add_argument("--limit", type=int, help="with --annotations: expect only the first N records")
     return parser
 
 
@@ -268,14 +227,8 @@ def run(args: argparse.Namespace, answer_fn: AnswerFn | None = None) -> dict | N
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        answer_fn = build_model_answer_fn(
-            args.model,
-            args.task,
-            sampling,
-            max_new_tokens=args.max_new_tokens,
-            device=device,
-            dtype=args.dtype,
-        )
+        answer_fn = build_model_answer_fn(args.model, args.task, sampling, max_new_tokens=args.max_new_tokens,
+                                          device=device, dtype=args.dtype)
 
     started, count = time.monotonic(), [0]
 
@@ -284,19 +237,9 @@ def run(args: argparse.Namespace, answer_fn: AnswerFn | None = None) -> dict | N
         elapsed = time.monotonic() - started
         print(f"[{count[0]}] {record['id']}: {line['prediction']!r} ({elapsed / count[0]:.1f} s/item)", flush=True)
 
-    summary = run_items(
-        items,
-        answer_fn,
-        output_path,
-        args.task,
-        sampling,
-        on_item=progress,
-    )
-    print(
-        f"shard {args.shard_index}/{args.num_shards}: {summary.num_items} items, {summary.num_skipped} already done, "
-        f"{summary.num_answered} answered now -> {output_path}",
-        flush=True,
-    )
+    summary = run_items(items, answer_fn, output_path, args.task, sampling, on_item=progress)
+    print(f"shard {args.shard_index}/{args.num_shards}: {summary.num_items} items, {summary.num_skipped} already done, "
+          f"{summary.num_answered} answered now -> {output_path}", flush=True)
     if args.num_shards == 1:
         return score(args)
     print("run `python -m evaluation.run_eval score ...` once every shard has finished", flush=True)

@@ -34,9 +34,8 @@ ABLATION_SEED_START = HELD_OUT_SEED_START + 100_000
 SEEDS_PER_SET = 10_000
 
 
-def schedules(
-    keep_ratios: list[tuple[float, float]], blocks: tuple[int, int] = TRAINED_BLOCKS
-) -> list[tuple[str, tuple | None, str]]:
+def schedules(keep_ratios: list[tuple[float, float]],
+              blocks: tuple[int, int] = TRAINED_BLOCKS) -> list[tuple[str, tuple | None, str]]:
     """(method, keep ratios, token_compression) for no compression, then dropping and TransV at each ratio pair.
 
     TransV stage i always runs the weights trained for stage i (before block 3 or 6); other `blocks` move them."""
@@ -72,9 +71,8 @@ def evaluate(args) -> dict:
             sets = [held_out_records(scratch / "videos", num_frames, s, args.clips_per_set) for s in range(args.num_sets)]
             for method, keep_ratios, schedule in schedules(args.keep_ratios, args.blocks):
                 folder = materialize_checkpoint(scratch / "models" / schedule, args.model, schedule)
-                answer_fn = build_model_answer_fn(
-                    str(folder), "mcq", sampling, max_new_tokens=3, device="cpu", dtype="float32"
-                )
+                answer_fn = build_model_answer_fn(str(folder), "mcq", sampling, max_new_tokens=3, device="cpu",
+                                                  dtype="float32")
                 accuracies, seconds = [], time.perf_counter()
                 for s, records in enumerate(sets):
                     output = scratch / "predictions" / f"{schedule}_{num_frames}_{s}.jsonl"

@@ -1,17 +1,7 @@
-"""Benchmark logic for TimeViper evaluation, with no model inside.
-
-Two task types are covered, with the prompts of the reference implementation:
-
-- ``mcq``: multiple-choice video QA (VideoMME, MLVU, LongVideoBench, LVBench, MVBench, ...). The user prompt is the
-  question, the lettered options and a fixed instruction; ``Best Option: (`` is appended after the assistant header,
-  and the letter is parsed from the model's continuation.
-- ``grounding``: temporal video grounding (Charades-STA, ...). The prompt states the duration and the number of
-  sampled frames, then asks for ``'start to end' seconds``; the last seconds pair in the output is scored by IoU.
-
-The model enters only through ``answer_fn(record, prompt_text, answer_prompt) -> str``, so everything here runs
-without weights. Predictions are appended to JSONL files one line per item, so a run can be resumed, and items are
-split into shards with the reference's zigzag rule. ``score_output_dir`` merges the shard files and computes the
-metrics; all metrics are percentages in [0, 100].
+"""Benchmark logic for TimeViper evaluation, with no model inside: the reference's prompts for multiple-choice video QA
+(``mcq``) and temporal grounding (``grounding``), answer parsing, metrics (percentages in [0, 100]), resumable JSONL
+predictions and the reference's zigzag sharding (formats: evaluation/README.md). The model enters only through
+``answer_fn(record, prompt_text, answer_prompt) -> str``, so everything here runs without weights.
 """
 
 from __future__ import annotations
@@ -28,10 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-# The prompt texts and the frame sampler live with the processor (MCQ_INSTRUCTION: re-exported).
-from timeviper.processing_timeviper import (  # noqa: F401
-    MCQ_ANSWER_PROMPT, MCQ_INSTRUCTION, grounding_preamble, mcq_prompt, sample_frame_indices,
-)
+from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT, grounding_preamble, mcq_prompt, sample_frame_indices
 
 TASKS = ("mcq", "grounding")
 
@@ -55,7 +42,6 @@ class PredictionFileError(ValueError):
     """A predictions JSONL file is corrupt somewhere other than its last line."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Prompts
 
 
@@ -75,13 +61,6 @@ def options_are_lettered(options: Sequence[str]) -> bool:
     return all(_option_prefix_length(opt, letter) for opt, letter in zip(options, option_letters(len(options))))
 
 
-def format_options(options: Sequence[str]) -> list[str]:
-    """Options as shown in the prompt: kept as given when all are lettered in order, else prefixed ``"A. "`` etc."""
-    if options_are_lettered(options):
-        return [opt.strip() for opt in options]
-    return [f"{letter}. {opt.strip()}" for letter, opt in zip(option_letters(len(options)), options)]
-
-
 def option_texts(options: Sequence[str]) -> list[str]:
     """Options without their letter labels (the text a model might repeat instead of a letter)."""
     if not options_are_lettered(options):
@@ -91,8 +70,9 @@ def option_texts(options: Sequence[str]) -> list[str]:
 
 
 def build_mcq_prompt(question: str, options: Sequence[str]) -> str:
-    """The reference MCQ user prompt: question, one option per line, then the answer instruction."""
-    return mcq_prompt(question, format_options(options), add_letters=False)
+    """The reference MCQ user prompt: question, one option per line (kept as given when all are lettered in order,
+    else prefixed ``"A. "`` etc.), then the answer instruction."""
+    return mcq_prompt(question, [opt.strip() for opt in options], add_letters=not options_are_lettered(options))
 
 
 def format_seconds(seconds: float) -> str:
@@ -113,15 +93,10 @@ SAMPLING_RULES = ("reference_eval", "auto")
 def eval_num_frames(
     duration: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32, rule: str = "reference_eval"
 ) -> int:
-    """How many frames the video processor samples from a video of ``duration`` seconds (``rule`` as there).
-
-    ``reference_eval`` (the reference's ``fps_indices``): one frame every ``1/fps`` seconds from t=0, the first
-    ``max_frames`` kept, padded up to a multiple of 4 (the last frame repeats), and replaced by ``min_frames``
-    uniformly spaced frames when fewer remain. ``auto``: the same frames, uniformly subsampled to ``max_frames`` and
-    no padding. The grounding prompt states this number. The rules are the sampler's own: it samples a constant-rate
-    video of this duration whose rate is a whole multiple of ``fps`` (each sample lands on a frame) and which has at
-    least ``min_frames`` frames (a real video's count differs only where its true duration or rate does).
-    """
+    """How many frames the video processor samples from a video of ``duration`` seconds under ``rule`` (the number
+    the grounding prompt states). It runs the processor's own sampler on a constant-rate video of that duration whose
+    rate is a whole multiple of ``fps`` (each sample lands on a frame) and which has at least ``min_frames`` frames; a
+    real video's count differs only where its true duration or rate does."""
     if not duration or duration <= 0 or fps <= 0:
         raise ValueError(f"duration and fps must be positive, got duration={duration}, fps={fps}")
     if rule not in SAMPLING_RULES:
@@ -147,10 +122,8 @@ class FrameSampling:
         if self.rule not in SAMPLING_RULES:
             raise ValueError(f"unknown sampling rule {self.rule!r}; expected one of {SAMPLING_RULES}")
         if not self.fps > 0 or self.max_frames < 1 or not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError(
-                f"need fps > 0 and 1 <= min_frames <= max_frames, got fps={self.fps}, "
-                f"min_frames={self.min_frames}, max_frames={self.max_frames}"
-            )
+            raise ValueError(f"need fps > 0 and 1 <= min_frames <= max_frames, got fps={self.fps}, "
+                             f"min_frames={self.min_frames}, max_frames={self.max_frames}")
 
     def num_frames(self, duration: float) -> int:
         return eval_num_frames(duration, self.fps, self.max_frames, self.min_frames, self.rule)
@@ -170,7 +143,6 @@ def build_prompt(task: str, record: dict, sampling: FrameSampling = FrameSamplin
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Parsing model outputs
 
 # A letter that opens the output: "B", "(B)", "B)", "B.", "b", "[B]", "B: text", "B, text".
@@ -221,19 +193,12 @@ def parse_mcq_answer(text: str, num_options: int, options: Sequence[str] | None 
        skipped as English words).
     A letter found by rules 2, 3 or 5 that is not offered is treated as no answer.
     """
-    if not isinstance(text, str):
-        return None
-    letters = set(option_letters(num_options))
-    stripped = text.strip()
+    stripped = text.strip() if isinstance(text, str) else ""
     if not stripped:
         return None
+    letters = set(option_letters(num_options))
 
-    m = _LEADING_LETTER.match(stripped)
-    if m:
-        letter = m.group(1).upper()
-        return letter if letter in letters else None
-
-    m = _ANSWER_PHRASE.search(stripped)
+    m = _LEADING_LETTER.match(stripped) or _ANSWER_PHRASE.search(stripped)  # rules 1 and 2 decide
     if m:
         letter = m.group(1).upper()
         return letter if letter in letters else None
@@ -287,12 +252,9 @@ def _answer_blocks(text: str) -> list[str]:
 
 
 def parse_timestamps(text: str) -> tuple[float, float] | None:
-    """The predicted ``(start, end)`` in seconds, or None when the output has no seconds pair.
-
-    Takes the last ``"S to E"``, ``"S and E"`` or ``"S - E"`` pair (units such as ``s``/``seconds`` and ``mm:ss``
-    times are accepted), searching the last ``<answer>...</answer>`` block first when there is one. A reversed
-    pair is swapped.
-    """
+    """The predicted ``(start, end)`` in seconds, or None when the output has no seconds pair: the last ``"S to E"``,
+    ``"S and E"`` or ``"S - E"`` pair (units such as ``s``/``seconds`` and ``mm:ss`` times are accepted), searched in
+    the last ``<answer>...</answer>`` block first when there is one. A reversed pair is swapped."""
     if not isinstance(text, str):
         return None
     blocks = _answer_blocks(text)
@@ -305,10 +267,8 @@ def parse_timestamps(text: str) -> tuple[float, float] | None:
 
 
 def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
-    """Intersection over union of two ``(start, end)`` segments (each is sorted first).
-
-    Two zero-length segments give 1.0 when identical and 0.0 otherwise.
-    """
+    """Intersection over union of two ``(start, end)`` segments (each is sorted first); two zero-length segments give
+    1.0 when identical and 0.0 otherwise."""
     ps, pe = sorted(float(t) for t in prediction)
     ts, te = sorted(float(t) for t in target)
     intersection = max(0.0, min(pe, te) - max(ps, ts))
@@ -318,28 +278,34 @@ def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
     return intersection / union
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Annotations
 
 
-def read_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str | None]]:
-    """``(line number, text, problem)`` for each line of a UTF-8 text file. The file is read as bytes and decoded line
-    by line, so a line that is not valid UTF-8 comes back as a problem that its caller reports with the line number
-    (text None) instead of one `UnicodeDecodeError` for the whole file."""
+def read_json_lines(
+    path: str | os.PathLike, skip_comments: bool = False, invalid: str = "invalid JSON"
+) -> Iterator[tuple[int, object, str | None]]:
+    """``(line number, value, problem)`` for each non-blank line of a UTF-8 JSONL file (and not a ``#`` line, with
+    ``skip_comments``). A line that is not valid UTF-8 or not JSON (``invalid`` names the latter) comes back as a
+    problem (value None) that the caller reports with its line number, instead of one error for the whole file."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                yield line_no, raw.decode("utf-8"), None
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+                continue
+            if not line.strip() or (skip_comments and line.lstrip().startswith("#")):
+                continue
+            try:
+                yield line_no, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield line_no, None, f"{invalid} ({e.msg} at column {e.colno})"
 
 
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
     """The ground-truth letter from ``"B"``, ``"(B)"``, ``"b"``, ``"B. text"``, an int index or an option's text."""
     letters = option_letters(len(options))
-    if isinstance(answer, bool):
-        return None
-    if isinstance(answer, int):
+    if isinstance(answer, int) and not isinstance(answer, bool):
         return letters[answer] if 0 <= answer < len(letters) else None
     if not isinstance(answer, str):
         return None
@@ -352,7 +318,8 @@ def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
     return None
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float (a bool is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -367,13 +334,9 @@ def _optional_label(raw: dict, key: str, problems: list[str]) -> str | None:
 
 
 def validate_record(task: str, raw, video_root: str | os.PathLike | None = None) -> tuple[dict | None, list[str]]:
-    """Check one parsed annotation line. Returns ``(record, problems)``; ``record`` is None when there are problems.
-
-    The record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against
-    ``video_root`` when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    """Check one parsed annotation line. Returns ``(record, problems)``; ``record`` is None when there are problems. The
+    record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against ``video_root``
+    when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding."""
     if not isinstance(raw, dict):
         return None, [f"expected a JSON object, got {type(raw).__name__}"]
     problems: list[str] = []
@@ -390,9 +353,9 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
         record["video"] = os.path.join(os.fspath(video_root), video)
 
     for key in ("start", "end", "duration"):
-        if key in raw and raw[key] is not None and not (_is_number(raw[key]) and raw[key] >= 0):
+        if key in raw and raw[key] is not None and not (is_number(raw[key]) and raw[key] >= 0):
             problems.append(f"{key!r} must be a non-negative number, got {raw[key]!r}")
-    if _is_number(raw.get("start")) and _is_number(raw.get("end")) and raw["start"] >= raw["end"]:
+    if is_number(raw.get("start")) and is_number(raw.get("end")) and raw["start"] >= raw["end"]:
         problems.append(f"'start' ({raw['start']}) must be before 'end' ({raw['end']})")
 
     if task == "mcq":
@@ -417,28 +380,22 @@ def validate_record(task: str, raw, video_root: str | os.PathLike | None = None)
         if not isinstance(raw.get("query"), str) or not raw["query"].strip():
             problems.append("missing or empty 'query' (a string)")
         stamps = raw.get("timestamps")
-        if not (isinstance(stamps, list) and len(stamps) == 2 and all(_is_number(t) and t >= 0 for t in stamps)):
+        if not (isinstance(stamps, list) and len(stamps) == 2 and all(is_number(t) and t >= 0 for t in stamps)):
             problems.append(f"'timestamps' must be [start, end] in seconds (non-negative numbers), got {stamps!r}")
         else:
             record["timestamps"] = sorted(float(t) for t in stamps)
-        if raw.get("duration") is not None and _is_number(raw["duration"]) and raw["duration"] <= 0:
+        if raw.get("duration") is not None and is_number(raw["duration"]) and raw["duration"] <= 0:
             problems.append(f"'duration' must be positive, got {raw['duration']}")
     return (None if problems else record), problems
 
 
-def load_annotations(
-    path: str | os.PathLike,
-    task: str,
-    video_root: str | os.PathLike | None = None,
-    check_videos: bool = True,
-) -> list[dict]:
-    """Read and validate a benchmark JSONL file (one record per line; blank lines and ``#`` lines are skipped).
-
-    Every line is checked before anything is returned; all problems are raised together in one
-    ``AnnotationError``, each as ``file:line: problem``. Relative ``video`` paths are joined to ``video_root``
-    (default: the annotation file's folder); with ``check_videos`` a missing video file is a problem too. Ids must
-    be unique. Grounding records may lack ``duration``; the caller must fill it before building prompts.
-    """
+def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.PathLike | None = None,
+                     check_videos: bool = True) -> list[dict]:
+    """Read and validate a benchmark JSONL file (one record per line; blank lines and ``#`` lines are skipped). Every
+    line is checked before anything is returned; all problems are raised together in one ``AnnotationError``, each as
+    ``file:line: problem``. Relative ``video`` paths are joined to ``video_root`` (default: the annotation file's
+    folder); with ``check_videos`` a missing video file is a problem too. Ids must be unique. Grounding records may lack
+    ``duration``; the caller must fill it before building prompts."""
     path = Path(path)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -448,16 +405,9 @@ def load_annotations(
     records: list[dict] = []
     errors: list[str] = []
     first_line_of: dict[str, int] = {}
-    for line_no, line, undecodable in read_text_lines(path):
-        if undecodable:
-            errors.append(f"{path}:{line_no}: {undecodable}")
-            continue
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})")
+    for line_no, raw, unreadable in read_json_lines(path, skip_comments=True):
+        if unreadable:
+            errors.append(f"{path}:{line_no}: {unreadable}")
             continue
         record, problems = validate_record(task, raw, root)
         if record is not None:
@@ -480,18 +430,14 @@ def load_annotations(
     return records
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Sharding
 
 
 def shard_indices(num_items: int, num_shards: int, shard_index: int) -> list[int]:
-    """Item indices of one shard, by the reference's zigzag rule with balanced chunk sizes.
-
-    The items are cut into ``2 * num_shards`` contiguous chunks; shard ``i`` takes chunks ``i`` and
-    ``2 * num_shards - 1 - i``, so when items are sorted by length every shard gets a similar mix. Chunk sizes are
-    chosen so that shard sizes differ by at most one. Every item lands in exactly one shard, and the split depends
-    only on the three numbers.
-    """
+    """Item indices of one shard, by the reference's zigzag rule with balanced chunk sizes. The items are cut into
+    ``2 * num_shards`` contiguous chunks; shard ``i`` takes chunks ``i`` and ``2 * num_shards - 1 - i``, so when items
+    are sorted by length every shard gets a similar mix. Chunk sizes are chosen so that shard sizes differ by at most
+    one. Every item lands in exactly one shard, and the split depends only on the three numbers."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not 0 <= shard_index < num_shards:
@@ -503,9 +449,7 @@ def shard_indices(num_items: int, num_shards: int, shard_index: int) -> list[int
     sizes = [(q + 1) // 2 for q in quotas] + [q // 2 for q in reversed(quotas)]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     first, second = shard_index, 2 * num_shards - 1 - shard_index
-    return list(range(starts[first], starts[first] + sizes[first])) + list(
-        range(starts[second], starts[second] + sizes[second])
-    )
+    return [*range(starts[first], starts[first] + sizes[first]), *range(starts[second], starts[second] + sizes[second])]
 
 
 def shard_items(items: Sequence, num_shards: int, shard_index: int) -> list:
@@ -530,17 +474,14 @@ def shard_output_path(output_dir: str | os.PathLike, name: str, shard_index: int
 _SHARD_FILE = re.compile(r"^(?P<name>.+)\.shard(?P<index>\d+)of(?P<total>\d+)\.jsonl$")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Resumable predictions
 
 
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """The prediction records of a JSONL file (an empty list when it does not exist).
-
-    A last line that is not valid JSON is taken as a write cut short by a crash: it is ignored, and with
-    ``repair`` it is cut off the file so that later appends start on a clean line (a valid last line that lacks its
-    newline gets one). A bad line anywhere else raises ``PredictionFileError`` naming the line.
-    """
+    """The prediction records of a JSONL file (an empty list when it does not exist). A last line that is not valid JSON
+    is taken as a write cut short by a crash: it is ignored, and with ``repair`` it is cut off the file so that later
+    appends start on a clean line (a valid last line that lacks its newline gets one). A bad line anywhere else raises
+    ``PredictionFileError`` naming the line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -576,26 +517,15 @@ def make_prediction(task: str, record: dict, output: str, sampling: FrameSamplin
     line = {"id": record["id"], "task": task, "video": record["video"]}
     if task == "mcq":
         parsed = parse_mcq_answer(output, len(record["options"]), record["options"])
-        line.update(
-            options=record["options"],
-            answer=record["answer"],
-            category=record.get("category"),
-            duration_group=record.get("duration_group"),
-            prediction=output,
-            parsed=parsed,
-            correct=parsed == record["answer"],
-        )
+        line.update(options=record["options"], answer=record["answer"], category=record.get("category"),
+                    duration_group=record.get("duration_group"), prediction=output, parsed=parsed,
+                    correct=parsed == record["answer"])
     else:
         predicted = parse_timestamps(output)
-        line.update(
-            query=record["query"],
-            timestamps=record["timestamps"],
-            duration=record["duration"],
-            num_frames=sampling.num_frames(record["duration"]),
-            prediction=output,
-            pred_timestamps=list(predicted) if predicted is not None else None,
-            iou=temporal_iou(predicted, record["timestamps"]) if predicted is not None else 0.0,
-        )
+        line.update(query=record["query"], timestamps=record["timestamps"], duration=record["duration"],
+                    num_frames=sampling.num_frames(record["duration"]), prediction=output,
+                    pred_timestamps=list(predicted) if predicted is not None else None,
+                    iou=temporal_iou(predicted, record["timestamps"]) if predicted is not None else 0.0)
     return line
 
 
@@ -609,21 +539,14 @@ class RunSummary:
     num_answered: int
 
 
-def run_items(
-    items: Sequence[dict],
-    answer_fn: AnswerFn,
-    output_path: str | os.PathLike,
-    task: str,
-    sampling: FrameSampling = FrameSampling(),
-    on_item: Callable[[dict, dict], None] | None = None,
-) -> RunSummary:
-    """Answer every item not yet in ``output_path``, appending one JSON line per item (flushed at once).
-
-    ``sampling`` sets the frame count stated in grounding prompts; it must match the sampling of ``answer_fn``.
-    Items whose ``id`` is already in the file are skipped, so an interrupted run continues where it stopped; a
-    line cut short by a crash is dropped and its item redone. ``on_item(record, prediction_line)`` is called after
-    each write (progress reporting). Exceptions from ``answer_fn`` propagate, naming the item.
-    """
+def run_items(items: Sequence[dict], answer_fn: AnswerFn, output_path: str | os.PathLike, task: str,
+              sampling: FrameSampling = FrameSampling(), on_item: Callable[[dict, dict], None] | None = None
+              ) -> RunSummary:
+    """Answer every item not yet in ``output_path``, appending one JSON line per item (flushed at once). ``sampling``
+    sets the frame count stated in grounding prompts; it must match the sampling of ``answer_fn``. Items whose ``id`` is
+    already in the file are skipped, so an interrupted run continues where it stopped; a line cut short by a crash is
+    dropped and its item redone. ``on_item(record, prediction_line)`` is called after each write (progress reporting).
+    Exceptions from ``answer_fn`` propagate, naming the item."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "grounding":
@@ -658,7 +581,6 @@ def run_items(
     return RunSummary(output_path, len(items), len(items) - len(todo), len(todo))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Metrics
 
 
@@ -667,11 +589,9 @@ def _accuracy_block(correct: int, total: int) -> dict:
 
 
 def compute_mcq_metrics(predictions: Iterable[dict]) -> dict:
-    """Accuracy (percent) overall, per ``category`` and per ``duration_group``.
-
-    Each prediction's raw output is parsed again (so the current parsing rules apply); an unparsed output is
-    wrong and counted in ``num_unparsed``. Items without a category or duration group are left out of that table.
-    """
+    """Accuracy (percent) overall, per ``category`` and per ``duration_group``. Each prediction's raw output is parsed
+    again (so the current parsing rules apply); an unparsed output is wrong and counted in ``num_unparsed``. Items
+    without a category or duration group are left out of that table."""
     total = correct = unparsed = 0
     # key -> label -> [correct, total]
     groups = {key: defaultdict(lambda: [0, 0]) for key in ("category", "duration_group")}
@@ -716,34 +636,24 @@ def compute_metrics(task: str, predictions: Iterable[dict]) -> dict:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Merging shards
 
 
-def find_shard_files(output_dir: str | os.PathLike, name: str) -> list[Path]:
-    """Every ``{name}.shard{i}of{K}.jsonl`` in ``output_dir``, ordered by (K, i)."""
-    found = []
+def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
+    """All predictions of ``name`` across its shard files, each id once (first file in (K, i) order wins). Returns
+    ``(predictions, info)``; ``info`` lists the files read, shard files missing for a shard count seen (e.g.
+    ``x.shard1of4.jsonl`` when only 0, 2 and 3 of 4 exist) and the number of duplicate ids dropped."""
+    shards = []  # (K, i, path) of every {name}.shard{i}of{K}.jsonl
     for path in Path(output_dir).glob(f"{glob.escape(name)}.shard*of*.jsonl"):
         m = _SHARD_FILE.match(path.name)
         if m and m.group("name") == name:
-            found.append((int(m.group("total")), int(m.group("index")), path))
-    return [path for _, _, path in sorted(found)]
-
-
-def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
-    """All predictions of ``name`` across its shard files, each id once (first file in (K, i) order wins).
-
-    Returns ``(predictions, info)``; ``info`` lists the files read, shard files missing for a shard count seen
-    (e.g. ``x.shard1of4.jsonl`` when only 0, 2 and 3 of 4 exist) and the number of duplicate ids dropped.
-    """
-    files = find_shard_files(output_dir, name)
-    if not files:
+            shards.append((int(m.group("total")), int(m.group("index")), path))
+    if not shards:
         raise FileNotFoundError(f"no prediction files {name}.shard*of*.jsonl in {output_dir}")
     seen: dict[int, set[int]] = defaultdict(set)
     predictions, ids, duplicates = [], set(), 0
-    for path in files:
-        m = _SHARD_FILE.match(path.name)
-        seen[int(m.group("total"))].add(int(m.group("index")))
+    for total, index, path in sorted(shards):
+        seen[total].add(index)
         for line in read_predictions(path):
             key = str(line["id"])
             if key in ids:
@@ -751,24 +661,18 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
                 continue
             ids.add(key)
             predictions.append(line)
-    missing = [
-        f"{name}.shard{i}of{total}.jsonl"
-        for total, indices in sorted(seen.items())
-        for i in range(total)
-        if i not in indices
-    ]
-    info = {"files": [p.name for p in files], "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
+    missing = [f"{name}.shard{i}of{total}.jsonl" for total, indices in sorted(seen.items())
+               for i in range(total) if i not in indices]
+    files = [path.name for _, _, path in sorted(shards)]
+    info = {"files": files, "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
     return predictions, info
 
 
-def score_output_dir(
-    output_dir: str | os.PathLike, name: str, task: str, expected_ids: Iterable[str] | None = None
-) -> dict:
+def score_output_dir(output_dir: str | os.PathLike, name: str, task: str,
+                     expected_ids: Iterable[str] | None = None) -> dict:
     """Merge the shard files of ``name``, write ``{name}.merged.jsonl`` and update ``metrics.json``; return metrics.
-
     ``metrics.json`` maps each ``name`` scored in this folder to its metrics. With ``expected_ids`` (the annotation
-    ids), predictions for other ids are left out and ``num_missing`` counts ids with no prediction.
-    """
+    ids), predictions for other ids are left out and ``num_missing`` counts ids with no prediction."""
     output_dir = Path(output_dir)
     predictions, info = merge_shards(output_dir, name)
     for line in predictions:

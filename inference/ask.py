@@ -29,27 +29,19 @@ DEFAULT_QUESTION = "Describe what happens in this video."
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model",
-        help="converted TimeViper checkpoint folder or Hub id; 'random-tiny' for the tiny random-weight model "
-        "(default: the embedded tiny model trained on the needle task)",
-    )
+    parser.add_argument("--model", help="converted TimeViper checkpoint folder or Hub id; 'random-tiny' for the tiny "
+                        "random-weight model (default: the embedded tiny model trained on the needle task)")
     parser.add_argument("--revision", help="Hub revision to pin the remote code to")
     parser.add_argument("--video", help="video file (default: a generated clip; a held-out needle clip for the default model)")
-    parser.add_argument(
-        "--question", action="append",
-        help="repeat for several questions about the video (default: the needle question for the embedded trained "
-        f"model, else {DEFAULT_QUESTION!r})",
-    )
+    parser.add_argument("--question", action="append", help="repeat for several questions about the video (default: "
+                        f"the needle question for the embedded trained model, else {DEFAULT_QUESTION!r})")
     parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
     parser.add_argument("--max-frames", type=int, default=256, help="uniformly subsample to at most this many")
     parser.add_argument("--start", type=float, help="clip start in seconds")
     parser.add_argument("--end", type=float, help="clip end in seconds")
-    parser.add_argument(
-        "--token-compression",
-        help="in-LLM compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep ratios); overrides the checkpoint's. "
-        "Stages the checkpoint has no TransV weights for start with a closed gate, i.e. they drop tokens.",
-    )
+    parser.add_argument("--token-compression", help="in-LLM compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep "
+                        "ratios); overrides the checkpoint's. Stages the checkpoint has no TransV weights for start "
+                        "with a closed gate, i.e. they drop tokens.")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -69,12 +69,10 @@ def closed_transfer_stages(model) -> set[str]:
 
 def check_loading_info(model, info: dict, source: str, transfer_initialised: bool = False) -> None:
     """Raise on tensors the checkpoint lacked (or held in another shape), which transformers filled with random values.
-
     Tolerated: a TransV module missing whole (its gate stays closed at 0, so the stage only drops tokens), as when a
     `token_compression` override adds a stage. A module that lost only some tensors would run with other weights than
     were trained. With `transfer_initialised` (training initialises missing TransV modules itself, and under ZeRO-3 a
-    gate's values are not on this rank to be read) every TransV tensor is tolerated.
-    """
+    gate's values are not on this rank to be read) every TransV tensor is tolerated."""
     closed = set() if transfer_initialised else closed_transfer_stages(model)
     missing_keys = set(info["missing_keys"])
     loaded_stages = {  # stages of which the checkpoint held at least one tensor

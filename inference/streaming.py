@@ -19,12 +19,10 @@ def processing_module(processor):
 
 
 def stream_conversation(model, processor, conversation, chunk_frames: int = STREAM_CHUNK_FRAMES, **options):
-    """Prompt inputs, video features and the opened streams of `conversation` (one or a batch).
-
-    options: the processor's sampling (``fps``, ``max_frames``, ...) and tokenizer (``padding``, ...) options.
-    The features stay on the model's device in its dtype; pass them as ``generate(**inputs,
-    video_features=features, prefill_chunk_size=PREFILL_CHUNK_TOKENS)``.
-    """
+    """Prompt inputs, video features and the opened streams of `conversation` (one or a batch). ``options`` are the
+    processor's sampling (``fps``, ``max_frames``, ...) and tokenizer (``padding``, ...) options. The features stay on
+    the model's device in its dtype; pass them as
+    ``generate(**inputs, video_features=features, prefill_chunk_size=PREFILL_CHUNK_TOKENS)``."""
     streaming_chat_inputs = processing_module(processor).streaming_chat_inputs
     inputs, streams = streaming_chat_inputs(processor, conversation, chunk_frames=chunk_frames, **options)
     features = torch.cat([

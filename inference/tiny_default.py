@@ -66,25 +66,6 @@ def tiny_text_config(backbone: str, vocab_size: int) -> dict:
     )
 
 
-def tiny_default_config(
-    tokenizer, backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp"
-) -> TimeViperConfig:
-    text = {
-        **tiny_text_config(backbone, len(tokenizer)),
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    return TimeViperConfig(
-        vision_config=tiny_vision_config(),
-        text_config=text,
-        projector_type=projector_type,
-        tokens_per_frame=4,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        token_compression=token_compression,
-    )
-
-
 def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, projector_type: str = "tome_mlp", seed: int | None = 0):
     """(model, processor) with random weights: the pipeline end to end, nothing downloaded. `seed=None` leaves the
     global RNG as the caller set it."""
@@ -93,7 +74,13 @@ def build_tiny_default(backbone: str = "nemotron_h", token_compression=None, pro
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
     tokenizer = make_tiny_tokenizer(backbone)
-    config = tiny_default_config(tokenizer, backbone, token_compression, projector_type)
+    text = {**tiny_text_config(backbone, len(tokenizer)), "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    config = TimeViperConfig(
+        vision_config=tiny_vision_config(), text_config=text, projector_type=projector_type, tokens_per_frame=4,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), token_compression=token_compression,
+    )
     if seed is not None:
         torch.manual_seed(seed)
     model = TimeViperForConditionalGeneration(config).eval()
@@ -124,23 +111,32 @@ def use_tokenizer_ids(model, processor) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, separator]))
 
 
-def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:
-    """A short synthetic clip (a square moving across a colour gradient), written with PyAV as H.264 / MPEG-4."""
+def write_video(path, frames, fps: int, crf: str | None = None) -> Path:
+    """RGB uint8 frames (a sequence of (H, W, 3) arrays) as an H.264 file (MPEG-4 Part 2 where PyAV has no libx264),
+    with `crf` as the H.264 quality when given."""
     import av
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
-        stream.width = stream.height = size
+        stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        ramp = np.linspace(0, 255, size, dtype=np.uint8)
-        for i in range(seconds * fps):
-            frame = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
-            x = int((size - 16) * i / max(1, seconds * fps - 1))
-            frame[40:56, x : x + 16] = (255, 32, 32)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        if crf is not None and codec == "libx264":
+            stream.options = {"crf": crf}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
+
+
+def write_sample_video(path, seconds: int = 12, fps: int = 10, size: int = 96) -> Path:
+    """A short synthetic clip (a square moving across a colour gradient), written with PyAV as H.264 / MPEG-4."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    gradient = np.stack(np.broadcast_arrays(ramp, ramp[:, None], np.uint8(128)), -1)  # red: x, green: y, blue: 128
+    frames = np.repeat(gradient[None], seconds * fps, axis=0)
+    for i, frame in enumerate(frames):
+        x = int((size - 16) * i / max(1, seconds * fps - 1))
+        frame[40:56, x : x + 16] = (255, 32, 32)
+    return write_video(path, frames, fps)

@@ -1,16 +1,9 @@
-"""Training data for TimeViper: the JSONL sample format (training/README.md, "Data format"), its validation, a
-`Dataset` and a padding collator.
-
-`load_samples` checks every line up front and raises one `DataFormatError` listing each bad line as
-`file:line (id ...): problem`. `TimeViperSFTDataset.__getitem__` decodes and samples frames with the processor's PyAV
-decoder and sampling rule, renders the chat template and tokenizes with `return_labels=True`.
-`TimeViperDataCollator` right-pads and concatenates the frames of all samples in batch order, the order in which the
-model fills the placeholder tokens.
-"""
+"""Training data for TimeViper: the JSONL sample format (training/README.md, "Data format"), its validation
+(`load_samples`: one `DataFormatError` listing every bad line as `file:line (id ...): problem`), a `Dataset` that
+decodes and tokenises with the processor, and a padding collator."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluation.tasks import build_grounding_prompt, format_seconds, read_text_lines
+from evaluation.tasks import build_grounding_prompt, format_seconds, is_number, read_json_lines
 from timeviper.processing_timeviper import IGNORE_INDEX
 from timeviper.video_processing_timeviper import decode_video_pyav, merge_sampling
 
@@ -76,17 +69,6 @@ class TrainingSample:
     @property
     def is_grounding(self) -> bool:
         return self.timestamps is not None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _resolve(path: str, root: str | os.PathLike | None) -> str:
-    path = os.path.expanduser(path)
-    if root is not None and not os.path.isabs(path):
-        path = os.path.join(os.fspath(root), path)
-    return path
 
 
 def _normalise_turns(turns, problems: list[str]) -> list[dict]:
@@ -187,24 +169,13 @@ def parse_sample(
     messages, query, timestamps = _parse_text(raw, media_type, problems)
     if problems:
         return None, sample_id, problems
-    start, end, duration = raw.get("start"), raw.get("end"), raw.get("duration")
-    return (
-        TrainingSample(
-            source=source,
-            sample_id=sample_id,
-            messages=tuple(messages),
-            media_type=media_type,
-            media_path=media_path,
-            start=None if start is None else float(start),
-            end=None if end is None else float(end),
-            duration=None if duration is None else float(duration),
-            query=query.strip() if isinstance(query, str) else None,
-            timestamps=timestamps if query is not None or timestamps is not None else None,
-            sampling=sampling,
-        ),
-        sample_id,
-        [],
+    start, end, duration = (None if raw.get(key) is None else float(raw[key]) for key in ("start", "end", "duration"))
+    sample = TrainingSample(
+        source=source, sample_id=sample_id, messages=tuple(messages), media_type=media_type, media_path=media_path,
+        start=start, end=end, duration=duration, query=query.strip() if isinstance(query, str) else None,
+        timestamps=timestamps, sampling=sampling,
     )
+    return sample, sample_id, []
 
 
 def _parse_media(raw: dict, root, check_files: bool, problems: list[str]) -> tuple[str | None, str | None]:
@@ -219,7 +190,9 @@ def _parse_media(raw: dict, root, check_files: bool, problems: list[str]) -> tup
     if not isinstance(value, str) or not value.strip():
         problems.append(f"'{key}' must be a non-empty path string, got {value!r}")
         return None, None
-    media_path = _resolve(value, root)
+    media_path = os.path.expanduser(value)
+    if root is not None and not os.path.isabs(media_path):
+        media_path = os.path.join(os.fspath(root), media_path)
     media_type = "video" if key == "video" or Path(value).suffix.lower() in VIDEO_EXTENSIONS else "image"
     if check_files and not os.path.isfile(media_path):
         problems.append(f"{media_type} file not found: {media_path}")
@@ -230,20 +203,20 @@ def _parse_window_and_sampling(raw: dict, media_type: str | None, problems: list
     """Check "start"/"end"/"duration" and the per-sample sampling keys; returns the sampling keys given."""
     start, end, duration = raw.get("start"), raw.get("end"), raw.get("duration")
     for name, value in (("start", start), ("end", end), ("duration", duration)):
-        if value is not None and (not _is_number(value) or value < 0):
+        if value is not None and (not is_number(value) or value < 0):
             problems.append(f"'{name}' must be a non-negative number of seconds, got {value!r}")
-    if _is_number(start) and _is_number(end) and end <= start:
+    if is_number(start) and is_number(end) and end <= start:
         problems.append(f"'start' ({start}) must be before 'end' ({end})")
     if (start is not None or end is not None) and media_type != "video":
         problems.append("'start'/'end' need a video")
-    if duration is not None and _is_number(duration) and duration <= 0:
+    if duration is not None and is_number(duration) and duration <= 0:
         problems.append(f"'duration' must be positive, got {duration!r}")
     sampling = {key: raw[key] for key in SAMPLING_KEYS if raw.get(key) is not None}
     for key in ("num_frames", "max_frames", "min_frames"):
         value = sampling.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             problems.append(f"'{key}' must be an integer >= 1, got {sampling[key]!r}")
-    if "fps" in sampling and (not _is_number(sampling["fps"]) or sampling["fps"] <= 0):
+    if "fps" in sampling and (not is_number(sampling["fps"]) or sampling["fps"] <= 0):
         problems.append(f"'fps' must be a positive number, got {sampling['fps']!r}")
     if "fps" in sampling and "num_frames" in sampling:
         problems.append("'fps' and 'num_frames' are mutually exclusive")
@@ -276,23 +249,16 @@ def _parse_text(raw: dict, media_type: str | None, problems: list[str]):
         problems.append("a grounding sample needs a 'video'")
     if not isinstance(query, str) or not query.strip():
         problems.append(f"'query' must be a non-empty string, got {query!r}")
-    if (
-        not isinstance(timestamps, (list, tuple))
-        or len(timestamps) != 2
-        or not all(_is_number(t) and t >= 0 for t in timestamps)
-        or timestamps[0] > timestamps[1]
-    ):
+    if not (isinstance(timestamps, (list, tuple)) and len(timestamps) == 2
+            and all(is_number(t) and t >= 0 for t in timestamps) and timestamps[0] <= timestamps[1]):
         problems.append(f"'timestamps' must be [start, end] in seconds with 0 <= start <= end, got {timestamps!r}")
     else:
         timestamps = (float(timestamps[0]), float(timestamps[1]))
     return [], query, timestamps
 
 
-def load_samples(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    video_root: str | os.PathLike | None = None,
-    check_files: bool = True,
-) -> list[TrainingSample]:
+def load_samples(paths: str | os.PathLike | Sequence[str | os.PathLike], video_root: str | os.PathLike | None = None,
+                 check_files: bool = True) -> list[TrainingSample]:
     """Read and validate JSONL files. Raises `DataFormatError` listing every bad line (up to 50 of them)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -304,17 +270,10 @@ def load_samples(
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataFormatError(f"training data file not found: {path}")
-        for line_number, line, undecodable in read_text_lines(path):
+        for line_number, raw, unreadable in read_json_lines(path, invalid="not valid JSON"):
             source = f"{path}:{line_number}"
-            if undecodable:
-                problems.append(f"{source}: {undecodable}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{source}: not valid JSON ({err.msg} at column {err.colno})")
+            if unreadable:
+                problems.append(f"{source}: {unreadable}")
                 continue
             sample, sample_id, sample_problems = parse_sample(raw, source, video_root, check_files)
             where = f"{source} (id {sample_id!r})" if sample_id is not None else source
@@ -423,14 +382,12 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
                 "sample fewer frames (fps / max_frames) or raise max_length"
             )
 
-    def preflight(self, skip_bad_samples: bool = False, num_threads: int | None = None) -> list[str]:
+    def preflight(self, skip_bad_samples: bool = False) -> list[str]:
         """Check every sample before training, so that a bad one stops the run before step 1 rather than at its step:
         each video is opened and its first sampled frame decoded (an unreadable, non-video or zero-frame file fails),
-        each image opened, and each sample's length measured against `max_length`.
-
-        Every bad sample is listed as ``file:line (id ...): problem``. By default they raise one `DataFormatError`;
-        with `skip_bad_samples` they are dropped from the dataset (and returned, for the caller to report). Media are
-        probed on `num_threads` threads (default: the CPU count, at most 8)."""
+        each image opened, and each sample's length measured against `max_length`. Every bad sample is listed as
+        ``file:line (id ...): problem``. By default they raise one `DataFormatError`; with `skip_bad_samples` they are
+        dropped from the dataset (and returned, for the caller to report). Media are probed on up to 8 threads."""
         from concurrent.futures import ThreadPoolExecutor
 
         def probe(sample):
@@ -439,8 +396,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
             except SampleLoadError as err:
                 return str(err)
 
-        threads = num_threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             probed = list(pool.map(probe, self.samples))
         problems, kept = [], []
         for sample, media in zip(self.samples, probed):
@@ -532,14 +488,3 @@ class TimeViperDataCollator:
                 batch[key] = torch.cat(tensors)
         return batch
 
-
-__all__ = [
-    "DataFormatError",
-    "SampleLoadError",
-    "TimeViperDataCollator",
-    "TimeViperSFTDataset",
-    "TrainingSample",
-    "grounding_messages",
-    "load_samples",
-    "parse_sample",
-]

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.tasks import MCQ_ANSWER_PROMPT, build_mcq_prompt, option_letters
+from inference.tiny_default import write_video
 
 # Colour name -> RGB. Far apart in every channel, so they survive H.264's chroma subsampling and a random vision tower.
 COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 235), "yellow": (235, 220, 30)}
@@ -92,23 +93,7 @@ class NeedleClip:
 
     def write_video(self, path) -> Path:
         """The clip as an H.264 (or MPEG-4 Part 2) file at 1 frame per second."""
-        import av
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(path), "w") as container:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=1)
-            stream.width = stream.height = FRAME_SIZE
-            stream.pix_fmt = "yuv420p"
-            if codec == "libx264":
-                stream.options = {"crf": "18"}
-            for frame in self.frames():
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        return path
+        return write_video(path, self.frames(), fps=1, crf="18")
 
     def mcq_record(self, video: str) -> dict:
         """An MCQ annotation line of the evaluation harness."""

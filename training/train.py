@@ -57,86 +57,62 @@ DEFAULT_LORA_TARGETS = (
     r"|mlp\.(gate_proj|up_proj|down_proj))"
 )
 # TrainingArguments defaults of the paper's recipe, and what this model's inputs need.
-TRAINING_DEFAULTS = dict(
-    learning_rate=1e-5,
-    weight_decay=0.01,
-    warmup_steps=0.03,
-    lr_scheduler_type="cosine",
-    logging_steps=10,
-    remove_unused_columns=False,
-    label_names=["labels"],
-)
+TRAINING_DEFAULTS = dict(learning_rate=1e-5, weight_decay=0.01, warmup_steps=0.03, lr_scheduler_type="cosine",
+                         logging_steps=10, remove_unused_columns=False, label_names=["labels"])
+
+
+def option(default, help: str):
+    """A dataclass field whose `help` HfArgumentParser shows in --help."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TimeViperArguments:
     """Model, stage, data and LoRA options (the Trainer's own options come from `TrainingArguments`)."""
 
-    model: str | None = field(
-        default=None, metadata={"help": "A converted TimeViper checkpoint folder (or Hub id) to fine-tune."}
-    )
-    tiny: bool = field(
-        default=False,
-        metadata={"help": "Build the embedded tiny random model and tokenizer instead of --model (smoke runs)."},
-    )
-    tiny_backbone: Literal["nemotron_h", "qwen2"] = field(default="nemotron_h", metadata={"help": "LLM of --tiny."})
+    model: str | None = option(None, "A converted TimeViper checkpoint folder (or Hub id) to fine-tune.")
+    tiny: bool = option(False, "Build the embedded tiny random model and tokenizer instead of --model (smoke runs).")
+    tiny_backbone: Literal["nemotron_h", "qwen2"] = option("nemotron_h", "LLM of --tiny.")
     data: list[str] = field(default_factory=list, metadata={"help": "Training JSONL file(s) (training/README.md)."})
-    video_root: str | None = field(default=None, metadata={"help": "Folder that relative media paths start from."})
-    stage: Literal[1, 2] = field(
-        default=2, metadata={"help": "1: projector only. 2: projector + LLM + TransV (vision always frozen)."}
+    video_root: str | None = option(None, "Folder that relative media paths start from.")
+    stage: Literal[1, 2] = option(2, "1: projector only. 2: projector + LLM + TransV (vision always frozen).")
+    projector_type: Literal["tome_mlp", "mlp"] | None = option(
+        None, "Override the checkpoint's projector: tome_mlp (ToMe merging) or mlp (every patch)."
     )
-    projector_type: Literal["tome_mlp", "mlp"] | None = field(
-        default=None,
-        metadata={"help": "Override the checkpoint's projector: tome_mlp (ToMe merging) or mlp (every patch)."},
+    token_compression: str | None = option(
+        None, "Compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep ratios), or 'none'. "
+        "Default: none for stage 1, the checkpoint's for stage 2."
     )
-    token_compression: str | None = field(
-        default=None,
-        metadata={
-            "help": "Compression schedule, e.g. 'uni_7_0.5-attn_39_0.05' (keep ratios), or 'none'. "
-            "Default: none for stage 1, the checkpoint's for stage 2."
-        },
+    projector_lr: float | None = option(None, "Projector LR (default: --learning_rate).")
+    llm_lr: float | None = option(None, "LLM LR (default: --learning_rate).")
+    transfer_lr: float | None = option(
+        None, "TransV (merge_modules, alpha) LR (default: 5x the LLM LR, as in the paper)."
     )
-    projector_lr: float | None = field(default=None, metadata={"help": "Projector LR (default: --learning_rate)."})
-    llm_lr: float | None = field(default=None, metadata={"help": "LLM LR (default: --learning_rate)."})
-    transfer_lr: float | None = field(
-        default=None, metadata={"help": "TransV (merge_modules, alpha) LR (default: 5x the LLM LR, as in the paper)."}
+    lora: bool = option(False, "Train LoRA adapters on the LLM instead of its full weights.")
+    lora_r: int = option(128, "LoRA rank (the reference's default).")
+    lora_alpha: int = option(256, "LoRA alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: str = option(
+        DEFAULT_LORA_TARGETS, "Regex (full match on module names) of the Linear layers that get adapters."
     )
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM instead of its full weights."})
-    lora_r: int = field(default=128, metadata={"help": "LoRA rank (the reference's default)."})
-    lora_alpha: int = field(default=256, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(
-        default=DEFAULT_LORA_TARGETS,
-        metadata={"help": "Regex (full match on module names) of the Linear layers that get adapters."},
+    merge_lora_and_save: bool = option(False, "After LoRA training, merge the adapters and save the full model.")
+    merged_output_dir: str | None = option(None, "Where --merge-lora-and-save writes (default: <output_dir>/merged).")
+    fps: float = option(1.0, "Frames per second to sample.")
+    num_frames: int | None = option(None, "Sample this many frames instead of --fps.")
+    max_frames: int = option(256, "At most this many frames (uniform subsampling).")
+    min_frames: int | None = option(None, "At least this many frames.")
+    max_length: int | None = option(
+        None, "Raise on samples longer than this many tokens (vision placeholders included)."
     )
-    merge_lora_and_save: bool = field(
-        default=False, metadata={"help": "After LoRA training, merge the adapters and save the full model."}
+    check_media_files: bool = option(True, "Check that every media file exists while validating the data.")
+    preflight: bool = option(
+        True, "Before step 1, open every video (decoding one frame) and image and measure every sample against "
+        "--max_length, so that a bad sample stops the run before training instead of at its step."
     )
-    merged_output_dir: str | None = field(
-        default=None, metadata={"help": "Where --merge-lora-and-save writes (default: <output_dir>/merged)."}
+    skip_bad_samples: bool = option(
+        False, "Drop the samples the preflight rejects (each is logged) instead of stopping."
     )
-    fps: float = field(default=1.0, metadata={"help": "Frames per second to sample."})
-    num_frames: int | None = field(default=None, metadata={"help": "Sample this many frames instead of --fps."})
-    max_frames: int = field(default=256, metadata={"help": "At most this many frames (uniform subsampling)."})
-    min_frames: int | None = field(default=None, metadata={"help": "At least this many frames."})
-    max_length: int | None = field(
-        default=None, metadata={"help": "Raise on samples longer than this many tokens (vision placeholders included)."}
-    )
-    check_media_files: bool = field(
-        default=True, metadata={"help": "Check that every media file exists while validating the data."}
-    )
-    preflight: bool = field(
-        default=True,
-        metadata={
-            "help": "Before step 1, open every video (decoding one frame) and image and measure every sample against "
-            "--max_length, so that a bad sample stops the run before training instead of at its step."
-        },
-    )
-    skip_bad_samples: bool = field(
-        default=False,
-        metadata={"help": "Drop the samples the preflight rejects (each is logged) instead of stopping."},
-    )
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Pad batches to a multiple of this."})
+    pad_to_multiple_of: int | None = option(None, "Pad batches to a multiple of this.")
 
 
 def compression_override(args: TimeViperArguments):
@@ -244,14 +220,9 @@ def apply_lora(model, args: TimeViperArguments):
 
     # merge_modules exists only when the schedule has TransV stages; iterating a ModuleDict yields its keys.
     transfer = [f"merge_modules.{stage}" for stage in getattr(model.model.language_model, "merge_modules", ())]
-    lora_config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
-        modules_to_save=["multi_modal_projector", *transfer],
-        bias="none",
-    )
+    lora_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                             target_modules=args.lora_target_modules,
+                             modules_to_save=["multi_modal_projector", *transfer], bias="none")
     return get_peft_model(model, lora_config)
 
 
@@ -321,12 +292,9 @@ class TimeViperTrainer(Trainer):
             decay = name in decay_names and not name.endswith(NO_DECAY_SUFFIXES)
             grouped.setdefault((parameter_group(name), decay), []).append(parameter)
         param_groups = [
-            {
-                "params": params,
-                "lr": self.learning_rates.get(module, self.args.learning_rate),
-                "weight_decay": self.args.weight_decay if decay else 0.0,
-                "name": module if decay else f"{module}_no_decay",
-            }
+            {"params": params, "lr": self.learning_rates.get(module, self.args.learning_rate),
+             "weight_decay": self.args.weight_decay if decay else 0.0,
+             "name": module if decay else f"{module}_no_decay"}
             for (module, decay), params in sorted(grouped.items())
         ]
         if not param_groups:
@@ -392,12 +360,8 @@ class SaveRemoteCodeCallback(TrainerCallback):
 
 
 def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
-    parser = HfArgumentParser(
-        (TimeViperArguments, TrainingArguments),
-        prog="python -m training.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = HfArgumentParser((TimeViperArguments, TrainingArguments), prog="python -m training.train",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(**TRAINING_DEFAULTS)
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if (args.model is None) == (not args.tiny):
@@ -501,40 +465,27 @@ def run_training(args: TimeViperArguments, training_args: TrainingArguments, cal
     logger.info("stage %d%s: %d of %d parameters trainable", args.stage, mode, trainable, total)
 
     dataset = TimeViperSFTDataset(
-        args.data,
-        processor,
-        video_root=args.video_root,
-        fps=args.fps,
-        num_frames=args.num_frames,
-        max_frames=args.max_frames,
-        min_frames=args.min_frames,
-        max_length=args.max_length,
+        args.data, processor, video_root=args.video_root, fps=args.fps, num_frames=args.num_frames,
+        max_frames=args.max_frames, min_frames=args.min_frames, max_length=args.max_length,
         check_files=args.check_media_files,
     )
     if args.preflight:
-        skipped = dataset.preflight(skip_bad_samples=args.skip_bad_samples)
-        for problem in skipped:
+        for problem in dataset.preflight(skip_bad_samples=args.skip_bad_samples):
             logger.warning("skipping %s", problem)
     logger.info("%d training samples", len(dataset))
-    learning_rates = module_learning_rates(args, training_args.learning_rate)
     trainer = TimeViperTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
+        model=model, args=training_args, train_dataset=dataset, processing_class=processor,
         data_collator=TimeViperDataCollator.from_processor(processor, args.pad_to_multiple_of),
-        processing_class=processor,
         callbacks=[SaveRemoteCodeCallback(), *callbacks],
-        learning_rates=learning_rates,
-        card_notes=training_notes(args, training_args),
-        base_model_path=args.model,
+        learning_rates=module_learning_rates(args, training_args.learning_rate),
+        card_notes=training_notes(args, training_args), base_model_path=args.model,
     )
     if args.merge_lora_and_save and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ValueError(
             "--merge-lora-and-save merges unsharded weights in one process; with FSDP or DeepSpeed, train without it "
             "and merge the saved adapter afterwards (training/README.md, 'Merging LoRA adapters')"
         )
-    resume = resolve_resume(training_args)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
 
     trainer.save_model()
     trainer.create_model_card()
