@@ -1,13 +1,7 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """The TimeViper processor: prompts and chat templates, placeholder expansion and labels, on transformers'
 `ProcessorMixin` (which merges the kwargs, tokenises and pads). A Hub remote-code file; it re-exports the video and
-image processors of video_processing_timeviper. ``TimeViperProcessor.save_pretrained`` registers the processors for
-their Auto classes, so that every saved folder has their ``auto_map`` and these files.
-
-Data flow::
-
-    videos / images --TimeViperVideoProcessor / TimeViperImageProcessor--> pixel_values_videos / pixel_values
-    text with one "<video>" per video --TimeViperProcessor--> "<video>" * (T * tokens_per_frame) --> input_ids
+image processors of video_processing_timeviper.
 """
 
 import os
@@ -107,7 +101,6 @@ CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TE
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
 
 
-
 def get_chat_template(backbone: str) -> str:
     """Return the chat template of a language backbone: ``"nemotron_h"`` (Nemotron-Nano base) or ``"qwen2"``."""
     if backbone not in CHAT_TEMPLATES:
@@ -132,13 +125,8 @@ def mcq_prompt(question: str, options: list[str], add_letters: bool | None = Non
 
 
 def grounding_preamble(duration: float, num_frames: int) -> str:
-    """The reference's time sentence for grounding / dense-captioning prompts (`GROUNDING_PREAMBLE`).
-
-    ``duration`` is formatted exactly as given (``12.5`` -> ``"12.5"``, ``12`` -> ``"12"``), as the reference
-    formats the dataset's field.
-    """
+    """The reference's time sentence for grounding prompts; ``duration`` formatted as given (``12`` -> ``"12"``)."""
     return GROUNDING_PREAMBLE.format(duration, num_frames)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,14 +141,10 @@ def build_labels(
     ignore_ids=(),
     ignore_index: int = IGNORE_INDEX,
 ):
-    """Labels that supervise only assistant turns (the reference's ``_create_labels``).
-
-    The sequence is a chat-template render: a system turn, then alternating user and assistant turns, each closed by
-    `separator_id` (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator positions ``s_0, s_1,
-    ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` (the assistant turns, header included) are supervised; all
-    else is ``ignore_index``, as are padding (``attention_mask == 0``) and the tokens in ``ignore_ids``. An
-    unfinished assistant turn (a generation prompt) is not supervised. `input_ids` is one sequence or a batch, as
-    lists or a tensor; the labels have its type and shape.
+    """Labels that supervise only assistant turns (the reference's ``_create_labels``) of a chat-template render: a
+    system turn, then user and assistant turns, each closed by `separator_id`. With separator positions ``s_0, s_1,
+    ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` are supervised; all else is ``ignore_index``, as are padding
+    and ``ignore_ids``. `input_ids`: one sequence or a batch, lists or a tensor; the labels have its type and shape.
     """
     rows, single = _as_rows(input_ids)
     masks = [None] * len(rows) if attention_mask is None else _as_rows(attention_mask)[0]
@@ -201,16 +185,9 @@ class TimeViperProcessor(ProcessorMixin):
     r"""TimeViper processor: tokenizer + `TimeViperVideoProcessor` + `TimeViperImageProcessor` + chat template.
 
     Each ``<video>`` in the text is expanded to ``num_frames * tokens_per_frame`` copies, each ``<image>`` to
-    ``tokens_per_frame``: one per vision embedding the model puts in their place.
-
-    Args:
-        image_processor: Defaults to a `TimeViperImageProcessor` with the video processor's size.
-        video_processor: Defaults to `TimeViperVideoProcessor()` (384x384, 1 fps, at most 256 frames).
-        tokenizer: Must know ``video_token`` and ``image_token`` as tokens.
-        chat_template: `NEMOTRON_H_CHAT_TEMPLATE` or `QWEN2_CHAT_TEMPLATE` (see `get_chat_template`).
-        tokens_per_frame: The model config's ``vision_tokens_per_frame`` (16 for TimeViper's ToMe projector).
-        video_token, image_token: Placeholder strings.
-        turn_separator: Token closing each turn, for labels; inferred from the chat template when None.
+    ``tokens_per_frame`` (the model config's ``vision_tokens_per_frame``): one per vision embedding. The image
+    processor defaults to the video processor's size; the tokenizer must know both placeholders as tokens;
+    ``turn_separator`` (the token closing each turn, for labels) is inferred from the chat template when None.
     """
 
     valid_processor_kwargs = TimeViperProcessorKwargs
@@ -265,19 +242,12 @@ class TimeViperProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # Every saved processor names its Auto classes and carries its files (transformers writes both only for
         # registered classes), as every saved TimeViper model does.
-        type(self).register_for_auto_class()
+        for cls in (type(self), TimeViperVideoProcessor, TimeViperImageProcessor):
+            cls.register_for_auto_class()
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
-    @classmethod
-    def register_for_auto_class(cls, auto_class="AutoProcessor"):
-        """Register for `AutoProcessor`, and the image/video processors for their auto classes (save_pretrained)."""
-        super().register_for_auto_class(auto_class)
-        TimeViperVideoProcessor.register_for_auto_class()
-        TimeViperImageProcessor.register_for_auto_class()
-
     def check_model_config(self, config) -> None:
-        """Raise unless this processor expands each frame into as many placeholders as the model embeds per frame
-        (``config.vision_tokens_per_frame``, which owns the number; converted and trained folders save it here)."""
+        """Raise unless this processor expands each frame into ``config.vision_tokens_per_frame`` placeholders."""
         if self.tokens_per_frame != config.vision_tokens_per_frame:
             raise ValueError(
                 f"The processor expands each frame into {self.tokens_per_frame} placeholder tokens, but the model "
@@ -333,17 +303,13 @@ class TimeViperProcessor(ProcessorMixin):
     # -- main entry --------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
-        r"""Process text with ``<video>``/``<image>`` placeholders together with the videos and images they stand for
-        (one per placeholder, in order across the batch; nested per-sample lists of videos are flattened).
+        r"""Process text with ``<video>``/``<image>`` placeholders and the videos and images they stand for (one per
+        placeholder, in order across the batch; nested per-sample lists of videos are flattened).
 
-        `kwargs`: the video processor's (``fps``, ``num_frames``, ..., ``video_metadata``), the image processor's and
-        the tokenizer's (``padding``, ``padding_side``, ``return_tensors``, ...; ``add_special_tokens`` defaults to
-        False, as the reference), flat or grouped as ``text_kwargs``/``videos_kwargs``/``images_kwargs``; any other
-        keyword is an error. ``return_labels=True`` adds ``labels`` (`build_labels`); ``return_metadata=True`` adds
-        ``video_metadata`` and ``video_num_frames``.
-
-        Returns a `BatchFeature` with ``input_ids`` and ``attention_mask`` (for text), ``pixel_values_videos``
-        (total frames, 3, H, W) and ``pixel_values`` (images, 3, H, W) for the media given, and what was requested.
+        `kwargs`: the video processor's, the image processor's and the tokenizer's (``add_special_tokens`` defaults
+        to False, as the reference), flat or grouped as ``text_kwargs``/``videos_kwargs``/``images_kwargs``; any
+        other keyword is an error. ``return_labels=True`` adds ``labels`` (`build_labels`); ``return_metadata=True``
+        adds ``video_metadata`` and ``video_num_frames``.
         """
         if text is None and isinstance(images, str) and "://" not in images and not os.path.isfile(images):
             images, text = None, images  # processor("some text"): a positional string is text, not an image
@@ -401,13 +367,8 @@ class TimeViperProcessor(ProcessorMixin):
         return labels
 
     def build_labels(self, input_ids, attention_mask=None):
-        """Labels supervising only the assistant turns of chat-template renders (see module-level `build_labels`).
-
-        Uses this processor's ``turn_separator`` and ignores the ``<video>``/``<image>`` placeholders. Also checks
-        that every supervised span starts with the assistant header (``<SPECIAL_11>Assistant\\n`` or
-        ``\\n<|im_start|>assistant\\n``) and raises ``ValueError`` otherwise (e.g. text rendered without the system
-        turn). Accepts one sequence or a batch, as lists or tensors.
-        """
+        """Module-level `build_labels` with this processor's ``turn_separator``, ignoring the placeholders; raises
+        ``ValueError`` unless every supervised span starts with the assistant header (e.g. without a system turn)."""
         if self.turn_separator is None:
             raise ValueError(
                 "Labels need the turn separator; build the processor with a TimeViper chat template or pass "
@@ -447,10 +408,8 @@ class TimeViperProcessor(ProcessorMixin):
         """Render conversations with the chat template and, with ``tokenize=True``, process them.
 
         Content items: ``{"type": "text", "text": ...}``, ``{"type": "video", "video"|"path"|"url": ..., <sampling
-        overrides>}``, ``{"type": "image", "image"|"path"|"url": ...}``. The base class only renders: videos are
-        decoded by this package's decoder, not transformers' loaders. Processor kwargs go in ``processor_kwargs`` or
-        directly (``fps=2``, ``padding=True``, ...); other keyword arguments go to the template. Returns the text
-        (``tokenize=False``), ``input_ids``, or the whole `BatchFeature` (``return_dict=True``).
+        options>}``, ``{"type": "image", "image"|"path"|"url": ...}``; videos are decoded by this package, not by
+        transformers' loaders. Processor kwargs go in ``processor_kwargs`` or directly; others go to the template.
         """
         if template_kwargs.get("return_assistant_tokens_mask"):
             raise ValueError("Use `return_labels=True` for assistant-only labels with TimeViper templates.")
@@ -518,13 +477,9 @@ def _conversation_media(conversations) -> tuple[list, list]:
 
 def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefetch_chunks: int = 2,
                           add_generation_prompt: bool = True, **options):
-    """`processor.apply_chat_template(..., tokenize=True)` for long videos: the prompt's ``input_ids`` and
-    ``attention_mask`` (``return_tensors="pt"``), with the videos opened as `VideoStream`s instead of decoded.
-
-    Feed each stream to `model.encode_video` and the features to ``generate(video_features=...)``. `options`: the
-    sampling options (``fps``, ``max_frames``, ...) and the tokenizer options (``padding``, ``padding_side``) of the
-    processor; a conversation's video item may override the sampling as usual. Returns ``(inputs, streams)``, the
-    streams in the order of the videos in the batch.
+    """`processor.apply_chat_template(..., tokenize=True)` for long videos: ``(inputs, streams)``, the prompts'
+    ``input_ids`` and ``attention_mask`` as tensors and the videos opened as `VideoStream`s (in batch order) for
+    `model.encode_video`. `options`: sampling and tokenizer options (a video item may override the sampling).
     """
     sampling = {key: options.pop(key) for key in list(options) if key in SAMPLING_KEYS}
     text_kwargs = {key: options.pop(key) for key in list(options) if key in TextKwargs.__annotations__}
