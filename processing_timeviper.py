@@ -210,9 +210,7 @@ class TimeViperProcessor(ProcessorMixin):
             image_processor = TimeViperImageProcessor(size={"height": size["height"], "width": size["width"]})
         if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
             raise ValueError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}.")
-        self.tokens_per_frame = tokens_per_frame
-        self.video_token = video_token
-        self.image_token = image_token
+        self.tokens_per_frame, self.video_token, self.image_token = tokens_per_frame, video_token, image_token
         if turn_separator is None and isinstance(chat_template, str):
             turn_separator = next((sep for sep in _ASSISTANT_HEADERS if sep in chat_template), None)
         self.turn_separator = turn_separator

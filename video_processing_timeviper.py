@@ -114,13 +114,11 @@ def reference_eval_indices(
         raise ValueError(f"reference_eval sampling needs the video's frame rate, got video_fps={video_fps}.")
     if fps is None or fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}.")
-    delta = video_fps / fps
-    indices = torch.arange(0, total_frames, delta, dtype=torch.float32).round().to(torch.int64).tolist()
+    indices = torch.arange(0, total_frames, video_fps / fps, dtype=torch.float32).round().to(torch.int64).tolist()
     indices = [i for i in indices if i < total_frames]
     if max_frames is not None and 0 < max_frames < len(indices):
         indices = indices[:max_frames]
-    if len(indices) % 4 != 0:
-        indices = indices + [indices[-1]] * (4 - len(indices) % 4)
+    indices += [indices[-1]] * (-len(indices) % 4)  # pad to a multiple of 4
     if min_frames is not None and len(indices) < min_frames:
         indices = uniform_indices(min_frames, total_frames)
     return indices
@@ -253,10 +251,7 @@ def _times_window(total_frames, frame_times, video_duration, video_fps, start, e
         raise ValueError(f"`frame_times` must hold one time per frame ({total_frames}), got {times.shape}.")
     if np.any(np.diff(times) < 0):
         raise ValueError("`frame_times` must be in presentation order (ascending).")
-    if total_frames > 1:
-        mean_gap = (times[-1] - times[0]) / (total_frames - 1)
-    else:
-        mean_gap = 1.0 / video_fps if video_fps else 1.0
+    mean_gap = (times[-1] - times[0]) / (total_frames - 1) if total_frames > 1 else 1.0 / (video_fps or 1.0)
     duration = float(times[-1] + mean_gap)
     if video_duration is not None and video_duration > times[-1]:
         duration = float(video_duration)
@@ -488,13 +483,8 @@ def _stream_metadata(stream) -> TimeViperVideoMetadata:
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     if width and sar and sar > 0 and sar != 1:  # non-square pixels: scale the width to the display aspect ratio
         width = max(1, int(round(width * float(sar))))
-    return TimeViperVideoMetadata(
-        total_num_frames=int(stream.frames or 0),
-        fps=float(rate) if rate else None,
-        width=width,
-        height=height,
-        video_backend="pyav",
-    )
+    return TimeViperVideoMetadata(total_num_frames=int(stream.frames or 0), fps=float(rate) if rate else None,
+                                  width=width, height=height, video_backend="pyav")
 
 
 def _demux(container, name: str, counts: dict):
@@ -927,10 +917,8 @@ def _flatten_videos(videos) -> list:
             return [videos]
         if videos.ndim == 5:
             return list(videos)
-        raise ValueError(
-            "A video array must be (T, H, W, C) or (T, C, H, W) (or 5-D for a batch), got shape "
-            f"{tuple(videos.shape)}."
-        )
+        raise ValueError(f"A video array must be (T, H, W, C) or (T, C, H, W) (or 5-D for a batch), got shape "
+                         f"{tuple(videos.shape)}.")
     if isinstance(videos, (list, tuple)):
         if len(videos) == 0:
             raise ValueError("Got an empty list of frames/videos.")
@@ -1212,14 +1200,10 @@ class VideoStream:
 
     def resize(self, frames: np.ndarray) -> torch.Tensor:
         """Decoded RGB frames -> uint8 (frames, 3, height, width) by the processor's resize, in `resize_threads`."""
-        processor = self.video_processor
+        options = _transform_options(self.video_processor, {"do_rescale": False, "do_normalize": False})
 
         def resize_group(group):
-            pixels = transform_frames(
-                group, size=processor.size, resample=processor.resample, do_resize=processor.do_resize,
-                do_rescale=False, do_normalize=False,
-            )
-            return pixels.to(torch.uint8)  # (whole numbers in [0, 255]: exact)
+            return transform_frames(group, **options).to(torch.uint8)  # whole numbers in [0, 255]: exact
 
         groups = [group for group in np.array_split(frames, self.resize_threads) if len(group)]
         if len(groups) == 1:
@@ -1276,11 +1260,9 @@ class VideoStream:
     def pixel_chunks(self, device=None, dtype=None):
         """Normalised pixels, chunk by chunk, on `device` in `dtype`: uint8 crosses to the device (a quarter of
         the float32 bytes) and is normalised there."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = torch.device("cpu" if device is None else device)
         for chunk in self:
             if device.type == "cuda":
-                chunk = chunk.pin_memory().to(device, non_blocking=True)
-            else:
-                chunk = chunk.to(device)
-            pixels = self.normalize(chunk)
+                chunk = chunk.pin_memory()
+            pixels = self.normalize(chunk.to(device, non_blocking=device.type == "cuda"))
             yield pixels if dtype is None else pixels.to(dtype)
