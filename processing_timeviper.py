@@ -18,7 +18,7 @@ from transformers.video_processing_utils import BaseVideoProcessor
 from .video_processing_timeviper import (  # noqa: F401  re-exported: one import path for the processing API
     SAMPLING_KEYS, TimeViperImageProcessor, TimeViperVideoMetadata, TimeViperVideoProcessor,
     TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, reference_eval_indices,
-    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices,
+    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices, _source_and_options,
 )
 
 
@@ -461,8 +461,7 @@ def _conversation_media(conversations) -> tuple[list, list]:
                 if not isinstance(item, dict):
                     continue
                 if item.get("type") == "video":
-                    if not any(item.get(key) is not None for key in ("video", "path", "url")):
-                        raise ValueError("A video item needs a 'video', 'path' or 'url' entry to be tokenized.")
+                    _source_and_options(item)  # a video item without its source: an error before any decoding
                     videos.append(item)
                 elif item.get("type") == "image":
                     keys = ("image", "path", "url", "base64")

@@ -172,10 +172,10 @@ def sample_frame_indices(
     return indices
 
 
-def _check_sampling_keys(options: dict, caller: str) -> None:
-    unknown = set(options) - set(SAMPLING_KEYS)
+def _check_known(given, valid, what: str) -> None:
+    unknown = set(given) - set(valid)
     if unknown:
-        raise TypeError(f"Unexpected sampling options {sorted(unknown)} for {caller}; valid: {list(SAMPLING_KEYS)}.")
+        raise TypeError(f"Unexpected {what} {sorted(unknown)}; valid: {sorted(valid)}.")
 
 
 def _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling) -> None:
@@ -960,11 +960,16 @@ def _flatten_images(images) -> list:
 
 _TRANSFORM_KEYS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                    "image_std")
-_SOURCE_KEYS = ("video", "path", "url")  # where a video dict (a conversation's video item) holds its source
 
 
-def _video_source(item: dict):
-    return next((item[key] for key in _SOURCE_KEYS if item.get(key) is not None), None)
+def _source_and_options(video) -> tuple:
+    """``(source, sampling dict)`` of a video: a conversation's video item holds both; other inputs have no dict."""
+    if not isinstance(video, dict):
+        return video, {}
+    source = next((video[key] for key in ("video", "path", "url") if video.get(key) is not None), None)
+    if source is None:
+        raise ValueError(f"A video dict needs a 'video', 'path' or 'url' entry, got keys {sorted(video)}.")
+    return source, video
 
 
 def _option(processor, kwargs: dict, key: str):
@@ -974,13 +979,6 @@ def _option(processor, kwargs: dict, key: str):
 
 def _transform_options(processor, kwargs: dict) -> dict:
     return {key: _option(processor, kwargs, key) for key in _TRANSFORM_KEYS}
-
-
-def _check_kwargs(processor, kwargs: dict) -> None:
-    unknown = set(kwargs) - set(processor.valid_kwargs.__annotations__)
-    if unknown:
-        raise TypeError(f"Unexpected {type(processor).__name__} kwargs {sorted(unknown)}; valid: "
-                        f"{sorted(processor.valid_kwargs.__annotations__)}.")
 
 
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
@@ -1044,12 +1042,12 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
 
     def sample_frames(self, metadata, **options) -> list[int]:
         """`BaseVideoProcessor` hook: a video's frame indices for its `metadata`, `options` over the attributes."""
-        _check_sampling_keys(options, "sample_frames")
+        _check_known(options, SAMPLING_KEYS, "sampling options for sample_frames")
         return _metadata_indices(metadata, self.sampling_options(options))
 
     def preprocess(self, videos, **kwargs) -> BatchFeature:
         """Decode/sample each video, then resize, rescale and normalise its frames (see the class docstring)."""
-        _check_kwargs(self, kwargs)
+        _check_known(kwargs, self.valid_kwargs.__annotations__, f"{type(self).__name__} kwargs")
         transform = _transform_options(self, kwargs)
         do_sample_frames = bool(_option(self, kwargs, "do_sample_frames"))
         progress = bool(_option(self, kwargs, "progress"))
@@ -1078,11 +1076,7 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
 
     def _load_video(self, video, call_sampling: dict, hint, do_sample_frames: bool, progress: bool):
         """One video's sampled frames and metadata; a video dict's sampling keys override the call's."""
-        item = {}
-        if isinstance(video, dict):
-            item, video = video, _video_source(video)
-            if video is None:
-                raise ValueError(f"A video dict needs a 'video', 'path' or 'url' entry, got keys {sorted(item)}.")
+        video, item = _source_and_options(video)
         given = merge_sampling(call_sampling, item)
         options = self.sampling_options(given)
         if _is_file(video):
@@ -1138,7 +1132,7 @@ class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
         return images
 
     def preprocess(self, images, **kwargs) -> BatchFeature:
-        _check_kwargs(self, kwargs)
+        _check_known(kwargs, self.valid_kwargs.__annotations__, f"{type(self).__name__} kwargs")
         flat = _flatten_images(images)
         if not flat:
             raise ValueError("Got an empty list of images.")
@@ -1164,13 +1158,12 @@ class VideoStream:
 
     def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
                  resize_threads: int = 4, **sampling):
-        _check_sampling_keys(sampling, "VideoStream")
+        _check_known(sampling, SAMPLING_KEYS, "sampling options for VideoStream")
         if chunk_frames < 1 or prefetch_chunks < 1:
             raise ValueError(
                 f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
             )
-        item = video if isinstance(video, dict) else {}
-        source = _video_source(item) if item else video
+        source, item = _source_and_options(video)
         if not isinstance(source, (str, os.PathLike, bytes)):
             raise TypeError(
                 f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
