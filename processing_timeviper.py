@@ -22,15 +22,6 @@ from .video_processing_timeviper import (  # noqa: F401  re-exported: one import
 )
 
 
-__all__ = [
-    "CHAT_TEMPLATES", "GROUNDING_PREAMBLE", "MCQ_ANSWER_PROMPT", "MCQ_INSTRUCTION", "NEMOTRON_H_CHAT_TEMPLATE",
-    "QWEN2_CHAT_TEMPLATE", "TimeViperImageProcessor", "TimeViperProcessor", "TimeViperVideoMetadata",
-    "TimeViperVideoProcessor", "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "build_labels",
-    "decode_video_pyav", "get_chat_template", "grounding_preamble", "mcq_prompt",
-    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "streaming_chat_inputs",
-    "transform_frames", "uniform_indices",
-]
-
 IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,12 +48,6 @@ except ImportError:  # PyAV is only needed to decode video files; decoded frames
     av = None
 
 
-__all__ = [
-    "SAMPLING_KEYS", "TimeViperImageProcessor", "TimeViperVideoMetadata", "TimeViperVideoProcessor",
-    "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "decode_video_pyav", "merge_sampling",
-    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "transform_frames", "uniform_indices",
-]
-
 # ----------------------------------------------------------------------------------------------------------------
 # Frame sampling (pure functions)
 # ----------------------------------------------------------------------------------------------------------------
