@@ -125,13 +125,7 @@ def grounding_preamble(duration: float, num_frames: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_labels(
-    input_ids,
-    separator_id: int,
-    attention_mask=None,
-    ignore_ids=(),
-    ignore_index: int = IGNORE_INDEX,
-):
+def build_labels(input_ids, separator_id: int, attention_mask=None, ignore_ids=(), ignore_index: int = IGNORE_INDEX):
     """Labels that supervise only assistant turns (the reference's ``_create_labels``) of a chat-template render: a
     system turn, then user and assistant turns, each closed by `separator_id`. With separator positions ``s_0, s_1,
     ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` are supervised; all else is ``ignore_index``, as are padding
@@ -183,17 +177,9 @@ class TimeViperProcessor(ProcessorMixin):
 
     valid_processor_kwargs = TimeViperProcessorKwargs
 
-    def __init__(
-        self,
-        image_processor=None,
-        video_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        tokens_per_frame: int = 16,
-        video_token: str = "<video>",
-        image_token: str = "<image>",
-        turn_separator: str | None = None,
-    ):
+    def __init__(self, image_processor=None, video_processor=None, tokenizer=None, chat_template=None,
+                 tokens_per_frame: int = 16, video_token: str = "<video>", image_token: str = "<image>",
+                 turn_separator: str | None = None):
         if video_processor is None:
             video_processor = TimeViperVideoProcessor()
         if image_processor is None:
@@ -221,11 +207,9 @@ class TimeViperProcessor(ProcessorMixin):
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
-            raise ValueError(
-                f"The tokenizer has no token {token!r}; add it with "
-                f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})` before building the "
-                "processor (and size the model's embeddings accordingly)."
-            )
+            raise ValueError(f"The tokenizer has no token {token!r}; add it with `tokenizer.add_special_tokens("
+                             f"{{'additional_special_tokens': [{token!r}]}})` before building the processor (and size "
+                             "the model's embeddings accordingly).")
         return token_id
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -238,11 +222,10 @@ class TimeViperProcessor(ProcessorMixin):
     def check_model_config(self, config) -> None:
         """Raise unless this processor expands each frame into ``config.vision_tokens_per_frame`` placeholders."""
         if self.tokens_per_frame != config.vision_tokens_per_frame:
-            raise ValueError(
-                f"The processor expands each frame into {self.tokens_per_frame} placeholder tokens, but the model "
-                f"embeds {config.vision_tokens_per_frame} per frame ({config.projector_type} projector): the "
-                "processor belongs to another model. Save it with tokens_per_frame=config.vision_tokens_per_frame."
-            )
+            raise ValueError(f"The processor expands each frame into {self.tokens_per_frame} placeholder tokens, but "
+                             f"the model embeds {config.vision_tokens_per_frame} per frame ({config.projector_type} "
+                             "projector): the processor belongs to another model. Save it with "
+                             "tokens_per_frame=config.vision_tokens_per_frame.")
 
     @property
     def model_input_names(self) -> list[str]:
@@ -264,10 +247,9 @@ class TimeViperProcessor(ProcessorMixin):
                                    ("image", self.image_token, len(images_replacements))):
             found = sum(sample.count(token) for sample in text)
             if found != given:
-                raise ValueError(
-                    f"The text has {found} {token} placeholder(s) but {given} {kind}(s) were given; put exactly one "
-                    f"{token} in the text per {kind} (they are matched in order across the batch)."
-                )
+                raise ValueError(f"The text has {found} {token} placeholder(s) but {given} {kind}(s) were given; put "
+                                 f"exactly one {token} in the text per {kind} (they are matched in order across the "
+                                 "batch).")
         return super().get_text_with_replacements(text, list(images_replacements), list(videos_replacements),
                                                   list(audio_replacements))
 
@@ -304,10 +286,8 @@ class TimeViperProcessor(ProcessorMixin):
             images, text = None, images  # processor("some text"): a positional string is text, not an image
         unknown = set(kwargs) - self._call_kwargs()
         if unknown:  # transformers' kwargs merging would only log and drop them
-            raise TypeError(
-                f"Unexpected keyword argument(s) {sorted(unknown)} for {type(self).__name__}.__call__; see its "
-                "docstring for the video, image and tokenizer kwargs."
-            )
+            raise TypeError(f"Unexpected keyword argument(s) {sorted(unknown)} for {type(self).__name__}.__call__; "
+                            "see its docstring for the video, image and tokenizer kwargs.")
         return_labels = kwargs.pop("return_labels", False)
         if return_labels and text is None:
             raise ValueError("`return_labels=True` needs `text`.")
@@ -348,21 +328,17 @@ class TimeViperProcessor(ProcessorMixin):
         labels = self.build_labels(input_ids, attention_mask)
         for i, row_labels in enumerate(_as_rows(labels)[0]):
             if all(label == IGNORE_INDEX for label in row_labels):
-                raise ValueError(
-                    f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the assistant "
-                    "answer to the conversation, render without add_generation_prompt, and check that truncation did "
-                    "not cut it."
-                )
+                raise ValueError(f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the "
+                                 "assistant answer to the conversation, render without add_generation_prompt, and "
+                                 "check that truncation did not cut it.")
         return labels
 
     def build_labels(self, input_ids, attention_mask=None):
         """Module-level `build_labels` with this processor's ``turn_separator``, ignoring the placeholders; raises
         ``ValueError`` unless every supervised span starts with the assistant header (e.g. without a system turn)."""
         if self.turn_separator is None:
-            raise ValueError(
-                "Labels need the turn separator; build the processor with a TimeViper chat template or pass "
-                "`turn_separator` ('<SPECIAL_12>' for Nemotron-H, '<|im_end|>' for Qwen2)."
-            )
+            raise ValueError("Labels need the turn separator; build the processor with a TimeViper chat template or "
+                             "pass `turn_separator` ('<SPECIAL_12>' for Nemotron-H, '<|im_end|>' for Qwen2).")
         placeholders = (self.video_token_id, self.image_token_id)
         labels = build_labels(input_ids, self._token_id(self.turn_separator), attention_mask, ignore_ids=placeholders)
         header = _ASSISTANT_HEADERS.get(self.turn_separator)
@@ -372,28 +348,17 @@ class TimeViperProcessor(ProcessorMixin):
             for span in _supervised_spans(row_ids, row_labels, placeholders):
                 span_text = self.tokenizer.decode(span, skip_special_tokens=False)
                 if not span_text.startswith(header):
-                    raise ValueError(
-                        f"A supervised span starts with {span_text[:40]!r} instead of the assistant header "
-                        f"{header!r}: labels expect the chat-template layout (system turn, then alternating "
-                        "user/assistant turns)."
-                    )
+                    raise ValueError(f"A supervised span starts with {span_text[:40]!r} instead of the assistant "
+                                     f"header {header!r}: labels expect the chat-template layout (system turn, then "
+                                     "alternating user/assistant turns).")
         return labels
 
     # -- chat template ----------------------------------------------------------------------------------------------
 
-    def apply_chat_template(
-        self,
-        conversation,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        tokenize: bool = False,
-        return_dict: bool = False,
-        return_tensors=None,
-        processor_kwargs: dict | None = None,
-        return_labels: bool = False,
-        **template_kwargs,
-    ):
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = False, return_dict: bool = False,
+                            return_tensors=None, processor_kwargs: dict | None = None, return_labels: bool = False,
+                            **template_kwargs):
         """Render conversations with the chat template and, with ``tokenize=True``, process them.
 
         Content items: ``{"type": "text", "text": ...}``, ``{"type": "video", "video"|"path"|"url": ..., <sampling

@@ -77,10 +77,8 @@ def _check_rule(fps, num_frames) -> None:
     if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
         raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
     if fps is not None and num_frames is not None:
-        raise ValueError(
-            f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample at a rate "
-            "or `num_frames` for a fixed number of uniformly spaced frames, not both."
-        )
+        raise ValueError(f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample "
+                         "at a rate or `num_frames` for a fixed number of uniformly spaced frames, not both.")
 
 
 def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
@@ -96,9 +94,8 @@ def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
     return ((splits[:-1] + splits[1:]) // 2).tolist()
 
 
-def reference_eval_indices(
-    total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32
-) -> list[int]:
+def reference_eval_indices(total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256,
+                           min_frames: int = 32) -> list[int]:
     """The reference's evaluation rule (its ``fps_indices``), exactly: ``round(arange(0, total, video_fps / fps))``
     (float32, round half to even) below ``total``; the first ``max_frames`` kept (truncation); padded to a multiple
     of 4 by repeating the last index; ``uniform_indices(min_frames, total)`` when fewer than ``min_frames`` remain."""
@@ -119,18 +116,9 @@ def reference_eval_indices(
 
 
 def sample_frame_indices(
-    total_frames: int,
-    video_fps: float | None = None,
-    *,
-    fps: float | None = None,
-    num_frames: int | None = None,
-    max_frames: int | None = None,
-    min_frames: int | None = None,
-    start: float | None = None,
-    end: float | None = None,
-    sampling: str | None = None,
-    frame_times=None,
-    video_duration: float | None = None,
+    total_frames: int, video_fps: float | None = None, *, fps: float | None = None, num_frames: int | None = None,
+    max_frames: int | None = None, min_frames: int | None = None, start: float | None = None, end: float | None = None,
+    sampling: str | None = None, frame_times=None, video_duration: float | None = None,
 ) -> list[int]:
     """The frame indices to decode for one video, by the rules of the module docstring.
 
@@ -147,10 +135,8 @@ def sample_frame_indices(
         if num_frames is not None:
             raise ValueError("sampling='reference_eval' samples at `fps`; it does not take `num_frames`.")
         if start is not None or end is not None:
-            raise ValueError(
-                "sampling='reference_eval' reproduces the reference, which always samples the whole video; "
-                "it does not take `start`/`end`. Use the default sampling for a window."
-            )
+            raise ValueError("sampling='reference_eval' reproduces the reference, which always samples the whole "
+                             "video; it does not take `start`/`end`. Use the default sampling for a window.")
         return reference_eval_indices(total_frames, video_fps, fps or 1.0, max_frames or 256, min_frames or 32)
     if frame_times is not None:
         first, stop, at_rate = _times_window(total_frames, frame_times, video_duration, video_fps, start, end)
@@ -214,10 +200,8 @@ def _window_seconds(start, end, duration: float) -> tuple[float, float]:
 def _rate_window(total_frames, video_fps, fps, start, end):
     """For a constant frame rate: the window ``[first, stop)`` of frame indices, and ``fps -> indices``."""
     if (start is not None or end is not None or fps is not None) and not (video_fps is not None and video_fps > 0):
-        raise ValueError(
-            "Sampling with `fps` or `start`/`end` needs the video's frame rate; for decoded frames pass "
-            "`video_metadata={'fps': ...}`, or use `num_frames`."
-        )
+        raise ValueError("Sampling with `fps` or `start`/`end` needs the video's frame rate; for decoded frames pass "
+                         "`video_metadata={'fps': ...}`, or use `num_frames`.")
     first, stop = 0, total_frames
     if start is not None or end is not None:
         start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
@@ -268,10 +252,8 @@ def _metadata_indices(metadata, options: dict) -> list[int]:
     """`sample_frame_indices` for a video's metadata (a `VideoMetadata` or a dict)."""
     get = metadata.get if isinstance(metadata, dict) else lambda key: getattr(metadata, key, None)
     frame_times = get("frame_times")
-    return sample_frame_indices(
-        get("total_num_frames"), get("fps"), frame_times=frame_times,
-        video_duration=get("duration") if frame_times is not None else None, **options,
-    )
+    return sample_frame_indices(get("total_num_frames"), get("fps"), frame_times=frame_times,
+                                video_duration=get("duration") if frame_times is not None else None, **options)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding with PyAV. Demuxing: container and stream checks, the frame index and metadata from one demux pass.
@@ -699,10 +681,9 @@ def _substitutes(missing: list[int], produced: set[int], name: str, tolerant: bo
     """Each missing frame -> the nearest frame that was produced (tolerant mode), else a `VideoDecodeError`."""
     shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
     if not tolerant or not produced:
-        raise VideoDecodeError(
-            f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames wanted): the file is "
-            "damaged or truncated there. Pass `tolerant=True` to use the nearest decodable frames instead."
-        )
+        raise VideoDecodeError(f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames "
+                               "wanted): the file is damaged or truncated there. Pass `tolerant=True` to use the "
+                               "nearest decodable frames instead.")
     ordered = sorted(produced)
     swap = {}
     for i in missing:
@@ -746,14 +727,8 @@ def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> 
     return missing
 
 
-def decode_video_pyav(
-    source,
-    indices: list[int] | None = None,
-    sample_indices_fn=None,
-    stats: dict | None = None,
-    progress: bool = False,
-    tolerant: bool = False,
-) -> tuple[np.ndarray, TimeViperVideoMetadata]:
+def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None,
+                      progress: bool = False, tolerant: bool = False) -> tuple[np.ndarray, TimeViperVideoMetadata]:
     """Decode frames ``indices`` (presentation order; any order, repeats allowed) of a path, bytes or binary file.
 
     One demux pass (no decoding) gives the frame count, rate (for a variable rate, ``metadata.frame_times``) and
@@ -827,10 +802,8 @@ def _to_pil(frame) -> PIL.Image.Image:
     else:
         array = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
         if array.dtype != np.uint8:
-            raise ValueError(
-                f"Frames must be uint8 in [0, 255], got dtype {array.dtype}; convert with "
-                "`(x * 255).round().clip(0, 255).astype(np.uint8)` if they are scaled to [0, 1]."
-            )
+            raise ValueError(f"Frames must be uint8 in [0, 255], got dtype {array.dtype}; convert with "
+                             "`(x * 255).round().clip(0, 255).astype(np.uint8)` if they are scaled to [0, 1].")
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3:
@@ -851,17 +824,9 @@ def _to_pil(frame) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def transform_frames(
-    frames,
-    size,
-    resample=PIL.Image.Resampling.BICUBIC,
-    do_resize: bool = True,
-    do_rescale: bool = True,
-    rescale_factor: float = 1 / 255,
-    do_normalize: bool = True,
-    image_mean=(0.5, 0.5, 0.5),
-    image_std=(0.5, 0.5, 0.5),
-) -> torch.Tensor:
+def transform_frames(frames, size, resample=PIL.Image.Resampling.BICUBIC, do_resize: bool = True,
+                     do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> torch.Tensor:
     """RGB -> squash resize to ``size`` with PIL -> rescale -> normalize: float32 ``(frames, 3, height, width)``, as
     the reference's ``Resize((384, 384), bicubic)`` on PIL images, ``ToTensor()``, ``Normalize(0.5, 0.5)``."""
     height, width = _size_hw(size)
@@ -926,10 +891,8 @@ def _flatten_videos(videos) -> list:
                 continue  # a sample without videos (e.g. from apply_chat_template)
             flat.extend(_flatten_videos(item))
         return flat
-    raise TypeError(
-        f"Unsupported video input {type(videos).__name__}: pass a path, bytes, a file object, a uint8 array/tensor "
-        "(T, H, W, 3) or (T, 3, H, W), a list of PIL images, or a list of those."
-    )
+    raise TypeError(f"Unsupported video input {type(videos).__name__}: pass a path, bytes, a file object, a uint8 "
+                    "array/tensor (T, H, W, 3) or (T, 3, H, W), a list of PIL images, or a list of those.")
 
 
 def _load_image(source) -> PIL.Image.Image:
@@ -1094,10 +1057,8 @@ def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sampl
     elif options["num_frames"] is not None or video_fps or options["sampling"] == "reference_eval":
         indices = sample_frame_indices(total, video_fps, **options)
     elif fps_given or options["start"] is not None or options["end"] is not None:
-        raise ValueError(
-            "Sampling decoded frames with `fps` or `start`/`end` needs their frame rate: pass "
-            "`video_metadata={'fps': ...}`, or use `num_frames`."
-        )
+        raise ValueError("Sampling decoded frames with `fps` or `start`/`end` needs their frame rate: pass "
+                         "`video_metadata={'fps': ...}`, or use `num_frames`.")
     else:
         indices = list(range(total))
     selected = [video[i] for i in indices]
@@ -1154,14 +1115,12 @@ class VideoStream:
                  resize_threads: int = 4, **sampling):
         _check_known(sampling, SAMPLING_KEYS, "sampling options for VideoStream")
         if chunk_frames < 1 or prefetch_chunks < 1:
-            raise ValueError(
-                f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
-            )
+            raise ValueError(f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and "
+                             f"{prefetch_chunks}.")
         source, item = _source_and_options(video)
         if not isinstance(source, (str, os.PathLike, bytes)):
-            raise TypeError(
-                f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
-            )
+            raise TypeError(f"VideoStream reads a path or bytes (it decodes the file once per chunk), got "
+                            f"{type(source).__name__}.")
         self.source, self.video_processor = source, video_processor
         self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
         self.resize_threads = max(1, resize_threads)
