@@ -18,7 +18,7 @@ from transformers.video_processing_utils import BaseVideoProcessor
 from .video_processing_timeviper import (  # noqa: F401  re-exported: one import path for the processing API
     SAMPLING_KEYS, TimeViperImageProcessor, TimeViperVideoMetadata, TimeViperVideoProcessor,
     TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, reference_eval_indices,
-    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices, _source_and_options,
+    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices, _check_known, _source_and_options,
 )
 
 
@@ -87,8 +87,7 @@ QWEN2_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TEMPLATE}
 
-# Token that closes every turn (as in the reference's label builder) -> the text that starts a supervised assistant
-# span.
+# Token that closes every turn (as in the reference's label builder) -> the text starting a supervised assistant span.
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
 
 
@@ -101,10 +100,8 @@ def get_chat_template(backbone: str) -> str:
 
 def mcq_prompt(question: str, options: list[str], add_letters: bool | None = None) -> str:
     """The reference multiple-choice question text: the question, the options and `MCQ_INSTRUCTION`, one per line.
-
-    Options get ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with ``None``, unless every option already
-    starts with its letter and a dot (VideoMME style). Start the answer with `MCQ_ANSWER_PROMPT`.
-    """
+    Options get ``"A. "``, ``"B. "``, ... if ``add_letters``, or if None unless every option already starts with its
+    letter and a dot (VideoMME style). Start the answer with `MCQ_ANSWER_PROMPT`."""
     if not options:
         raise ValueError("mcq_prompt needs at least one option.")
     letters = [chr(ord("A") + i) for i in range(len(options))]
@@ -311,9 +308,7 @@ class TimeViperProcessor(ProcessorMixin):
         """Tokenise rendered prompts whose videos are sampled but not decoded here (`VideoStream`): each ``<video>``
         is expanded by its entry of `video_num_frames` (in order across the batch). `text_kwargs`: tokenizer kwargs
         (``padding``, ``padding_side``, ``return_tensors``, ...)."""
-        unknown = set(text_kwargs) - set(TextKwargs.__annotations__)
-        if unknown:
-            raise TypeError(f"Unexpected tokenizer kwargs {sorted(unknown)} for encode_prompts.")
+        _check_known(text_kwargs, TextKwargs.__annotations__, "tokenizer kwargs for encode_prompts")
         video_inputs = {"video_num_frames": list(video_num_frames)}
         replacements = [self.replace_video_token(video_inputs, i) for i in range(len(video_num_frames))]
         texts = self.get_text_with_replacements(list(prompts), [], replacements)[0]
@@ -434,10 +429,9 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     ``input_ids`` and ``attention_mask`` as tensors and the videos opened as `VideoStream`s (in batch order) for
     `model.encode_video`. `options`: sampling and tokenizer options (a video item may override the sampling).
     """
-    sampling = {key: options.pop(key) for key in list(options) if key in SAMPLING_KEYS}
-    text_kwargs = {key: options.pop(key) for key in list(options) if key in TextKwargs.__annotations__}
-    if options:
-        raise TypeError(f"Unexpected keyword argument(s) {sorted(options)} for streaming_chat_inputs.")
+    _check_known(options, {*SAMPLING_KEYS, *TextKwargs.__annotations__}, "keyword arguments for streaming_chat_inputs")
+    sampling = {key: value for key, value in options.items() if key in SAMPLING_KEYS}
+    text_kwargs = {key: value for key, value in options.items() if key not in SAMPLING_KEYS}
     conversations = conversation if _is_batched(conversation) else [conversation]
     prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
     videos, images = _conversation_media(conversations)

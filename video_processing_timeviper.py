@@ -420,10 +420,7 @@ def _scan_frame_index(container, stream, counts: dict, name: str) -> tuple["_Fra
 
 def _constant_rate(seconds: np.ndarray, candidates: list[float]) -> float | None:
     """A rate from `candidates` on whose grid every frame time lies (within a quarter frame), if any."""
-    for rate in candidates:
-        if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25):
-            return rate
-    return None
+    return next((rate for rate in candidates if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25)), None)
 
 
 def _index_metadata(stream, index: _FrameIndex, metadata: TimeViperVideoMetadata) -> None:
@@ -1063,11 +1060,9 @@ def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sampl
         indices = list(range(total))
     selected = [video[i] for i in indices]
     first = _to_pil(selected[0])
-    metadata = VideoMetadata(
-        total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
-        duration=total / video_fps if video_fps else None, video_backend=None, frames_indices=indices,
-    )
-    return selected, metadata
+    return selected, VideoMetadata(total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
+                                   duration=total / video_fps if video_fps else None, video_backend=None,
+                                   frames_indices=indices)
 
 
 class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
