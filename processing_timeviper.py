@@ -24,9 +24,7 @@ from .video_processing_timeviper import (  # noqa: F401  re-exported: one import
 
 IGNORE_INDEX = -100
 
-# ----------------------------------------------------------------------------------------------------------------
 # Prompts (the reference implementation's templates and evaluation prompts)
-# ----------------------------------------------------------------------------------------------------------------
 
 MCQ_ANSWER_PROMPT = "Best Option: ("
 MCQ_INSTRUCTION = "Please provide your answer by stating the letter followed by the full option."
@@ -117,9 +115,7 @@ def grounding_preamble(duration: float, num_frames: int) -> str:
     return GROUNDING_PREAMBLE.format(duration, num_frames)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Labels
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def build_labels(input_ids, separator_id: int, attention_mask=None, ignore_ids=(), ignore_index: int = IGNORE_INDEX):
@@ -152,9 +148,7 @@ def _as_rows(values) -> tuple[list[list], bool]:
     return ([list(values)] if single else [list(row) for row in values]), single
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Processor
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TimeViperProcessorKwargs(ProcessingKwargs, total=False):

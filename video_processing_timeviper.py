@@ -48,9 +48,7 @@ except ImportError:  # PyAV is only needed to decode video files; decoded frames
     av = None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Frame sampling (pure functions)
-# ----------------------------------------------------------------------------------------------------------------
 
 SAMPLING_KEYS = ("fps", "num_frames", "max_frames", "min_frames", "start", "end", "sampling")
 _SAMPLING_MODES = ("auto", "reference_eval")
@@ -255,9 +253,7 @@ def _metadata_indices(metadata, options: dict) -> list[int]:
     return sample_frame_indices(get("total_num_frames"), get("fps"), frame_times=frame_times,
                                 video_duration=get("duration") if frame_times is not None else None, **options)
 
-# ----------------------------------------------------------------------------------------------------------------
 # Decoding with PyAV. Demuxing: container and stream checks, the frame index and metadata from one demux pass.
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoFileNotFoundError(FileNotFoundError, ValueError):
@@ -486,9 +482,7 @@ def _warn_if_cut(stream, count: int, counts: dict, name: str) -> None:
                       "using those.", stacklevel=4)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Decode policy: which groups of pictures to decode, seeking or reading on, and what stands in for a lost frame
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class _Pictures:
@@ -773,9 +767,7 @@ def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_f
     return frames, metadata
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Frame transform (shared by the image and video processors) and input normalisation
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -908,9 +900,7 @@ def _flatten_images(images) -> list:
     return [images]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Video and image processors
-# ----------------------------------------------------------------------------------------------------------------
 
 _TRANSFORM_KEYS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                    "image_std")
@@ -1090,9 +1080,7 @@ class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
         return BatchFeature(data={"pixel_values": transform_frames(loaded, **_transform_options(self, kwargs))})
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Streaming video input: long videos read chunk by chunk, with host memory bounded whatever their length
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoStream:
