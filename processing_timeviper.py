@@ -425,7 +425,7 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     """
     _check_known(options, {*SAMPLING_KEYS, *TextKwargs.__annotations__}, "keyword arguments for streaming_chat_inputs")
     sampling = {key: value for key, value in options.items() if key in SAMPLING_KEYS}
-    text_kwargs = {key: value for key, value in options.items() if key not in SAMPLING_KEYS}
+    text_kwargs = {key: value for key, value in options.items() if key not in SAMPLING_KEYS} | {"return_tensors": "pt"}
     conversations = conversation if _is_batched(conversation) else [conversation]
     prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
     videos, images = _conversation_media(conversations)
@@ -433,5 +433,4 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
         raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
     streams = [VideoStream(video, processor.video_processor, chunk_frames, prefetch_chunks, **sampling)
                for video in videos]
-    text_kwargs["return_tensors"] = "pt"
     return processor.encode_prompts(prompts, [stream.num_frames for stream in streams], **text_kwargs), streams

@@ -11,9 +11,6 @@ Frame sampling (`sample_frame_indices`, a pure function of the video's frame cou
 * ``sampling="reference_eval"``: the reference evaluation rule exactly (`reference_eval_indices`).
 * Variable frame rate (``metadata.frame_times``): ``fps``/``start``/``end`` work on the real timestamps; the
   sample at time ``t`` is the frame on screen at ``t``, so a frame can repeat where the video is slower than ``fps``.
-
-Options come from three levels, each over the one before: the video processor's attributes, the call's kwargs, and
-a video's own dict (`merge_sampling`).
 """
 
 import bisect
@@ -720,19 +717,15 @@ def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> 
 
 def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None,
                       progress: bool = False, tolerant: bool = False) -> tuple[np.ndarray, TimeViperVideoMetadata]:
-    """Decode frames ``indices`` (presentation order; any order, repeats allowed) of a path, bytes or binary file.
-
-    One demux pass (no decoding) gives the frame count, rate (for a variable rate, ``metadata.frame_times``) and
-    duration, then `sample_indices_fn(metadata)` gives the indices if `indices` is not; only the groups of pictures
-    holding wanted frames are decoded, numbered by timestamp (raw elementary streams: decoded in order from the
-    start). `stats` receives the packet and seek counts; `progress` shows a bar; `tolerant` replaces a frame that
-    cannot be decoded by the nearest decoded one, with a warning, instead of raising `VideoDecodeError` (for
-    training data, where one damaged second should not drop a sample).
+    """Decode frames ``indices`` (presentation order; any order, repeats allowed) of a path, bytes or binary file,
+    or those `sample_indices_fn(metadata)` picks once a demux pass has found the frame count, rate (for a variable
+    rate, ``metadata.frame_times``) and duration; only the groups of pictures holding wanted frames are decoded.
+    `stats` receives the packet and seek counts; `progress` shows a bar; `tolerant` replaces a frame that cannot be
+    decoded by the nearest decoded one, with a warning, instead of raising `VideoDecodeError` (for training data).
 
     Returns ``(frames, metadata)``: uint8 RGB ``(len(indices), height, width, 3)`` as displayed (sample aspect ratio
     and rotation applied), and `TimeViperVideoMetadata` with the returned frames' ``frames_indices`` and
-    ``frames_timestamps``. Raises `ValueError` (subclasses for a missing path, a directory, undecodable frames) for
-    an input that is unreadable, not a video or without frames, or an index out of range.
+    ``frames_timestamps``. Raises `ValueError` for an input that is unreadable, not a video or without frames.
     """
     if indices is None and sample_indices_fn is None:
         raise ValueError("Pass `indices` or `sample_indices_fn`.")
@@ -1011,11 +1004,9 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
         shapes = {tuple(p.shape[1:]) for p in pixel_values}
         if len(shapes) > 1:
             raise ValueError(f"Videos have different frame sizes {sorted(shapes)}; set do_resize=True.")
-        data = {
-            "pixel_values_videos": torch.cat(pixel_values),
-            "video_num_frames": torch.tensor([len(m.frames_indices) for m in metadata], dtype=torch.int64),
-            "video_metadata": metadata,
-        }
+        num_frames = torch.tensor([len(m.frames_indices) for m in metadata], dtype=torch.int64)
+        data = {"pixel_values_videos": torch.cat(pixel_values), "video_num_frames": num_frames,
+                "video_metadata": metadata}
         return BatchFeature(data=data, skip_tensor_conversion=["video_metadata"])
 
     def _load_video(self, video, call_sampling: dict, hint, do_sample_frames: bool, progress: bool):
@@ -1107,7 +1098,6 @@ class VideoStream:
         self.source, self.video_processor = source, video_processor
         self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
         self.resize_threads = max(1, resize_threads)
-        self.decode_seconds = 0.0  # time spent decoding and resizing (in the background thread after the first chunk)
         options = video_processor.sampling_options(sampling, item)
         sampled = []
 
@@ -1118,7 +1108,7 @@ class VideoStream:
         started = time.perf_counter()
         frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
         self.first_chunk = self.resize(frames)
-        self.decode_seconds += time.perf_counter() - started
+        self.decode_seconds = time.perf_counter() - started  # decoding and resizing (then in the background thread)
         self.indices = sampled
         # Only the first chunk has been decoded: its times would not cover the video, the frame rate does.
         self.metadata.frames_indices, self.metadata.frames_timestamps = sampled, None
