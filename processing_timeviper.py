@@ -1,13 +1,7 @@
 # Copyright 2026 The TimeViper authors. Licensed under the Apache License, Version 2.0.
 """The TimeViper processor: prompts and chat templates, placeholder expansion and labels, on transformers'
 `ProcessorMixin` (which merges the kwargs, tokenises and pads). A Hub remote-code file; it re-exports the video and
-image processors of video_processing_timeviper. ``TimeViperProcessor.save_pretrained`` registers the processors for
-their Auto classes, so that every saved folder has their ``auto_map`` and these files.
-
-Data flow::
-
-    videos / images --TimeViperVideoProcessor / TimeViperImageProcessor--> pixel_values_videos / pixel_values
-    text with one "<video>" per video --TimeViperProcessor--> "<video>" * (T * tokens_per_frame) --> input_ids
+image processors of video_processing_timeviper.
 """
 
 import os
@@ -24,24 +18,13 @@ from transformers.video_processing_utils import BaseVideoProcessor
 from .video_processing_timeviper import (  # noqa: F401  re-exported: one import path for the processing API
     SAMPLING_KEYS, TimeViperImageProcessor, TimeViperVideoMetadata, TimeViperVideoProcessor,
     TimeViperVideoProcessorKwargs, VideoDecodeError, VideoStream, decode_video_pyav, reference_eval_indices,
-    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices,
+    rescale_and_normalize, sample_frame_indices, transform_frames, uniform_indices, _check_known, _source_and_options,
 )
 
 
-__all__ = [
-    "CHAT_TEMPLATES", "GROUNDING_PREAMBLE", "MCQ_ANSWER_PROMPT", "MCQ_INSTRUCTION", "NEMOTRON_H_CHAT_TEMPLATE",
-    "QWEN2_CHAT_TEMPLATE", "TimeViperImageProcessor", "TimeViperProcessor", "TimeViperVideoMetadata",
-    "TimeViperVideoProcessor", "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "build_labels",
-    "decode_video_pyav", "get_chat_template", "grounding_preamble", "mcq_prompt",
-    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "streaming_chat_inputs",
-    "transform_frames", "uniform_indices",
-]
-
 IGNORE_INDEX = -100
 
-# ----------------------------------------------------------------------------------------------------------------
 # Prompts (the reference implementation's templates and evaluation prompts)
-# ----------------------------------------------------------------------------------------------------------------
 
 MCQ_ANSWER_PROMPT = "Best Option: ("
 MCQ_INSTRUCTION = "Please provide your answer by stating the letter followed by the full option."
@@ -102,10 +85,8 @@ QWEN2_CHAT_TEMPLATE = (
 
 CHAT_TEMPLATES = {"nemotron_h": NEMOTRON_H_CHAT_TEMPLATE, "qwen2": QWEN2_CHAT_TEMPLATE}
 
-# Token that closes every turn (as in the reference's label builder) -> the text that starts a supervised assistant
-# span.
+# Token that closes every turn (as in the reference's label builder) -> the text starting a supervised assistant span.
 _ASSISTANT_HEADERS = {"<SPECIAL_12>": "<SPECIAL_11>Assistant\n", "<|im_end|>": "\n<|im_start|>assistant\n"}
-
 
 
 def get_chat_template(backbone: str) -> str:
@@ -117,10 +98,8 @@ def get_chat_template(backbone: str) -> str:
 
 def mcq_prompt(question: str, options: list[str], add_letters: bool | None = None) -> str:
     """The reference multiple-choice question text: the question, the options and `MCQ_INSTRUCTION`, one per line.
-
-    Options get ``"A. "``, ``"B. "``, ... when ``add_letters`` is True; with ``None``, unless every option already
-    starts with its letter and a dot (VideoMME style). Start the answer with `MCQ_ANSWER_PROMPT`.
-    """
+    Options get ``"A. "``, ``"B. "``, ... if ``add_letters``, or if None unless every option already starts with its
+    letter and a dot (VideoMME style). Start the answer with `MCQ_ANSWER_PROMPT`."""
     if not options:
         raise ValueError("mcq_prompt needs at least one option.")
     letters = [chr(ord("A") + i) for i in range(len(options))]
@@ -132,35 +111,18 @@ def mcq_prompt(question: str, options: list[str], add_letters: bool | None = Non
 
 
 def grounding_preamble(duration: float, num_frames: int) -> str:
-    """The reference's time sentence for grounding / dense-captioning prompts (`GROUNDING_PREAMBLE`).
-
-    ``duration`` is formatted exactly as given (``12.5`` -> ``"12.5"``, ``12`` -> ``"12"``), as the reference
-    formats the dataset's field.
-    """
+    """The reference's time sentence for grounding prompts; ``duration`` formatted as given (``12`` -> ``"12"``)."""
     return GROUNDING_PREAMBLE.format(duration, num_frames)
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
 # Labels
-# ----------------------------------------------------------------------------------------------------------------
 
 
-def build_labels(
-    input_ids,
-    separator_id: int,
-    attention_mask=None,
-    ignore_ids=(),
-    ignore_index: int = IGNORE_INDEX,
-):
-    """Labels that supervise only assistant turns (the reference's ``_create_labels``).
-
-    The sequence is a chat-template render: a system turn, then alternating user and assistant turns, each closed by
-    `separator_id` (``<SPECIAL_12>`` for Nemotron-H, ``<|im_end|>`` for Qwen2). With separator positions ``s_0, s_1,
-    ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` (the assistant turns, header included) are supervised; all
-    else is ``ignore_index``, as are padding (``attention_mask == 0``) and the tokens in ``ignore_ids``. An
-    unfinished assistant turn (a generation prompt) is not supervised. `input_ids` is one sequence or a batch, as
-    lists or a tensor; the labels have its type and shape.
+def build_labels(input_ids, separator_id: int, attention_mask=None, ignore_ids=(), ignore_index: int = IGNORE_INDEX):
+    """Labels that supervise only assistant turns (the reference's ``_create_labels``) of a chat-template render: a
+    system turn, then user and assistant turns, each closed by `separator_id`. With separator positions ``s_0, s_1,
+    ...`` the tokens ``(s_i, s_{i+1}]`` for odd ``i`` are supervised; all else is ``ignore_index``, as are padding
+    and ``ignore_ids``. `input_ids`: one sequence or a batch, lists or a tensor; the labels have its type and shape.
     """
     rows, single = _as_rows(input_ids)
     masks = [None] * len(rows) if attention_mask is None else _as_rows(attention_mask)[0]
@@ -186,9 +148,7 @@ def _as_rows(values) -> tuple[list[list], bool]:
     return ([list(values)] if single else [list(row) for row in values]), single
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Processor
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class TimeViperProcessorKwargs(ProcessingKwargs, total=False):
@@ -201,31 +161,16 @@ class TimeViperProcessor(ProcessorMixin):
     r"""TimeViper processor: tokenizer + `TimeViperVideoProcessor` + `TimeViperImageProcessor` + chat template.
 
     Each ``<video>`` in the text is expanded to ``num_frames * tokens_per_frame`` copies, each ``<image>`` to
-    ``tokens_per_frame``: one per vision embedding the model puts in their place.
-
-    Args:
-        image_processor: Defaults to a `TimeViperImageProcessor` with the video processor's size.
-        video_processor: Defaults to `TimeViperVideoProcessor()` (384x384, 1 fps, at most 256 frames).
-        tokenizer: Must know ``video_token`` and ``image_token`` as tokens.
-        chat_template: `NEMOTRON_H_CHAT_TEMPLATE` or `QWEN2_CHAT_TEMPLATE` (see `get_chat_template`).
-        tokens_per_frame: The model config's ``vision_tokens_per_frame`` (16 for TimeViper's ToMe projector).
-        video_token, image_token: Placeholder strings.
-        turn_separator: Token closing each turn, for labels; inferred from the chat template when None.
+    ``tokens_per_frame`` (the model config's ``vision_tokens_per_frame``): one per vision embedding. The image
+    processor defaults to the video processor's size; the tokenizer must know both placeholders as tokens;
+    ``turn_separator`` (the token closing each turn, for labels) is inferred from the chat template when None.
     """
 
     valid_processor_kwargs = TimeViperProcessorKwargs
 
-    def __init__(
-        self,
-        image_processor=None,
-        video_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        tokens_per_frame: int = 16,
-        video_token: str = "<video>",
-        image_token: str = "<image>",
-        turn_separator: str | None = None,
-    ):
+    def __init__(self, image_processor=None, video_processor=None, tokenizer=None, chat_template=None,
+                 tokens_per_frame: int = 16, video_token: str = "<video>", image_token: str = "<image>",
+                 turn_separator: str | None = None):
         if video_processor is None:
             video_processor = TimeViperVideoProcessor()
         if image_processor is None:
@@ -233,9 +178,7 @@ class TimeViperProcessor(ProcessorMixin):
             image_processor = TimeViperImageProcessor(size={"height": size["height"], "width": size["width"]})
         if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
             raise ValueError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}.")
-        self.tokens_per_frame = tokens_per_frame
-        self.video_token = video_token
-        self.image_token = image_token
+        self.tokens_per_frame, self.video_token, self.image_token = tokens_per_frame, video_token, image_token
         if turn_separator is None and isinstance(chat_template, str):
             turn_separator = next((sep for sep in _ASSISTANT_HEADERS if sep in chat_template), None)
         self.turn_separator = turn_separator
@@ -255,35 +198,25 @@ class TimeViperProcessor(ProcessorMixin):
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
-            raise ValueError(
-                f"The tokenizer has no token {token!r}; add it with "
-                f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}})` before building the "
-                "processor (and size the model's embeddings accordingly)."
-            )
+            raise ValueError(f"The tokenizer has no token {token!r}; add it with `tokenizer.add_special_tokens("
+                             f"{{'additional_special_tokens': [{token!r}]}})` before building the processor (and size "
+                             "the model's embeddings accordingly).")
         return token_id
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         # Every saved processor names its Auto classes and carries its files (transformers writes both only for
         # registered classes), as every saved TimeViper model does.
-        type(self).register_for_auto_class()
+        for cls in (type(self), TimeViperVideoProcessor, TimeViperImageProcessor):
+            cls.register_for_auto_class()
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
-    @classmethod
-    def register_for_auto_class(cls, auto_class="AutoProcessor"):
-        """Register for `AutoProcessor`, and the image/video processors for their auto classes (save_pretrained)."""
-        super().register_for_auto_class(auto_class)
-        TimeViperVideoProcessor.register_for_auto_class()
-        TimeViperImageProcessor.register_for_auto_class()
-
     def check_model_config(self, config) -> None:
-        """Raise unless this processor expands each frame into as many placeholders as the model embeds per frame
-        (``config.vision_tokens_per_frame``, which owns the number; converted and trained folders save it here)."""
+        """Raise unless this processor expands each frame into ``config.vision_tokens_per_frame`` placeholders."""
         if self.tokens_per_frame != config.vision_tokens_per_frame:
-            raise ValueError(
-                f"The processor expands each frame into {self.tokens_per_frame} placeholder tokens, but the model "
-                f"embeds {config.vision_tokens_per_frame} per frame ({config.projector_type} projector): the "
-                "processor belongs to another model. Save it with tokens_per_frame=config.vision_tokens_per_frame."
-            )
+            raise ValueError(f"The processor expands each frame into {self.tokens_per_frame} placeholder tokens, but "
+                             f"the model embeds {config.vision_tokens_per_frame} per frame ({config.projector_type} "
+                             "projector): the processor belongs to another model. Save it with "
+                             "tokens_per_frame=config.vision_tokens_per_frame.")
 
     @property
     def model_input_names(self) -> list[str]:
@@ -305,10 +238,9 @@ class TimeViperProcessor(ProcessorMixin):
                                    ("image", self.image_token, len(images_replacements))):
             found = sum(sample.count(token) for sample in text)
             if found != given:
-                raise ValueError(
-                    f"The text has {found} {token} placeholder(s) but {given} {kind}(s) were given; put exactly one "
-                    f"{token} in the text per {kind} (they are matched in order across the batch)."
-                )
+                raise ValueError(f"The text has {found} {token} placeholder(s) but {given} {kind}(s) were given; put "
+                                 f"exactly one {token} in the text per {kind} (they are matched in order across the "
+                                 "batch).")
         return super().get_text_with_replacements(text, list(images_replacements), list(videos_replacements),
                                                   list(audio_replacements))
 
@@ -333,26 +265,20 @@ class TimeViperProcessor(ProcessorMixin):
     # -- main entry --------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs) -> BatchFeature:
-        r"""Process text with ``<video>``/``<image>`` placeholders together with the videos and images they stand for
-        (one per placeholder, in order across the batch; nested per-sample lists of videos are flattened).
+        r"""Process text with ``<video>``/``<image>`` placeholders and the videos and images they stand for (one per
+        placeholder, in order across the batch; nested per-sample lists of videos are flattened).
 
-        `kwargs`: the video processor's (``fps``, ``num_frames``, ..., ``video_metadata``), the image processor's and
-        the tokenizer's (``padding``, ``padding_side``, ``return_tensors``, ...; ``add_special_tokens`` defaults to
-        False, as the reference), flat or grouped as ``text_kwargs``/``videos_kwargs``/``images_kwargs``; any other
-        keyword is an error. ``return_labels=True`` adds ``labels`` (`build_labels`); ``return_metadata=True`` adds
-        ``video_metadata`` and ``video_num_frames``.
-
-        Returns a `BatchFeature` with ``input_ids`` and ``attention_mask`` (for text), ``pixel_values_videos``
-        (total frames, 3, H, W) and ``pixel_values`` (images, 3, H, W) for the media given, and what was requested.
+        `kwargs`: the video processor's, the image processor's and the tokenizer's (``add_special_tokens`` defaults
+        to False, as the reference), flat or grouped as ``text_kwargs``/``videos_kwargs``/``images_kwargs``; any
+        other keyword is an error. ``return_labels=True`` adds ``labels`` (`build_labels`); ``return_metadata=True``
+        adds ``video_metadata`` and ``video_num_frames``.
         """
         if text is None and isinstance(images, str) and "://" not in images and not os.path.isfile(images):
             images, text = None, images  # processor("some text"): a positional string is text, not an image
         unknown = set(kwargs) - self._call_kwargs()
         if unknown:  # transformers' kwargs merging would only log and drop them
-            raise TypeError(
-                f"Unexpected keyword argument(s) {sorted(unknown)} for {type(self).__name__}.__call__; see its "
-                "docstring for the video, image and tokenizer kwargs."
-            )
+            raise TypeError(f"Unexpected keyword argument(s) {sorted(unknown)} for {type(self).__name__}.__call__; "
+                            "see its docstring for the video, image and tokenizer kwargs.")
         return_labels = kwargs.pop("return_labels", False)
         if return_labels and text is None:
             raise ValueError("`return_labels=True` needs `text`.")
@@ -376,9 +302,7 @@ class TimeViperProcessor(ProcessorMixin):
         """Tokenise rendered prompts whose videos are sampled but not decoded here (`VideoStream`): each ``<video>``
         is expanded by its entry of `video_num_frames` (in order across the batch). `text_kwargs`: tokenizer kwargs
         (``padding``, ``padding_side``, ``return_tensors``, ...)."""
-        unknown = set(text_kwargs) - set(TextKwargs.__annotations__)
-        if unknown:
-            raise TypeError(f"Unexpected tokenizer kwargs {sorted(unknown)} for encode_prompts.")
+        _check_known(text_kwargs, TextKwargs.__annotations__, "tokenizer kwargs for encode_prompts")
         video_inputs = {"video_num_frames": list(video_num_frames)}
         replacements = [self.replace_video_token(video_inputs, i) for i in range(len(video_num_frames))]
         texts = self.get_text_with_replacements(list(prompts), [], replacements)[0]
@@ -393,26 +317,17 @@ class TimeViperProcessor(ProcessorMixin):
         labels = self.build_labels(input_ids, attention_mask)
         for i, row_labels in enumerate(_as_rows(labels)[0]):
             if all(label == IGNORE_INDEX for label in row_labels):
-                raise ValueError(
-                    f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the assistant "
-                    "answer to the conversation, render without add_generation_prompt, and check that truncation did "
-                    "not cut it."
-                )
+                raise ValueError(f"Sample {i} has no complete assistant turn to supervise (labels requested). Add the "
+                                 "assistant answer to the conversation, render without add_generation_prompt, and "
+                                 "check that truncation did not cut it.")
         return labels
 
     def build_labels(self, input_ids, attention_mask=None):
-        """Labels supervising only the assistant turns of chat-template renders (see module-level `build_labels`).
-
-        Uses this processor's ``turn_separator`` and ignores the ``<video>``/``<image>`` placeholders. Also checks
-        that every supervised span starts with the assistant header (``<SPECIAL_11>Assistant\\n`` or
-        ``\\n<|im_start|>assistant\\n``) and raises ``ValueError`` otherwise (e.g. text rendered without the system
-        turn). Accepts one sequence or a batch, as lists or tensors.
-        """
+        """Module-level `build_labels` with this processor's ``turn_separator``, ignoring the placeholders; raises
+        ``ValueError`` unless every supervised span starts with the assistant header (e.g. without a system turn)."""
         if self.turn_separator is None:
-            raise ValueError(
-                "Labels need the turn separator; build the processor with a TimeViper chat template or pass "
-                "`turn_separator` ('<SPECIAL_12>' for Nemotron-H, '<|im_end|>' for Qwen2)."
-            )
+            raise ValueError("Labels need the turn separator; build the processor with a TimeViper chat template or "
+                             "pass `turn_separator` ('<SPECIAL_12>' for Nemotron-H, '<|im_end|>' for Qwen2).")
         placeholders = (self.video_token_id, self.image_token_id)
         labels = build_labels(input_ids, self._token_id(self.turn_separator), attention_mask, ignore_ids=placeholders)
         header = _ASSISTANT_HEADERS.get(self.turn_separator)
@@ -422,35 +337,22 @@ class TimeViperProcessor(ProcessorMixin):
             for span in _supervised_spans(row_ids, row_labels, placeholders):
                 span_text = self.tokenizer.decode(span, skip_special_tokens=False)
                 if not span_text.startswith(header):
-                    raise ValueError(
-                        f"A supervised span starts with {span_text[:40]!r} instead of the assistant header "
-                        f"{header!r}: labels expect the chat-template layout (system turn, then alternating "
-                        "user/assistant turns)."
-                    )
+                    raise ValueError(f"A supervised span starts with {span_text[:40]!r} instead of the assistant "
+                                     f"header {header!r}: labels expect the chat-template layout (system turn, then "
+                                     "alternating user/assistant turns).")
         return labels
 
     # -- chat template ----------------------------------------------------------------------------------------------
 
-    def apply_chat_template(
-        self,
-        conversation,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = False,
-        continue_final_message: bool = False,
-        tokenize: bool = False,
-        return_dict: bool = False,
-        return_tensors=None,
-        processor_kwargs: dict | None = None,
-        return_labels: bool = False,
-        **template_kwargs,
-    ):
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = False, return_dict: bool = False,
+                            return_tensors=None, processor_kwargs: dict | None = None, return_labels: bool = False,
+                            **template_kwargs):
         """Render conversations with the chat template and, with ``tokenize=True``, process them.
 
         Content items: ``{"type": "text", "text": ...}``, ``{"type": "video", "video"|"path"|"url": ..., <sampling
-        overrides>}``, ``{"type": "image", "image"|"path"|"url": ...}``. The base class only renders: videos are
-        decoded by this package's decoder, not transformers' loaders. Processor kwargs go in ``processor_kwargs`` or
-        directly (``fps=2``, ``padding=True``, ...); other keyword arguments go to the template. Returns the text
-        (``tokenize=False``), ``input_ids``, or the whole `BatchFeature` (``return_dict=True``).
+        options>}``, ``{"type": "image", "image"|"path"|"url": ...}``; videos are decoded by this package, not by
+        transformers' loaders. Processor kwargs go in ``processor_kwargs`` or directly; others go to the template.
         """
         if template_kwargs.get("return_assistant_tokens_mask"):
             raise ValueError("Use `return_labels=True` for assistant-only labels with TimeViper templates.")
@@ -504,8 +406,7 @@ def _conversation_media(conversations) -> tuple[list, list]:
                 if not isinstance(item, dict):
                     continue
                 if item.get("type") == "video":
-                    if not any(item.get(key) is not None for key in ("video", "path", "url")):
-                        raise ValueError("A video item needs a 'video', 'path' or 'url' entry to be tokenized.")
+                    _source_and_options(item)  # a video item without its source: an error before any decoding
                     videos.append(item)
                 elif item.get("type") == "image":
                     keys = ("image", "path", "url", "base64")
@@ -518,18 +419,13 @@ def _conversation_media(conversations) -> tuple[list, list]:
 
 def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefetch_chunks: int = 2,
                           add_generation_prompt: bool = True, **options):
-    """`processor.apply_chat_template(..., tokenize=True)` for long videos: the prompt's ``input_ids`` and
-    ``attention_mask`` (``return_tensors="pt"``), with the videos opened as `VideoStream`s instead of decoded.
-
-    Feed each stream to `model.encode_video` and the features to ``generate(video_features=...)``. `options`: the
-    sampling options (``fps``, ``max_frames``, ...) and the tokenizer options (``padding``, ``padding_side``) of the
-    processor; a conversation's video item may override the sampling as usual. Returns ``(inputs, streams)``, the
-    streams in the order of the videos in the batch.
+    """`processor.apply_chat_template(..., tokenize=True)` for long videos: ``(inputs, streams)``, the prompts'
+    ``input_ids`` and ``attention_mask`` as tensors and the videos opened as `VideoStream`s (in batch order) for
+    `model.encode_video`. `options`: sampling and tokenizer options (a video item may override the sampling).
     """
-    sampling = {key: options.pop(key) for key in list(options) if key in SAMPLING_KEYS}
-    text_kwargs = {key: options.pop(key) for key in list(options) if key in TextKwargs.__annotations__}
-    if options:
-        raise TypeError(f"Unexpected keyword argument(s) {sorted(options)} for streaming_chat_inputs.")
+    _check_known(options, {*SAMPLING_KEYS, *TextKwargs.__annotations__}, "keyword arguments for streaming_chat_inputs")
+    sampling = {key: value for key, value in options.items() if key in SAMPLING_KEYS}
+    text_kwargs = {key: value for key, value in options.items() if key not in SAMPLING_KEYS} | {"return_tensors": "pt"}
     conversations = conversation if _is_batched(conversation) else [conversation]
     prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
     videos, images = _conversation_media(conversations)
@@ -537,5 +433,4 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
         raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
     streams = [VideoStream(video, processor.video_processor, chunk_frames, prefetch_chunks, **sampling)
                for video in videos]
-    text_kwargs["return_tensors"] = "pt"
     return processor.encode_prompts(prompts, [stream.num_frames for stream in streams], **text_kwargs), streams

@@ -2,24 +2,15 @@
 """Video input for TimeViper: frame sampling, seek-based PyAV decoding, the frame transform, the video and image
 processors, and `VideoStream` for long videos. A Hub remote-code file; PyAV is optional (imported inside ``try``).
 
-Data flow::
-
-    video file / bytes / frames --decode_video_pyav--> uint8 frames (T, H, W, 3) + VideoMetadata
-        --TimeViperVideoProcessor--> pixel_values_videos (sum T, 3, 384, 384), float32 in [-1, 1]
-
 Frame sampling (`sample_frame_indices`, a pure function of the video's frame count and frame rate):
 
-* ``fps`` (default 1.0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` before ``end``
-  (with ``start=0``, the reference's ``round(arange(0, total, video_fps / fps))``). An ``fps`` above the video's
-  rate is capped at it with a warning (every frame once, not repeated). More than ``max_frames`` (default 256):
-  uniformly subsampled; fewer than ``min_frames``: ``min_frames`` uniform segment midpoints instead.
+* ``fps`` (default 1.0): frame ``round((start + k / fps) * video_fps)`` for ``k = 0, 1, ...`` before ``end``. An
+  ``fps`` above the video's rate is capped at it with a warning (every frame once). More than ``max_frames``
+  (default 256): uniformly subsampled; fewer than ``min_frames``: ``min_frames`` uniform segment midpoints instead.
 * ``num_frames``: that many uniform segment midpoints of the window (the reference's ``uniform_indices``).
 * ``sampling="reference_eval"``: the reference evaluation rule exactly (`reference_eval_indices`).
 * Variable frame rate (``metadata.frame_times``): ``fps``/``start``/``end`` work on the real timestamps; the
   sample at time ``t`` is the frame on screen at ``t``, so a frame can repeat where the video is slower than ``fps``.
-
-Options come from three levels, each over the one before: the video processor's attributes, the call's kwargs, and
-a video's own dict (`merge_sampling`).
 """
 
 import bisect
@@ -36,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import PIL.Image
 import torch
+from tqdm.auto import tqdm
 
 # First: the configuration's transformers version guard, before the imports an unsupported release may lack.
 from .configuration_timeviper import check_transformers_version  # noqa: F401  isort: skip
@@ -53,27 +45,16 @@ except ImportError:  # PyAV is only needed to decode video files; decoded frames
     av = None
 
 
-__all__ = [
-    "SAMPLING_KEYS", "TimeViperImageProcessor", "TimeViperVideoMetadata", "TimeViperVideoProcessor",
-    "TimeViperVideoProcessorKwargs", "VideoDecodeError", "VideoStream", "decode_video_pyav", "merge_sampling",
-    "reference_eval_indices", "rescale_and_normalize", "sample_frame_indices", "transform_frames", "uniform_indices",
-]
-
-# ----------------------------------------------------------------------------------------------------------------
 # Frame sampling (pure functions)
-# ----------------------------------------------------------------------------------------------------------------
 
 SAMPLING_KEYS = ("fps", "num_frames", "max_frames", "min_frames", "start", "end", "sampling")
 _SAMPLING_MODES = ("auto", "reference_eval")
 
 
 def merge_sampling(*levels: dict) -> dict:
-    """Sampling options from `levels` of rising precedence (e.g. processor defaults, call kwargs, one video's dict).
-
-    ``fps`` and ``num_frames`` are two rules for the same thing, so a level that sets one drops the other from the
-    levels below; one level setting both is an error. ``None`` means "not set"; keys other than `SAMPLING_KEYS` are
-    ignored. Returns every key of `SAMPLING_KEYS`.
-    """
+    """Sampling options from `levels` of rising precedence (e.g. processor defaults, call kwargs, one video's dict),
+    with every key of `SAMPLING_KEYS`. A level that sets ``fps`` or ``num_frames`` drops the other from the levels
+    below. ``None`` means "not set"; other keys are ignored."""
     options = dict.fromkeys(SAMPLING_KEYS)
     for level in levels:
         level = {key: value for key, value in level.items() if key in SAMPLING_KEYS and value is not None}
@@ -91,17 +72,13 @@ def _check_rule(fps, num_frames) -> None:
     if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1):
         raise ValueError(f"`num_frames` must be an integer >= 1, got {num_frames!r}.")
     if fps is not None and num_frames is not None:
-        raise ValueError(
-            f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample at a rate "
-            "or `num_frames` for a fixed number of uniformly spaced frames, not both."
-        )
+        raise ValueError(f"`fps` ({fps}) and `num_frames` ({num_frames}) are mutually exclusive: pass `fps` to sample "
+                         "at a rate or `num_frames` for a fixed number of uniformly spaced frames, not both.")
 
 
 def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
-    """Midpoints of ``num_frames`` equal segments of ``range(total_frames)`` (the reference's ``uniform_indices``).
-
-    Returns every frame when ``num_frames >= total_frames``. Example: ``uniform_indices(4, 10) == [1, 3, 6, 8]``.
-    """
+    """Midpoints of ``num_frames`` equal segments of ``range(total_frames)`` (the reference's ``uniform_indices``),
+    or every frame when ``num_frames >= total_frames``. Example: ``uniform_indices(4, 10) == [1, 3, 6, 8]``."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
     if total_frames < 1:
@@ -112,64 +89,38 @@ def uniform_indices(num_frames: int, total_frames: int) -> list[int]:
     return ((splits[:-1] + splits[1:]) // 2).tolist()
 
 
-def reference_eval_indices(
-    total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256, min_frames: int = 32
-) -> list[int]:
-    """The reference evaluation sampling rule (the reference's ``fps_indices``), reproduced exactly.
-
-    ``round(arange(0, total, video_fps / fps))`` (float32, round half to even) without indices >= total; the first
-    ``max_frames`` kept (truncation, not subsampling); padded to a multiple of 4 by repeating the last index; replaced
-    by ``uniform_indices(min_frames, total)`` when fewer than ``min_frames`` remain.
-    """
+def reference_eval_indices(total_frames: int, video_fps: float, fps: float = 1.0, max_frames: int = 256,
+                           min_frames: int = 32) -> list[int]:
+    """The reference's evaluation rule (its ``fps_indices``), exactly: ``round(arange(0, total, video_fps / fps))``
+    (float32, round half to even) below ``total``; the first ``max_frames`` kept (truncation); padded to a multiple
+    of 4 by repeating the last index; ``uniform_indices(min_frames, total)`` when fewer than ``min_frames`` remain."""
     if total_frames < 1:
         raise ValueError(f"total_frames must be >= 1, got {total_frames}.")
     if not video_fps or video_fps <= 0:
         raise ValueError(f"reference_eval sampling needs the video's frame rate, got video_fps={video_fps}.")
     if fps is None or fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}.")
-    delta = video_fps / fps
-    indices = torch.arange(0, total_frames, delta, dtype=torch.float32).round().to(torch.int64).tolist()
+    indices = torch.arange(0, total_frames, video_fps / fps, dtype=torch.float32).round().to(torch.int64).tolist()
     indices = [i for i in indices if i < total_frames]
     if max_frames is not None and 0 < max_frames < len(indices):
         indices = indices[:max_frames]
-    if len(indices) % 4 != 0:
-        indices = indices + [indices[-1]] * (4 - len(indices) % 4)
+    indices += [indices[-1]] * (-len(indices) % 4)  # pad to a multiple of 4
     if min_frames is not None and len(indices) < min_frames:
         indices = uniform_indices(min_frames, total_frames)
     return indices
 
 
 def sample_frame_indices(
-    total_frames: int,
-    video_fps: float | None = None,
-    *,
-    fps: float | None = None,
-    num_frames: int | None = None,
-    max_frames: int | None = None,
-    min_frames: int | None = None,
-    start: float | None = None,
-    end: float | None = None,
-    sampling: str | None = None,
-    frame_times=None,
-    video_duration: float | None = None,
+    total_frames: int, video_fps: float | None = None, *, fps: float | None = None, num_frames: int | None = None,
+    max_frames: int | None = None, min_frames: int | None = None, start: float | None = None, end: float | None = None,
+    sampling: str | None = None, frame_times=None, video_duration: float | None = None,
 ) -> list[int]:
-    """Choose the frame indices to decode for one video (see the module docstring for the rules).
+    """The frame indices to decode for one video, by the rules of the module docstring.
 
-    Args:
-        total_frames: Number of frames in the video.
-        video_fps: The video's frame rate. Needed for ``fps``, ``start``/``end`` and ``reference_eval``.
-        fps: Frames per second to sample (segment starts, counted from ``start``). Excludes ``num_frames``.
-        num_frames: Number of uniformly spaced frames (segment midpoints). Excludes ``fps``.
-        max_frames: Cap for the fps rule (uniform subsampling of its frames); the reference_eval rule truncates.
-        min_frames: Floor for the fps rule (falls back to uniform midpoints).
-        start, end: Window in seconds (``end`` defaults to the video's duration). Not used by reference_eval.
-        sampling: ``None``/``"auto"`` or ``"reference_eval"``.
-        frame_times: For a variable frame rate: the presentation time in seconds of every frame (ascending,
-            ``total_frames`` of them; `TimeViperVideoMetadata.frame_times`); ``video_fps`` is then not needed.
-        video_duration: With ``frame_times``: the video's duration in seconds (default: the last frame's time plus
-            the mean frame interval).
-
-    With neither ``fps`` nor ``num_frames``, every frame of the window is returned (then capped by ``max_frames``).
+    ``video_fps`` is needed for ``fps``, ``start``/``end`` (a window in seconds) and ``reference_eval``, unless
+    ``frame_times`` (a variable frame rate: every frame's presentation time in seconds, ascending) is given, with
+    ``video_duration`` (default: the last frame's time plus the mean frame interval). With neither ``fps`` nor
+    ``num_frames``, every frame of the window is returned (then capped by ``max_frames``).
     """
     sampling = sampling or "auto"
     _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling)
@@ -179,17 +130,9 @@ def sample_frame_indices(
         if num_frames is not None:
             raise ValueError("sampling='reference_eval' samples at `fps`; it does not take `num_frames`.")
         if start is not None or end is not None:
-            raise ValueError(
-                "sampling='reference_eval' reproduces the reference, which always samples the whole video; "
-                "it does not take `start`/`end`. Use the default sampling for a window."
-            )
-        return reference_eval_indices(
-            total_frames,
-            video_fps,
-            fps=1.0 if fps is None else fps,
-            max_frames=256 if max_frames is None else max_frames,
-            min_frames=32 if min_frames is None else min_frames,
-        )
+            raise ValueError("sampling='reference_eval' reproduces the reference, which always samples the whole "
+                             "video; it does not take `start`/`end`. Use the default sampling for a window.")
+        return reference_eval_indices(total_frames, video_fps, fps or 1.0, max_frames or 256, min_frames or 32)
     if frame_times is not None:
         first, stop, at_rate = _times_window(total_frames, frame_times, video_duration, video_fps, start, end)
     else:
@@ -204,10 +147,10 @@ def sample_frame_indices(
     return indices
 
 
-def _check_sampling_keys(options: dict, caller: str) -> None:
-    unknown = set(options) - set(SAMPLING_KEYS)
+def _check_known(given, valid, what: str) -> None:
+    unknown = set(given) - set(valid)
     if unknown:
-        raise TypeError(f"Unexpected sampling options {sorted(unknown)} for {caller}; valid: {list(SAMPLING_KEYS)}.")
+        raise TypeError(f"Unexpected {what} {sorted(unknown)}; valid: {sorted(valid)}.")
 
 
 def _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampling) -> None:
@@ -218,17 +161,16 @@ def _check_sampling(total_frames, fps, num_frames, max_frames, min_frames, sampl
     _check_rule(fps, num_frames)
     if fps is not None and not fps > 0:
         raise ValueError(f"`fps` must be > 0, got {fps!r}.")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"`max_frames` must be >= 1, got {max_frames!r}.")
-    if min_frames is not None and min_frames < 1:
-        raise ValueError(f"`min_frames` must be >= 1, got {min_frames!r}.")
+    for key, value in (("max_frames", max_frames), ("min_frames", min_frames)):
+        if value is not None and value < 1:
+            raise ValueError(f"`{key}` must be >= 1, got {value!r}.")
     if max_frames is not None and min_frames is not None and min_frames > max_frames:
         raise ValueError(f"`min_frames` ({min_frames}) must not exceed `max_frames` ({max_frames}).")
 
 
 def _capped_fps(fps: float, video_fps: float, sampling: str) -> float:
-    """``fps`` above the video's frame rate would only repeat frames: sample every frame once instead (a warning
-    says so). ``reference_eval`` keeps the reference's rule, repeats included, and warns."""
+    """``fps`` above the video's frame rate would only repeat frames: every frame once instead, with a warning;
+    ``reference_eval`` keeps the reference's repeats, and warns."""
     if sampling == "reference_eval":
         warnings.warn(f"fps={fps} is above the video's frame rate ({video_fps:.3f}); sampling='reference_eval' "
                       "reproduces the reference, which then repeats frames.", stacklevel=3)
@@ -253,10 +195,8 @@ def _window_seconds(start, end, duration: float) -> tuple[float, float]:
 def _rate_window(total_frames, video_fps, fps, start, end):
     """For a constant frame rate: the window ``[first, stop)`` of frame indices, and ``fps -> indices``."""
     if (start is not None or end is not None or fps is not None) and not (video_fps is not None and video_fps > 0):
-        raise ValueError(
-            "Sampling with `fps` or `start`/`end` needs the video's frame rate; for decoded frames pass "
-            "`video_metadata={'fps': ...}`, or use `num_frames`."
-        )
+        raise ValueError("Sampling with `fps` or `start`/`end` needs the video's frame rate; for decoded frames pass "
+                         "`video_metadata={'fps': ...}`, or use `num_frames`.")
     first, stop = 0, total_frames
     if start is not None or end is not None:
         start_s, end_s = _window_seconds(start, end, total_frames / video_fps)
@@ -277,17 +217,14 @@ def _rate_window(total_frames, video_fps, fps, start, end):
 
 
 def _times_window(total_frames, frame_times, video_duration, video_fps, start, end):
-    """For a variable frame rate: the window ``[first, stop)`` of frame indices by the frames' real presentation
-    times, and ``fps -> indices`` (the frame on screen at each sample time)."""
+    """For a variable frame rate: the window ``[first, stop)`` by the frames' presentation times, and
+    ``fps -> indices`` (the frame on screen at each sample time)."""
     times = np.asarray(frame_times, dtype=np.float64)
     if times.ndim != 1 or len(times) != total_frames:
         raise ValueError(f"`frame_times` must hold one time per frame ({total_frames}), got {times.shape}.")
     if np.any(np.diff(times) < 0):
         raise ValueError("`frame_times` must be in presentation order (ascending).")
-    if total_frames > 1:
-        mean_gap = (times[-1] - times[0]) / (total_frames - 1)
-    else:
-        mean_gap = 1.0 / video_fps if video_fps else 1.0
+    mean_gap = (times[-1] - times[0]) / (total_frames - 1) if total_frames > 1 else 1.0 / (video_fps or 1.0)
     duration = float(times[-1] + mean_gap)
     if video_duration is not None and video_duration > times[-1]:
         duration = float(video_duration)
@@ -307,18 +244,13 @@ def _times_window(total_frames, frame_times, video_duration, video_fps, start, e
 
 
 def _metadata_indices(metadata, options: dict) -> list[int]:
-    """`sample_frame_indices` for a video's metadata (a `VideoMetadata` or a dict), with its frame times when the
-    frame rate is variable."""
+    """`sample_frame_indices` for a video's metadata (a `VideoMetadata` or a dict)."""
     get = metadata.get if isinstance(metadata, dict) else lambda key: getattr(metadata, key, None)
     frame_times = get("frame_times")
-    return sample_frame_indices(
-        get("total_num_frames"), get("fps"), frame_times=frame_times,
-        video_duration=get("duration") if frame_times is not None else None, **options,
-    )
+    return sample_frame_indices(get("total_num_frames"), get("fps"), frame_times=frame_times,
+                                video_duration=get("duration") if frame_times is not None else None, **options)
 
-# ----------------------------------------------------------------------------------------------------------------
 # Decoding with PyAV. Demuxing: container and stream checks, the frame index and metadata from one demux pass.
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoFileNotFoundError(FileNotFoundError, ValueError):
@@ -364,8 +296,7 @@ def _check_demuxer(container, name: str) -> None:
 
 
 def _open_container(source):
-    """``(container, name, reopen)`` for a path, bytes or a file object; `reopen` opens the input again from its
-    start."""
+    """``(container, name, reopen)`` for a path, bytes or a file object; `reopen` opens it again from its start."""
     if av is None:
         raise ImportError("Decoding video files needs PyAV: `pip install av`. Decoded frames work without it.")
     name = _describe_source(source)
@@ -420,15 +351,10 @@ def _video_stream(container, name: str):
 
 @dataclass
 class TimeViperVideoMetadata(VideoMetadata):
-    """`VideoMetadata` with the real presentation times of the frames.
-
-    Extra fields:
-        frames_timestamps: Presentation time in seconds (from the stream's first frame) of each returned frame.
-        frame_times: For a variable frame rate, the presentation time in seconds of every frame (``fps`` is then
-            the mean rate); ``None`` for a constant one (frame ``i`` is at ``i / fps``).
-        rotation: The display matrix's rotation in degrees, counter-clockwise (FFmpeg's convention), already
-            applied to the returned frames.
-    """
+    """`VideoMetadata` with the frames' real presentation times, in seconds from the stream's first frame:
+    ``frames_timestamps`` of each returned frame, ``frame_times`` of every frame for a variable frame rate (``fps``
+    is then the mean rate; ``None`` for a constant one). ``rotation``: the display matrix's, in degrees
+    counter-clockwise (FFmpeg's convention), already applied to the returned frames."""
 
     frames_timestamps: list[float] | None = None
     frame_times: list[float] | None = field(default=None, repr=False)
@@ -447,10 +373,7 @@ class TimeViperVideoMetadata(VideoMetadata):
 @dataclass
 class _FrameIndex:
     """Every frame of a video stream from one demux pass: frame ``i`` has the ``i``-th smallest pts, ``pts[i]``.
-
-    ``keyframes`` lists the keyframes' frame indices (ascending) and ``seek_targets`` the timestamp to seek to for
-    each: its decoding timestamp, since demuxers index and seek by it (MPEG-TS, MP4), else its pts.
-    """
+    ``seek_targets``: per keyframe, its decoding timestamp (demuxers such as MPEG-TS and MP4 seek by it), else pts."""
 
     pts: list[int]
     keyframes: list[int]
@@ -467,8 +390,8 @@ class _FrameIndex:
 
 
 def _scan_frame_index(container, stream, counts: dict, name: str) -> tuple["_FrameIndex | None", int]:
-    """Demux the video stream once. Returns ``(index, number of frames)``; the index is ``None`` when the
-    timestamps cannot number the frames (a packet without pts, or two with the same one)."""
+    """Demux the video stream once: ``(index, number of frames)``; no index when the timestamps cannot number the
+    frames (a packet without pts, or two with the same one)."""
     packets = []  # (pts, dts, keyframe, duration)
     try:
         for packet in container.demux(stream):
@@ -490,10 +413,7 @@ def _scan_frame_index(container, stream, counts: dict, name: str) -> tuple["_Fra
 
 def _constant_rate(seconds: np.ndarray, candidates: list[float]) -> float | None:
     """A rate from `candidates` on whose grid every frame time lies (within a quarter frame), if any."""
-    for rate in candidates:
-        if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25):
-            return rate
-    return None
+    return next((rate for rate in candidates if np.all(np.abs(seconds * rate - np.arange(len(seconds))) < 0.25)), None)
 
 
 def _index_metadata(stream, index: _FrameIndex, metadata: TimeViperVideoMetadata) -> None:
@@ -529,18 +449,12 @@ def _stream_metadata(stream) -> TimeViperVideoMetadata:
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     if width and sar and sar > 0 and sar != 1:  # non-square pixels: scale the width to the display aspect ratio
         width = max(1, int(round(width * float(sar))))
-    return TimeViperVideoMetadata(
-        total_num_frames=int(stream.frames or 0),
-        fps=float(rate) if rate else None,
-        width=width,
-        height=height,
-        video_backend="pyav",
-    )
+    return TimeViperVideoMetadata(total_num_frames=int(stream.frames or 0), fps=float(rate) if rate else None,
+                                  width=width, height=height, video_backend="pyav")
 
 
 def _demux(container, name: str, counts: dict):
-    """``(stream, frame index, metadata)`` from the demux pass; the index is ``None`` when the timestamps cannot
-    number the frames, and the metadata then has the header's rate."""
+    """``(stream, frame index, metadata)`` from the demux pass; without an index, the header's frame rate."""
     stream = _video_stream(container, name)
     metadata = _stream_metadata(stream)
     index, count = _scan_frame_index(container, stream, counts, name)
@@ -565,10 +479,7 @@ def _warn_if_cut(stream, count: int, counts: dict, name: str) -> None:
                       "using those.", stacklevel=4)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Decode policy: which groups of pictures to decode, seeking or reading on, numbering by timestamp or by order, and
-# what stands in for a frame that cannot be decoded
-# ----------------------------------------------------------------------------------------------------------------
+# Decode policy: which groups of pictures to decode, seeking or reading on, and what stands in for a lost frame
 
 
 class _Pictures:
@@ -581,11 +492,7 @@ class _Pictures:
         self.array = None
         self.rotation = 0
         self.done: set[int] = set()
-        self.bar = None
-        if label is not None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(wanted), desc=f"decoding {label}", unit="frame", leave=False)
+        self.bar = tqdm(total=len(wanted), desc=f"decoding {label}", unit="frame", leave=False, disable=label is None)
 
     def put(self, index: int, frame) -> None:
         if self.width is None or self.height is None:  # no size in the header: the first frame's
@@ -598,13 +505,9 @@ class _Pictures:
             shape = (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
             self.array = np.empty((len(self.slot), *shape, 3), dtype=np.uint8)
         self.array[self.slot[index]] = np.rot90(rgb, k=self.rotation // 90) if self.rotation else rgb
-        if self.bar is not None and index not in self.done:
+        if index not in self.done:
             self.bar.update(1)
         self.done.add(index)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class _TimestampMismatch(Exception):
@@ -619,10 +522,9 @@ class _IndexedDecode:
     """Decode the `wanted` frames (sorted, unique) of a stream numbered by its `_FrameIndex`.
 
     Decoding starts at the keyframe before the next wanted frame and goes on while a wanted frame is still to come;
-    then the packets up to the next wanted frame's keyframe are skipped, or sought past when more than `_SEEK_GOPS`
-    groups of pictures lie between. Frames are numbered by pts, so a seek may land anywhere: one that lands after its
-    keyframe is retried further back (MPEG-TS seeks by decoding timestamps), and the leading pictures of an open GOP
-    (before the keyframe decoding started from) are dropped. Wanted frames that never come out go to `missing`.
+    the packets up to the next wanted frame's keyframe are then skipped, or sought past when more than `_SEEK_GOPS`
+    groups of pictures lie between. A seek that lands after its keyframe is retried further back (MPEG-TS seeks by
+    decoding timestamps); the leading pictures of an open GOP are dropped. Frames that never come out: `missing`.
     """
 
     _SEEK_GOPS = 2
@@ -767,10 +669,9 @@ def _substitutes(missing: list[int], produced: set[int], name: str, tolerant: bo
     """Each missing frame -> the nearest frame that was produced (tolerant mode), else a `VideoDecodeError`."""
     shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
     if not tolerant or not produced:
-        raise VideoDecodeError(
-            f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames wanted): the file is "
-            "damaged or truncated there. Pass `tolerant=True` to use the nearest decodable frames instead."
-        )
+        raise VideoDecodeError(f"Could not decode frame(s) {shown} of video {name} ({len(missing)} of the frames "
+                               "wanted): the file is damaged or truncated there. Pass `tolerant=True` to use the "
+                               "nearest decodable frames instead.")
     ordered = sorted(produced)
     swap = {}
     for i in missing:
@@ -814,42 +715,17 @@ def _decode_by_timestamp(container, stream, index, wanted, pictures, counts) -> 
     return missing
 
 
-def decode_video_pyav(
-    source,
-    indices: list[int] | None = None,
-    sample_indices_fn=None,
-    stats: dict | None = None,
-    progress: bool = False,
-    tolerant: bool = False,
-) -> tuple[np.ndarray, TimeViperVideoMetadata]:
-    """Decode selected frames of a video with PyAV.
+def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_fn=None, stats: dict | None = None,
+                      progress: bool = False, tolerant: bool = False) -> tuple[np.ndarray, TimeViperVideoMetadata]:
+    """Decode frames ``indices`` (presentation order; any order, repeats allowed) of a path, bytes or binary file,
+    or those `sample_indices_fn(metadata)` picks once a demux pass has found the frame count, rate (for a variable
+    rate, ``metadata.frame_times``) and duration; only the groups of pictures holding wanted frames are decoded.
+    `stats` receives the packet and seek counts; `progress` shows a bar; `tolerant` replaces a frame that cannot be
+    decoded by the nearest decoded one, with a warning, instead of raising `VideoDecodeError` (for training data).
 
-    Frame ``i`` is the ``i``-th frame in presentation order. One demux pass (no decoding) gives the video stream's
-    frame count, frame rate (else, for a variable rate, ``metadata.frame_times``) and duration; then only the groups
-    of pictures holding wanted frames are decoded (`_IndexedDecode`), each frame numbered by its timestamp. Streams
-    whose timestamps cannot number the frames (raw elementary streams) are decoded from the start, in order. Frames
-    are returned as displayed (sample aspect ratio and display-matrix rotation applied).
-
-    Args:
-        source: A path (str or `os.PathLike`), raw bytes, or a binary file object.
-        indices: Frame indices to return (any order, repeats allowed).
-        sample_indices_fn: Alternatively, a function ``TimeViperVideoMetadata -> list[int]`` called once the video's
-            frame count and frame rate (and, for a variable frame rate, ``frame_times``) are known.
-        stats: Optional dict that receives counts: ``scanned_packets`` (the demux pass), ``demuxed_packets``,
-            ``decoded_packets`` (sent to the decoder), ``seeks``.
-        progress: Show a progress bar over the frames to decode.
-        tolerant: Replace a wanted frame that cannot be decoded by the nearest decoded one, with a warning, instead
-            of raising `VideoDecodeError` (for training data, where one damaged second should not drop a sample).
-
-    Returns:
-        ``(frames, metadata)``: uint8 RGB frames of shape ``(len(indices), height, width, 3)`` and a
-        `TimeViperVideoMetadata` with ``frames_indices`` and ``frames_timestamps`` (seconds from the first frame)
-        of the frames returned.
-
-    Raises:
-        ValueError: the path is missing (`VideoFileNotFoundError`) or a directory (`VideoIsADirectoryError`); the
-            input is unreadable, not a video (text, still image, audio only), or has no frames; an index is out of
-            range; a wanted frame cannot be decoded (`VideoDecodeError`, unless ``tolerant``).
+    Returns ``(frames, metadata)``: uint8 RGB ``(len(indices), height, width, 3)`` as displayed (sample aspect ratio
+    and rotation applied), and `TimeViperVideoMetadata` with the returned frames' ``frames_indices`` and
+    ``frames_timestamps``. Raises `ValueError` for an input that is unreadable, not a video or without frames.
     """
     if indices is None and sample_indices_fn is None:
         raise ValueError("Pass `indices` or `sample_indices_fn`.")
@@ -869,7 +745,7 @@ def decode_video_pyav(
         raise ValueError(f"Could not decode video {name}: corrupt or unsupported ({err}).") from err
     finally:
         if pictures is not None:
-            pictures.close()
+            pictures.bar.close()
         container.close()
     if stats is not None:
         stats.update(counts)
@@ -884,9 +760,7 @@ def decode_video_pyav(
     return frames, metadata
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Frame transform (shared by the image and video processors) and input normalisation
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -910,10 +784,8 @@ def _to_pil(frame) -> PIL.Image.Image:
     else:
         array = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
         if array.dtype != np.uint8:
-            raise ValueError(
-                f"Frames must be uint8 in [0, 255], got dtype {array.dtype}; convert with "
-                "`(x * 255).round().clip(0, 255).astype(np.uint8)` if they are scaled to [0, 1]."
-            )
+            raise ValueError(f"Frames must be uint8 in [0, 255], got dtype {array.dtype}; convert with "
+                             "`(x * 255).round().clip(0, 255).astype(np.uint8)` if they are scaled to [0, 1].")
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3:
@@ -934,22 +806,11 @@ def _to_pil(frame) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def transform_frames(
-    frames,
-    size,
-    resample=PIL.Image.Resampling.BICUBIC,
-    do_resize: bool = True,
-    do_rescale: bool = True,
-    rescale_factor: float = 1 / 255,
-    do_normalize: bool = True,
-    image_mean=(0.5, 0.5, 0.5),
-    image_std=(0.5, 0.5, 0.5),
-) -> torch.Tensor:
-    """RGB -> squash resize to ``size`` with PIL (bicubic by default) -> rescale -> normalize.
-
-    This matches the reference transform ``Resize((384, 384), bicubic)`` on PIL images, ``ToTensor()``,
-    ``Normalize(0.5, 0.5)``. Returns float32 ``(num_frames, 3, height, width)``.
-    """
+def transform_frames(frames, size, resample=PIL.Image.Resampling.BICUBIC, do_resize: bool = True,
+                     do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """RGB -> squash resize to ``size`` with PIL -> rescale -> normalize: float32 ``(frames, 3, height, width)``, as
+    the reference's ``Resize((384, 384), bicubic)`` on PIL images, ``ToTensor()``, ``Normalize(0.5, 0.5)``."""
     height, width = _size_hw(size)
     resample = PIL.Image.Resampling(int(resample if resample is not None else PIL.Image.Resampling.BICUBIC))
     tensors = []
@@ -981,9 +842,7 @@ def rescale_and_normalize(pixels, do_rescale=True, rescale_factor=1 / 255, do_no
 
 
 def _is_frame(x) -> bool:
-    if isinstance(x, PIL.Image.Image):
-        return True
-    return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3
+    return isinstance(x, PIL.Image.Image) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3)
 
 
 def _is_file(video) -> bool:
@@ -999,10 +858,8 @@ def _flatten_videos(videos) -> list:
             return [videos]
         if videos.ndim == 5:
             return list(videos)
-        raise ValueError(
-            "A video array must be (T, H, W, C) or (T, C, H, W) (or 5-D for a batch), got shape "
-            f"{tuple(videos.shape)}."
-        )
+        raise ValueError(f"A video array must be (T, H, W, C) or (T, C, H, W) (or 5-D for a batch), got shape "
+                         f"{tuple(videos.shape)}.")
     if isinstance(videos, (list, tuple)):
         if len(videos) == 0:
             raise ValueError("Got an empty list of frames/videos.")
@@ -1016,10 +873,8 @@ def _flatten_videos(videos) -> list:
                 continue  # a sample without videos (e.g. from apply_chat_template)
             flat.extend(_flatten_videos(item))
         return flat
-    raise TypeError(
-        f"Unsupported video input {type(videos).__name__}: pass a path, bytes, a file object, a uint8 array/tensor "
-        "(T, H, W, 3) or (T, 3, H, W), a list of PIL images, or a list of those."
-    )
+    raise TypeError(f"Unsupported video input {type(videos).__name__}: pass a path, bytes, a file object, a uint8 "
+                    "array/tensor (T, H, W, 3) or (T, 3, H, W), a list of PIL images, or a list of those.")
 
 
 def _load_image(source) -> PIL.Image.Image:
@@ -1032,26 +887,26 @@ def _load_image(source) -> PIL.Image.Image:
 
 def _flatten_images(images) -> list:
     if isinstance(images, (list, tuple)):
-        flat = []
-        for item in images:
-            flat.extend(_flatten_images(item))
-        return flat
+        return [image for item in images for image in _flatten_images(item)]
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         return list(images)
     return [images]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Video and image processors
-# ----------------------------------------------------------------------------------------------------------------
 
 _TRANSFORM_KEYS = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
                    "image_std")
-_SOURCE_KEYS = ("video", "path", "url")  # where a video dict (a conversation's video item) holds its source
 
 
-def _video_source(item: dict):
-    return next((item[key] for key in _SOURCE_KEYS if item.get(key) is not None), None)
+def _source_and_options(video) -> tuple:
+    """``(source, sampling dict)`` of a video: a conversation's video item holds both; other inputs have no dict."""
+    if not isinstance(video, dict):
+        return video, {}
+    source = next((video[key] for key in ("video", "path", "url") if video.get(key) is not None), None)
+    if source is None:
+        raise ValueError(f"A video dict needs a 'video', 'path' or 'url' entry, got keys {sorted(video)}.")
+    return source, video
 
 
 def _option(processor, kwargs: dict, key: str):
@@ -1063,17 +918,9 @@ def _transform_options(processor, kwargs: dict) -> dict:
     return {key: _option(processor, kwargs, key) for key in _TRANSFORM_KEYS}
 
 
-def _check_kwargs(processor, kwargs: dict) -> None:
-    unknown = set(kwargs) - set(processor.valid_kwargs.__annotations__)
-    if unknown:
-        raise TypeError(f"Unexpected {type(processor).__name__} kwargs {sorted(unknown)}; valid: "
-                        f"{sorted(processor.valid_kwargs.__annotations__)}.")
-
-
 class TimeViperVideoProcessorKwargs(VideosKwargs, total=False):
-    """Video kwargs of `TimeViperVideoProcessor` on top of transformers' `VideosKwargs` (which has ``fps`` and
-    ``num_frames``): the sampling options of the module docstring, and ``progress`` (a progress bar while decoding
-    each video)."""
+    """`VideosKwargs` (which has ``fps`` and ``num_frames``) with the other sampling options and ``progress`` (a
+    progress bar while decoding each video)."""
 
     max_frames: int | None
     min_frames: int | None
@@ -1100,18 +947,14 @@ class _FrameTransformDefaults:
 class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
     r"""Decode, sample and normalise videos for TimeViper.
 
-    Accepts, per video: a path, raw bytes or a binary file object (decoded with PyAV, seeking to the sampled frames);
-    a uint8 array/tensor ``(T, H, W, 3)`` or ``(T, 3, H, W)``; a list of PIL images or HWC arrays; or a dict
-    ``{"video"|"path"|"url": source, "fps"|"num_frames"|"max_frames"|"min_frames"|"start"|"end"|"sampling": ...}``
-    whose keys override the call's sampling kwargs for that video. A list of these is a batch.
+    Accepts, per video (a list of them is a batch): a path, raw bytes or a binary file object (decoded with PyAV); a
+    uint8 array/tensor ``(T, H, W, 3)`` or ``(T, 3, H, W)``; a list of PIL images or HWC arrays; or a dict
+    ``{"video"|"path"|"url": source, <sampling options>}`` whose options override the call's for that video. Decoded
+    frames are sampled only with ``num_frames`` or a frame rate from ``video_metadata={"fps": ...}``, else all used.
 
-    Decoded frames (arrays, PIL lists) are sampled only when ``num_frames`` is given, or when their frame rate is
-    known from ``video_metadata={"fps": ...}``; otherwise all of them are used as they are.
-
-    Returns a `BatchFeature` with ``pixel_values_videos`` (float32 ``(total frames of all videos, 3, H, W)``, videos
-    concatenated in order), ``video_num_frames`` (int64 ``(num_videos,)``) and ``video_metadata`` (a list of
-    `VideoMetadata` with the sampled ``frames_indices``; ``timestamps`` gives their times in seconds: for decoded
-    files, `TimeViperVideoMetadata` with the frames' real presentation times, also for a variable frame rate).
+    Returns a `BatchFeature` with ``pixel_values_videos`` (float32 ``(total frames of all videos, 3, H, W)``),
+    ``video_num_frames`` (int64 ``(num_videos,)``) and ``video_metadata`` (`VideoMetadata` with the sampled
+    ``frames_indices``; for decoded files, `TimeViperVideoMetadata` with the frames' real presentation times).
     """
 
     do_center_crop = False
@@ -1123,7 +966,7 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
     start = None
     end = None
     sampling = "auto"
-    progress = False  # a progress bar while decoding each video
+    progress = False
     valid_kwargs = TimeViperVideoProcessorKwargs
     model_input_names = ["pixel_values_videos"]
 
@@ -1135,14 +978,13 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
         return merge_sampling(defaults, *levels)
 
     def sample_frames(self, metadata, **options) -> list[int]:
-        """`BaseVideoProcessor` hook: the frame indices of a video (its `metadata` as `decode_video_pyav` gives it)
-        under this processor's sampling rules, `options` (`SAMPLING_KEYS`) over its attributes."""
-        _check_sampling_keys(options, "sample_frames")
+        """`BaseVideoProcessor` hook: a video's frame indices for its `metadata`, `options` over the attributes."""
+        _check_known(options, SAMPLING_KEYS, "sampling options for sample_frames")
         return _metadata_indices(metadata, self.sampling_options(options))
 
     def preprocess(self, videos, **kwargs) -> BatchFeature:
         """Decode/sample each video, then resize, rescale and normalise its frames (see the class docstring)."""
-        _check_kwargs(self, kwargs)
+        _check_known(kwargs, self.valid_kwargs.__annotations__, f"{type(self).__name__} kwargs")
         transform = _transform_options(self, kwargs)
         do_sample_frames = bool(_option(self, kwargs, "do_sample_frames"))
         progress = bool(_option(self, kwargs, "progress"))
@@ -1162,20 +1004,14 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
         shapes = {tuple(p.shape[1:]) for p in pixel_values}
         if len(shapes) > 1:
             raise ValueError(f"Videos have different frame sizes {sorted(shapes)}; set do_resize=True.")
-        data = {
-            "pixel_values_videos": torch.cat(pixel_values),
-            "video_num_frames": torch.tensor([len(m.frames_indices) for m in metadata], dtype=torch.int64),
-            "video_metadata": metadata,
-        }
+        num_frames = torch.tensor([len(m.frames_indices) for m in metadata], dtype=torch.int64)
+        data = {"pixel_values_videos": torch.cat(pixel_values), "video_num_frames": num_frames,
+                "video_metadata": metadata}
         return BatchFeature(data=data, skip_tensor_conversion=["video_metadata"])
 
     def _load_video(self, video, call_sampling: dict, hint, do_sample_frames: bool, progress: bool):
         """One video's sampled frames and metadata; a video dict's sampling keys override the call's."""
-        item = {}
-        if isinstance(video, dict):
-            item, video = video, _video_source(video)
-            if video is None:
-                raise ValueError(f"A video dict needs a 'video', 'path' or 'url' entry, got keys {sorted(item)}.")
+        video, item = _source_and_options(video)
         given = merge_sampling(call_sampling, item)
         options = self.sampling_options(given)
         if _is_file(video):
@@ -1187,8 +1023,7 @@ class TimeViperVideoProcessor(_FrameTransformDefaults, BaseVideoProcessor):
 
 
 def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sample_frames: bool):
-    """Frames already decoded (an array or a list of frames) are sampled when their count can be: by
-    ``num_frames``, or by their frame rate from `hint`; otherwise they are taken as already sampled."""
+    """Decoded frames are sampled by ``num_frames`` or their frame rate from `hint`, else taken as sampled."""
     if not isinstance(video, (list, tuple)) and video.ndim != 4:
         raise ValueError(f"A video array must be 4-D (T, H, W, C) or (T, C, H, W), got {tuple(video.shape)}.")
     total = len(video)
@@ -1200,27 +1035,20 @@ def _sample_decoded_frames(video, options: dict, fps_given: bool, hint, do_sampl
     elif options["num_frames"] is not None or video_fps or options["sampling"] == "reference_eval":
         indices = sample_frame_indices(total, video_fps, **options)
     elif fps_given or options["start"] is not None or options["end"] is not None:
-        raise ValueError(
-            "Sampling decoded frames with `fps` or `start`/`end` needs their frame rate: pass "
-            "`video_metadata={'fps': ...}`, or use `num_frames`."
-        )
+        raise ValueError("Sampling decoded frames with `fps` or `start`/`end` needs their frame rate: pass "
+                         "`video_metadata={'fps': ...}`, or use `num_frames`.")
     else:
         indices = list(range(total))
     selected = [video[i] for i in indices]
     first = _to_pil(selected[0])
-    metadata = VideoMetadata(
-        total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
-        duration=total / video_fps if video_fps else None, video_backend=None, frames_indices=indices,
-    )
-    return selected, metadata
+    return selected, VideoMetadata(total_num_frames=total, fps=video_fps, width=first.width, height=first.height,
+                                   duration=total / video_fps if video_fps else None, video_backend=None,
+                                   frames_indices=indices)
 
 
 class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
-    """Images for TimeViper: the frame transform of `TimeViperVideoProcessor` applied to single images.
-
-    Accepts PIL images, uint8 HWC/CHW arrays or tensors, paths/URLs, or (nested) lists of them. Returns
-    ``pixel_values`` float32 ``(num_images, 3, H, W)``.
-    """
+    """The frame transform of `TimeViperVideoProcessor` for PIL images, uint8 HWC/CHW arrays or tensors, paths/URLs,
+    or (nested) lists of them: ``pixel_values`` float32 ``(num_images, 3, H, W)``."""
 
     valid_kwargs = ImagesKwargs
     model_input_names = ["pixel_values"]
@@ -1231,12 +1059,11 @@ class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
         self._set_attributes(**kwargs)
 
     def fetch_images(self, images):
-        # `preprocess` loads paths and URLs itself (naming a missing file, accepting `os.PathLike`), so the processor
-        # hands them over as they are.
+        # `preprocess` loads paths and URLs itself (naming a missing file, accepting `os.PathLike`).
         return images
 
     def preprocess(self, images, **kwargs) -> BatchFeature:
-        _check_kwargs(self, kwargs)
+        _check_known(kwargs, self.valid_kwargs.__annotations__, f"{type(self).__name__} kwargs")
         flat = _flatten_images(images)
         if not flat:
             raise ValueError("Got an empty list of images.")
@@ -1244,48 +1071,33 @@ class TimeViperImageProcessor(_FrameTransformDefaults, BaseImageProcessor):
         return BatchFeature(data={"pixel_values": transform_frames(loaded, **_transform_options(self, kwargs))})
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Streaming video input: long videos read chunk by chunk, with host memory bounded whatever their length
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class VideoStream:
-    """One video file read lazily, `chunk_frames` sampled frames at a time (for `TimeViperModel.encode_video`).
+    """A video file (a path, bytes, or a conversation's video dict) read lazily, `chunk_frames` sampled frames at a
+    time, with `video_processor`'s sampling (`sampling` options over it), size and normalisation.
 
-    Opening it decodes the first chunk and fixes the sampled frames (`num_frames`, `metadata`: the indices the video
-    processor samples with the same options). Iterating yields uint8 (chunk, 3, height, width) tensors at the
-    processor's size, decoded by a background thread at most `prefetch_chunks` ahead, so host memory is a few chunks
-    whatever the video's length; `pixel_chunks` normalises them on the model's device. Each chunk is one
-    `decode_video_pyav` call (which demuxes the whole file once: prefer larger chunks for long files).
-
-    Args:
-        video: a path or raw bytes, or a dict ``{"video"|"path"|"url": source, <sampling overrides>}`` as in a
-            conversation's video item.
-        video_processor: the `TimeViperVideoProcessor` whose sampling defaults, size and normalisation apply.
-        chunk_frames: sampled frames per decoded chunk.
-        prefetch_chunks: chunks decoded ahead of the consumer.
-        resize_threads: threads that resize a chunk's frames (PIL releases the GIL while resizing; at 720p and up,
-            one thread resizing is slower than the decoder).
-        **sampling: ``fps``, ``num_frames``, ``max_frames``, ``min_frames``, ``start``, ``end``, ``sampling``.
+    Opening it decodes the first chunk and fixes the sampled frames (`num_frames`, `metadata`). Iterating yields
+    uint8 (chunk, 3, height, width) tensors, decoded by a background thread at most `prefetch_chunks` ahead, so host
+    memory is a few chunks whatever the video's length; `pixel_chunks` normalises them on the model's device. Each
+    chunk is one `decode_video_pyav` call (which demuxes the whole file: prefer larger chunks for long files).
+    `resize_threads` resize a chunk (PIL releases the GIL; at 720p and up one thread is slower than the decoder).
     """
 
     def __init__(self, video, video_processor, chunk_frames: int = 64, prefetch_chunks: int = 2,
                  resize_threads: int = 4, **sampling):
-        _check_sampling_keys(sampling, "VideoStream")
+        _check_known(sampling, SAMPLING_KEYS, "sampling options for VideoStream")
         if chunk_frames < 1 or prefetch_chunks < 1:
-            raise ValueError(
-                f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and {prefetch_chunks}."
-            )
-        item = video if isinstance(video, dict) else {}
-        source = _video_source(item) if item else video
+            raise ValueError(f"chunk_frames and prefetch_chunks must be >= 1, got {chunk_frames} and "
+                             f"{prefetch_chunks}.")
+        source, item = _source_and_options(video)
         if not isinstance(source, (str, os.PathLike, bytes)):
-            raise TypeError(
-                f"VideoStream reads a path or bytes (it decodes the file once per chunk), got {type(source).__name__}."
-            )
+            raise TypeError(f"VideoStream reads a path or bytes (it decodes the file once per chunk), got "
+                            f"{type(source).__name__}.")
         self.source, self.video_processor = source, video_processor
         self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
         self.resize_threads = max(1, resize_threads)
-        self.decode_seconds = 0.0  # time spent decoding and resizing (in the background thread after the first chunk)
         options = video_processor.sampling_options(sampling, item)
         sampled = []
 
@@ -1296,7 +1108,7 @@ class VideoStream:
         started = time.perf_counter()
         frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
         self.first_chunk = self.resize(frames)
-        self.decode_seconds += time.perf_counter() - started
+        self.decode_seconds = time.perf_counter() - started  # decoding and resizing (then in the background thread)
         self.indices = sampled
         # Only the first chunk has been decoded: its times would not cover the video, the frame rate does.
         self.metadata.frames_indices, self.metadata.frames_timestamps = sampled, None
@@ -1306,16 +1118,11 @@ class VideoStream:
         return len(self.indices)
 
     def resize(self, frames: np.ndarray) -> torch.Tensor:
-        """Decoded RGB frames -> uint8 (frames, 3, height, width) at the processor's size (the processor's resize,
-        on `resize_threads` groups of frames at once)."""
-        processor = self.video_processor
+        """Decoded RGB frames -> uint8 (frames, 3, height, width) by the processor's resize, in `resize_threads`."""
+        options = _transform_options(self.video_processor, {"do_rescale": False, "do_normalize": False})
 
         def resize_group(group):
-            pixels = transform_frames(
-                group, size=processor.size, resample=processor.resample, do_resize=processor.do_resize,
-                do_rescale=False, do_normalize=False,
-            )
-            return pixels.to(torch.uint8)  # (whole numbers in [0, 255]: exact)
+            return transform_frames(group, **options).to(torch.uint8)  # whole numbers in [0, 255]: exact
 
         groups = [group for group in np.array_split(frames, self.resize_threads) if len(group)]
         if len(groups) == 1:
@@ -1372,11 +1179,9 @@ class VideoStream:
     def pixel_chunks(self, device=None, dtype=None):
         """Normalised pixels, chunk by chunk, on `device` in `dtype`: uint8 crosses to the device (a quarter of
         the float32 bytes) and is normalised there."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = torch.device("cpu" if device is None else device)
         for chunk in self:
             if device.type == "cuda":
-                chunk = chunk.pin_memory().to(device, non_blocking=True)
-            else:
-                chunk = chunk.to(device)
-            pixels = self.normalize(chunk)
+                chunk = chunk.pin_memory()
+            pixels = self.normalize(chunk.to(device, non_blocking=device.type == "cuda"))
             yield pixels if dtype is None else pixels.to(dtype)

@@ -476,7 +476,7 @@ def test_save_and_load_with_auto_processor(tmp_path, video_path, backbone):
     )
     folder = tmp_path / "checkpoint"
     try:
-        TimeViperProcessor.register_for_auto_class()  # also registers the video and image processors
+        TimeViperProcessor.register_for_auto_class()
         TimeViperVideoProcessor.register_for_auto_class()
         processor.save_pretrained(folder)
     finally:  # class-level registration must not leak into other tests
