@@ -3,18 +3,11 @@
     PYTHONPATH=. python benchmarks/multi_gpu/reload_check.py /tmp/tv/fsdp/output --initial /tmp/tv/model \
         --probe /tmp/tv/data/probe_batch.pt --reference /tmp/tv/fsdp/probe_logits.pt --out /tmp/tv/fsdp/reload.json
 
-Loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` (the folder's own code, as
-a user would), in the parameter dtype and under the autocast state that train_bench.py recorded from the engine's
-forward (FSDP mixed precision: bf16 parameters + bf16 autocast; DeepSpeed bf16: bf16 parameters, no autocast), and
-with the Mamba-2 kernels' Triton configs that the trained model's process chose (triton_choices.py), so the
-arithmetic is the same as in training and the logits must be bitwise identical. Writes the loading report (missing /
-unexpected / mismatched keys, the folder's weight dtype and size) and the comparison (bitwise equality, max / mean
-|diff|, argmax agreement per position, loss) to --out. Because near-equal logits alone would also accept a folder
-holding the untrained weights (20 steps at lr 1e-5 move logits little), a sample of tensors per module group is
-compared with the input checkpoint (--initial): the trained groups must have moved, the frozen vision tower must be
-bit for bit the input's; and the folder's tensor names must be the input's. Exits 1 when keys are missing or
-unexpected (on loading or against the input's names), a recorded Triton config cannot be installed, the logits
-differ in any bit, or the weight sample says otherwise.
+Loads the folder as a user would (`AutoModelForImageTextToText`, `trust_remote_code=True`) in the parameter dtype and
+autocast state that train_bench.py recorded, with the Triton configs the trained model's process chose
+(triton_choices.py), so the logits must be bitwise identical. Also compares the folder's tensor names and a sample of
+its tensors with the input checkpoint (--initial): trained groups must have moved, the frozen vision tower must not.
+Writes the report to --out; exits 1 on any problem (`verdict`).
 """
 
 import argparse
