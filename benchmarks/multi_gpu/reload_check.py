@@ -61,20 +61,16 @@ def read(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name).float()
 
 
-def key_differences(saved: Path, initial: Path) -> dict:
-    """Tensor names of the input checkpoint that the folder lacks, and the folder's that the input lacks (both empty
-    when training saved under the names it loaded; transformers may still load a renamed folder through its key
-    conversions, so the loading report alone would not show it)."""
-    saved_names, initial_names = set(tensor_files(saved)), set(tensor_files(initial))
-    return {"not_saved": sorted(initial_names - saved_names), "not_in_initial": sorted(saved_names - initial_names)}
-
-
-def weight_changes(saved: Path, initial: Path) -> dict:
-    """Per module group: of a sample of tensors, how many differ from the input checkpoint, and by how much (only
-    tensors that the folder holds under the input's name)."""
+def against_initial(saved: Path, initial: Path) -> dict:
+    """The folder against the input checkpoint: the tensor names either lacks (both empty when training saved under
+    the names it loaded; transformers may still load a renamed folder through its key conversions, so the loading
+    report alone would not show it) and, per module group, which of a sample of the tensors both hold differ and by
+    how much."""
     saved_files, initial_files = tensor_files(saved), tensor_files(initial)
+    saved_names, initial_names = set(saved_files), set(initial_files)
+    keys = {"not_saved": sorted(initial_names - saved_names), "not_in_initial": sorted(saved_names - initial_names)}
     sample = {}
-    for name in sorted(set(initial_files) & set(saved_files)):
+    for name in sorted(initial_names & saved_names):
         group = module_group(name)
         if len(sample.setdefault(group, [])) < TENSORS_PER_GROUP or name == "lm_head.weight":
             sample[group].append(name)
@@ -87,7 +83,7 @@ def weight_changes(saved: Path, initial: Path) -> dict:
                 changed.append(name)
                 max_change = max(max_change, (after - before).abs().max().item())
         report[group] = {"compared": names, "changed": changed, "max_abs_change": max_change}
-    return report
+    return {"key_names_vs_initial": keys, "weights_vs_initial": report}
 
 
 def load(folder: Path, dtype: torch.dtype, device: str):
@@ -180,8 +176,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
         "compute": {key: reference[key] for key in ("param_dtype", "autocast", "autocast_dtype")},
         "saved_weights": saved_weights(folder),
-        "key_names_vs_initial": key_differences(folder, Path(args.initial)),
-        "weights_vs_initial": weight_changes(folder, Path(args.initial)),
+        **against_initial(folder, Path(args.initial)),
         "loading": loading,
         "forward_s": time.perf_counter() - start,
         # Keys tuned in this process had no recorded choice (the trained model's forward never met those shapes).
