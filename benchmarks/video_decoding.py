@@ -159,9 +159,7 @@ def main():
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         sys.exit("The baseline needs FFmpeg's command line tool `ffmpeg` (e.g. `apt-get install ffmpeg`).")
-    me = [sys.executable, os.path.abspath(__file__), "--duration", str(args.duration), "--fps", str(args.fps),
-          "--size", args.size, "--keyint-seconds", str(args.keyint_seconds), "--preset", args.preset,
-          "--video", path, "--measure"]
+    me = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--video", path, "--measure"]  # same video
     commands = {
         "ffmpeg": [ffmpeg, "-v", "error", "-nostdin", "-i", path, "-f", "null", "-"],
         "sampled_1fps": me + ["sampled_1fps"],
