@@ -124,11 +124,10 @@ def step_timing(model, device, args, results):
         "first_question_dependent_stage": state.resume.stage_index,
     }
     results["summary"] = {
-        "questions": args.questions, "independent_runs_timed": len(independent), "frames": args.frames, "tokens_in": int(questions[0].shape[1]),
-        "total_independent_s": total_independent, "total_reused_s": total_reused,
-        "speedup": total_independent / total_reused,
-        "per_question_reused_median_s": median_high(per_question),
-        "question_only_floor_median_s": median_high(floors),
+        "questions": args.questions, "independent_runs_timed": len(independent), "frames": args.frames,
+        "tokens_in": int(questions[0].shape[1]), "total_independent_s": total_independent,
+        "total_reused_s": total_reused, "speedup": total_independent / total_reused,
+        "per_question_reused_median_s": median_high(per_question), "question_only_floor_median_s": median_high(floors),
         "per_question_over_floor": median_high(per_question) / median_high(floors),
         "gpu_peak_bytes": mem(device)["peak"],
     }

@@ -131,8 +131,7 @@ def compare(expected: dict, actual: dict) -> dict:
     differing_outputs = [name for name in differing if not name.startswith("weights.")]
     differing_weights = [name for name in differing if name.startswith("weights.")]
     return {
-        "compared": len(compared),
-        "weights_compared": sum(name.startswith("weights.") for name in compared),
+        "compared": len(compared), "weights_compared": sum(name.startswith("weights.") for name in compared),
         "missing": [name for name in expected if name not in actual],
         "first_differing": differing_outputs[0] if differing_outputs else None,
         "max_abs_diff": {name: (expected[name].float() - actual[name].float()).abs().max().item()

@@ -83,10 +83,8 @@ def main(argv=None) -> None:
     # accelerate runs the wrapped forward under its own autocast, as in training.
     results["fsdp"] = run(wrapped, inner, batch, device.type, autocast=False)
     report = {
-        "engine": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision,
-        "pattern": args.pattern,
-        "block_types": kinds,
+        "engine": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+        "pattern": args.pattern, "block_types": kinds,
         "lm_head_dtype_in_forward": {name: r["lm_head_dtype"] for name, r in results.items()},
         "fsdp_vs_bf16": difference(results["fsdp"], results["bf16"]),
         "fsdp_vs_fp32": difference(results["fsdp"], results["fp32"]),

@@ -105,17 +105,13 @@ def compare(reference: dict, output) -> dict:
     diff = (actual - expected).abs()
     scale = expected.abs().max().item()
     return {
-        "shape_equal": True,
-        "shape": list(expected.shape),
+        "shape_equal": True, "shape": list(expected.shape),
         "kept_positions_equal": torch.equal(reference["kept_positions"], output.kept_positions.cpu()),
         "bitwise_identical": torch.equal(expected, actual),
-        "max_abs_diff": diff.max().item(),
-        "mean_abs_diff": diff.mean().item(),
-        "max_abs_reference": scale,
+        "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "max_abs_reference": scale,
         "relative_max_diff": diff.max().item() / scale if scale else float("inf"),
         "argmax_agreement": (expected.argmax(-1) == actual.argmax(-1)).float().mean().item(),
-        "loss_reference": reference["loss"],
-        "loss_reloaded": float(output.loss),
+        "loss_reference": reference["loss"], "loss_reloaded": float(output.loss),
     }
 
 
@@ -175,10 +171,8 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
         "compute": {key: reference[key] for key in ("param_dtype", "autocast", "autocast_dtype")},
-        "saved_weights": saved_weights(folder),
-        **against_initial(folder, Path(args.initial)),
-        "loading": loading,
-        "forward_s": time.perf_counter() - start,
+        "saved_weights": saved_weights(folder), **against_initial(folder, Path(args.initial)),
+        "loading": loading, "forward_s": time.perf_counter() - start,
         # Keys tuned in this process had no recorded choice (the trained model's forward never met those shapes).
         "triton_autotune": {**triton, "tuned_here": len(autotune_choices()) - triton["pinned"]},
         "logits": comparisons,

@@ -60,18 +60,11 @@ def summarize_engine(ranks: list[dict], prepared: dict | None) -> dict:
     median = statistics.median(later)
     world = ranks[0]["world_size"]
     summary = {
-        "world_size": world,
-        "device": ranks[0]["device"],
-        "steps": len(steps),
-        "first_step_s": steps[0]["step_s"],
-        "median_step_s": median,
-        "mean_step_s": statistics.fmean(later),
-        "max_step_s": max(later),
+        "world_size": world, "device": ranks[0]["device"], "steps": len(steps), "first_step_s": steps[0]["step_s"],
+        "median_step_s": median, "mean_step_s": statistics.fmean(later), "max_step_s": max(later),
         "median_interval_s": statistics.median([s["interval_s"] for s in timed]),
-        "loss_first": steps[0].get("loss"),
-        "loss_last": steps[-1].get("loss"),
-        "load_s": ranks[0]["load_s"],
-        "save_s": ranks[0]["save_s"],
+        "loss_first": steps[0].get("loss"), "loss_last": steps[-1].get("loss"),
+        "load_s": ranks[0]["load_s"], "save_s": ranks[0]["save_s"],
         "peak_train": {r["rank"]: r["memory"].get("train", {}) for r in ranks},
         "peak_load": {r["rank"]: r["memory"].get("load", {}) for r in ranks},
     }

@@ -197,18 +197,13 @@ def main(argv=None) -> None:
         torch.save(probe, out / "probe_logits.pt")
     times = metrics.times
     record = {
-        "rank": rank,
-        "world_size": trainer.args.world_size,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "argv": sys.argv,
+        "rank": rank, "world_size": trainer.args.world_size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "argv": sys.argv,
         "accelerate_env": {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "FSDP_"))},
         "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "none",
-        "load_s": times["train_begin"] - times["started"],
-        "train_s": times["train_end"] - times["train_begin"],
-        "save_s": times["saved"] - times["train_end"],
-        "probe_s": times["probed"] - times["saved"],
-        "memory": metrics.memory,
-        "steps": metrics.steps,
+        "load_s": times["train_begin"] - times["started"], "train_s": times["train_end"] - times["train_begin"],
+        "save_s": times["saved"] - times["train_end"], "probe_s": times["probed"] - times["saved"],
+        "memory": metrics.memory, "steps": metrics.steps,
         "probe": {"loss": {name: probe[name]["loss"] for name in ("video", "text")},
                   **{key: probe[key] for key in ("param_dtype", "autocast", "autocast_dtype")}},
     }
