@@ -2,9 +2,8 @@
 throughput against its bandwidth floor, for the hybrid Nemotron-Nano-9B-v2 LLM (with and without TransV) and a
 Qwen2.5-7B-architecture baseline, all behind the same SigLIP so400m/14-384 + ToMe (16 tokens/frame) + MLP stack.
 
-Full-size architectures, random bf16 weights (nothing is downloaded). On CUDA the Mamba-2 scan and the decode state
-update are mamba-ssm's Triton kernels when `mamba_ssm` imports (see gpu_setup.sh); the causal depthwise conv always
-runs through torch.nn.functional.conv1d (causal-conv1d is not installed).
+Full-size architectures, random bf16 weights (nothing is downloaded); on CUDA, mamba-ssm's Triton kernels where
+`mamba_ssm` imports (gpu_setup.sh).
 
 Frames never exist as one pixel tensor: `get_video_features` is replaced by a function that draws each vision chunk
 of random (chunk, 3, 384, 384) bf16 frames on the GPU and passes it through the model's own `encode_frames`
