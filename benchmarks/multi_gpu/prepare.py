@@ -50,13 +50,9 @@ def make_config(tokenizer, tiny: bool, schedule: str | None, **text_overrides) -
     text = nano_9b_v2_text_config(**special_ids, **(TINY_NANO if tiny else {}), **text_overrides)
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"the tokenizer's {len(tokenizer)} ids do not fit the vocabulary of {text.vocab_size}")
-    return TimeViperConfig(
-        vision_config=so400m_vision_config(**(TINY_VISION if tiny else {})),
-        text_config=text,
-        token_compression=schedule,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+    return TimeViperConfig(vision_config=so400m_vision_config(**(TINY_VISION if tiny else {})), text_config=text,
+                           token_compression=schedule, video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
 
 
 def build_checkpoint(folder: Path, tiny: bool, schedule: str, seed: int) -> dict:
