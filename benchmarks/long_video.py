@@ -2,9 +2,8 @@
 throughput against its bandwidth floor, for the hybrid Nemotron-Nano-9B-v2 LLM (with and without TransV) and a
 Qwen2.5-7B-architecture baseline, all behind the same SigLIP so400m/14-384 + ToMe (16 tokens/frame) + MLP stack.
 
-Full-size architectures, random bf16 weights (nothing is downloaded). On CUDA the Mamba-2 scan and the decode state
-update are mamba-ssm's Triton kernels when `mamba_ssm` imports (see gpu_setup.sh); the causal depthwise conv always
-runs through torch.nn.functional.conv1d (causal-conv1d is not installed).
+Full-size architectures, random bf16 weights (nothing is downloaded); on CUDA, mamba-ssm's Triton kernels where
+`mamba_ssm` imports (gpu_setup.sh).
 
 Frames never exist as one pixel tensor: `get_video_features` is replaced by a function that draws each vision chunk
 of random (chunk, 3, 384, 384) bf16 frames on the GPU and passes it through the model's own `encode_frames`
@@ -100,10 +99,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Kernel accounting: count the calls of the Mamba Triton kernels
-# ---------------------------------------------------------------------------------------------------------------
-
+# Calls of the Mamba Triton kernels, counted by install_kernel_counters.
 KERNEL_CALLS = {"mamba_chunk_scan_combined": 0, "selective_state_update": 0}
 
 
@@ -121,11 +117,6 @@ def install_kernel_counters():
 
         counted._counted = True
         setattr(tm, name, counted)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FLOP and byte counting
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def linear_params(module):
@@ -225,11 +216,6 @@ def decode_bytes(model, cache):
     return {"weights": weights, "kv": kv, "mamba_states_rw": states, "total": weights + kv + states}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Frame sources and phase timing
-# ---------------------------------------------------------------------------------------------------------------
-
-
 class PhaseTimer:
     """Hooks that sync and stamp the vision tower, ToMe+projector and LLM phases of a prefill, record the tokens
     each LLM block sees and the running peak memory after each block."""
@@ -244,7 +230,7 @@ class PhaseTimer:
         self.handles.append(last.register_forward_hook(lambda m, a, o: self._stamp("vision_end")))
         self.handles.append(inner.multi_modal_projector.register_forward_hook(lambda m, a, o: self._stamp("proj_end")))
         lm = inner.language_model
-        self.handles.append(lm.register_forward_pre_hook(lambda m, a: self._llm_start()))
+        self.handles.append(lm.register_forward_pre_hook(lambda m, a: self._stamp("llm_start")))
         self.handles.append(lm.register_forward_hook(lambda m, a, o: self._stamp("llm_end")))
         for i, layer in enumerate(lm.layers):
             self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._layer_in(i, a)))
@@ -255,25 +241,18 @@ class PhaseTimer:
         self.layer_tokens, self.layer_peak = [], []
         self.pre_llm_peak = None
 
-    def _now(self):
-        sync(self.device)
-        return time.perf_counter()
-
     def _stamp(self, name):
         if not self.active:
             return
-        now = self._now()
+        sync(self.device)
+        now = time.perf_counter()
         if name == "vision_end":
             self.vision_s += now - self.last["vision_start"]
         if name == "proj_end":
             self.tome_proj_s += now - self.last["vision_end"]
+        if name == "llm_start":
+            self.pre_llm_peak = mem(self.device)["peak"]
         self.last[name] = now
-
-    def _llm_start(self):
-        if not self.active:
-            return
-        self.last["llm_start"] = self._now()
-        self.pre_llm_peak = mem(self.device)["peak"]
 
     def _layer_in(self, i, args):
         if not self.active:
@@ -310,11 +289,6 @@ def install_frame_source(model, mode, device, seed=0):
         return torch.cat(chunks)
 
     inner.get_video_features = get_video_features
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measurements
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def generate_timed(model, input_ids, placeholder, new_tokens, device, timer):
@@ -485,22 +459,21 @@ def profiling(args, device):
     return args.profile and (args.tiny or is_cuda(device))
 
 
+# Kernel categories of the profiles, by substrings of the kernel's name (the first category that matches wins).
+CATEGORIES = (
+    ("attention (SDPA)", ("flash", "fmha", "attention", "sdpa")),
+    ("mamba Triton", ("_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum",
+                      "selective_scan")),
+    ("matmul (cuBLAS)", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "xmma")),
+    ("conv", ("conv",)),
+    ("copy/index", ("copy", "cat", "memcpy", "memset", "index", "gather", "scatter")),
+    ("reductions/norms", ("reduce", "norm")),
+)
+
+
 def categorize(name):
     n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "pytorch_flash")):
-        return "attention (SDPA)"
-    if any(k in n for k in ("_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum",
-                            "selective_scan", "_selective_scan_update")):
-        return "mamba Triton"
-    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "xmma")):
-        return "matmul (cuBLAS)"
-    if "conv" in n:
-        return "conv"
-    if any(k in n for k in ("copy", "cat", "memcpy", "memset", "index", "gather", "scatter")):
-        return "copy/index"
-    if "reduce" in n or "norm" in n:
-        return "reductions/norms"
-    return "elementwise/other"
+    return next((category for category, keys in CATEGORIES if any(k in n for k in keys)), "elementwise/other")
 
 
 def profile_region(label, fn, device, results, args, repeats=1):
@@ -745,30 +718,11 @@ def measure_ceilings(device, results):
     log(f"ceilings: matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e12:.2f} TB/s")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def llm_cost_estimate(model, frames):
     """Seconds an llm_only prefill of `frames` should take, at 40% of peak (for skipping against the budget)."""
     vision_tokens = frames * model.config.vision_tokens_per_frame
     layer_tokens = tokens_per_block(model, vision_tokens, PROMPT_TEXT_TOKENS)
     return llm_flops(model, layer_tokens)["total"] / (0.4 * PEAK_FLOPS) + 2.0
-
-
-class Budget:
-    def __init__(self, seconds):
-        self.end = T0 + seconds
-
-    def left(self):
-        return self.end - time.perf_counter()
-
-    def allows(self, cost, what):
-        if cost < self.left():
-            return True
-        log(f"SKIP {what}: predicted {cost:.0f}s, {self.left():.0f}s left")
-        return False
 
 
 def fit_memory(points, cap):
@@ -790,11 +744,18 @@ class Run:
     args: argparse.Namespace
     device: torch.device
     results: dict
-    budget: Budget
     vision_rate: dict | None = None  # vision_microbench of the first config: extrapolates llm_only runs
 
     def save(self):
         save(self.results, self.args)
+
+    def allows(self, cost, what):
+        """Whether a step predicted to take `cost` seconds ends within --budget-s (else it is logged as skipped)."""
+        left = T0 + self.args.budget_s - time.perf_counter()
+        if cost < left:
+            return True
+        log(f"SKIP {what}: predicted {cost:.0f}s, {left:.0f}s left")
+        return False
 
 
 def main(argv=None):
@@ -807,7 +768,7 @@ def main(argv=None):
     install_kernel_counters()
     results = {"meta": {**meta(device, args), "peak_flops_used": PEAK_FLOPS, "peak_bytes_used": PEAK_BYTES},
                "runs": [], "decode": [], "fit": {}}
-    run = Run(args, device, results, Budget(args.budget_s))
+    run = Run(args, device, results)
     log("meta:", json.dumps(results["meta"]))
     if is_cuda(device):
         measure_ceilings(device, results)
@@ -896,7 +857,7 @@ def measure_vision_rate(run, model):
 def e2e_sweep(run, model, timer, name):
     per_frame = run.vision_rate["vision_s_per_frame"] + run.vision_rate["tome_proj_s_per_frame"]
     for frames in ints(run.args.e2e_frames):
-        if run.budget.allows(frames * per_frame + llm_cost_estimate(model, frames), f"{name} e2e F={frames}"):
+        if run.allows(frames * per_frame + llm_cost_estimate(model, frames), f"{name} e2e F={frames}"):
             run_point(run, model, timer, name, frames, "e2e")
             run.save()
 
@@ -906,7 +867,7 @@ def profile_prefill(run, model, name):
     if not profiling(run.args, run.device) or not ints(run.args.e2e_frames):
         return
     frames = max(ints(run.args.e2e_frames))
-    if not run.budget.allows(llm_cost_estimate(model, frames) * 1.5, f"profile {name}"):
+    if not run.allows(llm_cost_estimate(model, frames) * 1.5, f"profile {name}"):
         return
     install_frame_source(model, "llm_only", run.device)
     ids = video_prompt_ids(model.config, frames, run.device)
@@ -923,7 +884,7 @@ def decode_sweep(run, model, name):
     for variant in run.args.decode_variants.split(","):
         if variant == "static_graph" and not is_cuda(run.device):
             continue
-        if run.budget.allows(30, f"decode {name} {variant}"):
+        if run.allows(30, f"decode {name} {variant}"):
             decode_bench(model, name, run.device, run.args, run.results, variant)
             run.save()
 
@@ -935,7 +896,7 @@ def llm_only_sweep(run, model, timer, name):
     if name == "c":
         llm_frames = [f for f in llm_frames if f <= args.max_llm_frames_c]
     for frames in llm_frames:
-        if run.budget.allows(llm_cost_estimate(model, frames), f"{name} llm_only F={frames}"):
+        if run.allows(llm_cost_estimate(model, frames), f"{name} llm_only F={frames}"):
             rec = run_point(run, model, timer, name, frames, "llm_only")
             run.save()
             if rec.get("oom"):
@@ -953,7 +914,7 @@ def record_fit(run, name):
 
 
 def compiled_vision_extra(run):
-    if not is_cuda(run.device) or not run.budget.allows(150, "compiled vision A/B"):
+    if not is_cuda(run.device) or not run.allows(150, "compiled vision A/B"):
         return
     with torch.inference_mode():
         model, _ = build_model(make_config("a", run.args.tiny), run.device, torch.bfloat16, run.args)
@@ -969,7 +930,7 @@ def verify_fit(run, name):
     with torch.inference_mode():
         model, _ = build_model(make_config(name, args.tiny), run.device, torch.bfloat16, args)
         frames = 48 if args.tiny else int(fit["predicted_max_frames"] * args.fit_margin) // 256 * 256
-        if run.budget.allows(llm_cost_estimate(model, frames) * 1.2, f"{name} fit verify F={frames}"):
+        if run.allows(llm_cost_estimate(model, frames) * 1.2, f"{name} fit verify F={frames}"):
             timer = PhaseTimer(model, run.device)
             rec = run_point(run, model, timer, name, frames, "llm_only")
             rec["fit_verification"] = True

@@ -14,8 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"a": "tab:blue", "b": "tab:green", "c": "tab:red"}
 LABELS = {"a": "Nano-9B hybrid", "b": "Nano-9B + TransV", "c": "Qwen2.5-7B arch"}
 VARIANTS = {"as_is": "eager (dynamic cache)", "static_graph": "CUDA graph (static cache)"}
-
-
 GIB = 2**30
 
 

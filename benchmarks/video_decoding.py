@@ -1,23 +1,13 @@
 """Benchmark: sampled decoding (video_processing_timeviper.decode_video_pyav) against FFmpeg decoding the whole file.
 
-Generates a long synthetic H.264 MP4 (default: 1 hour, 320x180, 25 fps, a keyframe every 10 s, 2 B-frames, x264
-``ultrafast``; each frame's index is colour-coded, the bottom quarter holds a moving noisy pattern), then times, each
-in its own process (wall clock and peak RSS from ``wait4``), alternating so that load on a shared machine hits both:
+Generates a long synthetic H.264 MP4 (kept in the temp dir and reused; each frame's index colour-coded), then times
+each measurement in its own process (wall clock and peak RSS from ``wait4``), alternating so that load on a shared
+machine hits all: ``ffmpeg`` (``ffmpeg -i VIDEO -f null -``), ``sampled_1fps`` (every 1 fps frame with
+`decode_video_pyav`, frames and timestamps checked), ``processor_default`` (``TimeViperVideoProcessor()(path)``) and
+``index_scan`` (the demux pass that numbers the frames). Results: ``benchmarks/results/video_decoding.json``.
 
-* ``ffmpeg``: ``ffmpeg -i VIDEO -f null -``, FFmpeg's own decode of every frame (its default threads);
-* ``sampled_1fps``: every 1 fps frame (3600 for an hour, no cap) with `decode_video_pyav`, frames checked against
-  their colour code and timestamps;
-* ``processor_default``: ``TimeViperVideoProcessor()(path)``: 1 fps capped to 256 frames, resized to 384x384;
-* ``index_scan``: the demux pass alone that numbers the frames (part of both of the above).
-
-The target: ``sampled_1fps`` within 1.3x of ``ffmpeg``, peak RSS under 1 GiB. Results go to
-``benchmarks/results/video_decoding.json``; the generated video is kept in the temp dir and reused.
-
-Usage (``timeviper`` importable, e.g. through ``source benchmarks/gpu_setup.sh``)::
-
-    python benchmarks/video_decoding.py                   # generate (~2-4 min on 2 cores) and measure
-    python benchmarks/video_decoding.py --repeats 3       # best of 3, alternating
-    python benchmarks/video_decoding.py --duration 600    # a 10-minute video
+    python benchmarks/video_decoding.py --repeats 3       # best of 3 (``timeviper`` importable)
+    python benchmarks/video_decoding.py --duration 600    # a 10-minute video instead of an hour
 """
 
 import argparse
@@ -169,9 +159,7 @@ def main():
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         sys.exit("The baseline needs FFmpeg's command line tool `ffmpeg` (e.g. `apt-get install ffmpeg`).")
-    me = [sys.executable, os.path.abspath(__file__), "--duration", str(args.duration), "--fps", str(args.fps),
-          "--size", args.size, "--keyint-seconds", str(args.keyint_seconds), "--preset", args.preset,
-          "--video", path, "--measure"]
+    me = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--video", path, "--measure"]  # same video
     commands = {
         "ffmpeg": [ffmpeg, "-v", "error", "-nostdin", "-i", path, "-f", "null", "-"],
         "sampled_1fps": me + ["sampled_1fps"],

@@ -1,19 +1,15 @@
 """Encode once, ask many: 10 questions about one long video from a reused video state vs 10 independent runs, on
-one GPU, in the same run.
+one GPU, in the same run (prefill + first-token logits; decoding excluded).
 
-- independent (per question): the vision tower on the video's frames (`encode_video`, 256-frame chunks) + the
-  chunked prefill of the whole prompt (prefix + video + question) + the first token's logits.
-- reused: the vision tower once + `encode_video_state` once (the prefix prefill up to the first question-dependent
-  stage), then per question `model(**state.question_inputs(ids), logits_to_keep=1)`: the question's tokens through
-  the blocks before that stage, the stage's selection over prefix + question, the blocks after it on what it keeps.
+- independent (per question): `encode_video` (256-frame chunks) + chunked prefill of the whole prompt.
+- reused: `encode_video` and `encode_video_state` once, then per question `model(**state.question_inputs(ids))`.
 - question-only floor (per question): the question's tokens continuing a complete cache of the prompt through every
-  block (what a question costs when no stage depends on it): the least a question can cost.
-- exactness on the GPU (bf16): greedy tokens (8) and first-step logits of reused vs independent, for 2 questions.
-- the state's memory (total and per frame), its safetensors file, save and load times.
+  block (what a question costs when no stage depends on it).
+- exactness (bf16): greedy tokens (8) and first-step logits of reused vs independent, for 2 questions;
+  the state's memory, its safetensors file, save and load times.
 
-Decoding is excluded from the timings (prefill + first-token logits only). Random bf16 weights of the full-size
-architecture (benchmarks/long_video.py's config b: Nano-9B-v2 hybrid + SigLIP so400m, `uni_7_0.5-attn_39_0.05`);
-the frames are random pixels of the right shape, which the real vision tower encodes; nothing is downloaded.
+Random bf16 weights of long_video.py's config b (Nano-9B-v2 + SigLIP so400m, `uni_7_0.5-attn_39_0.05`), random
+frames of the right shape through the real vision tower; nothing is downloaded.
 
     python benchmarks/video_state.py --tiny           # CPU smoke test, tiny dims
     source benchmarks/gpu_setup.sh && python benchmarks/video_state.py --out benchmarks/results/video_state.json
@@ -28,7 +24,6 @@ from statistics import median_high
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import (  # noqa: E402
     add_common_arguments,
     build_model,
@@ -129,11 +124,10 @@ def step_timing(model, device, args, results):
         "first_question_dependent_stage": state.resume.stage_index,
     }
     results["summary"] = {
-        "questions": args.questions, "independent_runs_timed": len(independent), "frames": args.frames, "tokens_in": int(questions[0].shape[1]),
-        "total_independent_s": total_independent, "total_reused_s": total_reused,
-        "speedup": total_independent / total_reused,
-        "per_question_reused_median_s": median_high(per_question),
-        "question_only_floor_median_s": median_high(floors),
+        "questions": args.questions, "independent_runs_timed": len(independent), "frames": args.frames,
+        "tokens_in": int(questions[0].shape[1]), "total_independent_s": total_independent,
+        "total_reused_s": total_reused, "speedup": total_independent / total_reused,
+        "per_question_reused_median_s": median_high(per_question), "question_only_floor_median_s": median_high(floors),
         "per_question_over_floor": median_high(per_question) / median_high(floors),
         "gpu_peak_bytes": mem(device)["peak"],
     }

@@ -8,13 +8,13 @@ are shrunk: they do not enter the per-frame size (Mamba states are constant in t
 
 import torch
 
+from common import TINY_VISION  # benchmarks/common.py (this script's folder is on sys.path)
 from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
 
 def main():
-    vision = so400m_vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=56, patch_size=8)
+    vision = so400m_vision_config(**TINY_VISION)
     text = nano_9b_v2_text_config(intermediate_size=64, mamba_num_heads=8, vocab_size=512)
     config = TimeViperConfig(vision_config=vision, text_config=text, token_compression="uni_7_0.5-attn_39_0.05",
                              image_token_id=512, video_token_id=513)

@@ -63,11 +63,9 @@ def _is_whole(parameter) -> bool:
 
 def _weight_hooks(model, record: dict) -> list:
     """Pre-hooks on every module that put a digest of each parameter into `record` (`weights.<parameter name>`) the
-    first time a forward finds it whole: FSDP has unsharded a unit's parameters when any module of the unit runs;
-    DeepSpeed ZeRO-3 gathers a module's own parameters in that module's pre-hook (registered before these, so run
-    first) and keeps small ones (norms, convolutions, Mamba's A, D, dt bias) whole throughout. Parameters of modules
-    whose forward is never called (e.g. conv1d, read by the Mamba mixer) are digested through their caller. Names are
-    taken now and tensors at forward time (`_tensor_as_held`)."""
+    first time a forward finds it whole: FSDP unshards a unit's parameters when any module of the unit runs; ZeRO-3
+    gathers a module's own parameters in its own pre-hook (registered before these, so run first). Parameters of
+    modules whose forward is never called (e.g. conv1d, read by the Mamba mixer) are digested through their caller."""
     handles = []
     for path, module in model.named_modules():
         if _is_fsdp_unit(module):
@@ -90,12 +88,10 @@ def _weight_hooks(model, record: dict) -> list:
 
 @contextlib.contextmanager
 def recording(model, block_outputs: bool = True):
-    """Within the block, the forward of `model` (the unwrapped TimeViperForConditionalGeneration) fills the yielded
-    dict, in forward order: `weights.<parameter name>` (a digest of each parameter as the forward saw it, unsharded
-    and cast by the engine), `video_features` (the projector's output, when the batch has a video) and, with
-    `block_outputs`, the outputs of `embeddings`, of `block.<i>` for each hybrid/decoder block and of `final_norm`.
-    Works through FSDP and DeepSpeed wrappers of the blocks (the hooks see the full outputs). One forward per block:
-    a parameter is digested the first time it is met."""
+    """Within the block, the forward of `model` (the unwrapped TimeViperForConditionalGeneration, its blocks possibly
+    wrapped by FSDP or DeepSpeed) fills the yielded dict, in forward order: `weights.<parameter name>` (digests),
+    `video_features` (the projector's output, when the batch has a video) and, with `block_outputs`, the outputs of
+    `embeddings`, of `block.<i>` for each block and of `final_norm`. One forward per block."""
     language_model = model.model.language_model
     modules = {"video_features": model.model.multi_modal_projector}
     if block_outputs:
@@ -119,8 +115,7 @@ def recording(model, block_outputs: bool = True):
 def probe_forward(model, inner, batch: dict, probe: str):
     """One probe through `model` (an engine's wrapper, or the model itself) without autograd, recorded on `inner` (its
     unwrapped model; block outputs for the text probe only, the video probe's are GBs), then a second forward.
-    Returns the output, the recording, and whether the second forward repeated the logits bit for bit (if not, the
-    forward is nondeterministic, whatever the checkpoint)."""
+    Returns the output, the recording, and whether the second forward repeated the logits bit for bit."""
     with torch.no_grad():
         with recording(inner, block_outputs=probe == "text") as outputs:
             output = model(**batch)
@@ -136,8 +131,7 @@ def compare(expected: dict, actual: dict) -> dict:
     differing_outputs = [name for name in differing if not name.startswith("weights.")]
     differing_weights = [name for name in differing if name.startswith("weights.")]
     return {
-        "compared": len(compared),
-        "weights_compared": sum(name.startswith("weights.") for name in compared),
+        "compared": len(compared), "weights_compared": sum(name.startswith("weights.") for name in compared),
         "missing": [name for name in expected if name not in actual],
         "first_differing": differing_outputs[0] if differing_outputs else None,
         "max_abs_diff": {name: (expected[name].float() - actual[name].float()).abs().max().item()

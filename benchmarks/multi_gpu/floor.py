@@ -7,10 +7,9 @@ The FLOPs are counted with the functions of `benchmarks/long_video.py` on the be
 device from `prepared.json`, for one training sample (one per GPU per step):
 - vision tower and ToMe: forward only (frozen, nothing flows back into them);
 - projector, lm_head and the compression stages (TransV, attention-guided scores): forward + backward (2x forward);
-- LLM blocks: forward, the forward again under gradient checkpointing, backward (2x forward); `without_recompute`
-  leaves the second forward out (the usual model-FLOPs count).
-The tokens each block processes follow the TransV schedule: vision tokens kept from a stage's block on are
-`int(vision tokens of the input x keep ratio)`, as `TokenCompressor.select` keeps them.
+- LLM blocks: forward, the forward again under gradient checkpointing, backward (2x forward), over the tokens each
+  block keeps under the TransV schedule; `without_recompute` leaves the second forward out (the usual model-FLOPs
+  count).
 """
 
 import functools

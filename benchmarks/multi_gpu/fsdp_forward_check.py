@@ -1,20 +1,14 @@
 """Where does an FSDP forward round differently from the same weights loaded as a plain bf16 model?
 
-The multi-GPU benchmark found the FSDP-trained model's logits one bf16 ulp away from those of its reloaded
-checkpoint on a text-only probe (ZeRO-3's matched bit for bit). This runs one text sequence through three models
-with identical weights, under the engine's precision (bf16 autocast), and compares every block's output and the
-logits bit for bit:
-
-- `fsdp`: the fp32 model wrapped by accelerate with training/accelerate_configs/fsdp.yaml (what training runs);
-- `bf16`: a bf16 copy (what `from_pretrained(..., dtype=torch.bfloat16)` of the saved folder gives);
-- `fp32`: the fp32 model itself, unwrapped.
+One text sequence through three models with identical weights, under the engine's precision (bf16 autocast), every
+block's output and the logits compared bit for bit: `fsdp` (the fp32 model wrapped by accelerate with
+training/accelerate_configs/fsdp.yaml, as in training), `bf16` (a bf16 copy, as `from_pretrained(...,
+dtype=torch.bfloat16)` of the saved folder gives) and `fp32` (the fp32 model, unwrapped). Full Nemotron-Nano-9B-v2
+widths, the depth cut to --pattern, a one-layer vision tower (unused by text). Rank 0 writes the report. --tiny: tiny
+widths, a CPU smoke run under `accelerate launch --cpu` (no FSDP: only the plumbing is tested).
 
     accelerate launch --config_file training/accelerate_configs/fsdp.yaml --num_processes 2 \
         benchmarks/multi_gpu/fsdp_forward_check.py --out fsdp_forward.json
-
-Full Nemotron-Nano-9B-v2 widths; only the depth is cut (--pattern) and the vision tower is one layer (the text
-sequence does not use it), so it runs in seconds. Rank 0 writes the report. --tiny: tiny widths (a CPU smoke run
-under `accelerate launch --cpu`, without FSDP: only the script's plumbing is tested).
 """
 
 import argparse
@@ -89,10 +83,8 @@ def main(argv=None) -> None:
     # accelerate runs the wrapped forward under its own autocast, as in training.
     results["fsdp"] = run(wrapped, inner, batch, device.type, autocast=False)
     report = {
-        "engine": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision,
-        "pattern": args.pattern,
-        "block_types": kinds,
+        "engine": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+        "pattern": args.pattern, "block_types": kinds,
         "lm_head_dtype_in_forward": {name: r["lm_head_dtype"] for name, r in results.items()},
         "fsdp_vs_bf16": difference(results["fsdp"], results["bf16"]),
         "fsdp_vs_fp32": difference(results["fsdp"], results["fp32"]),

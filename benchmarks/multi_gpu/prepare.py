@@ -1,21 +1,10 @@
-"""Inputs of the multi-GPU training benchmark: a full-size random TimeViper checkpoint folder, synthetic videos, the
-training JSONL and one collated probe batch.
+"""Inputs of the multi-GPU training benchmark, written under --work: `model/` (a full-size random TimeViper
+checkpoint with the TransV schedule's modules, its processor and remote code, loadable by `python -m training.train
+--model`), `data/` (a synthetic H.264 clip, train.jsonl and the collated probe batches) and `prepared.json` (sizes and
+parameter counts; written last, so its presence means the folder is complete).
 
     PYTHONPATH=. python benchmarks/multi_gpu/prepare.py --work /tmp/tv_multi_gpu            # GPU: full size
     PYTHONPATH=. python benchmarks/multi_gpu/prepare.py --work /tmp/tv_tiny --tiny --frames 8 # CPU smoke run
-
-Writes under --work:
-- `model/`: SigLIP so400m/14-384 + ToMe (16 tokens/frame) + projector + Nemotron-Nano-9B-v2 (vocab 131072) with the
-  TransV schedule's modules, random bf16 weights, built directly on the GPU. The processor uses the embedded
-  byte-level tokenizer (inference/tiny_default.py: its 264 ids lie inside the vocabulary) and the Nemotron-H chat
-  template; config and tokenizer agree on the placeholder and special ids. `config.json` and
-  `processor_config.json` carry `auto_map` and the remote-code files sit beside them, so the folder is a normal
-  `--model` for `python -m training.train` and loads with `trust_remote_code`.
-- `data/clip.mp4` (a 64x64 H.264 clip of --frames frames; the processor resizes to 384) and `data/train.jsonl`
-  (--samples lines on that clip: content does not change the cost of a step, only the frame count does).
-- `data/probe_batch.pt`: one sample collated exactly as training collates it (dataset + collator), the input of the
-  logits check after training and after reloading.
-- `prepared.json`: sizes and parameter counts; written last, so its presence means the folder is complete.
 """
 
 import argparse
@@ -61,13 +50,9 @@ def make_config(tokenizer, tiny: bool, schedule: str | None, **text_overrides) -
     text = nano_9b_v2_text_config(**special_ids, **(TINY_NANO if tiny else {}), **text_overrides)
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"the tokenizer's {len(tokenizer)} ids do not fit the vocabulary of {text.vocab_size}")
-    return TimeViperConfig(
-        vision_config=so400m_vision_config(**(TINY_VISION if tiny else {})),
-        text_config=text,
-        token_compression=schedule,
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+    return TimeViperConfig(vision_config=so400m_vision_config(**(TINY_VISION if tiny else {})), text_config=text,
+                           token_compression=schedule, video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
 
 
 def build_checkpoint(folder: Path, tiny: bool, schedule: str, seed: int) -> dict:

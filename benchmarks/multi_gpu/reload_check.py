@@ -3,18 +3,11 @@
     PYTHONPATH=. python benchmarks/multi_gpu/reload_check.py /tmp/tv/fsdp/output --initial /tmp/tv/model \
         --probe /tmp/tv/data/probe_batch.pt --reference /tmp/tv/fsdp/probe_logits.pt --out /tmp/tv/fsdp/reload.json
 
-Loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` (the folder's own code, as
-a user would), in the parameter dtype and under the autocast state that train_bench.py recorded from the engine's
-forward (FSDP mixed precision: bf16 parameters + bf16 autocast; DeepSpeed bf16: bf16 parameters, no autocast), and
-with the Mamba-2 kernels' Triton configs that the trained model's process chose (triton_choices.py), so the
-arithmetic is the same as in training and the logits must be bitwise identical. Writes the loading report (missing /
-unexpected / mismatched keys, the folder's weight dtype and size) and the comparison (bitwise equality, max / mean
-|diff|, argmax agreement per position, loss) to --out. Because near-equal logits alone would also accept a folder
-holding the untrained weights (20 steps at lr 1e-5 move logits little), a sample of tensors per module group is
-compared with the input checkpoint (--initial): the trained groups must have moved, the frozen vision tower must be
-bit for bit the input's; and the folder's tensor names must be the input's. Exits 1 when keys are missing or
-unexpected (on loading or against the input's names), a recorded Triton config cannot be installed, the logits
-differ in any bit, or the weight sample says otherwise.
+Loads the folder as a user would (`AutoModelForImageTextToText`, `trust_remote_code=True`) in the parameter dtype and
+autocast state that train_bench.py recorded, with the Triton configs the trained model's process chose
+(triton_choices.py), so the logits must be bitwise identical. Also compares the folder's tensor names and a sample of
+its tensors with the input checkpoint (--initial): trained groups must have moved, the frozen vision tower must not.
+Writes the report to --out; exits 1 on any problem (`verdict`).
 """
 
 import argparse
@@ -68,20 +61,16 @@ def read(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name).float()
 
 
-def key_differences(saved: Path, initial: Path) -> dict:
-    """Tensor names of the input checkpoint that the folder lacks, and the folder's that the input lacks (both empty
-    when training saved under the names it loaded; transformers may still load a renamed folder through its key
-    conversions, so the loading report alone would not show it)."""
-    saved_names, initial_names = set(tensor_files(saved)), set(tensor_files(initial))
-    return {"not_saved": sorted(initial_names - saved_names), "not_in_initial": sorted(saved_names - initial_names)}
-
-
-def weight_changes(saved: Path, initial: Path) -> dict:
-    """Per module group: of a sample of tensors, how many differ from the input checkpoint, and by how much (only
-    tensors that the folder holds under the input's name)."""
+def against_initial(saved: Path, initial: Path) -> dict:
+    """The folder against the input checkpoint: the tensor names either lacks (both empty when training saved under
+    the names it loaded; transformers may still load a renamed folder through its key conversions, so the loading
+    report alone would not show it) and, per module group, which of a sample of the tensors both hold differ and by
+    how much."""
     saved_files, initial_files = tensor_files(saved), tensor_files(initial)
+    saved_names, initial_names = set(saved_files), set(initial_files)
+    keys = {"not_saved": sorted(initial_names - saved_names), "not_in_initial": sorted(saved_names - initial_names)}
     sample = {}
-    for name in sorted(set(initial_files) & set(saved_files)):
+    for name in sorted(initial_names & saved_names):
         group = module_group(name)
         if len(sample.setdefault(group, [])) < TENSORS_PER_GROUP or name == "lm_head.weight":
             sample[group].append(name)
@@ -94,7 +83,7 @@ def weight_changes(saved: Path, initial: Path) -> dict:
                 changed.append(name)
                 max_change = max(max_change, (after - before).abs().max().item())
         report[group] = {"compared": names, "changed": changed, "max_abs_change": max_change}
-    return report
+    return {"key_names_vs_initial": keys, "weights_vs_initial": report}
 
 
 def load(folder: Path, dtype: torch.dtype, device: str):
@@ -116,17 +105,13 @@ def compare(reference: dict, output) -> dict:
     diff = (actual - expected).abs()
     scale = expected.abs().max().item()
     return {
-        "shape_equal": True,
-        "shape": list(expected.shape),
+        "shape_equal": True, "shape": list(expected.shape),
         "kept_positions_equal": torch.equal(reference["kept_positions"], output.kept_positions.cpu()),
         "bitwise_identical": torch.equal(expected, actual),
-        "max_abs_diff": diff.max().item(),
-        "mean_abs_diff": diff.mean().item(),
-        "max_abs_reference": scale,
+        "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "max_abs_reference": scale,
         "relative_max_diff": diff.max().item() / scale if scale else float("inf"),
         "argmax_agreement": (expected.argmax(-1) == actual.argmax(-1)).float().mean().item(),
-        "loss_reference": reference["loss"],
-        "loss_reloaded": float(output.loss),
+        "loss_reference": reference["loss"], "loss_reloaded": float(output.loss),
     }
 
 
@@ -186,11 +171,8 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name(args.device) if device_type == "cuda" else "cpu",
         "compute": {key: reference[key] for key in ("param_dtype", "autocast", "autocast_dtype")},
-        "saved_weights": saved_weights(folder),
-        "key_names_vs_initial": key_differences(folder, Path(args.initial)),
-        "weights_vs_initial": weight_changes(folder, Path(args.initial)),
-        "loading": loading,
-        "forward_s": time.perf_counter() - start,
+        "saved_weights": saved_weights(folder), **against_initial(folder, Path(args.initial)),
+        "loading": loading, "forward_s": time.perf_counter() - start,
         # Keys tuned in this process had no recorded choice (the trained model's forward never met those shapes).
         "triton_autotune": {**triton, "tuned_here": len(autotune_choices()) - triton["pinned"]},
         "logits": comparisons,

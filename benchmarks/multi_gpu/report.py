@@ -4,12 +4,9 @@
     python benchmarks/multi_gpu/report.py collect --work W --engines fsdp zero3 --out $OUT/results.json  # GPU machine
     PYTHONPATH=. python benchmarks/multi_gpu/report.py markdown results.json [more.json ...]   # for README.md
 
-`stage` appends one line to <work>/stages.jsonl (run.sh calls it after every stage, with the exact command).
-`collect` merges prepared.json, stages.jsonl, the given engines' rank<r>.json (train_bench.py) and reload.json
-(reload_check.py) with the software and GPU versions, and adds per-engine summaries: step 1 (Triton compilation
-and first-touch allocations), then the median and mean of the later steps (a profiled step left out). `markdown`
-prints the tables, with each step time against its floor (floor.py) and the profiled step's GPU time by kind of
-kernel; several JSON files (say, one per engine from separate calls) are merged in the order given.
+`collect` merges prepared.json, stages.jsonl, the engines' rank<r>.json and reload.json with the software versions
+and per-engine summaries (step 1 apart; median and mean of the later steps, a profiled step left out). `markdown`
+merges several files in the order given and sets each step time against its floor (floor.py).
 """
 
 import argparse
@@ -63,18 +60,11 @@ def summarize_engine(ranks: list[dict], prepared: dict | None) -> dict:
     median = statistics.median(later)
     world = ranks[0]["world_size"]
     summary = {
-        "world_size": world,
-        "device": ranks[0]["device"],
-        "steps": len(steps),
-        "first_step_s": steps[0]["step_s"],
-        "median_step_s": median,
-        "mean_step_s": statistics.fmean(later),
-        "max_step_s": max(later),
+        "world_size": world, "device": ranks[0]["device"], "steps": len(steps), "first_step_s": steps[0]["step_s"],
+        "median_step_s": median, "mean_step_s": statistics.fmean(later), "max_step_s": max(later),
         "median_interval_s": statistics.median([s["interval_s"] for s in timed]),
-        "loss_first": steps[0].get("loss"),
-        "loss_last": steps[-1].get("loss"),
-        "load_s": ranks[0]["load_s"],
-        "save_s": ranks[0]["save_s"],
+        "loss_first": steps[0].get("loss"), "loss_last": steps[-1].get("loss"),
+        "load_s": ranks[0]["load_s"], "save_s": ranks[0]["save_s"],
         "peak_train": {r["rank"]: r["memory"].get("train", {}) for r in ranks},
         "peak_load": {r["rank"]: r["memory"].get("load", {}) for r in ranks},
     }
@@ -187,10 +177,7 @@ def reload_table(engines: dict) -> list[str]:
             continue
         w, keys = r["saved_weights"], r["loading"]
         moved = ", ".join(g for g, c in r["weights_vs_initial"].items() if g != "vision" and c["changed"]) or "none"
-        pinned = r.get("triton_autotune", {}).get("pinned")  # absent in runs before the configs were carried over
-        # Runs before the text-only probe existed hold the video probe's comparison alone.
-        probes = {"video": r["logits"]} if "bitwise_identical" in r["logits"] else r["logits"]
-        for probe, logits in probes.items():
+        for probe, logits in r["logits"].items():
             compared = logits.get("shape_equal")
             rows.append(
                 f"| {ENGINE_LABELS[engine]} | {probe} | {'/'.join(w['dtypes'])}, {w['gib']:.1f} GiB "
@@ -200,7 +187,7 @@ def reload_table(engines: dict) -> list[str]:
                 f"| {number(logits.get('max_abs_diff'), '.2e')} | {number(logits.get('argmax_agreement'), '.4f')} "
                 f"| {number(logits.get('loss_reference'), '.4f')} / {number(logits.get('loss_reloaded'), '.4f')} "
                 f"| {moved} | {not r['weights_vs_initial'].get('vision', {}).get('changed')} "
-                f"| {number(pinned, 'd')} | {logits.get('repeat_identical', '—')} | {r['passed']} |")
+                f"| {r['triton_autotune']['pinned']} | {logits['repeat_identical']} | {r['passed']} |")
     return rows
 
 

@@ -1,22 +1,17 @@
-"""`python -m training.train` with measurements, for the multi-GPU benchmark (run.sh launches it with accelerate).
+"""`python -m training.train` with measurements, for the multi-GPU benchmark (run.sh launches it with accelerate; the
+README beside this file says what is measured and how).
 
     accelerate launch --config_file training/accelerate_configs/fsdp.yaml --num_processes 2 \
         benchmarks/multi_gpu/train_bench.py --bench-dir /tmp/tv/fsdp --bench-probe /tmp/tv/data/probe_batch.pt \
         --model /tmp/tv/model --data ... (every other option goes to training.train unchanged)
 
-Run from the repository root with it on PYTHONPATH (run.sh does both). Every rank writes `<bench-dir>/rank<r>.json`:
-per optimizer step the wall time from step begin to step end and from the previous step's end (both after
-`torch.cuda.synchronize()`; the second includes waiting for the data loader), the loss, the peak memory
-(`torch.cuda.max_memory_allocated` / `max_memory_reserved`) while loading and while training, and the phase times
-(load, train, save). With `--bench-profile-step K`, step K runs under `torch.profiler` and its record gets `profile`:
-GPU kernel time by kind and how much of the step the GPU was busy (`kernel_profile`); the profiler's overhead makes
-that step's time unrepresentative, so it is marked `profiled` and left out of the step statistics. After training
-and saving, every rank runs the probe batch through the trained model as the engine holds it (FSDP-sharded or
-ZeRO-3-partitioned; the collectives need all ranks), and rank 0 saves logits, loss, the compute precision it saw and
-its Triton autotuning choices (triton_choices.py) to `<bench-dir>/probe_logits.pt` for reload_check.py.
+Every rank writes `<bench-dir>/rank<r>.json`: per optimizer step its times, loss and peak memory (a step profiled
+with --bench-profile-step is marked `profiled`), and the load, train and save times. Rank 0 saves the probe batches'
+logits through the trained model as the engine holds it to `<bench-dir>/probe_logits.pt` for reload_check.py.
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -83,11 +78,10 @@ def kernel_profile(events, step_s: float) -> dict:
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     kinds = [kernel_kind(kernel.name) for kernel in kernels]
     spans = [(kernel.time_range.start, kernel.time_range.end) for kernel in kernels]
-    by_kind: dict[str, float] = {}
-    by_name: dict[str, float] = {}
+    by_kind, by_name = collections.Counter(), collections.Counter()
     for kernel, kind, (start, end) in zip(kernels, kinds, spans):
-        by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e6
-        by_name[kernel.name] = by_name.get(kernel.name, 0.0) + (end - start) / 1e6
+        by_kind[kind] += (end - start) / 1e6
+        by_name[kernel.name] += (end - start) / 1e6
     communication = [span for span, kind in zip(spans, kinds) if kind == "communication"]
     compute = [span for span, kind in zip(spans, kinds) if kind != "communication"]
     longest = sorted(by_name.items(), key=lambda item: -item[1])[:15]
@@ -118,10 +112,7 @@ class StepMetrics(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.profile_step:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler = torch.profiler.profile()  # CPU, and CUDA where available
             self.profiler.start()
         self.step_begin = sync()
 
@@ -153,12 +144,9 @@ class StepMetrics(TrainerCallback):
 
 
 def run_probe(trainer, batch_path: str) -> dict:
-    """Logits of the probe batches (`batch_path`, and the same sample without its video beside it) from the model as
-    the engine holds it, with the parameter dtype and autocast state seen by lm_head (FSDP's mixed precision casts
-    every parameter to bf16 and accelerate adds bf16 autocast; DeepSpeed's bf16 keeps bf16 parameters without
-    autocast), so the reload check can compute the same way; also what `block_outputs.probe_forward` records (weight
-    digests, the projector's output, for the text probe every block's output) and whether a second forward repeats
-    the logits."""
+    """What `block_outputs.probe_forward` gives for each probe batch (`probe_paths`) through the model as the engine
+    holds it, with the parameter dtype and autocast state lm_head saw, so that the reload check computes the same way
+    (FSDP: bf16 parameters under bf16 autocast; DeepSpeed bf16: bf16 parameters, no autocast)."""
     device = trainer.args.device
     seen = {}
 
@@ -209,18 +197,13 @@ def main(argv=None) -> None:
         torch.save(probe, out / "probe_logits.pt")
     times = metrics.times
     record = {
-        "rank": rank,
-        "world_size": trainer.args.world_size,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "argv": sys.argv,
+        "rank": rank, "world_size": trainer.args.world_size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "argv": sys.argv,
         "accelerate_env": {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "FSDP_"))},
         "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else "none",
-        "load_s": times["train_begin"] - times["started"],
-        "train_s": times["train_end"] - times["train_begin"],
-        "save_s": times["saved"] - times["train_end"],
-        "probe_s": times["probed"] - times["saved"],
-        "memory": metrics.memory,
-        "steps": metrics.steps,
+        "load_s": times["train_begin"] - times["started"], "train_s": times["train_end"] - times["train_begin"],
+        "save_s": times["saved"] - times["train_end"], "probe_s": times["probed"] - times["saved"],
+        "memory": metrics.memory, "steps": metrics.steps,
         "probe": {"loss": {name: probe[name]["loss"] for name in ("video", "text")},
                   **{key: probe[key] for key in ("param_dtype", "autocast", "autocast_dtype")}},
     }
