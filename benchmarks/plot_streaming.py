@@ -1,8 +1,9 @@
 """Plot the file -> first token benchmark (streaming_video.py) to a PNG: the 3,000-frame file (streaming path against
-the one-shot path, split into phases, with host and GPU peaks) and, when its JSON exists, the long file's points
-(streaming path, decode alone, GPU alone, and the streaming path's peaks).
+the one-shot path, split into phases, with host and GPU peaks), each long file's points (streaming path, decode
+alone, GPU alone, and the streaming path's peaks), and the LLM-side points at large frame counts (GPU peak against
+the 79 GiB cap of an 80 GB H100).
 
-    python benchmarks/plot_streaming.py [--json ...streaming_video.json] [--long-json ...streaming_video_long.json]
+    python benchmarks/plot_streaming.py [--json ...] [--long-json A.json B.json] [--llm-json A.json B.json]
 """
 
 import argparse
@@ -69,15 +70,38 @@ def file_title(frames, spec):
     return f"{frames:,} frames: {spec['size']} H.264, {spec['seconds']} s at {spec['fps']} fps, GOP {spec['gop']}"
 
 
+def draw_llm_points(ax, records):
+    """records: [(config, llm record, card name)] of `--steps llm` runs."""
+    labels = [f"config {config}, {r['frames']:,} frames\n({r['tokens_in'] / 1e6:.1f}M tokens, {card})"
+              for config, r, card in records]
+    for i, (_, r, _) in enumerate(records):
+        ax.bar(i - 0.2, r["gpu_peak_bytes"] / GIB, width=0.4, color="tab:blue", label=None if i else "peak allocated")
+        ax.bar(i + 0.2, r["gpu_reserved_peak_bytes"] / GIB, width=0.4, color="tab:cyan",
+               label=None if i else "peak reserved")
+        ax.text(i, r["gpu_reserved_peak_bytes"] / GIB, f"{r['prefill_and_first_token_s']:.0f} s to the first token",
+                ha="center", va="bottom", fontsize=8)
+    ax.axhline(79, color="tab:red", linestyle="--", label="allocator cap (80 GB H100)")
+    ax.set_xticks(range(len(records)), labels, fontsize=8)
+    ax.set_ylabel("GiB")
+    ax.set_ylim(0, 90)
+    ax.set_title("LLM side, features streamed into the chunked prefill", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="benchmarks/results/streaming_video.json")
-    p.add_argument("--long-json", default="benchmarks/results/streaming_video_long.json")
+    p.add_argument("--long-json", nargs="*", default=["benchmarks/results/streaming_video_long.json",
+                                                       "benchmarks/results/streaming_video_long_1080p.json"])
+    p.add_argument("--llm-json", nargs="*", default=["benchmarks/results/streaming_llm_a_100k.json",
+                                                      "benchmarks/results/streaming_llm_b_200k.json"])
     p.add_argument("--out", default="benchmarks/results/streaming_video.png")
     args = p.parse_args()
     res = json.load(open(args.json))
-    long_points = json.load(open(args.long_json))["long_file"] if os.path.exists(args.long_json) else None
-    rows = 1 + (len(long_points["points"]) if long_points else 0)
+    long_runs = [json.load(open(path)) for path in args.long_json if os.path.exists(path)]
+    llm_records = [(run["config"], record, run["meta"].get("gpu", "?")) for run in
+                   (json.load(open(path)) for path in args.llm_json if os.path.exists(path)) for record in run["llm"]]
+    rows = 1 + sum(len(run["long_file"]["points"]) for run in long_runs) + bool(llm_records)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), gridspec_kw={"width_ratios": [2.2, 1]}, squeeze=False)
 
     file = res["file"]
@@ -86,13 +110,21 @@ def main():
     draw_memory(axes[0, 1], [("one-shot", file["one_shot"], "tab:orange"),
                              ("streaming", file["streaming"], "tab:green")])
     axes[0, 1].set_title("memory (same process, streaming first)", fontsize=10)
-    for row, point in enumerate(long_points["points"] if long_points else [], start=1):
-        draw_times(axes[row, 0], [streaming_row(point["streaming"])] + alone_rows(point),
-                   file_title(point["frames"], long_points["file"]) + f", sampled at {point['sample_fps']:g} fps")
-        draw_memory(axes[row, 1], [("streaming", point["streaming"], "tab:green")])
-        axes[row, 1].set_title("memory (streaming; no one-shot at this length)", fontsize=9)
-    fig.suptitle(f"TimeViper file -> first token, {res['meta'].get('gpu', '?')}, Nano-9B-v2 + TransV (random weights)")
-    fig.tight_layout()
+    row = 1
+    for run in long_runs:
+        for point in run["long_file"]["points"]:
+            draw_times(axes[row, 0], [streaming_row(point["streaming"])] + alone_rows(point),
+                       file_title(point["frames"], run["long_file"]["file"])
+                       + f", sampled at {point['sample_fps']:g} fps ({run['meta'].get('gpu', '?')})")
+            draw_memory(axes[row, 1], [("streaming", point["streaming"], "tab:green")])
+            axes[row, 1].set_title("memory (streaming; no one-shot at this length)", fontsize=9)
+            row += 1
+    if llm_records:
+        draw_llm_points(axes[row, 0], llm_records)
+        axes[row, 1].axis("off")
+    fig.suptitle(f"TimeViper file -> first token, {res['meta'].get('gpu', '?')} unless named, config b "
+                 "(Nano-9B-v2 + TransV) unless named, random weights")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(args.out, dpi=110)
 
 
