@@ -23,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 # First: the configuration's transformers version guard, before imports an unsupported release may lack.
 from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
+from .configuration_timeviper import attention_layers  # isort: skip
 
 from .generation_timeviper import (  # isort: skip
     CACHE_NAME,
@@ -44,19 +45,17 @@ from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
 
-try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
+try:  # mamba-ssm's Triton kernels (GPU) for Mamba-2's scan, decode step and gated RMSNorm; the PyTorch paths below
+    # compute the same thing anywhere.
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
-    mamba_chunk_scan_combined = selective_state_update = None
+    mamba_chunk_scan_combined = selective_state_update = gated_rmsnorm_kernel = None
 try:  # the causal depthwise conv of the Mamba-2 mixer in one CUDA kernel, continuing from and returning conv states
     from causal_conv1d import causal_conv1d_fn
 except ImportError:
     causal_conv1d_fn = None
-try:  # mamba-ssm's one-pass Triton kernel for Mamba-2's gated RMSNorm (GPU)
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
-except ImportError:
-    gated_rmsnorm_kernel = None
 
 logger = logging.get_logger(__name__)
 
@@ -932,15 +931,9 @@ class TimeViperTextModel(nn.Module):
     def final_norm(self) -> TimeViperRMSNorm:
         return self.norm if self.is_qwen else self.norm_f
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        vision_mask: torch.Tensor | None = None,
-        past_key_values: TimeViperHybridCache | None = None,
-        compression_query_positions: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ):
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                vision_mask: torch.Tensor | None = None, past_key_values: TimeViperHybridCache | None = None,
+                compression_query_positions: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Returns the final-normed hidden states, the input index of every kept position (None for tokens after
         cached ones) and, with `output_hidden_states`, every block's input and the final output."""
         cache = past_key_values
@@ -967,20 +960,22 @@ class TimeViperTextModel(nn.Module):
         input index of every kept position."""
         if cache is not None:
             cache.add_prompt_tokens(state.valid.shape[1])
-            cache.open_segment(state.valid)
-        layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
-        layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+        layout = self.segment_layout(state, cache)
         for layer in self.layers:
             if layer.layer_idx in self.stage_at_layer:
                 state = self.compressors[self.stage_at_layer[layer.layer_idx]].compress(state, cache)
-                if cache is not None:
-                    cache.open_segment(state.valid)
-                layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
-                layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+                layout = self.segment_layout(state, cache)
             if all_hidden_states is not None:
                 all_hidden_states.append(state.hidden_states)
             state.hidden_states = layer(state.hidden_states, layout, past_key_values=cache)
         return state.hidden_states, state.positions
+
+    def segment_layout(self, state: SequenceState, cache: TimeViperHybridCache | None) -> TokenLayout:
+        """The token layout of the compression segment that starts with `state`, opened in the cache."""
+        if cache is not None:
+            cache.open_segment(state.valid)
+        layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
+        return layout.with_rope(self.rotary_emb, state.hidden_states)
 
     def continue_layers(self, hidden_states, valid, cache: TimeViperHybridCache, stop: int, all_hidden_states=None):
         """Blocks [0, stop) on new tokens after the cached ones (a decode step, or the question after a video
@@ -1003,16 +998,9 @@ class TimeViperTextModel(nn.Module):
             cache.end_static_step(length)
         return hidden_states
 
-    def prefill_in_chunks(
-        self,
-        embed_columns,
-        valid: torch.Tensor,
-        vision_mask: torch.Tensor | None,
-        past_key_values: TimeViperHybridCache,
-        chunk_size: int,
-        compression_query_positions: torch.Tensor | None = None,
-        keep_last: int | None = None,
-    ):
+    def prefill_in_chunks(self, embed_columns, valid: torch.Tensor, vision_mask: torch.Tensor | None,
+                          past_key_values: TimeViperHybridCache, chunk_size: int,
+                          compression_query_positions: torch.Tensor | None = None, keep_last: int | None = None):
         """The prefill of `forward`, `chunk_size` tokens at a time (`ChunkedPrefill`); embed_columns(start, end)
         gives the input embeddings of positions [start, end)."""
         if torch.is_grad_enabled():
@@ -1040,12 +1028,11 @@ def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
             continue
-        layer = next((i for i in range(stage.layer_idx, len(layer_types)) if layer_types[i] == "full_attention"), None)
+        layer = next((i for i in attention_layers(layer_types) if i >= stage.layer_idx), None)
         if layer is None:
-            attention_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
             raise ValueError(
                 f"no attention block at or after layer {stage.layer_idx} to initialise TransV stage {stage_index} "
-                f"from; attention blocks are at {attention_layers}"
+                f"from; attention blocks are at {attention_layers(layer_types)}"
             )
         for name in names:
             source = None if name == "alpha" else f"layers.{layer}.{attention}.{name}"
@@ -1087,8 +1074,10 @@ class ChunkedPrefill:
     """
 
     def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
-                 keep_last: int | None):
+                 keep_last: int | None, stop_stage: int | None = None):
         self.model, self.cache, self.chunk_size, self.keep_last = text_model, cache, chunk_size, keep_last
+        # A video state's prefix stops at its first question-dependent stage and keeps that stage's input (`held`).
+        self.stop_stage, self.held = stop_stage, None
         stage_layers = [stage.layer_idx for stage in text_model.stages]
         self.bounds = [0, *stage_layers, len(text_model.layers)]  # segment s runs blocks [bounds[s], bounds[s+1])
         self.segments: list[SegmentLayout] = []
@@ -1148,6 +1137,9 @@ class ChunkedPrefill:
         """Segment `index` has received all its positions: finish the stage after it, then the next segment."""
         if index == self.last_segment:
             return
+        if index == self.stop_stage:
+            self.held = self.stages[index].take()
+            return
         stage = self.stages[index]
         if isinstance(stage, HeldStage):
             state = self.model.compressors[index].compress(stage.take(), self.cache)
@@ -1167,6 +1159,14 @@ class ChunkedPrefill:
         for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
             hidden_states = layer(hidden_states, layout, past_key_values=self.cache)
         return hidden_states
+
+    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
+        """A question's prefill after a video state, from stage `stage_index` on, given that stage's whole input
+        over prefix + question."""
+        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
+        self.stages = [None] * stage_index + [HeldStage(state)]
+        self.close(stage_index)
+        return self.output.result()
 
 
 class SegmentLayout:
@@ -1286,7 +1286,7 @@ class HeldStage:
 
     def __init__(self, state: SequenceState):
         self.state = state
-        self.hidden_states: torch.Tensor | None = None
+        self.hidden_states: torch.Tensor | None = state.hidden_states  # (given whole when a question resumes)
 
     def feed(self, hidden_states: torch.Tensor, start: int) -> list:
         if self.hidden_states is None:
@@ -1308,7 +1308,6 @@ VIDEO_STATE_TENSORS = "video_state.safetensors"
 VIDEO_STATE_METADATA = "video_state.json"
 
 
-
 def first_question_stage(stages: list[TimeViperCompressionStage]) -> int | None:
     """The first stage whose result depends on the text after the video: attention-guided selection scores with the
     question's last token. A uniform stage (with its TransV) treats a question like decoded tokens."""
@@ -1325,39 +1324,11 @@ class VideoStateResume:
     chunk_size: int
 
 
-class PrefixPrefill(ChunkedPrefill):
-    """Chunked prefill of the prefix that stops at the first question-dependent stage and keeps its input."""
-
-    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
-                 stop_stage: int | None):
-        super().__init__(text_model, cache, chunk_size, keep_last=1)
-        self.stop_stage = stop_stage
-        self.held: SequenceState | None = None
-
-    def close(self, index: int) -> None:
-        if index == self.stop_stage:
-            self.held = self.stages[index].take()
-            return
-        super().close(index)
-
-
-class ResumedPrefill(ChunkedPrefill):
-    """A question's prefill from stage `stage_index` on, given its whole input over prefix + question."""
-
-    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
-        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
-        held = HeldStage(state)
-        held.hidden_states = state.hidden_states
-        self.stages = [None] * stage_index + [held]
-        self.close(stage_index)
-        return self.output.result()
-
-
 def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
                        query_positions):
     """The final-normed hidden states of the question after a video state: its tokens run through the blocks before
     the first question-dependent stage, which then selects among the held prefix inputs + the question's, and the
-    blocks after it run on what it keeps (`ResumedPrefill`)."""
+    blocks after it run on what it keeps (`ChunkedPrefill.resume`)."""
     resume = cache.take_resume()
     batch, length = valid.shape
     if batch != 1 or not bool(valid.all()):
@@ -1382,7 +1353,7 @@ def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, c
         query_positions=query,
     )
     # Text tokens are never dropped: the question's tokens are the last `length` kept positions.
-    return ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
+    return ChunkedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
 
 
 def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
@@ -1466,7 +1437,7 @@ class TimeViperVideoState:
         stop = first_question_stage(config.compression_stages)
         cache = TimeViperHybridCache()
         cache.add_prompt_tokens(prefix_ids.shape[1])
-        prefill = PrefixPrefill(model.model.language_model, cache, chunk_size, stop)
+        prefill = ChunkedPrefill(model.model.language_model, cache, chunk_size, keep_last=1, stop_stage=stop)
         prefill.consume(vision.embed_columns, input_state(None, torch.ones_like(vision.mask), vision.mask, None))
         num_frames = int(vision.mask.sum()) // config.vision_tokens_per_frame
         resume = VideoStateResume(stop, prefill.held, chunk_size)
@@ -1718,7 +1689,6 @@ class TimeViperModel(TimeViperPreTrainedModel):
     def set_input_embeddings(self, value):
         setattr(self.language_model, "embed_tokens" if self.language_model.is_qwen else "embeddings", value)
 
-
     def _vision_layers_to_run(self) -> int:
         return vision_layers_to_run(self.config)
 
@@ -1852,11 +1822,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
                 output_hidden_states=bool(output_hidden_states),
             )
         return TimeViperModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            kept_positions=kept_positions,
-            **{CACHE_NAME: cache},
-            hidden_states=all_hidden_states,
-            video_hidden_states=vision.video_features,
+            last_hidden_state=hidden_states, kept_positions=kept_positions, **{CACHE_NAME: cache},
+            hidden_states=all_hidden_states, video_hidden_states=vision.video_features,
             image_hidden_states=vision.image_features,
         )
 
@@ -2096,27 +2063,17 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            compression_query_positions=compression_query_positions,
-            output_hidden_states=output_hidden_states,
-            video_features=video_features,
-            prefill_chunk_size=prefill_chunk_size,
+            input_ids=input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+            attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            compression_query_positions=compression_query_positions, output_hidden_states=output_hidden_states,
+            video_features=video_features, prefill_chunk_size=prefill_chunk_size,
             keep_last=logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else None,
         )
         logits = self.lm_head(kept_for_logits(outputs.last_hidden_state, 0 if labels is not None else logits_to_keep))
         loss = None if labels is None else self.kept_token_loss(logits, labels, outputs.kept_positions, num_items_in_batch)
         output = TimeViperCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            kept_positions=outputs.kept_positions,
-            **{CACHE_NAME: past_key_values},
-            hidden_states=outputs.hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
+            loss=loss, logits=logits, kept_positions=outputs.kept_positions, **{CACHE_NAME: past_key_values},
+            hidden_states=outputs.hidden_states, video_hidden_states=outputs.video_hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
         return output if return_dict is not False else output.to_tuple()
