@@ -150,11 +150,7 @@ def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
         if len(fields) != 3:
             raise ValueError(f"compression stage {part!r} in {spec!r} must be 'type_layer_keepratio', e.g. 'uni_7_0.5'")
         kind, layer, ratio = fields
-        if kind.startswith("attn"):
-            method = "attention"
-        elif kind.startswith("uni"):
-            method = "uniform"
-        else:
+        if not kind.startswith(("uni", "attn")):
             raise ValueError(f"compression stage type {kind!r} in {spec!r} must start with 'uni' or 'attn'")
         if kind.removeprefix("attn").removeprefix("uni") not in ("", "drop"):
             raise ValueError(f"compression stage type {kind!r} in {spec!r} is not one of uni, attn, unidrop, attndrop")
@@ -162,6 +158,7 @@ def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
             layer_idx, keep_ratio = int(layer), float(ratio)
         except ValueError:
             raise ValueError(f"compression stage {part!r} in {spec!r} needs an integer layer and a float ratio") from None
+        method = "attention" if kind.startswith("attn") else "uniform"
         stages.append(TimeViperCompressionStage(layer_idx, keep_ratio, method, transfer="drop" not in kind))
     return stages
 

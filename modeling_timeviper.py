@@ -406,14 +406,9 @@ class TimeViperMamba2Mixer(nn.Module):
         """One decode token through mamba-ssm's fused state update (updates `ssm_state` in place)."""
         heads, head_dim, state_size = self.num_heads, self.head_dim, self.ssm_state_size
         y = selective_state_update(
-            ssm_state,
-            x[:, 0],
-            dt[:, 0, :, None].expand(-1, -1, head_dim),
-            A[:, None, None].expand(heads, head_dim, state_size),
-            B[:, 0],
-            C[:, 0],
-            D=self.D[:, None].expand(-1, head_dim),
-            dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
+            ssm_state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, head_dim),
+            A[:, None, None].expand(heads, head_dim, state_size), B[:, 0], C[:, 0],
+            D=self.D[:, None].expand(-1, head_dim), dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
             dt_softplus=True,
         )
         return y[:, None], ssm_state
@@ -510,8 +505,7 @@ def sdpa_attention(query, key, value, mask, is_causal, scale):
     if is_causal and query.shape[2] != key.shape[2]:
         mask, is_causal = causal_lower_right(query.shape[2], key.shape[2]), False
     # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
-    backends = sdpa_kernel(NON_CUDNN_BACKENDS) if query.is_cuda else contextlib.nullcontext()
-    with backends:
+    with sdpa_kernel(NON_CUDNN_BACKENDS) if query.is_cuda else contextlib.nullcontext():
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
         )
@@ -777,14 +771,8 @@ def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) 
     def gather(tensor, value):
         return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
 
-    return SequenceState(
-        hidden_states=hidden_states,
-        valid=gather(state.valid, False),
-        vision=gather(state.vision, False),
-        positions=gather(state.positions, -1),
-        num_vision=state.num_vision,
-        query_positions=state.query_positions,
-    )
+    return replace(state, hidden_states=hidden_states, valid=gather(state.valid, False),
+                   vision=gather(state.vision, False), positions=gather(state.positions, -1))
 
 
 def last_vision_index(state: SequenceState, b: int) -> int:
@@ -1652,17 +1640,12 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
-def vision_layers_to_run(config: TimeViperConfig) -> int:
-    """The SigLIP blocks before `vision_feature_layer`'s output (counted like `hidden_states`: 0 = embeddings)."""
-    layer = config.vision_feature_layer
-    return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
-
-
 def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
-    """SigLIP up to the block whose output TimeViper reads: the blocks after it and the post-layernorm would never
-    run, so they are not built."""
+    """SigLIP up to the block whose output TimeViper reads (`vision_feature_layer`, counted like `hidden_states`:
+    0 = embeddings): the blocks after it and the post-layernorm would never run, so they are not built."""
     vision_config = copy.deepcopy(config.vision_config)
-    vision_config.num_hidden_layers = vision_layers_to_run(config)
+    layer = config.vision_feature_layer
+    vision_config.num_hidden_layers = layer if layer >= 0 else vision_config.num_hidden_layers + 1 + layer
     tower = SiglipVisionModel(vision_config)
     tower.post_layernorm = None
     return tower
@@ -1690,7 +1673,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         setattr(self.language_model, "embed_tokens" if self.language_model.is_qwen else "embeddings", value)
 
     def _vision_layers_to_run(self) -> int:
-        return vision_layers_to_run(self.config)
+        return len(self.vision_tower.encoder.layers)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden)."""
