@@ -621,7 +621,10 @@ def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int, dim: int = 1
     """Apply a per-token function along the sequence in chunks (bounds the activation memory of wide MLPs)."""
     if hidden_states.shape[dim] <= chunk_size:
         return fn(hidden_states)
-    return ChunkedOutput(hidden_states.shape[dim], dim).run(fn, hidden_states.split(chunk_size, dim=dim))
+    outputs = ChunkedOutput(hidden_states.shape[dim], dim)
+    for part in hidden_states.split(chunk_size, dim=dim):
+        outputs.add(fn(part))
+    return outputs.result()
 
 
 class ChunkedOutput:
@@ -648,11 +651,6 @@ class ChunkedOutput:
 
     def result(self) -> torch.Tensor:
         return self.out if self.out is not None else torch.cat(self.parts, dim=self.dim)
-
-    def run(self, fn, parts) -> torch.Tensor:
-        for part in parts:
-            self.add(fn(part))
-        return self.result()
 
 
 class TimeViperHybridBlock(GradientCheckpointingLayer):
