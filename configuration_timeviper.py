@@ -59,7 +59,7 @@ NANO_9B_V2_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
 
 def nano_9b_v2_text_config(**overrides) -> NemotronHConfig:
     """The text config of NVIDIA-Nemotron-Nano-9B-v2(-Base), the backbone of the released TimeViper."""
-    values = dict(
+    defaults = dict(
         vocab_size=131072,
         hidden_size=4480,
         hybrid_override_pattern=NANO_9B_V2_PATTERN,
@@ -81,13 +81,12 @@ def nano_9b_v2_text_config(**overrides) -> NemotronHConfig:
         bos_token_id=1,
         pad_token_id=0,
     )
-    values.update(overrides)
-    return NemotronHConfig(**values)
+    return NemotronHConfig(**(defaults | overrides))
 
 
 def so400m_vision_config(**overrides) -> SiglipVisionConfig:
     """SigLIP(2) so400m/14 at 384 px, with the exact GELU that timm uses (HF's default is the tanh approximation)."""
-    values = dict(
+    defaults = dict(
         hidden_size=1152,
         intermediate_size=4304,
         num_hidden_layers=27,
@@ -98,8 +97,7 @@ def so400m_vision_config(**overrides) -> SiglipVisionConfig:
         layer_norm_eps=1e-6,
         vision_use_head=False,
     )
-    values.update(overrides)
-    return SiglipVisionConfig(**values)
+    return SiglipVisionConfig(**(defaults | overrides))
 
 
 @dataclass(frozen=True)
@@ -124,18 +122,15 @@ class TimeViperCompressionStage:
             raise ValueError(f"compression stage method must be one of {COMPRESSION_METHODS}, got {self.method!r}")
 
     @classmethod
-    def from_drop_ratio(cls, layer_idx: int, drop_ratio: float, method: str = "uniform", transfer: bool = True):
-        if not 0.0 <= float(drop_ratio) < 1.0:
-            raise ValueError(f"drop_ratio must lie in [0, 1), got {drop_ratio!r}")
-        return cls(layer_idx, 1.0 - float(drop_ratio), method, transfer)
-
-    @classmethod
     def from_dict(cls, values: dict) -> "TimeViperCompressionStage":
         values = dict(values)
         if "drop_ratio" in values:
             if "keep_ratio" in values:
                 raise ValueError(f"give either keep_ratio or drop_ratio for a compression stage, not both: {values}")
-            return cls.from_drop_ratio(**values)
+            drop_ratio = values.pop("drop_ratio")
+            if not 0.0 <= float(drop_ratio) < 1.0:
+                raise ValueError(f"drop_ratio must lie in [0, 1), got {drop_ratio!r}")
+            values["keep_ratio"] = 1.0 - float(drop_ratio)
         unknown = set(values) - {"layer_idx", "keep_ratio", "method", "transfer"}
         if unknown:
             raise ValueError(f"unknown compression stage fields {sorted(unknown)} in {values}")
@@ -155,11 +150,7 @@ def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
         if len(fields) != 3:
             raise ValueError(f"compression stage {part!r} in {spec!r} must be 'type_layer_keepratio', e.g. 'uni_7_0.5'")
         kind, layer, ratio = fields
-        if kind.startswith("attn"):
-            method = "attention"
-        elif kind.startswith("uni"):
-            method = "uniform"
-        else:
+        if not kind.startswith(("uni", "attn")):
             raise ValueError(f"compression stage type {kind!r} in {spec!r} must start with 'uni' or 'attn'")
         if kind.removeprefix("attn").removeprefix("uni") not in ("", "drop"):
             raise ValueError(f"compression stage type {kind!r} in {spec!r} is not one of uni, attn, unidrop, attndrop")
@@ -167,6 +158,7 @@ def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
             layer_idx, keep_ratio = int(layer), float(ratio)
         except ValueError:
             raise ValueError(f"compression stage {part!r} in {spec!r} needs an integer layer and a float ratio") from None
+        method = "attention" if kind.startswith("attn") else "uniform"
         stages.append(TimeViperCompressionStage(layer_idx, keep_ratio, method, transfer="drop" not in kind))
     return stages
 
@@ -188,10 +180,13 @@ def normalize_compression(value) -> list[TimeViperCompressionStage]:
 def text_layer_types(text_config) -> list[str]:
     """Per-block mixer type of the LLM: `linear_attention` (Mamba-2), `full_attention` or `mlp`; a Qwen2 decoder
     layer (attention and MLP together) counts as one `full_attention` block."""
-
     if text_config.model_type == "qwen2":
         return ["full_attention"] * text_config.num_hidden_layers
     return list(text_config.layer_types)
+
+
+def attention_layers(layer_types: list[str]) -> list[int]:
+    return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
 
 
 def validate_compression(stages: list[TimeViperCompressionStage], layer_types: list[str]) -> None:
@@ -208,10 +203,9 @@ def validate_compression(stages: list[TimeViperCompressionStage], layer_types: l
                 f"compression keep ratios must decrease, got {stage.keep_ratio} at layer {stage.layer_idx} after {previous_ratio}"
             )
         if stage.method == "attention" and layer_types[stage.layer_idx] != "full_attention":
-            attention_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
             raise ValueError(
                 f"attention-guided compression needs an attention block; block {stage.layer_idx} is "
-                f"{layer_types[stage.layer_idx]!r}. Attention blocks: {attention_layers}"
+                f"{layer_types[stage.layer_idx]!r}. Attention blocks: {attention_layers(layer_types)}"
             )
         previous_layer, previous_ratio = stage.layer_idx, stage.keep_ratio
 
@@ -266,11 +260,9 @@ class TimeViperConfig(PretrainedConfig):
             raise ValueError(f"text_config must be one of {sorted(TEXT_CONFIG_CLASSES)}, got {text_config.model_type!r}")
         if projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
-        if projector_type == "tome_mlp" and not 1 <= tokens_per_frame <= self._patches_per_frame(vision_config):
-            raise ValueError(
-                f"tokens_per_frame must lie in [1, {self._patches_per_frame(vision_config)}] (patches per frame), "
-                f"got {tokens_per_frame}"
-            )
+        patches = self._patches_per_frame(vision_config)
+        if projector_type == "tome_mlp" and not 1 <= tokens_per_frame <= patches:
+            raise ValueError(f"tokens_per_frame must lie in [1, {patches}] (patches per frame), got {tokens_per_frame}")
         if vision_chunk_size < 1:
             raise ValueError(f"vision_chunk_size must be >= 1, got {vision_chunk_size}")
         if not -vision_config.num_hidden_layers - 1 <= vision_feature_layer <= vision_config.num_hidden_layers:

@@ -434,9 +434,8 @@ class TimeViperGenerationMixin(GenerationMixin):
         if cache is not None and cache.is_prefilled:
             # The frames were encoded at prefill; decode steps feed only the new tokens (transformers < 5.15 passes
             # every generate() keyword to every step).
-            model_inputs.pop("pixel_values", None)
-            model_inputs.pop("pixel_values_videos", None)
-            model_inputs.pop("video_features", None)
+            for name in ("pixel_values", "pixel_values_videos", "video_features"):
+                model_inputs.pop(name, None)
         return model_inputs
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):

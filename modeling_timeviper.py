@@ -23,6 +23,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 # First: the configuration's transformers version guard, before imports an unsupported release may lack.
 from .configuration_timeviper import TimeViperCompressionStage, TimeViperConfig, text_layer_types  # isort: skip
+from .configuration_timeviper import attention_layers  # isort: skip
 
 from .generation_timeviper import (  # isort: skip
     CACHE_NAME,
@@ -44,19 +45,17 @@ from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
 
-try:  # Mamba-2 Triton kernels (GPU); the PyTorch path below computes the same thing anywhere.
+try:  # mamba-ssm's Triton kernels (GPU) for Mamba-2's scan, decode step and gated RMSNorm; the PyTorch paths below
+    # compute the same thing anywhere.
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
-    mamba_chunk_scan_combined = selective_state_update = None
+    mamba_chunk_scan_combined = selective_state_update = gated_rmsnorm_kernel = None
 try:  # the causal depthwise conv of the Mamba-2 mixer in one CUDA kernel, continuing from and returning conv states
     from causal_conv1d import causal_conv1d_fn
 except ImportError:
     causal_conv1d_fn = None
-try:  # mamba-ssm's one-pass Triton kernel for Mamba-2's gated RMSNorm (GPU)
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
-except ImportError:
-    gated_rmsnorm_kernel = None
 
 logger = logging.get_logger(__name__)
 
@@ -407,14 +406,9 @@ class TimeViperMamba2Mixer(nn.Module):
         """One decode token through mamba-ssm's fused state update (updates `ssm_state` in place)."""
         heads, head_dim, state_size = self.num_heads, self.head_dim, self.ssm_state_size
         y = selective_state_update(
-            ssm_state,
-            x[:, 0],
-            dt[:, 0, :, None].expand(-1, -1, head_dim),
-            A[:, None, None].expand(heads, head_dim, state_size),
-            B[:, 0],
-            C[:, 0],
-            D=self.D[:, None].expand(-1, head_dim),
-            dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
+            ssm_state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, head_dim),
+            A[:, None, None].expand(heads, head_dim, state_size), B[:, 0], C[:, 0],
+            D=self.D[:, None].expand(-1, head_dim), dt_bias=self.dt_bias[:, None].expand(-1, head_dim),
             dt_softplus=True,
         )
         return y[:, None], ssm_state
@@ -511,8 +505,7 @@ def sdpa_attention(query, key, value, mask, is_causal, scale):
     if is_causal and query.shape[2] != key.shape[2]:
         mask, is_causal = causal_lower_right(query.shape[2], key.shape[2]), False
     # cuDNN's SDPA backend fails on very long sequences; flash / memory-efficient do not.
-    backends = sdpa_kernel(NON_CUDNN_BACKENDS) if query.is_cuda else contextlib.nullcontext()
-    with backends:
+    with sdpa_kernel(NON_CUDNN_BACKENDS) if query.is_cuda else contextlib.nullcontext():
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
         )
@@ -628,7 +621,10 @@ def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int, dim: int = 1
     """Apply a per-token function along the sequence in chunks (bounds the activation memory of wide MLPs)."""
     if hidden_states.shape[dim] <= chunk_size:
         return fn(hidden_states)
-    return ChunkedOutput(hidden_states.shape[dim], dim).run(fn, hidden_states.split(chunk_size, dim=dim))
+    outputs = ChunkedOutput(hidden_states.shape[dim], dim)
+    for part in hidden_states.split(chunk_size, dim=dim):
+        outputs.add(fn(part))
+    return outputs.result()
 
 
 class ChunkedOutput:
@@ -655,11 +651,6 @@ class ChunkedOutput:
 
     def result(self) -> torch.Tensor:
         return self.out if self.out is not None else torch.cat(self.parts, dim=self.dim)
-
-    def run(self, fn, parts) -> torch.Tensor:
-        for part in parts:
-            self.add(fn(part))
-        return self.result()
 
 
 class TimeViperHybridBlock(GradientCheckpointingLayer):
@@ -778,14 +769,8 @@ def kept_layout(state: SequenceState, keeps: list[torch.Tensor], hidden_states) 
     def gather(tensor, value):
         return torch.stack([left_pad(tensor[b, keep], new_length, value) for b, keep in enumerate(keeps)])
 
-    return SequenceState(
-        hidden_states=hidden_states,
-        valid=gather(state.valid, False),
-        vision=gather(state.vision, False),
-        positions=gather(state.positions, -1),
-        num_vision=state.num_vision,
-        query_positions=state.query_positions,
-    )
+    return replace(state, hidden_states=hidden_states, valid=gather(state.valid, False),
+                   vision=gather(state.vision, False), positions=gather(state.positions, -1))
 
 
 def last_vision_index(state: SequenceState, b: int) -> int:
@@ -932,15 +917,9 @@ class TimeViperTextModel(nn.Module):
     def final_norm(self) -> TimeViperRMSNorm:
         return self.norm if self.is_qwen else self.norm_f
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        vision_mask: torch.Tensor | None = None,
-        past_key_values: TimeViperHybridCache | None = None,
-        compression_query_positions: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ):
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                vision_mask: torch.Tensor | None = None, past_key_values: TimeViperHybridCache | None = None,
+                compression_query_positions: torch.Tensor | None = None, output_hidden_states: bool = False):
         """Returns the final-normed hidden states, the input index of every kept position (None for tokens after
         cached ones) and, with `output_hidden_states`, every block's input and the final output."""
         cache = past_key_values
@@ -967,20 +946,22 @@ class TimeViperTextModel(nn.Module):
         input index of every kept position."""
         if cache is not None:
             cache.add_prompt_tokens(state.valid.shape[1])
-            cache.open_segment(state.valid)
-        layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
-        layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+        layout = self.segment_layout(state, cache)
         for layer in self.layers:
             if layer.layer_idx in self.stage_at_layer:
                 state = self.compressors[self.stage_at_layer[layer.layer_idx]].compress(state, cache)
-                if cache is not None:
-                    cache.open_segment(state.valid)
-                layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
-                layout = layout.with_rope(self.rotary_emb, state.hidden_states)
+                layout = self.segment_layout(state, cache)
             if all_hidden_states is not None:
                 all_hidden_states.append(state.hidden_states)
             state.hidden_states = layer(state.hidden_states, layout, past_key_values=cache)
         return state.hidden_states, state.positions
+
+    def segment_layout(self, state: SequenceState, cache: TimeViperHybridCache | None) -> TokenLayout:
+        """The token layout of the compression segment that starts with `state`, opened in the cache."""
+        if cache is not None:
+            cache.open_segment(state.valid)
+        layout = TokenLayout.from_key_validity(state.valid, state.valid.shape[1])
+        return layout.with_rope(self.rotary_emb, state.hidden_states)
 
     def continue_layers(self, hidden_states, valid, cache: TimeViperHybridCache, stop: int, all_hidden_states=None):
         """Blocks [0, stop) on new tokens after the cached ones (a decode step, or the question after a video
@@ -1003,16 +984,9 @@ class TimeViperTextModel(nn.Module):
             cache.end_static_step(length)
         return hidden_states
 
-    def prefill_in_chunks(
-        self,
-        embed_columns,
-        valid: torch.Tensor,
-        vision_mask: torch.Tensor | None,
-        past_key_values: TimeViperHybridCache,
-        chunk_size: int,
-        compression_query_positions: torch.Tensor | None = None,
-        keep_last: int | None = None,
-    ):
+    def prefill_in_chunks(self, embed_columns, valid: torch.Tensor, vision_mask: torch.Tensor | None,
+                          past_key_values: TimeViperHybridCache, chunk_size: int,
+                          compression_query_positions: torch.Tensor | None = None, keep_last: int | None = None):
         """The prefill of `forward`, `chunk_size` tokens at a time (`ChunkedPrefill`); embed_columns(start, end)
         gives the input embeddings of positions [start, end)."""
         if torch.is_grad_enabled():
@@ -1040,12 +1014,11 @@ def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
             continue
-        layer = next((i for i in range(stage.layer_idx, len(layer_types)) if layer_types[i] == "full_attention"), None)
+        layer = next((i for i in attention_layers(layer_types) if i >= stage.layer_idx), None)
         if layer is None:
-            attention_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
             raise ValueError(
                 f"no attention block at or after layer {stage.layer_idx} to initialise TransV stage {stage_index} "
-                f"from; attention blocks are at {attention_layers}"
+                f"from; attention blocks are at {attention_layers(layer_types)}"
             )
         for name in names:
             source = None if name == "alpha" else f"layers.{layer}.{attention}.{name}"
@@ -1087,8 +1060,10 @@ class ChunkedPrefill:
     """
 
     def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
-                 keep_last: int | None):
+                 keep_last: int | None, stop_stage: int | None = None):
         self.model, self.cache, self.chunk_size, self.keep_last = text_model, cache, chunk_size, keep_last
+        # A video state's prefix stops at its first question-dependent stage and keeps that stage's input (`held`).
+        self.stop_stage, self.held = stop_stage, None
         stage_layers = [stage.layer_idx for stage in text_model.stages]
         self.bounds = [0, *stage_layers, len(text_model.layers)]  # segment s runs blocks [bounds[s], bounds[s+1])
         self.segments: list[SegmentLayout] = []
@@ -1148,6 +1123,9 @@ class ChunkedPrefill:
         """Segment `index` has received all its positions: finish the stage after it, then the next segment."""
         if index == self.last_segment:
             return
+        if index == self.stop_stage:
+            self.held = self.stages[index].take()
+            return
         stage = self.stages[index]
         if isinstance(stage, HeldStage):
             state = self.model.compressors[index].compress(stage.take(), self.cache)
@@ -1167,6 +1145,14 @@ class ChunkedPrefill:
         for layer in self.model.layers[self.bounds[index] : self.bounds[index + 1]]:
             hidden_states = layer(hidden_states, layout, past_key_values=self.cache)
         return hidden_states
+
+    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
+        """A question's prefill after a video state, from stage `stage_index` on, given that stage's whole input
+        over prefix + question."""
+        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
+        self.stages = [None] * stage_index + [HeldStage(state)]
+        self.close(stage_index)
+        return self.output.result()
 
 
 class SegmentLayout:
@@ -1286,7 +1272,7 @@ class HeldStage:
 
     def __init__(self, state: SequenceState):
         self.state = state
-        self.hidden_states: torch.Tensor | None = None
+        self.hidden_states: torch.Tensor | None = state.hidden_states  # (given whole when a question resumes)
 
     def feed(self, hidden_states: torch.Tensor, start: int) -> list:
         if self.hidden_states is None:
@@ -1308,7 +1294,6 @@ VIDEO_STATE_TENSORS = "video_state.safetensors"
 VIDEO_STATE_METADATA = "video_state.json"
 
 
-
 def first_question_stage(stages: list[TimeViperCompressionStage]) -> int | None:
     """The first stage whose result depends on the text after the video: attention-guided selection scores with the
     question's last token. A uniform stage (with its TransV) treats a question like decoded tokens."""
@@ -1325,39 +1310,11 @@ class VideoStateResume:
     chunk_size: int
 
 
-class PrefixPrefill(ChunkedPrefill):
-    """Chunked prefill of the prefix that stops at the first question-dependent stage and keeps its input."""
-
-    def __init__(self, text_model: "TimeViperTextModel", cache: TimeViperHybridCache, chunk_size: int,
-                 stop_stage: int | None):
-        super().__init__(text_model, cache, chunk_size, keep_last=1)
-        self.stop_stage = stop_stage
-        self.held: SequenceState | None = None
-
-    def close(self, index: int) -> None:
-        if index == self.stop_stage:
-            self.held = self.stages[index].take()
-            return
-        super().close(index)
-
-
-class ResumedPrefill(ChunkedPrefill):
-    """A question's prefill from stage `stage_index` on, given its whole input over prefix + question."""
-
-    def resume(self, stage_index: int, state: SequenceState) -> torch.Tensor:
-        self.segments = [None] * (stage_index + 1)  # (filled before: only their count matters from here on)
-        held = HeldStage(state)
-        held.hidden_states = state.hidden_states
-        self.stages = [None] * stage_index + [held]
-        self.close(stage_index)
-        return self.output.result()
-
-
 def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, cache: TimeViperHybridCache,
                        query_positions):
     """The final-normed hidden states of the question after a video state: its tokens run through the blocks before
     the first question-dependent stage, which then selects among the held prefix inputs + the question's, and the
-    blocks after it run on what it keeps (`ResumedPrefill`)."""
+    blocks after it run on what it keeps (`ChunkedPrefill.resume`)."""
     resume = cache.take_resume()
     batch, length = valid.shape
     if batch != 1 or not bool(valid.all()):
@@ -1382,7 +1339,7 @@ def resume_after_video(text_model: "TimeViperTextModel", inputs_embeds, valid, c
         query_positions=query,
     )
     # Text tokens are never dropped: the question's tokens are the last `length` kept positions.
-    return ResumedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
+    return ChunkedPrefill(text_model, cache, resume.chunk_size, keep_last=length).resume(resume.stage_index, state)
 
 
 def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
@@ -1466,7 +1423,7 @@ class TimeViperVideoState:
         stop = first_question_stage(config.compression_stages)
         cache = TimeViperHybridCache()
         cache.add_prompt_tokens(prefix_ids.shape[1])
-        prefill = PrefixPrefill(model.model.language_model, cache, chunk_size, stop)
+        prefill = ChunkedPrefill(model.model.language_model, cache, chunk_size, keep_last=1, stop_stage=stop)
         prefill.consume(vision.embed_columns, input_state(None, torch.ones_like(vision.mask), vision.mask, None))
         num_frames = int(vision.mask.sum()) // config.vision_tokens_per_frame
         resume = VideoStateResume(stop, prefill.held, chunk_size)
@@ -1681,17 +1638,12 @@ class TimeViperPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
-def vision_layers_to_run(config: TimeViperConfig) -> int:
-    """The SigLIP blocks before `vision_feature_layer`'s output (counted like `hidden_states`: 0 = embeddings)."""
-    layer = config.vision_feature_layer
-    return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
-
-
 def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
-    """SigLIP up to the block whose output TimeViper reads: the blocks after it and the post-layernorm would never
-    run, so they are not built."""
+    """SigLIP up to the block whose output TimeViper reads (`vision_feature_layer`, counted like `hidden_states`:
+    0 = embeddings): the blocks after it and the post-layernorm would never run, so they are not built."""
     vision_config = copy.deepcopy(config.vision_config)
-    vision_config.num_hidden_layers = vision_layers_to_run(config)
+    layer = config.vision_feature_layer
+    vision_config.num_hidden_layers = layer if layer >= 0 else vision_config.num_hidden_layers + 1 + layer
     tower = SiglipVisionModel(vision_config)
     tower.post_layernorm = None
     return tower
@@ -1718,9 +1670,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
     def set_input_embeddings(self, value):
         setattr(self.language_model, "embed_tokens" if self.language_model.is_qwen else "embeddings", value)
 
-
     def _vision_layers_to_run(self) -> int:
-        return vision_layers_to_run(self.config)
+        return len(self.vision_tower.encoder.layers)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden)."""
@@ -1852,11 +1803,8 @@ class TimeViperModel(TimeViperPreTrainedModel):
                 output_hidden_states=bool(output_hidden_states),
             )
         return TimeViperModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            kept_positions=kept_positions,
-            **{CACHE_NAME: cache},
-            hidden_states=all_hidden_states,
-            video_hidden_states=vision.video_features,
+            last_hidden_state=hidden_states, kept_positions=kept_positions, **{CACHE_NAME: cache},
+            hidden_states=all_hidden_states, video_hidden_states=vision.video_features,
             image_hidden_states=vision.image_features,
         )
 
@@ -2096,27 +2044,17 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
         if compression_query_positions is None and labels is not None:
             compression_query_positions = first_supervised_query(labels, attention_mask)
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            compression_query_positions=compression_query_positions,
-            output_hidden_states=output_hidden_states,
-            video_features=video_features,
-            prefill_chunk_size=prefill_chunk_size,
+            input_ids=input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+            attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            compression_query_positions=compression_query_positions, output_hidden_states=output_hidden_states,
+            video_features=video_features, prefill_chunk_size=prefill_chunk_size,
             keep_last=logits_to_keep if isinstance(logits_to_keep, int) and logits_to_keep > 0 else None,
         )
         logits = self.lm_head(kept_for_logits(outputs.last_hidden_state, 0 if labels is not None else logits_to_keep))
         loss = None if labels is None else self.kept_token_loss(logits, labels, outputs.kept_positions, num_items_in_batch)
         output = TimeViperCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            kept_positions=outputs.kept_positions,
-            **{CACHE_NAME: past_key_values},
-            hidden_states=outputs.hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
+            loss=loss, logits=logits, kept_positions=outputs.kept_positions, **{CACHE_NAME: past_key_values},
+            hidden_states=outputs.hidden_states, video_hidden_states=outputs.video_hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
         return output if return_dict is not False else output.to_tuple()
