@@ -105,6 +105,17 @@ def first_token(model, device, **inputs):
                                                 return_dict_in_generate=True, output_logits=True))
 
 
+def first_divergence(runs):
+    """Where two greedy runs first pick different tokens, and how close the unchunked run's top two logits were
+    there (a gap below the runs' logit difference is a bf16 near-tie, not a wrong prefill)."""
+    for step, (a, b) in enumerate(zip(runs[0].logits, runs[1].logits)):
+        if a.argmax(-1).item() != b.argmax(-1).item():
+            top = a[0].float().topk(2).values
+            return {"first_divergent_step": step, "top2_gap_at_divergence": (top[0] - top[1]).item(),
+                    "logits_max_abs_diff_at_divergence": (a.float() - b.float()).abs().max().item()}
+    return {}
+
+
 def step_exact(model, device, args, results):
     """Chunked == unchunked on this GPU, in bf16 (with and without the compression schedule)."""
     ids = video_prompt_ids(model.config, args.exact_frames, device)
@@ -123,7 +134,9 @@ def step_exact(model, device, args, results):
         record = {"variant": label, "frames": args.exact_frames, "tokens_in": ids.shape[1],
                   "chunk": max(7, args.prefill_chunk // 8),
                   "same_greedy_tokens": bool(torch.equal(runs[0].sequences, runs[1].sequences)),
-                  "first_logits_max_abs_diff": diff, "first_logits_max_abs": scale}
+                  "first_logits_max_abs_diff": diff, "first_logits_max_abs": scale,
+                  "new_tokens": [run.sequences[0, ids.shape[1]:].tolist() for run in runs]}
+        record.update(first_divergence(runs))
         log("exact", record)
         records.append(record)
     results["exact"] = records
