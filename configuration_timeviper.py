@@ -105,7 +105,7 @@ class TimeViperCompressionStage:
     """One in-LLM compression stage: before block `layer_idx` runs, each sample's vision tokens are reduced to
     `keep_ratio` of the ORIGINAL number of vision tokens (not of the previous stage), chosen by `method`. With
     `transfer=True` the text after the vision span absorbs the dropped tokens through a gated cross-attention
-    (TransV). The paper writes drop rates (`from_drop_ratio`), the reference code's strings keep ratios.
+    (TransV). The paper writes drop rates (a `drop_ratio` key in `from_dict`), the reference code's strings keep ratios.
     """
 
     layer_idx: int
