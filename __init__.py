@@ -1,8 +1,9 @@
 """TimeViper: a hybrid Mamba-Transformer video-language model (Hugging Face remote-code package).
 
 Installed, the Hub files form the package `timeviper`: import from `timeviper.configuration_timeviper`,
-`timeviper.modeling_timeviper`, `timeviper.generation_timeviper`, `timeviper.processing_timeviper` and `timeviper.video_processing_timeviper`. In a checkpoint folder transformers loads the
-same files as remote code. This file imports nothing, so that it is harmless wherever a tool imports it on its own.
+`timeviper.modeling_timeviper`, `timeviper.generation_timeviper`, `timeviper.processing_timeviper` and
+`timeviper.video_processing_timeviper`. In a checkpoint folder transformers loads the same files as remote code.
+This file imports nothing, so that it is harmless wherever a tool imports it on its own.
 """
 
 # The files transformers loads as remote code; every folder that must load with `trust_remote_code` gets a copy.

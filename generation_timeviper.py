@@ -135,7 +135,9 @@ class TimeViperHybridCache(Cache):
             if new is not store[layer_idx]:  # the fused kernel already updated the SSM state in place
                 store[layer_idx].copy_(new)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        """Appends (or, on a static cache's decode step, writes in place) a block's new keys/values; returns all of
+        them. `cache_kwargs` is the `Cache.update` argument transformers' attention layers pass; none is needed."""
         if self.has_static_buffers:
             index = self.decode_step + self.kv_base[layer_idx]
             self.keys[layer_idx].index_copy_(2, index, key_states)

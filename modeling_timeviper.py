@@ -2025,7 +2025,6 @@ class TimeViperForConditionalGeneration(TimeViperPreTrainedModel, TimeViperGener
             accumulation steps) instead of averaged over this batch's supervised tokens.
         Other arguments: see `TimeViperModel.forward`.
         """
-
         past_key_values = resolve_cache_argument(past_key_values, cache)
         if output_attentions:
             raise ValueError("output_attentions=True is not supported: TimeViper never materialises attention weights")

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--long-file-fps", type=int, default=3)
     p.add_argument("--long-gop", type=int, default=30, help="keyframe interval of the long file (frames)")
     p.add_argument("--long-file", default=None,
-                   help="use this file, written earlier by write_video with the --long-file-* settings given here")
+                   help="use this file (e.g. written earlier by write_video) instead of writing one")
     p.add_argument("--long-sample-fps", default="3,1", help="sampling rates of the long file (one run each)")
     p.add_argument("--llm-frames", default="200000")
     args = p.parse_args(argv)
@@ -177,6 +177,25 @@ def generated_file(size, seconds, fps, gop):
     write_s, _ = timed("cpu", lambda: write_video(path, seconds, fps, tuple(int(v) for v in size.split("x")), gop))
     return path, {"size": size, "seconds": seconds, "fps": fps, "gop": gop, "codec": CODEC,
                   "bytes": os.path.getsize(path), "write_s": write_s}
+
+
+def existing_file_record(path):
+    """`generated_file`'s record of a file written before this run, read from the file: frame size and rate, length,
+    and the mean keyframe interval (the demuxer's frame index)."""
+    import av
+
+    from timeviper.video_processing_timeviper import _scan_frame_index
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        index, frames = _scan_frame_index(container, stream, {"scanned_packets": 0}, path)
+        if index is None:
+            raise ValueError(f"{path}: its packets' timestamps do not number its frames; write it with write_video")
+        fps = float(stream.average_rate)
+        return {"size": f"{stream.codec_context.width}x{stream.codec_context.height}",
+                "seconds": round(frames / fps), "fps": int(fps) if fps.is_integer() else fps,
+                "gop": frames // len(index.keyframes), "codec": stream.codec_context.name,
+                "bytes": os.path.getsize(path), "written": "before this run"}
 
 
 def tiny_processor(model, path):
@@ -299,9 +318,7 @@ def step_long_file(model, device, args, results):
     streaming path, decode alone and the GPU alone (`streaming_and_alone`). No one-shot run: its host memory (1.77 MB
     of float32 pixels per frame next to the decoded frames) exceeds the machine's at these lengths."""
     if args.long_file:
-        path, spec = args.long_file, {"size": args.long_file_size, "seconds": args.long_file_seconds,
-                                      "fps": args.long_file_fps, "gop": args.long_gop, "codec": CODEC,
-                                      "bytes": os.path.getsize(args.long_file), "written": "before this run"}
+        path, spec = args.long_file, existing_file_record(args.long_file)
     else:
         path, spec = generated_file(args.long_file_size, args.long_file_seconds, args.long_file_fps, args.long_gop)
     log("long file", spec)
