@@ -309,6 +309,13 @@ class TimeViperConfig(PretrainedConfig):
         return self._patches_per_frame(self.vision_config)
 
     @property
+    def vision_layers_used(self) -> int:
+        """The SigLIP blocks that feed the projector: the features are hidden state `vision_feature_layer` (0 = the
+        embeddings; negative counts from the end, -2 = the second-to-last block's output)."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision_config.num_hidden_layers + 1 + layer
+
+    @property
     def layer_types(self) -> list[str]:
         return text_layer_types(self.text_config)
 

@@ -1639,11 +1639,10 @@ class TimeViperPreTrainedModel(PreTrainedModel):
 
 
 def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
-    """SigLIP up to the block whose output TimeViper reads (`vision_feature_layer`, counted like `hidden_states`:
-    0 = embeddings): the blocks after it and the post-layernorm would never run, so they are not built."""
+    """SigLIP up to the block whose output TimeViper reads (`config.vision_layers_used`): the blocks after it and the
+    post-layernorm would never run, so they are not built."""
     vision_config = copy.deepcopy(config.vision_config)
-    layer = config.vision_feature_layer
-    vision_config.num_hidden_layers = layer if layer >= 0 else vision_config.num_hidden_layers + 1 + layer
+    vision_config.num_hidden_layers = config.vision_layers_used
     tower = SiglipVisionModel(vision_config)
     tower.post_layernorm = None
     return tower
@@ -1656,7 +1655,7 @@ class TimeViperModel(TimeViperPreTrainedModel):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
         # Checkpoints of the whole SigLIP tower (converted ones, older folders) hold the parts left unbuilt.
-        unbuilt = [str(i) for i in range(self._vision_layers_to_run(), config.vision_config.num_hidden_layers)]
+        unbuilt = [str(i) for i in range(config.vision_layers_used, config.vision_config.num_hidden_layers)]
         self._keys_to_ignore_on_load_unexpected = [r"vision_tower\.(vision_model\.)?post_layernorm\."] + (
             [rf"vision_tower\.(vision_model\.)?encoder\.layers\.({'|'.join(unbuilt)})\."] if unbuilt else []
         )
@@ -1669,9 +1668,6 @@ class TimeViperModel(TimeViperPreTrainedModel):
 
     def set_input_embeddings(self, value):
         setattr(self.language_model, "embed_tokens" if self.language_model.is_qwen else "embeddings", value)
-
-    def _vision_layers_to_run(self) -> int:
-        return len(self.vision_tower.encoder.layers)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden)."""

@@ -126,7 +126,7 @@ def linear_params(module):
 def vision_flops_per_frame(model):
     vcfg = model.config.vision_config
     patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    layers = model.model._vision_layers_to_run()
+    layers = model.config.vision_layers_used
     d = vcfg.hidden_size
     embed = 2 * patches * 3 * vcfg.patch_size**2 * d
     per_layer = 2 * patches * linear_params(model.model.vision_tower.encoder.layers[0]) + 4 * patches**2 * d
@@ -224,7 +224,7 @@ class PhaseTimer:
         self.device, self.active, self.handles = device, False, []
         inner = model.model
         vision = inner.vision_tower
-        last = vision.encoder.layers[inner._vision_layers_to_run() - 1]
+        last = vision.encoder.layers[inner.config.vision_layers_used - 1]
         self.reset()
         self.handles.append(vision.embeddings.register_forward_pre_hook(lambda m, a: self._stamp("vision_start")))
         self.handles.append(last.register_forward_hook(lambda m, a, o: self._stamp("vision_end")))
@@ -429,7 +429,7 @@ def compiled_tower_bench(model, device, args, results, repeats=3):
     pixels = random_pixels(model, n, device)
     rec = vision_microbench(model, device, args, results, repeats, label="vision_microbench_compiled")
     try:
-        compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner._vision_layers_to_run()]]
+        compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner.config.vision_layers_used]]
 
         def run_compiled():
             f = inner.vision_tower.embeddings(pixels).contiguous()

@@ -25,8 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-import timeviper
-from timeviper import REMOTE_CODE_FILES
+from timeviper import copy_remote_code
 from timeviper.configuration_timeviper import SUPPORTED_TRANSFORMERS, TimeViperConfig
 
 logger = logging.getLogger("timeviper.convert")
@@ -507,12 +506,6 @@ def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def vision_layers_used(config) -> int:
-    """How many SigLIP blocks feed the projector: the features are hidden state `vision_feature_layer`."""
-    layer = config.vision_feature_layer
-    return layer if layer >= 0 else config.vision_config.num_hidden_layers + 1 + layer
-
-
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
     """Why a SigLIP target tensor feeds nothing the projector reads (later blocks, final norm, head), or None."""
     match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
@@ -565,7 +558,7 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
     """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
-    plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, vision_layers_used(config))
+    plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, config.vision_layers_used)
     check_plan(plan, expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
     by_reason: dict[str, list[str]] = {}
@@ -972,8 +965,7 @@ def save_hub_folder(folder: Path, config, tokenizer, llm_folder: Path, base_mode
     family = config.text_config.model_type
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
-    for file in REMOTE_CODE_FILES:
-        shutil.copyfile(Path(timeviper.__file__).resolve().parent / file, folder / file)
+    copy_remote_code(folder)
     set_pad_token(tokenizer, config.text_config)
     write_processor(folder, tokenizer, config)
     build_generation_config(family, tokenizer, config.text_config, llm_folder).save_pretrained(str(folder))
@@ -1026,11 +1018,12 @@ def compare_text_logits(model, reference, vocab_size: int, avoid_ids: Iterable[i
 
 @torch.no_grad()
 def compare_vision_features(model, reference_tower, layers_used: int, image_size: int) -> float:
-    """Max difference of the projector's input (the first `layers_used` blocks' output) from `reference_tower`."""
+    """Max difference of the vision features the model reads (hidden state `layers_used`, before ToMe and the
+    projector) from `reference_tower`'s. The model's tower holds exactly those blocks."""
     pixels = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tower = model.get_submodule("model.vision_tower")
     ours = tower.embeddings(pixels)
-    for layer in tower.encoder.layers[:layers_used]:
+    for layer in tower.encoder.layers:
         ours = layer(ours, None)
     theirs = reference_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layers_used]
     return (ours.float() - theirs.float()).abs().max().item()
@@ -1058,7 +1051,7 @@ def native_vision_reference(plan: ConversionPlan, config, dtype: torch.dtype):
 
     reference = SiglipVisionModel(config.vision_config).float().eval()
     missing, unexpected = reference.load_state_dict(vision_state_dict(plan), strict=False)
-    layers_used = vision_layers_used(config)
+    layers_used = config.vision_layers_used
     missing = [key for key in missing if unused_vision_reason(VISION_PREFIX + key, layers_used) is None]
     if missing or unexpected:
         raise ConversionError("the planned vision tensors do not load into SiglipVisionModel", [*missing, *unexpected])
@@ -1086,7 +1079,7 @@ def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan
     results = {"text logits": compare_text_logits(model, text_reference, config.text_config.vocab_size,
                                                   (config.image_token_id, config.video_token_id))}
     results["vision features"] = compare_vision_features(model, native_vision_reference(plan, config, dtype),
-                                                         vision_layers_used(config), config.vision_config.image_size)
+                                                         config.vision_layers_used, config.vision_config.image_size)
     for what, diff in results.items():
         logger.info("verify: %s max abs diff %.3e (tolerance %.0e)", what, diff, atol)
     failed = [f"{what}: max abs diff {diff:.3e} > {atol:.0e}" for what, diff in results.items() if not diff <= atol]

@@ -21,6 +21,8 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from timeviper import REMOTE_CODE_FILES
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `convert` is a folder of the repository, not part of the installed package
     sys.path.insert(0, str(REPO))
@@ -361,7 +363,7 @@ def test_siglip_parts_the_model_leaves_out_are_skipped():
     unused = [name for name in expected if ".layers.2." in name or "post_layernorm" in name]
     for name in unused:
         del expected[name]
-    fitted = common.skip_unused_vision_tensors(plan, expected, common.vision_layers_used(config))
+    fitted = common.skip_unused_vision_tensors(plan, expected, config.vision_layers_used)
     common.check_plan(fitted, expected)
     assert {"timm:norm.weight", "timm:blocks.2.attn.qkv.weight", "timm:blocks.2.mlp.fc2.bias"} <= set(fitted.skipped)
     assert "SigLIP's first 2 blocks" in fitted.skipped["timm:norm.weight"]
@@ -505,8 +507,8 @@ def test_raw_nemotron_conversion_end_to_end(sources, tmp_path):
     names = {path.name for path in output.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "generation_config.json", "README.md", "tokenizer.json",
             "tokenizer_config.json", "processor_config.json", "chat_template.jinja"} <= names
-    assert set(common.REMOTE_CODE_FILES) <= names
-    for file in common.REMOTE_CODE_FILES:
+    assert set(REMOTE_CODE_FILES) <= names
+    for file in REMOTE_CODE_FILES:
         assert (output / file).read_bytes() == (REPO / file).read_bytes()
     assert len(list(output.glob("model-*-of-*.safetensors"))) > 1
     config = json.loads((output / "config.json").read_text())

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from tiny_assets import write_test_video
 
+import timeviper
 from timeviper.configuration_timeviper import AUTO_MAP
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from timeviper.processing_timeviper import TimeViperProcessor
@@ -390,9 +391,9 @@ def test_resume_continues_the_same_loss_curve(runs, request):
 def test_saved_folders_are_self_contained(resumed_full):
     """What --push_to_hub uploads: weights, config.json with auto_map, processor, tokenizer and the remote-code files."""
     first, _ = resumed_full
-    package = Path(train.timeviper.__file__).resolve().parent
+    package = Path(timeviper.__file__).resolve().parent
     for folder in (Path(first.args.output_dir), Path(first.args.output_dir) / "checkpoint-5"):
-        for name in train.REMOTE_CODE_FILES:
+        for name in timeviper.REMOTE_CODE_FILES:
             assert (folder / name).read_bytes() == (package / name).read_bytes(), (folder, name)
         config = json.loads((folder / "config.json").read_text())
         assert config["auto_map"] == AUTO_MAP

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-import timeviper
-from timeviper import REMOTE_CODE_FILES
+from timeviper import copy_remote_code
 from timeviper.configuration_timeviper import TimeViperConfig, normalize_compression
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from timeviper.processing_timeviper import TimeViperProcessor
@@ -336,14 +334,6 @@ def training_notes(args: TimeViperArguments, training_args: TrainingArguments) -
         f"{training_args.num_train_epochs:g} epoch(s) / max {training_args.max_steps} steps, learning rate "
         f"{training_args.learning_rate:g}."
     )
-
-
-def copy_remote_code(folder: str | os.PathLike) -> None:
-    """Copy the remote-code files next to the weights, so the folder loads with trust_remote_code."""
-    source = Path(timeviper.__file__).resolve().parent
-    os.makedirs(folder, exist_ok=True)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(source / name, Path(folder) / name)
 
 
 class SaveRemoteCodeCallback(TrainerCallback):
