@@ -370,18 +370,12 @@ class TimeViperProcessor(ProcessorMixin):
         )
         if not tokenize:
             return prompt
-        is_batched = _is_batched(conversation)
+        # The installed transformers decided what is a batch (its rule changed within 5.13-5.25): a list of prompts.
+        is_batched = isinstance(prompt, list)
         videos, images = _conversation_media(conversation if is_batched else [conversation])
         out = self(text=prompt if is_batched else [prompt], videos=videos or None, images=images or None,
                    **processor_kwargs)
         return out if return_dict else out["input_ids"]
-
-
-def _is_batched(conversation) -> bool:
-    """Same batching rule as ProcessorMixin.apply_chat_template."""
-    return isinstance(conversation, (list, tuple)) and len(conversation) > 0 and (
-        isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "content")
-    )
 
 
 def _supervised_spans(row_ids, row_labels, placeholders) -> list[list[int]]:
@@ -426,8 +420,8 @@ def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefe
     _check_known(options, {*SAMPLING_KEYS, *TextKwargs.__annotations__}, "keyword arguments for streaming_chat_inputs")
     sampling = {key: value for key, value in options.items() if key in SAMPLING_KEYS}
     text_kwargs = {key: value for key, value in options.items() if key not in SAMPLING_KEYS} | {"return_tensors": "pt"}
-    conversations = conversation if _is_batched(conversation) else [conversation]
-    prompts = [processor.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+    prompts = processor.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    conversations, prompts = (conversation, prompts) if isinstance(prompts, list) else ([conversation], [prompts])
     videos, images = _conversation_media(conversations)
     if images:
         raise ValueError("streaming_chat_inputs streams videos; pass images through the processor.")
