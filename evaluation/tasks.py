@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT, grounding_preamble, mcq_prompt, sample_frame_indices
+# The prompts and the frame sampler come from timeviper.processing_timeviper, imported where they are used: it loads
+# torch and transformers, which scoring predictions (`run_eval score`) and reading annotations never need.
 
 TASKS = ("mcq", "grounding")
 
@@ -72,6 +73,8 @@ def option_texts(options: Sequence[str]) -> list[str]:
 def build_mcq_prompt(question: str, options: Sequence[str]) -> str:
     """The reference MCQ user prompt: question, one option per line (kept as given when all are lettered in order,
     else prefixed ``"A. "`` etc.), then the answer instruction."""
+    from timeviper.processing_timeviper import mcq_prompt
+
     return mcq_prompt(question, [opt.strip() for opt in options], add_letters=not options_are_lettered(options))
 
 
@@ -83,6 +86,8 @@ def format_seconds(seconds: float) -> str:
 
 def build_grounding_prompt(query: str, duration: float, num_frames: int) -> str:
     """The reference TVG user prompt: the time sentence, a space, then the grounding instruction with the query."""
+    from timeviper.processing_timeviper import grounding_preamble
+
     time_sentence = grounding_preamble(format_seconds(duration), num_frames)
     return f"{time_sentence} {GROUNDING_INSTRUCTION.format(query=query.strip())}"
 
@@ -101,6 +106,8 @@ def eval_num_frames(
         raise ValueError(f"duration and fps must be positive, got duration={duration}, fps={fps}")
     if rule not in SAMPLING_RULES:
         raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
+    from timeviper.processing_timeviper import sample_frame_indices
+
     frames_per_sample = max(1, math.ceil(min_frames / (duration * fps)))
     video_fps = fps * frames_per_sample
     total_frames = math.ceil(duration * video_fps - 1e-9)
@@ -135,6 +142,8 @@ class FrameSampling:
 
 def build_prompt(task: str, record: dict, sampling: FrameSampling = FrameSampling()) -> tuple[str, str | None]:
     """``(prompt_text, answer_prompt)`` for one validated record; ``answer_prompt`` is None for grounding."""
+    from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT
+
     if task == "mcq":
         return build_mcq_prompt(record["question"], record["options"]), MCQ_ANSWER_PROMPT
     if task == "grounding":

@@ -19,7 +19,7 @@ DEMO_FRAMES = 48
 def materialize_checkpoint(folder, model_dir=MODEL_DIR, token_compression: str | None = None) -> Path:
     """A self-contained copy of `model_dir` in `folder`: its files, the package's remote-code files, and
     `token_compression` ("none" for no compression) in config.json when given. It loads like any checkpoint."""
-    from training.train import copy_remote_code
+    from timeviper import copy_remote_code
 
     model_dir, folder = Path(model_dir), Path(folder)
     if not (model_dir / "model.safetensors").is_file():

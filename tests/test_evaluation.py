@@ -1,6 +1,7 @@
 """Tests of the evaluation harness (evaluation/): prompts, parsing, metrics, resume, sharding, CLI. CPU, no model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from evaluation import run_eval  # noqa: E402
+from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT  # noqa: E402
 from evaluation.tasks import (  # noqa: E402
-    MCQ_ANSWER_PROMPT,
     FrameSampling,
     AnnotationError,
     PredictionFileError,
@@ -639,3 +640,13 @@ def test_probe_duration_fills_missing_grounding_duration(tmp_path):
     (tmp_path / "not_a_video.mp4").write_bytes(b"junk")
     with pytest.raises(AnnotationError, match="ann.jsonl:7"):
         run_eval.fill_durations(records, "ann.jsonl")
+
+
+def test_scoring_does_not_load_the_model_stack():
+    """`run_eval score` and annotation checks read JSON only: importing the evaluation code loads neither torch nor
+    transformers (seconds and most of a GB on their own)."""
+    probe = "import sys, evaluation.run_eval; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.tasks import MCQ_ANSWER_PROMPT, build_mcq_prompt, option_letters
+from evaluation.tasks import build_mcq_prompt, option_letters
 from inference.tiny_default import write_video
+from timeviper.processing_timeviper import MCQ_ANSWER_PROMPT
 
 # Colour name -> RGB. Far apart in every channel, so they survive H.264's chroma subsampling and a random vision tower.
 COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 235), "yellow": (235, 220, 30)}

@@ -16,10 +16,10 @@ import torch
 
 from benchmarks.common import TINY_NANO, TINY_VISION
 from inference.tiny_default import make_processor, make_tiny_tokenizer, use_tokenizer_ids, write_sample_video
+from timeviper import copy_remote_code
 from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 from training.data import TimeViperDataCollator, TimeViperSFTDataset
-from training.train import copy_remote_code
 
 SCHEDULE = "uni_7_0.5-attn_39_0.05"
 VIDEO_FPS = 8
