@@ -1,5 +1,6 @@
-"""What the single-GPU benchmarks (long_video.py, streaming_video.py, video_state.py) share: their model configs,
-the model build, the run's metadata, logging, timing, memory readings and the JSON they write after every step."""
+"""What the single-GPU benchmarks (long_video.py, streaming_video.py, video_state.py, llm_prefill.py, ...) share:
+model configs, the model build, the run's metadata, logging, timing, memory readings and the JSON they write after
+every step."""
 
 import argparse
 import gc

@@ -1,6 +1,7 @@
 """LLM prefill side by side with plain transformers: `NemotronHForCausalLM` and this package's hybrid LLM on the same
-random bf16 weights (Nano-9B-v2 dims), in one process on one GPU, with the depthwise causal conv through
-causal-conv1d's CUDA kernel or through PyTorch (switched for both models by their module-level kernel handles).
+random bf16 weights (Nano-9B-v2 dims), in one process on one GPU. Plain transformers runs as it builds itself (with
+causal-conv1d's CUDA kernel when installed: its kernel path is fixed at import); ours runs with the depthwise causal
+conv through that kernel and through PyTorch (switched by our module-level kernel handle).
 
 Also the kernel-vs-PyTorch parity of the conv at full dims (4,096 tokens, continued from a conv state, as a chunked
 prefill does) and of the whole LLM's last-token logits.
@@ -17,7 +18,6 @@ from statistics import median_high
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import TINY_NANO, TINY_VISION, log, meta, save, timed  # noqa: E402
 from long_video import profile_region  # noqa: E402
 
@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/llm_prefill.json")
     p.add_argument("--tokens", default="16384,65536")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (after one warm-up); the median counts")
-    p.add_argument("--tiny", action="store_true", help="tiny dims: a quick check of the script (it needs CUDA: the conv kernel is CUDA-only)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny dims: a quick check of the script (it needs CUDA: the conv kernel is CUDA-only)")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="as in long_video.py (H200 -> 80 GB H100)")
     p.add_argument("--profile-tokens", type=int, default=16384,
                    help="profile one prefill of ours (causal-conv1d) at this length into the JSON; 0: none")
@@ -66,19 +67,16 @@ def models(tiny, device):
 
 @contextlib.contextmanager
 def conv_kernel(enabled):
-    """causal-conv1d on or off for both models (their module-level handles of the kernel)."""
-    import transformers.models.nemotron_h.modeling_nemotron_h as plain_module
-
+    """causal-conv1d on or off for our model (its module-level handle of the kernel)."""
     import timeviper.modeling_timeviper as our_module
 
-    saved = {m: getattr(m, "causal_conv1d_fn", None) for m in (plain_module, our_module)}
+    saved = our_module.causal_conv1d_fn
+    assert saved is not None, "causal-conv1d is not installed (benchmarks/build_causal_conv1d.sh, gpu_setup.sh)"
     try:
-        for module, fn in saved.items():
-            module.causal_conv1d_fn = fn if enabled else None
+        our_module.causal_conv1d_fn = saved if enabled else None
         yield
     finally:
-        for module, fn in saved.items():
-            module.causal_conv1d_fn = fn
+        our_module.causal_conv1d_fn = saved
 
 
 def timed_prefill(model, embeds, repeats):
@@ -95,8 +93,6 @@ def timed_prefill(model, embeds, repeats):
 def conv_parity(ours, device, tokens=4096):
     """One mixer's conv through the kernel and through PyTorch: the whole sequence, and the same sequence as two
     chunks carrying the conv state; outputs and final states."""
-    import timeviper.modeling_timeviper as our_module
-
     mixer = next(layer.mixer for layer in ours.model.language_model.layers if hasattr(layer, "mixer")
                  and hasattr(layer.mixer, "convolve"))
     torch.manual_seed(1)
@@ -108,7 +104,6 @@ def conv_parity(ours, device, tokens=4096):
             first, carried = mixer.convolve(xbc[:, : tokens // 2 + 3], None)
             second, state2 = mixer.convolve(xbc[:, tokens // 2 + 3 :], carried)
         results[label] = (whole.float(), state.float(), torch.cat([first, second], 1).float(), state2.float())
-    assert our_module.causal_conv1d_fn is not None
     k, t = results["kernel"], results["torch"]
     return {"tokens": tokens, "out_max_abs_diff": (k[0] - t[0]).abs().max().item(),
             "out_max_abs": t[0].abs().max().item(),
@@ -131,25 +126,24 @@ def main(argv=None):
         torch.manual_seed(2)
         embeds = 0.02 * torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
         point, logits = {"tokens": tokens}, {}
-        for name, model in (("plain", plain), ("ours", ours)):
-            for kernel in (False, True):
-                label = f"{name}_{'causal_conv1d' if kernel else 'torch_conv'}"
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    with conv_kernel(kernel):
-                        seconds, logits[label] = timed_prefill(model, embeds, args.repeats)
-                    point[label] = {"s": seconds, "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
-                except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
-                    point[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-                log(tokens, label, point[label])
+        # Plain transformers as it builds itself (with causal-conv1d, which conv_kernel requires), ours both ways.
+        for label, model, kernel in (("plain_causal_conv1d", plain, True), ("ours_torch_conv", ours, False),
+                                     ("ours_causal_conv1d", ours, True)):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                with conv_kernel(kernel):
+                    seconds, logits[label] = timed_prefill(model, embeds, args.repeats)
+                point[label] = {"s": seconds, "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
+            except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
+                point[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            log(tokens, label, point[label])
         base = logits.get("ours_torch_conv")
         point["last_logits_max_abs_diff_vs_ours_torch_conv"] = {
             k: (v - base).abs().max().item() for k, v in logits.items() if base is not None}
-        for plain_label, key in (("plain_torch_conv", "speedup_ours_kernel_vs_plain_torch_conv"),
-                                 ("plain_causal_conv1d", "speedup_ours_kernel_vs_plain_kernel")):
-            if "s" in point.get(plain_label, {}) and "s" in point.get("ours_causal_conv1d", {}):
-                point[key] = point[plain_label]["s"] / point["ours_causal_conv1d"]["s"]
+        if all("s" in point.get(label, {}) for label in ("plain_causal_conv1d", "ours_causal_conv1d")):
+            point["speedup_ours_kernel_vs_plain_kernel"] = (point["plain_causal_conv1d"]["s"]
+                                                            / point["ours_causal_conv1d"]["s"])
         log("point", {k: v for k, v in point.items() if k.startswith(("speedup", "last"))})
         results["points"].append(point)
         save(results, args)

@@ -70,8 +70,8 @@ def file_title(frames, spec):
     return f"{frames:,} frames: {spec['size']} H.264, {spec['seconds']} s at {spec['fps']} fps, GOP {spec['gop']}"
 
 
-def draw_llm_points(ax, records):
-    """records: [(config, llm record, card name)] of `--steps llm` runs."""
+def draw_llm_points(ax, records, limit_bytes):
+    """records: [(config, llm record, card name)] of `--steps llm` runs that fit; limit_bytes: the memory they had."""
     labels = [f"config {config}, {r['frames']:,} frames\n({r['tokens_in'] / 1e6:.1f}M tokens, {card})"
               for config, r, card in records]
     for i, (_, r, _) in enumerate(records):
@@ -80,7 +80,8 @@ def draw_llm_points(ax, records):
                label=None if i else "peak reserved")
         ax.text(i, r["gpu_reserved_peak_bytes"] / GIB, f"{r['prefill_and_first_token_s']:.0f} s to the first token",
                 ha="center", va="bottom", fontsize=8)
-    ax.axhline(79, color="tab:red", linestyle="--", label="allocator cap (80 GB H100)")
+    ax.axhline(limit_bytes / GIB, color="tab:red", linestyle="--",
+               label=f"GPU memory the runs had ({limit_bytes / GIB:.0f} GiB)")
     ax.set_xticks(range(len(records)), labels, fontsize=8)
     ax.set_ylabel("GiB")
     ax.set_ylim(0, 90)
@@ -99,8 +100,13 @@ def main():
     args = p.parse_args()
     res = json.load(open(args.json))
     long_runs = [json.load(open(path)) for path in args.long_json if os.path.exists(path)]
-    llm_records = [(run["config"], record, run["meta"].get("gpu", "?")) for run in
-                   (json.load(open(path)) for path in args.llm_json if os.path.exists(path)) for record in run["llm"]]
+    llm_runs = [json.load(open(path)) for path in args.llm_json if os.path.exists(path)]
+    # Only what fitted: an out-of-memory record has no time and no reserved peak.
+    llm_records = [(run["config"], record, run["meta"].get("gpu", "?")) for run in llm_runs for record in run["llm"]
+                   if not record["oom"]]
+    limits = {run["meta"].get("memory_cap_bytes") or run["meta"]["gpu_total_bytes"] for run in llm_runs}
+    if len(limits) > 1:
+        raise SystemExit(f"the --llm-json runs had different GPU memory limits {sorted(limits)}: plot them apart")
     rows = 1 + sum(len(run["long_file"]["points"]) for run in long_runs) + bool(llm_records)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), gridspec_kw={"width_ratios": [2.2, 1]}, squeeze=False)
 
@@ -120,7 +126,7 @@ def main():
             axes[row, 1].set_title("memory (streaming; no one-shot at this length)", fontsize=9)
             row += 1
     if llm_records:
-        draw_llm_points(axes[row, 0], llm_records)
+        draw_llm_points(axes[row, 0], llm_records, limits.pop())
         axes[row, 1].axis("off")
     fig.suptitle(f"TimeViper file -> first token, {res['meta'].get('gpu', '?')} unless named, config b "
                  "(Nano-9B-v2 + TransV) unless named, random weights")

@@ -15,7 +15,7 @@ Steps (each writes its record into the JSON as it finishes):
   prefill reaches them, as `streamed_video_features` does with real frames), chunked prefill + 1 token: peak GPU
   memory and prefill time.
 
-Full-size architectures with random bf16 weights (benchmarks/long_video.py's configs a and b), nothing downloaded.
+Full-size architectures with random bf16 weights (configs a and b of benchmarks/common.py), nothing downloaded.
 
     python benchmarks/streaming_video.py --tiny            # CPU smoke test, tiny dims
     source benchmarks/gpu_setup.sh && python benchmarks/streaming_video.py --out benchmarks/results/streaming_video.json
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p, out="benchmarks/results/streaming_video.json")
     p.add_argument("--steps", default="exact,file,llm", help="comma-separated, in order: exact, file, long_file, llm")
-    p.add_argument("--config", default="b", help="long_video.py config: a (no compression) or b (TransV)")
+    p.add_argument("--config", default="b", help="config of common.py: a (no compression) or b (TransV)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill_chunk_size (tokens)")
     p.add_argument("--stream-chunk", type=int, default=64, help="frames per decoded chunk")
     p.add_argument("--exact-frames", type=int, default=1024)
@@ -217,17 +217,16 @@ def step_file(model, device, args, results):
     log("file written", spec)
     processor, messages = tiny_processor(model, path)
     sampling = {"fps": float(args.file_fps), "max_frames": args.file_seconds * args.file_fps}
-    inputs, first_logits = streaming_and_alone(model, device, args, path, processor, messages, sampling, record)
+    first_logits = streaming_and_alone(model, device, args, path, processor, messages, sampling, record)
     results["file"] = record
     save(results, args)
-    one_shot_path(model, device, processor, messages, sampling, first_logits, record)
-    results["file"] = record
+    one_shot_path(model, device, processor, messages, sampling, first_logits, record)  # into the same record
 
 
 def streaming_and_alone(model, device, args, path, processor, messages, sampling, record):
     """The streaming path first (host peak RSS only grows, so it is read before anything else held frames), then
     decode alone and the GPU alone, and the streaming path's time over the slower of those two. Returns the streaming
-    path's processor inputs and first-token logits."""
+    path's first-token logits."""
     inputs, first_logits = streaming_path(model, device, args, processor, messages, sampling, record)
     record.update(decode_alone(path, processor, args, sampling))
     record["gpu_alone_s"] = gpu_alone(model, device, args, path, processor, sampling, inputs, record["frames"])
@@ -235,7 +234,7 @@ def streaming_and_alone(model, device, args, path, processor, messages, sampling
     record["streaming"]["over_max_of_decode_and_gpu"] = record["streaming"]["file_to_first_token_s"] / bound
     log(f"gpu alone {record['gpu_alone_s']:.1f} s; streaming / max(decode, gpu) = "
         f"{record['streaming']['over_max_of_decode_and_gpu']:.2f}")
-    return inputs, first_logits
+    return first_logits
 
 
 def decode_alone(path, processor, args, sampling):

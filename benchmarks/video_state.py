@@ -8,7 +8,7 @@ one GPU, in the same run (prefill + first-token logits; decoding excluded).
 - exactness (bf16): greedy tokens (8) and first-step logits of reused vs independent, for 2 questions;
   the state's memory, its safetensors file, save and load times.
 
-Random bf16 weights of long_video.py's config b (Nano-9B-v2 + SigLIP so400m, `uni_7_0.5-attn_39_0.05`), random
+Random bf16 weights of config b (benchmarks/common.py) (Nano-9B-v2 + SigLIP so400m, `uni_7_0.5-attn_39_0.05`), random
 frames of the right shape through the real vision tower; nothing is downloaded.
 
     python benchmarks/video_state.py --tiny           # CPU smoke test, tiny dims
@@ -41,7 +41,7 @@ from common import (  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p, out="benchmarks/results/video_state.json")
-    p.add_argument("--config", default="b", help="long_video.py config (b: the paper's TransV schedule)")
+    p.add_argument("--config", default="b", help="config of common.py (b: the paper's TransV schedule)")
     p.add_argument("--frames", type=int, default=4096)
     p.add_argument("--questions", type=int, default=10)
     p.add_argument("--independent-runs", type=int, default=None,

@@ -3,7 +3,8 @@ process: the tower's time per frame and its ratio to the compute floor, for cuDN
 PyTorch's default choice; plus each backend's features against the default's (exact backends differ only in the
 order of their sums).
 
-    source benchmarks/gpu_setup.sh && python benchmarks/vision_attention.py --out benchmarks/results/vision_attention.json
+    source benchmarks/gpu_setup.sh
+    python benchmarks/vision_attention.py --out benchmarks/results/vision_attention.json
 """
 
 import argparse
@@ -16,7 +17,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import log, meta, save, timed  # noqa: E402
 from long_video import PEAK_FLOPS, vision_flops_per_frame  # noqa: E402
 
