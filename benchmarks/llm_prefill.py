@@ -1,17 +1,22 @@
 """LLM prefill side by side with plain transformers: `NemotronHForCausalLM` and this package's hybrid LLM on the same
-random bf16 weights (Nano-9B-v2 dims), in one process on one GPU. Plain transformers runs as it builds itself (with
-causal-conv1d's CUDA kernel when installed: its kernel path is fixed at import); ours runs with the depthwise causal
-conv through that kernel and through PyTorch (switched by our module-level kernel handle).
+random bf16 weights (Nano-9B-v2 dims), on one GPU. Plain transformers runs as it builds itself: with causal-conv1d's
+CUDA kernel in this process (its kernel path is fixed at import), and without it in a child process that cannot
+import causal-conv1d (what `pip install transformers mamba-ssm` gives: causal-conv1d has no binary wheel). Ours runs
+with each of its kernels switched on and off through the module-level handles (VARIANTS), so every kernel's gain is
+an A/B of the same run.
 
 Also the kernel-vs-PyTorch parity of the conv at full dims (4,096 tokens, continued from a conv state, as a chunked
-prefill does) and of the whole LLM's last-token logits.
+prefill does), of the whole LLM's last-token logits, and causal attention at the Nano shape through
+FlashAttention-2 and cuDNN up to 524,288 tokens (the evidence for CUDNN_ATTENTION_MAX_TOKENS).
 
     source benchmarks/gpu_setup.sh && python benchmarks/llm_prefill.py --out benchmarks/results/llm_prefill.json
 """
 
 import argparse
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from statistics import median_high
 
@@ -33,50 +38,76 @@ def parse_args(argv=None):
     p.add_argument("--profile-tokens", type=int, default=16384,
                    help="profile one prefill of ours (causal-conv1d) at this length into the JSON; 0: none")
     p.add_argument("--profile-out", default=None, help="text file for the profiler table (default: next to --out)")
+    p.add_argument("--attention-tokens", default="16384,65536,131072,262144,524288",
+                   help="lengths of the FlashAttention-2 vs cuDNN causal-attention check ('' for none)")
+    p.add_argument("--plain-without-conv-kernel", default=None, metavar="JSON",
+                   help="(child process) time plain transformers alone, causal-conv1d unimportable; records to JSON")
     args = p.parse_args(argv)
     args.profile_out = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
     return args
 
 
-def models(tiny, device):
-    """Plain transformers' NemotronH and ours, sharing every weight tensor (no second copy of the model)."""
+def plain_model(tiny, device):
+    """Plain transformers' NemotronH at Nano-9B-v2 dims (random bf16 weights, seed 0)."""
     from transformers import NemotronHForCausalLM
 
-    from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
-    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+    from timeviper.configuration_timeviper import nano_9b_v2_text_config
 
     text = nano_9b_v2_text_config(**(TINY_NANO if tiny else {}))
-    vision = so400m_vision_config(**TINY_VISION)
     torch.manual_seed(0)
     with torch.device(device):
         plain = NemotronHForCausalLM._from_config(text, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-        config = TimeViperConfig(vision_config=vision, text_config=text, token_compression=[],
-                                 image_token_id=text.vocab_size, video_token_id=text.vocab_size + 1)
+    # Both models follow the checkpoint's dt limits the same way (transformers' default clamps dt at time_step_min).
+    for layer in plain.model.layers:
+        if hasattr(layer.mixer, "time_step_limit"):
+            layer.mixer.time_step_limit = tuple(text.time_step_limit)
+    return plain.requires_grad_(False)
+
+
+def our_model(plain, device):
+    """Our model on the very tensors of `plain` (no second copy of the weights)."""
+    from timeviper.configuration_timeviper import TimeViperConfig, so400m_vision_config
+    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
+
+    text = plain.config
+    config = TimeViperConfig(vision_config=so400m_vision_config(**TINY_VISION), text_config=text,
+                             token_compression=[], image_token_id=text.vocab_size,
+                             video_token_id=text.vocab_size + 1)
+    with torch.device(device):
         ours = TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
                                                                attn_implementation="sdpa").eval()
     shared = {("model.language_model." + k.removeprefix("model.")) if k.startswith("model.") else k: v
               for k, v in plain.state_dict().items()}
     missing, unexpected = ours.load_state_dict(shared, strict=False, assign=True)
     assert not unexpected and not [k for k in missing if k.startswith("model.language_model.")], (missing, unexpected)
-    # Both follow the checkpoint's dt limits the same way (transformers' default clamps dt at time_step_min).
-    for layer in plain.model.layers:
-        if hasattr(layer.mixer, "time_step_limit"):
-            layer.mixer.time_step_limit = tuple(text.time_step_limit)
-    return plain.requires_grad_(False), ours.requires_grad_(False)
+    return ours.requires_grad_(False)
+
+
+# Our kernels, each switched through its module-level handle: name -> (on, off).
+VARIANTS = {
+    "ours_before": dict(conv=True, norm=False, cudnn=False),  # as measured before the RMSNorm and attention kernels
+    "ours_norm_kernel": dict(conv=True, norm=True, cudnn=False),
+    "ours_torch_conv": dict(conv=False, norm=True, cudnn=True),
+    "ours": dict(conv=True, norm=True, cudnn=True),
+}
 
 
 @contextlib.contextmanager
-def conv_kernel(enabled):
-    """causal-conv1d on or off for our model (its module-level handle of the kernel)."""
+def our_kernels(conv=True, norm=True, cudnn=True):
+    """causal-conv1d, mamba-ssm's Triton RMSNorm and cuDNN-first causal attention on or off for our model."""
     import timeviper.modeling_timeviper as our_module
 
-    saved = our_module.causal_conv1d_fn
-    assert saved is not None, "causal-conv1d is not installed (benchmarks/build_causal_conv1d.sh, gpu_setup.sh)"
+    handles = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn}
+    saved = {name: getattr(our_module, name) for name in handles}
+    assert saved["causal_conv1d_fn"] is not None, "causal-conv1d is not installed (build_causal_conv1d.sh, gpu_setup.sh)"
+    assert saved["rmsnorm_kernel"] is not None, "mamba-ssm is not installed (gpu_setup.sh)"
     try:
-        our_module.causal_conv1d_fn = saved if enabled else None
+        for name, enabled in handles.items():
+            setattr(our_module, name, saved[name] if enabled else (0 if name.startswith("CUDNN") else None))
         yield
     finally:
-        our_module.causal_conv1d_fn = saved
+        for name, value in saved.items():
+            setattr(our_module, name, value)
 
 
 def timed_prefill(model, embeds, repeats):
@@ -99,7 +130,7 @@ def conv_parity(ours, device, tokens=4096):
     xbc = torch.randn(2, tokens, mixer.conv_dim, device=device, dtype=torch.bfloat16)
     results = {}
     for label, enabled in (("kernel", True), ("torch", False)):
-        with conv_kernel(enabled):
+        with our_kernels(conv=enabled):
             whole, state = mixer.convolve(xbc, None)
             first, carried = mixer.convolve(xbc[:, : tokens // 2 + 3], None)
             second, state2 = mixer.convolve(xbc[:, tokens // 2 + 3 :], carried)
@@ -113,44 +144,123 @@ def conv_parity(ours, device, tokens=4096):
             "chunked_out_max_abs_diff_kernel_vs_torch": (k[2] - t[2]).abs().max().item()}
 
 
+def prompt_embeds(tokens, hidden, device):
+    torch.manual_seed(2)
+    return 0.02 * torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+
+
+def time_variant(model, embeds, repeats, kernels=None):
+    """(record, last-token logits or None) of one model / kernel variant; a failure is recorded, not raised."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with our_kernels(**kernels) if kernels else contextlib.nullcontext():
+            seconds, logits = timed_prefill(model, embeds, repeats)
+        return {"s": seconds, "gpu_peak_bytes": torch.cuda.max_memory_allocated()}, logits
+    except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}, None
+
+
+def plain_without_conv_kernel(args, device):
+    """Child process: causal-conv1d made unimportable before transformers loads, so plain NemotronH takes its PyTorch
+    conv; writes {tokens: record} to the path given."""
+    sys.modules["causal_conv1d"] = None
+    plain = plain_model(args.tiny, device)
+    records = {}
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        records[tokens], _ = time_variant(plain, prompt_embeds(tokens, plain.config.hidden_size, device), args.repeats)
+        log(tokens, "plain_torch_conv", records[tokens])
+    with open(args.plain_without_conv_kernel, "w") as f:
+        json.dump(records, f)
+
+
+def run_plain_without_conv_kernel(args):
+    """{tokens: record} from a child process (see plain_without_conv_kernel); {} if it failed."""
+    path = args.out + ".plain_torch_conv.json"
+    argv = [sys.executable, os.path.abspath(__file__), "--tokens", args.tokens, "--repeats", str(args.repeats),
+            "--plain-without-conv-kernel", path, *(["--tiny"] if args.tiny else [])]
+    done = subprocess.run(argv, check=False)
+    if done.returncode != 0 or not os.path.exists(path):
+        log("plain_torch_conv child failed", done.returncode)
+        return {}
+    with open(path) as f:
+        records = {int(k): v for k, v in json.load(f).items()}
+    os.remove(path)
+    return records
+
+
+def attention_check(lengths, device, heads=40, kv_heads=8, head_dim=128):
+    """Causal GQA attention at the Nano shape through FlashAttention-2 and through cuDNN, forced one at a time:
+    seconds (median of 3, one run past 131,072 tokens), TFLOP/s, the outputs' difference, or the error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    records = []
+    for length in lengths:
+        torch.manual_seed(3)
+        query = torch.randn(1, heads, length, head_dim, device=device, dtype=torch.bfloat16)
+        key, value = (torch.randn(1, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16) for _ in "kv")
+        record, outputs = {"tokens": length}, {}
+        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def attend(backend=backend, query=query, key=key, value=value):
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                                            enable_gqa=True)
+            try:
+                times = [timed(device, attend) for _ in range(2 if length > 131072 else 4)]
+                seconds = median_high([t for t, _ in times[1:]])
+                outputs[label] = times[-1][1]
+                record[label] = {"s": seconds, "tflops": 2 * length * length * heads * head_dim / seconds / 1e12}
+            except Exception as err:  # noqa: BLE001
+                record[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        if len(outputs) == 2:
+            record["max_abs_diff"] = (outputs["flash"].float() - outputs["cudnn"].float()).abs().max().item()
+        log("attention", record)
+        records.append(record)
+        del query, key, value, outputs
+        torch.cuda.empty_cache()
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda")
     torch.set_grad_enabled(False)
+    if args.plain_without_conv_kernel:
+        return plain_without_conv_kernel(args, device)
     results = {"meta": meta(device, args), "points": []}
-    plain, ours = models(args.tiny, device)
+    plain_torch_conv = run_plain_without_conv_kernel(args)
+    plain = plain_model(args.tiny, device)
+    ours = our_model(plain, device)
     hidden = plain.config.hidden_size
     results["conv_parity"] = conv_parity(ours, device)
     log("conv parity", results["conv_parity"])
     for tokens in [int(t) for t in args.tokens.split(",")]:
-        torch.manual_seed(2)
-        embeds = 0.02 * torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+        embeds = prompt_embeds(tokens, hidden, device)
         point, logits = {"tokens": tokens}, {}
-        # Plain transformers as it builds itself (with causal-conv1d, which conv_kernel requires), ours both ways.
-        for label, model, kernel in (("plain_causal_conv1d", plain, True), ("ours_torch_conv", ours, False),
-                                     ("ours_causal_conv1d", ours, True)):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                with conv_kernel(kernel):
-                    seconds, logits[label] = timed_prefill(model, embeds, args.repeats)
-                point[label] = {"s": seconds, "gpu_peak_bytes": torch.cuda.max_memory_allocated()}
-            except Exception as err:  # noqa: BLE001 - one failed variant must not lose the others
-                point[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        if tokens in plain_torch_conv:
+            point["plain_torch_conv"] = plain_torch_conv[tokens]
+        point["plain_causal_conv1d"], logits["plain_causal_conv1d"] = time_variant(plain, embeds, args.repeats)
+        for label, kernels in VARIANTS.items():
+            point[label], logits[label] = time_variant(ours, embeds, args.repeats, kernels)
             log(tokens, label, point[label])
-        base = logits.get("ours_torch_conv")
-        point["last_logits_max_abs_diff_vs_ours_torch_conv"] = {
-            k: (v - base).abs().max().item() for k, v in logits.items() if base is not None}
-        if all("s" in point.get(label, {}) for label in ("plain_causal_conv1d", "ours_causal_conv1d")):
-            point["speedup_ours_kernel_vs_plain_kernel"] = (point["plain_causal_conv1d"]["s"]
-                                                            / point["ours_causal_conv1d"]["s"])
+        base = logits["ours_before"]
+        point["last_logits_max_abs_diff_vs_ours_before"] = {
+            k: (v - base).abs().max().item() for k, v in logits.items() if base is not None and v is not None}
+        ours_s = point["ours"].get("s")
+        point["speedup_of_ours"] = {k: v["s"] / ours_s for k, v in point.items()
+                                    if ours_s and isinstance(v, dict) and "s" in v}
         log("point", {k: v for k, v in point.items() if k.startswith(("speedup", "last"))})
         results["points"].append(point)
         save(results, args)
+    del plain
+    torch.cuda.empty_cache()
+    if args.attention_tokens:
+        results["attention_check"] = attention_check([int(t) for t in args.attention_tokens.split(",")], device)
+        save(results, args)
     if args.profile_tokens:
-        embeds = 0.02 * torch.randn(1, args.profile_tokens, hidden, device=device, dtype=torch.bfloat16)
-        with conv_kernel(True):
-            profile_region(f"ours_causal_conv1d_{args.profile_tokens}",
+        embeds = prompt_embeds(args.profile_tokens, hidden, device)
+        with our_kernels():
+            profile_region(f"ours_{args.profile_tokens}",
                            lambda: ours(inputs_embeds=embeds, logits_to_keep=1, use_cache=False), device, results, args)
         save(results, args)
     log("done")

@@ -182,3 +182,37 @@ def test_legacy_gate_vector_of_a_schedule_without_transfer_stages(tmp_path, gate
     assert "ignoring them" in caplog.text
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def attention_inputs(device_type, key_len):
+    """Stand-ins with what `sdpa_backend_order` reads of the query and key: the device and the key length."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(is_cuda=device_type == "cuda"), SimpleNamespace(shape=(1, 2, key_len, 8))
+
+
+@pytest.mark.parametrize(
+    "device_type, key_len, masked, causal, grad, cudnn_first",
+    [
+        ("cuda", 65536, False, True, False, True),  # a whole causal prefill: cuDNN first
+        ("cuda", 524288, False, True, False, True),  # the longest length cuDNN was run at
+        ("cuda", 524289, False, True, False, False),  # past it: FlashAttention-2
+        ("cuda", 65536, True, True, False, False),  # a mask (padding, TransV memory): not cuDNN
+        ("cuda", 65536, False, False, False, False),  # not causal
+        ("cuda", 65536, False, True, True, False),  # training keeps the backward it was verified with
+    ],
+)
+def test_sdpa_backend_order(device_type, key_len, masked, causal, grad, cudnn_first):
+    import timeviper.modeling_timeviper as modeling
+
+    query, key = attention_inputs(device_type, key_len)
+    with torch.set_grad_enabled(grad):
+        order = modeling.sdpa_backend_order(query, key, object() if masked else None, causal)
+    cudnn_first = cudnn_first and modeling.CAN_PRIORITIZE_SDPA  # torch < 2.6 cannot put cuDNN first
+    assert order == (modeling.CUDNN_FIRST_BACKENDS if cudnn_first else modeling.NON_CUDNN_BACKENDS)
+
+
+def test_sdpa_backend_order_leaves_cpu_to_pytorch():
+    import timeviper.modeling_timeviper as modeling
+
+    assert modeling.sdpa_backend_order(*attention_inputs("cpu", 64), None, True) is None
