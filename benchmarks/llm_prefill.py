@@ -83,7 +83,7 @@ def our_model(plain, device):
     return ours.requires_grad_(False)
 
 
-# Our kernels, each switched through its module-level handle: name -> (on, off).
+# Which of our kernels each timed variant of ours runs with (see our_kernels).
 VARIANTS = {
     "ours_before": dict(conv=True, norm=False, cudnn=False),  # as measured before the RMSNorm and attention kernels
     "ours_norm_kernel": dict(conv=True, norm=True, cudnn=False),
@@ -97,13 +97,15 @@ def our_kernels(conv=True, norm=True, cudnn=True):
     """causal-conv1d, mamba-ssm's Triton RMSNorm and cuDNN-first causal attention on or off for our model."""
     import timeviper.modeling_timeviper as our_module
 
-    handles = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn}
-    saved = {name: getattr(our_module, name) for name in handles}
-    assert saved["causal_conv1d_fn"] is not None, "causal-conv1d is not installed (build_causal_conv1d.sh, gpu_setup.sh)"
+    # Each handle's value when switched off: no kernel (the PyTorch path), or no length at which cuDNN goes first.
+    switched_off = {"causal_conv1d_fn": None, "rmsnorm_kernel": None, "CUDNN_ATTENTION_MAX_TOKENS": 0}
+    enabled = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn}
+    saved = {name: getattr(our_module, name) for name in switched_off}
+    assert saved["causal_conv1d_fn"] is not None, "causal-conv1d is not installed (build_causal_conv1d.sh)"
     assert saved["rmsnorm_kernel"] is not None, "mamba-ssm is not installed (gpu_setup.sh)"
     try:
-        for name, enabled in handles.items():
-            setattr(our_module, name, saved[name] if enabled else (0 if name.startswith("CUDNN") else None))
+        for name, off in switched_off.items():
+            setattr(our_module, name, saved[name] if enabled[name] else off)
         yield
     finally:
         for name, value in saved.items():
