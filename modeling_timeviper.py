@@ -66,9 +66,11 @@ PADDING_DT = -1.0e4
 NON_CUDNN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Causal self-attention of a whole sequence without autograd, on CUDA: cuDNN's fused kernel first (on an H100 at the
 # Nano shape, 40 query / 8 KV heads of 128, 1.6-2.4x FlashAttention-2: 597 against 335 TFLOP/s at 65,536 tokens,
-# outputs within 0.004), up to the longest sequence it was run on there; past that, and for masks, chunks after
-# cached tokens and training, the other backends.
+# outputs within 0.004), for lengths where that pays and up to the longest it was run on there. cuDNN builds a plan
+# for every new length (40-60 ms, once per process and length), which a shorter sequence's gain does not repay.
+# Other lengths, masks, chunks after cached tokens and training take the other backends.
 CUDNN_FIRST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *NON_CUDNN_BACKENDS]
+CUDNN_ATTENTION_MIN_TOKENS = 32768
 CUDNN_ATTENTION_MAX_TOKENS = 524288
 CAN_PRIORITIZE_SDPA = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
 
@@ -535,7 +537,7 @@ def sdpa_backend_order(query, key, mask, is_causal) -> list[SDPBackend] | None:
     if not query.is_cuda:
         return None
     if (CAN_PRIORITIZE_SDPA and is_causal and mask is None and not torch.is_grad_enabled()
-            and key.shape[2] <= CUDNN_ATTENTION_MAX_TOKENS):
+            and CUDNN_ATTENTION_MIN_TOKENS <= key.shape[2] <= CUDNN_ATTENTION_MAX_TOKENS):
         return CUDNN_FIRST_BACKENDS
     return NON_CUDNN_BACKENDS
 

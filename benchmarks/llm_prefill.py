@@ -7,7 +7,8 @@ an A/B of the same run.
 
 Also the kernel-vs-PyTorch parity of the conv at full dims (4,096 tokens, continued from a conv state, as a chunked
 prefill does), of the whole LLM's last-token logits, and causal attention at the Nano shape through
-FlashAttention-2 and cuDNN up to 524,288 tokens (the evidence for CUDNN_ATTENTION_MAX_TOKENS).
+FlashAttention-2 and cuDNN from 16,000 to 524,288 tokens, first call and steady state (the evidence for
+CUDNN_ATTENTION_MIN_TOKENS and CUDNN_ATTENTION_MAX_TOKENS).
 
     source benchmarks/gpu_setup.sh && python benchmarks/llm_prefill.py --out benchmarks/results/llm_prefill.json
 """
@@ -38,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-tokens", type=int, default=16384,
                    help="profile one prefill of ours (causal-conv1d) at this length into the JSON; 0: none")
     p.add_argument("--profile-out", default=None, help="text file for the profiler table (default: next to --out)")
-    p.add_argument("--attention-tokens", default="16384,65536,131072,262144,524288",
-                   help="lengths of the FlashAttention-2 vs cuDNN causal-attention check ('' for none)")
+    p.add_argument("--attention-tokens", default="16000,24000,32000,48000,65000,131000,262000,524288",
+                   help="lengths of the FlashAttention-2 vs cuDNN causal-attention check ('' for none); lengths the "
+                        "prefills above did not use, so that each first call shows cuDNN's per-length plan")
     p.add_argument("--plain-without-conv-kernel", default=None, metavar="JSON",
                    help="(child process) time plain transformers alone, causal-conv1d unimportable; records to JSON")
     args = p.parse_args(argv)
@@ -192,8 +194,9 @@ def run_plain_without_conv_kernel(args):
 
 
 def attention_check(lengths, device, heads=40, kv_heads=8, head_dim=128):
-    """Causal GQA attention at the Nano shape through FlashAttention-2 and through cuDNN, forced one at a time:
-    seconds (median of 3, one run past 131,072 tokens), TFLOP/s, the outputs' difference, or the error."""
+    """Causal GQA attention at the Nano shape through FlashAttention-2 and through cuDNN, forced one at a time: the
+    first call at the length (cuDNN builds its plan for a new length then), the median of the next 3 (1 past 131,072
+    tokens), TFLOP/s, the outputs' difference, or the error."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     records = []
@@ -211,7 +214,8 @@ def attention_check(lengths, device, heads=40, kv_heads=8, head_dim=128):
                 times = [timed(device, attend) for _ in range(2 if length > 131072 else 4)]
                 seconds = median_high([t for t, _ in times[1:]])
                 outputs[label] = times[-1][1]
-                record[label] = {"s": seconds, "tflops": 2 * length * length * heads * head_dim / seconds / 1e12}
+                record[label] = {"first_call_s": times[0][0], "s": seconds,
+                                 "tflops": 2 * length * length * heads * head_dim / seconds / 1e12}
             except Exception as err:  # noqa: BLE001
                 record[label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         if len(outputs) == 2:

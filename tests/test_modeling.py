@@ -197,6 +197,8 @@ def attention_inputs(device_type, key_len):
         ("cuda", 65536, False, True, False, True),  # a whole causal prefill: cuDNN first
         ("cuda", 524288, False, True, False, True),  # the longest length cuDNN was run at
         ("cuda", 524289, False, True, False, False),  # past it: FlashAttention-2
+        ("cuda", 32768, False, True, False, True),  # the shortest at which cuDNN's per-length plan pays
+        ("cuda", 32767, False, True, False, False),
         ("cuda", 65536, True, True, False, False),  # a mask (padding, TransV memory): not cuDNN
         ("cuda", 65536, False, False, False, False),  # not causal
         ("cuda", 65536, False, True, True, False),  # training keeps the backward it was verified with
