@@ -32,10 +32,9 @@ logger = logging.getLogger("timeviper.convert")
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
-# transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
-# 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.
+# SiglipVisionModel is flat in every supported transformers release (no `vision_model.` level), so the tower's
+# parameters sit right under `vision_tower`.
 VISION_PREFIX = "model.vision_tower."
-NESTED_VISION_PREFIX = "model.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 TEXT_PREFIX = "model.language_model."
 LM_HEAD = "lm_head.weight"
@@ -351,6 +350,8 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     plan = ConversionPlan()
     for key in source.keys():
         label = source.label(key)
+        # `SiglipModel` checkpoints (google/siglip-*) and 4.x `SiglipVisionModel` ones nest the tower under
+        # `vision_model.`; a 5.x `SiglipVisionModel` saves it flat.
         name = key.removeprefix("vision_model.")
         if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
             plan.skipped[label] = "unused by TimeViper: SigLIP text tower"
@@ -508,22 +509,10 @@ def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
     """Why a SigLIP target tensor feeds nothing the projector reads (later blocks, final norm, head), or None."""
-    match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
+    match = re.fullmatch(re.escape(VISION_PREFIX) + r"(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
     if match is None or (match[2] is not None and int(match[2]) < layers_used):
         return None
     return f"unused by TimeViper: the projector reads the output of SigLIP's first {layers_used} blocks, before any later part"
-
-
-def align_vision_prefix(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> ConversionPlan:
-    """Move planned vision tensors under `vision_tower.vision_model.` if that is how the model names them."""
-    if not any(name.startswith(NESTED_VISION_PREFIX) for name in expected):
-        return plan
-    return plan.with_tensors(
-        PlannedTensor(NESTED_VISION_PREFIX + tensor.name[len(VISION_PREFIX) :], tensor.shape, tensor.load, tensor.sources)
-        if tensor.name.startswith(VISION_PREFIX) and not tensor.name.startswith(NESTED_VISION_PREFIX)
-        else tensor
-        for tensor in plan.tensors.values()
-    )
 
 
 def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[int, ...]], layers_used: int) -> ConversionPlan:
@@ -558,7 +547,7 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
 def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
     """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
-    plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, config.vision_layers_used)
+    plan = skip_unused_vision_tensors(plan, expected, config.vision_layers_used)
     check_plan(plan, expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
     by_reason: dict[str, list[str]] = {}
@@ -1060,13 +1049,11 @@ def native_vision_reference(plan: ConversionPlan, config, dtype: torch.dtype):
 
 def vision_state_dict(plan: ConversionPlan) -> dict[str, torch.Tensor]:
     """The planned vision tensors under `SiglipVisionModel`'s own names, for building a reference tower."""
-    tensors = {}
-    for name, tensor in plan.tensors.items():
-        for prefix in (NESTED_VISION_PREFIX, VISION_PREFIX):
-            if name.startswith(prefix):
-                tensors[name[len(prefix) :]] = tensor.load().clone()
-                break
-    return tensors
+    return {
+        name[len(VISION_PREFIX) :]: tensor.load().clone()
+        for name, tensor in plan.tensors.items()
+        if name.startswith(VISION_PREFIX)
+    }
 
 
 def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan, config, dtype: torch.dtype, atol: float) -> dict:

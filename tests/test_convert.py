@@ -339,6 +339,16 @@ def test_timm_unknown_keys_are_rejected_by_name():
     assert set(plan.unexpected) == {"timm:cls_token", "timm:blocks.0.ls1.gamma"}
 
 
+def test_hf_siglip_keys_map_with_and_without_the_vision_model_level():
+    """`SiglipModel` checkpoints (and 4.x `SiglipVisionModel` ones) put the tower under `vision_model.`; a 5.x
+    `SiglipVisionModel` saves it flat. Both give the model's (flat) names."""
+    weight = torch.zeros(2, 2)
+    for prefix in ("vision_model.", ""):
+        plan = common.plan_hf_siglip(DictSource({f"{prefix}encoder.layers.0.mlp.fc1.weight": weight}, "siglip"))
+        assert list(plan.tensors) == [common.VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"]
+        assert not plan.unexpected
+
+
 def test_expected_shapes_are_the_model_state_dict():
     """The shapes the plan is checked against (the model built on the meta device) are those of a real model."""
     from tiny_models import tiny_config
@@ -350,6 +360,8 @@ def test_expected_shapes_are_the_model_state_dict():
         model = TimeViperForConditionalGeneration(config)
         shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         assert list(common.expected_state_dict_shapes(config).items()) == list(shapes.items())
+        # The key maps target a flat SigLIP tower: no supported transformers release nests it under `vision_model.`.
+        assert not [name for name in shapes if name.startswith(common.VISION_PREFIX + "vision_model.")]
 
 
 def test_siglip_parts_the_model_leaves_out_are_skipped():
