@@ -544,11 +544,13 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
         raise ConversionError(f"the sources do not fit the TimeViper model ({len(problems)} problems)", problems)
 
 
-def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
-    """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
+def fit_plan_to_model(plan: ConversionPlan, config) -> ConversionPlan:
+    """The plan holding exactly the model's tensors, in its state-dict order (the order they are written in, as
+    `save_pretrained` would); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
     plan = skip_unused_vision_tensors(plan, expected, config.vision_layers_used)
     check_plan(plan, expected)
+    plan = plan.with_tensors(plan.tensors[name] for name in expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
     by_reason: dict[str, list[str]] = {}
     for label, reason in plan.skipped.items():
@@ -556,22 +558,21 @@ def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dic
     for reason, labels in by_reason.items():
         example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
         logger.info("%d tensors skipped, %s (%s)", len(labels), reason, example)
-    return plan, expected
+    return plan
 
 
 # Writing
 
 
 def write_safetensors_shards(plan: ConversionPlan, folder: Path, dtype: torch.dtype, max_shard_size: int | str,
-                             order: Iterable[str] | None = None, progress: bool = True) -> dict:
-    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict. Shards
-    are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as `save_pretrained`
-    does; `max_shard_size` is its `"5GB"` notation or bytes."""
+                             progress: bool = True) -> dict:
+    """Write every planned tensor, cast to `dtype`, in the plan's order as safetensors shards in `folder`; return the
+    index dict. Shards are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as
+    `save_pretrained` does; `max_shard_size` is its `"5GB"` notation or bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    names = list(order) if order is not None else list(plan.tensors)
-    shapes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype, device="meta") for name in names}
+    shapes = {name: torch.empty(tensor.shape, dtype=dtype, device="meta") for name, tensor in plan.tensors.items()}
     try:
         split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     except ValueError as error:
@@ -1128,10 +1129,10 @@ def convert_to_hub(converter: Converter, output: str | Path, options: Conversion
     tokenizer = load_tokenizer(converter.llm_folder)
     vision_config = converter.vision_config(text_config, options.vision_num_heads, options.image_size)
     config = build_timeviper_config(text_config, vision_config, tokenizer, options, dtype)
-    plan, expected = fit_plan_to_model(converter.plan(config), config)
+    plan = fit_plan_to_model(converter.plan(config), config)
     base_models = options.base_models if options.base_models is not None else converter.base_models()
     with atomic_output_dir(output, options.force) as folder:
-        write_safetensors_shards(plan, folder, dtype, options.shard_size, order=list(expected), progress=options.progress)
+        write_safetensors_shards(plan, folder, dtype, options.shard_size, progress=options.progress)
         save_hub_folder(folder, config, tokenizer, converter.llm_folder, base_models, converter.conversion_note(config))
         if should_verify(options.verify, plan.num_parameters()):
             verify_conversion(folder, converter, plan, config, dtype, options.verify_atol)

@@ -364,6 +364,19 @@ def test_expected_shapes_are_the_model_state_dict():
         assert not [name for name in shapes if name.startswith(common.VISION_PREFIX + "vision_model.")]
 
 
+def test_fitted_plan_follows_the_state_dict_order():
+    """The shards are written in the fitted plan's order: the model's state-dict order, whatever order the key maps
+    planned the tensors in (as `save_pretrained` writes them)."""
+    from tiny_models import tiny_model
+
+    model = tiny_model()
+    state = model.state_dict()
+    plan = ConversionPlan()
+    for name in reversed(list(state)):
+        plan.add(name, state[name].shape, lambda name=name: state[name], [f"src:{name}"])
+    assert list(common.fit_plan_to_model(plan, model.config).tensors) == list(state)
+
+
 def test_siglip_parts_the_model_leaves_out_are_skipped():
     """SigLIP blocks after the feature layer and the final norm feed nothing the projector reads: a model built
     without them gets them reported as skipped. Any other tensor the model lacks stays an error."""
