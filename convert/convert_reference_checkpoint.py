@@ -100,7 +100,7 @@ def convert_reference_checkpoint(
     checkpoint: str | Path, llm_config: str | Path, output: str | Path, options: common.ConversionOptions | None = None
 ) -> Path:
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
-    `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
+    `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None or 'none': no dropping)."""
     options = options or common.ConversionOptions()
     return common.convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
 
