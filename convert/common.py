@@ -32,10 +32,9 @@ logger = logging.getLogger("timeviper.convert")
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 
-# transformers 5.x flattened SiglipVisionModel, so its parameters sit right under `vision_tower`. Checkpoints with the
-# 4.x nesting (`vision_tower.vision_model.*`) load too; `align_vision_prefix` follows whichever the model uses.
+# SiglipVisionModel is flat in every supported transformers release (no `vision_model.` level), so the tower's
+# parameters sit right under `vision_tower`.
 VISION_PREFIX = "model.vision_tower."
-NESTED_VISION_PREFIX = "model.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 TEXT_PREFIX = "model.language_model."
 LM_HEAD = "lm_head.weight"
@@ -74,9 +73,13 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-def parse_token_compression(value: str | None):
-    """The reference's schedule string (`uni_7_0.5-attn_39_0.05`) or a JSON list of stage dicts; None/'' for none."""
-    text = (value or "").strip()
+def parse_token_compression(value: str | list | None):
+    """`--token-compression`'s text forms, also taken from Python callers: the reference's schedule string
+    (`uni_7_0.5-attn_39_0.05`), a JSON stage dict or list of them, or ''/'none' for none. Anything not text (None,
+    a list of stages) is already what `TimeViperConfig` takes and passes through."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
     if text in ("", "none", "None"):
         return None
     if text[0] in "[{":
@@ -131,7 +134,9 @@ def open_safetensors(files: list[Path], name: str) -> TensorSource:
         try:
             handles[path] = safe_open(str(path), framework="pt")
         except Exception as error:  # safetensors raises its own SafetensorError, which never names the file
-            raise ConversionError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+            raise ConversionError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+            ) from error
         for key in handles[path].keys():
             if key in file_of:
                 raise ConversionError(f"tensor {key!r} appears in both {file_of[key]} and {path}")
@@ -245,7 +250,9 @@ class ConversionPlan:
 
     def with_tensors(self, tensors: Iterable[PlannedTensor]) -> "ConversionPlan":
         """The same bookkeeping around another set of planned tensors (renamed or regrouped ones)."""
-        plan = ConversionPlan(skipped=self.skipped, unexpected=self.unexpected, conflicts=self.conflicts, used=self.used)
+        plan = ConversionPlan(
+            skipped=self.skipped, unexpected=self.unexpected, conflicts=self.conflicts, used=self.used
+        )
         for tensor in tensors:
             plan.add(tensor.name, tensor.shape, tensor.load, tensor.sources)
         return plan
@@ -312,7 +319,9 @@ def plan_timm_siglip(source: TensorSource, prefix: str = "") -> ConversionPlan:
 TIMM_SIGLIP_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
 
 
-def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: int | None = None, image_size: int | None = None):
+def vision_config_from_timm(
+    source: TensorSource, prefix: str = "", num_heads: int | None = None, image_size: int | None = None
+):
     """The `SiglipVisionConfig` of a timm SigLIP state dict, read from its tensor shapes. timm's ViT uses exact GELU
     and LayerNorm eps 1e-6 (HF's SigLIP default is tanh-GELU). The image size defaults to 384, the reference's resize
     target, when that gives the checkpoint's patch grid, else to grid * patch."""
@@ -325,7 +334,9 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
 
     width, channels, patch, _ = shape("patch_embed.proj.weight")
     _, positions, _ = shape("pos_embed")
-    layers = {int(match[1]) for key in source.keys() if (match := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", key))}
+    layers = {
+        int(match[1]) for key in source.keys() if (match := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", key))
+    }
     if layers != set(range(len(layers))) or not layers:
         raise ConversionError(f"{source.name}: the timm blocks are not numbered 0..n-1: {sorted(layers)}")
     grid = math.isqrt(positions)
@@ -334,7 +345,9 @@ def vision_config_from_timm(source: TensorSource, prefix: str = "", num_heads: i
     if image_size is None:
         image_size = 384 if 384 // patch == grid else grid * patch
     if image_size // patch != grid:
-        raise ConversionError(f"image size {image_size} with patch {patch} gives a {image_size // patch}-grid, the weights a {grid}-grid")
+        raise ConversionError(
+            f"image size {image_size} with patch {patch} gives a {image_size // patch}-grid, the weights a {grid}-grid"
+        )
     if num_heads is None:
         if width not in TIMM_SIGLIP_HEADS:
             raise ConversionError(f"cannot tell the head count of a width-{width} SigLIP; pass --vision-num-heads")
@@ -351,6 +364,8 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
     plan = ConversionPlan()
     for key in source.keys():
         label = source.label(key)
+        # `SiglipModel` checkpoints (google/siglip-*) and 4.x `SiglipVisionModel` ones nest the tower under
+        # `vision_model.`; a 5.x `SiglipVisionModel` saves it flat.
         name = key.removeprefix("vision_model.")
         if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
             plan.skipped[label] = "unused by TimeViper: SigLIP text tower"
@@ -366,7 +381,8 @@ def plan_hf_siglip(source: TensorSource) -> ConversionPlan:
 
 
 def plan_projector(source: TensorSource) -> ConversionPlan:
-    """The reference's `projector.projector.{0,2}.*` (Linear, GELU, Linear) or our own `model.multi_modal_projector.*`."""
+    """The reference's `projector.projector.{0,2}.*` (Linear, GELU, Linear) or our own
+    `model.multi_modal_projector.*`."""
     plan = ConversionPlan()
     for key in source.keys():
         label = source.label(key)
@@ -388,11 +404,15 @@ def plan_fresh_projector(vision_hidden: int, text_hidden: int, seed: int) -> Con
     `torch.manual_seed(vision_embed_dim)` right before building the same two linears."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        linears = {"linear_1": torch.nn.Linear(vision_hidden, text_hidden), "linear_2": torch.nn.Linear(text_hidden, text_hidden)}
+        linears = {
+            "linear_1": torch.nn.Linear(vision_hidden, text_hidden),
+            "linear_2": torch.nn.Linear(text_hidden, text_hidden),
+        }
     plan = ConversionPlan()
     for linear, module in linears.items():
         for kind, tensor in module.state_dict().items():
-            plan.add(f"{PROJECTOR_PREFIX}{linear}.{kind}", tensor.shape, lambda tensor=tensor: tensor, [f"<new: nn.Linear init, seed {seed}>"])
+            plan.add(f"{PROJECTOR_PREFIX}{linear}.{kind}", tensor.shape, lambda tensor=tensor: tensor,
+                     [f"<new: nn.Linear init, seed {seed}>"])
     return plan
 
 
@@ -444,7 +464,9 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
         source_prefix = f"{TEXT_PREFIX}layers.{block}.{attention}."
         copied = [tensor for name, tensor in plan.tensors.items() if name.startswith(source_prefix)]
         if not copied:
-            raise ConversionError(f"cannot initialise TransV stage {stage_index}: the source has no {source_prefix}* tensors")
+            raise ConversionError(
+                f"cannot initialise TransV stage {stage_index}: the source has no {source_prefix}* tensors"
+            )
         for tensor in copied:
             name = f"{TEXT_PREFIX}merge_modules.{stage_index}.{tensor.name[len(source_prefix):]}"
             new.add(name, tensor.shape, tensor.load, tensor.sources)
@@ -482,7 +504,9 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
         if stage not in transfer_stages:
             problems.append(f"{', '.join(sources)}: stage {stage} is not a transfer stage of token_compression")
     for stage in sorted(transfer_stages - set(present)):
-        problems.append(f"transfer stage {stage} ({config.compression_stages[int(stage)]}) has no merge_modules.{stage}.* tensors")
+        problems.append(
+            f"transfer stage {stage} ({config.compression_stages[int(stage)]}) has no merge_modules.{stage}.* tensors"
+        )
     alpha = plan.tensors.get(f"{TEXT_PREFIX}alpha")
     if alpha is not None and not transfer_stages:
         problems.append(f"{', '.join(alpha.sources)}: alpha present but token_compression has no transfer stage")
@@ -508,25 +532,18 @@ def expected_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def unused_vision_reason(name: str, layers_used: int) -> str | None:
     """Why a SigLIP target tensor feeds nothing the projector reads (later blocks, final norm, head), or None."""
-    match = re.fullmatch(r"model\.vision_tower\.(?:vision_model\.)?(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
+    match = re.fullmatch(re.escape(VISION_PREFIX) + r"(encoder\.layers\.(\d+)|post_layernorm|head)\..+", name)
     if match is None or (match[2] is not None and int(match[2]) < layers_used):
         return None
-    return f"unused by TimeViper: the projector reads the output of SigLIP's first {layers_used} blocks, before any later part"
-
-
-def align_vision_prefix(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> ConversionPlan:
-    """Move planned vision tensors under `vision_tower.vision_model.` if that is how the model names them."""
-    if not any(name.startswith(NESTED_VISION_PREFIX) for name in expected):
-        return plan
-    return plan.with_tensors(
-        PlannedTensor(NESTED_VISION_PREFIX + tensor.name[len(VISION_PREFIX) :], tensor.shape, tensor.load, tensor.sources)
-        if tensor.name.startswith(VISION_PREFIX) and not tensor.name.startswith(NESTED_VISION_PREFIX)
-        else tensor
-        for tensor in plan.tensors.values()
+    return (
+        f"unused by TimeViper: the projector reads the output of SigLIP's first {layers_used} blocks, before any "
+        "later part"
     )
 
 
-def skip_unused_vision_tensors(plan: ConversionPlan, expected: dict[str, tuple[int, ...]], layers_used: int) -> ConversionPlan:
+def skip_unused_vision_tensors(
+    plan: ConversionPlan, expected: dict[str, tuple[int, ...]], layers_used: int
+) -> ConversionPlan:
     """Report planned SigLIP tensors that the model leaves out (`unused_vision_reason`) as skipped."""
     kept = []
     for name, tensor in plan.tensors.items():
@@ -544,7 +561,9 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
     problems = [f"unexpected source tensor {label}: {reason}" for label, reason in sorted(plan.unexpected.items())]
     problems.extend(f"conflict: {line}" for line in plan.conflicts)
     for name in sorted(set(plan.tensors) - set(expected)):
-        problems.append(f"unexpected tensor {name} (from {', '.join(plan.tensors[name].sources)}): the model has no such parameter")
+        problems.append(
+            f"unexpected tensor {name} (from {', '.join(plan.tensors[name].sources)}): the model has no such parameter"
+        )
     for name in sorted(set(expected) - set(plan.tensors)):
         problems.append(f"missing tensor {name} {tuple(expected[name])}: no source provides it")
     for name in sorted(set(expected) & set(plan.tensors)):
@@ -555,11 +574,13 @@ def check_plan(plan: ConversionPlan, expected: dict[str, tuple[int, ...]]) -> No
         raise ConversionError(f"the sources do not fit the TimeViper model ({len(problems)} problems)", problems)
 
 
-def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dict[str, tuple[int, ...]]]:
-    """(plan fitted to the model's names, the model's shapes in state-dict order); stops on any misfit, logs skips."""
+def fit_plan_to_model(plan: ConversionPlan, config) -> ConversionPlan:
+    """The plan holding exactly the model's tensors, in its state-dict order (the order they are written in, as
+    `save_pretrained` would); stops on any misfit, logs skips."""
     expected = expected_state_dict_shapes(config)
-    plan = skip_unused_vision_tensors(align_vision_prefix(plan, expected), expected, config.vision_layers_used)
+    plan = skip_unused_vision_tensors(plan, expected, config.vision_layers_used)
     check_plan(plan, expected)
+    plan = plan.with_tensors(plan.tensors[name] for name in expected)
     logger.info("%d tensors to write; %d source tensors skipped", len(plan.tensors), len(plan.skipped))
     by_reason: dict[str, list[str]] = {}
     for label, reason in plan.skipped.items():
@@ -567,36 +588,46 @@ def fit_plan_to_model(plan: ConversionPlan, config) -> tuple[ConversionPlan, dic
     for reason, labels in by_reason.items():
         example = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
         logger.info("%d tensors skipped, %s (%s)", len(labels), reason, example)
-    return plan, expected
+    return plan
 
 
 # Writing
 
 
 def write_safetensors_shards(plan: ConversionPlan, folder: Path, dtype: torch.dtype, max_shard_size: int | str,
-                             order: Iterable[str] | None = None, progress: bool = True) -> dict:
-    """Write every planned tensor, cast to `dtype`, as safetensors shards in `folder`; return the index dict. Shards
-    are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as `save_pretrained`
-    does; `max_shard_size` is its `"5GB"` notation or bytes."""
+                             progress: bool = True) -> dict:
+    """Write every planned tensor, cast to `dtype`, in the plan's order as safetensors shards in `folder`; return the
+    index dict. Shards are assigned (from meta tensors) by huggingface_hub's `split_torch_state_dict_into_shards`, as
+    `save_pretrained` does; `max_shard_size` is its `"5GB"` notation or bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    names = list(order) if order is not None else list(plan.tensors)
-    shapes = {name: torch.empty(plan.tensors[name].shape, dtype=dtype, device="meta") for name in names}
+    shapes = {name: torch.empty(tensor.shape, dtype=dtype, device="meta") for name, tensor in plan.tensors.items()}
     try:
-        split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+        split = split_torch_state_dict_into_shards(
+            shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        )
     except ValueError as error:
-        raise ConversionError(f"cannot read the shard size {max_shard_size!r} (write it like 5GB or 500MB): {error}") from None
-    with tqdm(total=split.metadata["total_size"], unit="B", unit_scale=True, desc="Writing shards", disable=not progress) as bar:
+        raise ConversionError(
+            f"cannot read the shard size {max_shard_size!r} (write it like 5GB or 500MB): {error}"
+        ) from None
+    with tqdm(
+        total=split.metadata["total_size"], unit="B", unit_scale=True, desc="Writing shards", disable=not progress
+    ) as bar:
         for file, shard in split.filename_to_tensors.items():
             write_streamed_safetensors(folder / file, {name: shapes[name] for name in shard}, plan, bar.update)
-    index = {"metadata": {"total_parameters": plan.num_parameters(), **split.metadata}, "weight_map": split.tensor_to_filename}
+    index = {
+        "metadata": {"total_parameters": plan.num_parameters(), **split.metadata},
+        "weight_map": split.tensor_to_filename,
+    }
     if split.is_sharded:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
 
 
-def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]) -> None:
+def write_streamed_safetensors(
+    path: Path, shapes: dict[str, torch.Tensor], plan: ConversionPlan, written: Callable[[int], object]
+) -> None:
     """One safetensors file holding the planned tensors `shapes` (meta tensors of the output dtype), in their order.
     safetensors' own writers take every tensor of a file at once; here the header comes from the planned shapes, so
     each tensor is loaded, cast, written and dropped before the next one."""
@@ -605,7 +636,9 @@ def write_streamed_safetensors(path: Path, shapes: dict[str, torch.Tensor], plan
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, meta in shapes.items():
         size = meta.numel() * meta.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + size]
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -621,7 +654,9 @@ def load_for_writing(planned: PlannedTensor, dtype: torch.dtype) -> memoryview:
     """The bytes of a planned tensor cast to `dtype`, after checking that it is the planned floating tensor, finite."""
     tensor = planned.load()
     if tuple(tensor.shape) != planned.shape:
-        raise ConversionError(f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}")
+        raise ConversionError(
+            f"{planned.name}: planned shape {planned.shape}, loaded {tuple(tensor.shape)} from {planned.sources}"
+        )
     if not tensor.is_floating_point():
         raise ConversionError(f"{planned.name}: {tensor.dtype} is not a floating-point tensor ({planned.sources})")
     cast = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
@@ -639,7 +674,11 @@ def check_finite(planned: PlannedTensor, source: torch.Tensor, cast: torch.Tenso
     bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(FINITE_CHECK_CHUNK))
     if bad:
         in_source = int((~torch.isfinite(source.detach())).sum())
-        cause = "in the source" if in_source else f"from the cast to {str(cast.dtype).removeprefix('torch.')} (values beyond its range)"
+        cause = (
+            "in the source"
+            if in_source
+            else f"from the cast to {str(cast.dtype).removeprefix('torch.')} (values beyond its range)"
+        )
         raise ConversionError(
             f"{planned.name}: {bad} of {flat.numel()} values are NaN or Inf {cause}; sources {planned.sources}"
         )
@@ -655,7 +694,9 @@ OUTPUT_MARKER = ".timeviper-convert.json"
 
 def write_output_marker(folder: Path, complete: bool) -> None:
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir())
-    marker = {"written_by": "timeviper convert", "complete": complete, "files": [f for f in files if f != OUTPUT_MARKER]}
+    marker = {
+        "written_by": "timeviper convert", "complete": complete, "files": [f for f in files if f != OUTPUT_MARKER]
+    }
     (folder / OUTPUT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
@@ -698,7 +739,11 @@ def foreign_content(output: Path) -> str | None:
 def _siblings(output: Path, kind: str) -> list[Path]:
     """The converter's hidden work folders next to `output`: `.{name}.partial-*` or `.{name}.replaced-*`."""
     prefix = f".{output.name}.{kind}-"
-    return sorted(path for path in output.parent.iterdir() if path.name.startswith(prefix)) if output.parent.is_dir() else []
+    return (
+        sorted(path for path in output.parent.iterdir() if path.name.startswith(prefix))
+        if output.parent.is_dir()
+        else []
+    )
 
 
 def _size(folder: Path) -> str:
@@ -717,13 +762,16 @@ def recover_interrupted_conversion(output: Path) -> None:
             os.rename(old, output)
             logger.warning("restored %s from %s: a conversion was killed while replacing it", output, backup)
         elif old.exists():
-            logger.warning("deleting %s (%s): the copy of %s that a finished --force conversion replaced", backup, _size(backup), output)
+            logger.warning("deleting %s (%s): the copy of %s that a finished --force conversion replaced", backup,
+                           _size(backup), output)
         shutil.rmtree(backup)
     for partial in _siblings(output, "partial"):
         if read_output_marker(partial) is None:
-            logger.warning("%s (%s) looks like an unfinished conversion by an older version; delete it if nothing uses it", partial, _size(partial))
+            logger.warning("%s (%s) looks like an unfinished conversion by an older version; delete it if nothing "
+                           "uses it", partial, _size(partial))
             continue
-        logger.warning("deleting %s (%s): what a killed conversion into %s had written", partial, _size(partial), output)
+        logger.warning("deleting %s (%s): what a killed conversion into %s had written", partial, _size(partial),
+                       output)
         shutil.rmtree(partial)
 
 
@@ -738,7 +786,9 @@ def output_lock(output: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConversionError(f"another conversion is writing {output} (it holds {path}); wait for it to end") from None
+            raise ConversionError(
+                f"another conversion is writing {output} (it holds {path}); wait for it to end"
+            ) from None
         recover_interrupted_conversion(output)
         yield  # the lock goes with the file handle, also when the process is killed
 
@@ -854,14 +904,17 @@ def build_timeviper_config(text_config, vision_config, tokenizer, options: "Conv
         sub_config.dtype = dtype
     return TimeViperConfig(
         vision_config=vision_config, text_config=text_config, projector_type=projector_type,
-        tokens_per_frame=tokens_from_type or options.tokens_per_frame, vision_feature_layer=options.vision_feature_layer,
-        token_compression=options.token_compression, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tokens_per_frame=tokens_from_type or options.tokens_per_frame,
+        vision_feature_layer=options.vision_feature_layer,
+        token_compression=parse_token_compression(options.token_compression),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), dtype=dtype,
     )
 
 
 def build_generation_config(family: str, tokenizer, text_config, llm_folder: Path):
-    """Greedy decoding that stops at the backbone's end-of-turn tokens (and those the source generation config lists)."""
+    """Greedy decoding that stops at the backbone's end-of-turn tokens (and those the source generation config
+    lists)."""
     from transformers import GenerationConfig
 
     source = Path(llm_folder) / "generation_config.json"
@@ -876,7 +929,8 @@ def build_generation_config(family: str, tokenizer, text_config, llm_folder: Pat
 
 
 def write_processor(folder: Path, tokenizer, config) -> None:
-    """Save `TimeViperProcessor` (image + video processors, tokenizer, the backbone's chat template) with its auto_map."""
+    """Save `TimeViperProcessor` (image + video processors, tokenizer, the backbone's chat template) with its
+    auto_map."""
     from timeviper import processing_timeviper as processing
 
     size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
@@ -960,8 +1014,11 @@ def guess_base_model(path: Path) -> str | None:
     return None
 
 
-def save_hub_folder(folder: Path, config, tokenizer, llm_folder: Path, base_models: list[str], conversion_note: str) -> None:
-    """Everything but the weights: config.json (with auto_map), remote code, processor/tokenizer, generation config, card."""
+def save_hub_folder(
+    folder: Path, config, tokenizer, llm_folder: Path, base_models: list[str], conversion_note: str
+) -> None:
+    """Everything but the weights: config.json (with auto_map), remote code, processor/tokenizer, generation
+    config, card."""
     family = config.text_config.model_type
     config.architectures = ["TimeViperForConditionalGeneration"]
     config.save_pretrained(str(folder))
@@ -980,7 +1037,9 @@ def should_verify(flag: bool | None, num_parameters: int) -> bool:
     if flag is not None:
         return flag
     if num_parameters > VERIFY_AUTO_MAX_PARAMETERS:
-        logger.info("skipping verification of a %.1fB-parameter model (pass --verify to force it)", num_parameters / 1e9)
+        logger.info(
+            "skipping verification of a %.1fB-parameter model (pass --verify to force it)", num_parameters / 1e9
+        )
         return False
     return True
 
@@ -989,7 +1048,9 @@ def load_converted_model(folder: Path):
     """The converted folder in fp32 on CPU; stops unless every weight of the model came from the folder."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
-    model, info = TimeViperForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
+    model, info = TimeViperForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.float32, output_loading_info=True
+    )
     problems = [f"{kind}: {sorted(keys)}" for kind, keys in info.items() if keys]
     if problems:
         raise ConversionError(f"the converted folder {folder} does not load cleanly", problems)
@@ -1060,16 +1121,16 @@ def native_vision_reference(plan: ConversionPlan, config, dtype: torch.dtype):
 
 def vision_state_dict(plan: ConversionPlan) -> dict[str, torch.Tensor]:
     """The planned vision tensors under `SiglipVisionModel`'s own names, for building a reference tower."""
-    tensors = {}
-    for name, tensor in plan.tensors.items():
-        for prefix in (NESTED_VISION_PREFIX, VISION_PREFIX):
-            if name.startswith(prefix):
-                tensors[name[len(prefix) :]] = tensor.load().clone()
-                break
-    return tensors
+    return {
+        name[len(VISION_PREFIX) :]: tensor.load().clone()
+        for name, tensor in plan.tensors.items()
+        if name.startswith(VISION_PREFIX)
+    }
 
 
-def verify_conversion(folder: Path, converter: "Converter", plan: ConversionPlan, config, dtype: torch.dtype, atol: float) -> dict:
+def verify_conversion(
+    folder: Path, converter: "Converter", plan: ConversionPlan, config, dtype: torch.dtype, atol: float
+) -> dict:
     """Compare text logits with the converter's reference LLM (TransV is idle without vision tokens) and vision
     features with `SiglipVisionModel`; stop when either differs by more than `atol`."""
     model = load_converted_model(folder)
@@ -1107,9 +1168,10 @@ class Converter:
 
 @dataclass
 class ConversionOptions:
-    """The options both converters (and their CLIs) share; `add_shared_arguments` documents each.
-    `verify=None` verifies models up to `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter
-    guess the card's base models."""
+    """The options both converters (and their CLIs) share; `add_shared_arguments` documents each. Text values are
+    read where they are used, by the parsers the CLI goes through too (`parse_token_compression`, `parse_dtype`,
+    `parse_projector_type`), so Python callers may pass the CLI's forms. `verify=None` verifies models up to
+    `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter guess the card's base models."""
 
     token_compression: str | list[dict] | None = None
     projector_type: str = "tome_mlp"
@@ -1128,9 +1190,7 @@ class ConversionOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ConversionOptions":
         """The options `add_shared_arguments` parsed."""
-        options = cls(**{option.name: getattr(args, option.name) for option in fields(cls)})
-        options.token_compression = parse_token_compression(options.token_compression)
-        return options
+        return cls(**{option.name: getattr(args, option.name) for option in fields(cls)})
 
 
 def convert_to_hub(converter: Converter, output: str | Path, options: ConversionOptions) -> Path:
@@ -1141,14 +1201,16 @@ def convert_to_hub(converter: Converter, output: str | Path, options: Conversion
     tokenizer = load_tokenizer(converter.llm_folder)
     vision_config = converter.vision_config(text_config, options.vision_num_heads, options.image_size)
     config = build_timeviper_config(text_config, vision_config, tokenizer, options, dtype)
-    plan, expected = fit_plan_to_model(converter.plan(config), config)
+    plan = fit_plan_to_model(converter.plan(config), config)
     base_models = options.base_models if options.base_models is not None else converter.base_models()
     with atomic_output_dir(output, options.force) as folder:
-        write_safetensors_shards(plan, folder, dtype, options.shard_size, order=list(expected), progress=options.progress)
+        write_safetensors_shards(plan, folder, dtype, options.shard_size, progress=options.progress)
         save_hub_folder(folder, config, tokenizer, converter.llm_folder, base_models, converter.conversion_note(config))
         if should_verify(options.verify, plan.num_parameters()):
             verify_conversion(folder, converter, plan, config, dtype, options.verify_atol)
-    logger.info("wrote %s (%.1fM parameters, %s)", output, plan.num_parameters() / 1e6, str(dtype).removeprefix("torch."))
+    logger.info(
+        "wrote %s (%.1fM parameters, %s)", output, plan.num_parameters() / 1e6, str(dtype).removeprefix("torch.")
+    )
     return output
 
 
@@ -1165,19 +1227,28 @@ def add_shared_arguments(parser: argparse.ArgumentParser, token_compression_help
     parser.add_argument("--token-compression", default=None, help=token_compression_help)
     parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--projector-type", default="tome_mlp", help="tome_mlp, mlp, or the reference's tome_mlp-N / gelu_mlp (default: %(default)s)")
-    parser.add_argument("--tokens-per-frame", type=int, default=16, help="ToMe output tokens per frame for tome_mlp (default: %(default)s)")
-    parser.add_argument("--vision-feature-layer", type=int, default=-2, help="vision hidden state fed to the projector (default: %(default)s)")
-    parser.add_argument("--vision-num-heads", type=int, default=None, help="heads of a SigLIP whose width is not a known one")
-    parser.add_argument("--image-size", type=int, default=None, help="vision input size (default: 384 if it fits the patch grid)")
-    parser.add_argument("--dtype", default="bf16", help="dtype of the written weights: bf16, fp16 or fp32 (default: %(default)s)")
-    parser.add_argument("--shard-size", default="5GB", help="largest safetensors shard, in KB, MB, GB or TB (default: %(default)s)")
-    parser.add_argument("--base-model", action="append", dest="base_models", help="Hub id for the model card (repeatable)")
+    parser.add_argument("--projector-type", default="tome_mlp",
+                        help="tome_mlp, mlp, or the reference's tome_mlp-N / gelu_mlp (default: %(default)s)")
+    parser.add_argument("--tokens-per-frame", type=int, default=16,
+                        help="ToMe output tokens per frame for tome_mlp (default: %(default)s)")
+    parser.add_argument("--vision-feature-layer", type=int, default=-2,
+                        help="vision hidden state fed to the projector (default: %(default)s)")
+    parser.add_argument("--vision-num-heads", type=int, default=None,
+                        help="heads of a SigLIP whose width is not a known one")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="vision input size (default: 384 if it fits the patch grid)")
+    parser.add_argument("--dtype", default="bf16",
+                        help="dtype of the written weights: bf16, fp16 or fp32 (default: %(default)s)")
+    parser.add_argument("--shard-size", default="5GB",
+                        help="largest safetensors shard, in KB, MB, GB or TB (default: %(default)s)")
+    parser.add_argument("--base-model", action="append", dest="base_models",
+                        help="Hub id for the model card (repeatable)")
     parser.add_argument(
         "--verify", action=argparse.BooleanOptionalAction, default=None,
         help="load the result and compare it with the sources (default: on up to 2B parameters)",
     )
-    parser.add_argument("--verify-atol", type=float, default=1e-3, help="largest accepted max abs difference in verification (default: %(default)s)")
+    parser.add_argument("--verify-atol", type=float, default=1e-3,
+                        help="largest accepted max abs difference in verification (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 

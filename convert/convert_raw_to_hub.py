@@ -131,7 +131,9 @@ class RawConverter(common.Converter):
         else:
             lines.append(f"The projector is freshly initialised (seed {self.seed}) and untrained.")
         if any(stage.transfer for stage in config.compression_stages):
-            lines.append("Each TransV module starts as a copy of the nearest attention block, with alpha = 0 (untrained).")
+            lines.append(
+                "Each TransV module starts as a copy of the nearest attention block, with alpha = 0 (untrained)."
+            )
         return " ".join(lines)
 
     def text_reference(self, text_config) -> torch.nn.Module:
@@ -156,9 +158,11 @@ def build_parser():
         __doc__,
     )
     parser.add_argument("--llm", required=True, type=Path, help="base LLM folder (config.json, safetensors, tokenizer)")
-    parser.add_argument("--vision", required=True, type=Path, help="timm SigLIP state dict file, or a transformers SigLIP folder")
+    parser.add_argument("--vision", required=True, type=Path,
+                        help="timm SigLIP state dict file, or a transformers SigLIP folder")
     parser.add_argument("--projector", type=Path, help="stage-1 checkpoint holding the projector (else a fresh init)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of a fresh projector (default: the vision width, as the reference)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of a fresh projector (default: the vision width, as the reference)")
     common.add_shared_arguments(
         parser, "compression stages: a reference string such as uni_7_0.5-attn_39_0.05, or a JSON list of stage dicts"
     )

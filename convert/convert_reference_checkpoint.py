@@ -34,7 +34,9 @@ def check_llm_family(source: common.TensorSource, family: str) -> None:
     """The checkpoint's LLM prefix must be the one of `--llm-config`'s model type."""
     body_prefix = LLM_BODY_PREFIX[family]
     if not any(key.startswith(body_prefix) for key in source.keys()):
-        found = [name for name, prefix in LLM_BODY_PREFIX.items() if any(key.startswith(prefix) for key in source.keys())]
+        found = [
+            name for name, prefix in LLM_BODY_PREFIX.items() if any(key.startswith(prefix) for key in source.keys())
+        ]
         hint = f"; it holds a {found[0]} LLM ({LLM_BODY_PREFIX[found[0]]}*)" if found else ""
         raise common.ConversionError(
             f"{source.name} has no {body_prefix}* tensors although --llm-config is a {family} model{hint}"
@@ -100,7 +102,7 @@ def convert_reference_checkpoint(
     checkpoint: str | Path, llm_config: str | Path, output: str | Path, options: common.ConversionOptions | None = None
 ) -> Path:
     """Convert the reference checkpoint file `checkpoint` into a TimeViper Hub folder at `output`; return its path.
-    `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None: no dropping)."""
+    `options.token_compression` is the `pdrop_type` the checkpoint was trained with (None or 'none': no dropping)."""
     options = options or common.ConversionOptions()
     return common.convert_to_hub(ReferenceConverter(Path(checkpoint), Path(llm_config)), output, options)
 
@@ -111,10 +113,13 @@ def build_parser():
         "Convert a reference TimeViper training checkpoint (one flat state dict) into a TimeViper Hub folder.",
         __doc__,
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the reference's state dict (.bin/.pth or .safetensors)")
-    parser.add_argument("--llm-config", required=True, type=Path, help="base LLM folder the checkpoint was trained from (config.json, tokenizer)")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="the reference's state dict (.bin/.pth or .safetensors)")
+    parser.add_argument("--llm-config", required=True, type=Path,
+                        help="base LLM folder the checkpoint was trained from (config.json, tokenizer)")
     common.add_shared_arguments(
-        parser, "the checkpoint's pdrop_type, e.g. uni_7_0.5-attn_39_0.05 (or a JSON list of stage dicts); none if unused"
+        parser,
+        "the checkpoint's pdrop_type, e.g. uni_7_0.5-attn_39_0.05 (or a JSON list of stage dicts); none if unused",
     )
     return parser
 

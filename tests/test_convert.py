@@ -339,6 +339,16 @@ def test_timm_unknown_keys_are_rejected_by_name():
     assert set(plan.unexpected) == {"timm:cls_token", "timm:blocks.0.ls1.gamma"}
 
 
+def test_hf_siglip_keys_map_with_and_without_the_vision_model_level():
+    """`SiglipModel` checkpoints (and 4.x `SiglipVisionModel` ones) put the tower under `vision_model.`; a 5.x
+    `SiglipVisionModel` saves it flat. Both give the model's (flat) names."""
+    weight = torch.zeros(2, 2)
+    for prefix in ("vision_model.", ""):
+        plan = common.plan_hf_siglip(DictSource({f"{prefix}encoder.layers.0.mlp.fc1.weight": weight}, "siglip"))
+        assert list(plan.tensors) == [common.VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight"]
+        assert not plan.unexpected
+
+
 def test_expected_shapes_are_the_model_state_dict():
     """The shapes the plan is checked against (the model built on the meta device) are those of a real model."""
     from tiny_models import tiny_config
@@ -350,6 +360,21 @@ def test_expected_shapes_are_the_model_state_dict():
         model = TimeViperForConditionalGeneration(config)
         shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         assert list(common.expected_state_dict_shapes(config).items()) == list(shapes.items())
+        # The key maps target a flat SigLIP tower: no supported transformers release nests it under `vision_model.`.
+        assert not [name for name in shapes if name.startswith(common.VISION_PREFIX + "vision_model.")]
+
+
+def test_fitted_plan_follows_the_state_dict_order():
+    """The shards are written in the fitted plan's order: the model's state-dict order, whatever order the key maps
+    planned the tensors in (as `save_pretrained` writes them)."""
+    from tiny_models import tiny_model
+
+    model = tiny_model()
+    state = model.state_dict()
+    plan = ConversionPlan()
+    for name in reversed(list(state)):
+        plan.add(name, state[name].shape, lambda name=name: state[name], [f"src:{name}"])
+    assert list(common.fit_plan_to_model(plan, model.config).tensors) == list(state)
 
 
 def test_siglip_parts_the_model_leaves_out_are_skipped():
@@ -377,7 +402,9 @@ def test_parsers():
     assert common.parse_dtype("bf16") is torch.bfloat16 and common.parse_dtype("float32") is torch.float32
     assert common.parse_token_compression("uni_7_0.5-attn_39_0.05") == "uni_7_0.5-attn_39_0.05"
     assert common.parse_token_compression('[{"layer_idx": 7, "keep_ratio": 0.5}]') == [{"layer_idx": 7, "keep_ratio": 0.5}]
-    assert common.parse_token_compression(None) is None
+    assert common.parse_token_compression(None) is None and common.parse_token_compression(" none ") is None
+    stages = [{"layer_idx": 7, "keep_ratio": 0.5}]
+    assert common.parse_token_compression(stages) is stages  # already parsed: a Python caller's list
     assert common.parse_projector_type("tome_mlp-16") == ("tome_mlp", 16)
     assert common.parse_projector_type("gelu_mlp") == ("mlp", None)
     with pytest.raises(ValueError, match="fused"):
@@ -884,3 +911,22 @@ def test_cli_reports_errors_without_traceback(sources, tmp_path, capsys):
     code = main(["--llm", str(sources["nano"]), "--vision", str(sources["timm"]), "--output", str(tmp_path / "out"),
                  "--vision-num-heads", "4", "--no-progress"])
     assert code == 1 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token_compression", [
+    "none",
+    json.dumps([{"layer_idx": 1, "keep_ratio": 0.5}, {"layer_idx": 2, "keep_ratio": 0.25, "method": "attention"}]),
+])
+def test_python_api_reads_token_compression_as_the_cli_does(sources, tmp_path, token_compression):
+    """`ConversionOptions(token_compression=...)` takes the CLI's text forms ('none', a JSON list of stages) too."""
+    from convert.convert_raw_to_hub import main
+
+    cli, python = tmp_path / "cli", tmp_path / "python"
+    code = main(["--llm", str(sources["nano"]), "--vision", str(sources["timm"]), "--output", str(cli),
+                 "--token-compression", token_compression, "--projector-type", "mlp", "--dtype", "fp32",
+                 "--vision-num-heads", str(VISION["heads"]), "--no-verify", "--no-progress"])
+    assert code == 0
+    convert_raw(sources, python, token_compression=token_compression)
+    config = json.loads((python / "config.json").read_text())
+    assert config == json.loads((cli / "config.json").read_text())
+    assert len(config["token_compression"]) == (0 if token_compression == "none" else 2)
