@@ -67,7 +67,7 @@ NON_CUDNN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 # Causal self-attention of a whole sequence without autograd, on CUDA: cuDNN's fused kernel first (on an H100 at the
 # Nano shape, 40 query / 8 KV heads of 128, 1.6-2.1x FlashAttention-2: 606 against 352 TFLOP/s at 65,000 tokens,
 # outputs within 0.004), for lengths where that pays and up to the longest it was run on there. cuDNN builds a plan
-# for every new length (40-60 ms, once per process and length), which a shorter sequence's gain does not repay.
+# for every new length (35-60 ms, once per process and length), which a shorter sequence's gain does not repay.
 # Other lengths, masks, chunks after cached tokens and training take the other backends.
 CUDNN_FIRST_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *NON_CUDNN_BACKENDS]
 CUDNN_ATTENTION_MIN_TOKENS = 32768
