@@ -1,8 +1,10 @@
 """What the single-GPU benchmarks (long_video.py, streaming_video.py, video_state.py, llm_prefill.py, ...) share:
-model configs, the model build, the run's metadata, logging, timing, memory readings and the JSON they write after
-every step."""
+model configs, the model build, the run's metadata, logging, timing, memory readings, the JSON they write after
+every step, the kernel profile of a region, and the FLOP counts and measured GPU ceilings behind every compute floor
+(multi_gpu/floor.py counts a training step's FLOPs with them too)."""
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 # The three LLM setups behind the same SigLIP so400m/14-384 + ToMe (16 tokens/frame) + MLP stack.
 CONFIGS = {
@@ -23,6 +26,8 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, nu
                    patch_size=8)
 TINY_NANO = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
                  mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, vocab_size=512)
+PEAK_FLOPS = 790e12  # bf16 dense matmul on random data, measured on the H100s we benchmark on
+PEAK_BYTES = 3.0e12  # device-to-device copy, measured on the same H100s
 T0 = time.perf_counter()
 
 
@@ -194,3 +199,138 @@ def run_steps(steps, model, device, args, results):
             results.setdefault("errors", {})[name] = traceback.format_exc()[-3000:]
             log(f"step {name} failed:", results["errors"][name])
         save(results, args)
+
+
+def linear_params(module):
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def vision_flops_per_frame(model):
+    vcfg = model.config.vision_config
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    layers = model.config.vision_layers_used
+    d = vcfg.hidden_size
+    embed = 2 * patches * 3 * vcfg.patch_size**2 * d
+    per_layer = 2 * patches * linear_params(model.model.vision_tower.encoder.layers[0]) + 4 * patches**2 * d
+    return embed + layers * per_layer
+
+
+def tome_proj_flops_per_frame(model):
+    from timeviper.modeling_timeviper import tome_schedule
+
+    vcfg = model.config.vision_config
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    tokens = model.config.vision_tokens_per_frame
+    tome = 0
+    n = patches
+    for r in tome_schedule(patches, tokens) if model.config.projector_type == "tome_mlp" else []:
+        tome += 2 * (n // 2 + n % 2) * (n // 2) * (vcfg.hidden_size // 16)  # cosine scores on the 16-head mean
+        n -= r
+    return tome + 2 * tokens * linear_params(model.model.multi_modal_projector)
+
+
+def ssd_flops_per_token(text_cfg):
+    q, n, g = text_cfg.chunk_size, text_cfg.ssm_state_size, text_cfg.n_groups
+    h, p = text_cfg.mamba_num_heads, text_cfg.mamba_head_dim
+    # C B^T per group inside a chunk + (CB) x per head + chunk states B^T x + state output C h.
+    return 2 * q * n * g + 2 * q * h * p + 4 * n * h * p
+
+
+def llm_flops(model, layer_tokens, extra=0):
+    """layer_tokens: tokens each LLM block processed in the prefill (measured by hooks)."""
+    lm = model.model.language_model
+    tc = model.config.text_config
+    total = {"linear": 0, "attention": 0, "ssd": 0, "conv": 0, "other": extra}
+    for layer, tokens in zip(lm.layers, layer_tokens):
+        total["linear"] += 2 * linear_params(layer) * tokens
+        attention = layer.attention
+        if attention is not None:
+            total["attention"] += 2 * tokens**2 * attention.num_heads * attention.head_dim  # causal: half of 4 L^2 d
+        if getattr(layer, "block_type", "") == "linear_attention":
+            total["ssd"] += ssd_flops_per_token(tc) * tokens
+            total["conv"] += 2 * layer.mixer.kernel_size * layer.mixer.conv_dim * tokens
+    total["lm_head"] = 2 * model.lm_head.weight.numel()
+    total["total"] = sum(total.values())
+    return total
+
+
+def tokens_per_block(model, vision_tokens: int, text_tokens: int) -> list[int]:
+    """Tokens each LLM block processes under the compression schedule: the vision tokens kept from a stage's block
+    on are `int(vision tokens of the input x keep ratio)`, as `TokenCompressor.select` keeps them."""
+    language_model = model.model.language_model
+    tokens, vision = [], vision_tokens
+    for layer_idx in range(len(language_model.layers)):
+        if layer_idx in language_model.stage_at_layer:
+            stage = language_model.stages[language_model.stage_at_layer[layer_idx]]
+            vision = min(vision, int(vision_tokens * stage.keep_ratio))
+        tokens.append(text_tokens + vision)
+    return tokens
+
+
+def compression_flops(model, layer_tokens, text_tokens):
+    """Attention-guided scores (k_proj over the kept sequence) and TransV cross-attention, both small."""
+    lm = model.model.language_model
+    flops = 0
+    for stage in lm.stages:
+        tokens_in = layer_tokens[stage.layer_idx - 1]
+        kept = layer_tokens[stage.layer_idx]
+        if stage.method == "attention":
+            att = lm.layers[stage.layer_idx].attention
+            flops += 2 * tokens_in * att.k_proj.weight.numel() + 2 * tokens_in * att.num_heads * att.head_dim
+        if stage.transfer:
+            dropped = tokens_in - kept
+            merge = lm.merge_modules[str(lm.stages.index(stage))]
+            flops += 2 * text_tokens * (merge.q_proj.weight.numel() + merge.o_proj.weight.numel())
+            flops += 2 * dropped * (merge.k_proj.weight.numel() + merge.v_proj.weight.numel())
+            flops += 4 * text_tokens * dropped * merge.num_heads * merge.head_dim
+    return flops
+
+
+# Kernel categories of the profiles, by substrings of the kernel's name (the first category that matches wins).
+CATEGORIES = (
+    ("attention (SDPA)", ("flash", "fmha", "attention", "sdpa")),
+    ("mamba Triton", ("_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum",
+                      "selective_scan")),
+    ("matmul (cuBLAS)", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "xmma")),
+    ("conv", ("conv",)),
+    ("copy/index", ("copy", "cat", "memcpy", "memset", "index", "gather", "scatter")),
+    ("reductions/norms", ("reduce", "norm")),
+)
+
+
+def categorize(name):
+    n = name.lower()
+    return next((category for category, keys in CATEGORIES if any(k in n for k in keys)), "elementwise/other")
+
+
+def profile_region(label, fn, device, results, args, repeats=1):
+    """Profile `repeats` calls of `fn`: their device time per call by kernel category and the top kernels go into
+    results["profiles"][label], the profiler's table is appended to `args.profile_out`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    from torch.autograd import DeviceType
+
+    # Kernel-level events only (an aten op's device time is its kernels' time: counting both would double it).
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+              and not e.key.startswith(("Command Buffer", "Activity Buffer"))]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    cats = collections.Counter()
+    for e in events:
+        cats[categorize(e.key)] += e.self_device_time_total
+    top = [{"name": e.key[:160], "ms": e.self_device_time_total / 1e3 / repeats, "calls": e.count // repeats,
+            "category": categorize(e.key)} for e in events[:15]]
+    results.setdefault("profiles", {})[label] = {
+        "device_ms": total / 1e3 / repeats, "by_category_ms": {k: v / 1e3 / repeats for k, v in cats.most_common()},
+        "top_kernels": top,
+    }
+    with open(args.profile_out, "a") as f:
+        f.write(f"\n===== {label} =====\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90))
+    log(f"profile {label}: {total / 1e3 / repeats:.1f} ms device; "
+        + ", ".join(f"{k} {v / 1e3 / repeats:.1f}" for k, v in cats.most_common()))

@@ -24,8 +24,7 @@ from statistics import median_high
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TINY_NANO, TINY_VISION, log, meta, save, timed  # noqa: E402
-from long_video import profile_region  # noqa: E402
+from common import TINY_NANO, TINY_VISION, log, meta, profile_region, save, timed  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -17,8 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import log, meta, save, timed  # noqa: E402
-from long_video import PEAK_FLOPS, vision_flops_per_frame  # noqa: E402
+from common import PEAK_FLOPS, log, meta, save, timed, vision_flops_per_frame  # noqa: E402
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}

@@ -3,7 +3,7 @@ at the GPU's measured bf16 matmul rate, plus the bytes AdamW must move over its 
 (dense bf16 matmuls on random data and device-to-device copies, measured on the benchmark machines).
 Communication is left out: the engines overlap it with compute.
 
-The FLOPs are counted with the functions of `benchmarks/long_video.py` on the benchmark's own model, built on the meta
+The FLOPs are counted with the functions of `benchmarks/common.py` on the benchmark's own model, built on the meta
 device from `prepared.json`, for one training sample (one per GPU per step):
 - vision tower and ToMe: forward only (frozen, nothing flows back into them);
 - projector, lm_head and the compression stages (TransV, attention-guided scores): forward + backward (2x forward);
@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from benchmarks.long_video import (
+from benchmarks.common import (
     compression_flops,
     linear_params,
     llm_flops,
