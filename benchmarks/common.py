@@ -18,7 +18,8 @@ from torch import nn
 # The three LLM setups behind the same SigLIP so400m/14-384 + ToMe (16 tokens/frame) + MLP stack.
 CONFIGS = {
     "a": dict(backbone="nano", compression=None, label="Nano-9B-v2 hybrid, no compression"),
-    "b": dict(backbone="nano", compression="uni_7_0.5-attn_39_0.05", label="Nano-9B-v2 hybrid + TransV uni_7_0.5-attn_39_0.05"),
+    "b": dict(backbone="nano", compression="uni_7_0.5-attn_39_0.05",
+              label="Nano-9B-v2 hybrid + TransV uni_7_0.5-attn_39_0.05"),
     "c": dict(backbone="qwen", compression=None, label="Qwen2.5-7B architecture, no compression"),
 }
 # --tiny: every width tiny, the layer patterns of the full-size configs kept (so a schedule's blocks exist).

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--llm-frames", default="8192,16384,32768",
                    help="frame counts run with synthetic vision features (vision time extrapolated)")
     p.add_argument("--llm-frames-b", default="65536", help="extra llm_only frame counts for config b only")
-    p.add_argument("--max-llm-frames-c", type=int, default=16384, help="Qwen baseline: llm_only sweep stops here (time)")
+    p.add_argument("--max-llm-frames-c", type=int, default=16384,
+                   help="Qwen baseline: llm_only sweep stops here (time)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--decode-context", type=int, default=32768)
     p.add_argument("--decode-batches", default="1,32")
@@ -348,7 +349,8 @@ def compiled_tower_bench(model, device, args, results, repeats=3):
     pixels = random_pixels(model, n, device)
     rec = vision_microbench(model, device, args, results, repeats, label="vision_microbench_compiled")
     try:
-        compiled = [torch.compile(layer) for layer in inner.vision_tower.encoder.layers[: inner.config.vision_layers_used]]
+        layers = inner.vision_tower.encoder.layers[: inner.config.vision_layers_used]
+        compiled = [torch.compile(layer) for layer in layers]
 
         def run_compiled():
             f = inner.vision_tower.embeddings(pixels).contiguous()
@@ -360,7 +362,8 @@ def compiled_tower_bench(model, device, args, results, repeats=3):
         times = [timed(device, run_compiled)[0] for _ in range(repeats)]
         rec["compiled_tower_s_per_chunk"] = times
         rec["compiled_tower_ratio_to_floor"] = median_high(times) / (n * vision_flops_per_frame(model) / PEAK_FLOPS)
-        log(f"torch.compile'd tower: {median_high(times) * 1e3:.1f} ms per chunk ({rec['compiled_tower_ratio_to_floor']:.2f}x)")
+        log(f"torch.compile'd tower: {median_high(times) * 1e3:.1f} ms per chunk "
+            f"({rec['compiled_tower_ratio_to_floor']:.2f}x)")
     except Exception as err:  # noqa: BLE001 - a failed compile is a result of this A/B, not the end of the run
         rec["compiled_tower_error"] = repr(err)[:300]
     del pixels
@@ -395,7 +398,8 @@ def decode_bench(model, name, device, args, results, label):
         free(device)
         log(f"decode {name} {label} b={batch}: "
             + ("OOM" if rec["oom"] else f"{rec['tokens_per_s']:.0f} tok/s, step {rec['step_s_median'] * 1e3:.1f} ms, "
-               f"floor {rec['floor_step_s'] * 1e3:.1f} ms ({rec['fraction_of_floor']:.0%}), peak {rec['peak_bytes'] / 2**30:.1f} GiB"))
+               f"floor {rec['floor_step_s'] * 1e3:.1f} ms ({rec['fraction_of_floor']:.0%}), "
+               f"peak {rec['peak_bytes'] / 2**30:.1f} GiB"))
         results["decode"].append(rec)
 
 
@@ -780,7 +784,8 @@ def record_fit(run, name):
     fit = fit_memory(points, run.results["meta"].get("memory_cap_bytes", 80e9))
     if fit:
         run.results["fit"][name] = fit
-        log(f"{name}: {fit['bytes_per_frame'] / 2**20:.2f} MiB/frame, predicted max {fit['predicted_max_frames']} frames")
+        log(f"{name}: {fit['bytes_per_frame'] / 2**20:.2f} MiB/frame, "
+            f"predicted max {fit['predicted_max_frames']} frames")
         run.save()
 
 
@@ -820,8 +825,9 @@ def summary(results):
         if r.get("oom"):
             print(f"{r['config']:6s} {r['frames']:6d}  {r['mode']:8s}  OOM")
             continue
-        print(f"{r['config']:6s} {r['frames']:6d}  {r['mode']:8s}  {r['prefill_s']:9.2f}  {r.get('prefill_e2e_s', float('nan')):9.2f}"
-              f"             {r['decode_s']:9.2f}  {r['peak_bytes'] / 2**30:8.1f}  {r['ratio'].get('prefill', float('nan')):.2f}")
+        print(f"{r['config']:6s} {r['frames']:6d}  {r['mode']:8s}  {r['prefill_s']:9.2f}  "
+              f"{r.get('prefill_e2e_s', float('nan')):9.2f}             {r['decode_s']:9.2f}  "
+              f"{r['peak_bytes'] / 2**30:8.1f}  {r['ratio'].get('prefill', float('nan')):.2f}")
     for r in results["decode"]:
         if not r.get("oom"):
             print(f"decode {r['config']} {r['variant']:12s} b={r['batch']:3d}: {r['tokens_per_s']:8.0f} tok/s "
