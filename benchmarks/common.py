@@ -87,7 +87,8 @@ def save(results, args):
     os.replace(tmp, args.out)
 
 
-def make_config(name, tiny):
+def make_config(name, tiny, vision_chunk=None):
+    """The TimeViperConfig of `CONFIGS[name]` at full or tiny widths; `vision_chunk` overrides its vision_chunk_size."""
     from transformers import Qwen2Config
 
     from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
@@ -108,16 +109,17 @@ def make_config(name, tiny):
     text = nano if spec["backbone"] == "nano" else qwen
     # Placeholder ids outside the vocabulary, so that a generated token can never be taken for a placeholder.
     vocab = text.vocab_size
-    return TimeViperConfig(vision_config=vision, text_config=text, token_compression=spec["compression"],
-                           image_token_id=vocab, video_token_id=vocab + 1)
+    config = TimeViperConfig(vision_config=vision, text_config=text, token_compression=spec["compression"],
+                             image_token_id=vocab, video_token_id=vocab + 1)
+    if vision_chunk:
+        config.vision_chunk_size = vision_chunk
+    return config
 
 
-def build_model(cfg, device, dtype, args):
-    """The model with random weights, built directly on `device`; returns (model, seconds)."""
+def build_model(cfg, device, dtype):
+    """The model of `cfg` with random weights (seed 0), built directly on `device`; returns (model, seconds)."""
     from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
-    if args.vision_chunk:
-        cfg.vision_chunk_size = args.vision_chunk
     torch.manual_seed(0)
     t = time.perf_counter()
     with torch.device(device):

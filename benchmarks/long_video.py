@@ -679,9 +679,9 @@ def run_kernel_check(run):
 def sweep_config(run, name):
     """Every measurement of one config, on one model built for it."""
     args, device = run.args, run.device
-    cfg = make_config(name, args.tiny)
+    cfg = make_config(name, args.tiny, args.vision_chunk)
     with torch.inference_mode():
-        model, build_s = build_model(cfg, device, torch.bfloat16, args)
+        model, build_s = build_model(cfg, device, torch.bfloat16)
         describe_model(run, name, model, build_s)
         timer = PhaseTimer(model, device)
         # Warm-up: vision + compression path, and an LLM-only pass long enough for the carried-chunk kernels.
@@ -793,7 +793,7 @@ def compiled_vision_extra(run):
     if not is_cuda(run.device) or not run.allows(150, "compiled vision A/B"):
         return
     with torch.inference_mode():
-        model, _ = build_model(make_config("a", run.args.tiny), run.device, torch.bfloat16, run.args)
+        model, _ = build_model(make_config("a", run.args.tiny, run.args.vision_chunk), run.device, torch.bfloat16)
         compiled_tower_bench(model, run.device, run.args, run.results)
         del model
         free(run.device)
@@ -804,7 +804,7 @@ def verify_fit(run, name):
     """One llm_only run just under the predicted largest frame count of `name`."""
     args, fit = run.args, run.results["fit"][name]
     with torch.inference_mode():
-        model, _ = build_model(make_config(name, args.tiny), run.device, torch.bfloat16, args)
+        model, _ = build_model(make_config(name, args.tiny, args.vision_chunk), run.device, torch.bfloat16)
         frames = 48 if args.tiny else int(fit["predicted_max_frames"] * args.fit_margin) // 256 * 256
         if run.allows(llm_cost_estimate(model, frames) * 1.2, f"{name} fit verify F={frames}"):
             timer = PhaseTimer(model, run.device)

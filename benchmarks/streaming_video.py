@@ -372,7 +372,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
     results = {"meta": meta(device, args), "config": args.config}
-    model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
+    model, build_s = build_model(make_config(args.config, args.tiny, args.vision_chunk), device, torch.bfloat16)
     results["model"] = {"build_s": build_s, "weight_bytes": weight_bytes(model),
                         "token_compression": model.config.token_compression}
     log("model built", results["model"])

@@ -174,7 +174,7 @@ def main(argv=None):
     device = torch.device(args.device)
     results = {"meta": meta(device, args), "config": args.config,
                "pixels": "random normalised frames of the right shape through the real-size vision tower"}
-    model, build_s = build_model(make_config(args.config, args.tiny), device, torch.bfloat16, args)
+    model, build_s = build_model(make_config(args.config, args.tiny, args.vision_chunk), device, torch.bfloat16)
     results["model"] = {"build_s": build_s, "token_compression": model.config.token_compression,
                         "weight_bytes": weight_bytes(model)}
     log("model built", results["model"])
