@@ -24,7 +24,7 @@ from statistics import median_high
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TINY_NANO, TINY_VISION, log, meta, profile_region, save, timed  # noqa: E402
+from common import TINY_NANO, TINY_VISION, build_model, log, meta, profile_region, save, timed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,20 +68,19 @@ def plain_model(tiny, device):
 def our_model(plain, device):
     """Our model on the very tensors of `plain` (no second copy of the weights)."""
     from timeviper.configuration_timeviper import TimeViperConfig, so400m_vision_config
-    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
+    # Not common.make_config: the text config must be plain's own, and the vision tower (no part of an LLM prefill)
+    # stays tiny at full size too, so that ours holds next to no weights beyond plain's in the measured memory.
     text = plain.config
     config = TimeViperConfig(vision_config=so400m_vision_config(**TINY_VISION), text_config=text,
                              token_compression=[], image_token_id=text.vocab_size,
                              video_token_id=text.vocab_size + 1)
-    with torch.device(device):
-        ours = TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
-                                                               attn_implementation="sdpa").eval()
+    ours, _ = build_model(config, device, torch.bfloat16)
     shared = {("model.language_model." + k.removeprefix("model.")) if k.startswith("model.") else k: v
               for k, v in plain.state_dict().items()}
     missing, unexpected = ours.load_state_dict(shared, strict=False, assign=True)
     assert not unexpected and not [k for k in missing if k.startswith("model.language_model.")], (missing, unexpected)
-    return ours.requires_grad_(False)
+    return ours
 
 
 # Which of our kernels each timed variant of ours runs with (see our_kernels).

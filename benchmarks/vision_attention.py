@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PEAK_FLOPS, log, meta, save, timed, vision_flops_per_frame  # noqa: E402
+from common import PEAK_FLOPS, build_model, log, meta, save, timed, vision_flops_per_frame  # noqa: E402
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -35,15 +35,12 @@ def parse_args(argv=None):
 def build(device):
     """The real-size vision tower + ToMe + projector in front of a small text model (the LLM plays no part here)."""
     from timeviper.configuration_timeviper import TimeViperConfig, nano_9b_v2_text_config, so400m_vision_config
-    from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
+    # common.make_config has no such pairing: its --tiny shrinks the vision tower and the LLM together.
     text = nano_9b_v2_text_config(num_hidden_layers=4, hybrid_override_pattern="M*M-", vocab_size=1024)
     config = TimeViperConfig(vision_config=so400m_vision_config(), text_config=text, token_compression=[],
                              image_token_id=1024, video_token_id=1025)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = TimeViperForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    return model.eval().requires_grad_(False)
+    return build_model(config, device, torch.bfloat16)[0]
 
 
 def main(argv=None):
