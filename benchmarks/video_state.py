@@ -58,7 +58,8 @@ def pixel_chunks(model, frames, device):
     """Random normalised frames, 256 at a time (one chunk made once and handed out again: only its shape matters
     to the timing), as `VideoStream.pixel_chunks` hands them to `encode_video`."""
     size = model.config.vision_config.image_size
-    chunk = torch.randn(min(256, frames), 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+    generator = torch.Generator(device).manual_seed(0)
+    chunk = torch.randn(min(256, frames), 3, size, size, device=device, generator=generator)
     chunk = chunk.clamp(-1, 1).to(model.dtype)
     for start in range(0, frames, chunk.shape[0]):
         yield chunk[: min(chunk.shape[0], frames - start)]
