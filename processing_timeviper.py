@@ -411,6 +411,12 @@ def _conversation_media(conversations) -> tuple[list, list]:
     return videos, images
 
 
+def expand_video_placeholder(processor, text: str, num_frames: int) -> str:
+    """`text` with its ``<video>`` expanded for a video of `num_frames` sampled frames, as the processor expands it,
+    through its public hooks only (which a checkpoint's own, older processing code has too)."""
+    return text.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
+
+
 def streaming_chat_inputs(processor, conversation, chunk_frames: int = 64, prefetch_chunks: int = 2,
                           add_generation_prompt: bool = True, **options):
     """`processor.apply_chat_template(..., tokenize=True)` for long videos: ``(inputs, streams)``, the prompts'

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from timeviper.processing_timeviper import expand_video_placeholder
+
 # Sampled frames decoded, resized and encoded per chunk (a few of them in host memory at once).
 STREAM_CHUNK_FRAMES = 64
 # Prompt tokens per prefill chunk: one chunk's activations instead of the whole prompt's (16 tokens per frame).
@@ -37,6 +39,5 @@ def video_prompt_ids(processor, conversation, num_frames: int) -> torch.Tensor:
     tokenised as `streaming_chat_inputs` does, without opening the video again: the prompts of further questions
     about a video whose state is reused (``model.encode_video_state``)."""
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    # Through the processor's public hooks only, which a checkpoint's own (older) processing code has too.
-    prompt = prompt.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
+    prompt = expand_video_placeholder(processor, prompt, num_frames)
     return processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from evaluation.tasks import build_grounding_prompt, format_seconds, is_number, read_json_lines
-from timeviper.processing_timeviper import IGNORE_INDEX
+from timeviper.processing_timeviper import IGNORE_INDEX, expand_video_placeholder
 from timeviper.video_processing_timeviper import decode_video_pyav, merge_sampling
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -370,7 +370,7 @@ class TimeViperSFTDataset(torch.utils.data.Dataset):
         text = self.render(sample, num_frames, video_duration)
         processor = self.processor
         if sample.media_type == "video":
-            text = text.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
+            text = expand_video_placeholder(processor, text, num_frames)
         elif sample.media_type == "image":
             text = text.replace(processor.image_token, processor.replace_image_token({}, 0))
         return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
