@@ -4,6 +4,7 @@ The model is SigLIP (vision) -> ToMe token merging -> MLP projector -> a hybrid 
 transformer), with optional in-LLM token compression (dropping and TransV) described by `token_compression`.
 """
 
+import json
 from dataclasses import asdict, dataclass
 
 import transformers
@@ -164,17 +165,37 @@ def parse_compression_string(spec: str) -> list[TimeViperCompressionStage]:
 
 
 def normalize_compression(value) -> list[TimeViperCompressionStage]:
-    """Accept None, a reference string, or a list of stages / dicts, and return the list of stages."""
-    if value is None or value == "" or value == []:
-        return []
+    """The list of stages from None, a list of stages / stage dicts, or text: '' or 'none' (any case) for no stages,
+    the reference's string (`uni_7_0.5-attn_39_0.05`), or JSON of one stage dict or a list of them (the forms a
+    command line passes)."""
     if isinstance(value, str):
-        return parse_compression_string(value)
+        text = value.strip()
+        if text.lower() in ("", "none"):
+            return []
+        if text[0] not in "[{":
+            return parse_compression_string(text)
+        value = compression_json(text)
+    if value is None:
+        return []
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"token_compression must be a string, a list of stages or None, got {type(value).__name__}")
-    return [
-        stage if isinstance(stage, TimeViperCompressionStage) else TimeViperCompressionStage.from_dict(stage)
-        for stage in value
-    ]
+    stages = []
+    for stage in value:
+        if isinstance(stage, dict):
+            stage = TimeViperCompressionStage.from_dict(stage)
+        elif not isinstance(stage, TimeViperCompressionStage):
+            raise ValueError(f"a compression stage must be a dict or a TimeViperCompressionStage, got {stage!r}")
+        stages.append(stage)
+    return stages
+
+
+def compression_json(text: str) -> list:
+    """The stage dicts of a JSON token_compression (one dict or a list)."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"token_compression {text!r} is not valid JSON: {error}") from None
+    return [parsed] if isinstance(parsed, dict) else parsed
 
 
 def text_layer_types(text_config) -> list[str]:

@@ -73,21 +73,6 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-def parse_token_compression(value: str | list | None):
-    """`--token-compression`'s text forms, also taken from Python callers: the reference's schedule string
-    (`uni_7_0.5-attn_39_0.05`), a JSON stage dict or list of them, or ''/'none' for none. Anything not text (None,
-    a list of stages) is already what `TimeViperConfig` takes and passes through."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text in ("", "none", "None"):
-        return None
-    if text[0] in "[{":
-        parsed = json.loads(text)
-        return [parsed] if isinstance(parsed, dict) else parsed
-    return text
-
-
 def parse_projector_type(value: str) -> tuple[str, int | None]:
     """Our names (`tome_mlp`, `mlp`) or the reference's (`tome_mlp-N`, `gelu_mlp`) -> (type, N or None)."""
     if value in ("tome_mlp", "mlp", "gelu_mlp"):
@@ -906,7 +891,7 @@ def build_timeviper_config(text_config, vision_config, tokenizer, options: "Conv
         vision_config=vision_config, text_config=text_config, projector_type=projector_type,
         tokens_per_frame=tokens_from_type or options.tokens_per_frame,
         vision_feature_layer=options.vision_feature_layer,
-        token_compression=parse_token_compression(options.token_compression),
+        token_compression=options.token_compression,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), dtype=dtype,
     )
@@ -1169,8 +1154,8 @@ class Converter:
 @dataclass
 class ConversionOptions:
     """The options both converters (and their CLIs) share; `add_shared_arguments` documents each. Text values are
-    read where they are used, by the parsers the CLI goes through too (`parse_token_compression`, `parse_dtype`,
-    `parse_projector_type`), so Python callers may pass the CLI's forms. `verify=None` verifies models up to
+    read where they are used, by the parsers the CLI goes through too (the config's `normalize_compression`,
+    `parse_dtype`, `parse_projector_type`), so Python callers may pass the CLI's forms. `verify=None` verifies models up to
     `VERIFY_AUTO_MAX_PARAMETERS` parameters; `base_models=None` lets the converter guess the card's base models."""
 
     token_compression: str | list[dict] | None = None

@@ -31,7 +31,7 @@ def materialize_checkpoint(folder, model_dir=MODEL_DIR, token_compression: str |
     copy_remote_code(folder)
     if token_compression is not None:
         config = json.loads((folder / "config.json").read_text())
-        config["token_compression"] = [] if token_compression.strip().lower() == "none" else token_compression
+        config["token_compression"] = token_compression  # any form TimeViperConfig reads: "none", a schedule, JSON
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
 

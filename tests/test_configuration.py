@@ -7,6 +7,7 @@ from timeviper.configuration_timeviper import (
     NANO_9B_V2_PATTERN,
     TimeViperCompressionStage,
     TimeViperConfig,
+    normalize_compression,
     parse_compression_string,
 )
 
@@ -39,6 +40,18 @@ def test_drop_ratio_is_the_papers_notation():
     assert [s.keep_ratio for s in config.compression_stages] == [0.5, pytest.approx(0.05)]
 
 
+def test_text_forms_of_a_schedule():
+    """What a command line passes: 'none' in any case, the reference string, JSON of one stage or a list."""
+    assert normalize_compression(None) == [] and normalize_compression(" none ") == []
+    assert normalize_compression("None") == [] and normalize_compression("") == []
+    assert normalize_compression("uni_7_0.5-attn_39_0.05") == parse_compression_string("uni_7_0.5-attn_39_0.05")
+    assert normalize_compression('[{"layer_idx": 7, "keep_ratio": 0.5}]') == [TimeViperCompressionStage(7, 0.5)]
+    assert normalize_compression('{"layer_idx": 7, "keep_ratio": 0.5}') == [TimeViperCompressionStage(7, 0.5)]
+    stages = [TimeViperCompressionStage(7, 0.5)]
+    assert normalize_compression(stages) == stages  # already parsed: a Python caller's list
+    assert TimeViperConfig(token_compression="NONE").token_compression == []
+
+
 @pytest.mark.parametrize(
     "schedule, message",
     [
@@ -53,6 +66,8 @@ def test_drop_ratio_is_the_papers_notation():
         ("uni_x_0.5", "integer layer and a float ratio"),
         ([{"layer_idx": 7, "keep_ratio": 0.5, "drop_ratio": 0.5}], "not both"),
         ([{"layer_idx": 7, "keep": 0.5}], "unknown compression stage fields"),
+        ('[{"layer_idx": 7, "keep_ratio": 0.5}', "is not valid JSON"),
+        ("[7]", "a compression stage must be a dict"),
     ],
 )
 def test_bad_schedules_raise_clear_errors(schedule, message):

@@ -116,7 +116,7 @@ class TimeViperArguments:
 def compression_override(args: TimeViperArguments):
     """The schedule to build the model with, or None to keep the checkpoint's."""
     if args.token_compression is not None:
-        return [] if args.token_compression.strip().lower() in ("", "none") else args.token_compression
+        return normalize_compression(args.token_compression)
     if args.stage == 1:
         logger.info("stage 1 trains without token compression, as the paper does (--token-compression overrides)")
         return []
@@ -366,7 +366,7 @@ def parse_args(argv=None) -> tuple[TimeViperArguments, TrainingArguments]:
         parser.error("--lora adapts the LLM, which stage 1 keeps frozen; use --stage 2")
     if args.merge_lora_and_save and not args.lora:
         parser.error("--merge-lora-and-save needs --lora")
-    if args.token_compression not in (None, "", "none"):
+    if args.token_compression is not None:
         normalize_compression(args.token_compression)  # raises a ValueError naming the bad stage
     # Saving into the source folder (or one inside it) rewrites the only copy of the weights in place, so a kill
     # during that save would leave nothing loadable.
