@@ -1041,15 +1041,16 @@ def transfer_init_sources(config: TimeViperConfig) -> dict[str, str | None]:
     attention = "self_attn" if text_config.model_type == "qwen2" else "mixer"
     with torch.device("meta"):
         names = list(TimeViperTransV(text_config).state_dict())
+    attention_blocks = attention_layers(layer_types)
     sources = {}
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
             continue
-        layer = next((i for i in attention_layers(layer_types) if i >= stage.layer_idx), None)
+        layer = next((i for i in attention_blocks if i >= stage.layer_idx), None)
         if layer is None:
             raise ValueError(
                 f"no attention block at or after layer {stage.layer_idx} to initialise TransV stage {stage_index} "
-                f"from; attention blocks are at {attention_layers(layer_types)}"
+                f"from; attention blocks are at {attention_blocks}"
             )
         for name in names:
             source = None if name == "alpha" else f"layers.{layer}.{attention}.{name}"

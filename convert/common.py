@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from timeviper import copy_remote_code
-from timeviper.configuration_timeviper import SUPPORTED_TRANSFORMERS, TimeViperConfig
+from timeviper.configuration_timeviper import SUPPORTED_TRANSFORMERS, TimeViperConfig, attention_layers
 
 logger = logging.getLogger("timeviper.convert")
 
@@ -437,7 +437,7 @@ def plan_transfer_init(plan: ConversionPlan, config) -> ConversionPlan:
     biases too) of the first attention block at or after its layer (every Qwen2 layer is one), with `alpha = 0`, so
     that every stage starts as plain dropping."""
     attention = "self_attn" if config.text_config.model_type == "qwen2" else "mixer"
-    attention_blocks = [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    attention_blocks = attention_layers(config.layer_types)
     new = ConversionPlan()
     for stage_index, stage in enumerate(config.compression_stages):
         if not stage.transfer:
