@@ -412,8 +412,11 @@ def _conversation_media(conversations) -> tuple[list, list]:
 
 
 def expand_video_placeholder(processor, text: str, num_frames: int) -> str:
-    """`text` with its ``<video>`` expanded for a video of `num_frames` sampled frames, as the processor expands it,
-    through its public hooks only (which a checkpoint's own, older processing code has too)."""
+    """`text` with its one ``<video>`` expanded for a video of `num_frames` sampled frames, as the processor expands
+    it, through its public hooks only (which a checkpoint's own, older processing code has too)."""
+    if text.count(processor.video_token) != 1:
+        raise ValueError(f"expected one {processor.video_token} in the prompt (one video), found "
+                         f"{text.count(processor.video_token)}: {text[:200]!r}")
     return text.replace(processor.video_token, processor.replace_video_token({"video_num_frames": [num_frames]}, 0))
 
 
