@@ -342,10 +342,16 @@ def _optional_label(raw: dict, key: str, problems: list[str]) -> str | None:
     return None
 
 
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
 def validate_record(task: str, raw, video_root: str | os.PathLike | None = None) -> tuple[dict | None, list[str]]:
     """Check one parsed annotation line. Returns ``(record, problems)``; ``record`` is None when there are problems. The
     record keeps every input field and gains normalised ones: ``id`` (str), ``video`` (resolved against ``video_root``
     when relative), ``answer`` (a letter) for mcq, ``timestamps`` (sorted floats) for grounding."""
+    check_task(task)
     if not isinstance(raw, dict):
         return None, [f"expected a JSON object, got {type(raw).__name__}"]
     problems: list[str] = []
@@ -406,8 +412,7 @@ def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.Pa
     folder); with ``check_videos`` a missing video file is a problem too. Ids must be unique. Grounding records may lack
     ``duration``; the caller must fill it before building prompts."""
     path = Path(path)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    check_task(task)
     if not path.is_file():
         raise AnnotationError(f"annotation file {path} does not exist")
     root = Path(video_root) if video_root is not None else path.parent
@@ -556,8 +561,7 @@ def run_items(items: Sequence[dict], answer_fn: AnswerFn, output_path: str | os.
     already in the file are skipped, so an interrupted run continues where it stopped; a line cut short by a crash is
     dropped and its item redone. ``on_item(record, prediction_line)`` is called after each write (progress reporting).
     Exceptions from ``answer_fn`` propagate, naming the item."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    check_task(task)
     if task == "grounding":
         undated = [record["id"] for record in items if not record.get("duration")]
         if undated:
@@ -659,9 +663,10 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
             shards.append((int(m.group("total")), int(m.group("index")), path))
     if not shards:
         raise FileNotFoundError(f"no prediction files {name}.shard*of*.jsonl in {output_dir}")
+    shards.sort()
     seen: dict[int, set[int]] = defaultdict(set)
     predictions, ids, duplicates = [], set(), 0
-    for total, index, path in sorted(shards):
+    for total, index, path in shards:
         seen[total].add(index)
         for line in read_predictions(path):
             key = str(line["id"])
@@ -672,7 +677,7 @@ def merge_shards(output_dir: str | os.PathLike, name: str) -> tuple[list[dict], 
             predictions.append(line)
     missing = [f"{name}.shard{i}of{total}.jsonl" for total, indices in sorted(seen.items())
                for i in range(total) if i not in indices]
-    files = [path.name for _, _, path in sorted(shards)]
+    files = [path.name for _, _, path in shards]
     info = {"files": files, "missing_shard_files": missing, "num_duplicates_dropped": duplicates}
     return predictions, info
 
