@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from statistics import median_high
 
 import torch
 from torch import nn
@@ -61,6 +62,12 @@ def timed(device, fn):
     out = fn()
     sync(device)
     return time.perf_counter() - start, out
+
+
+def median_seconds(device, fn, repeats):
+    """Median seconds of `repeats` timed calls of `fn`, after one untimed warm-up call."""
+    fn()
+    return median_high([timed(device, fn)[0] for _ in range(repeats)])
 
 
 def free(device):
@@ -176,17 +183,23 @@ def meta(device, args):
             info[mod] = f"not importable: {type(err).__name__}"
     if is_cuda(device):
         props = torch.cuda.get_device_properties(0)
-        free_b, total_b = torch.cuda.mem_get_info()
+        _, total_b = torch.cuda.mem_get_info()
         info.update(gpu=props.name, gpu_total_bytes=total_b, sm_count=props.multi_processor_count,
                     cuda=torch.version.cuda)
-        cap = args.memory_cap_gib * 2**30
-        if total_b > cap * 1.03:
-            torch.cuda.set_per_process_memory_fraction(cap / total_b)
-            info["memory_cap_bytes"] = cap
-            info["memory_cap_note"] = "card larger than an 80 GB H100: allocator capped to emulate one"
-        else:
-            info["memory_cap_bytes"] = total_b - 2**30  # CUDA context and allocator slack
+        info.update(cap_memory(args))
     return info
+
+
+def cap_memory(args) -> dict:
+    """On a card larger than an 80 GB H100, cap PyTorch's allocator at `args.memory_cap_gib` to emulate one; the
+    memory limit the run works under, for its record."""
+    _, total_b = torch.cuda.mem_get_info()
+    cap = args.memory_cap_gib * 2**30
+    if total_b > cap * 1.03:
+        torch.cuda.set_per_process_memory_fraction(cap / total_b)
+        return {"memory_cap_bytes": cap,
+                "memory_cap_note": "card larger than an 80 GB H100: allocator capped to emulate one"}
+    return {"memory_cap_bytes": total_b - 2**30}  # CUDA context and allocator slack
 
 
 def run_steps(steps, model, device, args, results):

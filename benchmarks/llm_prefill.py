@@ -24,7 +24,9 @@ from statistics import median_high
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TINY_NANO, TINY_VISION, build_model, log, meta, profile_region, save, timed  # noqa: E402
+from common import (  # noqa: E402
+    TINY_NANO, TINY_VISION, build_model, cap_memory, log, meta, profile_region, save, timed,
+)
 
 
 def parse_args(argv=None):
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--plain-without-conv-kernel", default=None, metavar="JSON",
                    help="(child process) time plain transformers alone, causal-conv1d unimportable; records to JSON")
     args = p.parse_args(argv)
-    args.profile_out = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles.txt")
+    args.profile_out = args.profile_out or os.path.join(os.path.dirname(args.out) or ".", "profiles_llm.txt")
     return args
 
 
@@ -167,6 +169,7 @@ def plain_without_conv_kernel(args, device):
     """Child process: causal-conv1d made unimportable before transformers loads, so plain NemotronH takes its PyTorch
     conv; writes {tokens: record} to the path given."""
     sys.modules["causal_conv1d"] = None
+    cap_memory(args)  # the parent's memory limit (an 80 GB H100's on a larger card)
     plain = plain_model(args.tiny, device)
     records = {}
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -180,7 +183,8 @@ def run_plain_without_conv_kernel(args):
     """{tokens: record} from a child process (see plain_without_conv_kernel); {} if it failed."""
     path = args.out + ".plain_torch_conv.json"
     argv = [sys.executable, os.path.abspath(__file__), "--tokens", args.tokens, "--repeats", str(args.repeats),
-            "--plain-without-conv-kernel", path, *(["--tiny"] if args.tiny else [])]
+            "--memory-cap-gib", str(args.memory_cap_gib), "--plain-without-conv-kernel", path,
+            *(["--tiny"] if args.tiny else [])]
     done = subprocess.run(argv, check=False)
     if done.returncode != 0 or not os.path.exists(path):
         log("plain_torch_conv child failed", done.returncode)

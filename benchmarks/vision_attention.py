@@ -11,13 +11,12 @@ import argparse
 import contextlib
 import os
 import sys
-from statistics import median_high
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PEAK_FLOPS, build_model, log, meta, save, timed, vision_flops_per_frame  # noqa: E402
+from common import PEAK_FLOPS, build_model, log, meta, median_seconds, save, vision_flops_per_frame  # noqa: E402
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -58,9 +57,7 @@ def main(argv=None):
         context = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         try:
             with context:
-                model.model.encode_frames(pixels)  # warm-up
-                seconds = median_high([timed(device, lambda: model.model.encode_frames(pixels))[0]
-                                       for _ in range(args.repeats)])
+                seconds = median_seconds(device, lambda: model.model.encode_frames(pixels), args.repeats)
                 features = model.model.encode_frames(pixels).float()
             record = {"s_per_call": seconds, "ms_per_frame": 1e3 * seconds / args.frames,
                       "ratio_to_floor": seconds / (args.frames * floor_per_frame)}
