@@ -58,6 +58,11 @@ try:  # the causal depthwise conv of the Mamba-2 mixer in one CUDA kernel, conti
     from causal_conv1d import causal_conv1d_fn
 except ImportError:
     causal_conv1d_fn = None
+try:  # Triton (it comes with CUDA builds of PyTorch): the squared ReLU of Nemotron-H's MLP in one pass
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 logger = logging.get_logger(__name__)
 
@@ -629,6 +634,27 @@ class TimeViperTransV(TimeViperAttentionProjections):
         return self._output(attend(self.config, query, key, value, mask, False, self.scaling))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _squared_relu_kernel(x_ptr, numel, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offsets < numel
+        x = tl.maximum(tl.load(x_ptr + offsets, mask=in_range).to(tl.float32), 0.0)
+        tl.store(x_ptr + offsets, (x * x).to(x_ptr.dtype.element_ty), mask=in_range)
+
+
+def squared_relu_(x: torch.Tensor) -> torch.Tensor:
+    """relu(x) ** 2 in place, in one pass over a contiguous `x` (PyTorch takes two: a clamp and a square, over the
+    MLP's widest tensor). The square is taken in float32 and rounded once, as PyTorch's is: the same values."""
+    block = 4096
+    _squared_relu_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), BLOCK=block)
+    return x
+
+
+squared_relu_kernel = squared_relu_ if triton is not None else None
+
+
 class TimeViperMLP(nn.Module):
     """Nemotron-H: down(act(up(x))) with squared ReLU. Qwen2: down(silu(gate(x)) * up(x))."""
 
@@ -641,47 +667,70 @@ class TimeViperMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act if self.gated else config.mlp_hidden_act]
+        self.squared_relu = not self.gated and config.mlp_hidden_act == "relu2"
 
     def forward(self, hidden_states):
         if self.gated:
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+        up = self.up_proj(hidden_states)
+        if self.squared_relu and up.is_cuda and squared_relu_kernel is not None and not torch.is_grad_enabled():
+            # In place on up_proj's fresh output, which nothing else reads (without autograd: no backward needs it).
+            return self.down_proj(squared_relu_kernel(up))
+        return self.down_proj(self.act_fn(up))
 
 
-def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int, dim: int = 1) -> torch.Tensor:
-    """Apply a per-token function along the sequence in chunks (bounds the activation memory of wide MLPs)."""
+def run_in_chunks(fn, hidden_states: torch.Tensor, chunk_size: int, dim: int = 1,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a per-token function along the sequence in chunks (bounds the activation memory of wide MLPs); with
+    `residual`, return residual + fn(hidden_states), each chunk's sum written straight into the result."""
     if hidden_states.shape[dim] <= chunk_size:
-        return fn(hidden_states)
-    outputs = ChunkedOutput(hidden_states.shape[dim], dim)
+        out = fn(hidden_states)
+        return out if residual is None else residual + out
+    outputs = ChunkedOutput(hidden_states.shape[dim], dim, residual)
     for part in hidden_states.split(chunk_size, dim=dim):
         outputs.add(fn(part))
     return outputs.result()
 
 
 class ChunkedOutput:
-    """Concatenates per-chunk outputs along `dim`, `length` in all (None: not known ahead). Without autograd and
-    with a known length each chunk is written into one preallocated tensor as it comes, instead of keeping every
-    chunk and then a torch.cat copy of them all (one full-sequence activation less at the peak of a long prefill)."""
+    """Concatenates per-chunk outputs along `dim`, `length` in all (None: not known ahead), added to `residual` if
+    given. Without autograd and with a known length each chunk is written into one preallocated tensor as it comes,
+    instead of keeping every chunk and then a torch.cat copy of them all (one full-sequence activation less at the
+    peak of a long prefill); the residual's add is that write (no pass over the whole result afterwards)."""
 
-    def __init__(self, length: int | None, dim: int = 1):
-        self.length, self.dim, self.parts, self.out, self.filled = length, dim, [], None, 0
+    def __init__(self, length: int | None, dim: int = 1, residual: torch.Tensor | None = None):
+        self.length, self.dim, self.residual, self.parts, self.out, self.filled = length, dim, residual, [], None, 0
 
     def add(self, part: torch.Tensor) -> None:
         if self.out is None and not self.parts and part.shape[self.dim] == self.length:
-            self.out = part  # the whole sequence came as one chunk: nothing to copy
+            # the whole sequence came as one chunk: nothing to copy
+            self.out = part if self.residual is None else self.residual + part
             return
         if torch.is_grad_enabled() or self.length is None:
             self.parts.append(part)
             return
         if self.out is None:
-            shape = list(part.shape)
-            shape[self.dim] = self.length
-            self.out = part.new_empty(shape)
-        self.out.narrow(self.dim, self.filled, part.shape[self.dim]).copy_(part)
+            self.out = self._allocate(part)
+        target = self.out.narrow(self.dim, self.filled, part.shape[self.dim])
+        if self.residual is None:
+            target.copy_(part)
+        else:
+            torch.add(self.residual.narrow(self.dim, self.filled, part.shape[self.dim]), part, out=target)
         self.filled += part.shape[self.dim]
 
+    def _allocate(self, part: torch.Tensor) -> torch.Tensor:
+        if self.residual is not None:
+            return self.residual.new_empty(self.residual.shape, dtype=torch.promote_types(self.residual.dtype,
+                                                                                            part.dtype))
+        shape = list(part.shape)
+        shape[self.dim] = self.length
+        return part.new_empty(shape)
+
     def result(self) -> torch.Tensor:
-        return self.out if self.out is not None else torch.cat(self.parts, dim=self.dim)
+        if self.out is not None:
+            return self.out
+        out = torch.cat(self.parts, dim=self.dim)
+        return out if self.residual is None else self.residual + out
 
 
 class TimeViperHybridBlock(GradientCheckpointingLayer):
@@ -715,17 +764,16 @@ class TimeViperHybridBlock(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
         if self.block_type == "linear_attention":
-            hidden_states = self._mamba(hidden_states, layout.valid, past_key_values)
-        elif self.block_type == "full_attention":
-            hidden_states = self.mixer(hidden_states, layout, past_key_values)
-        else:
-            hidden_states = run_in_chunks(self.mixer, hidden_states, self.sequence_chunk_size)
-        return residual + hidden_states
+            return self._mamba(hidden_states, layout.valid, past_key_values, residual)
+        if self.block_type == "full_attention":
+            return residual + self.mixer(hidden_states, layout, past_key_values)
+        return run_in_chunks(self.mixer, hidden_states, self.sequence_chunk_size, residual=residual)
 
-    def _mamba(self, hidden_states, valid, cache):
-        """Runs the mixer over sequence chunks, carrying the recurrent state exactly from one chunk to the next."""
+    def _mamba(self, hidden_states, valid, cache, residual):
+        """residual + the mixer run over sequence chunks, the recurrent state carried exactly from one chunk to the
+        next."""
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
-        outputs = ChunkedOutput(hidden_states.shape[1])
+        outputs = ChunkedOutput(hidden_states.shape[1], residual=residual)
         for start in range(0, hidden_states.shape[1], self.sequence_chunk_size):
             part = slice(start, start + self.sequence_chunk_size)
             out, state = self.mixer(hidden_states[:, part], None if valid is None else valid[:, part], state)
@@ -758,9 +806,8 @@ class TimeViperQwen2Layer(GradientCheckpointingLayer):
         if score_query is not None:
             return self.attention.last_query_scores(hidden_states, *score_query)
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), layout, past_key_values)
-        return hidden_states + run_in_chunks(
-            lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states, self.sequence_chunk_size
-        )
+        return run_in_chunks(lambda h: self.mlp(self.post_attention_layernorm(h)), hidden_states,
+                             self.sequence_chunk_size, residual=hidden_states)
 
 
 # Token compression (dropping + TransV)

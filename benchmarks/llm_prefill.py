@@ -87,21 +87,25 @@ def our_model(plain, device):
 
 # Which of our kernels each timed variant of ours runs with (see our_kernels).
 VARIANTS = {
-    "ours_before": dict(conv=True, norm=False, cudnn=False),  # as measured before the RMSNorm and attention kernels
-    "ours_norm_kernel": dict(conv=True, norm=True, cudnn=False),
-    "ours_torch_conv": dict(conv=False, norm=True, cudnn=True),
-    "ours": dict(conv=True, norm=True, cudnn=True),
+    "ours_conv_kernel_only": dict(conv=True, norm=False, cudnn=False, relu2=False),
+    "ours_norm_kernel": dict(conv=True, norm=True, cudnn=False, relu2=False),
+    "ours_norm_cudnn": dict(conv=True, norm=True, cudnn=True, relu2=False),
+    "ours_torch_conv": dict(conv=False, norm=True, cudnn=True, relu2=True),
+    "ours": dict(conv=True, norm=True, cudnn=True, relu2=True),
 }
 
 
 @contextlib.contextmanager
-def our_kernels(conv=True, norm=True, cudnn=True):
-    """causal-conv1d, mamba-ssm's Triton RMSNorm and cuDNN-first causal attention on or off for our model."""
+def our_kernels(conv=True, norm=True, cudnn=True, relu2=True):
+    """causal-conv1d, mamba-ssm's Triton RMSNorm, cuDNN-first causal attention and the one-pass squared ReLU on or
+    off for our model."""
     import timeviper.modeling_timeviper as our_module
 
     # Each handle's value when switched off: no kernel (the PyTorch path), or no length at which cuDNN goes first.
-    switched_off = {"causal_conv1d_fn": None, "rmsnorm_kernel": None, "CUDNN_ATTENTION_MAX_TOKENS": 0}
-    enabled = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn}
+    switched_off = {"causal_conv1d_fn": None, "rmsnorm_kernel": None, "CUDNN_ATTENTION_MAX_TOKENS": 0,
+                    "squared_relu_kernel": None}
+    enabled = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn,
+               "squared_relu_kernel": relu2}
     saved = {name: getattr(our_module, name) for name in switched_off}
     assert saved["causal_conv1d_fn"] is not None, "causal-conv1d is not installed (build_causal_conv1d.sh)"
     assert saved["rmsnorm_kernel"] is not None, "mamba-ssm is not installed (gpu_setup.sh)"
@@ -146,6 +150,21 @@ def conv_parity(ours, device, tokens=4096):
             "chunked_out_max_abs_diff_vs_whole_kernel": (k[2] - k[0]).abs().max().item(),
             "chunked_state_max_abs_diff_vs_whole_kernel": (k[3] - k[1]).abs().max().item(),
             "chunked_out_max_abs_diff_kernel_vs_torch": (k[2] - t[2]).abs().max().item()}
+
+
+def squared_relu_parity(ours, device, tokens=16384):
+    """The one-pass squared ReLU against transformers' activation on an MLP-sized bf16 tensor: equal elements."""
+    from transformers.activations import ACT2FN
+
+    import timeviper.modeling_timeviper as our_module
+
+    torch.manual_seed(4)
+    width = ours.config.text_config.intermediate_size
+    up = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
+    expected = ACT2FN["relu2"](up)
+    fused = our_module.squared_relu_kernel(up.clone())
+    return {"elements": up.numel(), "unequal_elements": int((fused != expected).sum()),
+            "max_abs_diff": (fused.float() - expected.float()).abs().max().item()}
 
 
 def prompt_embeds(tokens, hidden, device):
@@ -242,6 +261,8 @@ def main(argv=None):
     hidden = plain.config.hidden_size
     results["conv_parity"] = conv_parity(ours, device)
     log("conv parity", results["conv_parity"])
+    results["squared_relu_parity"] = squared_relu_parity(ours, device)
+    log("squared ReLU parity", results["squared_relu_parity"])
     for tokens in [int(t) for t in args.tokens.split(",")]:
         embeds = prompt_embeds(tokens, hidden, device)
         point, logits = {"tokens": tokens}, {}
@@ -251,8 +272,8 @@ def main(argv=None):
         for label, kernels in VARIANTS.items():
             point[label], logits[label] = time_variant(ours, embeds, args.repeats, kernels)
             log(tokens, label, point[label])
-        base = logits["ours_before"]
-        point["last_logits_max_abs_diff_vs_ours_before"] = {
+        base = logits["ours_conv_kernel_only"]
+        point["last_logits_max_abs_diff_vs_ours_conv_kernel_only"] = {
             k: (v - base).abs().max().item() for k, v in logits.items() if base is not None and v is not None}
         ours_s = point["ours"].get("s")
         point["speedup_of_ours"] = {k: v["s"] / ours_s for k, v in point.items()

@@ -1,6 +1,7 @@
 """The model wrapper: training signals, checkpointing, attention implementations, saving/loading, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,28 @@ def test_sdpa_backend_order_leaves_cpu_to_pytorch():
     import timeviper.modeling_timeviper as modeling
 
     assert modeling.sdpa_backend_order(*attention_inputs("cpu", 64), None, True) is None
+
+
+def test_squared_relu_kernel_gives_relu_squared():
+    """The MLP's one-pass Triton squared ReLU (CUDA only), run here by Triton's CPU interpreter: every element of a
+    length that is not a multiple of the kernel's block, float32 exactly. The interpreter truncates when it rounds
+    to bfloat16 (the GPU rounds to nearest, as PyTorch does), so bfloat16 is held to one bfloat16 step here; the
+    GPU equality is checked by benchmarks/llm_prefill.py."""
+    pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch the suite installs")
+    script = textwrap.dedent(
+        """
+        import torch
+        from timeviper.modeling_timeviper import squared_relu_
+        torch.manual_seed(0)
+        x = 3 * torch.randn(3, 4097)
+        assert torch.equal(squared_relu_(x.clone()), torch.relu(x).square())
+        x = x.bfloat16()
+        expected = torch.relu(x).square().float()
+        step = expected.abs() * 2.0**-7  # one bfloat16 step at each value (8 significant bits)
+        assert bool(((squared_relu_(x.clone()).float() - expected).abs() <= step).all())
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined, so in a fresh process
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr
