@@ -46,14 +46,16 @@ from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
 
-try:  # mamba-ssm's Triton kernels (GPU) for Mamba-2's scan, decode step, RMSNorm and gated RMSNorm; the PyTorch
-    # paths below compute the same thing anywhere.
+try:  # mamba-ssm's Triton kernels (GPU) for Mamba-2's scan, decode step, RMSNorm, gated RMSNorm and the vision
+    # tower's residual add + LayerNorm; the PyTorch paths below compute the same thing anywhere.
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn as layernorm_kernel
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as rmsnorm_kernel
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_rmsnorm_kernel
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
     mamba_chunk_scan_combined = selective_state_update = rmsnorm_kernel = gated_rmsnorm_kernel = None
+    layernorm_kernel = None
 try:  # the causal depthwise conv of the Mamba-2 mixer in one CUDA kernel, continuing from and returning conv states
     from causal_conv1d import causal_conv1d_fn
 except ImportError:
@@ -1727,6 +1729,71 @@ def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
     return tower
 
 
+def fusable_siglip_blocks(vision: SiglipVisionModel) -> bool:
+    """Whether `siglip_blocks_inference` computes what the tower's own blocks would: SDPA attention (eager is what
+    one picks to read attention weights), and blocks built of the plain modules SigLIP makes, with no hooks. The
+    fused path reads the LayerNorms', q/k/v's and fc1's weights itself, so a peft adapter or a quantised layer in
+    their place, or accelerate's offload hooks, would be bypassed; such towers run block by block instead."""
+    if vision.config._attn_implementation != "sdpa":
+        return False
+    for layer in vision.encoder.layers:
+        bypassed = (layer.layer_norm1, layer.layer_norm2, layer.self_attn.q_proj, layer.self_attn.k_proj,
+                    layer.self_attn.v_proj, layer.mlp.fc1)
+        if any(type(module) not in (nn.LayerNorm, nn.Linear) for module in bypassed):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in layer.modules()):
+            return False
+    return True
+
+
+def siglip_blocks_inference(layers, hidden_states: torch.Tensor) -> torch.Tensor:
+    """SigLIP encoder blocks without autograd, the same math in fewer passes over the activations (at 256 frames a
+    chunk, each pass moves 0.4-1.6 GB): every residual add happens inside the LayerNorm kernel that follows it (one
+    pass reads both summands and writes the sum and its normalised copy), the MLP's bias and tanh GELU run in the
+    epilogue of its first matmul, and q, k and v come out of one matmul."""
+    update = None  # the last sublayer's output, added to the residual stream by the next LayerNorm
+    for layer in layers:
+        normed, hidden_states = add_layer_norm(update, hidden_states, layer.layer_norm1)
+        update = siglip_self_attention(layer.self_attn, normed)
+        normed, hidden_states = add_layer_norm(update, hidden_states, layer.layer_norm2)
+        update = siglip_mlp(layer.mlp, normed)
+    return hidden_states if update is None else hidden_states + update
+
+
+def add_layer_norm(update: torch.Tensor | None, residual: torch.Tensor, norm: nn.LayerNorm):
+    """(norm(residual + update), residual + update) in one kernel pass; the LayerNorm is taken of the float32 sum,
+    before it is rounded to the residual's dtype (PyTorch normalises the rounded sum: within a rounding step)."""
+    if update is None:
+        return layernorm_kernel(residual, norm.weight, norm.bias, eps=norm.eps), residual
+    return layernorm_kernel(update, norm.weight, norm.bias, residual=residual, prenorm=True, eps=norm.eps)
+
+
+def siglip_self_attention(attention, hidden_states: torch.Tensor) -> torch.Tensor:
+    """SigLIP's attention with q, k and v from one matmul over their concatenated weights (8 MB a block at so400m:
+    copied per call, next to 0.4 GB of activations a projection reads)."""
+    batch, length, width = hidden_states.shape
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    qkv = F.linear(hidden_states, torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
+    query, key, value = qkv.view(batch, length, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
+    return attention.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+def siglip_mlp(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
+    """fc2(act(fc1(x))); with SigLIP's tanh GELU, fc1's bias and the GELU run in fc1's matmul epilogue."""
+    if mlp.config.hidden_act != "gelu_pytorch_tanh":
+        return mlp(hidden_states)
+    return mlp.fc2(linear_gelu_tanh(hidden_states, mlp.fc1))
+
+
+def linear_gelu_tanh(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """gelu_tanh(linear(x)) in one cuBLASLt matmul whose epilogue adds the bias and applies the GELU (its tanh
+    approximation) to the float32 result before the one rounding, instead of a second pass over the widest tensor of
+    the block. CUDA only: PyTorch's CPU kernel for the same call applies the exact GELU."""
+    flat = torch._addmm_activation(linear.bias, hidden_states.flatten(0, -2), linear.weight.t(), use_gelu=True)
+    return flat.view(*hidden_states.shape[:-1], -1)
+
+
 class TimeViperModel(TimeViperPreTrainedModel):
     default_auto_class = "AutoModel"
 
@@ -1750,16 +1817,26 @@ class TimeViperModel(TimeViperPreTrainedModel):
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(f, 3, h, w) -> (f, tokens_per_frame, llm_hidden)."""
+        features = self.encode_patches(frames)
+        if self.config.projector_type == "tome_mlp":
+            features = merge_tokens(features, self.config.tokens_per_frame)
+        return self.multi_modal_projector(features)
+
+    def encode_patches(self, frames: torch.Tensor) -> torch.Tensor:
+        """(f, 3, h, w) -> (f, patches, vision_hidden): the output of the SigLIP block TimeViper reads."""
         vision = self.vision_tower
         features = vision.embeddings(frames.to(vision.embeddings.patch_embedding.weight.dtype))
         # SigLIP's embeddings come out as a transposed view of the patch conv; made contiguous once here, every
         # residual add and LayerNorm of the tower runs on the contiguous fast path.
         features = features.contiguous()
-        for layer in vision.encoder.layers:
-            features = layer(features, None)
-        if self.config.projector_type == "tome_mlp":
-            features = merge_tokens(features, self.config.tokens_per_frame)
-        return self.multi_modal_projector(features)
+        # Inference on CUDA: the same blocks in fewer passes over the activations (see siglip_blocks_inference).
+        if features.is_cuda and layernorm_kernel is not None and not torch.is_grad_enabled() and \
+                fusable_siglip_blocks(vision):
+            features = siglip_blocks_inference(vision.encoder.layers, features)
+        else:
+            for layer in vision.encoder.layers:
+                features = layer(features, None)
+        return features
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, name: str = "pixel_values_videos") -> torch.Tensor:
         """(frames, 3, h, w) or (videos, frames, 3, h, w) -> (frames, tokens, hidden), `vision_chunk_size` frames at a

@@ -165,7 +165,8 @@ def meta(device, args):
     import timeviper.modeling_timeviper as tm
 
     info = {"gated_rmsnorm_kernel": getattr(tm, "gated_rmsnorm_kernel", None) is not None,
-            "rmsnorm_kernel": getattr(tm, "rmsnorm_kernel", None) is not None, "argv": sys.argv,
+            "rmsnorm_kernel": getattr(tm, "rmsnorm_kernel", None) is not None,
+            "layernorm_kernel": getattr(tm, "layernorm_kernel", None) is not None, "argv": sys.argv,
             "python": platform.python_version(), "torch": torch.__version__,
             # (a script without a tiny mode has no --tiny)
             "transformers": transformers.__version__, "device": str(device), "tiny": getattr(args, "tiny", False),

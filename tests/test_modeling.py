@@ -8,8 +8,13 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import VIDEO_TOKEN_ID, open_transfer_gates, tiny_config, tiny_model
 
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+import timeviper.modeling_timeviper as modeling
+from inference.tiny_default import tiny_vision_config
 from timeviper.modeling_timeviper import TimeViperForConditionalGeneration
 
 
@@ -206,8 +211,6 @@ def attention_inputs(device_type, key_len):
     ],
 )
 def test_sdpa_backend_order(device_type, key_len, masked, causal, grad, cudnn_first):
-    import timeviper.modeling_timeviper as modeling
-
     query, key = attention_inputs(device_type, key_len)
     with torch.set_grad_enabled(grad):
         order = modeling.sdpa_backend_order(query, key, object() if masked else None, causal)
@@ -216,8 +219,6 @@ def test_sdpa_backend_order(device_type, key_len, masked, causal, grad, cudnn_fi
 
 
 def test_sdpa_backend_order_leaves_cpu_to_pytorch():
-    import timeviper.modeling_timeviper as modeling
-
     assert modeling.sdpa_backend_order(*attention_inputs("cpu", 64), None, True) is None
 
 
@@ -244,3 +245,56 @@ def test_squared_relu_kernel_gives_relu_squared():
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined, so in a fresh process
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr
+
+
+def layer_norm_kernel_stand_in(x, weight, bias, residual=None, prenorm=False, eps=1e-6):
+    """mamba-ssm's `layer_norm_fn` contract (a CUDA-only Triton kernel) in PyTorch: the float32 sum of `x` and
+    `residual` is normalised; with `prenorm` the sum comes back too, in the residual's dtype."""
+    total = x.float() if residual is None else x.float() + residual.float()
+    normed = F.layer_norm(total, weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
+    return (normed, total.to(x.dtype if residual is None else residual.dtype)) if prenorm else normed
+
+
+def linear_gelu_tanh_stand_in(hidden_states, linear):
+    """The CUDA-only epilogue-fused matmul in PyTorch: bias, then the tanh GELU."""
+    return F.gelu(linear(hidden_states), approximate="tanh")
+
+
+def tiny_siglip(hidden_act="gelu_pytorch_tanh", **overrides):
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(**{**tiny_vision_config(), "hidden_act": hidden_act, **overrides})
+    return SiglipVisionModel(config).eval()
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])
+def test_fused_siglip_blocks_compute_what_the_blocks_do(monkeypatch, hidden_act):
+    """The fused inference path of the vision tower (CUDA only) with PyTorch stand-ins for its two kernels (the
+    Triton add + LayerNorm and cuBLASLt's GELU epilogue; benchmarks/vision_tower.py checks both on the GPU),
+    against the tower's own blocks: residual adds moved into the next LayerNorm, q/k/v from one matmul, fc1's bias
+    and tanh GELU in one call (SigLIP's activation; any other runs as the MLP module). float32: the same sums in
+    another order, so equal to float32 rounding."""
+    monkeypatch.setattr(modeling, "layernorm_kernel", layer_norm_kernel_stand_in)
+    monkeypatch.setattr(modeling, "linear_gelu_tanh", linear_gelu_tanh_stand_in)
+    vision = tiny_siglip(hidden_act)
+    layers = vision.encoder.layers
+    hidden = torch.randn(3, 49, vision.config.hidden_size)
+    with torch.no_grad():
+        expected = hidden
+        for layer in layers:
+            expected = layer(expected, None)
+        fused = modeling.siglip_blocks_inference(layers, hidden)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_siglip_blocks_only_for_plain_sdpa_blocks():
+    """The fused path reads weights itself, so anything that would change a bypassed module's output keeps the
+    towers' own blocks: an adapter, a hook, eager attention."""
+    from peft import LoraConfig, get_peft_model
+
+    assert modeling.fusable_siglip_blocks(tiny_siglip())
+    assert not modeling.fusable_siglip_blocks(tiny_siglip(attn_implementation="eager"))
+    hooked = tiny_siglip()
+    hooked.encoder.layers[1].layer_norm2.register_forward_hook(lambda module, args, output: output * 2)
+    assert not modeling.fusable_siglip_blocks(hooked)
+    adapted = get_peft_model(tiny_siglip(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not modeling.fusable_siglip_blocks(adapted.base_model.model)
