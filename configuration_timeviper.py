@@ -323,6 +323,12 @@ class TimeViperConfig(PretrainedConfig):
         return stages
 
     @property
+    def compression_schedule(self) -> str:
+        """The schedule in the reference's string form (stages joined by '-', e.g. "uni_7_0.5-attn_39_0.05"), or
+        "none"."""
+        return "-".join(stage.to_reference_string() for stage in self.compression_stages) or "none"
+
+    @property
     def vision_tokens_per_frame(self) -> int:
         """Vision embeddings (= placeholder tokens) per frame, as the processor must expand them."""
         if self.projector_type == "tome_mlp":

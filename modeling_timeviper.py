@@ -1427,7 +1427,6 @@ def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
     """What a saved video state must match to be loaded into `model`: the compression schedule, a hash of the
     configuration (private and version fields left out), the dtype, and a probe of the weights (8 evenly spaced
     elements of every parameter, hashed: cheap, and different for any other checkpoint)."""
-    schedule = "-".join(stage.to_reference_string() for stage in model.config.compression_stages) or "none"
 
     def public(value):
         if isinstance(value, dict):
@@ -1444,7 +1443,7 @@ def state_fingerprint(model: "TimeViperForConditionalGeneration") -> dict:
         samples.append(flat[index].float())
     probe = torch.cat(samples).cpu().numpy().tobytes()
     return {
-        "schedule": schedule,
+        "schedule": model.config.compression_schedule,
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest(),
         "weights_probe": hashlib.sha256(probe).hexdigest(),
         "dtype": str(model.dtype).removeprefix("torch."),

@@ -498,9 +498,9 @@ def check_transfer_tensors(plan: ConversionPlan, config) -> None:
     if alpha is None and transfer_stages:
         problems.append("alpha is missing but token_compression has transfer stages")
     if problems:
-        stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
-        raise ConversionError(f"the checkpoint's TransV tensors do not match --token-compression ({stages}); pass the "
-                              "schedule the checkpoint was trained with", problems)
+        raise ConversionError(f"the checkpoint's TransV tensors do not match --token-compression "
+                              f"({config.compression_schedule}); pass the schedule the checkpoint was trained with",
+                              problems)
 
 
 # What the model expects
@@ -981,7 +981,7 @@ def model_card(config, base_models: list[str], license_fields: dict, extra_tags:
         vision_feature_layer=config.vision_feature_layer, supported=SUPPORTED_TRANSFORMERS,
         language_model="a hybrid Mamba-Transformer (Nemotron-H)" if hybrid else "a Qwen2 transformer",
         num_blocks=len(config.layer_types), blocks=", ".join(f"{count} {kind}" for kind, count in counts.items()),
-        stages="-".join(stage.to_reference_string() for stage in config.compression_stages) or "none",
+        stages=config.compression_schedule,
     )
 
 

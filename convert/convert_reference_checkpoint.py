@@ -78,11 +78,10 @@ class ReferenceConverter(common.Converter):
         return [model for model in (common.guess_base_model(self.llm_folder),) if model]
 
     def conversion_note(self, config) -> str:
-        stages = "-".join(stage.to_reference_string() for stage in config.compression_stages) or "none"
         return (
             f"Converted with `convert/convert_reference_checkpoint.py` from the reference TimeViper checkpoint "
             f"`{self.checkpoint.name}` (LLM config and tokenizer from `{self.llm_folder.name}`, token compression "
-            f"`{stages}`)."
+            f"`{config.compression_schedule}`)."
         )
 
     def text_reference(self, text_config) -> torch.nn.Module:

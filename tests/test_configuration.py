@@ -38,6 +38,8 @@ def test_drop_ratio_is_the_papers_notation():
     assert stage.keep_ratio == 0.5
     config = TimeViperConfig(token_compression=[{"layer_idx": 7, "drop_ratio": 0.5}, {"layer_idx": 39, "drop_ratio": 0.95, "method": "attention"}])
     assert [s.keep_ratio for s in config.compression_stages] == [0.5, pytest.approx(0.05)]
+    assert config.compression_schedule == "uni_7_0.5-attn_39_0.05"
+    assert TimeViperConfig(token_compression="none").compression_schedule == "none"
 
 
 def test_text_forms_of_a_schedule():
