@@ -290,12 +290,20 @@ def temporal_iou(prediction: Sequence[float], target: Sequence[float]) -> float:
 # Annotations
 
 
-def read_json_lines(
-    path: str | os.PathLike, skip_comments: bool = False, invalid: str = "invalid JSON"
-) -> Iterator[tuple[int, object, str | None]]:
+MAX_LISTED_PROBLEMS = 50
+
+
+def problem_listing(headline: str, problems: list[str]) -> str:
+    """`headline`, then the first `MAX_LISTED_PROBLEMS` problems one per line (and how many more there are)."""
+    listed = "".join(f"\n  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    return f"{headline}:{listed}" + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def read_json_lines(path: str | os.PathLike, skip_comments: bool = False) -> Iterator[tuple[int, object, str | None]]:
     """``(line number, value, problem)`` for each non-blank line of a UTF-8 JSONL file (and not a ``#`` line, with
-    ``skip_comments``). A line that is not valid UTF-8 or not JSON (``invalid`` names the latter) comes back as a
-    problem (value None) that the caller reports with its line number, instead of one error for the whole file."""
+    ``skip_comments``). A line that is not valid UTF-8 or not JSON comes back as a problem (value None) that the
+    caller reports with its line number, instead of one error for the whole file."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -308,7 +316,7 @@ def read_json_lines(
             try:
                 yield line_no, json.loads(line), None
             except json.JSONDecodeError as e:
-                yield line_no, None, f"{invalid} ({e.msg} at column {e.colno})"
+                yield line_no, None, f"not valid JSON ({e.msg} at column {e.colno})"
 
 
 def _normalise_gt_letter(answer, options: Sequence[str]) -> str | None:
@@ -436,9 +444,7 @@ def load_annotations(path: str | os.PathLike, task: str, video_root: str | os.Pa
             record["source_line"] = line_no
             records.append(record)
     if errors:
-        shown = errors[:50]
-        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-        raise AnnotationError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(shown) + more)
+        raise AnnotationError(problem_listing(f"{len(errors)} problem(s) in {path}", errors))
     if not records:
         raise AnnotationError(f"annotation file {path} has no records")
     return records

@@ -281,7 +281,7 @@ def test_annotation_validation_names_every_bad_line(tmp_path):
         tmp_path / "bad.jsonl",
         [
             good,
-            '{"id": "b", "video": ',  # line 2: invalid JSON
+            '{"id": "b", "video": ',  # line 2: not JSON
             {**good, "id": "c", "options": "x y"},  # line 3: options not a list
             {**good, "id": "d", "answer": "C"},  # line 4: answer outside A-B
             {**good, "id": "e", "video": "missing.mp4"},  # line 5: no such video
@@ -292,7 +292,7 @@ def test_annotation_validation_names_every_bad_line(tmp_path):
         load_annotations(path, "mcq", videos)
     message = str(info.value)
     assert "5 problem(s)" in message
-    for line_no, text in [(2, "invalid JSON"), (3, "'options'"), (4, "'answer'"), (5, "missing.mp4"), (6, "duplicate")]:
+    for line_no, text in [(2, "not valid JSON"), (3, "'options'"), (4, "'answer'"), (5, "missing.mp4"), (6, "duplicate")]:
         assert any(f"bad.jsonl:{line_no}:" in row and text in row for row in message.splitlines()), (line_no, message)
 
 

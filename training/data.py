@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from evaluation.tasks import build_grounding_prompt, format_seconds, is_number, read_json_lines
+from evaluation.tasks import build_grounding_prompt, format_seconds, is_number, problem_listing, read_json_lines
 from timeviper.processing_timeviper import IGNORE_INDEX, expand_video_placeholder
 from timeviper.video_processing_timeviper import decode_video_pyav, merge_sampling
 
@@ -27,7 +27,6 @@ KNOWN_KEYS = frozenset(
     {"id", "video", "image", "start", "end", "duration", "conversations", "messages", "query", "timestamps"}
     | set(SAMPLING_KEYS)
 )
-MAX_LISTED_PROBLEMS = 50
 
 
 class DataFormatError(ValueError):
@@ -35,10 +34,7 @@ class DataFormatError(ValueError):
 
     @classmethod
     def listing(cls, headline: str, problems: list[str]) -> "DataFormatError":
-        """`headline`, then the first `MAX_LISTED_PROBLEMS` problems one per line (and how many more there are)."""
-        listed = "".join(f"\n  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
-        more = len(problems) - MAX_LISTED_PROBLEMS
-        return cls(f"{headline}:{listed}" + (f"\n  ... and {more} more" if more > 0 else ""))
+        return cls(problem_listing(headline, problems))
 
 
 class SampleLoadError(RuntimeError):
@@ -270,7 +266,7 @@ def load_samples(paths: str | os.PathLike | Sequence[str | os.PathLike], video_r
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise DataFormatError(f"training data file not found: {path}")
-        for line_number, raw, unreadable in read_json_lines(path, invalid="not valid JSON"):
+        for line_number, raw, unreadable in read_json_lines(path):
             source = f"{path}:{line_number}"
             if unreadable:
                 problems.append(f"{source}: {unreadable}")
