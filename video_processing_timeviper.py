@@ -14,6 +14,7 @@ Frame sampling (`sample_frame_indices`, a pure function of the video's frame cou
 """
 
 import bisect
+import copy
 import io
 import math
 import os
@@ -729,11 +730,23 @@ def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_f
     """
     if indices is None and sample_indices_fn is None:
         raise ValueError("Pass `indices` or `sample_indices_fn`.")
+    frames, metadata, _ = _decode_video(source, indices, sample_indices_fn, stats, progress, tolerant)
+    return frames, metadata
+
+
+def _decode_video(source, indices, sample_indices_fn, stats, progress, tolerant, scan=None):
+    """`decode_video_pyav`, also returning its demux pass ``(frame index, metadata)``, which a later call on the same
+    source takes as `scan` instead of demuxing again (that reads every packet of the file: 0.7 s for an hour of
+    30 fps video, and the whole file from disk)."""
     container, name, reopen = _open_container(source)
     counts = {"decoded_packets": 0, "demuxed_packets": 0, "seeks": 0, "scanned_packets": 0}
     pictures = None
     try:
-        stream, index, metadata = _demux(container, name, counts)
+        if scan is None:
+            stream, index, metadata = _demux(container, name, counts)
+            scan = (index, copy.copy(metadata))
+        else:
+            stream, (index, metadata) = _video_stream(container, name), (scan[0], copy.copy(scan[1]))
         chosen = _check_indices(indices if indices is not None else sample_indices_fn(metadata), metadata, name)
         wanted = sorted(set(chosen))
         pictures = _Pictures(wanted, metadata.width, metadata.height, name if progress else None)
@@ -757,7 +770,7 @@ def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_f
         metadata.frames_timestamps = [i / metadata.fps for i in used]
     metadata.height, metadata.width = frames.shape[1:3]
     metadata.rotation = pictures.rotation
-    return frames, metadata
+    return frames, metadata, scan
 
 
 # Frame transform (shared by the image and video processors) and input normalisation
@@ -1080,8 +1093,9 @@ class VideoStream:
 
     Opening it decodes the first chunk and fixes the sampled frames (`num_frames`, `metadata`). Iterating yields
     uint8 (chunk, 3, height, width) tensors, decoded by a background thread at most `prefetch_chunks` ahead, so host
-    memory is a few chunks whatever the video's length; `pixel_chunks` normalises them on the model's device. Each
-    chunk is one `decode_video_pyav` call (which demuxes the whole file: prefer larger chunks for long files).
+    memory is a few chunks whatever the video's length; `pixel_chunks` normalises them on the model's device. The
+    file is demuxed once, when the stream opens; each later chunk reopens it and decodes only the groups of pictures
+    that hold its frames.
     `resize_threads` resize a chunk (PIL releases the GIL; at 720p and up one thread is slower than the decoder).
     """
 
@@ -1093,7 +1107,7 @@ class VideoStream:
                              f"{prefetch_chunks}.")
         source, item = _source_and_options(video)
         if not isinstance(source, (str, os.PathLike, bytes)):
-            raise TypeError(f"VideoStream reads a path or bytes (it decodes the file once per chunk), got "
+            raise TypeError(f"VideoStream reads a path or bytes (it reopens the file for each chunk), got "
                             f"{type(source).__name__}.")
         self.source, self.video_processor = source, video_processor
         self.chunk_frames, self.prefetch_chunks = chunk_frames, prefetch_chunks
@@ -1106,7 +1120,7 @@ class VideoStream:
             return sampled[:chunk_frames]
 
         started = time.perf_counter()
-        frames, self.metadata = decode_video_pyav(source, sample_indices_fn=first_chunk)
+        frames, self.metadata, self.scan = _decode_video(source, None, first_chunk, None, False, False)
         self.first_chunk = self.resize(frames)
         self.decode_seconds = time.perf_counter() - started  # decoding and resizing (then in the background thread)
         self.indices = sampled
@@ -1154,7 +1168,8 @@ class VideoStream:
             try:
                 for start in range(self.chunk_frames, self.num_frames, self.chunk_frames):
                     started = time.perf_counter()
-                    frames, _ = decode_video_pyav(self.source, indices=self.indices[start : start + self.chunk_frames])
+                    chunk = self.indices[start : start + self.chunk_frames]
+                    frames, _, _ = _decode_video(self.source, chunk, None, None, False, False, scan=self.scan)
                     resized = self.resize(frames)
                     del frames
                     self.decode_seconds += time.perf_counter() - started

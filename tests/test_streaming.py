@@ -9,6 +9,7 @@ from tiny_assets import write_test_video
 from tiny_models import open_transfer_gates, tiny_model
 
 from inference.tiny_default import build_tiny_default
+import timeviper.video_processing_timeviper as video_processing
 from timeviper.processing_timeviper import TimeViperVideoProcessor, VideoStream, streaming_chat_inputs
 
 
@@ -22,12 +23,16 @@ def processor_pixels(video, **sampling):
     return processor, processor(video, **sampling)["pixel_values_videos"]
 
 
-def test_stream_frames_are_the_processors_frames(video):
+def test_stream_frames_are_the_processors_frames(video, monkeypatch):
     processor, expected = processor_pixels(video, fps=4.0)
+    scans = []
+    original_scan = video_processing._scan_frame_index
+    monkeypatch.setattr(video_processing, "_scan_frame_index", lambda *args: scans.append(1) or original_scan(*args))
     stream = VideoStream(video, processor, chunk_frames=5, prefetch_chunks=1, fps=4.0)
     assert stream.num_frames == expected.shape[0] == 24
     chunks = list(stream)
     assert [c.dtype for c in chunks] == [torch.uint8] * 5 and [c.shape[0] for c in chunks] == [5, 5, 5, 5, 4]
+    assert len(scans) == 1  # one demux pass over the file (it reads every packet), not one per chunk
     # The same resize to uint8 and the same float32 arithmetic: identical pixels.
     assert torch.equal(torch.cat(list(stream.pixel_chunks())), expected)
 
