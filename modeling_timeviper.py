@@ -42,7 +42,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
-from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
 from transformers.pipelines import ImageTextToTextPipeline
 from transformers.utils import logging
 
@@ -1732,10 +1732,12 @@ def fusable_siglip_blocks(vision: SiglipVisionModel) -> bool:
     """Whether `siglip_blocks_inference` computes what the tower's own blocks would: SDPA attention (eager is what
     one picks to read attention weights), and blocks built of the plain modules SigLIP makes, with no hooks. The
     fused path reads the LayerNorms', q/k/v's and fc1's weights itself, so a peft adapter or a quantised layer in
-    their place, or accelerate's offload hooks, would be bypassed; such towers run block by block instead."""
+    their place, accelerate's offload hooks or a compiled block would be bypassed; such towers run block by block."""
     if vision.config._attn_implementation != "sdpa":
         return False
     for layer in vision.encoder.layers:
+        if type(layer) is not SiglipEncoderLayer:  # e.g. a torch.compile'd block
+            return False
         bypassed = (layer.layer_norm1, layer.layer_norm2, layer.self_attn.q_proj, layer.self_attn.k_proj,
                     layer.self_attn.v_proj, layer.mlp.fc1)
         if any(type(module) not in (nn.LayerNorm, nn.Linear) for module in bypassed):

@@ -24,6 +24,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from statistics import linear_regression, median_high
+from types import SimpleNamespace
 
 import torch
 
@@ -143,11 +144,26 @@ class PhaseTimer:
     def __init__(self, model, device):
         self.device, self.active, self.handles = device, False, []
         inner = model.model
-        vision = inner.vision_tower
-        last = vision.encoder.layers[inner.config.vision_layers_used - 1]
         self.reset()
-        self.handles.append(vision.embeddings.register_forward_pre_hook(lambda m, a: self._stamp("vision_start")))
-        self.handles.append(last.register_forward_hook(lambda m, a, o: self._stamp("vision_end")))
+        encode_patches = inner.encode_patches
+
+        def timed_encode_patches(frames):
+            # Wrapped rather than hooked: a hook on a vision block turns the tower's fused inference path off.
+            self._stamp("vision_start")
+            features = encode_patches(frames)
+            self._stamp("vision_end")
+            return features
+
+        wrapped = inner.__dict__.get("encode_patches")  # another PhaseTimer's wrapper, put back on removal
+
+        def restore():
+            if wrapped is None:
+                del inner.encode_patches
+            else:
+                inner.encode_patches = wrapped
+
+        inner.encode_patches = timed_encode_patches
+        self.handles.append(SimpleNamespace(remove=restore))
         self.handles.append(inner.multi_modal_projector.register_forward_hook(lambda m, a, o: self._stamp("proj_end")))
         lm = inner.language_model
         self.handles.append(lm.register_forward_pre_hook(lambda m, a: self._stamp("llm_start")))

@@ -288,7 +288,7 @@ def test_fused_siglip_blocks_compute_what_the_blocks_do(monkeypatch, hidden_act)
 
 def test_fused_siglip_blocks_only_for_plain_sdpa_blocks():
     """The fused path reads weights itself, so anything that would change a bypassed module's output keeps the
-    towers' own blocks: an adapter, a hook, eager attention."""
+    towers' own blocks: an adapter, a hook, a compiled block, eager attention."""
     from peft import LoraConfig, get_peft_model
 
     assert modeling.fusable_siglip_blocks(tiny_siglip())
@@ -298,3 +298,6 @@ def test_fused_siglip_blocks_only_for_plain_sdpa_blocks():
     assert not modeling.fusable_siglip_blocks(hooked)
     adapted = get_peft_model(tiny_siglip(), LoraConfig(r=2, target_modules=["q_proj"]))
     assert not modeling.fusable_siglip_blocks(adapted.base_model.model)
+    compiled = tiny_siglip()
+    compiled.encoder.layers[0] = torch.compile(compiled.encoder.layers[0])  # compiles lazily: nothing runs here
+    assert not modeling.fusable_siglip_blocks(compiled)
