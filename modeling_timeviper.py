@@ -1731,7 +1731,7 @@ def build_vision_tower(config: TimeViperConfig) -> SiglipVisionModel:
 def fusable_siglip_blocks(vision: SiglipVisionModel) -> bool:
     """Whether `siglip_blocks_inference` computes what the tower's own blocks would: SDPA attention (eager is what
     one picks to read attention weights), and blocks built of the plain modules SigLIP makes, with no hooks. The
-    fused path reads the LayerNorms', q/k/v's and fc1's weights itself, so a peft adapter or a quantised layer in
+    fused path reads the LayerNorms' and q/k/v's weights itself, so a peft adapter or a quantised layer in
     their place, accelerate's offload hooks or a compiled block would be bypassed; such towers run block by block."""
     if vision.config._attn_implementation != "sdpa":
         return False
@@ -1739,7 +1739,7 @@ def fusable_siglip_blocks(vision: SiglipVisionModel) -> bool:
         if type(layer) is not SiglipEncoderLayer:  # e.g. a torch.compile'd block
             return False
         bypassed = (layer.layer_norm1, layer.layer_norm2, layer.self_attn.q_proj, layer.self_attn.k_proj,
-                    layer.self_attn.v_proj, layer.mlp.fc1)
+                    layer.self_attn.v_proj)
         if any(type(module) not in (nn.LayerNorm, nn.Linear) for module in bypassed):
             return False
         if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in layer.modules()):
@@ -1749,15 +1749,15 @@ def fusable_siglip_blocks(vision: SiglipVisionModel) -> bool:
 
 def siglip_blocks_inference(layers, hidden_states: torch.Tensor) -> torch.Tensor:
     """SigLIP encoder blocks without autograd, the same math in fewer passes over the activations (at 256 frames a
-    chunk, each pass moves 0.4-1.6 GB): every residual add happens inside the LayerNorm kernel that follows it (one
-    pass reads both summands and writes the sum and its normalised copy), the MLP's bias and tanh GELU run in the
-    epilogue of its first matmul, and q, k and v come out of one matmul."""
+    chunk, one pass over the residual stream moves 0.86 GB): every residual add happens inside the LayerNorm kernel
+    that follows it (one pass reads both summands and writes the sum and its normalised copy), and q, k and v come
+    out of one matmul."""
     update = None  # the last sublayer's output, added to the residual stream by the next LayerNorm
     for layer in layers:
         normed, hidden_states = add_layer_norm(update, hidden_states, layer.layer_norm1)
         update = siglip_self_attention(layer.self_attn, normed)
         normed, hidden_states = add_layer_norm(update, hidden_states, layer.layer_norm2)
-        update = siglip_mlp(layer.mlp, normed)
+        update = layer.mlp(normed)
     return hidden_states if update is None else hidden_states + update
 
 
@@ -1778,21 +1778,6 @@ def siglip_self_attention(attention, hidden_states: torch.Tensor) -> torch.Tenso
     query, key, value = qkv.view(batch, length, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
     attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
     return attention.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
-
-
-def siglip_mlp(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
-    """fc2(act(fc1(x))); with SigLIP's tanh GELU, fc1's bias and the GELU run in fc1's matmul epilogue."""
-    if mlp.config.hidden_act != "gelu_pytorch_tanh":
-        return mlp(hidden_states)
-    return mlp.fc2(linear_gelu_tanh(hidden_states, mlp.fc1))
-
-
-def linear_gelu_tanh(hidden_states: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """gelu_tanh(linear(x)) in one cuBLASLt matmul whose epilogue adds the bias and applies the GELU (its tanh
-    approximation) to the float32 result before the one rounding, instead of a second pass over the widest tensor of
-    the block. CUDA only: PyTorch's CPU kernel for the same call applies the exact GELU."""
-    flat = torch._addmm_activation(linear.bias, hidden_states.flatten(0, -2), linear.weight.t(), use_gelu=True)
-    return flat.view(*hidden_states.shape[:-1], -1)
 
 
 class TimeViperModel(TimeViperPreTrainedModel):
