@@ -675,8 +675,10 @@ class TimeViperMLP(nn.Module):
         if self.gated:
             return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         up = self.up_proj(hidden_states)
-        if self.squared_relu and up.is_cuda and squared_relu_kernel is not None and not torch.is_grad_enabled():
-            # In place on up_proj's fresh output, which nothing else reads (without autograd: no backward needs it).
+        if self.squared_relu and up.is_cuda and squared_relu_kernel is not None and not torch.is_grad_enabled() \
+                and not self.up_proj._forward_hooks:
+            # In place on up_proj's fresh output, which nothing else reads: no backward without autograd, and no
+            # forward hook that may have kept it.
             return self.down_proj(squared_relu_kernel(up))
         return self.down_proj(self.act_fn(up))
 
