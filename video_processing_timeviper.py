@@ -734,7 +734,8 @@ def decode_video_pyav(source, indices: list[int] | None = None, sample_indices_f
     return frames, metadata
 
 
-def _decode_video(source, indices, sample_indices_fn, stats, progress, tolerant, scan=None):
+def _decode_video(source, indices=None, sample_indices_fn=None, stats=None, progress=False, tolerant=False,
+                  scan=None):
     """`decode_video_pyav`, also returning its demux pass ``(frame index, metadata)``, which a later call on the same
     source takes as `scan` instead of demuxing again (that reads every packet of the file: 0.7 s for an hour of
     30 fps video, and the whole file from disk)."""
@@ -1120,7 +1121,7 @@ class VideoStream:
             return sampled[:chunk_frames]
 
         started = time.perf_counter()
-        frames, self.metadata, self.scan = _decode_video(source, None, first_chunk, None, False, False)
+        frames, self.metadata, self.scan = _decode_video(source, sample_indices_fn=first_chunk)
         self.first_chunk = self.resize(frames)
         self.decode_seconds = time.perf_counter() - started  # decoding and resizing (then in the background thread)
         self.indices = sampled
@@ -1169,7 +1170,7 @@ class VideoStream:
                 for start in range(self.chunk_frames, self.num_frames, self.chunk_frames):
                     started = time.perf_counter()
                     chunk = self.indices[start : start + self.chunk_frames]
-                    frames, _, _ = _decode_video(self.source, chunk, None, None, False, False, scan=self.scan)
+                    frames, _, _ = _decode_video(self.source, chunk, scan=self.scan)
                     resized = self.resize(frames)
                     del frames
                     self.decode_seconds += time.perf_counter() - started
