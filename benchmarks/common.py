@@ -5,6 +5,7 @@ every step, the kernel profile of a region, and the FLOP counts and measured GPU
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -68,6 +69,20 @@ def median_seconds(device, fn, repeats):
     """Median seconds of `repeats` timed calls of `fn`, after one untimed warm-up call."""
     fn()
     return median_high([timed(device, fn)[0] for _ in range(repeats)])
+
+
+@contextlib.contextmanager
+def switched_handles(module, values: dict):
+    """`module`'s attributes set to `values` for the block, then restored: how a benchmark switches one of the
+    package's kernels (a module-level handle such as `rmsnorm_kernel`) off for an A/B in the same process."""
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def free(device):

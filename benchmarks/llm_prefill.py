@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    TINY_NANO, TINY_VISION, build_model, cap_memory, log, meta, profile_region, save, timed,
+    TINY_NANO, TINY_VISION, build_model, cap_memory, log, meta, profile_region, save, switched_handles, timed,
 )
 
 
@@ -95,27 +95,19 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
 def our_kernels(conv=True, norm=True, cudnn=True, relu2=True):
     """causal-conv1d, mamba-ssm's Triton RMSNorm, cuDNN-first causal attention and the one-pass squared ReLU on or
-    off for our model."""
+    off for our model (a context manager)."""
     import timeviper.modeling_timeviper as our_module
 
+    assert our_module.causal_conv1d_fn is not None, "causal-conv1d is not installed (build_causal_conv1d.sh)"
+    assert our_module.rmsnorm_kernel is not None, "mamba-ssm is not installed (gpu_setup.sh)"
     # Each handle's value when switched off: no kernel (the PyTorch path), or no length at which cuDNN goes first.
     switched_off = {"causal_conv1d_fn": None, "rmsnorm_kernel": None, "CUDNN_ATTENTION_MAX_TOKENS": 0,
                     "squared_relu_kernel": None}
     enabled = {"causal_conv1d_fn": conv, "rmsnorm_kernel": norm, "CUDNN_ATTENTION_MAX_TOKENS": cudnn,
                "squared_relu_kernel": relu2}
-    saved = {name: getattr(our_module, name) for name in switched_off}
-    assert saved["causal_conv1d_fn"] is not None, "causal-conv1d is not installed (build_causal_conv1d.sh)"
-    assert saved["rmsnorm_kernel"] is not None, "mamba-ssm is not installed (gpu_setup.sh)"
-    try:
-        for name, off in switched_off.items():
-            setattr(our_module, name, saved[name] if enabled[name] else off)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(our_module, name, value)
+    return switched_handles(our_module, {name: off for name, off in switched_off.items() if not enabled[name]})
 
 
 def timed_prefill(model, embeds, repeats):

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    PEAK_FLOPS, build_model, log, meta, median_seconds, profile_region, save, vision_flops_per_frame,
+    PEAK_FLOPS, build_model, log, meta, median_seconds, profile_region, save, switched_handles, vision_flops_per_frame,
 )
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -51,18 +51,13 @@ def build(device):
     return build_model(config, device, torch.bfloat16)[0]
 
 
-@contextlib.contextmanager
 def tower_path(fused):
-    """The fused path on (the package's default where mamba-ssm is installed) or off (the tower's own blocks)."""
+    """The fused path on (the package's default where mamba-ssm is installed) or off (the tower's own blocks): a
+    context manager."""
     import timeviper.modeling_timeviper as modeling
 
-    saved = modeling.layernorm_kernel
-    assert saved is not None, "mamba-ssm is not installed (gpu_setup.sh)"
-    modeling.layernorm_kernel = saved if fused else None
-    try:
-        yield
-    finally:
-        modeling.layernorm_kernel = saved
+    assert modeling.layernorm_kernel is not None, "mamba-ssm is not installed (gpu_setup.sh)"
+    return switched_handles(modeling, {} if fused else {"layernorm_kernel": None})
 
 
 def compare(features, reference):
